@@ -1,0 +1,137 @@
+"""The Runner interface both twins implement, the reference runner, and the runner registry.
+
+    load(model_dir, *, dtype="bfloat16", fused="auto") -> Runner
+    Runner.logits(token_ids)            int [batch, seq] -> float32 numpy [batch, seq, vocab]
+    Runner.generate(prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                    eos_token_id=None) -> list[list[int]]   (new tokens only; 0 = greedy)
+
+`fused`: "auto" (fused kernels where the GPU supports them, plain path elsewhere, logged once),
+True (fused; on CPU through the interpreter; raise when they cannot run), False (plain).
+Runners by name (`get_loader`): "reference" (numpy), "hf" (transformers), "jax", "torch".
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from common import reference, sampling
+from common.config import Qwen3Config
+from common.weights import Checkpoint
+
+FUSED_CHOICES = ("auto", True, False)
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_fused(fused) -> str | bool:
+    """Normalize a fused flag: "auto"/"on"/"off"/True/False -> "auto" | True | False."""
+    aliases = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
+    if isinstance(fused, bool):
+        return fused
+    if isinstance(fused, str) and fused.lower() in aliases:
+        return aliases[fused.lower()]
+    raise ValueError(f"fused={fused!r}: expected 'auto', True ('on') or False ('off')")
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    return dtype
+
+
+def check_token_ids(token_ids, vocab_size: int) -> np.ndarray:
+    ids = np.asarray(token_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token_ids: expected an integer array [batch, seq], got {ids.dtype} {ids.shape}")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"token_ids: ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    return ids
+
+
+class Runner(abc.ABC):
+    """One model on one checkpoint; see the module doc for the contract."""
+
+    name: str = "runner"
+    config: Qwen3Config
+
+    @abc.abstractmethod
+    def logits(self, token_ids) -> np.ndarray:
+        ...
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 eos_token_id: int | Sequence[int] | None = None) -> list[list[int]]:
+        ...
+
+
+def eos_set(eos_token_id) -> frozenset[int]:
+    if eos_token_id is None:
+        return frozenset()
+    if isinstance(eos_token_id, (int, np.integer)):
+        return frozenset([int(eos_token_id)])
+    return frozenset(int(e) for e in eos_token_id)
+
+
+class ReferenceRunner(Runner):
+    """The numpy reference (float64 by default): slow, exact, the baseline of every comparison."""
+
+    name = "reference"
+
+    def __init__(self, model_dir: str | Path, *, dtype=np.float64):
+        ckpt = Checkpoint(model_dir)
+        self.config = ckpt.config
+        self.dtype = dtype
+        self.weights = {k: np.asarray(v, dtype=dtype) for k, v in ckpt.read_all("numpy").items()}
+
+    def logits(self, token_ids) -> np.ndarray:
+        ids = check_token_ids(token_ids, self.config.vocab_size)
+        return reference.forward(self.weights, self.config, ids, dtype=self.dtype).astype(np.float32)
+
+    def generate(self, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                 eos_token_id=None):
+        cfg = self.config
+        sampling.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, vocab_size=cfg.vocab_size,
+                                     max_len=cfg.max_position_embeddings)
+        eos = eos_set(eos_token_id)
+        rng = np.random.default_rng(seed)
+        out = []
+        for prompt in prompts:
+            seq, new = list(prompt), []
+            for _ in range(max_new_tokens):
+                last = reference.forward(self.weights, cfg, [seq], dtype=self.dtype)[0, -1]
+                tok = sampling.sample_numpy(last, temperature, top_k, top_p, rng)
+                new.append(tok)
+                seq.append(tok)
+                if tok in eos:
+                    break
+            out.append(new)
+        return out
+
+
+def load_reference(model_dir: str | Path, *, dtype: str = "float64", fused="auto") -> ReferenceRunner:
+    return ReferenceRunner(model_dir, dtype=np.float32 if dtype == "float32" else np.float64)
+
+
+# name -> "module:function" with the load() signature; imported lazily.
+RUNNERS: dict[str, str] = {
+    "reference": "common.harness:load_reference",
+    "hf": "common.hf_runner:load",
+    "jax": "jax_impl:load",
+    "torch": "torch_impl:load",
+}
+
+
+def get_loader(name: str) -> Callable[..., Runner]:
+    if name not in RUNNERS:
+        raise ValueError(f"unknown runner {name!r}: expected one of {', '.join(RUNNERS)}")
+    module, func = RUNNERS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except ImportError as e:
+        raise ValueError(f"runner {name!r} is not available: {e}") from None

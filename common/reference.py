@@ -1,0 +1,174 @@
+"""The numerical truth: plain numpy reference of every Qwen3 op and of the full forward pass.
+
+Every kernel test and benchmark imports its reference from here. Computation is in float64
+by default (pass `dtype=np.float32` to any op for a float32 reference). Weights use the
+Hugging Face orientation [out_features, in_features]; the packed forms are the ones
+`common.weights` builds: w_qkv = [q; k; v] rows, w_gate_up = [gate; up] rows.
+
+Semantics follow transformers' Qwen3 (see shared QWEN3 notes): RMSNorm normalizes in float
+and casts back to the input dtype before the weight multiply (a no-op in float64), q/k-norm
+are per-head RMSNorms before neox-style RoPE, causal GQA softmax with scale 1/sqrt(head_dim),
+residual adds in the activation dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from common.config import Qwen3Config
+
+F64 = np.float64
+
+
+def _f(x, dtype):
+    return np.asarray(x, dtype=dtype)
+
+
+def rms_norm(x, weight, eps: float, *, dtype=F64):
+    """weight * x / sqrt(mean(x^2) + eps) over the last axis."""
+    x = _f(x, dtype)
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return _f(weight, dtype) * (x / np.sqrt(var + dtype(eps)))
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, *, dtype=F64):
+    """cos, sin of shape [*positions.shape, head_dim] (neox layout: the half table repeated)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=F64) / head_dim))
+    ang = np.asarray(positions, dtype=F64)[..., None] * inv_freq
+    ang = np.concatenate([ang, ang], axis=-1)
+    return np.cos(ang).astype(dtype), np.sin(ang).astype(dtype)
+
+
+def apply_rope(x, cos, sin, *, dtype=F64):
+    """Rotate-half RoPE. x: [T, heads, head_dim]; cos, sin: [T, head_dim]."""
+    x = _f(x, dtype)
+    half = x.shape[-1] // 2
+    rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, positions, *, num_heads: int,
+                num_kv_heads: int, head_dim: int, eps: float, theta: float, dtype=F64):
+    """Qwen3's pre-attention path for tokens x [T, hidden] at `positions` [T].
+
+    Returns q [T, num_heads, head_dim], k and v [T, num_kv_heads, head_dim]
+    (q and k after q/k-norm and RoPE; v as projected).
+    """
+    t = x.shape[0]
+    h = rms_norm(x, norm_w, eps, dtype=dtype)
+    qkv = h @ _f(w_qkv, dtype).T
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q = qkv[:, :q_size].reshape(t, num_heads, head_dim)
+    k = qkv[:, q_size:q_size + kv_size].reshape(t, num_kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size:].reshape(t, num_kv_heads, head_dim)
+    q = rms_norm(q, q_norm_w, eps, dtype=dtype)
+    k = rms_norm(k, k_norm_w, eps, dtype=dtype)
+    cos, sin = rope_cos_sin(positions, head_dim, theta, dtype=dtype)
+    return apply_rope(q, cos, sin, dtype=dtype), apply_rope(k, cos, sin, dtype=dtype), v
+
+
+def attention(q, k, v, q_positions, *, dtype=F64):
+    """Causal GQA attention of one sequence.
+
+    q [T, Hq, D] at absolute positions q_positions [T]; k, v [S, Hkv, D] hold positions 0..S-1.
+    Key j is visible to query i iff j <= q_positions[i]. Returns [T, Hq, D].
+    """
+    q, k, v = _f(q, dtype), _f(k, dtype), _f(v, dtype)
+    t, hq, d = q.shape
+    s, hkv, _ = k.shape
+    group = hq // hkv
+    k = np.repeat(k, group, axis=1)  # [S, Hq, D]
+    v = np.repeat(v, group, axis=1)
+    scores = np.einsum("thd,shd->hts", q, k) / np.sqrt(dtype(d))
+    visible = np.arange(s)[None, :] <= np.asarray(q_positions)[:, None]  # [T, S]
+    scores = np.where(visible[None], scores, -np.inf)
+    scores = scores - scores.max(axis=-1, keepdims=True)
+    p = np.exp(scores)
+    p = p / p.sum(axis=-1, keepdims=True)
+    return np.einsum("hts,shd->thd", p, v)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, dtype=F64):
+    """One query token per sequence over its KV cache.
+
+    q [B, Hq, D]; k_cache, v_cache [B, S_max, Hkv, D]; lengths [B] (>= 1): sequence b attends
+    to cache rows 0..lengths[b]-1 (its own new key included). Returns [B, Hq, D].
+    """
+    out = []
+    for b, n in enumerate(np.asarray(lengths)):
+        out.append(attention(q[b:b + 1], k_cache[b, :n], v_cache[b, :n], [n - 1], dtype=dtype)[0])
+    return np.stack(out)
+
+
+def silu(x):
+    return x / (1.0 + np.exp(-x))
+
+
+def mlp(x, w_gate_up, w_down, *, dtype=F64):
+    """down(silu(gate(x)) * up(x)); w_gate_up [2*I, hidden] = [gate; up], w_down [hidden, I]."""
+    gu = _f(x, dtype) @ _f(w_gate_up, dtype).T
+    inter = gu.shape[-1] // 2
+    return (silu(gu[..., :inter]) * gu[..., inter:]) @ _f(w_down, dtype).T
+
+
+def mlp_block(x, norm_w, w_gate_up, w_down, eps: float, *, dtype=F64):
+    """x + MLP(RMSNorm(x)): the whole post-attention half of a decoder layer."""
+    return _f(x, dtype) + mlp(rms_norm(x, norm_w, eps, dtype=dtype), w_gate_up, w_down, dtype=dtype)
+
+
+def attn_out(attn, w_o, residual, *, dtype=F64):
+    """residual + attn @ w_o.T; attn [T, Hq*D], w_o [hidden, Hq*D]."""
+    return _f(residual, dtype) + _f(attn, dtype) @ _f(w_o, dtype).T
+
+
+# ----- whole model ----------------------------------------------------------------------------
+
+def layer_weights(weights: Mapping[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
+    """The packed weights of layer i from Hugging Face names (see common.weights for the plan)."""
+    p = f"model.layers.{i}."
+    return dict(
+        input_norm=weights[p + "input_layernorm.weight"],
+        post_norm=weights[p + "post_attention_layernorm.weight"],
+        w_qkv=np.concatenate([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], axis=0),
+        q_norm=weights[p + "self_attn.q_norm.weight"],
+        k_norm=weights[p + "self_attn.k_norm.weight"],
+        w_o=weights[p + "self_attn.o_proj.weight"],
+        w_gate_up=np.concatenate([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]], axis=0),
+        w_down=weights[p + "mlp.down_proj.weight"],
+    )
+
+
+def decoder_layer(x, lw: Mapping[str, np.ndarray], positions, cfg: Qwen3Config, *, dtype=F64):
+    """One decoder layer over one whole sequence x [T, hidden] at positions 0..T-1."""
+    q, k, v = rmsnorm_qkv(x, lw["input_norm"], lw["w_qkv"], lw["q_norm"], lw["k_norm"], positions,
+                          num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
+                          head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, theta=cfg.rope_theta, dtype=dtype)
+    a = attention(q, k, v, positions, dtype=dtype).reshape(x.shape[0], -1)
+    x = attn_out(a, lw["w_o"], x, dtype=dtype)
+    return mlp_block(x, lw["post_norm"], lw["w_gate_up"], lw["w_down"], cfg.rms_norm_eps, dtype=dtype)
+
+
+def lm_head_weight(weights: Mapping[str, np.ndarray], cfg: Qwen3Config):
+    return weights["model.embed_tokens.weight"] if cfg.tie_word_embeddings else weights["lm_head.weight"]
+
+
+def forward(weights: Mapping[str, np.ndarray], cfg: Qwen3Config, token_ids, *, dtype=F64):
+    """Token ids [B, T] -> logits [B, T, vocab], a full causal forward from position 0."""
+    ids = np.asarray(token_ids)
+    if ids.ndim != 2:
+        raise ValueError(f"token_ids: expected shape [batch, seq], got {ids.shape}")
+    embed = _f(weights["model.embed_tokens.weight"], dtype)
+    head = _f(lm_head_weight(weights, cfg), dtype)
+    layers = [{k: _f(v, dtype) for k, v in layer_weights(weights, i).items()}
+              for i in range(cfg.num_hidden_layers)]
+    final_norm = weights["model.norm.weight"]
+    positions = np.arange(ids.shape[1])
+    out = []
+    for row in ids:
+        x = embed[row]
+        for lw in layers:
+            x = decoder_layer(x, lw, positions, cfg, dtype=dtype)
+        out.append(rms_norm(x, final_norm, cfg.rms_norm_eps, dtype=dtype) @ head.T)
+    return np.stack(out)

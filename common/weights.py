@@ -1,0 +1,239 @@
+"""Checkpoint reading and validation, the one tensor-name map, and the packing plan.
+
+`Checkpoint(model_dir)` reads config.json and the safetensors headers (one model.safetensors,
+or the shards of model.safetensors.index.json), and validates every tensor against the config
+before any model is built. Tensors are then read one at a time through safetensors' own
+framework readers (`framework="numpy" | "flax" | "pt"`), so loading never holds two copies of
+the weights: `iter_params` yields each model parameter (packed where the plan says so) and the
+caller places it on the device before asking for the next.
+
+Layout: both twins store every matrix in the Hugging Face orientation [out_features,
+in_features] (the reduction axis contiguous, which is what the decode GEMV kernels stream best);
+packed matrices stack their sources along the output axis: w_qkv = [q; k; v], w_gate_up =
+[gate; up]. Never loads pickles: only *.safetensors files are opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import struct
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from common.config import ConfigError, Qwen3Config
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+# ----- the one name map ------------------------------------------------------------------------
+# Model parameter key -> Hugging Face tensor name(s), concatenated along axis 0 when several.
+LAYER_PLAN: dict[str, tuple[str, ...]] = {
+    "input_norm": ("input_layernorm.weight",),
+    "w_qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "q_norm": ("self_attn.q_norm.weight",),
+    "k_norm": ("self_attn.k_norm.weight",),
+    "w_o": ("self_attn.o_proj.weight",),
+    "post_norm": ("post_attention_layernorm.weight",),
+    "w_gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "w_down": ("mlp.down_proj.weight",),
+}
+GLOBAL_PLAN: dict[str, str] = {
+    "embed": "model.embed_tokens.weight",
+    "final_norm": "model.norm.weight",
+    "lm_head": "lm_head.weight",  # only when the embeddings are untied
+}
+# Orientation each twin stores (see module doc): "out_in" = [out_features, in_features].
+TWIN_LAYOUT = {"jax": "out_in", "torch": "out_in"}
+
+# nano-vllm's packed_modules_mapping, derived from the plan: HF module -> (packed module, shard id).
+NANOVLLM_PACKED = {
+    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+}
+
+
+class WeightsError(ValueError):
+    """A checkpoint directory or tensor that does not match the config."""
+
+
+def layer_prefix(i: int) -> str:
+    return f"model.layers.{i}."
+
+
+def expected_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Hugging Face Qwen3 checkpoint of this config holds, with its shape."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    per_layer = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (cfg.q_size, h), "self_attn.k_proj.weight": (cfg.kv_size, h),
+        "self_attn.v_proj.weight": (cfg.kv_size, h), "self_attn.o_proj.weight": (h, cfg.q_size),
+        "self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,),
+        "mlp.gate_proj.weight": (cfg.intermediate_size, h), "mlp.up_proj.weight": (cfg.intermediate_size, h),
+        "mlp.down_proj.weight": (h, cfg.intermediate_size),
+    }
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_hidden_layers):
+        shapes.update({layer_prefix(i) + k: v for k, v in per_layer.items()})
+    return shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors spelling: BF16, F32, ...
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check one safetensors header (no tensor data is read)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise WeightsError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
+            header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot read ({e.strerror})") from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_size = size - 8 - n
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = meta["data_offsets"]
+            shape, dtype = tuple(int(s) for s in meta["shape"]), str(meta["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise WeightsError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        if end > data_size or start > end:
+            raise WeightsError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data "
+                               f"section, which holds only {data_size} bytes")
+        out[name] = TensorInfo(name, path, shape, dtype)
+    return out
+
+
+def _checkpoint_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise WeightsError(f"{index}: not a valid shard index ({e!r})") from None
+        files = []
+        for fname in dict.fromkeys(weight_map.values()):
+            path = model_dir / fname
+            if not path.is_file():
+                raise WeightsError(f"{index}: names shard {fname!r}, which does not exist in {model_dir}")
+            files.append(path)
+        return files
+    single = model_dir / SINGLE_FILE
+    if single.is_file():
+        return [single]
+    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+        raise WeightsError(f"{model_dir}: only pickle checkpoints (*.bin/*.pt) found; they are never "
+                           f"loaded - convert to safetensors")
+    raise WeightsError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+class Checkpoint:
+    """A validated Hugging Face Qwen3 checkpoint directory."""
+
+    def __init__(self, model_dir: str | Path, config: Qwen3Config | None = None, *, strict: bool = True):
+        self.dir = Path(model_dir)
+        if not self.dir.is_dir():
+            raise WeightsError(f"{self.dir}: model directory does not exist")
+        self.config = config or Qwen3Config.from_pretrained(self.dir)
+        self.files = _checkpoint_files(self.dir)
+        self.tensors: dict[str, TensorInfo] = {}
+        for path in self.files:
+            for name, info in read_header(path).items():
+                if name in self.tensors:
+                    raise WeightsError(f"{path}: tensor {name!r} is also in {self.tensors[name].file}")
+                self.tensors[name] = info
+        self.validate(strict=strict)
+
+    def validate(self, *, strict: bool = True) -> None:
+        want = expected_shapes(self.config)
+        cfg_file = self.dir / "config.json"
+        for name, shape in want.items():
+            info = self.tensors.get(name)
+            if info is None:
+                raise WeightsError(f"{self.dir}: missing tensor {name!r} (expected shape {list(shape)} "
+                                   f"from {cfg_file})")
+            if info.shape != shape:
+                raise WeightsError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, expected "
+                                   f"{list(shape)} from {cfg_file}")
+            if info.dtype not in FLOAT_DTYPES:
+                raise WeightsError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected a "
+                                   f"floating dtype ({', '.join(sorted(FLOAT_DTYPES))})")
+        extra = sorted(set(self.tensors) - set(want))
+        # A tied checkpoint that still stores lm_head (some exporters do) is harmless: ignore it.
+        if self.config.tie_word_embeddings and "lm_head.weight" in extra:
+            extra.remove("lm_head.weight")
+        if extra:
+            msg = (f"{self.dir}: unexpected tensor(s) not in a Qwen3 checkpoint of this config: "
+                   f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+            if strict:
+                raise WeightsError(msg)
+            log.warning(msg)
+
+    # ----- reading ------------------------------------------------------------------------------
+    def read(self, name: str, framework: str = "numpy") -> Any:
+        """One tensor through safetensors' reader for `framework` ("numpy", "flax", "pt")."""
+        from safetensors import SafetensorError, safe_open
+
+        info = self.tensors.get(name)
+        if info is None:
+            raise WeightsError(f"{self.dir}: no tensor {name!r}")
+        try:
+            with safe_open(str(info.file), framework=framework) as f:
+                return f.get_tensor(name)
+        except SafetensorError as e:
+            raise WeightsError(f"{info.file}: cannot read tensor {name!r} ({e})") from None
+
+    def read_all(self, framework: str = "numpy") -> dict[str, Any]:
+        """Every expected tensor by Hugging Face name (for the reference and small models)."""
+        return {name: self.read(name, framework) for name in expected_shapes(self.config)}
+
+    def iter_params(self, framework: str, concat: Callable[[list[Any]], Any],
+                    convert: Callable[[Any], Any] = lambda a: a) -> Iterator[tuple[int | None, str, Any]]:
+        """Yield (layer index or None, parameter key, array) following the packing plan.
+
+        `concat` stacks a packed parameter's sources along axis 0; `convert` runs on each result
+        (cast, device placement). Only one layer's sources are alive at a time.
+        """
+        cfg = self.config
+        for key, hf in GLOBAL_PLAN.items():
+            if key == "lm_head" and cfg.tie_word_embeddings:
+                continue
+            yield None, key, convert(self.read(hf, framework))
+        for i in range(cfg.num_hidden_layers):
+            for key, sources in LAYER_PLAN.items():
+                parts = [self.read(layer_prefix(i) + s, framework) for s in sources]
+                arr = parts[0] if len(parts) == 1 else concat(parts)
+                del parts
+                yield i, key, convert(arr)
+
+
+def load_checkpoint(model_dir: str | Path, *, strict: bool = True) -> Checkpoint:
+    """Read config.json and validate the checkpoint; raises ConfigError or WeightsError."""
+    return Checkpoint(model_dir, strict=strict)
+
+
+__all__ = ["Checkpoint", "WeightsError", "ConfigError", "LAYER_PLAN", "GLOBAL_PLAN", "TWIN_LAYOUT",
+           "NANOVLLM_PACKED", "expected_shapes", "load_checkpoint", "read_header"]
