@@ -1,0 +1,94 @@
+"""The independent peer: a Runner over Hugging Face transformers' `Qwen3ForCausalLM` (CPU).
+
+    load(model_dir, *, dtype="float32", fused="auto") -> HFRunner
+
+torch and transformers are imported here, inside `load`, never by `common` at import time.
+The checkpoint is validated by `common.weights` first, so bad input gives the same errors as
+every other runner. dtype "float64" is accepted for exact comparisons; note that transformers'
+Qwen3 still computes RMSNorm and the RoPE table in float32 in that mode (its code, not ours),
+which bounds the agreement with the float64 reference at about 1e-6 relative.
+`fused` is accepted for interface compatibility and ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from common import sampling
+from common.harness import Runner, check_token_ids, eos_set, resolve_fused
+from common.weights import Checkpoint
+
+HF_DTYPES = ("float64", "float32", "bfloat16", "float16")
+
+
+class HFRunner(Runner):
+    name = "hf"
+
+    def __init__(self, model, config, dtype: str):
+        self.model = model
+        self.config = config
+        self.dtype = dtype
+
+    def logits(self, token_ids) -> np.ndarray:
+        import torch
+
+        ids = check_token_ids(token_ids, self.config.vocab_size)
+        with torch.inference_mode():
+            out = self.model(input_ids=torch.as_tensor(ids, dtype=torch.long), use_cache=False).logits
+        return out.float().numpy()
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 eos_token_id: int | Sequence[int] | None = None) -> list[list[int]]:
+        import torch
+        from transformers import GenerationConfig
+
+        cfg = self.config
+        sampling.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, vocab_size=cfg.vocab_size,
+                                     max_len=cfg.max_position_embeddings)
+        eos = sorted(eos_set(eos_token_id))
+        # A fresh GenerationConfig: the checkpoint's generation_config.json (e.g. top_k=20) must not
+        # leak into a comparison that asked for other settings.
+        gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1,
+                   eos_token_id=eos or None, pad_token_id=eos[0] if eos else 0)
+        if temperature == 0:
+            gen.update(do_sample=False)
+        else:
+            gen.update(do_sample=True, temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+        gen_config = GenerationConfig(**gen)
+        out = []
+        torch.manual_seed(seed)
+        with torch.inference_mode():
+            for prompt in prompts:  # one at a time: no padding, exactly the tokens asked for
+                ids = torch.tensor([list(prompt)], dtype=torch.long)
+                seq = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                          generation_config=gen_config)
+                new = [int(t) for t in seq[0, ids.shape[1]:]]
+                # transformers stops at eos and keeps it; cut defensively at the first eos anyway.
+                for j, t in enumerate(new):
+                    if t in eos:
+                        new = new[:j + 1]
+                        break
+                out.append(new)
+        return out
+
+
+def load(model_dir: str | Path, *, dtype: str = "float32", fused="auto") -> HFRunner:
+    """transformers' Qwen3ForCausalLM on CPU in `dtype` (float64, float32, bfloat16, float16)."""
+    if dtype not in HF_DTYPES:
+        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(HF_DTYPES)}")
+    resolve_fused(fused)  # validated, then ignored: transformers has no fused path here
+    ckpt = Checkpoint(model_dir)  # ConfigError / WeightsError before any model is built
+    import torch
+    from transformers import Qwen3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch_dtype = getattr(torch, dtype)
+    model = Qwen3ForCausalLM.from_pretrained(str(ckpt.dir), dtype=torch_dtype, attn_implementation="sdpa")
+    model.eval()
+    return HFRunner(model, ckpt.config, dtype)

@@ -1,0 +1,76 @@
+"""Compiled programs of the jax model: full forward, prefill, and the decode loop.
+
+The whole decode loop is one `lax.while_loop` inside one jit: it stops when every sequence has
+emitted an eos or `stop_step` is reached (a streaming caller advances `stop_step` chunk by
+chunk; a plain generate() runs to the token budget in one call). The model state is passed as
+arguments (never closed over as constants), the caches are donated so XLA updates them in place.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_impl.sampling import sample
+
+
+class DecodeState(NamedTuple):
+    step: jax.Array  # () int32: index of the next token to emit in `out`
+    tokens: jax.Array  # [B] last emitted token
+    positions: jax.Array  # [B] position of `tokens`
+    done: jax.Array  # [B] bool: emitted an eos
+    out: jax.Array  # [B, max_new] emitted tokens (eos_pad after done)
+    caches: list  # per layer (k, v)
+    key: jax.Array
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def forward_logits(graphdef, state, ids, lengths, caches):
+    """Full causal forward of right-padded ids [B, L] -> float32 logits [B, L, vocab]."""
+    model = nnx.merge(graphdef, state)
+    h, _ = model.prefill(ids, lengths, caches, caches[0][0].shape[1])
+    return model.logits(h)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "top_k", "use_top_p"),
+         donate_argnames=("caches",))
+def prefill(graphdef, state, ids, lengths, caches, key, temperature, top_p, eos_ids, *, max_new: int,
+            greedy: bool, top_k: int, use_top_p: bool) -> DecodeState:
+    """Run the prompts, sample the first new token, and return the decode loop's start state."""
+    model = nnx.merge(graphdef, state)
+    b = ids.shape[0]
+    h, caches = model.prefill(ids, lengths, caches, caches[0][0].shape[1])
+    last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, hidden]
+    tok = sample(model.logits(last), jax.random.fold_in(key, 0), temperature, top_p,
+                 greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+    out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, eos_ids)
+    return DecodeState(jnp.int32(1), tok, lengths.astype(jnp.int32), done, out, caches, key)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k", "use_top_p"), donate_argnames=("ds",))
+def decode(graphdef, state, ds: DecodeState, stop_step, temperature, top_p, eos_ids, *, greedy: bool,
+           top_k: int, use_top_p: bool) -> DecodeState:
+    """Decode until every sequence is done or `stop_step` tokens have been emitted."""
+    model = nnx.merge(graphdef, state)
+    b = ds.tokens.shape[0]
+    block_tables = jnp.arange(b, dtype=jnp.int32)[:, None]
+    stop = jnp.minimum(stop_step, ds.out.shape[1])
+
+    def cond(s: DecodeState):
+        return (s.step < stop) & ~jnp.all(s.done)
+
+    def body(s: DecodeState):
+        h, caches = model.decode(s.tokens, s.positions, s.caches, block_tables)
+        tok = sample(model.logits(h), jax.random.fold_in(s.key, s.step), temperature, top_p,
+                     greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+        tok = jnp.where(s.done, eos_ids[0], tok)
+        out = jax.lax.dynamic_update_slice(s.out, tok[:, None], (0, s.step))
+        done = s.done | jnp.isin(tok, eos_ids)
+        return DecodeState(s.step + 1, tok, s.positions + 1, done, out, caches, s.key)
+
+    return jax.lax.while_loop(cond, body, ds)

@@ -1,0 +1,131 @@
+"""Flax NNX Qwen3 decoder whose layers call the ops chosen once at build time (fused or plain).
+
+Weights are laid out at load in the form the kernels want (packed w_qkv / w_gate_up, the
+[out, in] orientation, the model dtype) and every layer owns its buffers: a slice of a stacked
+[layers, ...] array handed to a custom kernel would be copied on every call.
+
+The model works on flat token batches with explicit positions and cache slots:
+- `prefill(ids [B, L], lengths [B], caches)`: right-padded prompts from position 0, writing
+  each sequence's k/v into its cache rows; returns the final hidden states [B, L, hidden].
+- `decode(ids [B], positions [B], caches, block_tables)`: one token per sequence.
+Per layer the KV cache is [num_blocks, block_size, Hkv, D]; the runner allocates one block of
+`max_len` rows per sequence (block_tables [B, 1] = arange(B)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from common.config import Qwen3Config
+from jax_impl import ops_plain
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The op implementations a model runs (see jax_impl/fused.py for the choice)."""
+
+    rmsnorm_qkv: Callable
+    mlp: Callable
+    attn_out: Callable
+    decode_attention: Callable
+    prefill_attention: Callable = ops_plain.prefill_attention
+    names: tuple[tuple[str, str], ...] = ()  # (op, "fused"|"plain") for logging and reports
+
+
+PLAIN_OPS = Ops(ops_plain.rmsnorm_qkv, ops_plain.mlp, ops_plain.attn_out, ops_plain.decode_attention,
+                names=(("rmsnorm_qkv", "plain"), ("mlp", "plain"), ("attn_out", "plain"),
+                       ("decode_attention", "plain")))
+
+
+class Buffer(nnx.Variable):
+    """A non-trainable array owned by the model (the RoPE table)."""
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, w: dict[str, jax.Array]):
+        self.cfg = cfg
+        self.input_norm = nnx.Param(w["input_norm"])  # [hidden]
+        self.w_qkv = nnx.Param(w["w_qkv"])  # [(Hq + 2 Hkv) D, hidden]
+        self.q_norm = nnx.Param(w["q_norm"])  # [D]
+        self.k_norm = nnx.Param(w["k_norm"])  # [D]
+        self.w_o = nnx.Param(w["w_o"])  # [hidden, Hq D]
+        self.post_norm = nnx.Param(w["post_norm"])  # [hidden]
+        self.w_gate_up = nnx.Param(w["w_gate_up"])  # [2 I, hidden]
+        self.w_down = nnx.Param(w["w_down"])  # [hidden, I]
+
+    def qkv(self, ops: Ops, x, cos_sin, positions, slots, k_cache, v_cache):
+        cfg = self.cfg
+        return ops.rmsnorm_qkv(x, self.input_norm[...], self.w_qkv[...], self.q_norm[...], self.k_norm[...],
+                               cos_sin, positions, slots, k_cache, v_cache, num_heads=cfg.num_attention_heads,
+                               num_kv_heads=cfg.num_key_value_heads, eps=cfg.rms_norm_eps)
+
+    def finish(self, ops: Ops, attn, x):
+        """o_proj + residual, then the MLP block (with its residual)."""
+        x = ops.attn_out(attn, self.w_o[...], x)
+        return ops.mlp(x, self.post_norm[...], self.w_gate_up[...], self.w_down[...], eps=self.cfg.rms_norm_eps)
+
+
+class Qwen3(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, params: dict, ops: Ops = PLAIN_OPS):
+        """params: {"embed", "final_norm", ["lm_head"], "layers": [per-layer dicts]} (see common.weights)."""
+        self.cfg = cfg
+        self.ops = ops
+        self.embed = nnx.Param(params["embed"])  # [vocab, hidden]
+        self.final_norm = nnx.Param(params["final_norm"])
+        self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
+        self.layers = nnx.List([DecoderLayer(cfg, w) for w in params["layers"]])
+        self.cos_sin = Buffer(ops_plain.rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta))
+
+    @property
+    def dtype(self):
+        return self.embed[...].dtype
+
+    def logits(self, h):
+        """Final norm and head: h [..., hidden] -> float32 logits [..., vocab]."""
+        h = ops_plain.rms_norm(h, self.final_norm[...], self.cfg.rms_norm_eps)
+        head = self.embed[...] if self.lm_head is None else self.lm_head[...]  # tied: read, never alias
+        return jax.lax.dot_general(h, head, (((h.ndim - 1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def prefill(self, ids, lengths, caches, cache_rows: int):
+        """ids [B, L] right-padded, lengths [B]; caches: list of (k, v) [B, cache_rows, Hkv, D]."""
+        cfg, ops = self.cfg, self.ops
+        b, l = ids.shape
+        pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        slots = jnp.where(pos < lengths[:, None], jnp.arange(b, dtype=jnp.int32)[:, None] * cache_rows + pos, -1)
+        x = self.embed[...][ids.reshape(-1)]  # [B*L, hidden]
+        pos, slots = pos.reshape(-1), slots.reshape(-1)
+        new_caches = []
+        for layer, (kc, vc) in zip(self.layers, caches):
+            q, kc, vc = layer.qkv(ops, x, self.cos_sin[...], pos, slots, kc, vc)
+            k = kc[:, :l]  # this prompt's keys, from the cache just written
+            v = vc[:, :l]
+            attn = ops.prefill_attention(q.reshape(b, l, cfg.num_attention_heads, cfg.head_dim), k, v, lengths)
+            x = layer.finish(ops, attn.reshape(b * l, cfg.q_size), x)
+            new_caches.append((kc, vc))
+        return x.reshape(b, l, cfg.hidden_size), new_caches
+
+    def decode(self, ids, positions, caches, block_tables):
+        """One token per sequence: ids, positions [B]; returns hidden [B, hidden] and the caches."""
+        ops = self.ops
+        b = ids.shape[0]
+        rows = caches[0][0].shape[1]
+        slots = block_tables[:, 0] * rows + positions
+        x = self.embed[...][ids]
+        new_caches = []
+        for layer, (kc, vc) in zip(self.layers, caches):
+            q, kc, vc = layer.qkv(ops, x, self.cos_sin[...], positions, slots, kc, vc)
+            attn = ops.decode_attention(q, kc, vc, block_tables, positions + 1)
+            x = layer.finish(ops, attn.reshape(b, -1), x)
+            new_caches.append((kc, vc))
+        return x, new_caches
+
+
+def init_caches(cfg: Qwen3Config, batch: int, rows: int, dtype) -> list[tuple[jax.Array, jax.Array]]:
+    """Per-layer (k, v) caches [batch, rows, Hkv, D]: one block of `rows` per sequence."""
+    shape = (batch, rows, cfg.num_key_value_heads, cfg.head_dim)
+    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]

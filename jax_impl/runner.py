@@ -1,0 +1,136 @@
+"""`jax_impl.load(model_dir, *, dtype, fused) -> Runner`: common's Runner interface over the NNX model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from common import harness, sampling
+from common.weights import Checkpoint
+from jax_impl import generation
+from jax_impl.fused import choose_ops
+from jax_impl.model import Qwen3, init_caches
+
+log = logging.getLogger("jax_impl")
+
+PROMPT_BUCKET = 16  # prompt lengths are padded to a multiple of this (fewer recompilations)
+CACHE_BUCKET = 128  # cache rows per sequence likewise
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def load_params(ckpt: Checkpoint, dtype) -> dict:
+    """Stream the checkpoint into device arrays following common.weights' packing plan."""
+    params: dict = {"layers": [{} for _ in range(ckpt.config.num_hidden_layers)]}
+    convert = lambda a: jnp.asarray(a, dtype=dtype)  # noqa: E731
+    for layer, key, arr in ckpt.iter_params("flax", concat=lambda parts: jnp.concatenate(parts, axis=0),
+                                            convert=convert):
+        (params if layer is None else params["layers"][layer])[key] = arr
+    return params
+
+
+class JaxRunner(harness.Runner):
+    name = "jax"
+
+    def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto"):
+        self.dtype = harness.check_dtype(dtype)
+        ckpt = Checkpoint(model_dir)
+        self.config = ckpt.config
+        ops = choose_ops(self.config, harness.resolve_fused(fused), self.dtype)
+        self.model = Qwen3(self.config, load_params(ckpt, jnp.dtype(dtype)), ops)
+        self.graphdef, self.state = nnx.split(self.model)
+        self.last_stats: dict = {}
+
+    # ----- Runner ------------------------------------------------------------------------------
+    def logits(self, token_ids) -> np.ndarray:
+        ids = harness.check_token_ids(token_ids, self.config.vocab_size)
+        b, l = ids.shape
+        if l > self.config.max_position_embeddings:
+            raise ValueError(f"token_ids: {l} tokens exceed max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        caches = init_caches(self.config, b, l, self.model.dtype)
+        out = generation.forward_logits(self.graphdef, self.state, jnp.asarray(ids, jnp.int32),
+                                        jnp.full((b,), l, jnp.int32), caches)
+        return np.asarray(out, dtype=np.float32)
+
+    def generate(self, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                 eos_token_id=None) -> list[list[int]]:
+        chunks = list(self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
+                                chunk=None))
+        return chunks[-1]
+
+    def generate_stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, chunk: int = 16,
+                        **sampling_kwargs) -> Iterator[list[int]]:
+        """Yield the new tokens of one prompt as they are produced, `chunk` decode steps at a time."""
+        done = 0
+        for outs in self._run([prompt_ids], max_new_tokens, chunk=chunk, **_sampling_defaults(sampling_kwargs)):
+            new = outs[0][done:]
+            done += len(new)
+            if new:
+                yield new
+
+    # ----- internals ---------------------------------------------------------------------------
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, *, chunk):
+        cfg = self.config
+        sampling.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                                     top_p=top_p, vocab_size=cfg.vocab_size, max_len=cfg.max_position_embeddings)
+        b = len(prompts)
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        l = min(_round_up(int(lengths.max()), PROMPT_BUCKET), cfg.max_position_embeddings)
+        rows = min(_round_up(int(lengths.max()) + max_new_tokens, CACHE_BUCKET), cfg.max_position_embeddings)
+        ids = np.zeros((b, l), np.int32)
+        for i, p in enumerate(prompts):
+            ids[i, :len(p)] = p
+        eos = sorted(harness.eos_set(eos_token_id)) or [-1]
+        eos_ids = jnp.asarray(eos, jnp.int32)
+        statics = dict(greedy=temperature == 0, top_k=int(top_k) if temperature else 0,
+                       use_top_p=bool(temperature and top_p < 1.0))
+        temp, tp = jnp.float32(temperature or 1.0), jnp.float32(top_p)
+        caches = init_caches(cfg, b, rows, self.model.dtype)
+
+        t0 = time.perf_counter()
+        ds = generation.prefill(self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(lengths), caches,
+                                jax.random.key(seed), temp, tp, eos_ids, max_new=max_new_tokens, **statics)
+        ds.out.block_until_ready()
+        t1 = time.perf_counter()
+        step = chunk or max_new_tokens
+        while True:
+            stop = min(int(ds.step) + step, max_new_tokens) if chunk else max_new_tokens
+            ds = generation.decode(self.graphdef, self.state, ds, jnp.int32(stop), temp, tp, eos_ids, **statics)
+            outs = _trim(np.asarray(ds.out), int(ds.step), eos)
+            yield outs
+            if int(ds.step) >= max_new_tokens or bool(np.all(np.asarray(ds.done))):
+                break
+        t2 = time.perf_counter()
+        self.last_stats = dict(prompt_tokens=int(lengths.sum()), prefill_s=t1 - t0, decode_s=t2 - t1,
+                               new_tokens=sum(len(o) for o in outs))
+
+
+def _trim(out: np.ndarray, steps: int, eos: list[int]) -> list[list[int]]:
+    """Rows of the first `steps` emitted tokens, each cut after its first eos (kept)."""
+    res = []
+    for row in out[:, :steps].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        res.append(row[:cut])
+    return res
+
+
+def _sampling_defaults(kw: dict) -> dict:
+    unknown = set(kw) - {"temperature", "top_k", "top_p", "seed", "eos_token_id"}
+    if unknown:
+        raise TypeError(f"generate_stream: unknown argument(s) {', '.join(sorted(unknown))}")
+    return dict(temperature=kw.get("temperature", 0.0), top_k=kw.get("top_k", 0), top_p=kw.get("top_p", 1.0),
+                seed=kw.get("seed", 0), eos_token_id=kw.get("eos_token_id"))
+
+
+def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto") -> JaxRunner:
+    return JaxRunner(model_dir, dtype=dtype, fused=fused)

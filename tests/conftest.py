@@ -1,0 +1,36 @@
+"""Shared test setup: repo root on sys.path, CPU interpreter modes, the gpu marker, checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _has_cuda() -> bool:
+    # nvidia-smi presence is a cheap proxy that imports neither framework.
+    return shutil.which("nvidia-smi") is not None and os.environ.get("CUDA_VISIBLE_DEVICES", "x") != ""
+
+
+HAS_GPU = _has_cuda()
+if not HAS_GPU:
+    # Triton kernels run in the interpreter on CPU; must be set before triton is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+GPU_REASON = "needs a CUDA GPU (runs on the H100 at full shapes; CPU runs the interpreter-mode twins)"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_GPU:
+        return
+    skip = pytest.mark.skip(reason=GPU_REASON)
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
