@@ -57,15 +57,13 @@ def decode(graphdef, state, ds: DecodeState, stop_step, temperature, top_p, eos_
            top_k: int, use_top_p: bool) -> DecodeState:
     """Decode until every sequence is done or `stop_step` tokens have been emitted."""
     model = nnx.merge(graphdef, state)
-    b = ds.tokens.shape[0]
-    block_tables = jnp.arange(b, dtype=jnp.int32)[:, None]
     stop = jnp.minimum(stop_step, ds.out.shape[1])
 
     def cond(s: DecodeState):
         return (s.step < stop) & ~jnp.all(s.done)
 
     def body(s: DecodeState):
-        h, caches = model.decode(s.tokens, s.positions, s.caches, block_tables)
+        h, caches = model.decode(s.tokens, s.positions, s.caches)
         tok = sample(model.logits(h), jax.random.fold_in(s.key, s.step), temperature, top_p,
                      greedy=greedy, top_k=top_k, use_top_p=use_top_p)
         tok = jnp.where(s.done, eos_ids[0], tok)

@@ -7,9 +7,9 @@ Weights are laid out at load in the form the kernels want (packed w_qkv / w_gate
 The model works on flat token batches with explicit positions and cache slots:
 - `prefill(ids [B, L], lengths [B], caches)`: right-padded prompts from position 0, writing
   each sequence's k/v into its cache rows; returns the final hidden states [B, L, hidden].
-- `decode(ids [B], positions [B], caches, block_tables)`: one token per sequence.
-Per layer the KV cache is [num_blocks, block_size, Hkv, D]; the runner allocates one block of
-`max_len` rows per sequence (block_tables [B, 1] = arange(B)).
+- `decode(ids [B], positions [B], caches)`: one token per sequence.
+Per layer the KV cache is [num_blocks, block_size, Hkv, D] with one block of `rows` rows per
+sequence (block b is sequence b), so the attention ops read it with block_tables=None, no gather.
 """
 
 from __future__ import annotations
@@ -109,17 +109,20 @@ class Qwen3(nnx.Module):
             new_caches.append((kc, vc))
         return x.reshape(b, l, cfg.hidden_size), new_caches
 
-    def decode(self, ids, positions, caches, block_tables):
-        """One token per sequence: ids, positions [B]; returns hidden [B, hidden] and the caches."""
+    def decode(self, ids, positions, caches):
+        """One token per sequence: ids, positions [B]; returns hidden [B, hidden] and the caches.
+
+        Sequence b owns cache block b (block_tables None in the attention op: no gather).
+        """
         ops = self.ops
         b = ids.shape[0]
         rows = caches[0][0].shape[1]
-        slots = block_tables[:, 0] * rows + positions
+        slots = jnp.arange(b, dtype=jnp.int32) * rows + positions
         x = self.embed[...][ids]
         new_caches = []
         for layer, (kc, vc) in zip(self.layers, caches):
             q, kc, vc = layer.qkv(ops, x, self.cos_sin[...], positions, slots, kc, vc)
-            attn = ops.decode_attention(q, kc, vc, block_tables, positions + 1)
+            attn = ops.decode_attention(q, kc, vc, None, positions + 1)
             x = layer.finish(ops, attn.reshape(b, -1), x)
             new_caches.append((kc, vc))
         return x, new_caches

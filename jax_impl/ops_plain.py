@@ -97,11 +97,18 @@ def _softmax_attend(q, k, v, mask):
 
 
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, tiles=None):
-    """One query per sequence over the paged cache; q [B, Hq, D] -> [B, Hq, D]."""
+    """One query per sequence over the paged cache; q [B, Hq, D] -> [B, Hq, D].
+
+    block_tables None means one block per sequence in batch order (block b holds sequence b):
+    the cache is read in place, with no gather.
+    """
     del tiles
     b = q.shape[0]
-    k = k_cache[block_tables].reshape(b, -1, *k_cache.shape[2:])  # [B, max_blocks*block_size, Hkv, D]
-    v = v_cache[block_tables].reshape(b, -1, *v_cache.shape[2:])
+    if block_tables is None:
+        k, v = k_cache, v_cache  # [B, block_size, Hkv, D]
+    else:
+        k = k_cache[block_tables].reshape(b, -1, *k_cache.shape[2:])  # [B, max_blocks*block_size, Hkv, D]
+        v = v_cache[block_tables].reshape(b, -1, *v_cache.shape[2:])
     mask = jnp.arange(k.shape[1])[None, None, :] < context_lens[:, None, None]
     return _softmax_attend(q[:, None], k, v, mask)[:, 0]
 

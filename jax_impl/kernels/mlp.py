@@ -1,0 +1,71 @@
+"""Qwen3's MLP block, x + down(silu(gate) * up) of RMSNorm(x), in two Pallas (Triton) kernels.
+
+Kernel 1 (`_norm_gate_up_kernel`): RMSNorm(x) (rounded to x.dtype before the matmul, as
+Hugging Face does), the gate and up projections of the same block_n output features
+(w_gate_up rows [gate; up]), and silu(gate) * up in float32, written as the [T, I] activation
+in x.dtype. Every program recomputes the row norms of x (tiny at decode) before streaming its
+weight tiles. Kernel 2 is attn_out's linear + residual kernel on w_down. One kernel for the
+whole block would need a cross-program reduction over I for the down projection; the split
+after SiLU costs one small [T, I] round trip through memory instead.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from common.tiles import MatmulTiles
+from jax_impl.kernels import _common as C
+from jax_impl.kernels.attn_out import linear_residual
+
+
+def _norm_gate_up_kernel(x_ref,     # [m, k]
+                         nw_ref,    # [k]
+                         w_ref,     # [2 * inter, k]  rows [gate; up]
+                         o_ref,     # [m, inter]
+                         *, m: int, k: int, inter: int, eps: float, block_m: int, block_n: int, block_k: int):
+    m0 = C.pl.program_id(0) * block_m
+    n0 = C.pl.program_id(1) * block_n
+    nmask = (n0 + jnp.arange(block_n)) < inter
+    rstd = C.rms_rstd(x_ref, m0, m, k, block_m, block_k, eps)
+    gate, up = C.project(x_ref, w_ref, [(n0, nmask), (inter + n0, nmask)], m0=m0, m=m, k=k,
+                         block_m=block_m, block_n=block_n, block_k=block_k, norm=(nw_ref, rstd))
+    act = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up, f32
+    mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & nmask[None, :]
+    C.store(o_ref.at[C.pl.ds(m0, block_m), C.pl.ds(n0, block_n)], act.astype(o_ref.dtype), mask=mask)
+
+
+def norm_gate_up(x, norm_w, w_gate_up, *, eps: float, tiles: MatmulTiles | None = None,
+                 interpret: bool | None = None):
+    """silu(g) * u with [g | u] = RMSNorm(x) @ w_gate_up.T; x [T, hidden] -> [T, I] in x.dtype."""
+    C.check(x.ndim == 2, f"mlp: x: expected [T, hidden], got shape {x.shape}")
+    m, k = x.shape
+    C.check(w_gate_up.ndim == 2 and w_gate_up.shape[1] == k and w_gate_up.shape[0] % 2 == 0,
+            f"mlp: w_gate_up: expected [2 * intermediate, {k}], got {w_gate_up.shape}")
+    inter = w_gate_up.shape[0] // 2
+    C.check_shape("mlp: norm_w", norm_w, (k,))
+    C.check_float("mlp: x", x)
+    C.check_float("mlp: w_gate_up", w_gate_up, x.dtype)
+    C.check_float("mlp: norm_w", norm_w)
+    t = tiles or MatmulTiles.default_for(m, inter, k)
+    kernel = functools.partial(_norm_gate_up_kernel, m=m, k=k, inter=inter, eps=float(eps),
+                               block_m=t.block_m, block_n=t.block_n, block_k=t.block_k)
+    return C.pallas_call(kernel, name="mlp_norm_gate_up",
+                         grid=(C.pl.cdiv(m, t.block_m), C.pl.cdiv(inter, t.block_n)),
+                         out_shape=jax.ShapeDtypeStruct((m, inter), x.dtype), num_warps=t.num_warps,
+                         num_stages=t.num_stages, interpret=interpret)(x, norm_w, w_gate_up)
+
+
+def mlp(x, norm_w, w_gate_up, w_down, *, eps: float, tiles: MatmulTiles | None = None,
+        down_tiles: MatmulTiles | None = None, interpret: bool | None = None):
+    """x + down(silu(g) * u), [g | u] = RMSNorm(x) @ w_gate_up.T; x [T, hidden], w_down [hidden, I].
+
+    tiles: of the gate/up kernel (default `MatmulTiles.default_for(T, I, hidden)`);
+    down_tiles: of the down projection (default `MatmulTiles.default_for(T, hidden, I)`).
+    """
+    act = norm_gate_up(x, norm_w, w_gate_up, eps=eps, tiles=tiles, interpret=interpret)
+    C.check(w_down.ndim == 2 and w_down.shape == (x.shape[1], act.shape[1]),
+            f"mlp: w_down: expected [{x.shape[1]}, {act.shape[1]}], got {w_down.shape}")
+    return linear_residual(act, w_down, x, tiles=down_tiles, interpret=interpret, name="mlp_down")
