@@ -1,0 +1,157 @@
+"""jax_impl model (plain path here; the fused path reruns these in test_jax_fused_model.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from common.checkpoint import write_checkpoint
+from common.config import Qwen3Config, shrink
+from common.harness import load_reference
+from common.sampling import allowed_mask
+from common.tolerances import assert_close
+
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+import jax_impl  # noqa: E402
+from jax_impl import generation  # noqa: E402
+from jax_impl.model import init_caches  # noqa: E402
+
+FUSED = False  # the fused subclass flips this
+
+SHAPES = {
+    "0.6B": dataclasses.replace(shrink(Qwen3Config.preset("Qwen3-0.6B")), dtype="float32"),
+    "8B": dataclasses.replace(shrink(Qwen3Config.preset("Qwen3-8B"), width=16), dtype="float32"),
+    "awkward": Qwen3Config(vocab_size=1000, hidden_size=96, intermediate_size=97, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                           tie_word_embeddings=False, dtype="float32", max_position_embeddings=512),
+}
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jax_model")
+    out = {}
+    for name, cfg in SHAPES.items():
+        out[name] = write_checkpoint(root / name, cfg, seed=1, norm_scale="realistic")
+    out["sharded"] = write_checkpoint(root / "sharded", SHAPES["8B"], seed=1, shards=3, norm_scale="realistic")
+    # Peaked logits: a large embedding / head makes greedy choices robust to rounding.
+    out["peaked"] = write_checkpoint(root / "peaked", SHAPES["0.6B"], seed=2, embed_std=1.0)
+    return out
+
+
+def _load(path, dtype="float32"):
+    return jax_impl.load(path, dtype=dtype, fused=FUSED)
+
+
+@pytest.mark.parametrize("name", ["0.6B", "8B", "awkward", "sharded"])
+def test_logits_match_reference(ckpts, name):
+    ids = np.random.default_rng(0).integers(0, SHAPES.get(name, SHAPES["8B"]).vocab_size, size=(2, 11))
+    got = _load(ckpts[name]).logits(ids)
+    want = load_reference(ckpts[name]).logits(ids)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() / scale < 2e-4, np.abs(got - want).max() / scale
+
+
+def test_logits_match_transformers(ckpts):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    ids = np.random.default_rng(1).integers(0, 1000, size=(2, 9))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpts["awkward"], dtype=torch.float32)
+    with torch.no_grad():
+        want = hf(torch.tensor(ids)).logits.numpy()
+    got = _load(ckpts["awkward"]).logits(ids)
+    assert np.abs(got - want).max() / np.abs(want).max() < 2e-4
+
+
+def test_decode_steps_match_full_forward(ckpts):
+    """Prefill then one-token decode steps give, step by step, the logits of a full forward."""
+    runner = _load(ckpts["8B"])
+    model, cfg = runner.model, runner.config
+    rng = np.random.default_rng(3)
+    lengths = np.array([5, 9], np.int32)
+    seqs = rng.integers(0, cfg.vocab_size, size=(2, 14))
+    ids = np.zeros((2, 16), np.int32)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = seqs[i, :n]
+    caches = init_caches(cfg, 2, 32, model.dtype)
+    _, caches = model.prefill(jnp.asarray(ids), jnp.asarray(lengths), caches, 32)
+    pos = lengths.copy()
+    for step in range(4):
+        toks = seqs[np.arange(2), pos]
+        h, caches = model.decode(jnp.asarray(toks, jnp.int32), jnp.asarray(pos), caches)
+        got = np.asarray(model.logits(h))
+        for b in range(2):
+            full = runner.logits(seqs[b:b + 1, :pos[b] + 1])[0, -1]
+            assert_close(got[b], full, "float32", what=f"decode step {step}, sequence {b}")
+        pos += 1
+
+
+def test_greedy_matches_transformers(ckpts):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpts["peaked"], dtype=torch.float32)
+    prompts = [[5, 17, 33, 2], [100, 7, 7, 9, 41, 300, 12]]
+    ours = _load(ckpts["peaked"]).generate(prompts, 12)
+    for p, got in zip(prompts, ours):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                               pad_token_id=0)[0, len(p):].tolist()
+        assert got == want
+
+
+def test_batched_equals_one_by_one(ckpts):
+    runner = _load(ckpts["peaked"])
+    prompts = [[3, 4, 5], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26], [7]]
+    batched = runner.generate(prompts, 8)
+    assert batched == [runner.generate([p], 8)[0] for p in prompts]
+
+
+def test_eos_stops_and_is_kept(ckpts):
+    runner = _load(ckpts["peaked"])
+    free = runner.generate([[3, 4, 5]], 8)[0]
+    eos = free[3]
+    cut = runner.generate([[3, 4, 5]], 8, eos_token_id=eos)[0]
+    assert cut == free[:free.index(eos) + 1]
+
+
+def test_sampling_reproducible_and_in_allowed_set(ckpts):
+    runner = _load(ckpts["awkward"])
+    prompt = [1, 2, 3, 4]
+    kwargs = dict(temperature=0.8, top_k=7, top_p=0.9)
+    a = runner.generate([prompt], 24, seed=11, **kwargs)[0]
+    assert a == runner.generate([prompt], 24, seed=11, **kwargs)[0]
+    assert a != runner.generate([prompt], 24, seed=12, **kwargs)[0]
+    logits = runner.logits(np.array([prompt + a[:-1]]))[0, len(prompt) - 1:]
+    for t, (tok, row) in enumerate(zip(a, logits)):
+        mask = allowed_mask(row, **kwargs)
+        assert mask[tok], f"step {t}: token {tok} outside the top-k/top-p set {np.flatnonzero(mask)}"
+
+
+def test_top_k_one_is_greedy(ckpts):
+    runner = _load(ckpts["peaked"])
+    greedy = runner.generate([[3, 4, 5]], 10)[0]
+    assert runner.generate([[3, 4, 5]], 10, temperature=1.0, top_k=1, seed=5)[0] == greedy
+
+
+def test_stream_equals_generate(ckpts):
+    runner = _load(ckpts["peaked"])
+    chunks = list(runner.generate_stream([3, 4, 5], 10, chunk=3))
+    assert len(chunks) > 1
+    assert sum(chunks, []) == runner.generate([[3, 4, 5]], 10)[0]
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(top_p=1.5, temperature=1.0), "top_p"),
+    (dict(prompts=[[1] * 600]), "maximum length"),
+    (dict(prompts=[[5000]]), "outside"),
+])
+def test_bad_generate_args(ckpts, bad, match):
+    runner = _load(ckpts["awkward"])
+    args = dict(prompts=[[1, 2]], max_new_tokens=4)
+    args.update(bad)
+    with pytest.raises(ValueError, match=match):
+        runner.generate(args.pop("prompts"), args.pop("max_new_tokens"), **args)
