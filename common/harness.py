@@ -132,6 +132,9 @@ def get_loader(name: str) -> Callable[..., Runner]:
         raise ValueError(f"unknown runner {name!r}: expected one of {', '.join(RUNNERS)}")
     module, func = RUNNERS[name].split(":")
     try:
-        return getattr(importlib.import_module(module), func)
+        mod = importlib.import_module(module)
     except ImportError as e:
         raise ValueError(f"runner {name!r} is not available: {e}") from None
+    if not hasattr(mod, func):
+        raise ValueError(f"runner {name!r} is not available: {module} has no {func}()")
+    return getattr(mod, func)

@@ -87,8 +87,13 @@ def load(model_dir: str | Path, *, dtype: str = "float32", fused="auto") -> HFRu
     from transformers import Qwen3ForCausalLM
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    torch_dtype = getattr(torch, dtype)
-    model = Qwen3ForCausalLM.from_pretrained(str(ckpt.dir), dtype=torch_dtype, attn_implementation="sdpa")
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = Qwen3ForCausalLM.from_pretrained(str(ckpt.dir), dtype=getattr(torch, dtype),
+                                                 attn_implementation="sdpa")
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     model.eval()
     return HFRunner(model, ckpt.config, dtype)

@@ -131,9 +131,13 @@ def _checkpoint_files(model_dir: Path) -> list[Path]:
     index = model_dir / INDEX_FILE
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsError(f"{index}: not a valid shard index ({e!r})") from None
+            data = json.loads(index.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{index}: not a valid shard index (invalid JSON: {e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise WeightsError(f"{index}: not a valid shard index (expected a JSON object whose "
+                               f"\"weight_map\" maps tensor names to shard file names)")
         files = []
         for fname in dict.fromkeys(weight_map.values()):
             path = model_dir / fname

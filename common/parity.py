@@ -1,0 +1,188 @@
+"""Compare any set of runners on one checkpoint: `python -m common.parity`.
+
+    python -m common.parity --model DIR --runners reference,hf[,jax,torch,jax:off,torch:on] [--dtype float32]
+        [--baseline reference] [--reference-dtype float64] [--json OUT]
+        [--prompt-len 16] [--batch 2] [--new-tokens 8] [--seed 0] [--max-rel-err X]
+
+Every runner sees the same random token ids (drawn from `--seed`). Against the baseline runner
+it reports the max absolute logits error, the max relative error (max abs error / max abs
+baseline logit), the argmax agreement over all positions, and the greedy-generation agreement
+(tokens equal before the first divergence, per prompt and in total), as a Markdown table on
+stdout; `--json` writes the same rows. `compare_logits` and `compare_generations` hold the
+maths for tests and benchmarks.
+
+A runner name may carry the fused flag after a colon (`jax:on`, `jax:off`, `torch:auto`), so
+the fused and plain paths of one twin compare in one table; without it the runner's default
+("auto") applies. `--dtype` is the precision of the runners under test; the numpy reference
+runs in `--reference-dtype` (float64 by default: it is the truth the others are measured against).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from common.harness import get_loader, resolve_fused
+
+
+def compare_logits(logits, baseline) -> dict:
+    """max_abs_err, max_rel_err (max abs err / max |baseline|) and argmax agreement (fraction)."""
+    a, b = np.asarray(logits, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"logits shape {a.shape} differs from the baseline's {b.shape}")
+    finite = bool(np.isfinite(a).all())
+    err = np.abs(a - b)
+    max_abs = float(err.max()) if finite else float("inf")
+    scale = float(np.abs(b).max())
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    agree = float(np.mean(a.argmax(axis=-1) == b.argmax(axis=-1)))
+    return {"max_abs_err": max_abs, "max_rel_err": max_rel, "argmax_agree": agree, "finite": finite}
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if int(x) != int(y):
+            break
+        n += 1
+    return n
+
+
+def compare_generations(generations, baseline) -> dict:
+    """Tokens equal before the first divergence, per prompt and in total (of the baseline's tokens)."""
+    if len(generations) != len(baseline):
+        raise ValueError(f"{len(generations)} generations against {len(baseline)} baseline generations")
+    per_prompt = [common_prefix(g, b) for g, b in zip(generations, baseline)]
+    total = sum(len(b) for b in baseline)
+    return {"greedy_match": per_prompt, "greedy_matched": sum(per_prompt), "greedy_total": total,
+            "greedy_identical": all(list(map(int, g)) == list(map(int, b)) for g, b in zip(generations, baseline))}
+
+
+def parse_runner(spec: str) -> tuple[str, dict]:
+    """"jax:off" -> ("jax", {"fused": False}); "hf" -> ("hf", {})."""
+    name, _, fused = spec.partition(":")
+    if not fused:
+        return name, {}
+    try:
+        return name, {"fused": resolve_fused(fused)}
+    except ValueError:
+        raise ValueError(f"runner {spec!r}: the part after ':' must be auto, on or off") from None
+
+
+def run_parity(model_dir: str | Path, runners: Sequence[str], *, dtype: str = "float32",
+               baseline: str = "reference", reference_dtype: str = "float64", prompt_len: int = 16,
+               batch: int = 2, new_tokens: int = 8, seed: int = 0, loaders=None) -> dict:
+    """Load every runner, run the same inputs, compare with the baseline; returns the report dict.
+
+    `loaders` (name -> load function) overrides the registry, for tests.
+    """
+    if baseline not in runners:
+        runners = [baseline, *runners]
+    rows, results = [], {}
+    ids = None
+    for name in runners:
+        base, extra = parse_runner(name)
+        load = (loaders or {}).get(base) or get_loader(base)
+        run_dtype = reference_dtype if base == "reference" else dtype
+        t0 = time.perf_counter()
+        runner = load(model_dir, dtype=run_dtype, **extra)
+        t1 = time.perf_counter()
+        if ids is None:
+            vocab = runner.config.vocab_size
+            ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, prompt_len), dtype=np.int64)
+        logits = runner.logits(ids)
+        t2 = time.perf_counter()
+        gens = runner.generate([list(map(int, row)) for row in ids], new_tokens, temperature=0.0)
+        t3 = time.perf_counter()
+        results[name] = (logits, gens)
+        rows.append({"runner": name, "dtype": run_dtype, "load_s": t1 - t0, "logits_s": t2 - t1,
+                     "generate_s": t3 - t2, "generated": [list(map(int, g)) for g in gens]})
+        del runner
+    base_logits, base_gens = results[baseline]
+    for row in rows:
+        logits, gens = results[row["runner"]]
+        row.update(compare_logits(logits, base_logits))
+        row.update(compare_generations(gens, base_gens))
+    return {"model": str(model_dir), "baseline": baseline, "dtype": dtype, "reference_dtype": reference_dtype,
+            "seed": seed, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "token_ids": ids.tolist(), "rows": rows}
+
+
+def markdown_table(report: dict) -> str:
+    head = (f"Parity on {report['model']} - baseline `{report['baseline']}`, {report['batch']} prompts x "
+            f"{report['prompt_len']} random tokens (seed {report['seed']}), {report['new_tokens']} greedy tokens\n\n")
+    lines = ["| runner | dtype | max abs err | max rel err | argmax agree | greedy match (per prompt) "
+             "| load s | logits s | generate s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        match = f"{r['greedy_matched']}/{r['greedy_total']} ({', '.join(map(str, r['greedy_match']))})"
+        lines.append(f"| {r['runner']} | {r['dtype']} | {r['max_abs_err']:.3g} | {r['max_rel_err']:.3g} "
+                     f"| {100 * r['argmax_agree']:.1f}% | {match} | {r['load_s']:.2f} | {r['logits_s']:.3f} "
+                     f"| {r['generate_s']:.3f} |")
+    return head + "\n".join(lines)
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m common.parity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--runners", default="reference,hf",
+                   help="comma-separated: reference, hf, jax, torch; jax:on / jax:off pick the fused path")
+    p.add_argument("--baseline", default="reference", help="runner the others are compared against")
+    p.add_argument("--dtype", default="float32", choices=["float64", "float32", "bfloat16", "float16"],
+                   help="dtype of the runners under test")
+    p.add_argument("--reference-dtype", default="float64", choices=["float64", "float32"],
+                   help="precision of the numpy reference runner")
+    p.add_argument("--prompt-len", type=_positive, default=16)
+    p.add_argument("--batch", type=_positive, default=2)
+    p.add_argument("--new-tokens", type=_positive, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
+    p.add_argument("--max-rel-err", type=float, default=None,
+                   help="exit 1 when any runner's max relative logits error exceeds this")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    runners = [r.strip() for r in a.runners.split(",") if r.strip()]
+    if not runners:
+        print("error: --runners: expected a comma-separated list of runner names", file=sys.stderr)
+        return 2
+    try:
+        for name in dict.fromkeys([a.baseline, *runners]):
+            get_loader(parse_runner(name)[0])  # unknown or unavailable runners fail before any model is loaded
+        if not Path(a.model).is_dir():
+            raise ValueError(f"--model: directory {a.model} does not exist")
+        report = run_parity(a.model, runners, dtype=a.dtype, baseline=a.baseline,
+                            reference_dtype=a.reference_dtype, prompt_len=a.prompt_len, batch=a.batch,
+                            new_tokens=a.new_tokens, seed=a.seed)
+    except (ValueError, ImportError, NotImplementedError) as e:  # incl. ConfigError, WeightsError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(markdown_table(report))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=2))
+    if a.max_rel_err is not None:
+        worst = max(r["max_rel_err"] for r in report["rows"])
+        if not worst <= a.max_rel_err:
+            print(f"FAIL: max relative logits error {worst:.3g} exceeds --max-rel-err {a.max_rel_err:g}",
+                  file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

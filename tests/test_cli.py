@@ -1,0 +1,447 @@
+"""common.cli (the generate command of both twins) and common.textgen, with fake runners on a
+checkpoint directory that has a tokenizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import common
+from common import cli
+from common.checkpoint import write_checkpoint
+from common.config import Qwen3Config, shrink
+from common.sampling import GenerationArgsError
+from common.textgen import (StreamDecoder, TextError, chat_template, eos_token_ids, load_tokenizer, read_json,
+                            render_chat)
+from common.weights import WeightsError
+
+CFG = dataclasses.replace(shrink(Qwen3Config.preset("Qwen3-0.6B"), layers=1, width=16, vocab=1024),
+                          dtype="float32", max_position_embeddings=256)
+REPLY = " fox jumps é€ over"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("cli") / "ckpt", CFG, seed=0, tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def tok(model_dir):
+    return load_tokenizer(model_dir)
+
+
+@pytest.fixture
+def copy_dir(model_dir, tmp_path):
+    return lambda: shutil.copytree(model_dir, tmp_path / "copy")
+
+
+class FakeRunner:
+    """Returns REPLY's tokens then eos; records what it was asked."""
+
+    def __init__(self, model_dir, reply_ids, calls, *, stats=None, fail=None):
+        self.config = Qwen3Config.from_pretrained(model_dir)
+        self.reply, self.calls, self.fail = reply_ids, calls, fail
+        if stats is not None:
+            self.last_stats = stats
+
+    def generate(self, prompts, max_new_tokens, **kw):
+        self.calls.append(("generate", [list(p) for p in prompts], max_new_tokens, kw))
+        if self.fail:
+            raise self.fail
+        return [list(self.reply[:max_new_tokens]) for _ in prompts]
+
+
+class FakeStreamRunner(FakeRunner):
+    def generate_stream(self, prompt_ids, max_new_tokens, **kw):
+        self.calls.append(("stream", list(prompt_ids), max_new_tokens, kw))
+        for i, t in enumerate(self.reply[:max_new_tokens]):
+            if self.fail and i == 3:
+                raise self.fail
+            yield [t]  # one token per chunk: multi-byte characters arrive split
+
+
+class Recorder(io.StringIO):
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+
+    def write(self, s):
+        self.writes.append(s)
+        return super().write(s)
+
+
+@pytest.fixture
+def invoke(model_dir, tok):
+    """invoke(*args, runner=FakeRunner, model=model_dir, **runner_kwargs) -> (rc, out, err, calls, loads)."""
+    eos = tok.token_to_id("<|im_end|>")
+    reply_ids = tok.encode(REPLY).ids + [eos]
+
+    def run(*args, runner=FakeRunner, model=model_dir, load_error=None, **kw):
+        calls, loads = [], []
+
+        def load(d, *, dtype, fused):
+            loads.append((d, dtype, fused))
+            if load_error:
+                raise load_error
+            return runner(d, reply_ids, calls, **kw)
+
+        out, err = Recorder(), io.StringIO()
+        argv = (["--model", str(model)] if model is not None else []) + list(args)
+        rc = cli.run(load, argv, prog="gen", out=out, err=err)
+        return rc, out, err.getvalue(), calls, loads
+
+    return run
+
+
+# ----- normal operation ----------------------------------------------------------------------------
+
+def test_single_prompt_streams_text_incrementally(invoke, tok):
+    rc, out, err, calls, _ = invoke("--prompt", "The quick brown", runner=FakeStreamRunner)
+    assert rc == 0, err
+    assert out.getvalue() == REPLY + "\n"
+    pieces = [w for w in out.writes if w]
+    assert len(pieces) > 5  # printed as produced, not at the end
+    assert all("\ufffd" not in w for w in out.writes)  # never half a character
+    assert any("é" in w for w in pieces) and any("€" in w for w in pieces)
+    kind, ids, max_new, kw = calls[0]
+    assert kind == "stream" and ids == tok.encode("The quick brown").ids and max_new == 128
+    assert "time to first token" in err and "tok/s" in err
+
+
+def test_without_generate_stream_prints_the_completion(invoke, tok):
+    rc, out, err, calls, _ = invoke("--prompt", "The quick brown", "--max-new-tokens", "7")
+    assert rc == 0
+    assert calls[0][0] == "generate" and calls[0][2] == 7
+    assert out.getvalue() == tok.decode(tok.encode(REPLY).ids[:7]) + "\n"
+    assert "generate 7 tokens" in err and "(prefill included)" in err
+
+
+def test_batch_prints_each_completion(invoke, tok):
+    rc, out, err, calls, _ = invoke("--prompt", "one", "--prompt", "two words", runner=FakeStreamRunner)
+    assert rc == 0
+    assert len(calls) == 1 and calls[0][0] == "generate"  # batched, not streamed
+    assert calls[0][1] == [tok.encode("one").ids, tok.encode("two words").ids]
+    assert out.getvalue() == f"[1] one\n{REPLY}\n\n[2] two words\n{REPLY}\n"
+    assert f"prompt tokens: {len(tok.encode('one').ids) + len(tok.encode('two words').ids)} (2 prompts)" in err
+
+
+def test_prompt_file_one_prompt_per_line(invoke, tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("first prompt\n\nsecond prompt\n", encoding="utf-8")
+    rc, out, _, calls, _ = invoke("--prompt-file", str(f), "--prompt", "third")
+    assert rc == 0
+    assert len(calls[0][1]) == 3
+    assert "[1] third" in out.getvalue() and "[3] second prompt" in out.getvalue()
+
+
+def test_runner_stats_are_reported(invoke, tok):
+    stats = {"prefill_s": 0.25, "decode_s": 0.5, "new_tokens": 10}
+    rc, _, err, _, _ = invoke("--prompt", "hello", stats=stats)
+    assert rc == 0
+    assert err.strip() == f"prompt tokens: {len(tok.encode('hello').ids)} | prefill 0.250 s | decode 10 tokens " \
+                          f"in 0.500 s = 20.0 tok/s"
+
+
+@pytest.mark.parametrize("flag, expected", [("auto", "auto"), ("on", True), ("off", False)])
+def test_fused_and_dtype_reach_the_loader(invoke, model_dir, flag, expected):
+    rc, _, _, _, loads = invoke("--prompt", "x", "--fused", flag, "--dtype", "float32")
+    assert rc == 0 and loads == [(str(model_dir), "float32", expected)]
+
+
+def test_sampling_flags_and_eos_reach_the_runner(invoke, tok):
+    rc, _, _, calls, _ = invoke("--prompt", "x", "--temperature", "0.7", "--top-k", "5", "--top-p", "0.9",
+                                "--seed", "3")
+    assert rc == 0
+    assert calls[0][3] == dict(temperature=0.7, top_k=5, top_p=0.9, seed=3,
+                               eos_token_id=[tok.token_to_id("<|im_end|>")])
+
+
+def test_defaults_come_from_generation_config(invoke, copy_dir):
+    d = copy_dir()
+    (d / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95, "eos_token_id": [7, 2]}))
+    rc, _, _, calls, _ = invoke("--prompt", "x", model=d)
+    assert rc == 0
+    assert calls[0][3] == dict(temperature=0.6, top_k=20, top_p=0.95, seed=0, eos_token_id=[7, 2])
+    rc, _, _, calls, _ = invoke("--prompt", "x", "--temperature", "0", "--top-p", "1", model=d)
+    assert calls[0][3]["temperature"] == 0 and calls[0][3]["top_p"] == 1.0
+    (d / "generation_config.json").unlink()  # no generation config: greedy, eos from tokenizer_config.json
+    rc, _, _, calls, _ = invoke("--prompt", "x", model=d)
+    assert calls[0][3] == dict(temperature=0.0, top_k=0, top_p=1.0, seed=0, eos_token_id=[2])
+
+
+def test_eos_fallbacks(copy_dir, tok):
+    d = copy_dir()
+    assert eos_token_ids(d, tok) == [2]  # generation_config.json (written by common.checkpoint)
+    (d / "generation_config.json").write_text("{}")
+    assert eos_token_ids(d, tok) == [tok.token_to_id("<|im_end|>")]  # tokenizer_config.json
+    tcfg = read_json(d / "tokenizer_config.json")
+    tcfg["eos_token"] = {"content": "<|endoftext|>", "special": True}  # the AddedToken spelling
+    (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    assert eos_token_ids(d, tok) == [tok.token_to_id("<|endoftext|>")]
+    del tcfg["eos_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    assert eos_token_ids(d, tok) == [2]  # config.json
+    cfg = read_json(d / "config.json")
+    cfg["eos_token_id"] = None
+    (d / "config.json").write_text(json.dumps(cfg))
+    assert eos_token_ids(d, tok) == []
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": "two"}))
+    with pytest.raises(TextError, match="generation_config.json: eos_token_id='two'"):
+        eos_token_ids(d, tok)
+
+
+def test_default_model(invoke, model_dir, monkeypatch):
+    monkeypatch.setattr(common, "default_model", lambda: str(model_dir), raising=False)
+    rc, _, _, _, loads = invoke("--prompt", "x", model=None)
+    assert rc == 0 and loads[0][0] == str(model_dir)
+    monkeypatch.delattr(common, "default_model")
+    rc, _, err, _, _ = invoke("--prompt", "x", model=None)
+    assert rc == 2 and err.startswith("error: --model:")
+
+    def broken():
+        raise FileNotFoundError("shipped checkpoint not found")
+
+    monkeypatch.setattr(common, "default_model", broken, raising=False)
+    rc, _, err, _, _ = invoke("--prompt", "x", model=None)
+    assert rc == 2 and "--model" in err and "shipped checkpoint not found" in err
+
+
+# ----- chat template ---------------------------------------------------------------------------
+
+def test_chat_renders_the_template_like_transformers(invoke, model_dir):
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    rc, _, _, calls, _ = invoke("--chat", "--prompt", "héllo there", "--prompt", "second")
+    assert rc == 0
+    for prompt, ids in zip(["héllo there", "second"], calls[0][1]):
+        want = hf_tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                          add_generation_prompt=True)
+        want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+        assert ids == list(want)
+
+
+QWEN_LIKE = textwrap.dedent("""\
+    {%- if messages[0].role == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
+    {%- endif %}
+    {%- set ns = namespace(turns=0) %}
+    {%- for message in messages %}
+        {%- if message.role not in ['system', 'user', 'assistant'] %}
+            {{- raise_exception('unknown role ' + message.role) }}
+        {%- endif %}
+        {%- if message.role == 'system' %}{% continue %}{% endif %}
+        {%- set ns.turns = ns.turns + 1 %}
+        {%- if message.content is string %}
+    <|im_start|>{{ message.role }}
+    {{ message.content | trim }}<|im_end|>
+        {% endif %}
+    {%- endfor %}
+    {%- if add_generation_prompt %}
+    <|im_start|>assistant {{ ns.turns }} {{ eos_token }}{{ bos_token }} {{ {'k': 'é<>'} | tojson }}
+        {%- if enable_thinking is defined and enable_thinking is false %}
+    <think>
+
+    </think>
+
+        {% endif %}
+    {%- endif %}
+    """)
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "  hi  "},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}]
+
+
+@pytest.mark.parametrize("extra", [{}, {"enable_thinking": False}])
+def test_render_chat_equals_transformers_on_a_qwen_like_template(copy_dir, extra):
+    transformers = pytest.importorskip("transformers")
+    d = copy_dir()
+    tcfg = read_json(d / "tokenizer_config.json")
+    tcfg["chat_template"] = QWEN_LIKE
+    (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    want = transformers.AutoTokenizer.from_pretrained(str(d)).apply_chat_template(
+        MESSAGES, tokenize=False, add_generation_prompt=True, **extra)
+    got = render_chat(chat_template(d), MESSAGES, tcfg, **extra)
+    assert got == want
+    assert "<think>" in got if extra else "<think>" not in got
+    with pytest.raises(TextError, match="chat template: unknown role tool"):
+        render_chat(QWEN_LIKE, [{"role": "tool", "content": "x"}], tcfg)
+
+
+def test_chat_template_file_and_named_templates(copy_dir):
+    d = copy_dir()
+    tcfg = read_json(d / "tokenizer_config.json")
+    tcfg["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    assert chat_template(d) == "D"
+    del tcfg["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    (d / "chat_template.jinja").write_text("J{{ messages[0].content }}")
+    assert chat_template(d) == "J{{ messages[0].content }}"
+    (d / "chat_template.jinja").unlink()
+    with pytest.raises(TextError, match="no chat_template"):
+        chat_template(d)
+
+
+def test_stream_decoder_holds_back_partial_characters(tok):
+    ids = tok.encode("aé€b").ids
+    dec = StreamDecoder(tok)
+    pieces = [dec.push([t]) for t in ids]
+    assert "".join(pieces) + dec.finish() == "aé€b"
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces.count("") >= 3  # é (2 bytes) and € (3 bytes) waited for their last byte
+    dec = StreamDecoder(tok)
+    assert dec.push(tok.encode("€").ids[:1]) == "" and dec.finish() == "\ufffd"  # cut off: shown as such
+
+
+# ----- bad input --------------------------------------------------------------------------------
+
+def _no_tokenizer(d):
+    (d / "tokenizer.json").unlink()
+
+
+def _no_template(d):
+    tcfg = read_json(d / "tokenizer_config.json")
+    del tcfg["chat_template"]
+    (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+
+
+def _bad_config(d):
+    (d / "config.json").write_text("{oops")
+
+
+@pytest.mark.parametrize("args, mutate, needle", [
+    (["--prompt", "x"], _no_tokenizer, "tokenizer.json: missing"),
+    (["--prompt", "x", "--chat"], _no_template, "no chat_template"),
+    (["--prompt", "x"], _bad_config, "config.json: not valid JSON"),
+    (["--prompt", "The quick brown fox " * 80], None, "--prompt: prompt 1 has"),
+    (["--prompt", "x", "--max-new-tokens", "256"], None, "--max-new-tokens=256 that exceeds max_position_embeddings=256"),
+    (["--prompt", "x", "--max-new-tokens", "0"], None, "--max-new-tokens=0: expected an integer >= 1"),
+    (["--prompt", "x", "--top-p", "0"], None, "--top-p=0.0: expected a value in (0, 1]"),
+    (["--prompt", "x", "--top-p", "1.5"], None, "--top-p=1.5"),
+    (["--prompt", "x", "--temperature", "-1"], None, "--temperature=-1.0"),
+    (["--prompt", "x", "--top-k", "-2"], None, "--top-k=-2"),
+    (["--prompt", ""], None, "--prompt: prompt 1 is empty"),
+    ([], None, "--prompt: give at least one"),
+    (["--prompt-file", "/nonexistent/prompts.txt"], None, "--prompt-file: /nonexistent/prompts.txt does not exist"),
+])
+def test_bad_input_is_one_line_naming_the_flag_or_file(invoke, copy_dir, args, mutate, needle):
+    model = None
+    if mutate:
+        model = copy_dir()
+        mutate(model)
+    rc, out, err, calls, loads = invoke(*args, **({"model": model} if model else {}))
+    assert rc == 2
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert needle in err, err
+    assert "Traceback" not in err and not calls and not loads  # refused before loading the model
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n\t\n"])
+def test_empty_prompt_file(invoke, tmp_path, content):
+    f = tmp_path / "empty.txt"
+    f.write_text(content)
+    rc, _, err, _, _ = invoke("--prompt-file", str(f))
+    assert rc == 2 and f"--prompt-file: {f} holds no prompt (empty file)" in err
+
+
+def test_missing_model_dir(invoke, tmp_path):
+    rc, _, err, _, _ = invoke("--prompt", "x", model=tmp_path / "nowhere")
+    assert rc == 2 and err.strip() == f"error: --model: directory {tmp_path / 'nowhere'} does not exist"
+
+
+@pytest.mark.parametrize("args", [["--fused", "maybe"], ["--dtype", "float64"], ["--max-new-tokens", "ten"]])
+def test_argparse_rejects_bad_choices(invoke, capsys, args):
+    rc, _, _, calls, _ = invoke("--prompt", "x", *args)
+    err = capsys.readouterr().err  # argparse writes usage and the error to sys.stderr
+    assert rc == 2 and not calls
+    assert args[0] in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("error, needle", [
+    (GenerationArgsError("prompts[0]: 30 prompt tokens + max_new_tokens=40 exceed the KV cache (64)"), "KV cache"),
+    (ValueError("cache of 4 blocks is too small"), "cache of 4 blocks"),
+])
+def test_runner_limits_are_reported(invoke, error, needle):
+    rc, _, err, _, _ = invoke("--prompt", "x", fail=error)
+    assert rc == 2 and err.strip() == f"error: {error}" and needle in err
+
+
+@pytest.mark.parametrize("error, needle", [
+    (WeightsError("/m/model.safetensors: tensor 'x' has shape [1], expected [2]"), "has shape"),
+    (RuntimeError("fused kernels need a CUDA GPU"), "--fused on"),
+])
+def test_load_errors_are_reported(invoke, error, needle):
+    rc, _, err, _, _ = invoke("--prompt", "x", "--fused", "on", load_error=error)
+    assert rc == 2 and str(error) in err and needle in err and len(err.strip().splitlines()) == 1
+
+
+# ----- Ctrl-C ------------------------------------------------------------------------------------
+
+def test_ctrl_c_during_generate(invoke):
+    rc, out, err, _, _ = invoke("--prompt", "x", fail=KeyboardInterrupt())
+    assert rc == 130 and "interrupted" in err and "Traceback" not in err
+
+
+def test_ctrl_c_while_streaming_keeps_the_partial_text(invoke, tok):
+    rc, out, err, _, _ = invoke("--prompt", "x", runner=FakeStreamRunner, fail=KeyboardInterrupt())
+    assert rc == 130 and "interrupted" in err
+    assert out.getvalue() == tok.decode(tok.encode(REPLY).ids[:3]) + "\n"
+
+
+def test_ctrl_c_during_load(invoke):
+    rc, _, err, _, _ = invoke("--prompt", "x", load_error=KeyboardInterrupt())
+    assert rc == 130 and "interrupted" in err
+
+
+# ----- as a real process, and with transformers as the runner -------------------------------------
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from common.cli import main
+from common.config import Qwen3Config
+
+class Runner:
+    def __init__(self, d):
+        self.config = Qwen3Config.from_pretrained(d)
+    def generate(self, prompts, max_new_tokens, **kw):
+        if {interrupt!r}:
+            raise KeyboardInterrupt
+        return [[40, 41, 42] for _ in prompts]
+
+main(lambda d, *, dtype, fused: Runner(d), prog="fakegen")
+"""
+
+
+@pytest.mark.parametrize("interrupt, args, rc, needle", [
+    (False, ["--prompt", "x"], 0, "prompt tokens"),
+    (False, ["--prompt", "x", "--top-p", "2"], 2, "error: --top-p=2.0"),
+    (True, ["--prompt", "x"], 130, "interrupted"),
+])
+def test_as_a_process(model_dir, tmp_path, interrupt, args, rc, needle):
+    script = tmp_path / "gen.py"
+    script.write_text(SCRIPT.format(root=str(cli.Path(cli.__file__).resolve().parents[1]), interrupt=interrupt))
+    p = subprocess.run([sys.executable, str(script), "--model", str(model_dir), *args], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == rc, p.stderr
+    assert needle in p.stderr and "Traceback" not in p.stderr
+
+
+def test_with_transformers_runner(model_dir, tok):
+    hf_runner = pytest.importorskip("common.hf_runner")
+    pytest.importorskip("transformers")
+    rc_out = Recorder()
+    err = io.StringIO()
+    rc = cli.run(hf_runner.load, ["--model", str(model_dir), "--prompt", "The quick", "--max-new-tokens", "9",
+                                  "--dtype", "float32"], out=rc_out, err=err)
+    assert rc == 0, err.getvalue()
+    ids = tok.encode("The quick").ids
+    want = hf_runner.load(model_dir).generate([ids], 9, eos_token_id=[tok.token_to_id("<|im_end|>")])[0]
+    assert rc_out.getvalue() == tok.decode(want, skip_special_tokens=True) + "\n"

@@ -1,0 +1,128 @@
+"""common.sampling: the one statement of the sampling rule (allowed_mask), the reference sampler,
+and the validation of generate()'s arguments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.sampling import GenerationArgsError, allowed_mask, check_generate_args, sample_numpy
+
+
+def logits_of(probs):
+    return np.log(np.asarray(probs, dtype=np.float64))
+
+
+def test_greedy_keeps_every_tied_maximum_and_samples_the_lowest_id():
+    z = np.array([1.0, 3.0, 3.0, 0.0, 3.0 - 1e-9])
+    np.testing.assert_array_equal(allowed_mask(z, 0.0), [False, True, True, False, False])
+    # top_k/top_p are ignored by greedy
+    np.testing.assert_array_equal(allowed_mask(z, 0.0, top_k=4, top_p=0.01), [False, True, True, False, False])
+    rng = np.random.default_rng(0)
+    assert {sample_numpy(z, 0.0, 0, 1.0, rng) for _ in range(5)} == {1}
+
+
+def test_top_k_keeps_ties_at_the_kth_value():
+    z = np.array([1.0, 2.0, 2.0, 3.0, 0.5])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_k=2), [False, True, True, True, False])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_k=1), [False, False, False, True, False])
+    assert allowed_mask(z, 1.0, top_k=50).all()  # k beyond the vocabulary keeps everything
+    assert allowed_mask(z, 1.0, top_k=0).all()  # 0 = off
+
+
+def test_top_p_is_the_smallest_prefix_reaching_p():
+    z = logits_of([0.5, 0.3, 0.15, 0.05])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.45), [True, False, False, False])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.6), [True, True, False, False])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.85), [True, True, True, False])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.96), [True, True, True, True])
+    assert allowed_mask(z, 1.0, top_p=1.0).all()
+
+
+def test_top_p_always_keeps_the_most_likely_token():
+    z = logits_of([0.1, 0.6, 0.3])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=1e-9), [False, True, False])
+    # also when it is a near-certain token
+    np.testing.assert_array_equal(allowed_mask(logits_of([1e-12, 1 - 2e-12, 1e-12]), 1.0, top_p=1e-12),
+                                  [False, True, False])
+
+
+def test_top_k_is_applied_before_top_p():
+    # Full distribution: 0.4, 0.25, 0.2, 0.15. With top_p alone = 0.6, token 1 is kept (mass before it 0.4).
+    # After top_k=2 the kept pair renormalizes to 0.615, 0.385, so top_p=0.6 keeps token 0 alone.
+    z = logits_of([0.4, 0.25, 0.2, 0.15])
+    assert allowed_mask(z, 1.0, top_p=0.6)[1]
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_k=2, top_p=0.6), [True, False, False, False])
+
+
+def test_temperature_changes_what_top_p_keeps():
+    z = logits_of([0.7, 0.2, 0.1])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.65), [True, False, False])
+    np.testing.assert_array_equal(allowed_mask(z, 10.0, top_p=0.65), [True, True, False])  # flatter
+
+
+def test_mask_works_over_leading_axes():
+    z = np.stack([logits_of([0.5, 0.3, 0.2]), logits_of([0.2, 0.3, 0.5])])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_k=1), [[True, False, False], [False, False, True]])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.6), [[True, True, False], [False, True, True]])
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.6), (0.8, 8, 0.7), (2.0, 3, 0.99), (0.5, 1, 1.0),
+])
+def test_sampler_never_leaves_the_mask_and_follows_the_distribution(temperature, top_k, top_p):
+    rng = np.random.default_rng(123)
+    z = rng.standard_normal(32) * 2.0
+    z[[3, 4]] = z.max() + 0.5  # a tie at the top
+    mask = allowed_mask(z, temperature, top_k, top_p)
+    n = 4000
+    draws = np.array([sample_numpy(z, temperature, top_k, top_p, rng) for _ in range(n)])
+    assert mask[draws].all(), f"sampled {sorted(set(draws[~mask[draws]].tolist()))} outside the mask"
+    p = np.where(mask, np.exp((z - z.max()) / temperature), 0.0)
+    p /= p.sum()
+    freq = np.bincount(draws, minlength=len(z)) / n
+    # 4000 draws: the binomial standard deviation is at most 0.008; 5 sigma
+    np.testing.assert_allclose(freq, p, atol=0.04)
+
+
+def test_sampler_is_reproducible_with_a_seed():
+    z = np.random.default_rng(0).standard_normal(100)
+    a = [sample_numpy(z, 1.0, 0, 0.9, np.random.default_rng(7)) for _ in range(3)]
+    seq = lambda s: [sample_numpy(z, 1.0, 0, 0.9, r) for r in [np.random.default_rng(s)] for _ in range(20)]
+    assert seq(7) == seq(7)
+    assert seq(7) != seq(8)
+    assert len(set(a)) == 1
+
+
+# ----- argument validation -----------------------------------------------------------------------
+
+GOOD = dict(temperature=0.0, top_k=0, top_p=1.0, vocab_size=100, max_len=16)
+
+
+def test_valid_arguments_pass():
+    check_generate_args([[1, 2, 3], [4]], 8, **GOOD)
+    check_generate_args(([99],), 15, **{**GOOD, "temperature": 1.5, "top_k": 5, "top_p": 0.5})
+
+
+@pytest.mark.parametrize("prompts, max_new, over, needle", [
+    ([], 4, {}, "prompts: expected a non-empty list"),
+    ("abc", 4, {}, "prompts: expected a non-empty list"),
+    ([[1], []], 4, {}, "prompts[1]: empty prompt"),
+    ([[1, 100]], 4, {}, "prompts[0]: token id 100 outside [0, 100)"),
+    ([[-1]], 4, {}, "prompts[0]: token id -1 outside"),
+    ([[1] * 10], 7, {}, "prompts[0]: 10 prompt tokens + max_new_tokens=7 exceed the maximum length 16"),
+    ([[1]], 0, {}, "max_new_tokens=0: expected an integer >= 1"),
+    ([[1]], 2.0, {}, "max_new_tokens=2.0"),
+    ([[1]], 4, {"temperature": -0.1}, "temperature=-0.1"),
+    ([[1]], 4, {"temperature": float("nan")}, "temperature=nan"),
+    ([[1]], 4, {"top_k": -1}, "top_k=-1"),
+    ([[1]], 4, {"top_k": 2.5}, "top_k=2.5"),
+    ([[1]], 4, {"top_p": 0.0}, "top_p=0.0: expected a value in (0, 1]"),
+    ([[1]], 4, {"top_p": 1.5}, "top_p=1.5"),
+    ([[1]], 4, {"top_p": float("nan")}, "top_p=nan"),
+])
+def test_bad_arguments_name_the_argument(prompts, max_new, over, needle):
+    with pytest.raises(GenerationArgsError) as e:
+        check_generate_args(prompts, max_new, **{**GOOD, **over})
+    assert needle in str(e.value)
+    assert isinstance(e.value, ValueError)
