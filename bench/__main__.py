@@ -1,0 +1,263 @@
+"""python -m bench {kernels,decode,all} [options] | compare OLD NEW | report RESULTS... --out DIR
+
+  kernels  each fused kernel of both twins vs the plain op of the same framework, at the chosen
+           presets' shapes: decode batches (--batch) and prefill token counts (--prefill);
+           decode_attention at a context of --ctx tokens
+  decode   end-to-end greedy decode tok/s and prefill tok/s: jax_impl and torch_impl fused/plain,
+           transformers eager and static cache + torch.compile (batch 1 only unless --hf-batch)
+  all      both (the default when no command is given)
+  compare  flag regressions over 5% between two results files (exit 1 when any)
+  report   merge results of several runs (say one per model) into one folder: JSON, table, plots
+
+Every run also measures the two ceilings (device-to-device copy, bf16 matmul) and records the
+GPU, driver, library versions, date and git commit. Needs a CUDA GPU, except with --smoke (tiny
+shapes in interpreter mode on CPU, a few repeats: keeps the code alive in CI). Results go to
+--out (default bench/results/<gpu>/): bench.json, bench.md, decode.png, kernels_bw.png; the
+JSON is rewritten after every row, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUN_COMMANDS = ("kernels", "decode", "all")
+DEFAULT_MODELS = "Qwen3-0.6B,Qwen3-8B"
+REPO = Path(__file__).resolve().parents[1]
+SMOKE_SKIP = {
+    "jax-fused": "the Pallas interpreter inside the decode loop takes minutes on CPU; same code path as jax-plain",
+    "torch-fused": "the Triton interpreter takes seconds per token on CPU; same code path as torch-plain",
+    "hf-compile": "torch.compile takes minutes on CPU",
+}
+
+
+def _early_env(argv: list[str]) -> None:
+    """Settings that must precede the first jax / triton import."""
+    if "--smoke" in argv:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels in the interpreter on CPU
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Pallas in interpret mode
+    else:
+        # jax and torch share the GPU in one process: jax must not grab 75% of it up front.
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"python -m bench: {flag}={text!r}: expected comma-separated positive integers") from None
+    if not vals or min(vals) < 1:
+        raise SystemExit(f"python -m bench: {flag}={text!r}: expected comma-separated positive integers")
+    return vals
+
+
+def parser() -> argparse.ArgumentParser:
+    from bench.decode import IMPLS
+    from bench.kernels import OPS
+
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("command", choices=RUN_COMMANDS)
+    p.add_argument("--out", type=Path, help="results folder (default bench/results/<gpu-slug>/)")
+    p.add_argument("--models", help=f"comma-separated presets (default {DEFAULT_MODELS}; --smoke: Qwen3-0.6B)")
+    p.add_argument("--batch", help="decode batch sizes (default 1,8,32,128; --smoke: 2)")
+    p.add_argument("--prefill", help="prefill token counts of the kernel rows (default 512,4096; --smoke: 16)")
+    p.add_argument("--ctx", type=int, help="context length of the decode_attention rows (default 1024)")
+    p.add_argument("--hf-batch", help="batch sizes for the transformers peers (default 1: they are slow)")
+    p.add_argument("--impls", help=f"decode implementations (default all: {','.join(IMPLS)})")
+    p.add_argument("--ops", help=f"kernel ops (default all: {','.join(OPS)})")
+    p.add_argument("--frameworks", default="jax,torch", help="kernel frameworks (default jax,torch)")
+    p.add_argument("--new-tokens", type=int, help="decode tokens per run (default 256; --quick 64)")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, interpreter mode, CPU: checks the code runs")
+    p.add_argument("--quick", action="store_true", help="fewer repeats and 64 new tokens")
+    p.add_argument("--budget-s", type=float, help="skip what is left after this many seconds (rows say so)")
+    p.add_argument("--ckpt-dir", type=Path, help="where random checkpoints are written and reused")
+    p.add_argument("--commit", help="git commit to record when the tree has no .git")
+    p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def _progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _models(a) -> dict:
+    from common.config import PRESETS, shrink
+
+    names = [m.strip() for m in (a.models or ("Qwen3-0.6B" if a.smoke else DEFAULT_MODELS)).split(",") if m.strip()]
+    bad = [m for m in names if m not in PRESETS]
+    if bad or not names:
+        raise SystemExit(f"python -m bench: --models {a.models!r}: unknown preset(s) {', '.join(bad)}; "
+                         f"expected some of {', '.join(PRESETS)}")
+    return {m: shrink(PRESETS[m], layers=2, width=8, vocab=512) if a.smoke else PRESETS[m] for m in names}
+
+
+def _choices(text: str | None, allowed, flag: str) -> list[str]:
+    if text is None:
+        return list(allowed)
+    vals = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in vals if v not in allowed]
+    if bad or not vals:
+        raise SystemExit(f"python -m bench: {flag}={text!r}: unknown {', '.join(bad)}; expected some of "
+                         f"{', '.join(allowed)}")
+    return vals
+
+
+def _torch_device(smoke: bool) -> str | None:
+    if smoke:
+        return "cpu"
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _checkpoint(name: str, cfg, a, tmp: Path) -> Path:
+    if a.smoke:
+        from common.checkpoint import write_checkpoint
+
+        path = tmp / name
+        if not (path / "config.json").is_file():
+            write_checkpoint(path, cfg, dtype="bfloat16", fast=True)
+        return path
+    from bench.checkpoints import DEFAULT_DIR, random_checkpoint
+
+    return random_checkpoint(name, root=a.ckpt_dir or DEFAULT_DIR)
+
+
+def run(a) -> int:
+    from bench import decode, env, kernels, report
+    from bench.timing import TimingPlan
+
+    t_start = time.monotonic()
+    if a.smoke:
+        gpu_name = "cpu-smoke"
+    else:
+        ok, gpu_name = env.has_gpu()
+        if not ok:
+            print(f"python -m bench: no CUDA GPU here ({gpu_name}); the benchmarks need one - "
+                  f"run with --smoke for the CPU smoke test", file=sys.stderr)
+            return 2
+    models = _models(a)
+    ops = _choices(a.ops, kernels.OPS, "--ops")
+    frameworks = _choices(a.frameworks, kernels.FRAMEWORKS, "--frameworks")
+    impls = _choices(a.impls, decode.IMPLS, "--impls")
+    # --smoke skips by default what costs minutes on CPU and shares its code path with a row that runs
+    smoke_skip = {i: SMOKE_SKIP[i] for i in impls if a.smoke and a.impls is None and i in SMOKE_SKIP}
+    batches = _ints(a.batch or ("2" if a.smoke else "1,8,32,128"), "--batch")
+    prefill = _ints(a.prefill or ("16" if a.smoke else "512,4096"), "--prefill")
+    hf_batches = _ints(a.hf_batch or ("2" if a.smoke else "1"), "--hf-batch")
+    ctx = a.ctx or (32 if a.smoke else 1024)
+    new_tokens = a.new_tokens or (4 if a.smoke else 64 if a.quick else 256)
+    prompt_len = 8 if a.smoke else 16
+    runs = 1 if a.smoke else 2 if a.quick else 3
+    deadline = t_start + a.budget_s if a.budget_s else None
+    if a.smoke:
+        plan = TimingPlan(repeats=2, target_s=0.0, max_iters=1, warmup=1)
+        ks = kernels.Settings(plan, min_bytes=0, max_layers=2, deadline=deadline)
+    else:
+        plan = TimingPlan(repeats=5, target_s=0.01, warmup=2) if a.quick else TimingPlan(repeats=15, target_s=0.02)
+        ks = kernels.Settings(plan, deadline=deadline)
+    out = a.out or REPO / "bench" / "results" / env.slug(gpu_name)
+    settings = dict(command=a.command, models=list(models), smoke=a.smoke, quick=a.quick, ops=ops,
+                    frameworks=frameworks, impls=impls, batches=batches, prefill=prefill, hf_batches=hf_batches,
+                    ctx=ctx, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs,
+                    timing=dataclasses.asdict(plan), min_layer_bytes=ks.min_bytes, budget_s=a.budget_s)
+    res = report.Results(out, env.collect(smoke=a.smoke, commit=a.commit, argv=a.argv), settings)
+    _progress(f"python -m bench {a.command}: {gpu_name}; results in {out}")
+    torch_device = _torch_device(a.smoke)
+    ceilings = env.measure_ceilings(smoke=a.smoke, quick=a.quick, log=_progress)
+    res.set_ceilings(ceilings)
+    _progress(f"ceilings: copy {ceilings.get('copy_GBps') or 0:,.0f} GB/s, bf16 matmul "
+              f"{ceilings.get('matmul_TFLOPs') or 0:,.1f} TFLOP/s")
+
+    if a.command in ("kernels", "all"):
+        cases = kernels.make_cases(models, ops, batches, prefill, ctx)
+        kernels.run(cases, frameworks, ks, ceilings, torch_device=torch_device, emit=res.add, progress=_progress)
+
+    if a.command in ("decode", "all"):
+        with tempfile.TemporaryDirectory(prefix="bench-smoke-ckpt-") as tmp:
+            jobs = [(m, i) for m in models for i in impls]
+            paths: dict = {}
+            for k, (m, impl) in enumerate(jobs, start=1):
+                _progress(f"[{k}/{len(jobs)}] decode {impl} {m}")
+                bs = hf_batches if impl.startswith("hf") else batches
+                if impl in smoke_skip:
+                    for b in bs:
+                        res.add(dict(kind="decode", impl=impl, label=decode.IMPLS[impl], model=m, batch=b,
+                                     prompt_len=prompt_len, new_tokens=new_tokens,
+                                     error=f"skipped in --smoke: {smoke_skip[impl]} (ask with --impls)"))
+                    continue
+                try:
+                    if m not in paths:
+                        paths[m] = _checkpoint(m, models[m], a, Path(tmp))
+                except Exception as e:  # noqa: BLE001
+                    paths[m] = e
+                if isinstance(paths[m], Exception):
+                    for b in bs:
+                        res.add(dict(kind="decode", impl=impl, label=decode.IMPLS[impl], model=m, batch=b,
+                                     prompt_len=prompt_len, new_tokens=new_tokens,
+                                     error=f"checkpoint: {type(paths[m]).__name__}: {paths[m]}"))
+                    continue
+                dev = torch_device if (impl.startswith("hf") or impl.startswith("torch")) else "-"
+                if dev is None:
+                    for b in bs:
+                        res.add(dict(kind="decode", impl=impl, label=decode.IMPLS[impl], model=m, batch=b,
+                                     prompt_len=prompt_len, new_tokens=new_tokens,
+                                     error="unavailable: torch sees no CUDA GPU"))
+                    continue
+                decode.measure(impl, m, models[m], paths[m], bs, prompt_len=prompt_len, new_tokens=new_tokens,
+                               runs=runs, warmup=1, torch_device=dev, ceilings=ceilings, emit=res.add,
+                               progress=_progress, deadline=deadline)
+
+    try:
+        md = report.finish(res.doc(), out, plot=not a.no_plots)
+    except Exception as e:  # noqa: BLE001 - bench.json is on disk already (written after every row)
+        md = f"(report failed: {type(e).__name__}: {e}; the rows are in {out / report.JSON_NAME})"
+    print(md, flush=True)
+    _progress(f"done in {time.monotonic() - t_start:.0f} s: {out / report.JSON_NAME}")
+    return 0
+
+
+def report_main(argv: list[str]) -> int:
+    from bench import report
+
+    p = argparse.ArgumentParser(prog="python -m bench report", description="merge results and redraw")
+    p.add_argument("results", nargs="+", help="bench.json files or folders holding one")
+    p.add_argument("--out", type=Path, required=True, help="folder for the merged bench.json, bench.md, plots")
+    p.add_argument("--no-plots", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        docs = [report.load(r) for r in a.results]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"python -m bench report: {e}", file=sys.stderr)
+        return 2
+    print(report.finish(report.merge(docs), a.out, plot=not a.no_plots))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "compare":
+        from bench import compare
+
+        return compare.main(argv[1:])
+    if argv and argv[0] == "report":
+        return report_main(argv[1:])
+    if not argv or argv[0] not in RUN_COMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["all"] + argv
+    _early_env(argv)
+    a = parser().parse_args(argv)
+    a.argv = argv
+    return run(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""End-to-end greedy decode: the twins fused and plain, and the transformers peers, in one process.
+
+Every implementation runs the same random-weight checkpoint (timing does not depend on the
+weight values), the same prompts (`prompt_len` tokens per sequence) and `new_tokens` greedy
+tokens with no eos, `runs` times after `warmup` runs; the best run is reported.
+- decode tok/s = batch * (new_tokens - 1) / decode time (the first new token comes from prefill);
+- prefill tok/s = batch * prompt_len / prefill time (prompt through the first sampled token).
+The twins report these times themselves (Runner.last_stats); for transformers a logits
+processor marks the end of prefill (one device sync, on its first call only).
+
+Bandwidth floor of decode: every step reads all weights once (Qwen3Config.decode_bytes_per_token)
+plus each sequence's K and V of its whole context; over the copy bandwidth measured in the
+same run that gives the fastest possible tok/s. Prefill is held against its roofline
+(max of the weight bytes over the copy bandwidth and the FLOPs over the matmul ceiling).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+
+from common.config import Qwen3Config
+
+IMPLS = {
+    "jax-fused": "jax_impl, fused Pallas kernels",
+    "jax-plain": "jax_impl, plain XLA ops",
+    "torch-fused": "torch_impl, fused Triton kernels",
+    "torch-plain": "torch_impl, plain torch ops",
+    "hf-eager": "transformers eager, dynamic cache",
+    "hf-compile": "transformers static cache + torch.compile",
+}
+
+
+class Unavailable(RuntimeError):
+    """An implementation that cannot run here (missing module or device)."""
+
+
+def prompts_for(batch: int, prompt_len: int, vocab: int) -> list[list[int]]:
+    return [[(7 * i + 13 * j) % (vocab - 1) + 1 for j in range(prompt_len)] for i in range(batch)]
+
+
+# ----- floors ----------------------------------------------------------------------------------
+
+def kv_bytes_per_position(cfg: Qwen3Config, e: int = 2) -> int:
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * e
+
+
+def decode_floor_tok_s(cfg: Qwen3Config, batch: int, prompt_len: int, new_tokens: int, copy_GBps: float) -> float:
+    """tok/s if every decode step moved only its weight and KV-cache bytes at the copy bandwidth."""
+    steps = max(1, new_tokens - 1)
+    ctx_sum = sum(prompt_len + s for s in range(1, steps + 1))  # step s attends prompt_len + s positions
+    byt = steps * cfg.decode_bytes_per_token() + batch * kv_bytes_per_position(cfg) * ctx_sum
+    return batch * steps / (byt / (copy_GBps * 1e9))
+
+
+def prefill_floor_tok_s(cfg: Qwen3Config, batch: int, prompt_len: int, copy_GBps: float, mm_TFLOPs: float) -> float:
+    tokens = batch * prompt_len
+    layer_params = (cfg.num_parameters() - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2))
+    flops = 2 * tokens * layer_params + 2 * batch * cfg.vocab_size * cfg.hidden_size
+    byt = cfg.decode_bytes_per_token() + tokens * kv_bytes_per_position(cfg)
+    return tokens / max(byt / (copy_GBps * 1e9), flops / (mm_TFLOPs * 1e12))
+
+
+# ----- the twins through the Runner interface -------------------------------------------------
+
+def load_twin(impl: str, path: Path):
+    framework, kind = impl.split("-")
+    if framework == "jax":
+        import jax_impl
+
+        return jax_impl.load(path, dtype="bfloat16", fused=kind == "fused")
+    import torch_impl
+
+    if not hasattr(torch_impl, "load"):
+        raise Unavailable("torch_impl has no load() yet")
+    return torch_impl.load(path, dtype="bfloat16", fused=kind == "fused")
+
+
+def run_twin(runner, prompts, new_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    outs = runner.generate(prompts, new_tokens)
+    wall = time.perf_counter() - t0
+    st = dict(getattr(runner, "last_stats", None) or {})
+    r = dict(generated=sum(len(o) for o in outs), wall_s=wall)
+    if "decode_s" in st and "prefill_s" in st:
+        r.update(prefill_s=st["prefill_s"], decode_s=st["decode_s"])
+    else:
+        r.update(prefill_s=None, decode_s=wall, note="no last_stats: decode time is the whole generate() call")
+    return r
+
+
+# ----- transformers ---------------------------------------------------------------------------
+
+def load_hf(path: Path, device: str):
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    try:
+        model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map=device)
+    except Exception:  # noqa: BLE001 - older/newer loaders without device_map support: move after
+        model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).to(device)
+    return model.eval()
+
+
+def _sync(device: str):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class HFGenerate:
+    """model.generate with a fixed GenerationConfig, timing prefill through a logits processor."""
+
+    def __init__(self, model, device: str, new_tokens: int, static: bool, compile_mode: str | None):
+        from transformers import GenerationConfig
+
+        self.model, self.device = model, device
+        kw = dict(max_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None)
+        if static:
+            kw["cache_implementation"] = "static"
+        if compile_mode in ("auto", "auto-partial"):
+            from transformers import CompileConfig
+
+            kw["compile_config"] = CompileConfig(fullgraph=compile_mode == "auto", mode="reduce-overhead")
+        elif compile_mode == "manual":
+            kw["disable_compile"] = True
+        self.gen = GenerationConfig(**kw)
+
+    def __call__(self, prompts) -> dict:
+        import torch
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        device = self.device
+        marks: list[float] = []
+
+        class FirstToken(LogitsProcessor):
+            def __call__(self, input_ids, scores):
+                if not marks:
+                    _sync(device)
+                    marks.append(time.perf_counter())
+                return scores
+
+        ids = torch.tensor(prompts, dtype=torch.long, device=device)
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=self.gen,
+                                      logits_processor=LogitsProcessorList([FirstToken()]))
+        _sync(device)
+        t2 = time.perf_counter()
+        t1 = marks[0] if marks else t0
+        return dict(generated=int((out.shape[1] - ids.shape[1]) * out.shape[0]), wall_s=t2 - t0,
+                    prefill_s=t1 - t0, decode_s=t2 - t1)
+
+
+def hf_compiled(model, device: str, new_tokens: int, prompts, warmup: int, log):
+    """A warmed-up HFGenerate with static cache + torch.compile: transformers' own auto-compile
+    (generation_config.compile_config, fullgraph), else model.forward = torch.compile(...), else
+    auto-compile without fullgraph. Returns (generate, how)."""
+    import torch
+
+    orig_forward = model.forward
+    errors = []
+    for mode in ("auto", "manual", "auto-partial"):
+        try:
+            torch._dynamo.reset()
+            model.forward = orig_forward
+            if hasattr(model, "_compiled_call"):
+                del model._compiled_call
+            if mode == "manual":
+                model.forward = torch.compile(orig_forward, mode="reduce-overhead", fullgraph=True)
+            gen = HFGenerate(model, device, new_tokens, static=True, compile_mode=mode)
+            for _ in range(warmup):
+                gen(prompts)
+            if mode.startswith("auto") and not hasattr(model, "_compiled_call"):
+                raise RuntimeError("transformers did not auto-compile the decode step (no _compiled_call)")
+            how = {"auto": "generation_config.compile_config=CompileConfig(fullgraph=True, mode='reduce-overhead')",
+                   "manual": "model.forward = torch.compile(model.forward, mode='reduce-overhead', fullgraph=True)",
+                   "auto-partial": "CompileConfig(fullgraph=False, mode='reduce-overhead')"}[mode]
+            if errors:
+                how += " (earlier tries: " + "; ".join(errors) + ")"
+            return gen, how
+        except Exception as e:  # noqa: BLE001 - try the next way, keep the reason
+            errors.append(f"{mode}: {type(e).__name__}: {str(e)[:200]}")
+            log(f"    hf-compile {mode} failed: {errors[-1]}")
+    model.forward = orig_forward
+    raise RuntimeError("torch.compile failed every way: " + " | ".join(errors))
+
+
+# ----- one implementation on one model ----------------------------------------------------------
+
+def free_memory() -> None:
+    gc.collect()
+    try:
+        import jax
+
+        jax.clear_caches()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def measure(impl: str, model: str, cfg: Qwen3Config, path: Path, batches, *, prompt_len: int, new_tokens: int,
+            runs: int, warmup: int, torch_device: str, ceilings: dict, emit, progress, deadline=None) -> None:
+    """Load `impl` once, time every batch size, emit one row per batch, free the memory."""
+    base = dict(kind="decode", impl=impl, label=IMPLS[impl], model=model, prompt_len=prompt_len,
+                new_tokens=new_tokens, dtype="bfloat16", ceiling_copy_GBps=ceilings.get("copy_GBps"),
+                ceiling_matmul_TFLOPs=ceilings.get("matmul_TFLOPs"))
+    handle = None
+    t0 = time.perf_counter()
+    try:
+        if impl.startswith("hf"):
+            handle = load_hf(path, torch_device)
+        else:
+            handle = load_twin(impl, path)
+        load_err = None
+    except Exception as e:  # noqa: BLE001
+        load_err = f"{'unavailable' if isinstance(e, (Unavailable, ImportError)) else 'load failed'}: " \
+                   f"{type(e).__name__}: {str(e)[:400]}"
+    load_s = time.perf_counter() - t0
+    progress(f"    {impl} {model}: " + (f"loaded in {load_s:.1f} s" if not load_err else load_err))
+    for b in batches:
+        row = dict(base, batch=b, load_s=load_s)
+        if load_err:
+            emit(dict(row, error=load_err))
+            continue
+        if deadline is not None and time.monotonic() > deadline:
+            emit(dict(row, error="skipped: time budget (--budget-s) spent"))
+            continue
+        t1 = time.perf_counter()
+        try:
+            prompts = prompts_for(b, prompt_len, cfg.vocab_size)
+            if impl == "hf-compile":
+                fn, how = hf_compiled(handle, torch_device, new_tokens, prompts, max(2, warmup), progress)
+                row["note"] = how
+            elif impl == "hf-eager":
+                fn = HFGenerate(handle, torch_device, new_tokens, static=False, compile_mode=None)
+                for _ in range(warmup):
+                    fn(prompts)
+            else:
+                def fn(p, _r=handle):
+                    return run_twin(_r, p, new_tokens)
+                for _ in range(warmup):
+                    fn(prompts)
+            row["warmup_s"] = time.perf_counter() - t1
+            res = [fn(prompts) for _ in range(runs)]
+            _fill(row, res, cfg, b, prompt_len, new_tokens, ceilings)
+        except Exception as e:  # noqa: BLE001 - recorded in the row, the suite goes on
+            row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        emit(row)
+        progress(f"    batch {b}: " + (f"{row['decode_tok_s']:.1f} tok/s decode, {row.get('prefill_tok_s') or 0:.0f} "
+                                      f"tok/s prefill ({time.perf_counter() - t1:.1f} s)"
+                                      if row.get("decode_tok_s") else row.get("error", "?")))
+    handle = None
+    free_memory()
+
+
+def _fill(row: dict, res: list[dict], cfg: Qwen3Config, b: int, prompt_len: int, new_tokens: int,
+          ceilings: dict) -> None:
+    steps = max(1, new_tokens - 1)
+    tps = [b * steps / r["decode_s"] for r in res]
+    best = res[max(range(len(res)), key=tps.__getitem__)]
+    row.update(decode_tok_s=max(tps), decode_tok_s_runs=tps, decode_s=best["decode_s"],
+               prefill_s=best["prefill_s"], generated=best["generated"])
+    if best.get("note"):
+        row["note"] = best["note"]
+    pre = [r["prefill_s"] for r in res if r.get("prefill_s")]
+    if pre:
+        row["prefill_tok_s"] = b * prompt_len / min(pre)
+    if best["generated"] != b * new_tokens:
+        row["note"] = (row.get("note", "") + f" generated {best['generated']} tokens, expected "
+                       f"{b * new_tokens}").strip()
+    bw, mm = ceilings.get("copy_GBps"), ceilings.get("matmul_TFLOPs")
+    if bw:
+        row["bw_floor_tok_s"] = decode_floor_tok_s(cfg, b, prompt_len, new_tokens, bw)
+        row["pct_bw_floor"] = 100 * row["decode_tok_s"] / row["bw_floor_tok_s"]
+    if bw and mm and row.get("prefill_tok_s"):
+        row["prefill_floor_tok_s"] = prefill_floor_tok_s(cfg, b, prompt_len, bw, mm)
+        row["pct_prefill_roofline"] = 100 * row["prefill_tok_s"] / row["prefill_floor_tok_s"]

@@ -1,0 +1,160 @@
+"""The benchmark suite stays alive on CPU: the --smoke run writes its results, compare flags
+regressions, and without a GPU (and without --smoke) the suite refuses to run."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from bench import compare, report
+from bench.__main__ import main
+
+pytest.importorskip("jax")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-smoke")
+    rc = main(["all", "--smoke", "--out", str(out)])
+    return rc, out, json.loads((out / report.JSON_NAME).read_text())
+
+
+def _rows(doc, **match):
+    return [r for r in doc["rows"] if all(r.get(k) == v for k, v in match.items())]
+
+
+def test_smoke_writes_env_ceilings_and_files(smoke):
+    rc, out, doc = smoke
+    assert rc == 0
+    run = doc["runs"][0]
+    env = run["env"]
+    for key in ("date", "commit", "versions", "gpu"):
+        assert env.get(key), f"env lacks {key}: {env}"
+    assert "jax" in env["versions"] and "numpy" in env["versions"]
+    assert run["ceilings"]["copy_GBps"] > 0 and run["ceilings"]["matmul_TFLOPs"] > 0, run["ceilings"]
+    md = (out / report.MD_NAME).read_text()
+    assert "| model | implementation |" in md and "| framework | op |" in md
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    assert (out / "decode.png").stat().st_size > 0 and (out / "kernels_bw.png").stat().st_size > 0
+
+
+def test_smoke_kernel_rows(smoke):
+    _, _, doc = smoke
+    for op in ("rmsnorm_qkv", "mlp", "attn_out", "decode_attention"):
+        plain = _rows(doc, kind="kernel", framework="jax", impl="plain", op=op)
+        assert plain, f"no jax plain {op} rows"
+        for r in plain:
+            assert r.get("median_s", 0) > 0 and r["bytes"] > 0 and r["flops"] > 0, r
+            assert r["GBps"] > 0 and r["pct_copy_bw"] > 0 and r["n_layers"] >= 2, r
+    for r in _rows(doc, kind="kernel"):
+        assert r.get("median_s") or r.get("error"), f"row with neither a figure nor a reason: {r}"
+        if r.get("median_s") is None:
+            assert isinstance(r["error"], str) and r["error"].strip(), r
+    fused = [r for r in _rows(doc, kind="kernel", impl="fused") if r.get("median_s")]
+    assert all(r.get("speedup_vs_plain", 0) > 0 for r in fused if _rows(
+        doc, kind="kernel", impl="plain", framework=r["framework"], op=r["op"], tokens=r["tokens"])), fused
+
+
+def test_smoke_decode_rows(smoke):
+    _, _, doc = smoke
+    jax_plain = _rows(doc, kind="decode", impl="jax-plain")
+    assert jax_plain and all(r.get("decode_tok_s", 0) > 0 for r in jax_plain), jax_plain
+    for r in jax_plain:
+        assert r["generated"] == r["batch"] * r["new_tokens"], r
+        assert r["bw_floor_tok_s"] > 0 and r["pct_bw_floor"] > 0 and r["prefill_tok_s"] > 0, r
+    impls = {r["impl"] for r in _rows(doc, kind="decode")}
+    assert impls == {"jax-fused", "jax-plain", "torch-fused", "torch-plain", "hf-eager", "hf-compile"}, impls
+    for r in _rows(doc, kind="decode"):
+        assert r.get("decode_tok_s") or (isinstance(r.get("error"), str) and r["error"].strip()), r
+
+
+def _doc(kernel_us: float, decode_tok_s: float, error: str | None = None) -> dict:
+    k = dict(kind="kernel", framework="jax", impl="fused", op="mlp", model="Qwen3-8B", phase="decode",
+             tokens=1, ctx=None, median_s=kernel_us * 1e-6)
+    d = dict(kind="decode", impl="jax-fused", model="Qwen3-8B", batch=1, prompt_len=16, new_tokens=256,
+             decode_tok_s=decode_tok_s, prefill_tok_s=1000.0)
+    if error:
+        d = dict(d, decode_tok_s=None, error=error)
+    return dict(schema=1, runs=[], rows=[k, d])
+
+
+@pytest.mark.parametrize("new, expected", [
+    (_doc(110.0, 150.0), 1),    # kernel 10% slower
+    (_doc(100.0, 135.0), 1),    # decode 10% fewer tok/s
+    (_doc(102.0, 147.0), 0),    # 2% either way: noise, passes
+    (_doc(90.0, 160.0), 0),     # faster
+    (_doc(100.0, 150.0, error="RuntimeError: boom"), 1),  # measured before, fails now
+])
+def test_compare_flags_regressions_over_5_percent(tmp_path, new, expected):
+    old_p, new_p = tmp_path / "old.json", tmp_path / "new.json"
+    old_p.write_text(json.dumps(_doc(100.0, 150.0)))
+    new_p.write_text(json.dumps(new))
+    assert main(["compare", str(old_p), str(new_p)]) == expected
+
+
+def test_compare_and_merge_on_the_smoke_results(smoke, tmp_path):
+    _, out, doc = smoke
+    assert main(["compare", str(out), str(out)]) == 0
+    worse = copy.deepcopy(doc)
+    r = next(r for r in worse["rows"] if r.get("kind") == "decode" and r.get("decode_tok_s"))
+    r["decode_tok_s"] *= 0.9
+    findings, _ = compare.compare(doc, worse)
+    assert [f["key"] for f in findings if f["regression"]] == [" ".join(
+        str(v) for v in compare.row_key(r) if v is not None)]
+    merged = report.merge([doc, worse])
+    assert len(merged["rows"]) == len(doc["rows"]) and len(merged["runs"]) == 2
+    assert main(["report", str(out), "--out", str(tmp_path / "merged"), "--no-plots"]) == 0
+    assert (tmp_path / "merged" / report.JSON_NAME).is_file()
+
+
+def test_compare_bad_file_is_a_clear_error(tmp_path, capsys):
+    assert main(["compare", str(tmp_path / "missing.json"), str(tmp_path)]) == 2
+    assert "no such results file" in capsys.readouterr().err
+
+
+def test_without_gpu_and_without_smoke_exits_nonzero(tmp_path, capsys):
+    from bench.env import has_gpu
+
+    if has_gpu()[0]:
+        pytest.skip("checks the refusal on a machine without a GPU")
+    assert main(["kernels", "--out", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "--smoke" in err
+    assert not (tmp_path / report.JSON_NAME).exists()
+
+
+def test_unknown_preset_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="unknown preset.*Qwen3-9B"):
+        main(["kernels", "--smoke", "--models", "Qwen3-9B", "--out", str(tmp_path)])
+
+
+def test_jax_kernel_chain_lowers_for_cuda():
+    """The timed jax chain (barriers, per-layer buffers, fori_loop) lowers through Triton for CUDA
+    on CPU at a real preset's shapes: what the GPU run will compile."""
+    import functools
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    from bench import kernels
+    from bench.timing import TimingPlan, jax_chain
+    from common.config import PRESETS
+
+    K = pytest.importorskip("jax_impl.kernels")
+    fused = types.SimpleNamespace(mlp=functools.partial(K.mlp, interpret=False))
+    c = kernels.Case("Qwen3-0.6B", PRESETS["Qwen3-0.6B"], "mlp", "decode", 1, 1024)
+    s = kernels.Settings(TimingPlan(), min_bytes=0, max_layers=2)
+    n = kernels.num_layers(c, s)
+    carry, layers, shared, body_for = kernels._jax_setup(c, n, "-")
+    spec = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)  # noqa: E731
+    text = jax_chain(body_for(fused), n).trace(spec(carry), spec(layers), spec(shared),
+                                               jax.ShapeDtypeStruct((), jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert text.count("xla.gpu.triton") == 2 * n, "expected the two MLP kernels per layer as Triton calls"
+    assert "optimization_barrier" in text
