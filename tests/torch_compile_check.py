@@ -1,0 +1,128 @@
+"""Compile every torch_impl Triton kernel for an H100 (sm_90) on a machine without a GPU.
+
+    python tests/torch_compile_check.py        (run by tests/test_torch_kernels.py in a subprocess)
+
+The interpreter checks none of Triton's compile-time rules (power-of-two blocks, consistent types
+across branches, constexpr globals, dot shapes): this runs each launcher at real preset shapes with
+the launch replaced by a full `triton.compile` (Triton IR -> PTX -> cubin with the bundled ptxas)
+of the kernel it would have launched, with programmatic dependent launch on as on an H100.
+Prints one line per kernel; exit status 1 on any failure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from common.config import PRESETS  # noqa: E402
+from common.tiles import AttentionTiles, MatmulTiles  # noqa: E402
+
+TARGET = GPUTarget("cuda", 90, 32)
+POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
+           torch.int64: "*i64"}
+LAUNCHES: list = []
+
+
+def _record(self, *args, grid, warmup, **kwargs):
+    LAUNCHES.append((self, args, kwargs))
+
+
+def _signature(fn, args, kwargs):
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
+    values = dict(zip(fn.arg_names, args)) | kwargs
+    sig, const = {}, {}
+    for param in fn.params:
+        v = values[param.name]
+        if param.is_constexpr:
+            sig[param.name], const[param.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[param.name] = POINTER[v.dtype]
+        elif isinstance(v, bool):
+            sig[param.name] = "i1"
+        elif isinstance(v, int):
+            sig[param.name] = "i64" if abs(v) >= 2 ** 31 else "i32"
+        else:
+            sig[param.name] = "fp32"
+    return sig, const, options
+
+
+def launch_all(preset: str, m: int, dtype=torch.bfloat16) -> None:
+    from torch_impl import kernels as K
+    from torch_impl.kernels.store_kv import store_kv
+
+    cfg = PRESETS[preset]
+    h, i, d, hq, hkv = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_attention_heads,
+                        cfg.num_key_value_heads)
+    z = lambda *s: torch.empty(*s, dtype=dtype)  # noqa: E731
+    i32 = lambda *s: torch.zeros(*s, dtype=torch.int32)  # noqa: E731
+    x, cache = z(m, h), z(4, 256, hkv, d)
+    K.rmsnorm_qkv(x, z(h), z(cfg.qkv_size, h), z(d), z(d), torch.empty(64, d), i32(m).long(), i32(m), cache, cache,
+                  num_heads=hq, num_kv_heads=hkv, eps=1e-6)
+    K.mlp(x, z(h), z(2 * i, h), z(h, i), eps=1e-6)
+    K.attn_out(z(m, hq * d), z(h, hq * d), x)
+    for splits in (1, 4):
+        K.decode_attention(z(m, hq, d), cache, cache, i32(m, 4), i32(m), tiles=AttentionTiles(64, splits))
+    if m > 16:
+        cu = torch.tensor([0, m], dtype=torch.int32)
+        K.prefill_attention(z(m, hq, d), z(m, hkv, d), z(m, hkv, d), cu, cu, max_seqlen_q=m)
+        K.prefill_attention(z(m, hq, d), cache, cache, cu, cu, max_seqlen_q=m, block_tables=i32(1, 4))
+        K.prefill_attention(z(m, hq, d), cache, cache, cu, cu, max_seqlen_q=m, kv_slots=i32(m))
+    if m == 1:
+        K.rmsnorm_qkv(x, z(h), z(cfg.qkv_size, h), z(d), z(d), torch.empty(64, d), i32(m), i32(m), cache, cache,
+                      num_heads=hq, num_kv_heads=hkv, eps=1e-6, tiles=MatmulTiles(16, 16, 128))
+    store_kv(z(m, hkv, d), cache, i32(m))
+    K.rms_norm(x, z(h), eps=1e-6)
+    if m == 1:
+        from torch_impl.kernels.advance import advance
+
+        i64 = lambda *s: torch.zeros(*s, dtype=torch.int64)  # noqa: E731
+        advance(i64(4), i64(4), i64(4), i64(4), i64(4), i64(4), i32(4), i64(4, 8))
+
+
+def main() -> int:
+    JITFunction.run = _record
+    pdl = lambda device: {"PDL": True, "launch_pdl": True}  # noqa: E731 - as on an H100
+    importlib.import_module("torch_impl.kernels._common").pdl_meta = pdl
+    for name in ("attn_out", "mlp", "rmsnorm_qkv", "decode_attention", "prefill_attention", "store_kv", "rms_norm",
+                 "advance"):
+        mod = importlib.import_module(f"torch_impl.kernels.{name}")
+        mod.check_device = lambda *a, **k: None
+        if hasattr(mod, "pdl_meta"):
+            mod.pdl_meta = pdl
+    cases = [("Qwen3-0.6B", 1, torch.bfloat16), ("Qwen3-8B", 16, torch.bfloat16), ("Qwen3-4B", 67, torch.bfloat16),
+             ("Qwen3-0.6B", 19, torch.float32)]
+    failed = 0
+    seen = set()
+    for preset, m, dtype in cases:
+        launch_all(preset, m, dtype)
+        for fn, args, kwargs in LAUNCHES:
+            sig, const, options = _signature(fn, args, dict(kwargs))
+            key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in const.items())),
+                   tuple(sorted(options.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            what = f"{fn.__name__} {preset} M={m} {dtype}"
+            try:
+                triton.compile(ASTSource(fn, sig, const), target=TARGET, options=options)
+                print(f"ok   {what}")
+            except Exception as e:  # report every kernel, fail at the end
+                failed += 1
+                print(f"FAIL {what}: {type(e).__name__}: {e}")
+        LAUNCHES.clear()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""Qwen3 in torch with fused Triton kernels: a nano-vllm drop-in model and a standalone Runner.
+
+    torch_impl.load(model_dir, *, dtype="bfloat16", fused="auto") -> Runner   (common.harness)
+    torch_impl.models.qwen3.Qwen3ForCausalLM(hf_config)                      (nano-vllm's interface)
+    torch_impl.nanovllm.install()        makes nano-vllm's engine build this model
+
+nano-vllm is never imported unless `install()` is called.
+"""
+
+
+def load(model_dir, *, dtype: str = "bfloat16", fused="auto", **kwargs):
+    """Load a Hugging Face Qwen3 checkpoint directory: see torch_impl.runner.TorchRunner."""
+    from torch_impl.runner import load as _load
+
+    return _load(model_dir, dtype=dtype, fused=fused, **kwargs)
+
+
+__all__ = ["load"]

@@ -1,0 +1,114 @@
+"""Launcher checks shared by the Triton kernels (no kernel bodies here)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_device(op: str, **tensors: torch.Tensor) -> None:
+    """All tensors on one device where Triton can run: CUDA, or CPU under TRITON_INTERPRET=1."""
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    for name, dev in devices.items():
+        check(dev == first, f"{op}: {name} is on {dev}, expected {first} like the other inputs")
+    if first.type == "cpu":
+        check(interpreting(), f"{op}: CPU tensors need Triton's interpreter (set TRITON_INTERPRET=1 before "
+                              f"importing triton), or use the plain torch path")
+    else:
+        check(first.type == "cuda", f"{op}: tensors on {first}, expected a CUDA device (or CPU in interpreter mode)")
+
+
+def check_float(op: str, dtype: torch.dtype | None = None, **tensors: torch.Tensor) -> torch.dtype:
+    """Float tensors of one dtype (float32, bfloat16 or float16); returns it."""
+    for name, t in tensors.items():
+        check(t.dtype in FLOAT_DTYPES, f"{op}: {name}.dtype={t.dtype}, expected float32, bfloat16 or float16")
+        dtype = dtype or t.dtype
+        check(t.dtype == dtype, f"{op}: {name}.dtype={t.dtype}, expected {dtype} like the activations")
+    return dtype
+
+
+def check_index(op: str, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        check(t.dtype in INDEX_DTYPES, f"{op}: {name}.dtype={t.dtype}, expected int32 or int64")
+
+
+def check_shape(op: str, name: str, t: torch.Tensor, shape: tuple) -> None:
+    check(tuple(t.shape) == tuple(shape), f"{op}: {name} has shape {list(t.shape)}, expected {list(shape)}")
+
+
+def check_rows(op: str, **tensors: torch.Tensor) -> None:
+    """The last dimension contiguous (row-strided 2-D access)."""
+    for name, t in tensors.items():
+        check(t.stride(-1) == 1 or t.shape[-1] == 1,
+              f"{op}: {name} has stride {t.stride()}, expected its last dimension contiguous")
+
+
+def check_cache(op: str, name: str, cache: torch.Tensor, num_kv_heads: int, head_dim: int) -> None:
+    """[num_blocks, block_size, Hkv, D] with rows of one block adjacent (flat row = block * bs + offset)."""
+    check(cache.dim() == 4, f"{op}: {name} has shape {list(cache.shape)}, expected [num_blocks, block_size, "
+                            f"num_kv_heads={num_kv_heads}, head_dim={head_dim}]")
+    check(tuple(cache.shape[2:]) == (num_kv_heads, head_dim),
+          f"{op}: {name} has shape {list(cache.shape)}, expected [num_blocks, block_size, {num_kv_heads}, {head_dim}]")
+    check(cache.stride(-1) == 1 and cache.stride(0) == cache.shape[1] * cache.stride(1),
+          f"{op}: {name} has strides {cache.stride()}; expected contiguous head_dim and blocks of adjacent rows")
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact float32 products for float32 (tests), the default otherwise;
+    "upcast" in the interpreter for 16-bit inputs (see _jit.dot)."""
+    if dtype == torch.float32:
+        return "ieee"
+    return "upcast" if interpreting() else "default"
+
+
+_PDL: dict = {}
+
+
+def pdl_meta(device: torch.device) -> dict:
+    """Programmatic dependent launch (a kernel starts while the previous one drains, waiting in-kernel
+    before it reads that kernel's output) on CUDA GPUs of compute capability >= 9.0 when this Triton
+    supports it; TORCH_IMPL_PDL=0 turns it off."""
+    if device.type != "cuda":
+        return {"PDL": False}
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _PDL:
+        ok = os.environ.get("TORCH_IMPL_PDL", "1") != "0" and torch.cuda.get_device_capability(key) >= (9, 0)
+        if ok:
+            import dataclasses
+
+            from triton.backends.nvidia.compiler import CUDAOptions
+
+            from torch_impl.kernels import _jit
+
+            ok = _jit.gdc_wait is not None and "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
+        _PDL[key] = ok
+    return {"PDL": True, "launch_pdl": True} if _PDL[key] else {"PDL": False}
+
+
+def matmul_meta(tiles, m: int, k: int, device: torch.device) -> dict:
+    """Kernel meta-parameters of a projection from its MatmulTiles: one token row streams W with a
+    multiply-and-reduce (block_m 1); more rows use tensor-core dots padded to 16 rows."""
+    use_dot = tiles.block_m > 1
+    check(not use_dot or tiles.block_n >= 16, f"tiles.block_n={tiles.block_n}: the tensor-core path "
+                                              f"(block_m={tiles.block_m} > 1) needs block_n >= 16")
+    block_m = max(16, tiles.block_m) if use_dot else 1
+    block_k = min(tiles.block_k, max(16, 1 << max(0, (k - 1).bit_length())))
+    # a few token rows against >= 64 weight rows: W is the left operand (warpgroup MMA, pipelined loads)
+    swap = use_dot and block_m <= 16 and tiles.block_n >= 64
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=k % block_k == 0, USE_DOT=use_dot, SWAP=swap,
+                ONE_SHOT=not use_dot and k <= block_k,
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_meta(device))

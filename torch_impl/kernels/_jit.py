@@ -1,0 +1,177 @@
+"""Triton device functions shared by the kernels (inlined into each kernel)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+try:  # programmatic dependent launch (Hopper+); absent from older Triton
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - the launchers then never set PDL
+    gdc_launch_dependents = gdc_wait = None
+
+
+@triton.jit
+def wait_prior(PDL: tl.constexpr):
+    """With programmatic dependent launch, block until the previous kernel's writes are visible.
+    Everything before this call may only read data no earlier kernel writes (the weights)."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def release_next(PDL: tl.constexpr):
+    """Let the next kernel start launching (it still waits for this one before reading its output)."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def k_mask(k0, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """[BLOCK_K] mask of the reduction chunk starting at k0 (a constant when K % BLOCK_K == 0)."""
+    if EVEN_K:
+        return tl.full([BLOCK_K], 1, tl.int1)
+    return (k0 + tl.arange(0, BLOCK_K)) < K
+
+
+@triton.jit
+def row_rstd(x_ptr, offs_m, m_ok, stride_xm, K, eps,
+             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """[BLOCK_M] float32 1 / sqrt(mean(x^2) + eps) of rows offs_m of x [M, K]."""
+    offs_k = tl.arange(0, BLOCK_K)
+    ss = tl.zeros([BLOCK_M], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = k_mask(k0, K, BLOCK_K, EVEN_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        ss += tl.sum(x * x, axis=1)
+    return tl.rsqrt(ss / K + eps)
+
+
+@triton.jit
+def cast(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
+    """float32 x -> dtype, rounding to nearest even. Triton's interpreter (PRECISION "upcast")
+    truncates float32 -> bfloat16, so there the rounding is done on the bits first."""
+    if PRECISION == "upcast":
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_ok, stride_xm, rstd, NORM: tl.constexpr, BLOCK_K: tl.constexpr,
+           PRECISION: tl.constexpr):
+    """Chunk [BLOCK_M, BLOCK_K] of x, or of RMSNorm(x) in Hugging Face's order (NORM): the normalized
+    value is rounded to x.dtype, then multiplied by the weight; the product of two 16-bit floats
+    is exact in float32, so rounding it once equals the 16-bit multiply (which Triton's
+    interpreter cannot do)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                other=0.0)
+    if NORM:
+        w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0)
+        normed = cast(x.to(tl.float32) * rstd[:, None], x.dtype, PRECISION).to(tl.float32)
+        x = cast(normed * w.to(tl.float32)[None, :], x.dtype, PRECISION)
+    return x
+
+
+@triton.jit
+def load_rows(w_ptr, rows, r_ok, k0, k_ok, stride_wn, BLOCK_K: tl.constexpr):
+    """Weight chunk [len(rows), BLOCK_K] of W [N, K] (the [out, in] layout: K contiguous)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def dot(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b with float32 accumulation. PRECISION "upcast" (Triton's interpreter with 16-bit
+    inputs, whose 16-bit dot is wrong on CPU) multiplies the same values in float32: products of
+    bfloat16/float16 numbers are exact in float32, so only the summation order differs."""
+    if PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    if PRECISION == "ieee":
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _mma(acc, h, w, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """acc [BM, BN] += h [BM, BK] @ w [BN, BK].T: a tensor-core dot (BM >= 16), or for one token row a
+    multiply-and-reduce over K (streams W without padding the row to 16)."""
+    if USE_DOT:
+        return dot(h, tl.trans(w), acc, PRECISION)
+    return acc + tl.sum(h.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+
+
+@triton.jit
+def project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm, stride_wn, K, eps,
+            NORM: tl.constexpr, TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+            PDL: tl.constexpr, SWAP: tl.constexpr = False, ONE_SHOT: tl.constexpr = False):
+    """(acc_a, acc_b) [BLOCK_M, BLOCK_N] float32 = h @ W[rows_a].T and h @ W[rows_b].T (TWO), where
+    h = RMSNorm(x) (NORM) or x, for rows offs_m of x [M, K].
+
+    USE_DOT (16+ token rows): tensor-core dots, loads software-pipelined by Triton (num_stages).
+    One token row: a multiply-and-reduce that keeps W's loads in flight: the first chunks are
+    requested before waiting for the previous kernel (PDL: the weights are no kernel's output), and
+    each step requests the next chunks before reducing the current ones (register double-buffering;
+    the last request is fully masked).
+    """
+    acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_b = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if USE_DOT:  # loads pipelined by Triton (num_stages)
+        wait_prior(PDL)
+        if NORM:
+            rstd = row_rstd(x_ptr, offs_m, m_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K, EVEN_K)
+        else:
+            rstd = tl.zeros([BLOCK_M], tl.float32)
+        if SWAP:  # W as the left operand: [BN, BK] @ [BK, BM], BN >= 64 rows per warpgroup MMA
+            t_a = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            t_b = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                k_ok = k_mask(k0, K, BLOCK_K, EVEN_K)
+                h_t = tl.trans(load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_ok, stride_xm, rstd, NORM, BLOCK_K,
+                                      PRECISION))
+                t_a = dot(load_rows(w_ptr, rows_a, r_ok, k0, k_ok, stride_wn, BLOCK_K), h_t, t_a, PRECISION)
+                if TWO:
+                    t_b = dot(load_rows(w_ptr, rows_b, r_ok, k0, k_ok, stride_wn, BLOCK_K), h_t, t_b, PRECISION)
+            return tl.trans(t_a), tl.trans(t_b)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = k_mask(k0, K, BLOCK_K, EVEN_K)
+            h = load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_ok, stride_xm, rstd, NORM, BLOCK_K, PRECISION)
+            acc_a = _mma(acc_a, h, load_rows(w_ptr, rows_a, r_ok, k0, k_ok, stride_wn, BLOCK_K), True, PRECISION)
+            if TWO:
+                acc_b = _mma(acc_b, h, load_rows(w_ptr, rows_b, r_ok, k0, k_ok, stride_wn, BLOCK_K), True,
+                             PRECISION)
+        return acc_a, acc_b
+    k_ok = k_mask(0, K, BLOCK_K, EVEN_K)
+    w_a = load_rows(w_ptr, rows_a, r_ok, 0, k_ok, stride_wn, BLOCK_K)  # [BN, BK]
+    w_b = w_a
+    if TWO:
+        w_b = load_rows(w_ptr, rows_b, r_ok, 0, k_ok, stride_wn, BLOCK_K)
+    wait_prior(PDL)
+    if NORM:
+        rstd = row_rstd(x_ptr, offs_m, m_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K, EVEN_K)
+    else:
+        rstd = tl.zeros([BLOCK_M], tl.float32)
+    if ONE_SHOT:  # K <= BLOCK_K: the whole slab is already in flight
+        h = load_x(x_ptr, nw_ptr, offs_m, m_ok, 0, k_ok, stride_xm, rstd, NORM, BLOCK_K, PRECISION)
+        acc_a = _mma(acc_a, h, w_a, False, PRECISION)
+        if TWO:
+            acc_b = _mma(acc_b, h, w_b, False, PRECISION)
+        return acc_a, acc_b
+    for k0 in range(0, K, BLOCK_K):
+        h = load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_mask(k0, K, BLOCK_K, EVEN_K), stride_xm, rstd, NORM,
+                   BLOCK_K, PRECISION)  # [BM, BK]
+        nk_ok = (k0 + BLOCK_K + tl.arange(0, BLOCK_K)) < K
+        n_a = load_rows(w_ptr, rows_a, r_ok, k0 + BLOCK_K, nk_ok, stride_wn, BLOCK_K)
+        acc_a = _mma(acc_a, h, w_a, False, PRECISION)
+        w_a = n_a
+        if TWO:
+            n_b = load_rows(w_ptr, rows_b, r_ok, k0 + BLOCK_K, nk_ok, stride_wn, BLOCK_K)
+            acc_b = _mma(acc_b, h, w_b, False, PRECISION)
+            w_b = n_b
+    return acc_a, acc_b

@@ -1,0 +1,175 @@
+"""Paged decode attention: one query token per sequence over nano-vllm's cache layout.
+
+q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]
+(-1 padded); context_lens [B]: sequence b attends to its first context_lens[b] cached positions
+(its own new key included). A program handles one (sequence, kv head, split): the kv head's
+group of query heads is padded to 16 rows so both products run on tensor cores, and an
+online softmax streams `block_kv` keys per step. With num_splits > 1 (flash-decoding, for long
+contexts at small batch) each split parks (max, sum, acc) in float32 and the last split of a
+(sequence, kv head) to arrive merges them - one launch either way. Sequences with
+context_lens 0 (CUDA-graph padding) produce zeros and read nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from common.tiles import AttentionTiles, next_pow2
+from torch_impl.kernels import _jit, tuning
+from torch_impl.kernels._common import (check, check_cache, check_device, check_float, check_index, check_rows,
+                                        pdl_meta, precision)
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MAX_COUNTERS = 1 << 16
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile never produces NaN
+
+
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr,  # [B, HQ, D]
+    kc_ptr, vc_ptr,  # [num_slots, HKV, D] (flattened blocks)
+    bt_ptr,  # [B, max_blocks]
+    cl_ptr,  # [B]
+    out_ptr,  # [B, HQ, D]
+    part_ptr,  # [B * HKV * SPLITS, G_PAD, D + 2] float32 scratch (splits only): acc | max | sum
+    count_ptr,  # [B * HKV] int32, zero between launches
+    num_blocks, block_size, max_blocks,
+    stride_qb, stride_qh, stride_cslot, stride_ch, stride_bt, stride_ob, stride_oh,
+    scale,
+    HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
+    BLOCK_KV: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, W: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    _jit.wait_prior(PDL)  # q and the newest key come from the previous kernel
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_P)
+    g_ok = offs_g < G
+    d_ok = offs_d < D
+    ctx = tl.load(cl_ptr + b)
+    chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_KV) * BLOCK_KV
+    start = split * chunk
+    end = tl.minimum(ctx, start + chunk)
+
+    heads = kvh * G + offs_g
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [G_PAD, D_P]
+    m_i = tl.full([G_PAD], NEG, tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_P], tl.float32)
+    for j0 in range(start, end, BLOCK_KV):
+        j = j0 + tl.arange(0, BLOCK_KV)  # [BKV] key positions
+        j_ok = j < end
+        blk = tl.load(bt_ptr + b * stride_bt + j // block_size, mask=j_ok & (j // block_size < max_blocks),
+                      other=-1).to(tl.int64)
+        j_ok = j_ok & (blk >= 0) & (blk < num_blocks)  # never read outside the cache
+        rows = blk * block_size + j % block_size
+        kv_off = rows[:, None] * stride_cslot + kvh * stride_ch + offs_d[None, :]
+        kv_mask = j_ok[:, None] & d_ok[None, :]
+        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)  # [BKV, D_P]
+        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = _jit.dot(q, tl.trans(k), tl.zeros([G_PAD, BLOCK_KV], tl.float32), PRECISION) * scale  # [G_PAD, BKV]
+        s = tl.where(j_ok[None, :], s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = _jit.dot(_jit.cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
+        m_i = m_new
+
+    _jit.release_next(PDL)
+    out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    o_mask = g_ok[:, None] & d_ok[None, :]
+    if SPLITS == 1:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out, _jit.cast(o, out.dtype.element_ty, PRECISION), mask=o_mask)
+    else:
+        row = (b * HKV + kvh) * SPLITS
+        part = part_ptr + offs_g[:, None] * W
+        tl.store(part + (row + split) * G_PAD * W + offs_d[None, :], acc)
+        tl.store(part_ptr + (row + split) * G_PAD * W + offs_g * W + D_P, m_i)
+        tl.store(part_ptr + (row + split) * G_PAD * W + offs_g * W + D_P + 1, l_i)
+        tl.debug_barrier()  # every thread's partials are stored before the release below
+        arrived = tl.atomic_add(count_ptr + b * HKV + kvh, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:  # the last split merges all of them
+            m_all = tl.full([G_PAD], NEG, tl.float32)
+            for s_ in range(SPLITS):
+                m_s = tl.load(part_ptr + (row + s_) * G_PAD * W + offs_g * W + D_P, cache_modifier=".cg")
+                m_all = tl.maximum(m_all, m_s)
+            l_all = tl.zeros([G_PAD], tl.float32)
+            o = tl.zeros([G_PAD, D_P], tl.float32)
+            for s_ in range(SPLITS):
+                base = part_ptr + (row + s_) * G_PAD * W
+                w_s = tl.exp(tl.load(base + offs_g * W + D_P, cache_modifier=".cg") - m_all)
+                l_all += w_s * tl.load(base + offs_g * W + D_P + 1, cache_modifier=".cg")
+                o += w_s[:, None] * tl.load(base + offs_g[:, None] * W + offs_d[None, :], cache_modifier=".cg")
+            o = o / tl.where(l_all > 0, l_all, 1.0)[:, None]
+            tl.store(out, _jit.cast(o, out.dtype.element_ty, PRECISION), mask=o_mask)
+            tl.atomic_xchg(count_ptr + b * HKV + kvh, 0)
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    check(n <= _MAX_COUNTERS, f"decode_attention: {n} (sequence, kv head) pairs need split counters, more than "
+                              f"{_MAX_COUNTERS}; use num_splits=1")
+    buf = _COUNTERS.get(device)
+    if buf is None:
+        buf = _COUNTERS[device] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
+    return buf
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     context_lens: torch.Tensor, *, tiles: AttentionTiles | None = None) -> torch.Tensor:
+    """[B, Hq, D] attention of each sequence's query over its paged cache (scale 1/sqrt(D), GQA).
+
+    `tiles` defaults to the tuned tiles (else AttentionTiles.default_for) of (B, Hkv,
+    max_blocks * block_size): the split count must be fixed before a CUDA graph is captured, so it
+    follows the table's capacity, while each split's share of keys follows the actual context
+    length at run time.
+    """
+    op = "decode_attention"
+    check(q.dim() == 3, f"{op}: q has shape {list(q.shape)}, expected [B, num_heads, head_dim]")
+    b, hq, d = q.shape
+    check(k_cache.dim() == 4, f"{op}: k_cache has shape {list(k_cache.shape)}, expected [blocks, bs, Hkv, {d}]")
+    hkv = k_cache.shape[2]
+    check(hkv > 0 and hq % hkv == 0, f"{op}: q has {hq} heads, not a multiple of the cache's {hkv} kv heads")
+    check_cache(op, "k_cache", k_cache, hkv, d)
+    check_cache(op, "v_cache", v_cache, hkv, d)
+    check(k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(),
+          f"{op}: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape or strides")
+    check(block_tables.dim() == 2 and block_tables.shape[0] == b,
+          f"{op}: block_tables has shape {list(block_tables.shape)}, expected [{b}, max_blocks]")
+    check(context_lens.shape == (b,), f"{op}: context_lens has shape {list(context_lens.shape)}, expected [{b}]")
+    check_index(op, block_tables=block_tables, context_lens=context_lens)
+    check_float(op, q=q, k_cache=k_cache, v_cache=v_cache)
+    check_device(op, q=q, k_cache=k_cache, block_tables=block_tables, context_lens=context_lens)
+    check_rows(op, q=q, block_tables=block_tables)
+    bs, max_blocks = k_cache.shape[1], block_tables.shape[1]
+    tiles = tiles or tuning.attention_tiles(q.device, b, hkv, max_blocks * bs)
+    check(isinstance(tiles, AttentionTiles), f"{op}: tiles={tiles!r}, expected a common.tiles.AttentionTiles")
+    check(tiles.block_kv >= 16, f"{op}: tiles.block_kv={tiles.block_kv}, expected >= 16 (tensor-core tile)")
+    out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
+    if b == 0:
+        return out
+    group = hq // hkv
+    g_pad, d_p = max(16, next_pow2(group)), max(16, next_pow2(d))
+    splits = tiles.num_splits
+    if splits > 1:
+        part = torch.empty((b * hkv * splits, g_pad, d_p + 2), dtype=torch.float32, device=q.device)
+        counters = _counters(q.device, b * hkv)
+    else:
+        part = counters = out  # unused
+    _decode_attention_kernel[(b, hkv, splits)](
+        q, k_cache, v_cache, block_tables, context_lens, out, part, counters,
+        k_cache.shape[0], bs, max_blocks,
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        out.stride(0), out.stride(1), 1.0 / math.sqrt(d),
+        HKV=hkv, G=group, G_PAD=g_pad, D=d, D_P=d_p, BLOCK_KV=tiles.block_kv, SPLITS=splits, W=d_p + 2,
+        PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **pdl_meta(q.device))
+    return out

@@ -1,0 +1,87 @@
+"""Qwen3's MLP block: x + down(silu(gate) * up), [gate | up] = RMSNorm(x) @ w_gate_up.T.
+
+Two launches: the first fuses RMSNorm, the packed gate/up projection and silu(gate) * up (each
+program owns matching rows of gate and up, so the activation is formed in registers and
+rounded once); the second is attn_out's projection + residual kernel on w_down. One launch
+would need every program's activations before any down-projection row can finish (a grid-wide
+dependency); it is not implemented. silu(gate) * up is computed in float32 from the float32
+accumulators and rounded once to the activation dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from common.tiles import MatmulTiles
+from torch_impl.kernels import _jit, tuning
+from torch_impl.kernels._common import (check, check_device, check_float, check_rows, check_shape, matmul_meta,
+                                        precision)
+from torch_impl.kernels.attn_out import linear_residual
+
+
+@triton.jit
+def _norm_gate_up_kernel(
+    x_ptr,  # [M, K]
+    nw_ptr,  # [K]
+    w_ptr,  # [2 I, K]: rows [gate; up]
+    act_ptr,  # [M, I]
+    M, I, K,
+    stride_xm, stride_wn, stride_am,
+    eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of gate; up rows are I + offs_n
+    m_ok = offs_m < M
+    n_ok = offs_n < I
+    acc_g, acc_u = _jit.project(x_ptr, nw_ptr, w_ptr, offs_n, I + offs_n, n_ok, offs_m, m_ok, stride_xm, stride_wn,
+                                K, eps, True, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP,
+                                ONE_SHOT)
+    _jit.release_next(PDL)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(act_ptr + offs_m[:, None] * stride_am + offs_n[None, :],
+             _jit.cast(act, act_ptr.dtype.element_ty, PRECISION), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def norm_gate_up(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up: torch.Tensor, *, eps: float,
+                 tiles: MatmulTiles | None = None) -> torch.Tensor:
+    """silu(gate) * up of RMSNorm(x): x [T, hidden], w_gate_up [2I, hidden] -> [T, I]."""
+    op = "mlp"
+    check(x.dim() == 2, f"{op}: x has shape {list(x.shape)}, expected [T, hidden]")
+    m, k = x.shape
+    check(w_gate_up.dim() == 2 and w_gate_up.shape[1] == k and w_gate_up.shape[0] % 2 == 0,
+          f"{op}: w_gate_up has shape {list(w_gate_up.shape)}, expected [2 * intermediate, {k}] (rows [gate; up])")
+    check_shape(op, "norm_w", norm_w, (k,))
+    check_float(op, x=x, norm_w=norm_w, w_gate_up=w_gate_up)
+    check_device(op, x=x, norm_w=norm_w, w_gate_up=w_gate_up)
+    check_rows(op, x=x, norm_w=norm_w, w_gate_up=w_gate_up)
+    inter = w_gate_up.shape[0] // 2
+    tiles = tiles or tuning.matmul_tiles("mlp_gate_up", x.device, m, 2 * inter, k)
+    check(isinstance(tiles, MatmulTiles), f"{op}: tiles={tiles!r}, expected a common.tiles.MatmulTiles")
+    act = torch.empty((m, inter), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return act
+    meta = matmul_meta(tiles, m, k, x.device)
+    grid = (triton.cdiv(inter, tiles.block_n), triton.cdiv(m, meta["BLOCK_M"]))
+    _norm_gate_up_kernel[grid](x, norm_w, w_gate_up, act, m, inter, k, x.stride(0), w_gate_up.stride(0),
+                               act.stride(0), float(eps), BLOCK_N=tiles.block_n, PRECISION=precision(x.dtype),
+                               **meta)
+    return act
+
+
+def mlp(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, *, eps: float,
+        tiles: MatmulTiles | None = None, down_tiles: MatmulTiles | None = None) -> torch.Tensor:
+    """x + down(silu(gate) * up) of RMSNorm(x); w_gate_up [2I, hidden] rows [gate; up], w_down [hidden, I].
+
+    `tiles` applies to the gate/up launch, `down_tiles` to the down launch (each defaults per shape).
+    """
+    act = norm_gate_up(x, norm_w, w_gate_up, eps=eps, tiles=tiles)
+    check(w_down.dim() == 2 and tuple(w_down.shape) == (x.shape[1], act.shape[1]),
+          f"mlp: w_down has shape {list(w_down.shape)}, expected [{x.shape[1]}, {act.shape[1]}]")
+    return linear_residual(act, w_down, x, tiles=down_tiles)

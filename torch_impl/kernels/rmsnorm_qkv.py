@@ -1,0 +1,191 @@
+"""Qwen3's whole pre-attention path in one launch: RMSNorm(x) @ w_qkv.T, per-head q/k RMSNorm,
+rotate-half RoPE, and the KV-cache write of this step's k and v at `slots`.
+
+Each program owns `block_n` rows of one head's first half and the matching rows of its second
+half (RoPE pairs d with d + D/2), for `block_m` tokens:
+- v heads: the rows are rounded and written straight into v_cache;
+- q/k heads: q/k-norm needs the whole head. When block_n covers the half head (prefill tiles)
+  the program finishes the head itself; when a head is split over several programs (decode
+  tiles: more programs stream W), each parks its float32 rows in a scratch buffer and the last
+  program of the head to arrive (an atomic counter, reset by that program) normalizes, ropes
+  and stores the head. One launch either way.
+Rounding: RMSNorm(x) rounded to x.dtype before the matmul (Hugging Face's order), float32
+accumulation, q/k-norm and RoPE in float32, q and k rounded once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from common.tiles import MatmulTiles, next_pow2
+from torch_impl.kernels import _jit, tuning
+from torch_impl.kernels._common import (check, check_cache, check_device, check_float, check_index, check_rows,
+                                        check_shape, matmul_meta, precision)
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MAX_COUNTERS = 1 << 16
+
+
+@triton.jit
+def _norm_rope(lo, hi, nw_ptr, cs_ptr, pos, stride_cs, offs_d, d_ok, eps, D: tl.constexpr, HALF: tl.constexpr):
+    """q/k-norm (float32) then rotate-half RoPE of one head; lo, hi [BM, W] = columns d, d + D/2."""
+    ss = tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)
+    rstd = tl.rsqrt(ss / D + eps)[:, None]
+    w_lo = tl.load(nw_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    w_hi = tl.load(nw_ptr + HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+    n_lo = lo * rstd * w_lo
+    n_hi = hi * rstd * w_hi
+    cs = cs_ptr + pos[:, None] * stride_cs + offs_d[None, :]
+    cos = tl.load(cs, mask=d_ok[None, :], other=0.0)
+    sin = tl.load(cs + HALF, mask=d_ok[None, :], other=0.0)
+    return n_lo * cos - n_hi * sin, n_hi * cos + n_lo * sin
+
+
+@triton.jit
+def _finish_head(lo, hi, head, offs_m, m_ok, slot, s_ok, pos, offs_d, d_ok,
+                 qn_ptr, kn_ptr, cs_ptr, q_ptr, kc_ptr, stride_cs, stride_qm, stride_qh, stride_cslot, stride_ch,
+                 eps, HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr):
+    if head < HQ:
+        o_lo, o_hi = _norm_rope(lo, hi, qn_ptr, cs_ptr, pos, stride_cs, offs_d, d_ok, eps, D, HALF)
+        dst = q_ptr + offs_m[:, None] * stride_qm + head * stride_qh + offs_d[None, :]
+        mask = m_ok[:, None] & d_ok[None, :]
+    else:
+        o_lo, o_hi = _norm_rope(lo, hi, kn_ptr, cs_ptr, pos, stride_cs, offs_d, d_ok, eps, D, HALF)
+        dst = kc_ptr + slot[:, None] * stride_cslot + (head - HQ) * stride_ch + offs_d[None, :]
+        mask = s_ok[:, None] & d_ok[None, :]
+    tl.store(dst, _jit.cast(o_lo, dst.dtype.element_ty, PRECISION), mask=mask)
+    tl.store(dst + HALF, _jit.cast(o_hi, dst.dtype.element_ty, PRECISION), mask=mask)
+
+
+@triton.jit
+def _rmsnorm_qkv_kernel(
+    x_ptr,  # [M, K]
+    nw_ptr,  # [K]
+    w_ptr,  # [(HQ + 2 HKV) D, K]
+    qn_ptr, kn_ptr,  # [D]
+    cs_ptr,  # [max_pos, D] float32 (cos | sin)
+    pos_ptr, slot_ptr,  # [M]
+    q_ptr,  # [M, HQ, D]
+    kc_ptr, vc_ptr,  # [num_slots, HKV, D] (flattened blocks)
+    part_ptr,  # [M, HQ + HKV, D] float32 scratch (split heads only)
+    count_ptr,  # [m_tiles * (HQ + HKV)] int32, zero between launches
+    M, K, num_slots, max_pos,
+    stride_xm, stride_wn, stride_cs, stride_qm, stride_qh, stride_cslot, stride_ch, stride_pm,
+    eps,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    head = pid // TILES
+    offs_c = (pid % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns within the half head
+    c_ok = offs_c < HALF
+    rows_lo = head * D + offs_c
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    m_ok = offs_m < M
+
+    acc_lo, acc_hi = _jit.project(x_ptr, nw_ptr, w_ptr, rows_lo, rows_lo + HALF, c_ok, offs_m, m_ok, stride_xm,
+                                  stride_wn, K, eps, True, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT,
+                                  PRECISION, PDL, SWAP, ONE_SHOT)
+    _jit.release_next(PDL)
+
+    pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+    pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)  # never read outside the RoPE table
+    slot = tl.load(slot_ptr + offs_m, mask=m_ok, other=-1).to(tl.int64)
+    s_ok = m_ok & (slot >= 0) & (slot < num_slots)  # -1 (and anything out of range) is not written
+    if head >= HQ + HKV:  # v: no norm, no RoPE
+        v_dst = vc_ptr + slot[:, None] * stride_cslot + (head - HQ - HKV) * stride_ch + offs_c[None, :]
+        v_mask = s_ok[:, None] & c_ok[None, :]
+        tl.store(v_dst, _jit.cast(acc_lo, v_dst.dtype.element_ty, PRECISION), mask=v_mask)
+        tl.store(v_dst + HALF, _jit.cast(acc_hi, v_dst.dtype.element_ty, PRECISION), mask=v_mask)
+    elif TILES == 1:
+        _finish_head(acc_lo, acc_hi, head, offs_m, m_ok, slot, s_ok, pos, offs_c, c_ok, qn_ptr, kn_ptr, cs_ptr,
+                     q_ptr, kc_ptr, stride_cs, stride_qm, stride_qh, stride_cslot, stride_ch, eps, HQ, D, HALF,
+                     PRECISION)
+    else:
+        part = part_ptr + offs_m[:, None] * stride_pm + head * D
+        p_mask = m_ok[:, None] & c_ok[None, :]
+        tl.store(part + offs_c[None, :], acc_lo, mask=p_mask)
+        tl.store(part + HALF + offs_c[None, :], acc_hi, mask=p_mask)
+        tl.debug_barrier()  # every thread's rows are stored before the release below
+        counter = count_ptr + pid_m * (HQ + HKV) + head
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == TILES - 1:  # the last program of this head: all rows are in `part`
+            offs_d = tl.arange(0, HALF_P)
+            d_ok = offs_d < HALF
+            f_mask = m_ok[:, None] & d_ok[None, :]
+            lo = tl.load(part + offs_d[None, :], mask=f_mask, other=0.0, cache_modifier=".cg")
+            hi = tl.load(part + HALF + offs_d[None, :], mask=f_mask, other=0.0, cache_modifier=".cg")
+            _finish_head(lo, hi, head, offs_m, m_ok, slot, s_ok, pos, offs_d, d_ok, qn_ptr, kn_ptr, cs_ptr,
+                         q_ptr, kc_ptr, stride_cs, stride_qm, stride_qh, stride_cslot, stride_ch, eps, HQ, D, HALF,
+                         PRECISION)
+            tl.atomic_xchg(counter, 0)
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    check(n <= _MAX_COUNTERS, f"rmsnorm_qkv: {n} head tiles need counters, more than {_MAX_COUNTERS}; "
+                              f"use a larger tiles.block_n or block_m")
+    buf = _COUNTERS.get(device)
+    if buf is None:
+        buf = _COUNTERS[device] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
+    return buf
+
+
+def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, k_cache, v_cache, *,
+                num_heads: int, num_kv_heads: int, eps: float, tiles: MatmulTiles | None = None):
+    """q [T, Hq, D] (q-normed, roped, x.dtype) and the caches with k (normed, roped) and v written in
+    place at `slots` (-1 = skip); returns (q, k_cache, v_cache). Shapes: see the module doc of
+    common's twin API (x [T, hidden], w_qkv [(Hq + 2 Hkv) D, hidden], caches [blocks, bs, Hkv, D])."""
+    op = "rmsnorm_qkv"
+    check(x.dim() == 2, f"{op}: x has shape {list(x.shape)}, expected [T, hidden]")
+    m, k = x.shape
+    d = q_norm_w.shape[0] if q_norm_w.dim() == 1 else -1
+    check(d > 0 and d % 2 == 0, f"{op}: q_norm_w has shape {list(q_norm_w.shape)}, expected [head_dim] (even)")
+    heads = num_heads + 2 * num_kv_heads
+    check(num_kv_heads > 0 and num_heads % num_kv_heads == 0,
+          f"{op}: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    check_shape(op, "norm_w", norm_w, (k,))
+    check_shape(op, "w_qkv", w_qkv, (heads * d, k))
+    check_shape(op, "k_norm_w", k_norm_w, (d,))
+    check(cos_sin.dim() == 2 and cos_sin.shape[1] == d and cos_sin.dtype == torch.float32,
+          f"{op}: cos_sin is {cos_sin.dtype} {list(cos_sin.shape)}, expected float32 [max_positions, {d}]")
+    check_shape(op, "positions", positions, (m,))
+    check_shape(op, "slots", slots, (m,))
+    check_index(op, positions=positions, slots=slots)
+    check_cache(op, "k_cache", k_cache, num_kv_heads, d)
+    check_cache(op, "v_cache", v_cache, num_kv_heads, d)
+    check(k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(),
+          f"{op}: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape or strides")
+    dtype = check_float(op, x=x, norm_w=norm_w, w_qkv=w_qkv, q_norm_w=q_norm_w, k_norm_w=k_norm_w,
+                        k_cache=k_cache, v_cache=v_cache)
+    check_device(op, x=x, w_qkv=w_qkv, cos_sin=cos_sin, positions=positions, slots=slots, k_cache=k_cache)
+    check_rows(op, x=x, w_qkv=w_qkv, cos_sin=cos_sin)
+    tiles = tiles or tuning.matmul_tiles(op, x.device, m, heads * d, k)
+    check(isinstance(tiles, MatmulTiles), f"{op}: tiles={tiles!r}, expected a common.tiles.MatmulTiles")
+    q = torch.empty((m, num_heads, d), dtype=dtype, device=x.device)
+    if m == 0:
+        return q, k_cache, v_cache
+    half, half_p = d // 2, next_pow2(d // 2)
+    block_n = min(tiles.block_n, half_p)
+    n_tiles = triton.cdiv(half, block_n)
+    meta = matmul_meta(tiles, m, k, x.device)
+    meta["SWAP"] = meta["SWAP"] and block_n >= 64
+    m_tiles = triton.cdiv(m, meta["BLOCK_M"])
+    if n_tiles > 1:
+        part = torch.empty((m, num_heads + num_kv_heads, d), dtype=torch.float32, device=x.device)
+        counters = _counters(x.device, m_tiles * (num_heads + num_kv_heads))
+    else:
+        part = counters = q  # unused
+    grid = (heads * n_tiles, m_tiles)
+    _rmsnorm_qkv_kernel[grid](
+        x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, q, k_cache, v_cache, part, counters,
+        m, k, k_cache.shape[0] * k_cache.shape[1], cos_sin.shape[0],
+        x.stride(0), w_qkv.stride(0), cos_sin.stride(0), q.stride(0), q.stride(1), k_cache.stride(1),
+        k_cache.stride(2), (num_heads + num_kv_heads) * d, float(eps),
+        HQ=num_heads, HKV=num_kv_heads, D=d, HALF=half, HALF_P=half_p, BLOCK_N=block_n, TILES=n_tiles,
+        PRECISION=precision(dtype), **meta)
+    return q, k_cache, v_cache

@@ -1,0 +1,76 @@
+"""One call to run nano-vllm's engine on torch_impl's Qwen3 model.
+
+    import torch_impl.nanovllm
+    torch_impl.nanovllm.install()            # before nanovllm.LLM(...) is built
+    from nanovllm import LLM, SamplingParams
+    llm = LLM("/path/to/Qwen3-0.6B")         # nano-vllm's loader, scheduler, CUDA graphs, sampler
+
+After `install()`, nano-vllm's model runner constructs `torch_impl.models.qwen3.Qwen3ForCausalLM`
+(with `use_fused_kernels` as given) instead of its own model; that model reads nano-vllm's
+attention context (`nanovllm.utils.context`), loads through nano-vllm's `load_model`
+(packed_modules_mapping + weight_loader) and receives nano-vllm's KV cache in its attention
+modules' k_cache / v_cache. Attention runs in this project's Triton kernels, so flash-attn is
+not needed: when it is not installed, `install()` registers a placeholder `flash_attn` module so
+that nano-vllm's own attention layer (imported by its model file, never called) can be imported.
+nano-vllm supports tensor parallelism; this model runs with tensor_parallel_size=1.
+`uninstall()` restores nano-vllm's model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+from torch_impl import context as ctx_mod
+from torch_impl.models.qwen3 import Qwen3ForCausalLM
+
+_SAVED: dict = {}
+
+
+def _flash_attn_placeholder() -> None:
+    try:
+        importlib.import_module("flash_attn")
+    except ImportError:
+        mod = types.ModuleType("flash_attn")
+
+        def _unavailable(*args, **kwargs):
+            raise RuntimeError("flash_attn is not installed: torch_impl.nanovllm.install() replaced nano-vllm's "
+                               "model with one whose attention needs no flash-attn; nano-vllm's own attention "
+                               "layer cannot run here")
+
+        mod.flash_attn_varlen_func = mod.flash_attn_with_kvcache = _unavailable
+        mod.__torch_impl_placeholder__ = True
+        sys.modules["flash_attn"] = mod
+
+
+def install(*, use_fused_kernels="auto") -> type:
+    """Make nano-vllm build torch_impl's Qwen3ForCausalLM; returns the class it will build."""
+    _flash_attn_placeholder()  # before any nanovllm import: its package __init__ imports the attention layer
+    try:
+        nctx = importlib.import_module("nanovllm.utils.context")
+    except ImportError as e:
+        raise ImportError(f"torch_impl.nanovllm.install(): nano-vllm is not importable ({e}); install it "
+                          f"from https://github.com/GeeeekExplorer/nano-vllm") from None
+    models = importlib.import_module("nanovllm.models.qwen3")
+    runner = importlib.import_module("nanovllm.engine.model_runner")
+
+    class NanoVllmQwen3ForCausalLM(Qwen3ForCausalLM):
+        """torch_impl's model with nano-vllm's constructor signature `(hf_config)`."""
+
+        def __init__(self, hf_config):
+            super().__init__(hf_config, use_fused_kernels=use_fused_kernels)
+
+    _SAVED.setdefault("models", models.Qwen3ForCausalLM)
+    _SAVED.setdefault("runner", runner.Qwen3ForCausalLM)
+    models.Qwen3ForCausalLM = runner.Qwen3ForCausalLM = NanoVllmQwen3ForCausalLM
+    ctx_mod.set_provider(nctx.get_context)
+    return NanoVllmQwen3ForCausalLM
+
+
+def uninstall() -> None:
+    """Give nano-vllm its own model back and the model its own context."""
+    if "models" in _SAVED:
+        importlib.import_module("nanovllm.models.qwen3").Qwen3ForCausalLM = _SAVED.pop("models")
+        importlib.import_module("nanovllm.engine.model_runner").Qwen3ForCausalLM = _SAVED.pop("runner")
+    ctx_mod.set_provider(None)

@@ -1,0 +1,154 @@
+"""The plain torch path: each op of the twin kernel API written with torch ops.
+
+Same names, argument order and semantics as torch_impl/kernels/*.py (the maths is in
+common/reference.py). This is what the model runs when the fused kernels are off, and the
+baseline of the kernel tests and of the speedups the benchmarks report.
+
+Rounding follows transformers in the activation dtype: RMSNorm normalizes in float32 and casts
+back before the weight multiply; matmuls accumulate in float32 and round to the activation
+dtype; q/k-norm (Hugging Face's cast order) and RoPE are computed in float32 and rounded once;
+residual adds happen in the activation dtype (the projection is rounded, then added).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+F32 = torch.float32
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype)  (Hugging Face's cast order)."""
+    x32 = x.to(F32)
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return weight.to(x.dtype) * normed.to(x.dtype)
+
+
+def rope_table(max_positions: int, head_dim: int, theta: float, device=None) -> torch.Tensor:
+    """cos_sin [max_positions, head_dim] float32: [:, :D/2] = cos(pos*inv_freq), [:, D/2:] = sin.
+
+    Angles are formed in float64 and rounded once (exact for every position up to 40960).
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    ang = torch.arange(max_positions, dtype=torch.float64)[:, None] * inv_freq[None, :]
+    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1).to(F32).to(device)
+
+
+def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE in float32 on x [T, heads, D] (float32) at positions [T]."""
+    half = x.shape[-1] // 2
+    cs = cos_sin[positions.long()][:, None, :]
+    cos, sin = cs[..., :half], cs[..., half:]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def write_cache(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) -> None:
+    """cache [num_blocks, block_size, Hkv, D] gets values [T, Hkv, D] at flat rows `slots` (-1 = skip).
+
+    On CUDA this is the small Triton store kernel (graph-safe, as nano-vllm's own store);
+    elsewhere masked indexing.
+    """
+    if cache.numel() == 0:
+        return
+    if cache.is_cuda:
+        from torch_impl.kernels.store_kv import store_kv  # noqa: PLC0415
+
+        store_kv(values, cache, slots)
+        return
+    flat = cache.view(-1, *cache.shape[2:])
+    ok = (slots >= 0) & (slots < flat.shape[0])
+    flat[slots[ok].long()] = values[ok].to(cache.dtype)
+
+
+def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, k_cache, v_cache, *,
+                num_heads: int, num_kv_heads: int, eps: float, tiles=None):
+    """Qwen3's pre-attention path: q [T, Hq, D] (normed, roped) and the caches with k/v written at slots."""
+    del tiles
+    t, d = x.shape[0], q_norm_w.shape[0]
+    qkv = F.linear(rms_norm(x, norm_w, eps), w_qkv)
+    q_size, kv_size = num_heads * d, num_kv_heads * d
+    q = qkv[:, :q_size].reshape(t, num_heads, d)
+    k = qkv[:, q_size:q_size + kv_size].reshape(t, num_kv_heads, d)
+    v = qkv[:, q_size + kv_size:].reshape(t, num_kv_heads, d)
+    q = apply_rope(rms_norm(q, q_norm_w, eps).to(F32), cos_sin, positions).to(x.dtype)
+    k = apply_rope(rms_norm(k, k_norm_w, eps).to(F32), cos_sin, positions).to(x.dtype)
+    write_cache(k_cache, k, slots)
+    write_cache(v_cache, v, slots)
+    return q, k_cache, v_cache
+
+
+def mlp(x, norm_w, w_gate_up, w_down, *, eps: float, tiles=None, down_tiles=None):
+    """x + down(silu(gate) * up) of RMSNorm(x); w_gate_up rows [gate; up]."""
+    del tiles, down_tiles
+    gu = F.linear(rms_norm(x, norm_w, eps), w_gate_up)
+    inter = gu.shape[-1] // 2
+    return x + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w_down)
+
+
+def attn_out(attn, w_o, residual, *, tiles=None):
+    """residual + attn @ w_o.T (the projection rounded to the activation dtype, then added)."""
+    del tiles
+    return residual + F.linear(attn, w_o)
+
+
+def _sdpa(q, k, v, mask):
+    """q [B, Hq, Tq, D], k/v [B, Hkv, S, D], mask [B, 1, Tq, S] bool -> [B, Hq, Tq, D] (GQA)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _attend(q, k, v, mask):
+    """q [Tq, Hq, D], k/v [S, Hkv, D], mask [Tq, S] bool -> [Tq, Hq, D]."""
+    o = _sdpa(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask[None, None])
+    return o[0].transpose(0, 1)
+
+
+def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, tiles=None):
+    """One query per sequence over the paged cache; q [B, Hq, D] -> [B, Hq, D].
+
+    Gathers every block of `block_tables` (padding -1 reads a real block, masked out) and masks
+    by `context_lens`; rows with context_lens 0 (graph padding) attend to row 0 and are don't-care.
+    """
+    del tiles
+    b, hq, d = q.shape
+    bs = k_cache.shape[1]
+    idx = block_tables.long().clamp(min=0)
+    k = k_cache[idx].reshape(b, -1, *k_cache.shape[2:])  # [B, S, Hkv, D]
+    v = v_cache[idx].reshape(b, -1, *v_cache.shape[2:])
+    n = torch.arange(idx.shape[1] * bs, device=q.device)
+    mask = n[None, :] < context_lens.long().clamp(min=1)[:, None]  # [B, S]
+    o = _sdpa(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), mask[:, None, None, :])
+    return o[:, :, 0]
+
+
+def _gather_keys(k, v, b, start_k, len_k, block_tables, kv_slots):
+    """Keys/values [len_k, Hkv, D] of sequence b in one of the three layouts of prefill_attention."""
+    if block_tables is not None:
+        bs = k.shape[1]
+        j = torch.arange(len_k, device=k.device)
+        rows = block_tables[b].long()[j // bs] * bs + j % bs
+        flat_k, flat_v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
+        return flat_k[rows], flat_v[rows]
+    if kv_slots is not None:
+        rows = kv_slots[start_k:start_k + len_k].long()
+        flat_k, flat_v = k.reshape(-1, *k.shape[-2:]), v.reshape(-1, *v.shape[-2:])
+        return flat_k[rows], flat_v[rows]
+    return k[start_k:start_k + len_k], v[start_k:start_k + len_k]
+
+
+def prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int, block_tables=None,
+                      kv_slots=None, tiles=None):
+    """Variable-length causal attention; see torch_impl/kernels/prefill_attention.py for the layouts."""
+    del tiles, max_seqlen_q
+    out = torch.empty_like(q)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        lq, lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if lq == 0:
+            continue
+        kb, vb = _gather_keys(k, v, b, ck[b], lk, block_tables, kv_slots)
+        qpos = torch.arange(lk - lq, lk, device=q.device)
+        mask = torch.arange(lk, device=q.device)[None, :] <= qpos[:, None]
+        out[cq[b]:cq[b + 1]] = _attend(q[cq[b]:cq[b + 1]], kb, vb, mask)
+    return out

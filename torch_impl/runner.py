@@ -1,0 +1,215 @@
+"""`torch_impl.load(model_dir, *, dtype, fused) -> Runner`: the model on its own, without nano-vllm.
+
+Loading streams the checkpoint through common.weights' one name map (`Checkpoint.iter_params`).
+Generation: all prompts are prefilled together (variable-length attention), then one decode step
+per token for the whole batch over a paged KV cache (nano-vllm's layout; each sequence owns
+consecutive blocks). On CUDA each decode step is one CUDA-graph replay per batch bucket
+(1, 2, 4, ... sequences, padded): the graph embeds, runs every layer, the head, greedy argmax and
+advances positions/slots/lengths on the device, so the host only replays and checks for eos
+every `chunk` steps. Sampling with temperature runs the graph for the logits and samples eagerly
+(seeded torch.Generator, common/sampling.py's rules).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from common import harness, sampling as sampling_spec
+from common.weights import Checkpoint
+from torch_impl import context as ctx_mod
+from torch_impl.decoder import Decoder, bucket_for
+from torch_impl.models.qwen3 import Qwen3ForCausalLM
+from torch_impl.sampling import sample
+
+
+class CacheCapacityError(ValueError):
+    """A generate() call needs more KV-cache rows than the runner may allocate."""
+
+
+def build_model(cfg, dtype: torch.dtype, device: torch.device, fused) -> Qwen3ForCausalLM:
+    """Construct under the default dtype/device, as nano-vllm's runner does."""
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen3ForCausalLM(cfg, use_fused_kernels=fused)
+    finally:
+        torch.set_default_dtype(prev)
+    return model.eval()
+
+
+class TorchRunner(harness.Runner):
+    name = "torch"
+
+    def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", device=None,
+                 block_size: int = 256, max_cache_tokens: int | None = None, cuda_graphs: bool = True):
+        dtype = harness.check_dtype(dtype)
+        ckpt = Checkpoint(model_dir)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tdtype = getattr(torch, dtype)
+        model = build_model(ckpt.config, tdtype, device, harness.resolve_fused(fused))
+        with torch.inference_mode():
+            model.load_params(ckpt.iter_params("pt", concat=lambda parts: torch.cat(parts, dim=0),
+                                               convert=lambda t: t.to(device, tdtype)))
+        self._setup(model, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs)
+
+    @classmethod
+    def from_model(cls, model: Qwen3ForCausalLM, **kwargs) -> "TorchRunner":
+        """A runner over a model built and filled elsewhere (benchmarks: random weights made on the GPU)."""
+        runner = cls.__new__(cls)
+        runner._setup(model, **kwargs)
+        return runner
+
+    def _setup(self, model: Qwen3ForCausalLM, *, block_size: int = 256, max_cache_tokens: int | None = None,
+               cuda_graphs: bool = True) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size={block_size}: expected a positive integer")
+        self.model, self.config = model, model.config
+        self.device = model.lm_head.weight.device
+        self.dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        model.context_source = ctx_mod.own_context
+        self.block_size = block_size
+        self.max_cache_tokens = max_cache_tokens
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.kv: torch.Tensor | None = None
+        self._decoders: dict[tuple, Decoder] = {}
+        self.last_stats: dict = {}
+
+    # ----- KV cache -----------------------------------------------------------------------------
+    def _ensure_cache(self, num_blocks: int) -> None:
+        cfg, bs = self.config, self.block_size
+        if self.max_cache_tokens is not None and num_blocks * bs > self.max_cache_tokens:
+            raise CacheCapacityError(f"KV cache: this call needs {num_blocks} blocks of {bs} rows "
+                                     f"({num_blocks * bs} tokens), more than max_cache_tokens={self.max_cache_tokens}")
+        if self.kv is not None and self.kv.shape[2] >= num_blocks:
+            return
+        self._decoders.clear()  # captured graphs point at the old cache
+        self.kv = None
+        blocks = 1 << max(0, (num_blocks - 1).bit_length())  # grow by powers of two
+        if self.max_cache_tokens is not None:
+            blocks = max(num_blocks, min(blocks, self.max_cache_tokens // bs))
+        self.kv = torch.zeros(2, cfg.num_hidden_layers, blocks, bs, cfg.num_key_value_heads, cfg.head_dim,
+                              dtype=self.model.lm_head.weight.dtype, device=self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.attn.k_cache = self.kv[0, i]
+            layer.self_attn.attn.v_cache = self.kv[1, i]
+
+    # ----- Runner -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def logits(self, token_ids) -> np.ndarray:
+        cfg = self.config
+        ids = harness.check_token_ids(token_ids, cfg.vocab_size)
+        b, l = ids.shape
+        if l > cfg.max_position_embeddings:
+            raise ValueError(f"token_ids: {l} tokens exceed max_position_embeddings={cfg.max_position_embeddings}")
+        dev = self.device
+        flat = torch.as_tensor(ids.reshape(-1), dtype=torch.int64, device=dev)
+        positions = torch.arange(l, device=dev).repeat(b)
+        cu = torch.arange(0, b * l + 1, l, dtype=torch.int32, device=dev)
+        ctx_mod.set_context(True, cu, cu, l, l, slot_mapping=None)  # cache-free forward
+        try:
+            out = self.model.lm_head(self.model(flat, positions)).float()
+        finally:
+            ctx_mod.reset_context()
+        return out.view(b, l, -1).cpu().numpy()
+
+    def generate(self, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+                 eos_token_id=None) -> list[list[int]]:
+        outs: list[list[int]] = []
+        for outs in self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, chunk=32):
+            pass
+        return outs
+
+    def generate_stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, chunk: int = 16,
+                        **sampling_kwargs) -> Iterator[list[int]]:
+        """Yield the new tokens of one prompt as they are produced, `chunk` decode steps at a time."""
+        unknown = set(sampling_kwargs) - {"temperature", "top_k", "top_p", "seed", "eos_token_id"}
+        if unknown:
+            raise TypeError(f"generate_stream: unknown argument(s) {', '.join(sorted(unknown))}")
+        kw = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0, eos_token_id=None) | sampling_kwargs
+        done = 0
+        for outs in self._run([list(prompt_ids)], max_new_tokens, kw["temperature"], kw["top_k"], kw["top_p"],
+                              kw["seed"], kw["eos_token_id"], chunk=chunk):
+            new = outs[0][done:]
+            done += len(new)
+            if new:
+                yield new
+
+    # ----- internals ----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, *, chunk: int):
+        cfg, dev, bs = self.config, self.device, self.block_size
+        sampling_spec.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
+                                          top_p=top_p, vocab_size=cfg.vocab_size,
+                                          max_len=cfg.max_position_embeddings)
+        eos = harness.eos_set(eos_token_id)
+        b = len(prompts)
+        lens = [len(p) for p in prompts]
+        blocks_per_seq = -(-(max(lens) + max_new_tokens) // bs)
+        self._ensure_cache(b * blocks_per_seq)
+        gen = torch.Generator(device=dev).manual_seed(int(seed))
+        t0 = time.perf_counter()
+        first = self._prefill(prompts, lens, blocks_per_seq, temperature, top_k, top_p, gen)
+        bp = bucket_for(b) if self.use_graphs else b
+        greedy = temperature == 0
+        key = (bp, blocks_per_seq, greedy)
+        dec = self._decoders.get(key)
+        if dec is None:
+            dec = self._decoders[key] = Decoder(self.model, bp, blocks_per_seq, bs, greedy, dev,
+                                                graph=self.use_graphs)
+        dec.start(first, lens, blocks_per_seq)
+        _sync(dev)
+        t1 = time.perf_counter()
+        steps = 1
+        while True:
+            stop = min(steps + chunk, max_new_tokens)
+            while steps < stop:
+                logits = dec.step()
+                if not greedy:
+                    dec.advance(sample(logits[:b].float(), temperature, top_k, top_p, gen))
+                steps += 1
+            outs = _trim(dec.out[:b, :steps].cpu().tolist(), eos)
+            yield outs
+            if steps >= max_new_tokens or all(o and o[-1] in eos for o in outs):
+                break
+        t2 = time.perf_counter()
+        self.last_stats = dict(prompt_tokens=sum(lens), prefill_s=t1 - t0, decode_s=t2 - t1,
+                               new_tokens=sum(len(o) for o in outs))
+
+    def _prefill(self, prompts, lens, blocks_per_seq, temperature, top_k, top_p, gen) -> torch.Tensor:
+        """Run every prompt (varlen), write its cache rows, sample and return the first new tokens [B]."""
+        dev, bs = self.device, self.block_size
+        ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=dev)
+        pos = torch.cat([torch.arange(n) for n in lens])
+        seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+        slots = (seq * blocks_per_seq * bs + pos).to(dev, torch.int32)
+        cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=dev)
+        ctx_mod.set_context(True, cu, cu, max(lens), max(lens), slot_mapping=slots)
+        try:
+            logits = self.model.compute_logits(self.model(ids, pos.to(dev)))
+        finally:
+            ctx_mod.reset_context()
+        return sample(logits.float(), temperature, top_k, top_p, gen)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _trim(rows: list[list[int]], eos) -> list[list[int]]:
+    """Each row cut after its first eos (kept)."""
+    out = []
+    for row in rows:
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+        out.append(row[:cut])
+    return out
+
+
+def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", **kwargs) -> TorchRunner:
+    return TorchRunner(model_dir, dtype=dtype, fused=fused, **kwargs)
