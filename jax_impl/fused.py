@@ -3,8 +3,9 @@
 - False: the plain XLA ops everywhere.
 - True: the Pallas kernels everywhere; on a CPU backend they run in interpreter mode (for tests);
   when they cannot run here, raise with the reason.
-- "auto": the Pallas kernels on CUDA GPUs of compute capability >= 8.0, and per op only where
-  the kernel measured faster than plain XLA on the H100 (AUTO_FUSED); plain XLA elsewhere.
+- "auto": the Pallas kernels on CUDA GPUs of compute capability >= 8.0, and per op and shape only
+  where the kernel measured faster than plain XLA on the H100 (jax_impl.kernels.prefer_fused);
+  plain XLA elsewhere.
 The choice is logged once per distinct outcome.
 """
 
@@ -19,10 +20,6 @@ from common.config import Qwen3Config
 from jax_impl.model import PLAIN_OPS, Ops
 
 log = logging.getLogger("jax_impl")
-
-# Ops whose Pallas kernel measured faster than plain XLA in decode on the H100 (see README).
-AUTO_FUSED = ("rmsnorm_qkv", "mlp", "attn_out", "decode_attention")
-
 
 class FusedUnavailable(RuntimeError):
     """fused=True was requested where the Pallas kernels cannot run."""
@@ -43,13 +40,31 @@ def gpu_capability() -> tuple[int, int] | None:
     return int(major), int(minor or 0)
 
 
-def _kernel_ops(names) -> Ops:
+OP_NAMES = ("rmsnorm_qkv", "mlp", "attn_out", "decode_attention")
+
+
+def _kernel_ops(cfg: Qwen3Config, *, auto: bool) -> Ops:
+    """All Pallas ops (fused=True), or per-shape dispatch by the measured table (auto).
+
+    The auto table (jax_impl.kernels.prefer_fused) is keyed by the token count of the call, a
+    static shape: the choice happens once per compiled shape at trace time, never per step.
+    """
     from jax_impl import kernels  # noqa: PLC0415 - only when fused kernels are wanted
 
-    chosen = {n: getattr(kernels, n) if n in names else getattr(PLAIN_OPS, n)
-              for n in ("rmsnorm_qkv", "mlp", "attn_out", "decode_attention")}
-    labels = tuple((n, "fused" if n in names else "plain") for n in chosen)
-    return Ops(**chosen, names=labels)
+    if not auto:
+        return Ops(**{n: getattr(kernels, n) for n in OP_NAMES}, names=tuple((n, "fused") for n in OP_NAMES))
+
+    def dispatch(name):
+        fused_fn, plain_fn = getattr(kernels, name), getattr(PLAIN_OPS, name)
+
+        def op(x, *args, **kwargs):
+            use = kernels.prefer_fused(name, x.shape[0], cfg.hidden_size)
+            return (fused_fn if use else plain_fn)(x, *args, **kwargs)
+
+        op.__name__ = name
+        return op
+
+    return Ops(**{n: dispatch(n) for n in OP_NAMES}, names=tuple((n, "per-shape") for n in OP_NAMES))
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,14 +74,14 @@ def _log_once(message: str) -> None:
 
 def choose_ops(cfg: Qwen3Config, fused, dtype: str) -> Ops:
     """The ops a model of this config runs, per the rules in the module doc."""
-    del cfg, dtype  # the per-op table is the same for every shape measured so far
+    del dtype  # the measured table is keyed by op, token count and hidden size
     if fused is False:
         _log_once("jax_impl: plain XLA path (fused=False)")
         return PLAIN_OPS
     cc = gpu_capability()
     if fused is True:
         try:
-            ops = _kernel_ops(AUTO_FUSED)
+            ops = _kernel_ops(cfg, auto=False)
         except ImportError as e:
             raise FusedUnavailable(f"fused=True: the Pallas kernels cannot be imported here ({e})") from None
         if cc is not None and cc < (8, 0):
@@ -80,9 +95,11 @@ def choose_ops(cfg: Qwen3Config, fused, dtype: str) -> Ops:
         _log_once(f"jax_impl: plain XLA path (fused='auto': {why})")
         return PLAIN_OPS
     try:
-        ops = _kernel_ops(AUTO_FUSED)
+        ops = _kernel_ops(cfg, auto=True)
     except ImportError as e:
         _log_once(f"jax_impl: plain XLA path (fused='auto': Pallas kernels unavailable: {e})")
         return PLAIN_OPS
-    _log_once("jax_impl: fused='auto' -> " + ", ".join(f"{n}={k}" for n, k in ops.names))
+    _log_once("jax_impl: fused='auto' -> Pallas kernels where they measured faster than XLA on the H100 "
+              "(decode_attention always; rmsnorm_qkv, attn_out, mlp at one token per step; "
+              "rmsnorm_qkv up to 16 tokens below hidden 4096), plain XLA elsewhere")
     return ops

@@ -1,4 +1,5 @@
-"""jax_impl model (plain path here; the fused path reruns these in test_jax_fused_model.py)."""
+"""jax_impl model tests, each run on the plain XLA path and on the fused Pallas kernels
+(interpreter mode on CPU, compiled on a GPU)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from common.checkpoint import write_checkpoint
 from common.config import Qwen3Config, shrink
 from common.harness import load_reference
 from common.sampling import allowed_mask
-from common.tolerances import assert_close
+from common.tolerances import assert_close, assert_lowp_close
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
@@ -19,7 +20,6 @@ import jax_impl  # noqa: E402
 from jax_impl import generation  # noqa: E402
 from jax_impl.model import init_caches  # noqa: E402
 
-FUSED = False  # the fused subclass flips this
 
 SHAPES = {
     "0.6B": dataclasses.replace(shrink(Qwen3Config.preset("Qwen3-0.6B")), dtype="float32"),
@@ -42,33 +42,44 @@ def ckpts(tmp_path_factory):
     return out
 
 
-def _load(path, dtype="float32"):
-    return jax_impl.load(path, dtype=dtype, fused=FUSED)
+@pytest.fixture(params=[False, True], ids=["plain", "fused"])
+def fused(request):
+    return request.param
+
+
+_RUNNERS: dict = {}
+
+
+def _load(path, fused, dtype="float32"):
+    key = (str(path), fused, dtype)
+    if key not in _RUNNERS:  # loading and compiling once per checkpoint keeps the suite fast
+        _RUNNERS[key] = jax_impl.load(path, dtype=dtype, fused=fused)
+    return _RUNNERS[key]
 
 
 @pytest.mark.parametrize("name", ["0.6B", "8B", "awkward", "sharded"])
-def test_logits_match_reference(ckpts, name):
+def test_logits_match_reference(ckpts, fused, name):
     ids = np.random.default_rng(0).integers(0, SHAPES.get(name, SHAPES["8B"]).vocab_size, size=(2, 11))
-    got = _load(ckpts[name]).logits(ids)
+    got = _load(ckpts[name], fused).logits(ids)
     want = load_reference(ckpts[name]).logits(ids)
     scale = np.abs(want).max()
     assert np.abs(got - want).max() / scale < 2e-4, np.abs(got - want).max() / scale
 
 
-def test_logits_match_transformers(ckpts):
+def test_logits_match_transformers(ckpts, fused):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     ids = np.random.default_rng(1).integers(0, 1000, size=(2, 9))
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpts["awkward"], dtype=torch.float32)
     with torch.no_grad():
         want = hf(torch.tensor(ids)).logits.numpy()
-    got = _load(ckpts["awkward"]).logits(ids)
+    got = _load(ckpts["awkward"], fused).logits(ids)
     assert np.abs(got - want).max() / np.abs(want).max() < 2e-4
 
 
-def test_decode_steps_match_full_forward(ckpts):
+def test_decode_steps_match_full_forward(ckpts, fused):
     """Prefill then one-token decode steps give, step by step, the logits of a full forward."""
-    runner = _load(ckpts["8B"])
+    runner = _load(ckpts["8B"], fused)
     model, cfg = runner.model, runner.config
     rng = np.random.default_rng(3)
     lengths = np.array([5, 9], np.int32)
@@ -89,12 +100,12 @@ def test_decode_steps_match_full_forward(ckpts):
         pos += 1
 
 
-def test_greedy_matches_transformers(ckpts):
+def test_greedy_matches_transformers(ckpts, fused):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(ckpts["peaked"], dtype=torch.float32)
     prompts = [[5, 17, 33, 2], [100, 7, 7, 9, 41, 300, 12]]
-    ours = _load(ckpts["peaked"]).generate(prompts, 12)
+    ours = _load(ckpts["peaked"], fused).generate(prompts, 12)
     for p, got in zip(prompts, ours):
         with torch.no_grad():
             want = hf.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
@@ -102,23 +113,23 @@ def test_greedy_matches_transformers(ckpts):
         assert got == want
 
 
-def test_batched_equals_one_by_one(ckpts):
-    runner = _load(ckpts["peaked"])
+def test_batched_equals_one_by_one(ckpts, fused):
+    runner = _load(ckpts["peaked"], fused)
     prompts = [[3, 4, 5], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26], [7]]
     batched = runner.generate(prompts, 8)
     assert batched == [runner.generate([p], 8)[0] for p in prompts]
 
 
-def test_eos_stops_and_is_kept(ckpts):
-    runner = _load(ckpts["peaked"])
+def test_eos_stops_and_is_kept(ckpts, fused):
+    runner = _load(ckpts["peaked"], fused)
     free = runner.generate([[3, 4, 5]], 8)[0]
     eos = free[3]
     cut = runner.generate([[3, 4, 5]], 8, eos_token_id=eos)[0]
     assert cut == free[:free.index(eos) + 1]
 
 
-def test_sampling_reproducible_and_in_allowed_set(ckpts):
-    runner = _load(ckpts["awkward"])
+def test_sampling_reproducible_and_in_allowed_set(ckpts, fused):
+    runner = _load(ckpts["awkward"], fused)
     prompt = [1, 2, 3, 4]
     kwargs = dict(temperature=0.8, top_k=7, top_p=0.9)
     a = runner.generate([prompt], 24, seed=11, **kwargs)[0]
@@ -130,14 +141,14 @@ def test_sampling_reproducible_and_in_allowed_set(ckpts):
         assert mask[tok], f"step {t}: token {tok} outside the top-k/top-p set {np.flatnonzero(mask)}"
 
 
-def test_top_k_one_is_greedy(ckpts):
-    runner = _load(ckpts["peaked"])
+def test_top_k_one_is_greedy(ckpts, fused):
+    runner = _load(ckpts["peaked"], fused)
     greedy = runner.generate([[3, 4, 5]], 10)[0]
     assert runner.generate([[3, 4, 5]], 10, temperature=1.0, top_k=1, seed=5)[0] == greedy
 
 
-def test_stream_equals_generate(ckpts):
-    runner = _load(ckpts["peaked"])
+def test_stream_equals_generate(ckpts, fused):
+    runner = _load(ckpts["peaked"], fused)
     chunks = list(runner.generate_stream([3, 4, 5], 10, chunk=3))
     assert len(chunks) > 1
     assert sum(chunks, []) == runner.generate([[3, 4, 5]], 10)[0]
@@ -149,9 +160,26 @@ def test_stream_equals_generate(ckpts):
     (dict(prompts=[[1] * 600]), "maximum length"),
     (dict(prompts=[[5000]]), "outside"),
 ])
-def test_bad_generate_args(ckpts, bad, match):
-    runner = _load(ckpts["awkward"])
+def test_bad_generate_args(ckpts, fused, bad, match):
+    runner = _load(ckpts["awkward"], fused)
     args = dict(prompts=[[1, 2]], max_new_tokens=4)
     args.update(bad)
     with pytest.raises(ValueError, match=match):
         runner.generate(args.pop("prompts"), args.pop("max_new_tokens"), **args)
+
+
+def test_fused_bf16_error_within_twice_plain(ckpts):
+    """bf16 logits of the fused model: error against float32 <= ~2x the plain bf16 model's."""
+    ids = np.random.default_rng(4).integers(0, SHAPES["8B"].vocab_size, size=(2, 7))
+    ref = _load(ckpts["8B"], False).logits(ids)
+    plain = _load(ckpts["8B"], False, "bfloat16").logits(ids)
+    fused_bf16 = _load(ckpts["8B"], True, "bfloat16").logits(ids)
+    assert_lowp_close(fused_bf16, plain, ref, what="fused bf16 logits")
+
+
+def test_fused_auto_is_plain_without_gpu(ckpts):
+    runner = jax_impl.load(ckpts["awkward"], dtype="float32", fused="auto")
+    if jax.default_backend() != "gpu":
+        assert all(kind == "plain" for _, kind in runner.model.ops.names)
+    else:
+        assert all(kind == "per-shape" for _, kind in runner.model.ops.names)

@@ -14,11 +14,15 @@ Sizes reach the kernels as static Python ints, never `pl.num_programs()` (jax is
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+
+from common.tiles import AttentionTiles, MatmulTiles, next_pow2
 
 F32 = jnp.float32
 # Tiles with block_m >= DOT_MIN_M use the tensor-core dot; smaller ones multiply and reduce
@@ -26,6 +30,13 @@ F32 = jnp.float32
 DOT_MIN_M = 16
 load = pltriton.load
 store = pltriton.store
+
+
+def dot(a, b, contract):
+    """2-D dot with f32 accumulation; float32 operands multiply in full precision (the Triton
+    lowering maps the default precision to TF32), bf16 ones on the tensor cores as they are."""
+    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, (contract, ((), ())), precision=prec, preferred_element_type=F32)
 
 
 def use_interpret(interpret: bool | None = None) -> bool:
@@ -44,6 +55,45 @@ def pallas_call(kernel, *, name: str, grid: tuple[int, ...], out_shape, num_warp
         interpret=use_interpret(interpret),
         compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
     )
+
+
+# ----- default tiles, measured on an H100 with bench/jax_kernels_probe.py ---------------------
+
+def _chunk(k: int, cap: int) -> int:
+    """block_k: the largest power of two in [cap / 2, cap] dividing k (no masked tail), else
+    min(cap, next_pow2(k)) (masked lanes of the last chunk cost no memory traffic)."""
+    for b in (cap, cap // 2):
+        if k % b == 0:
+            return b
+    return min(cap, next_pow2(k))
+
+
+def matmul_tiles(m: int, n: int, k: int, *, pair: bool = False) -> MatmulTiles:
+    """Default tiles of the projection kernels (o_proj, gate/up, down, split QKV), as measured
+    on an H100 with bench/jax_kernels_probe.py at 0.6B and 8B shapes.
+
+    m == 1 (multiply and reduce): 4 output features per program, K in 2048-element chunks, or
+    the whole 4096 with 8 warps where K is a multiple of 4096 (8B: gate/up 97%, down 92% of the
+    copy bandwidth, against 76-79% with block_n=16, block_k=512).
+    1 < m < 16 (the same, a row at a time): 4 features, 2048-element chunks for K >= 4096, else 1024.
+    m == 16 (tensor-core dot): 32 features, 512-element chunks, 3 stages; `pair` (gate and up
+    tiles in one program) 256-element chunks, 2 stages. Larger m: MatmulTiles.default_for.
+    """
+    if m == 1:
+        if k % 4096 == 0:
+            return MatmulTiles(1, 4, 4096, num_warps=8, num_stages=2)
+        return MatmulTiles(1, 4, _chunk(k, 2048), num_warps=4, num_stages=2)
+    if m < DOT_MIN_M:
+        return MatmulTiles(next_pow2(m), 4, _chunk(k, 2048 if k >= 4096 else 1024), num_warps=4, num_stages=2)
+    if m == DOT_MIN_M:
+        return MatmulTiles(16, 32, 256, num_stages=2) if pair else MatmulTiles(16, 32, 512, num_stages=3)
+    return MatmulTiles.default_for(m, n, k)
+
+
+def attention_tiles(batch: int, num_kv_heads: int, max_context: int) -> AttentionTiles:
+    """AttentionTiles.default_for's split count with 128-key blocks (measured faster than 64 at
+    batch 1, 4096 positions: 14.0 against 15.8 us on the H100)."""
+    return dataclasses.replace(AttentionTiles.default_for(batch, num_kv_heads, max_context), block_kv=128)
 
 
 def check(cond: bool, message: str) -> None:
@@ -66,6 +116,18 @@ def check_int(name: str, x) -> None:
 
 
 # ----- kernel-side helpers --------------------------------------------------------------------
+
+def gather_index(rows, col0, ncols: int):
+    """Index arrays [len(rows), ncols] for rows x columns col0..col0+ncols of a ref.
+
+    Gathers (rows from an index vector) use integer arrays on every indexed axis: the
+    interpreter cannot mix integer-array indexers with pl.ds slices; the Triton lowering
+    takes either form.
+    """
+    shape = (rows.shape[0], ncols)
+    return (jnp.broadcast_to(rows[:, None], shape),
+            jnp.broadcast_to(col0 + jnp.arange(ncols)[None, :], shape))
+
 
 def rms_rstd(x_ref, m0, m: int, k: int, block_m: int, block_k: int, eps: float):
     """1/sqrt(mean(x^2) + eps) in f32 of rows m0..m0+block_m of x_ref [m, k] -> [block_m]."""
@@ -90,6 +152,9 @@ def project(x_ref, w_ref, w_tiles, *, m0, m: int, k: int, block_m: int, block_n:
     rounded to x.dtype as Hugging Face's RMSNorm does before the matmul.
     block_m >= DOT_MIN_M: tensor-core dot; smaller: multiply and reduce (one weight pass).
     """
+    if block_m < DOT_MIN_M:
+        return _project_rows(x_ref, w_ref, w_tiles, m0=m0, m=m, k=k, block_m=block_m, block_n=block_n,
+                             block_k=block_k, norm=norm)
     rmask = (m0 + jnp.arange(block_m)) < m
     dtype = x_ref.dtype
 
@@ -107,14 +172,44 @@ def project(x_ref, w_ref, w_tiles, *, m0, m: int, k: int, block_m: int, block_n:
         for acc, (start, nmask) in zip(accs, w_tiles):
             w = load(w_ref.at[pl.ds(start, block_n), pl.ds(k0, block_k)],
                      mask=nmask[:, None] & cmask[None, :], other=0)  # [block_n, block_k]
-            if block_m >= DOT_MIN_M:
-                acc = acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())), preferred_element_type=F32)
-            elif block_m == 1:
-                acc = acc + jnp.sum(w.astype(F32) * x.astype(F32), axis=1)[None, :]
-            else:
-                acc = acc + jnp.sum(w.astype(F32)[None, :, :] * x.astype(F32)[:, None, :], axis=2)
-            out.append(acc)
+            out.append(acc + dot(x, w, ((1,), (1,))))
         return tuple(out)
 
     init = tuple(jnp.zeros((block_m, block_n), F32) for _ in w_tiles)
     return lax.fori_loop(0, pl.cdiv(k, block_k), body, init)
+
+
+def _project_rows(x_ref, w_ref, w_tiles, *, m0, m, k, block_m, block_n, block_k, norm):
+    """The decode form of `project`: each weight tile is loaded once and multiplied and reduced
+    against each of the block_m token rows in turn (rows are separate [block_k] vectors)."""
+    dtype = x_ref.dtype
+    rows = range(block_m)
+    ids = jnp.arange(block_m)
+    valid = [m0 + r < m for r in rows]
+    if norm is not None:
+        nw_ref, rstd = norm
+        rstd_r = [jnp.sum(jnp.where(ids == r, rstd, 0.0)) for r in rows]  # scalars
+
+    def body(i, accs):
+        k0 = i * block_k
+        cmask = (k0 + jnp.arange(block_k)) < k
+        xs = []
+        if norm is not None:
+            nw = load(nw_ref.at[pl.ds(k0, block_k)], mask=cmask, other=0).astype(dtype).astype(F32)
+        for r in rows:
+            x = load(x_ref.at[m0 + r, pl.ds(k0, block_k)], mask=cmask & valid[r], other=0)  # [block_k]
+            if norm is not None:
+                x = (((x.astype(F32) * rstd_r[r]).astype(dtype)).astype(F32) * nw).astype(dtype)
+            xs.append(x.astype(F32)[None, :])
+        out = []
+        for t, (start, nmask) in enumerate(w_tiles):
+            w = load(w_ref.at[pl.ds(start, block_n), pl.ds(k0, block_k)],
+                     mask=nmask[:, None] & cmask[None, :], other=0).astype(F32)  # [block_n, block_k]
+            out += [accs[t * block_m + r] + jnp.sum(w * xs[r], axis=1) for r in rows]
+        return tuple(out)
+
+    init = tuple(jnp.zeros((block_n,), F32) for _ in range(len(w_tiles) * block_m))
+    accs = lax.fori_loop(0, pl.cdiv(k, block_k), body, init)
+    # [block_m, block_n] per tile, assembled without concatenation (not lowered by Triton).
+    return tuple(sum(jnp.where(ids[:, None] == r, accs[t * block_m + r][None, :], 0.0) for r in rows)
+                 for t in range(len(w_tiles)))

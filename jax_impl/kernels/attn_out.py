@@ -44,7 +44,7 @@ def linear_residual(x, w, residual, *, tiles: MatmulTiles | None = None, interpr
     C.check_float(f"{name}: x", x)
     C.check_float(f"{name}: w", w, x.dtype)
     C.check_float(f"{name}: residual", residual)
-    t = tiles or MatmulTiles.default_for(m, n, k)
+    t = tiles or C.matmul_tiles(m, n, k)
     kernel = functools.partial(_linear_residual_kernel, m=m, n=n, k=k, block_m=t.block_m,
                                block_n=t.block_n, block_k=t.block_k)
     return C.pallas_call(kernel, name=name, grid=(C.pl.cdiv(m, t.block_m), C.pl.cdiv(n, t.block_n)),

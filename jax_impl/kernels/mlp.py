@@ -49,7 +49,7 @@ def norm_gate_up(x, norm_w, w_gate_up, *, eps: float, tiles: MatmulTiles | None 
     C.check_float("mlp: x", x)
     C.check_float("mlp: w_gate_up", w_gate_up, x.dtype)
     C.check_float("mlp: norm_w", norm_w)
-    t = tiles or MatmulTiles.default_for(m, inter, k)
+    t = tiles or C.matmul_tiles(m, inter, k, pair=True)
     kernel = functools.partial(_norm_gate_up_kernel, m=m, k=k, inter=inter, eps=float(eps),
                                block_m=t.block_m, block_n=t.block_n, block_k=t.block_k)
     return C.pallas_call(kernel, name="mlp_norm_gate_up",
@@ -62,8 +62,8 @@ def mlp(x, norm_w, w_gate_up, w_down, *, eps: float, tiles: MatmulTiles | None =
         down_tiles: MatmulTiles | None = None, interpret: bool | None = None):
     """x + down(silu(g) * u), [g | u] = RMSNorm(x) @ w_gate_up.T; x [T, hidden], w_down [hidden, I].
 
-    tiles: of the gate/up kernel (default `MatmulTiles.default_for(T, I, hidden)`);
-    down_tiles: of the down projection (default `MatmulTiles.default_for(T, hidden, I)`).
+    tiles: of the gate/up kernel (default `_common.matmul_tiles(T, I, hidden, pair=True)`);
+    down_tiles: of the down projection (default `_common.matmul_tiles(T, hidden, I)`).
     """
     act = norm_gate_up(x, norm_w, w_gate_up, eps=eps, tiles=tiles, interpret=interpret)
     C.check(w_down.ndim == 2 and w_down.shape == (x.shape[1], act.shape[1]),

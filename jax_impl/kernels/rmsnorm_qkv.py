@@ -1,0 +1,213 @@
+"""Qwen3's whole pre-attention path in one Pallas (Triton) kernel.
+
+RMSNorm(x) (rounded to x.dtype before the matmul, Hugging Face's order) times the packed
+w_qkv [(Hq + 2 Hkv) D, hidden], then per head: q/k-norm (RMSNorm over head_dim) and
+rotate-half RoPE in float32, q written out, k and v scattered into the paged caches at
+`slots` (-1 = skip) through input_output_aliases.
+
+Grid (cdiv(T, block_m), Hq + 2 Hkv): one program per head (block_n = head_dim) and token
+block, so the per-head norm needs no cross-program reduction. The head's two halves are two
+accumulators (rows [0, D/2) and [D/2, D) of the head), which makes rotate-half elementwise.
+Program j < Hq is a q head, then Hkv k heads, then Hkv v heads; every program computes the
+tiny epilogue of each kind and masked stores keep the one that applies.
+
+Split variant (tiles.block_n < head_dim): when one program per head leaves most SMs idle,
+kernel 1 computes RMSNorm(x) @ w_qkv.T in f32 with block_n-row tiles (many programs) and
+kernel 2 runs the same per-head epilogue on that [T, N] buffer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from common.tiles import MatmulTiles
+from jax_impl.kernels import _common as C
+
+
+def _qkv_epilogue(lo, hi, *, j, m0, qn_ref, kn_ref, cs_ref, pos_ref, slot_ref, q_ref, kc_ref, vc_ref,
+                  m: int, hq: int, hkv: int, d: int, eps: float, block_m: int):
+    """Head j's output halves lo, hi [block_m, d/2] (f32): q/k-norm, RoPE, store q or k/v."""
+    half = d // 2
+    rmask = (m0 + jnp.arange(block_m)) < m
+    is_q = j < hq
+    is_k = (j >= hq) & (j < hq + hkv)
+    is_v = j >= hq + hkv
+    # q/k-norm over the whole head (both halves), in f32.
+    first, second = C.pl.ds(0, half), C.pl.ds(half, half)
+    w_lo = jnp.where(is_q, C.load(qn_ref.at[first]), C.load(kn_ref.at[first])).astype(C.F32)
+    w_hi = jnp.where(is_q, C.load(qn_ref.at[second]), C.load(kn_ref.at[second])).astype(C.F32)
+    r = jax.lax.rsqrt((jnp.sum(lo * lo, axis=1) + jnp.sum(hi * hi, axis=1)) / d + eps)[:, None]
+    n_lo, n_hi = lo * r * w_lo[None, :], hi * r * w_hi[None, :]
+    # rotate-half RoPE at each token's position.
+    tok = C.pl.ds(m0, block_m)
+    pos = C.load(pos_ref.at[tok], mask=rmask, other=0)
+    cos = C.load(cs_ref.at[C.gather_index(pos, 0, half)], mask=rmask[:, None], other=0)  # [block_m, half]
+    sin = C.load(cs_ref.at[C.gather_index(pos, half, half)], mask=rmask[:, None], other=0)
+    rot_lo = n_lo * cos - n_hi * sin
+    rot_hi = n_hi * cos + n_lo * sin
+
+    qmask = rmask[:, None] & is_q
+    jq = jnp.minimum(j, hq - 1)
+    C.store(q_ref.at[tok, jq, first], rot_lo.astype(q_ref.dtype), mask=qmask)
+    C.store(q_ref.at[tok, jq, second], rot_hi.astype(q_ref.dtype), mask=qmask)
+    slots = C.load(slot_ref.at[tok], mask=rmask, other=-1)
+    valid = rmask & (slots >= 0)
+    smask = valid[:, None]
+    # Masked lanes point one row past the end: never touched on the GPU, and dropped (not
+    # clobbering a written row, as a duplicate index could) by the interpreter's scatter.
+    srow = jnp.where(valid, slots, kc_ref.shape[0])
+    jk = jnp.clip(j - hq, 0, hkv - 1)
+    jv = jnp.clip(j - hq - hkv, 0, hkv - 1)
+    (r0, c0), (r1, c1) = C.gather_index(srow, 0, half), C.gather_index(srow, half, half)
+    C.store(kc_ref.at[r0, jk, c0], rot_lo.astype(kc_ref.dtype), mask=smask & is_k)
+    C.store(kc_ref.at[r1, jk, c1], rot_hi.astype(kc_ref.dtype), mask=smask & is_k)
+    C.store(vc_ref.at[r0, jv, c0], lo.astype(vc_ref.dtype), mask=smask & is_v)
+    C.store(vc_ref.at[r1, jv, c1], hi.astype(vc_ref.dtype), mask=smask & is_v)
+
+
+def _rmsnorm_qkv_kernel(x_ref,      # [m, k]
+                        nw_ref,     # [k]
+                        w_ref,      # [(hq + 2 hkv) * d, k]
+                        qn_ref,     # [d]
+                        kn_ref,     # [d]
+                        cs_ref,     # [max_pos, d] f32: [cos | sin]
+                        pos_ref,    # [m] int32
+                        slot_ref,   # [m] int32
+                        kc_in,      # [rows, hkv, d] (aliased to kc_ref)
+                        vc_in,      # [rows, hkv, d] (aliased to vc_ref)
+                        q_ref,      # [m, hq, d]
+                        kc_ref,     # [rows, hkv, d]
+                        vc_ref,     # [rows, hkv, d]
+                        *, m: int, k: int, hq: int, hkv: int, d: int, eps: float,
+                        block_m: int, block_k: int):
+    """Fused: one program per (token block, head) streams the head's rows of w_qkv."""
+    del kc_in, vc_in
+    half = d // 2
+    m0 = C.pl.program_id(0) * block_m
+    j = C.pl.program_id(1)
+    all_n = jnp.arange(half) < half
+    rstd = C.rms_rstd(x_ref, m0, m, k, block_m, block_k, eps)
+    lo, hi = C.project(x_ref, w_ref, [(j * d, all_n), (j * d + half, all_n)], m0=m0, m=m, k=k,
+                       block_m=block_m, block_n=half, block_k=block_k, norm=(nw_ref, rstd))
+    _qkv_epilogue(lo, hi, j=j, m0=m0, qn_ref=qn_ref, kn_ref=kn_ref, cs_ref=cs_ref, pos_ref=pos_ref,
+                  slot_ref=slot_ref, q_ref=q_ref, kc_ref=kc_ref, vc_ref=vc_ref, m=m, hq=hq, hkv=hkv, d=d,
+                  eps=eps, block_m=block_m)
+
+
+def _norm_linear_kernel(x_ref,   # [m, k]
+                        nw_ref,  # [k]
+                        w_ref,   # [n, k]
+                        o_ref,   # [m, n] f32
+                        *, m: int, n: int, k: int, eps: float, block_m: int, block_n: int, block_k: int):
+    """Split variant, kernel 1: RMSNorm(x) @ w.T in f32 with small block_n (many programs)."""
+    m0 = C.pl.program_id(0) * block_m
+    n0 = C.pl.program_id(1) * block_n
+    nmask = (n0 + jnp.arange(block_n)) < n
+    rstd = C.rms_rstd(x_ref, m0, m, k, block_m, block_k, eps)
+    (acc,) = C.project(x_ref, w_ref, [(n0, nmask)], m0=m0, m=m, k=k, block_m=block_m, block_n=block_n,
+                       block_k=block_k, norm=(nw_ref, rstd))
+    mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & nmask[None, :]
+    C.store(o_ref.at[C.pl.ds(m0, block_m), C.pl.ds(n0, block_n)], acc, mask=mask)
+
+
+def _qk_norm_rope_kernel(qkv_ref, qn_ref, kn_ref, cs_ref, pos_ref, slot_ref, kc_in, vc_in,
+                         q_ref, kc_ref, vc_ref, *, m: int, hq: int, hkv: int, d: int, eps: float,
+                         block_m: int):
+    """Split variant, kernel 2: per (token block, head) epilogue on the f32 qkv [m, n]."""
+    del kc_in, vc_in
+    half = d // 2
+    m0 = C.pl.program_id(0) * block_m
+    j = C.pl.program_id(1)
+    rmask = ((m0 + jnp.arange(block_m)) < m)[:, None]
+    tok = C.pl.ds(m0, block_m)
+    lo = C.load(qkv_ref.at[tok, C.pl.ds(j * d, half)], mask=rmask, other=0)
+    hi = C.load(qkv_ref.at[tok, C.pl.ds(j * d + half, half)], mask=rmask, other=0)
+    _qkv_epilogue(lo, hi, j=j, m0=m0, qn_ref=qn_ref, kn_ref=kn_ref, cs_ref=cs_ref, pos_ref=pos_ref,
+                  slot_ref=slot_ref, q_ref=q_ref, kc_ref=kc_ref, vc_ref=vc_ref, m=m, hq=hq, hkv=hkv, d=d,
+                  eps=eps, block_m=block_m)
+
+
+def qkv_tiles(m: int, n: int, k: int, head_dim: int) -> MatmulTiles:
+    """Default tiles. Decode: the split variant - one program per head leaves most of the GPU
+    idle (Hq + 2 Hkv = 32 to 80 programs). On the H100, 8B shapes: batch 1 fused 65 us, split
+    22-25 us (XLA 34 us); batch 16 fused (dot) 80 us, split 36 us (XLA 34 us). m <= 16: the
+    projection tiles of `_common.matmul_tiles` (m == 16: 32 features, 256-element chunks);
+    16 < m < 64: MatmulTiles.default_for's (split); prefill (m >= 64, not measured yet): the
+    fused kernel with a tensor-core dot, one head per program."""
+    if m <= C.DOT_MIN_M:
+        return C.matmul_tiles(m, n, k, pair=True)
+    if m < 4 * C.DOT_MIN_M:
+        return MatmulTiles.default_for(m, n, k)
+    return dataclasses.replace(MatmulTiles.default_for(m, n, k), block_n=head_dim, block_k=64)
+
+
+def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, k_cache, v_cache, *,
+                num_heads: int, num_kv_heads: int, eps: float, tiles: MatmulTiles | None = None,
+                interpret: bool | None = None):
+    """-> (q [T, Hq, D] in x.dtype, k_cache, v_cache) with this step's k (normed, roped) and v at slots.
+
+    x [T, hidden]; norm_w [hidden]; w_qkv [(Hq + 2 Hkv) D, hidden] rows [q; k; v];
+    q_norm_w, k_norm_w [D]; cos_sin [max_pos, D] float32 ([:, :D/2] cos, [:, D/2:] sin);
+    positions, slots [T] int32 (slot = block * block_size + offset; -1 = not written);
+    k_cache, v_cache [num_blocks, block_size, Hkv, D]. tiles.block_n == D: one fused launch;
+    tiles.block_n < D: the split variant (two launches, more programs for the projection).
+    """
+    C.check(x.ndim == 2, f"rmsnorm_qkv: x: expected [T, hidden], got shape {x.shape}")
+    m, k = x.shape
+    C.check(q_norm_w.ndim == 1, f"rmsnorm_qkv: q_norm_w: expected [head_dim], got shape {q_norm_w.shape}")
+    d = q_norm_w.shape[0]
+    half = d // 2
+    C.check(d % 2 == 0 and half & (half - 1) == 0,
+            f"rmsnorm_qkv: head_dim={d}: expected twice a power of two (RoPE halves are loaded as blocks)")
+    hq, hkv = int(num_heads), int(num_kv_heads)
+    C.check(hq > 0 and hkv > 0 and hq % hkv == 0, f"rmsnorm_qkv: {num_heads=} must be a multiple of {num_kv_heads=}")
+    C.check_shape("rmsnorm_qkv: norm_w", norm_w, (k,))
+    C.check_shape("rmsnorm_qkv: w_qkv", w_qkv, ((hq + 2 * hkv) * d, k))
+    C.check_shape("rmsnorm_qkv: k_norm_w", k_norm_w, (d,))
+    C.check(cos_sin.ndim == 2 and cos_sin.shape[1] == d and cos_sin.dtype == jnp.float32,
+            f"rmsnorm_qkv: cos_sin: expected float32 [max_pos, {d}], got {cos_sin.dtype} {cos_sin.shape}")
+    C.check_shape("rmsnorm_qkv: positions", positions, (m,))
+    C.check_shape("rmsnorm_qkv: slots", slots, (m,))
+    C.check_int("rmsnorm_qkv: positions", positions)
+    C.check_int("rmsnorm_qkv: slots", slots)
+    C.check(k_cache.ndim == 4 and k_cache.shape[2:] == (hkv, d),
+            f"rmsnorm_qkv: k_cache: expected [num_blocks, block_size, {hkv}, {d}], got {k_cache.shape}")
+    C.check_shape("rmsnorm_qkv: v_cache", v_cache, k_cache.shape)
+    C.check_float("rmsnorm_qkv: x", x)
+    C.check_float("rmsnorm_qkv: w_qkv", w_qkv, x.dtype)
+    C.check_float("rmsnorm_qkv: k_cache", k_cache)
+    C.check_float("rmsnorm_qkv: v_cache", v_cache, k_cache.dtype)
+    t = tiles or qkv_tiles(m, w_qkv.shape[0], k, d)
+    C.check(t.block_n <= d, f"rmsnorm_qkv: tiles.block_n={t.block_n}: expected head_dim={d} "
+            f"(fused, one head per program) or less (split: projection kernel + per-head epilogue kernel)")
+
+    cache_shape = k_cache.shape
+    kc = k_cache.reshape(-1, hkv, d)  # [num_blocks * block_size, Hkv, D], free
+    vc = v_cache.reshape(-1, hkv, d)
+    heads = hq + 2 * hkv
+    grid = (C.pl.cdiv(m, t.block_m), heads)
+    out_shape = (jax.ShapeDtypeStruct((m, hq, d), x.dtype),
+                 jax.ShapeDtypeStruct(kc.shape, kc.dtype), jax.ShapeDtypeStruct(vc.shape, vc.dtype))
+    statics = dict(m=m, hq=hq, hkv=hkv, d=d, eps=float(eps), block_m=t.block_m)
+    if t.block_n == d:  # fused: one launch
+        kernel = functools.partial(_rmsnorm_qkv_kernel, k=k, block_k=t.block_k, **statics)
+        q, kc, vc = C.pallas_call(kernel, name="rmsnorm_qkv", grid=grid, out_shape=out_shape,
+                                  num_warps=t.num_warps, num_stages=t.num_stages, interpret=interpret,
+                                  input_output_aliases={8: 1, 9: 2})(
+            x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, kc, vc)
+    else:  # split: norm + projection with many programs, then the per-head epilogue
+        n = heads * d
+        lin = functools.partial(_norm_linear_kernel, m=m, n=n, k=k, eps=float(eps), block_m=t.block_m,
+                                block_n=t.block_n, block_k=t.block_k)
+        qkv = C.pallas_call(lin, name="rmsnorm_qkv_linear", grid=(grid[0], C.pl.cdiv(n, t.block_n)),
+                            out_shape=jax.ShapeDtypeStruct((m, n), C.F32), num_warps=t.num_warps,
+                            num_stages=t.num_stages, interpret=interpret)(x, norm_w, w_qkv)
+        epi = functools.partial(_qk_norm_rope_kernel, **statics)
+        q, kc, vc = C.pallas_call(epi, name="rmsnorm_qkv_epilogue", grid=grid, out_shape=out_shape,
+                                  num_warps=4, num_stages=1, interpret=interpret, input_output_aliases={6: 1, 7: 2})(
+            qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, kc, vc)
+    return q, kc.reshape(cache_shape), vc.reshape(cache_shape)
