@@ -17,6 +17,7 @@ same run that gives the fastest possible tok/s. Prefill is held against its roof
 from __future__ import annotations
 
 import gc
+import os
 import time
 from pathlib import Path
 
@@ -65,16 +66,23 @@ def prefill_floor_tok_s(cfg: Qwen3Config, batch: int, prompt_len: int, copy_GBps
 # ----- the twins through the Runner interface -------------------------------------------------
 
 def load_twin(impl: str, path: Path):
+    """The twin as a user gets it: "fused" = fused="auto" on a GPU (each twin's measured choice;
+    every op fused in torch_impl, per op and shape in jax_impl), fused=True in interpreter mode."""
     framework, kind = impl.split("-")
+    fused = False if kind == "plain" else ("auto" if _on_gpu() else True)
     if framework == "jax":
         import jax_impl
 
-        return jax_impl.load(path, dtype="bfloat16", fused=kind == "fused")
+        return jax_impl.load(path, dtype="bfloat16", fused=fused)
     import torch_impl
 
     if not hasattr(torch_impl, "load"):
         raise Unavailable("torch_impl has no load() yet")
-    return torch_impl.load(path, dtype="bfloat16", fused=kind == "fused")
+    return torch_impl.load(path, dtype="bfloat16", fused=fused)
+
+
+def _on_gpu() -> bool:
+    return os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("JAX_PLATFORMS") != "cpu"
 
 
 def run_twin(runner, prompts, new_tokens: int) -> dict:
