@@ -109,15 +109,8 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, tiles=N
     else:
         k = k_cache[block_tables].reshape(b, -1, *k_cache.shape[2:])  # [B, max_blocks*block_size, Hkv, D]
         v = v_cache[block_tables].reshape(b, -1, *v_cache.shape[2:])
-    # Multiply-and-reduce rather than einsum: a dot_general here makes XLA transpose the whole
-    # cache into [B, Hkv, S, D] on every step (a copy per layer); the reductions read it in place.
-    hkv, d = k.shape[2], k.shape[3]
-    qg = q.reshape(b, 1, hkv, -1, d).astype(F32)  # [B, 1, Hkv, G, D]
-    s = jnp.sum(qg * k[:, :, :, None, :].astype(F32), axis=-1) * (1.0 / d ** 0.5)  # [B, S, Hkv, G]
-    valid = jnp.arange(k.shape[1])[None, :, None, None] < context_lens[:, None, None, None]
-    p = jax.nn.softmax(jnp.where(valid, s, -jnp.inf), axis=1)
-    o = jnp.sum(p[..., None] * v[:, :, :, None, :].astype(F32), axis=1)  # [B, Hkv, G, D]
-    return o.reshape(q.shape).astype(q.dtype)
+    mask = jnp.arange(k.shape[1])[None, None, :] < context_lens[:, None, None]
+    return _softmax_attend(q[:, None], k, v, mask)[:, 0]
 
 
 def prefill_attention(q, k, v, lengths):
