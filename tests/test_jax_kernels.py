@@ -10,7 +10,6 @@ q/k-norm weights are realistic (tens, up to 96: see common.checkpoint's "realist
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import numpy as np
@@ -20,39 +19,15 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 from common import reference as R  # noqa: E402
-from common.config import PRESETS, shrink  # noqa: E402
 from common.tiles import AttentionTiles, MatmulTiles  # noqa: E402
 from common.tolerances import assert_close, assert_lowp_close  # noqa: E402
 from jax_impl import kernels as K  # noqa: E402
 from jax_impl import ops_plain as P  # noqa: E402
+import kernel_shapes as _shared  # noqa: E402
+from kernel_shapes import EPS, GPU_SHAPES, THETA, Shape  # noqa: E402
 
-EPS = 1e-6
-THETA = 1_000_000.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    name: str
-    hidden: int
-    inter: int
-    hq: int
-    hkv: int
-    d: int
-
-
-def _from_cfg(name, cfg):
-    return Shape(name, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                 cfg.num_key_value_heads, cfg.head_dim)
-
-
-CPU_SHAPES = [
-    _from_cfg("0.6B/8", shrink(PRESETS["Qwen3-0.6B"])),  # hidden 128, inter 384, GQA 2:1, D 128
-    _from_cfg("4B/8", shrink(PRESETS["Qwen3-4B"])),      # hidden 320, inter 1216, GQA 4:1, D 128
-    Shape("h96-i97", 96, 97, 4, 2, 64),
-    Shape("h160-i384", 160, 384, 8, 2, 64),
-    Shape("h111-i97", 111, 97, 4, 1, 64),
-]
-GPU_SHAPES = [_from_cfg(name, cfg) for name, cfg in PRESETS.items()]
+# The shared list plus one more awkward shape (hidden 160, many q heads per kv head).
+CPU_SHAPES = _shared.CPU_SHAPES[:3] + [Shape("h160-i384", 160, 384, 8, 2, 64)] + _shared.CPU_SHAPES[3:]
 
 
 @functools.lru_cache(maxsize=64)

@@ -10,7 +10,6 @@ q/k-norm weights are realistic (tens, up to 96), as common.checkpoint's "realist
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import zlib
@@ -22,7 +21,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from common import reference as R  # noqa: E402
-from common.config import PRESETS, shrink  # noqa: E402
+from kernel_shapes import CPU_SHAPES, EPS, GPU_SHAPES, THETA, Shape  # noqa: E402,F401
 from common.tiles import AttentionTiles, MatmulTiles  # noqa: E402
 from common.tolerances import assert_close, assert_lowp_close  # noqa: E402
 from torch_impl import kernels as K  # noqa: E402
@@ -33,33 +32,7 @@ from torch_impl.kernels.prefill_attention import PrefillTiles  # noqa: E402
 qkv_mod = importlib.import_module("torch_impl.kernels.rmsnorm_qkv")
 decode_mod = importlib.import_module("torch_impl.kernels.decode_attention")
 
-EPS = 1e-6
-THETA = 1_000_000.0
 MAX_POS = 40960
-
-
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    name: str
-    hidden: int
-    inter: int
-    hq: int
-    hkv: int
-    d: int
-
-
-def _from_cfg(name, cfg):
-    return Shape(name, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                 cfg.num_key_value_heads, cfg.head_dim)
-
-
-CPU_SHAPES = [
-    _from_cfg("0.6B/8", shrink(PRESETS["Qwen3-0.6B"])),  # hidden 128, inter 384, GQA 2:1, D 128
-    _from_cfg("4B/8", shrink(PRESETS["Qwen3-4B"])),      # hidden 320, inter 1216, GQA 4:1, D 128
-    Shape("h96-i97", 96, 97, 4, 2, 64),
-    Shape("h111-i97", 111, 97, 4, 1, 64),
-]
-GPU_SHAPES = [_from_cfg(name, cfg) for name, cfg in PRESETS.items()]
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 

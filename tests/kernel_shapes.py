@@ -1,0 +1,34 @@
+"""Shapes and constants the kernel tests of both twins share (one list, two frameworks)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from common.config import PRESETS, shrink
+
+EPS = 1e-6
+THETA = 1_000_000.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    name: str
+    hidden: int
+    inter: int
+    hq: int
+    hkv: int
+    d: int
+
+
+def from_config(name, cfg) -> Shape:
+    return Shape(name, cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                 cfg.num_key_value_heads, cfg.head_dim)
+
+
+CPU_SHAPES = [
+    from_config("0.6B/8", shrink(PRESETS["Qwen3-0.6B"])),  # hidden 128, inter 384, GQA 2:1, D 128
+    from_config("4B/8", shrink(PRESETS["Qwen3-4B"])),      # hidden 320, inter 1216, GQA 4:1, D 128
+    Shape("h96-i97", 96, 97, 4, 2, 64),
+    Shape("h111-i97", 111, 97, 4, 1, 64),
+]
+GPU_SHAPES = [from_config(name, cfg) for name, cfg in PRESETS.items()]  # all six presets, full size
