@@ -23,6 +23,7 @@ Bad input is a one-line `error:` on stderr naming the flag or file (exit 2); Ctr
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -186,6 +187,8 @@ def run(load_fn: Callable, argv=None, *, prog: str | None = None, out: TextIO | 
         err: TextIO | None = None) -> int:
     """The whole command; returns the exit status (0, 2 bad input, 130 interrupted)."""
     out, err = out or sys.stdout, err or sys.stderr
+    # The twins log their one fused-or-plain choice at INFO: show it on stderr.
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=err)
     try:
         args = build_parser(prog).parse_args(argv)
     except SystemExit as e:  # usage errors (exit 2) and --help (exit 0), already printed by argparse
