@@ -24,7 +24,14 @@ def rms_norm(x, weight, eps: float):
 
 
 def linear(x, w):
-    """x @ w.T with w in the [out, in] layout; float32 accumulation, result in x.dtype."""
+    """x @ w.T with w in the [out, in] layout; float32 accumulation, result in x.dtype.
+
+    A single token row (batch-1 decode) is written as multiply-and-reduce: XLA's row-reduction
+    emitter streams the weight faster than its GEMV on the H100 (Qwen3-8B batch-1 decode 171 tok/s
+    against 155 with the dot) and takes the producing RMSNorm into the same kernel.
+    """
+    if x.ndim == 2 and x.shape[0] == 1:
+        return jnp.sum(x.astype(F32)[:, None, :] * w.astype(F32)[None], axis=-1).astype(x.dtype)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
                                preferred_element_type=F32).astype(x.dtype)
 

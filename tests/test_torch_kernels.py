@@ -302,7 +302,10 @@ class TestKernelsInterpret(KernelTests):
                  (19, MatmulTiles(16, 64, 64))]   # whole half-heads per program
     MM_TILES = [(3, MatmulTiles(1, 16, 32)), (19, MatmulTiles(16, 32, 32)), (19, MatmulTiles(32, 64, 64)),
                 (5, MatmulTiles(16, 64, 32))]  # the last: weights as the left operand (block_n >= 64)
-    ATTN = [(1, None), (3, AttentionTiles(block_kv=16, num_splits=4)), (3, AttentionTiles(block_kv=32))]
+    # Splits in use follow each sequence's length (>= 2 blocks of keys each): with 4 splits of 16
+    # keys the lengths 1..80 use 1 or 2 of them; with 2 splits both are used from 32 keys on.
+    ATTN = [(1, None), (3, AttentionTiles(block_kv=16, num_splits=4)), (3, AttentionTiles(block_kv=16, num_splits=2)),
+            (3, AttentionTiles(block_kv=32))]
     PREFILL = [("contiguous", None), ("kv_slots", PrefillTiles(16, 16)), ("block_tables", PrefillTiles(16, 32))]
     CONTEXT = 72
     BLOCK_SIZE = 16

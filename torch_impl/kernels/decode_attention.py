@@ -6,7 +6,9 @@ q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B
 group of query heads is padded to 16 rows so both products run on tensor cores, and an
 online softmax streams `block_kv` keys per step. With num_splits > 1 (flash-decoding, for long
 contexts at small batch) each split parks (max, sum, acc) in float32 and the last split of a
-(sequence, kv head) to arrive merges them - one launch either way. Sequences with
+(sequence, kv head) to arrive merges them - one launch either way. num_splits is fixed when a
+CUDA graph is captured; at run time a sequence uses only as many splits as give each at least
+MIN_SPLIT_BLOCKS blocks of keys, so a short context runs in one program with nothing to merge. Sequences with
 context_lens 0 (CUDA-graph padding) produce zeros and read nothing.
 """
 
@@ -25,6 +27,7 @@ from torch_impl.kernels._common import (check, check_cache, check_device, check_
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _MAX_COUNTERS = 1 << 16
+MIN_SPLIT_BLOCKS = 2  # a split covers at least this many blocks of keys: shorter contexts use fewer splits
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile never produces NaN
 
 
@@ -41,7 +44,8 @@ def _decode_attention_kernel(
     stride_qb, stride_qh, stride_cslot, stride_ch, stride_bt, stride_ob, stride_oh,
     scale,
     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-    BLOCK_KV: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr, W: tl.constexpr,
+    BLOCK_KV: tl.constexpr, SPLITS: tl.constexpr, MIN_SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
+    W: tl.constexpr,
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -53,8 +57,11 @@ def _decode_attention_kernel(
     g_ok = offs_g < G
     d_ok = offs_d < D
     ctx = tl.load(cl_ptr + b)
-    chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_KV) * BLOCK_KV
-    start = split * chunk
+    # Splits that get keys: at most SPLITS, each with at least MIN_SPLIT_BLOCKS blocks (short
+    # contexts run in one program, with no partials to merge); the others have nothing to do.
+    active = tl.minimum(tl.maximum(ctx // (MIN_SPLIT_BLOCKS * BLOCK_KV), 1), SPLITS)
+    chunk = tl.cdiv(tl.cdiv(ctx, active), BLOCK_KV) * BLOCK_KV
+    start = split * chunk  # >= ctx for the inactive splits (active * chunk >= ctx): an empty loop
     end = tl.minimum(ctx, start + chunk)
 
     heads = kvh * G + offs_g
@@ -86,10 +93,11 @@ def _decode_attention_kernel(
     _jit.release_next(PDL)
     out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     o_mask = g_ok[:, None] & d_ok[None, :]
-    if SPLITS == 1:
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out, _jit.cast(o, out.dtype.element_ty, PRECISION), mask=o_mask)
-    else:
+    if active == 1:
+        if split == 0:
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out, _jit.cast(o, out.dtype.element_ty, PRECISION), mask=o_mask)
+    elif split < active:
         row = (b * HKV + kvh) * SPLITS
         part = part_ptr + offs_g[:, None] * W
         tl.store(part + (row + split) * G_PAD * W + offs_d[None, :], acc)
@@ -97,14 +105,14 @@ def _decode_attention_kernel(
         tl.store(part_ptr + (row + split) * G_PAD * W + offs_g * W + D_P + 1, l_i)
         tl.debug_barrier()  # every thread's partials are stored before the release below
         arrived = tl.atomic_add(count_ptr + b * HKV + kvh, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:  # the last split merges all of them
+        if arrived == active - 1:  # the last split merges all of them
             m_all = tl.full([G_PAD], NEG, tl.float32)
-            for s_ in range(SPLITS):
+            for s_ in range(active):
                 m_s = tl.load(part_ptr + (row + s_) * G_PAD * W + offs_g * W + D_P, cache_modifier=".cg")
                 m_all = tl.maximum(m_all, m_s)
             l_all = tl.zeros([G_PAD], tl.float32)
             o = tl.zeros([G_PAD, D_P], tl.float32)
-            for s_ in range(SPLITS):
+            for s_ in range(active):
                 base = part_ptr + (row + s_) * G_PAD * W
                 w_s = tl.exp(tl.load(base + offs_g * W + D_P, cache_modifier=".cg") - m_all)
                 l_all += w_s * tl.load(base + offs_g * W + D_P + 1, cache_modifier=".cg")
@@ -169,7 +177,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         k_cache.shape[0], bs, max_blocks,
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), 1.0 / math.sqrt(d),
-        HKV=hkv, G=group, G_PAD=g_pad, D=d, D_P=d_p, BLOCK_KV=tiles.block_kv, SPLITS=splits, W=d_p + 2,
+        HKV=hkv, G=group, G_PAD=g_pad, D=d, D_P=d_p, BLOCK_KV=tiles.block_kv, SPLITS=splits,
+        MIN_SPLIT_BLOCKS=MIN_SPLIT_BLOCKS, W=d_p + 2,
         PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **pdl_meta(q.device))
     return out
