@@ -44,8 +44,8 @@ def _decode_attention_kernel(
     stride_qb, stride_qh, stride_cslot, stride_ch, stride_bt, stride_ob, stride_oh,
     scale,
     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
-    BLOCK_KV: tl.constexpr, SPLITS: tl.constexpr, MIN_SPLIT_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
-    W: tl.constexpr,
+    BLOCK_KV: tl.constexpr, SPLITS: tl.constexpr, MIN_SPLIT_BLOCKS: tl.constexpr, ALIGNED: tl.constexpr,
+    PRECISION: tl.constexpr, W: tl.constexpr,
     PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -73,10 +73,17 @@ def _decode_attention_kernel(
     for j0 in range(start, end, BLOCK_KV):
         j = j0 + tl.arange(0, BLOCK_KV)  # [BKV] key positions
         j_ok = j < end
-        blk = tl.load(bt_ptr + b * stride_bt + j // block_size, mask=j_ok & (j // block_size < max_blocks),
-                      other=-1).to(tl.int64)
-        j_ok = j_ok & (blk >= 0) & (blk < num_blocks)  # never read outside the cache
-        rows = blk * block_size + j % block_size
+        if ALIGNED:  # the tile lies in one cache block: one block id, contiguous rows
+            col = j0 // block_size
+            blk = tl.load(bt_ptr + b * stride_bt + tl.minimum(col, max_blocks - 1)).to(tl.int64)
+            blk_v = tl.zeros([BLOCK_KV], tl.int64) + blk  # (a splat: a scalar & vector mask trips the interpreter)
+            j_ok = j_ok & (j // block_size < max_blocks) & (blk_v >= 0) & (blk_v < num_blocks)  # stay in the cache
+            rows = blk * block_size + (j0 % block_size) + tl.arange(0, BLOCK_KV)
+        else:
+            blk = tl.load(bt_ptr + b * stride_bt + j // block_size, mask=j_ok & (j // block_size < max_blocks),
+                          other=-1).to(tl.int64)
+            j_ok = j_ok & (blk >= 0) & (blk < num_blocks)
+            rows = blk * block_size + j % block_size
         kv_off = rows[:, None] * stride_cslot + kvh * stride_ch + offs_d[None, :]
         kv_mask = j_ok[:, None] & d_ok[None, :]
         k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)  # [BKV, D_P]
@@ -178,7 +185,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), 1.0 / math.sqrt(d),
         HKV=hkv, G=group, G_PAD=g_pad, D=d, D_P=d_p, BLOCK_KV=tiles.block_kv, SPLITS=splits,
-        MIN_SPLIT_BLOCKS=MIN_SPLIT_BLOCKS, W=d_p + 2,
+        MIN_SPLIT_BLOCKS=MIN_SPLIT_BLOCKS, ALIGNED=bs % tiles.block_kv == 0, W=d_p + 2,
         PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **pdl_meta(q.device))
     return out
