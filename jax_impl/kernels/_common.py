@@ -72,18 +72,23 @@ def matmul_tiles(m: int, n: int, k: int, *, pair: bool = False) -> MatmulTiles:
     """Default tiles of the projection kernels (o_proj, gate/up, down, split QKV), as measured
     on an H100 with bench/jax_kernels_probe.py at 0.6B and 8B shapes.
 
-    m == 1 (multiply and reduce): K below 4096 (0.6B-sized layers), 2 output features per
-    program and 2048-element chunks (0.6B per op against 4 features: qkv 6.9 vs 7.1 us, gate/up
-    6.3 vs 6.6, down 4.6 vs 5.1, o_proj 3.7 vs 4.0); K a multiple of 4096, 4 features and the
-    whole 4096 with 8 warps (8B: gate/up 97%, down 92% of the copy bandwidth, against 76-79%
-    with block_n=16, block_k=512); otherwise 4 features, 2048-element chunks.
+    m == 1 (multiply and reduce), by the per-op times at 0.6B and 8B shapes:
+    - K below 4096 (0.6B-sized layers) and more outputs than inputs (qkv, gate/up): 2 output
+      features per program, 2048-element chunks (qkv 6.9 vs 7.1 us, gate/up 6.3 vs 6.6 with 4);
+    - K below 4096 and N <= K (o_proj, down): 4 features, a 4096-element chunk, 8 warps (o_proj
+      3.4 vs 4.0 us, down 4.7 vs 5.1);
+    - K a multiple of 4096: 4 features and the whole 4096 with 8 warps (8B: gate/up 97%, down
+      92% of the copy bandwidth, against 76-79% with block_n=16, block_k=512);
+    - otherwise 4 features, 2048-element chunks.
     1 < m < 16 (the same, a row at a time): 4 features, 2048-element chunks for K >= 4096, else 1024.
     m == 16 (tensor-core dot): 32 features, 512-element chunks, 3 stages; `pair` (gate and up
     tiles in one program) 256-element chunks, 2 stages. Larger m: MatmulTiles.default_for.
     """
     if m == 1:
-        if k < 4096:
+        if k < 4096 and n > k:
             return MatmulTiles(1, 2, min(2048, next_pow2(k)), num_warps=4, num_stages=2)
+        if k < 4096:
+            return MatmulTiles(1, 4, 4096, num_warps=8, num_stages=2)
         if k % 4096 == 0:
             return MatmulTiles(1, 4, 4096, num_warps=8, num_stages=2)
         return MatmulTiles(1, 4, _chunk(k, 2048), num_warps=4, num_stages=2)

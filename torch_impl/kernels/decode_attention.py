@@ -100,7 +100,10 @@ def _decode_attention_kernel(
     _jit.release_next(PDL)
     out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     o_mask = g_ok[:, None] & d_ok[None, :]
-    if active == 1:
+    if SPLITS == 1:
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out, _jit.cast(o, out.dtype.element_ty, PRECISION), mask=o_mask)
+    elif active == 1:
         if split == 0:
             o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
             tl.store(out, _jit.cast(o, out.dtype.element_ty, PRECISION), mask=o_mask)
