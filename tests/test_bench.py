@@ -158,3 +158,15 @@ def test_jax_kernel_chain_lowers_for_cuda():
         lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 2 * n, "expected the two MLP kernels per layer as Triton calls"
     assert "optimization_barrier" in text
+
+
+def test_jax_decode_profile_smoke(tmp_path):
+    """The decode-step profiler runs the real generation programs (tiny shapes on CPU) and writes JSON."""
+    from bench import jax_decode_profile
+
+    out = tmp_path / "profile.json"
+    assert jax_decode_profile.main(["--smoke", "--presets", "Qwen3-0.6B", "--fused", "plain", "--steps", "4",
+                                    "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["preset"] == "Qwen3-0.6B" and row["fused"] == "plain" and row["batch"] == 1
+    assert row["tok_s"] > 0 and row["us_per_step"] > 0 and "kernels" in row
