@@ -8,8 +8,8 @@ online softmax streams `block_kv` keys per step. With num_splits > 1 (flash-deco
 contexts at small batch) each split parks (max, sum, acc) in float32 and the last split of a
 (sequence, kv head) to arrive merges them - one launch either way. num_splits is fixed when a
 CUDA graph is captured; at run time a sequence uses only as many splits as give each at least
-MIN_SPLIT_BLOCKS blocks of keys, so a short context runs in one program with nothing to merge. Sequences with
-context_lens 0 (CUDA-graph padding) produce zeros and read nothing.
+MIN_SPLIT_BLOCKS blocks of keys, so a short context runs in one program with nothing to merge.
+Sequences with context_lens 0 (CUDA-graph padding) produce zeros and read nothing.
 """
 
 from __future__ import annotations
