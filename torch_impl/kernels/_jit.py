@@ -99,11 +99,13 @@ def dot(a, b, acc, PRECISION: tl.constexpr):
 
 @triton.jit
 def _mma(acc, h, w, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """acc [BM, BN] += h [BM, BK] @ w [BN, BK].T: a tensor-core dot (BM >= 16), or for one token row a
-    multiply-and-reduce over K (streams W without padding the row to 16)."""
+    """acc [BM, BN] += h [BM, BK] @ w [BN, BK].T: a tensor-core dot (BM >= 16), or for one token row
+    (BM == 1) a multiply-and-reduce over K (streams W without padding the row to 16)."""
     if USE_DOT:
-        return dot(h, tl.trans(w), acc, PRECISION)
-    return acc + tl.sum(h.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+        acc = dot(h, tl.trans(w), acc, PRECISION)
+    else:  # one row (BM == 1): a 2-D product [BN, BK] reduced over K, no 3-D broadcast
+        acc = acc + tl.sum(w.to(tl.float32) * h.to(tl.float32), axis=1)[None, :]
+    return acc
 
 
 @triton.jit
@@ -147,31 +149,32 @@ def project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm,
                 acc_b = _mma(acc_b, h, load_rows(w_ptr, rows_b, r_ok, k0, k_ok, stride_wn, BLOCK_K), True,
                              PRECISION)
         return acc_a, acc_b
-    k_ok = k_mask(0, K, BLOCK_K, EVEN_K)
-    w_a = load_rows(w_ptr, rows_a, r_ok, 0, k_ok, stride_wn, BLOCK_K)  # [BN, BK]
-    w_b = w_a
-    if TWO:
-        w_b = load_rows(w_ptr, rows_b, r_ok, 0, k_ok, stride_wn, BLOCK_K)
-    wait_prior(PDL)
-    if NORM:
-        rstd = row_rstd(x_ptr, offs_m, m_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K, EVEN_K)
-    else:
-        rstd = tl.zeros([BLOCK_M], tl.float32)
-    if ONE_SHOT:  # K <= BLOCK_K: the whole slab is already in flight
-        h = load_x(x_ptr, nw_ptr, offs_m, m_ok, 0, k_ok, stride_xm, rstd, NORM, BLOCK_K, PRECISION)
-        acc_a = _mma(acc_a, h, w_a, False, PRECISION)
+    else:  # one token row (code after a constexpr branch's return is still compiled: keep it in else)
+        k_ok = k_mask(0, K, BLOCK_K, EVEN_K)
+        w_a = load_rows(w_ptr, rows_a, r_ok, 0, k_ok, stride_wn, BLOCK_K)  # [BN, BK]
+        w_b = w_a
         if TWO:
-            acc_b = _mma(acc_b, h, w_b, False, PRECISION)
+            w_b = load_rows(w_ptr, rows_b, r_ok, 0, k_ok, stride_wn, BLOCK_K)
+        wait_prior(PDL)
+        if NORM:
+            rstd = row_rstd(x_ptr, offs_m, m_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K, EVEN_K)
+        else:
+            rstd = tl.zeros([BLOCK_M], tl.float32)
+        if ONE_SHOT:  # K <= BLOCK_K: the whole slab is already in flight
+            h = load_x(x_ptr, nw_ptr, offs_m, m_ok, 0, k_ok, stride_xm, rstd, NORM, BLOCK_K, PRECISION)
+            acc_a = _mma(acc_a, h, w_a, False, PRECISION)
+            if TWO:
+                acc_b = _mma(acc_b, h, w_b, False, PRECISION)
+            return acc_a, acc_b
+        for k0 in range(0, K, BLOCK_K):
+            h = load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_mask(k0, K, BLOCK_K, EVEN_K), stride_xm, rstd, NORM,
+                       BLOCK_K, PRECISION)  # [BM, BK]
+            nk_ok = (k0 + BLOCK_K + tl.arange(0, BLOCK_K)) < K
+            n_a = load_rows(w_ptr, rows_a, r_ok, k0 + BLOCK_K, nk_ok, stride_wn, BLOCK_K)
+            acc_a = _mma(acc_a, h, w_a, False, PRECISION)
+            w_a = n_a
+            if TWO:
+                n_b = load_rows(w_ptr, rows_b, r_ok, k0 + BLOCK_K, nk_ok, stride_wn, BLOCK_K)
+                acc_b = _mma(acc_b, h, w_b, False, PRECISION)
+                w_b = n_b
         return acc_a, acc_b
-    for k0 in range(0, K, BLOCK_K):
-        h = load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_mask(k0, K, BLOCK_K, EVEN_K), stride_xm, rstd, NORM,
-                   BLOCK_K, PRECISION)  # [BM, BK]
-        nk_ok = (k0 + BLOCK_K + tl.arange(0, BLOCK_K)) < K
-        n_a = load_rows(w_ptr, rows_a, r_ok, k0 + BLOCK_K, nk_ok, stride_wn, BLOCK_K)
-        acc_a = _mma(acc_a, h, w_a, False, PRECISION)
-        w_a = n_a
-        if TWO:
-            n_b = load_rows(w_ptr, rows_b, r_ok, k0 + BLOCK_K, nk_ok, stride_wn, BLOCK_K)
-            acc_b = _mma(acc_b, h, w_b, False, PRECISION)
-            w_b = n_b
-    return acc_a, acc_b
