@@ -10,10 +10,13 @@
   report   merge results of several runs (say one per model) into one folder: JSON, table, plots
 
 Every run also measures the two ceilings (device-to-device copy, bf16 matmul) and records the
-GPU, driver, library versions, date and git commit. Needs a CUDA GPU, except with --smoke (tiny
-shapes in interpreter mode on CPU, a few repeats: keeps the code alive in CI). Results go to
---out (default bench/results/<gpu>/): bench.json, bench.md, decode.png, kernels_bw.png; the
-JSON is rewritten after every row, so a run cut short keeps what it measured.
+GPU, driver, library versions, date and git commit. The ceilings of each framework, every decode
+job (one implementation on one model) and the kernel rows of each framework run in a Python
+process of their own (bench/isolate.py says why; --in-process runs them all in this one). Needs
+a CUDA GPU, except with --smoke (tiny shapes in interpreter mode on CPU, a few repeats: keeps the
+code alive in CI). Results go to --out (default bench/results/<gpu>/): bench.json, bench.md,
+decode.png, kernels_bw.png; the JSON is rewritten after every row, so a run cut short keeps what
+it measured.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def _early_env(argv: list[str]) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels in the interpreter on CPU
         os.environ.setdefault("JAX_PLATFORMS", "cpu")  # Pallas in interpret mode
     else:
-        # jax and torch share the GPU in one process: jax must not grab 75% of it up front.
+        # jax must not grab 75% of the GPU up front: this process and, with --in-process, the
+        # jobs hold jax and torch side by side.
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
@@ -79,6 +83,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt-dir", type=Path, help="where random checkpoints are written and reused")
     p.add_argument("--commit", help="git commit to record when the tree has no .git")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every job in this process (debugging; the old behaviour) instead of one process per job")
     return p
 
 
@@ -132,11 +138,24 @@ def _checkpoint(name: str, cfg, a, tmp: Path) -> Path:
     return random_checkpoint(name, root=a.ckpt_dir or DEFAULT_DIR)
 
 
+def _ceilings(a) -> dict:
+    """Each framework's copy and matmul ceilings (in a process of its own unless --in-process)."""
+    from bench import env, isolate
+
+    by: dict = {}
+    for fw in ("torch", "jax"):
+        got: list = []
+        failure = isolate.run_job(dict(kind="ceilings", framework=fw, smoke=a.smoke, quick=a.quick),
+                                  emit=got.append, in_process=a.in_process, progress=_progress)
+        by.update(got[0]["by_framework"] if got else {fw: {"error": failure or "the job reported nothing"}})
+    return env.combine_ceilings(by)
+
+
 def run(a) -> int:
-    from bench import decode, env, kernels, report
+    from bench import decode, env, isolate, kernels, report
     from bench.timing import TimingPlan
 
-    t_start = time.monotonic()
+    t_start, t_start_unix = time.monotonic(), time.time()
     if a.smoke:
         gpu_name = "cpu-smoke"
     else:
@@ -158,29 +177,40 @@ def run(a) -> int:
     new_tokens = a.new_tokens or (4 if a.smoke else 64 if a.quick else 256)
     prompt_len = 8 if a.smoke else 16
     runs = 1 if a.smoke else 2 if a.quick else 3
-    deadline = t_start + a.budget_s if a.budget_s else None
+    # wall clock, not time.monotonic(): the jobs' processes compare against it
+    deadline_unix = t_start_unix + a.budget_s if a.budget_s else None
     if a.smoke:
         plan = TimingPlan(repeats=2, target_s=0.0, max_iters=1, warmup=1)
-        ks = kernels.Settings(plan, min_bytes=0, max_layers=2, deadline=deadline)
+        ks = kernels.Settings(plan, min_bytes=0, max_layers=2)
     else:
         plan = TimingPlan(repeats=5, target_s=0.01, warmup=2) if a.quick else TimingPlan(repeats=15, target_s=0.02)
-        ks = kernels.Settings(plan, deadline=deadline)
+        ks = kernels.Settings(plan)
     out = a.out or REPO / "bench" / "results" / env.slug(gpu_name)
     settings = dict(command=a.command, models=list(models), smoke=a.smoke, quick=a.quick, ops=ops,
                     frameworks=frameworks, impls=impls, batches=batches, prefill=prefill, hf_batches=hf_batches,
                     ctx=ctx, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs,
-                    timing=dataclasses.asdict(plan), min_layer_bytes=ks.min_bytes, budget_s=a.budget_s)
+                    timing=dataclasses.asdict(plan), min_layer_bytes=ks.min_bytes, budget_s=a.budget_s,
+                    isolation="in-process" if a.in_process else "process per job")
     res = report.Results(out, env.collect(smoke=a.smoke, commit=a.commit, argv=a.argv), settings)
-    _progress(f"python -m bench {a.command}: {gpu_name}; results in {out}")
+    _progress(f"python -m bench {a.command}: {gpu_name}; results in {out}"
+              + ("; every job in this process" if a.in_process else "; every job in a process of its own"))
     torch_device = _torch_device(a.smoke)
-    ceilings = env.measure_ceilings(smoke=a.smoke, quick=a.quick, log=_progress)
+    ceilings = _ceilings(a)
     res.set_ceilings(ceilings)
     _progress(f"ceilings: copy {ceilings.get('copy_GBps') or 0:,.0f} GB/s, bf16 matmul "
               f"{ceilings.get('matmul_TFLOPs') or 0:,.1f} TFLOP/s")
+    shared = dict(ceilings=ceilings, torch_device=torch_device, deadline_unix=deadline_unix)
 
     if a.command in ("kernels", "all"):
         cases = kernels.make_cases(models, ops, batches, prefill, ctx)
-        kernels.run(cases, frameworks, ks, ceilings, torch_device=torch_device, emit=res.add, progress=_progress)
+        cfgs = {m: dataclasses.asdict(c) for m, c in models.items()}
+        st = {k: v for k, v in dataclasses.asdict(ks).items() if k != "deadline"}
+        no_figures = {p: {} for p in kernels.PROVIDERS}
+        for fw in frameworks:  # one job per framework: its rows of every case
+            job = dict(shared, kind="kernels", framework=fw, models=cfgs, ops=ops, batches=batches,
+                       prefill=prefill, ctx=ctx, settings=st)
+            expected = [r for c in cases for r in kernels.case_rows(fw, c, no_figures, ceilings)]
+            isolate.run_job(job, emit=res.add, expected=expected, in_process=a.in_process, progress=_progress)
 
     if a.command in ("decode", "all"):
         with tempfile.TemporaryDirectory(prefix="bench-smoke-ckpt-") as tmp:
@@ -189,33 +219,28 @@ def run(a) -> int:
             for k, (m, impl) in enumerate(jobs, start=1):
                 _progress(f"[{k}/{len(jobs)}] decode {impl} {m}")
                 bs = hf_batches if impl.startswith("hf") else batches
-                if impl in smoke_skip:
-                    for b in bs:
-                        res.add(dict(kind="decode", impl=impl, label=decode.IMPLS[impl], model=m, batch=b,
-                                     prompt_len=prompt_len, new_tokens=new_tokens,
-                                     error=f"skipped in --smoke: {smoke_skip[impl]} (ask with --impls)"))
-                    continue
-                try:
-                    if m not in paths:
-                        paths[m] = _checkpoint(m, models[m], a, Path(tmp))
-                except Exception as e:  # noqa: BLE001
-                    paths[m] = e
-                if isinstance(paths[m], Exception):
-                    for b in bs:
-                        res.add(dict(kind="decode", impl=impl, label=decode.IMPLS[impl], model=m, batch=b,
-                                     prompt_len=prompt_len, new_tokens=new_tokens,
-                                     error=f"checkpoint: {type(paths[m]).__name__}: {paths[m]}"))
-                    continue
+                expected = [dict(decode.base_row(impl, m, prompt_len=prompt_len, new_tokens=new_tokens,
+                                                 ceilings=ceilings), batch=b) for b in bs]
                 dev = torch_device if (impl.startswith("hf") or impl.startswith("torch")) else "-"
-                if dev is None:
-                    for b in bs:
-                        res.add(dict(kind="decode", impl=impl, label=decode.IMPLS[impl], model=m, batch=b,
-                                     prompt_len=prompt_len, new_tokens=new_tokens,
-                                     error="unavailable: torch sees no CUDA GPU"))
+                if impl in smoke_skip:
+                    why = f"skipped in --smoke: {smoke_skip[impl]} (ask with --impls)"
+                elif dev is None:
+                    why = "unavailable: torch sees no CUDA GPU"
+                else:  # the checkpoint (written here, once per model) or why there is none
+                    if m not in paths:
+                        try:
+                            paths[m] = _checkpoint(m, models[m], a, Path(tmp)).resolve()
+                        except Exception as e:  # noqa: BLE001
+                            paths[m] = f"checkpoint: {type(e).__name__}: {e}"
+                    why = paths[m] if isinstance(paths[m], str) else None
+                if why is not None:
+                    for r in expected:
+                        res.add(dict(r, error=why))
                     continue
-                decode.measure(impl, m, models[m], paths[m], bs, prompt_len=prompt_len, new_tokens=new_tokens,
-                               runs=runs, warmup=1, torch_device=dev, ceilings=ceilings, emit=res.add,
-                               progress=_progress, deadline=deadline)
+                job = dict(shared, kind="decode", impl=impl, model=m, cfg=dataclasses.asdict(models[m]),
+                           path=str(paths[m]), batches=bs, prompt_len=prompt_len, new_tokens=new_tokens,
+                           runs=runs, warmup=1, torch_device=dev)
+                isolate.run_job(job, emit=res.add, expected=expected, in_process=a.in_process, progress=_progress)
 
     try:
         md = report.finish(res.doc(), out, plot=not a.no_plots)

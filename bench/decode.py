@@ -1,4 +1,4 @@
-"""End-to-end greedy decode: the twins fused and plain, and the transformers peers, in one process.
+"""End-to-end greedy decode: the twins fused and plain, and the transformers peers.
 
 Every implementation runs the same random-weight checkpoint (timing does not depend on the
 weight values), the same prompts (`prompt_len` tokens per sequence) and `new_tokens` greedy
@@ -217,12 +217,17 @@ def free_memory() -> None:
         pass
 
 
+def base_row(impl: str, model: str, *, prompt_len: int, new_tokens: int, ceilings: dict) -> dict:
+    """The fields every decode row of `impl` on `model` carries (add batch and figures or error)."""
+    return dict(kind="decode", impl=impl, label=IMPLS[impl], model=model, prompt_len=prompt_len,
+                new_tokens=new_tokens, dtype="bfloat16", ceiling_copy_GBps=ceilings.get("copy_GBps"),
+                ceiling_matmul_TFLOPs=ceilings.get("matmul_TFLOPs"))
+
+
 def measure(impl: str, model: str, cfg: Qwen3Config, path: Path, batches, *, prompt_len: int, new_tokens: int,
             runs: int, warmup: int, torch_device: str, ceilings: dict, emit, progress, deadline=None) -> None:
     """Load `impl` once, time every batch size, emit one row per batch, free the memory."""
-    base = dict(kind="decode", impl=impl, label=IMPLS[impl], model=model, prompt_len=prompt_len,
-                new_tokens=new_tokens, dtype="bfloat16", ceiling_copy_GBps=ceilings.get("copy_GBps"),
-                ceiling_matmul_TFLOPs=ceilings.get("matmul_TFLOPs"))
+    base = base_row(impl, model, prompt_len=prompt_len, new_tokens=new_tokens, ceilings=ceilings)
     handle = None
     t0 = time.perf_counter()
     try:

@@ -214,6 +214,11 @@ def measure_ceilings(*, smoke: bool, quick: bool, frameworks=("torch", "jax"), l
             by[fw] = (_torch_ceilings if fw == "torch" else _jax_ceilings)(copy_bytes, mm, repeats)
         except Exception as e:  # noqa: BLE001 - recorded, the other framework may still measure
             by[fw] = {"error": f"{type(e).__name__}: {e}"}
+    return combine_ceilings(by)
+
+
+def combine_ceilings(by: dict[str, dict]) -> dict:
+    """The ceilings document from each framework's figures (or error): the best figure is used."""
     ok = [v for v in by.values() if "copy_GBps" in v]
     res = {"by_framework": by}
     res["copy_GBps"] = max((v["copy_GBps"] for v in ok), default=None)

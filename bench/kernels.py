@@ -352,13 +352,21 @@ def _finish(row: dict, c: Case, ceilings: dict) -> dict:
     return row
 
 
+def case_rows(fw: str, c: Case, res: dict[str, dict], ceilings: dict) -> list[dict]:
+    """The fused and plain rows of case `c` in framework `fw` from their figures (or errors)."""
+    base = dict(kind="kernel", framework=fw, op=c.op, model=c.model, phase=c.phase, tokens=c.tokens,
+                ctx=c.ctx if c.op == "decode_attention" else None, dtype="bfloat16")
+    rows = {p: _finish(dict(base, impl=p, **res[p]), c, ceilings) for p in PROVIDERS}
+    if rows["fused"].get("median_s") and rows["plain"].get("median_s"):
+        rows["fused"]["speedup_vs_plain"] = rows["plain"]["median_s"] / rows["fused"]["median_s"]
+    return [rows[p] for p in PROVIDERS]
+
+
 def run(cases: list[Case], frameworks, s: Settings, ceilings: dict, *, torch_device, emit, progress) -> None:
     """Time every case in every framework; `emit(row)` gets each row as soon as it is done."""
     jobs = [(fw, c) for c in cases for fw in frameworks]
     for k, (fw, c) in enumerate(jobs, start=1):
         progress(f"[{k}/{len(jobs)}] kernels {fw} {c.label}")
-        base = dict(kind="kernel", framework=fw, op=c.op, model=c.model, phase=c.phase, tokens=c.tokens,
-                    ctx=c.ctx if c.op == "decode_attention" else None, dtype="bfloat16")
         if s.deadline is not None and time.monotonic() > s.deadline:
             res = {p: dict(error="skipped: time budget (--budget-s) spent") for p in PROVIDERS}
         else:
@@ -370,8 +378,5 @@ def run(cases: list[Case], frameworks, s: Settings, ceilings: dict, *, torch_dev
             progress(f"    {time.perf_counter() - t0:.1f} s: " + ", ".join(
                 f"{p} {r['median_s'] * 1e6:.1f} us" if r.get("median_s") else f"{p} {r.get('error', '?')[:100]}"
                 for p, r in res.items()))
-        rows = {p: _finish(dict(base, impl=p, **res[p]), c, ceilings) for p in PROVIDERS}
-        if rows["fused"].get("median_s") and rows["plain"].get("median_s"):
-            rows["fused"]["speedup_vs_plain"] = rows["plain"]["median_s"] / rows["fused"]["median_s"]
-        for p in PROVIDERS:
-            emit(rows[p])
+        for row in case_rows(fw, c, res, ceilings):
+            emit(row)

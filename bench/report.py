@@ -126,6 +126,12 @@ def kernel_table(rows: list[dict]) -> str:
     lines = ["| framework | op | model | phase | T | fused us | plain us | speedup | fused GB/s (% copy) "
              "| fused TFLOP/s (% matmul) | fused % of roofline |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     keys = list(dict.fromkeys((r["framework"], r["op"], r["model"], r["phase"], r["tokens"]) for r in rows))
+    # each case's frameworks side by side, in the order the cases first appear (each framework's
+    # rows come from a process of its own, one framework after the other)
+    first: dict = {}
+    for k in keys:
+        first.setdefault(k[1:], len(first))
+    keys.sort(key=lambda k: first[k[1:]])
     for k in keys:
         pair = {r["impl"]: r for r in rows if (r["framework"], r["op"], r["model"], r["phase"], r["tokens"]) == k}
         f, p = pair.get("fused", {}), pair.get("plain", {})

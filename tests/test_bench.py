@@ -1,10 +1,12 @@
 """The benchmark suite stays alive on CPU: the --smoke run writes its results, compare flags
-regressions, and without a GPU (and without --smoke) the suite refuses to run."""
+regressions, and without a GPU (and without --smoke) the suite refuses to run. Each job runs in a
+process of its own: one that crashes or overruns the budget becomes error rows and the suite goes on."""
 
 from __future__ import annotations
 
 import copy
 import json
+import time
 
 import pytest
 
@@ -34,6 +36,8 @@ def test_smoke_writes_env_ceilings_and_files(smoke):
         assert env.get(key), f"env lacks {key}: {env}"
     assert "jax" in env["versions"] and "numpy" in env["versions"]
     assert run["ceilings"]["copy_GBps"] > 0 and run["ceilings"]["matmul_TFLOPs"] > 0, run["ceilings"]
+    assert set(run["ceilings"]["by_framework"]) == {"torch", "jax"}, run["ceilings"]
+    assert run["settings"]["isolation"] == "process per job"
     md = (out / report.MD_NAME).read_text()
     assert "| model | implementation |" in md and "| framework | op |" in md
     try:
@@ -170,3 +174,90 @@ def test_jax_decode_profile_smoke(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["preset"] == "Qwen3-0.6B" and row["fused"] == "plain" and row["batch"] == 1
     assert row["tok_s"] > 0 and row["us_per_step"] > 0 and "kernels" in row
+
+
+# ----- every job in a process of its own (bench/isolate.py) ---------------------------------------
+
+FAKE_WORKER = '''
+import json, os, signal, sys, time
+job, rows = json.load(open(sys.argv[1])), sys.argv[2]
+def row(**r):
+    with open(rows, "a") as f:
+        f.write(json.dumps(r) + "\\n")
+if job["kind"] == "ceilings":
+    row(by_framework={job["framework"]: dict(copy_GBps=10.0, matmul_TFLOPs=1.0)})
+elif job.get("impl") == "jax-plain" or job["kind"] == "test":
+    row(kind="decode", impl="jax-plain", model="Qwen3-0.6B", batch=1, prompt_len=8, new_tokens=4,
+        decode_tok_s=123.0)
+    print("boom: a simulated crash", file=sys.stderr, flush=True)
+    if job.get("how") == "sleep":
+        time.sleep(60)
+    if job.get("how") == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    sys.exit(3)
+else:
+    from bench import isolate
+    sys.exit(isolate.main(sys.argv[1:]))
+'''
+
+
+@pytest.fixture
+def fake_worker(tmp_path, monkeypatch):
+    from bench import isolate
+
+    script = tmp_path / "fake_worker.py"
+    script.write_text(FAKE_WORKER)
+    monkeypatch.setattr(isolate, "WORKER", (str(script),))
+    return isolate
+
+
+def test_crashing_child_becomes_error_rows_and_the_suite_goes_on(fake_worker, tmp_path):
+    out = tmp_path / "out"
+    assert main(["decode", "--smoke", "--impls", "jax-plain,torch-plain", "--batch", "1,2", "--out", str(out),
+                 "--no-plots"]) == 0
+    doc = json.loads((out / report.JSON_NAME).read_text())
+    assert doc["runs"][0]["ceilings"]["copy_GBps"] == 10.0
+    (done,), (lost,) = _rows(doc, impl="jax-plain", batch=1), _rows(doc, impl="jax-plain", batch=2)
+    assert done["decode_tok_s"] == 123.0 and "error" not in done, done
+    assert "exited with code 3" in lost["error"] and "boom: a simulated crash" in lost["error"], lost
+    torch_rows = _rows(doc, impl="torch-plain")
+    assert [r["batch"] for r in torch_rows] == [1, 2], torch_rows
+    assert all(r.get("decode_tok_s", 0) > 0 for r in torch_rows), torch_rows
+    assert "torch_impl, plain torch ops" in (out / report.MD_NAME).read_text()
+
+
+@pytest.mark.parametrize("how, expected", [
+    ("exit", "child process exited with code 3"),
+    ("kill", "child process killed by signal SIGKILL"),
+    ("sleep", "after the --budget-s deadline"),
+])
+def test_child_failures_name_the_cause(fake_worker, monkeypatch, how, expected):
+    monkeypatch.setattr(fake_worker, "KILL_MARGIN_S", 0.5)
+    expected_rows = [dict(kind="decode", impl="jax-plain", model="Qwen3-0.6B", batch=b, prompt_len=8, new_tokens=4)
+                     for b in (1, 2, 3)]
+    got = []
+    failure = fake_worker.run_job(dict(kind="test", how=how, deadline_unix=time.time() + 1), emit=got.append,
+                                  expected=expected_rows)
+    assert expected in failure and "boom" in failure, failure
+    assert [r["batch"] for r in got] == [1, 2, 3] and got[0]["decode_tok_s"] == 123.0, got
+    assert all(r["error"] == failure for r in got[1:]), got
+
+
+def test_jobs_past_the_budget_and_in_process_failures_become_rows(fake_worker):
+    row = dict(kind="decode", impl="jax-plain", model="Qwen3-0.6B", batch=1, prompt_len=8, new_tokens=4)
+    got = []
+    fake_worker.run_job(dict(kind="test", deadline_unix=time.time() - 1), emit=got.append, expected=[row])
+    assert got == [dict(row, error="skipped: time budget (--budget-s) spent")]  # no child started
+    got.clear()
+    failure = fake_worker.run_job(dict(kind="nope"), emit=got.append, expected=[row], in_process=True)
+    assert got == [dict(row, error=failure)] and "job kind 'nope'" in failure, got
+
+
+def test_in_process_runs_the_same_jobs(tmp_path):
+    out = tmp_path / "out"
+    assert main(["decode", "--smoke", "--in-process", "--impls", "jax-plain", "--out", str(out), "--no-plots"]) == 0
+    doc = json.loads((out / report.JSON_NAME).read_text())
+    assert doc["runs"][0]["settings"]["isolation"] == "in-process"
+    assert doc["runs"][0]["ceilings"]["copy_GBps"] > 0
+    (row,) = _rows(doc, kind="decode")
+    assert row["impl"] == "jax-plain" and row.get("decode_tok_s", 0) > 0, row
