@@ -51,11 +51,13 @@ def _decode_attention_kernel(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    _jit.wait_prior(PDL)  # q and the newest key come from the previous kernel
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_P)
     g_ok = offs_g < G
     d_ok = offs_d < D
+    # context_lens and block_tables are read before waiting for the previous kernel (programmatic
+    # dependent launch): the model's decode step writes them before its first layer, never in the
+    # launch right before this one; only q and the newest key and value come from that launch.
     ctx = tl.load(cl_ptr + b)
     # Splits that get keys: at most SPLITS, each with at least MIN_SPLIT_BLOCKS blocks (short
     # contexts run in one program, with no partials to merge); the others have nothing to do.
@@ -63,6 +65,9 @@ def _decode_attention_kernel(
     chunk = tl.cdiv(tl.cdiv(ctx, active), BLOCK_KV) * BLOCK_KV
     start = split * chunk  # >= ctx for the inactive splits (active * chunk >= ctx): an empty loop
     end = tl.minimum(ctx, start + chunk)
+    if ALIGNED:  # the first tile's block id; each step then fetches the next one ahead of its loads
+        nxt = tl.load(bt_ptr + b * stride_bt + tl.minimum(start // block_size, max_blocks - 1))
+    _jit.wait_prior(PDL)
 
     heads = kvh * G + offs_g
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -74,8 +79,8 @@ def _decode_attention_kernel(
         j = j0 + tl.arange(0, BLOCK_KV)  # [BKV] key positions
         j_ok = j < end
         if ALIGNED:  # the tile lies in one cache block: one block id, contiguous rows
-            col = j0 // block_size
-            blk = tl.load(bt_ptr + b * stride_bt + tl.minimum(col, max_blocks - 1)).to(tl.int64)
+            blk = nxt.to(tl.int64)
+            nxt = tl.load(bt_ptr + b * stride_bt + tl.minimum((j0 + BLOCK_KV) // block_size, max_blocks - 1))
             blk_v = tl.zeros([BLOCK_KV], tl.int64) + blk  # (a splat: a scalar & vector mask trips the interpreter)
             j_ok = j_ok & (j // block_size < max_blocks) & (blk_v >= 0) & (blk_v < num_blocks)  # stay in the cache
             rows = blk * block_size + (j0 % block_size) + tl.arange(0, BLOCK_KV)

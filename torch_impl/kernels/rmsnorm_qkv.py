@@ -26,30 +26,34 @@ from torch_impl.kernels._common import (check, check_cache, check_device, check_
 
 
 @triton.jit
-def _norm_rope(lo, hi, nw_ptr, cs_ptr, pos, stride_cs, offs_d, d_ok, eps, D: tl.constexpr, HALF: tl.constexpr):
-    """q/k-norm (float32) then rotate-half RoPE of one head; lo, hi [BM, W] = columns d, d + D/2."""
-    ss = tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)
-    rstd = tl.rsqrt(ss / D + eps)[:, None]
+def _head_inputs(head, qn_ptr, kn_ptr, cs_ptr, pos, stride_cs, offs_d, d_ok, HQ: tl.constexpr, HALF: tl.constexpr):
+    """What q/k-norm and RoPE of one head read besides the head itself: its norm weight's halves
+    (q_norm for q heads, k_norm for k heads) [1, W] and cos, sin [BM, W] at the tokens' positions.
+    None of it is written by an earlier kernel, so it can be loaded before waiting for one."""
+    nw_ptr = tl.where(head < HQ, qn_ptr, kn_ptr)
     w_lo = tl.load(nw_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
     w_hi = tl.load(nw_ptr + HALF + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
-    n_lo = lo * rstd * w_lo
-    n_hi = hi * rstd * w_hi
     cs = cs_ptr + pos[:, None] * stride_cs + offs_d[None, :]
     cos = tl.load(cs, mask=d_ok[None, :], other=0.0)
     sin = tl.load(cs + HALF, mask=d_ok[None, :], other=0.0)
-    return n_lo * cos - n_hi * sin, n_hi * cos + n_lo * sin
+    return w_lo, w_hi, cos, sin
 
 
 @triton.jit
-def _finish_head(lo, hi, head, offs_m, m_ok, slot, s_ok, pos, offs_d, d_ok,
-                 qn_ptr, kn_ptr, cs_ptr, q_ptr, kc_ptr, stride_cs, stride_qm, stride_qh, stride_cslot, stride_ch,
-                 eps, HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, PRECISION: tl.constexpr):
+def _finish_head(lo, hi, head, offs_m, m_ok, slot, s_ok, offs_d, d_ok, w_lo, w_hi, cos, sin, q_ptr, kc_ptr,
+                 stride_qm, stride_qh, stride_cslot, stride_ch, eps, HQ: tl.constexpr, D: tl.constexpr,
+                 HALF: tl.constexpr, PRECISION: tl.constexpr):
+    """q/k-norm (float32) then rotate-half RoPE of one head (lo, hi [BM, W] = columns d, d + D/2),
+    stored as q or into k_cache at the tokens' slots."""
+    rstd = tl.rsqrt((tl.sum(lo * lo, axis=1) + tl.sum(hi * hi, axis=1)) / D + eps)[:, None]
+    n_lo = lo * rstd * w_lo
+    n_hi = hi * rstd * w_hi
+    o_lo = n_lo * cos - n_hi * sin
+    o_hi = n_hi * cos + n_lo * sin
     if head < HQ:
-        o_lo, o_hi = _norm_rope(lo, hi, qn_ptr, cs_ptr, pos, stride_cs, offs_d, d_ok, eps, D, HALF)
         dst = q_ptr + offs_m[:, None] * stride_qm + head * stride_qh + offs_d[None, :]
         mask = m_ok[:, None] & d_ok[None, :]
     else:
-        o_lo, o_hi = _norm_rope(lo, hi, kn_ptr, cs_ptr, pos, stride_cs, offs_d, d_ok, eps, D, HALF)
         dst = kc_ptr + slot[:, None] * stride_cslot + (head - HQ) * stride_ch + offs_d[None, :]
         mask = s_ok[:, None] & d_ok[None, :]
     tl.store(dst, _jit.cast(o_lo, dst.dtype.element_ty, PRECISION), mask=mask)
@@ -99,9 +103,9 @@ def _rmsnorm_qkv_kernel(
         tl.store(v_dst, _jit.cast(acc_lo, v_dst.dtype.element_ty, PRECISION), mask=v_mask)
         tl.store(v_dst + HALF, _jit.cast(acc_hi, v_dst.dtype.element_ty, PRECISION), mask=v_mask)
     elif TILES == 1:
-        _finish_head(acc_lo, acc_hi, head, offs_m, m_ok, slot, s_ok, pos, offs_c, c_ok, qn_ptr, kn_ptr, cs_ptr,
-                     q_ptr, kc_ptr, stride_cs, stride_qm, stride_qh, stride_cslot, stride_ch, eps, HQ, D, HALF,
-                     PRECISION)
+        w_lo, w_hi, cos, sin = _head_inputs(head, qn_ptr, kn_ptr, cs_ptr, pos, stride_cs, offs_c, c_ok, HQ, HALF)
+        _finish_head(acc_lo, acc_hi, head, offs_m, m_ok, slot, s_ok, offs_c, c_ok, w_lo, w_hi, cos, sin, q_ptr,
+                     kc_ptr, stride_qm, stride_qh, stride_cslot, stride_ch, eps, HQ, D, HALF, PRECISION)
     else:  # head split over programs: park the float32 rows for the epilogue kernel
         part = part_ptr + offs_m[:, None] * stride_pm + head * D
         p_mask = m_ok[:, None] & c_ok[None, :]
@@ -127,16 +131,19 @@ def _qk_epilogue_kernel(
     d_ok = offs_d < HALF
     f_mask = m_ok[:, None] & d_ok[None, :]
     part = part_ptr + offs_m[:, None] * stride_pm + head * D + offs_d[None, :]
-    _jit.wait_prior(PDL)  # the projection's rows
-    lo = tl.load(part, mask=f_mask, other=0.0)
-    hi = tl.load(part + HALF, mask=f_mask, other=0.0)
+    # positions, slots, norm weights and RoPE table: written by no kernel of this step (the model's
+    # decode step advances positions and slots before its first layer), loaded before the wait
     pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
     pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)  # never read outside the RoPE table
     slot = tl.load(slot_ptr + offs_m, mask=m_ok, other=-1).to(tl.int64)
     s_ok = m_ok & (slot >= 0) & (slot < num_slots)  # -1 (and anything out of range) is not written
+    w_lo, w_hi, cos, sin = _head_inputs(head, qn_ptr, kn_ptr, cs_ptr, pos, stride_cs, offs_d, d_ok, HQ, HALF)
+    _jit.wait_prior(PDL)  # the projection's rows
+    lo = tl.load(part, mask=f_mask, other=0.0)
+    hi = tl.load(part + HALF, mask=f_mask, other=0.0)
     _jit.release_next(PDL)
-    _finish_head(lo, hi, head, offs_m, m_ok, slot, s_ok, pos, offs_d, d_ok, qn_ptr, kn_ptr, cs_ptr, q_ptr, kc_ptr,
-                 stride_cs, stride_qm, stride_qh, stride_cslot, stride_ch, eps, HQ, D, HALF, PRECISION)
+    _finish_head(lo, hi, head, offs_m, m_ok, slot, s_ok, offs_d, d_ok, w_lo, w_hi, cos, sin, q_ptr, kc_ptr,
+                 stride_qm, stride_qh, stride_cslot, stride_ch, eps, HQ, D, HALF, PRECISION)
 
 
 def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, k_cache, v_cache, *,
