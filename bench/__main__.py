@@ -2,7 +2,8 @@
 
   kernels  each fused kernel of both twins vs the plain op of the same framework, at the chosen
            presets' shapes: decode batches (--batch) and prefill token counts (--prefill);
-           decode_attention at a context of --ctx tokens
+           decode_attention at a context of --ctx tokens, prefill_attention over one prompt of
+           each --prefill token count
   decode   end-to-end greedy decode tok/s and prefill tok/s: jax_impl and torch_impl fused/plain,
            transformers eager and static cache + torch.compile (batch 1 only unless --hf-batch)
   all      both (the default when no command is given)

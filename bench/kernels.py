@@ -5,7 +5,8 @@ and returns, per provider ("fused" = jax_impl.kernels / torch_impl.kernels, "pla
 jax_impl/ops_plain.py / torch_impl/ops_plain.py, never re-written here), the chain that
 bench/timing.py times. Shapes come from the chosen presets: decode batches (one token per
 sequence) and prefill token counts for the three projections, decode batches at a context of
-`ctx` tokens for decode_attention.
+`ctx` tokens for decode_attention, one causal prompt of each prefill token count for
+prefill_attention.
 
 Bytes and FLOPs are the op's minimum traffic and arithmetic (every input read once, every output
 written once; for decode_attention the K and V of `ctx` positions per sequence), so GB/s and
@@ -25,7 +26,7 @@ from typing import Callable
 from common.config import Qwen3Config
 from bench.timing import TimingPlan, time_jax_chain, time_torch_chain
 
-OPS = ("rmsnorm_qkv", "mlp", "attn_out", "decode_attention")
+OPS = ("rmsnorm_qkv", "mlp", "attn_out", "decode_attention", "prefill_attention")
 FRAMEWORKS = ("jax", "torch")
 PROVIDERS = ("fused", "plain")
 E = 2  # bytes per bf16 element
@@ -60,8 +61,8 @@ def make_cases(models: dict[str, Qwen3Config], ops, decode_batches, prefill_toke
     out = []
     for name, cfg in models.items():
         for op in ops:
-            for b in decode_batches:
-                out.append(Case(name, cfg, op, "decode", int(b), ctx))
+            if op != "prefill_attention":
+                out.extend(Case(name, cfg, op, "decode", int(b), ctx) for b in decode_batches)
             if op != "decode_attention":
                 out.extend(Case(name, cfg, op, "prefill", int(t), ctx) for t in prefill_tokens)
     return out
@@ -82,6 +83,8 @@ def traffic(c: Case) -> tuple[int, int]:
         return E * (t * hq * d + h * hq * d + 2 * t * h), 2 * t * hq * d * h
     if c.op == "decode_attention":
         return E * (2 * t * hq * d + 2 * t * c.ctx * hkv * d) + 4 * t, 4 * t * hq * c.ctx * d
+    if c.op == "prefill_attention":  # causal: query i sees i + 1 keys
+        return E * (2 * t * hq * d + 2 * t * hkv * d), 2 * hq * d * t * (t + 1)
     raise ValueError(f"unknown op {c.op!r}: expected one of {', '.join(OPS)}")
 
 
@@ -90,7 +93,8 @@ def layer_bytes(c: Case) -> int:
     cfg = c.cfg
     h, hq, hkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     return {"rmsnorm_qkv": E * (hq + 2 * hkv) * d * h, "mlp": E * 3 * cfg.intermediate_size * h,
-            "attn_out": E * h * hq * d, "decode_attention": E * 2 * c.tokens * c.ctx * hkv * d}[c.op]
+            "attn_out": E * h * hq * d, "decode_attention": E * 2 * c.tokens * c.ctx * hkv * d,
+            "prefill_attention": E * 2 * c.tokens * hkv * d}[c.op]
 
 
 def num_layers(c: Case, s: Settings) -> int:
@@ -180,6 +184,10 @@ def _jax_setup(c: Case, n: int, layout: str):
         shared = dict(lens=jnp.full((t,), c.ctx, jnp.int32), table=table)
         return rnd((t, hq, d)), layers, shared, lambda ops: (
             lambda q, _, L, S: ops.decode_attention(q, L["k"], L["v"], S["table"], S["lens"]))
+    if c.op == "prefill_attention":  # one prompt of t tokens, jax_impl.model's [B, L, H, D] layout
+        layers = [dict(k=rnd((1, t, hkv, d)), v=rnd((1, t, hkv, d))) for _ in range(n)]
+        return rnd((1, t, hq, d)), layers, dict(lens=jnp.full((1,), t, jnp.int32)), lambda ops: (
+            lambda q, _, L, S: ops.prefill_attention(q, L["k"], L["v"], S["lens"]))
     raise ValueError(f"unknown op {c.op!r}")
 
 
@@ -287,6 +295,15 @@ def _torch_setup(c: Case, n: int, device) -> tuple[dict, Callable]:
         def call_for(ops):
             def call(k):
                 st["q"] = ops.decode_attention(st["q"], L[k]["k"], L[k]["v"], table, lens)
+            return call
+    elif c.op == "prefill_attention":  # one prompt of t tokens, contiguous keys (no cached prefix)
+        L = [dict(k=rnd((t, hkv, d)), v=rnd((t, hkv, d))) for _ in range(n)]
+        cu = torch.tensor([0, t], dtype=torch.int32, device=device)
+        st["q"] = rnd((t, hq, d))
+
+        def call_for(ops):
+            def call(k):
+                st["q"] = ops.prefill_attention(st["q"], L[k]["k"], L[k]["v"], cu, cu, max_seqlen_q=t)
             return call
     else:
         raise ValueError(f"unknown op {c.op!r}")

@@ -74,3 +74,25 @@ class AttentionTiles:
         while programs * splits < 132 and max_context // (splits * 2) >= 256:
             splits *= 2
         return cls(block_kv=128, num_splits=splits)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillTiles:
+    """Tiles of causal prefill attention: block_m queries per program, block_n keys per step
+    (both >= 16: tensor-core dots)."""
+
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"PrefillTiles.{name}={v}: expected a power of two >= 16")
+
+    @classmethod
+    def default_for(cls, max_seqlen_q: int, head_dim: int) -> "PrefillTiles":
+        block_m = min(64, max(16, next_pow2(max_seqlen_q)))
+        return cls(block_m=block_m, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)

@@ -5,7 +5,9 @@
   when they cannot run here, raise with the reason.
 - "auto": the Pallas kernels on CUDA GPUs of compute capability >= 8.0, and per op and shape only
   where the kernel measured faster than plain XLA on the H100 (jax_impl.kernels.prefer_fused);
-  plain XLA elsewhere.
+  plain XLA elsewhere. Prefill attention stays XLA's under "auto": the Pallas flash-attention
+  kernel (jax_impl/kernels/prefill_attention.py, used by fused=True) has not been measured
+  against it yet.
 The choice is logged once per distinct outcome.
 """
 
@@ -52,7 +54,8 @@ def _kernel_ops(cfg: Qwen3Config, *, auto: bool) -> Ops:
     from jax_impl import kernels  # noqa: PLC0415 - only when fused kernels are wanted
 
     if not auto:
-        return Ops(**{n: getattr(kernels, n) for n in OP_NAMES}, names=tuple((n, "fused") for n in OP_NAMES))
+        return Ops(**{n: getattr(kernels, n) for n in OP_NAMES}, prefill_attention=kernels.prefill_attention,
+                   names=tuple((n, "fused") for n in (*OP_NAMES, "prefill_attention")))
 
     def dispatch(name):
         fused_fn, plain_fn = getattr(kernels, name), getattr(PLAIN_OPS, name)
@@ -101,5 +104,5 @@ def choose_ops(cfg: Qwen3Config, fused, dtype: str) -> Ops:
         return PLAIN_OPS
     _log_once("jax_impl: fused='auto' -> Pallas kernels where they measured faster than XLA on the H100 "
               "(decode_attention always; rmsnorm_qkv, attn_out, mlp at one token per step; "
-              "rmsnorm_qkv up to 16 tokens below hidden 4096), plain XLA elsewhere")
+              "rmsnorm_qkv up to 16 tokens below hidden 4096), plain XLA elsewhere (prefill attention too)")
     return ops

@@ -2,7 +2,8 @@
 
 Same names, argument order and semantics as jax_impl/kernels/*.py (see common/reference.py for
 the maths). These are what the model runs when the fused kernels are off, the baselines the
-kernel tests and benchmarks compare against, and the prefill attention of both paths.
+kernel tests and benchmarks compare against, and the prefill attention of fused="auto" (the
+Pallas one, jax_impl/kernels/prefill_attention.py, runs with fused=True).
 Rounding follows transformers in the activation dtype: RMSNorm normalizes in float32 and casts
 back before the weight multiply; matmuls accumulate in float32 and round to the activation dtype;
 q/k-norm and RoPE are computed in float32 and rounded once.

@@ -49,7 +49,7 @@ def test_smoke_writes_env_ceilings_and_files(smoke):
 
 def test_smoke_kernel_rows(smoke):
     _, _, doc = smoke
-    for op in ("rmsnorm_qkv", "mlp", "attn_out", "decode_attention"):
+    for op in ("rmsnorm_qkv", "mlp", "attn_out", "decode_attention", "prefill_attention"):
         plain = _rows(doc, kind="kernel", framework="jax", impl="plain", op=op)
         assert plain, f"no jax plain {op} rows"
         for r in plain:

@@ -19,7 +19,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 from common import reference as R  # noqa: E402
-from common.tiles import AttentionTiles, MatmulTiles  # noqa: E402
+from common.tiles import AttentionTiles, MatmulTiles, PrefillTiles  # noqa: E402
 from common.tolerances import assert_close, assert_lowp_close  # noqa: E402
 from jax_impl import kernels as K  # noqa: E402
 from jax_impl import ops_plain as P  # noqa: E402
@@ -68,7 +68,7 @@ def _check(actual, expected, framework, dtype, what):
 
 def pytest_generate_tests(metafunc):
     cls = metafunc.cls
-    for name in ("qkv_case", "mm_case", "attn_case"):
+    for name in ("qkv_case", "mm_case", "attn_case", "prefill_case"):
         if cls is not None and name in metafunc.fixturenames:
             cases = getattr(cls, name.upper() + "S")
             metafunc.parametrize(name, cases, ids=[f"{c[0].name}-{c[1]}-{c[2]}-{_tid(c[3])}" for c in cases])
@@ -83,6 +83,8 @@ def _tid(tiles):
         return "default"
     if isinstance(tiles, AttentionTiles):
         return f"kv{tiles.block_kv}x{tiles.num_splits}"
+    if isinstance(tiles, PrefillTiles):
+        return f"pm{tiles.block_m}n{tiles.block_n}"
     return f"m{tiles.block_m}n{tiles.block_n}k{tiles.block_k}"
 
 
@@ -94,6 +96,7 @@ class KernelTests:
     QKV_CASES: list  # (Shape, tokens, dtype, MatmulTiles | None)
     MM_CASES: list   # the same, for mlp and attn_out
     ATTN_CASES: list  # (Shape, batch, dtype, AttentionTiles | None)
+    PREFILL_CASES: list  # (Shape, prompt length L, dtype, PrefillTiles | None); batches of 3 prompts
     CONTEXT: int     # longest context of the attention tests
     BLOCK_SIZE: int  # cache block size of the attention tests
 
@@ -194,6 +197,24 @@ class KernelTests:
         _check(out, R.decode_attention(q_, kc_, vc_, lens, dtype=self.REF), plain, dtype, "decode_attention (unpaged)")
 
 
+    def test_prefill_attention(self, prefill_case):
+        """Causal attention over right-padded prompts: a full one, a short one, a single token."""
+        shape, l, dtype, tiles = prefill_case
+        hq, hkv, d = shape.hq, shape.hkv, shape.d
+        q, q_ = _normal((3, l, hq, d), dtype, 1.0, 900 + l)
+        k, k_ = _normal((3, l, hkv, d), dtype, 1.0, 901 + l)
+        v, v_ = _normal((3, l, hkv, d), dtype, 1.0, 902 + l)
+        lens = np.array([l, max(1, l // 3 + 1), 1], np.int32)
+        out = K.prefill_attention(q, k, v, jnp.asarray(lens), tiles=tiles, interpret=self.INTERPRET)
+        plain = np.asarray(jax.jit(P.prefill_attention)(q, k, v, jnp.asarray(lens)).astype(jnp.float32))
+        assert out.shape == q.shape and out.dtype == q.dtype
+        out = np.asarray(out.astype(jnp.float32))
+        for b, n in enumerate(lens):
+            expect = R.attention(q_[b, :n], k_[b, :n], v_[b, :n], np.arange(n), dtype=self.REF)
+            _check(out[b, :n], expect, plain[b, :n], dtype, f"prefill_attention (sequence {b}, {n} tokens)")
+        assert np.isfinite(out).all(), "prefill_attention: padding rows must stay finite"
+
+
 def _rows(cache):
     """[num_blocks, block_size, Hkv, D] -> float32 numpy [rows, Hkv, D]."""
     a = np.asarray(jnp.asarray(cache).astype(jnp.float32))
@@ -220,6 +241,8 @@ class TestKernelsInterpret(KernelTests):
     ATTN_CASES = [(_A, 1, F32, None), (_B, 3, BF16, None), (_C, 3, F32, AttentionTiles(16, num_splits=4)),
                   (_D, 3, BF16, AttentionTiles(16, num_splits=4)), (_E, 3, BF16, AttentionTiles(32)),
                   (_E, 1, F32, AttentionTiles(16, num_splits=2))]
+    PREFILL_CASES = [(_A, 37, F32, None), (_B, 19, BF16, None), (_D, 70, BF16, PrefillTiles(32, 16)),
+                     (_E, 33, F32, PrefillTiles(16, 32))]
     CONTEXT = 72
     BLOCK_SIZE = 16
 
@@ -239,6 +262,7 @@ class TestKernelsGPU(KernelTests):
         ((1, MatmulTiles(1, 8, 1024)), (3, MatmulTiles(4, 16, 128)), (300, MatmulTiles(64, 64, 64)))]
     ATTN_CASES = _product(GPU_SHAPES, (1, 16), (BF16,)) + [
         (GPU_SHAPES[0], 3, BF16, AttentionTiles(32, num_splits=8))]
+    PREFILL_CASES = _product(GPU_SHAPES, (700,), (BF16,)) + [(GPU_SHAPES[3], 513, BF16, PrefillTiles(128, 32))]
     CONTEXT = 4000
     BLOCK_SIZE = 256
 
@@ -248,6 +272,7 @@ class TestKernelsGPUFloat32(TestKernelsGPU):
     REF = np.float64
     QKV_CASES = MM_CASES = _product(GPU_SHAPES[:1], (1, 3, 19), (F32,))
     ATTN_CASES = [(GPU_SHAPES[0], 3, F32, None)]
+    PREFILL_CASES = [(GPU_SHAPES[0], 300, F32, None)]
 
 
 # ----- launcher checks ------------------------------------------------------------------------

@@ -53,6 +53,9 @@ def _ops(cfg, t):
                                                   S((t,), I32)), {}),
         # the model's layout: sequence b owns cache block b, no block table
         "decode_attention (unpaged)": (_decode_unpaged, (S((t, hq, d), BF16), cache, cache, S((t,), I32)), {}),
+        # prefill: t tokens of two right-padded prompts
+        "prefill_attention": (K.prefill_attention, (S((2, t, hq, d), BF16), S((2, t, hkv, d), BF16),
+                                                    S((2, t, hkv, d), BF16), S((2,), I32)), {}),
     }
 
 

@@ -7,9 +7,10 @@ pass `interpret=False` to lower for CUDA anyway (the lowering tests do).
 from jax_impl.kernels.attn_out import attn_out
 from jax_impl.kernels.decode_attention import decode_attention
 from jax_impl.kernels.mlp import mlp
+from jax_impl.kernels.prefill_attention import prefill_attention
 from jax_impl.kernels.rmsnorm_qkv import rmsnorm_qkv
 
-__all__ = ["rmsnorm_qkv", "mlp", "attn_out", "decode_attention", "prefer_fused"]
+__all__ = ["rmsnorm_qkv", "mlp", "attn_out", "decode_attention", "prefill_attention", "prefer_fused"]
 
 
 def prefer_fused(op: str, tokens: int, hidden_size: int) -> bool:

@@ -13,40 +13,18 @@ A program handles `block_m` queries of one head; scale 1/sqrt(D), GQA, float32 s
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from common.tiles import next_pow2
+from common.tiles import PrefillTiles, next_pow2
 from torch_impl.kernels import _jit
 from torch_impl.kernels._common import (check, check_cache, check_device, check_float, check_index, check_rows,
                                         pdl_meta, precision)
 
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile never produces NaN
-
-
-@dataclasses.dataclass(frozen=True)
-class PrefillTiles:
-    """block_m queries per program, block_n keys per step."""
-
-    block_m: int = 64
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-
-    def __post_init__(self):
-        for name in ("block_m", "block_n"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"PrefillTiles.{name}={v}: expected a power of two >= 16")
-
-    @classmethod
-    def default_for(cls, max_seqlen_q: int, head_dim: int) -> "PrefillTiles":
-        block_m = min(64, max(16, next_pow2(max_seqlen_q)))
-        return cls(block_m=block_m, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
 
 
 @triton.jit
