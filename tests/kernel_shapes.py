@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from common.config import PRESETS, shrink
+from common.tiles import AttentionTiles, PrefillTiles
 
 EPS = 1e-6
 THETA = 1_000_000.0
@@ -32,3 +33,14 @@ CPU_SHAPES = [
     Shape("h111-i97", 111, 97, 4, 1, 64),
 ]
 GPU_SHAPES = [from_config(name, cfg) for name, cfg in PRESETS.items()]  # all six presets, full size
+
+
+def tiles_id(tiles) -> str:
+    """A short test id of a tiles object (None: the default tiles)."""
+    if tiles is None:
+        return "default"
+    if isinstance(tiles, AttentionTiles):
+        return f"kv{tiles.block_kv}x{tiles.num_splits}"
+    if isinstance(tiles, PrefillTiles):
+        return f"pm{tiles.block_m}n{tiles.block_n}"
+    return f"m{tiles.block_m}n{tiles.block_n}k{tiles.block_k}"

@@ -24,7 +24,7 @@ from common.tolerances import assert_close, assert_lowp_close  # noqa: E402
 from jax_impl import kernels as K  # noqa: E402
 from jax_impl import ops_plain as P  # noqa: E402
 import kernel_shapes as _shared  # noqa: E402
-from kernel_shapes import EPS, GPU_SHAPES, THETA, Shape  # noqa: E402
+from kernel_shapes import EPS, GPU_SHAPES, THETA, Shape, tiles_id  # noqa: E402
 
 # The shared list plus one more awkward shape (hidden 160, many q heads per kv head).
 CPU_SHAPES = _shared.CPU_SHAPES[:3] + [Shape("h160-i384", 160, 384, 8, 2, 64)] + _shared.CPU_SHAPES[3:]
@@ -71,21 +71,11 @@ def pytest_generate_tests(metafunc):
     for name in ("qkv_case", "mm_case", "attn_case", "prefill_case"):
         if cls is not None and name in metafunc.fixturenames:
             cases = getattr(cls, name.upper() + "S")
-            metafunc.parametrize(name, cases, ids=[f"{c[0].name}-{c[1]}-{c[2]}-{_tid(c[3])}" for c in cases])
+            metafunc.parametrize(name, cases, ids=[f"{c[0].name}-{c[1]}-{c[2]}-{tiles_id(c[3])}" for c in cases])
 
 
 def _product(shapes, sizes, dtypes):
     return [(s, n, dt, None) for s in shapes for n in sizes for dt in dtypes]
-
-
-def _tid(tiles):
-    if tiles is None:
-        return "default"
-    if isinstance(tiles, AttentionTiles):
-        return f"kv{tiles.block_kv}x{tiles.num_splits}"
-    if isinstance(tiles, PrefillTiles):
-        return f"pm{tiles.block_m}n{tiles.block_n}"
-    return f"m{tiles.block_m}n{tiles.block_n}k{tiles.block_k}"
 
 
 class KernelTests:

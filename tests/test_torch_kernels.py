@@ -21,12 +21,11 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from common import reference as R  # noqa: E402
-from kernel_shapes import CPU_SHAPES, EPS, GPU_SHAPES, THETA, Shape  # noqa: E402,F401
-from common.tiles import AttentionTiles, MatmulTiles  # noqa: E402
+from kernel_shapes import CPU_SHAPES, EPS, GPU_SHAPES, THETA, Shape, tiles_id  # noqa: E402,F401
+from common.tiles import AttentionTiles, MatmulTiles, PrefillTiles  # noqa: E402
 from common.tolerances import assert_close, assert_lowp_close  # noqa: E402
 from torch_impl import kernels as K  # noqa: E402
 from torch_impl import ops_plain as P  # noqa: E402
-from torch_impl.kernels.prefill_attention import PrefillTiles  # noqa: E402
 
 # the modules (the package re-exports the ops under the same names)
 decode_mod = importlib.import_module("torch_impl.kernels.decode_attention")
@@ -53,16 +52,6 @@ def _check(actual, expected, framework, dtype, what):
         assert_lowp_close(_f64(actual), _f64(framework), expected, what=what)
 
 
-def _tid(tiles):
-    if tiles is None:
-        return "default"
-    if isinstance(tiles, AttentionTiles):
-        return f"kv{tiles.block_kv}x{tiles.num_splits}"
-    if isinstance(tiles, PrefillTiles):
-        return f"m{tiles.block_m}n{tiles.block_n}"
-    return f"m{tiles.block_m}n{tiles.block_n}k{tiles.block_k}"
-
-
 def pytest_generate_tests(metafunc):
     cls = metafunc.cls
     if cls is None or not hasattr(cls, "SHAPES"):
@@ -70,18 +59,18 @@ def pytest_generate_tests(metafunc):
     if "qkv_case" in metafunc.fixturenames:
         cases = [(s, t, dt, None) for s in cls.SHAPES for t in cls.TOKENS for dt in cls.DTYPES]
         cases += [(cls.SHAPES[0], t, cls.DTYPES[-1], tl) for t, tl in cls.QKV_TILES]
-        metafunc.parametrize("qkv_case", cases, ids=[f"{s.name}-T{t}-{dt}-{_tid(tl)}" for s, t, dt, tl in cases])
+        metafunc.parametrize("qkv_case", cases, ids=[f"{s.name}-T{t}-{dt}-{tiles_id(tl)}" for s, t, dt, tl in cases])
     if "mm_case" in metafunc.fixturenames:
         cases = [(s, t, dt, None) for s in cls.SHAPES for t in cls.TOKENS for dt in cls.DTYPES]
         cases += [(cls.SHAPES[-1], t, cls.DTYPES[-1], tl) for t, tl in cls.MM_TILES]
-        metafunc.parametrize("mm_case", cases, ids=[f"{s.name}-T{t}-{dt}-{_tid(tl)}" for s, t, dt, tl in cases])
+        metafunc.parametrize("mm_case", cases, ids=[f"{s.name}-T{t}-{dt}-{tiles_id(tl)}" for s, t, dt, tl in cases])
     if "attn_case" in metafunc.fixturenames:
         cases = [(s, b, dt, tl) for s in cls.SHAPES for b, tl in cls.ATTN for dt in cls.DTYPES]
-        metafunc.parametrize("attn_case", cases, ids=[f"{s.name}-B{b}-{dt}-{_tid(tl)}" for s, b, dt, tl in cases])
+        metafunc.parametrize("attn_case", cases, ids=[f"{s.name}-B{b}-{dt}-{tiles_id(tl)}" for s, b, dt, tl in cases])
     if "prefill_case" in metafunc.fixturenames:
         cases = [(s, layout, dt, tl) for s in cls.SHAPES[:2] for layout, tl in cls.PREFILL for dt in cls.DTYPES]
         metafunc.parametrize("prefill_case", cases,
-                             ids=[f"{s.name}-{lay}-{dt}-{_tid(tl)}" for s, lay, dt, tl in cases])
+                             ids=[f"{s.name}-{lay}-{dt}-{tiles_id(tl)}" for s, lay, dt, tl in cases])
 
 
 def _weights(shape: Shape, kind: str, dtype: str, device: str) -> tuple[dict, dict]:
