@@ -5,9 +5,9 @@
   when they cannot run here, raise with the reason.
 - "auto": the Pallas kernels on CUDA GPUs of compute capability >= 8.0, and per op and shape only
   where the kernel measured faster than plain XLA on the H100 (jax_impl.kernels.prefer_fused);
-  plain XLA elsewhere. Prefill attention stays XLA's under "auto": the Pallas flash-attention
-  kernel (jax_impl/kernels/prefill_attention.py, used by fused=True) has not been measured
-  against it yet.
+  plain XLA elsewhere. Prefill attention is the Pallas flash-attention kernel
+  (jax_impl/kernels/prefill_attention.py) under "auto" too: 1.85-6.5x faster than XLA's on the
+  H100 at 512 and 4096 prompt tokens.
 The choice is logged once per distinct outcome.
 """
 
@@ -67,7 +67,8 @@ def _kernel_ops(cfg: Qwen3Config, *, auto: bool) -> Ops:
         op.__name__ = name
         return op
 
-    return Ops(**{n: dispatch(n) for n in OP_NAMES}, names=tuple((n, "per-shape") for n in OP_NAMES))
+    return Ops(**{n: dispatch(n) for n in OP_NAMES}, prefill_attention=kernels.prefill_attention,
+               names=(*((n, "per-shape") for n in OP_NAMES), ("prefill_attention", "fused")))
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,6 +104,6 @@ def choose_ops(cfg: Qwen3Config, fused, dtype: str) -> Ops:
         _log_once(f"jax_impl: plain XLA path (fused='auto': Pallas kernels unavailable: {e})")
         return PLAIN_OPS
     _log_once("jax_impl: fused='auto' -> Pallas kernels where they measured faster than XLA on the H100 "
-              "(decode_attention always; rmsnorm_qkv, attn_out, mlp at one token per step; "
-              "rmsnorm_qkv up to 16 tokens below hidden 4096), plain XLA elsewhere (prefill attention too)")
+              "(decode and prefill attention always; rmsnorm_qkv, attn_out, mlp at one token per step; "
+              "rmsnorm_qkv up to 16 tokens below hidden 4096), plain XLA elsewhere")
     return ops

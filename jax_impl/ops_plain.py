@@ -2,8 +2,7 @@
 
 Same names, argument order and semantics as jax_impl/kernels/*.py (see common/reference.py for
 the maths). These are what the model runs when the fused kernels are off, the baselines the
-kernel tests and benchmarks compare against, and the prefill attention of fused="auto" (the
-Pallas one, jax_impl/kernels/prefill_attention.py, runs with fused=True).
+kernel tests and benchmarks compare against.
 Rounding follows transformers in the activation dtype: RMSNorm normalizes in float32 and casts
 back before the weight multiply; matmuls accumulate in float32 and round to the activation dtype;
 q/k-norm and RoPE are computed in float32 and rounded once.
@@ -15,6 +14,12 @@ import jax
 import jax.numpy as jnp
 
 F32 = jnp.float32
+
+
+def precision_for(dtype):
+    """Full float32 products for float32 operands: XLA on GPUs defaults to TF32 for them (a float32
+    model would drift ~1e-3 from transformers'); bf16 operands use the tensor cores as they are."""
+    return jax.lax.Precision.HIGHEST if dtype == F32 else None
 
 
 def rms_norm(x, weight, eps: float):
@@ -33,7 +38,7 @@ def linear(x, w):
     """
     if x.ndim == 2 and x.shape[0] == 1:
         return jnp.sum(x.astype(F32)[:, None, :] * w.astype(F32)[None], axis=-1).astype(x.dtype)
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())),
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision_for(x.dtype),
                                preferred_element_type=F32).astype(x.dtype)
 
 
@@ -97,10 +102,12 @@ def _softmax_attend(q, k, v, mask):
     b, tq, hq, d = q.shape
     hkv = k.shape[2]
     qg = q.reshape(b, tq, hkv, hq // hkv, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * (1.0 / d ** 0.5)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, precision=precision_for(q.dtype),
+                   preferred_element_type=F32) * (1.0 / d ** 0.5)
     s = jnp.where(mask[:, None, None], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=F32)
+    o = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, precision=precision_for(v.dtype),
+                   preferred_element_type=F32)
     return o.reshape(b, tq, hq, d).astype(q.dtype)
 
 
