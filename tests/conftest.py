@@ -21,6 +21,9 @@ if not HAS_GPU:
     # Triton kernels run in the interpreter on CPU; must be set before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+else:
+    # jax and torch share the GPU in one test process: jax must not take 75% of it up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import pytest  # noqa: E402
 

@@ -187,8 +187,10 @@ STAND_IN = {
     """,
     "nanovllm/models/__init__.py": "",
     "nanovllm/models/qwen3.py": "class Qwen3ForCausalLM:\n    pass\n",
+    "nanovllm/layers/__init__.py": "",
+    "nanovllm/layers/attention.py": "from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache\n",
     "nanovllm/engine/__init__.py": "",
-    "nanovllm/engine/model_runner.py": "from nanovllm.models.qwen3 import Qwen3ForCausalLM\n",
+    "nanovllm/engine/model_runner.py": "import nanovllm.layers.attention\nfrom nanovllm.models.qwen3 import Qwen3ForCausalLM\n",
 }
 
 
@@ -203,8 +205,11 @@ def test_install_swaps_the_model_and_the_context(ckpt, tmp_path, monkeypatch):
     import torch_impl.nanovllm as integration
 
     original = importlib.import_module("nanovllm.models.qwen3").Qwen3ForCausalLM
+    had_flash_attn = importlib.util.find_spec("flash_attn") is not None
     cls = integration.install(use_fused_kernels=False)
     try:
+        # the placeholder served nano-vllm's import and is gone: transformers' checks must not see it
+        assert (importlib.util.find_spec("flash_attn") is not None) == had_flash_attn
         runner_mod = importlib.import_module("nanovllm.engine.model_runner")
         nctx = importlib.import_module("nanovllm.utils.context")
         assert runner_mod.Qwen3ForCausalLM is cls and issubclass(cls, Qwen3ForCausalLM)

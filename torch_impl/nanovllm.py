@@ -10,8 +10,9 @@ After `install()`, nano-vllm's model runner constructs `torch_impl.models.qwen3.
 attention context (`nanovllm.utils.context`), loads through nano-vllm's `load_model`
 (packed_modules_mapping + weight_loader) and receives nano-vllm's KV cache in its attention
 modules' k_cache / v_cache. Attention runs in this project's Triton kernels, so flash-attn is
-not needed: when it is not installed, `install()` registers a placeholder `flash_attn` module so
-that nano-vllm's own attention layer (imported by its model file, never called) can be imported.
+not needed: when it is not installed, `install()` registers a placeholder `flash_attn` module
+while it imports nano-vllm (whose own attention layer, never called, imports it) and removes it
+again, so that other libraries (transformers) still see no flash_attn.
 nano-vllm supports tensor parallelism; this model runs with tensor_parallel_size=1.
 `uninstall()` restores nano-vllm's model.
 """
@@ -28,9 +29,11 @@ from torch_impl.models.qwen3 import Qwen3ForCausalLM
 _SAVED: dict = {}
 
 
-def _flash_attn_placeholder() -> None:
+def _flash_attn_placeholder() -> bool:
+    """Register the placeholder when flash_attn is not importable; True when it did."""
     try:
         importlib.import_module("flash_attn")
+        return False
     except ImportError:
         mod = types.ModuleType("flash_attn")
 
@@ -42,18 +45,22 @@ def _flash_attn_placeholder() -> None:
         mod.flash_attn_varlen_func = mod.flash_attn_with_kvcache = _unavailable
         mod.__torch_impl_placeholder__ = True
         sys.modules["flash_attn"] = mod
+        return True
 
 
 def install(*, use_fused_kernels="auto") -> type:
     """Make nano-vllm build torch_impl's Qwen3ForCausalLM; returns the class it will build."""
-    _flash_attn_placeholder()  # before any nanovllm import: its package __init__ imports the attention layer
+    placeholder = _flash_attn_placeholder()  # before any nanovllm import: its package imports the attention layer
     try:
         nctx = importlib.import_module("nanovllm.utils.context")
+        models = importlib.import_module("nanovllm.models.qwen3")
+        runner = importlib.import_module("nanovllm.engine.model_runner")
     except ImportError as e:
         raise ImportError(f"torch_impl.nanovllm.install(): nano-vllm is not importable ({e}); install it "
                           f"from https://github.com/GeeeekExplorer/nano-vllm") from None
-    models = importlib.import_module("nanovllm.models.qwen3")
-    runner = importlib.import_module("nanovllm.engine.model_runner")
+    finally:
+        if placeholder:  # nano-vllm has bound its names; others (transformers) must see no flash_attn
+            sys.modules.pop("flash_attn", None)
 
     class NanoVllmQwen3ForCausalLM(Qwen3ForCausalLM):
         """torch_impl's model with nano-vllm's constructor signature `(hf_config)`."""
