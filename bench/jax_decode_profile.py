@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import json
 import re
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bench.timing import gpu_kernel_events
 from common.config import PRESETS, shrink
 from jax_impl import generation
 from jax_impl.fused import choose_ops
@@ -84,24 +83,17 @@ class DecodeProbe:
 
     def profile(self) -> dict:
         ds = self._start()
-        d = tempfile.mkdtemp(prefix="decode_trace_")
-        jax.profiler.start_trace(d)
-        ds = generation.decode(self.graphdef, self.state, ds, jnp.int32(self.steps + 1), jnp.float32(1.0),
-                               jnp.float32(1.0), self.eos, **self.statics)
-        jax.block_until_ready(ds.out)
-        jax.profiler.stop_trace()
-        (path,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
         time_ns, count = collections.defaultdict(float), collections.defaultdict(int)
-        for plane in jax.profiler.ProfileData.from_file(path).planes:
-            if not plane.name.startswith("/device:GPU"):
-                continue
-            for line in plane.lines:
-                if not line.name.startswith("Stream"):
-                    continue
-                for ev in line.events:
-                    g = _kernel_group(ev.name)
-                    time_ns[g] += ev.duration_ns
-                    count[g] += 1
+
+        def run():
+            out = generation.decode(self.graphdef, self.state, ds, jnp.int32(self.steps + 1), jnp.float32(1.0),
+                                    jnp.float32(1.0), self.eos, **self.statics)
+            jax.block_until_ready(out.out)
+
+        for _, dur, name in gpu_kernel_events(run):
+            g = _kernel_group(name)
+            time_ns[g] += dur
+            count[g] += 1
         per_step = {g: (t / self.steps / 1e3, count[g] / self.steps) for g, t in time_ns.items()}
         return dict(sorted(per_step.items(), key=lambda kv: -kv[1][0]))
 

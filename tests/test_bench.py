@@ -261,3 +261,14 @@ def test_in_process_runs_the_same_jobs(tmp_path):
     assert doc["runs"][0]["ceilings"]["copy_GBps"] > 0
     (row,) = _rows(doc, kind="decode")
     assert row["impl"] == "jax-plain" and row.get("decode_tok_s", 0) > 0, row
+
+
+def test_device_seconds_are_cut_into_identical_runs():
+    """jax rows on a GPU: the profiler's kernel events of R identical runs, split per run in start order."""
+    from bench.timing import _device_seconds_per_run
+
+    ev = [(t, d, "k") for t, d in enumerate([1_000, 2_000, 3_000, 1_500, 2_000, 3_000])]
+    assert _device_seconds_per_run(ev, 2) == [6e-6, 6.5e-6]
+    assert _device_seconds_per_run(ev[:5], 2) == [4.75e-6, 4.75e-6]  # uneven: the mean for each
+    with pytest.raises(RuntimeError, match="no GPU kernels"):
+        _device_seconds_per_run([], 3)
