@@ -222,6 +222,22 @@ class KernelTests:
         counters = decode_mod._COUNTERS.get(q.device)
         assert counters is None or int(counters.sum()) == 0, "split counters must be reset to zero"
 
+    def test_decode_attention_one_block_per_sequence(self):
+        """Tables of one block (the kernel reads the block id once, before its loop), with splits."""
+        shape = self.SHAPES[-1]
+        rng = np.random.default_rng(11)
+        b, bs, hkv, d = 3, self.BLOCK_SIZE, shape.hkv, shape.d
+        q = self._t(rng.standard_normal((b, shape.hq, d)))
+        kc = self._t(rng.standard_normal((b + 2, bs, hkv, d)))
+        vc = self._t(rng.standard_normal((b + 2, bs, hkv, d)))
+        tables = np.array([[3], [0], [4]])
+        lens = np.array([bs, 1, bs // 2 + 3])
+        want = R.decode_attention(_f64(q), _f64(kc)[tables[:, 0]], _f64(vc)[tables[:, 0]], lens)
+        for tiles in (AttentionTiles(block_kv=16), AttentionTiles(block_kv=16, num_splits=3)):
+            out = K.decode_attention(q, kc, vc, self._i(tables), self._i(lens), tiles=tiles)
+            _check(out, want, P.decode_attention(q, kc, vc, self._i(tables), self._i(lens)), "float32",
+                   f"decode_attention one block {tiles}")
+
     def test_decode_attention_padding_rows(self):
         """CUDA-graph padding (context_lens 0, any block table) gives zeros and reads nothing."""
         shape = self.SHAPES[0]

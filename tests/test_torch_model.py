@@ -237,3 +237,19 @@ def test_cross_framework_table(ckpts, tmp_path, fused):
     assert set(rows) == set(runners)
     for name, row in rows.items():
         assert row["argmax_agree"] == 1.0 and row["greedy_identical"], (name, row)
+
+
+def test_one_block_per_sequence_is_the_default_layout(ckpts):
+    """block_size=None: one cache block per sequence, sized to the call (256-row multiples) and kept
+    for later calls it fits; the tokens equal those of nano-vllm's paged layout with small blocks."""
+    prompts = [[1, 2, 3, 4, 5], [7, 8]]
+    runner = TorchRunner(ckpts["tiny"], dtype="float32", fused=False)
+    out = runner.generate(prompts, 6)
+    assert runner.kv.shape[2:4] == (2, 256)
+    runner.generate(prompts[:1], 300)  # 305 rows: one 512-row block
+    assert runner.kv.shape[3] == 512
+    assert runner.generate(prompts[:1], 6) == out[:1] and runner.kv.shape[3] == 512  # fits: the cache is kept
+    assert runner.generate(prompts, 6) == out and runner.kv.shape[2:4] == (2, 256)  # two sequences: a new one
+    assert TorchRunner(ckpts["tiny"], dtype="float32", fused=False, block_size=4).generate(prompts, 6) == out
+    with pytest.raises(ValueError, match="block_size=0"):
+        TorchRunner(ckpts["tiny"], dtype="float32", fused=False, block_size=0)

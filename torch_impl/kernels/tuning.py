@@ -41,8 +41,10 @@ def matmul_key(kernel: str, m: int, n: int, k: int) -> str:
     return f"{kernel}/m{m_bucket(m)}/n{n}/k{k}"
 
 
-def attention_key(batch: int, num_kv_heads: int, max_context: int) -> str:
-    return f"decode_attention/b{m_bucket(batch)}/h{num_kv_heads}/c{next_pow2(max_context)}"
+def attention_key(batch: int, num_kv_heads: int, max_context: int, one_block: bool = False) -> str:
+    """one_block: every sequence's keys lie in one cache block (the standalone runner's layout)."""
+    key = f"decode_attention/b{m_bucket(batch)}/h{num_kv_heads}/c{next_pow2(max_context)}"
+    return key + "/one-block" if one_block else key
 
 
 def matmul_tiles(kernel: str, device: torch.device, m: int, n: int, k: int) -> MatmulTiles:
@@ -55,10 +57,15 @@ def matmul_tiles(kernel: str, device: torch.device, m: int, n: int, k: int) -> M
     return MatmulTiles.default_for(m, n, k)
 
 
-def attention_tiles(device: torch.device, batch: int, num_kv_heads: int, max_context: int) -> AttentionTiles:
+def attention_tiles(device: torch.device, batch: int, num_kv_heads: int, max_context: int,
+                    one_block: bool = False) -> AttentionTiles:
+    """Tuned tiles (those of the one-block layout first, when it applies), else common's default."""
     if device.type == "cuda":
-        entry = _table(device.index if device.index is not None else torch.cuda.current_device()).get(
-            attention_key(batch, num_kv_heads, max_context))
+        table = _table(device.index if device.index is not None else torch.cuda.current_device())
+        keys = [attention_key(batch, num_kv_heads, max_context)]
+        if one_block:
+            keys.insert(0, attention_key(batch, num_kv_heads, max_context, one_block=True))
+        entry = next((table[k] for k in keys if k in table), None)
         if entry:
             return AttentionTiles(**entry)
     return AttentionTiles.default_for(batch, num_kv_heads, max_context)
