@@ -9,7 +9,7 @@ the number of calls is the time per call.
   every layer's buffers are separate arguments (a slice of a stacked array fed to a Pallas call
   is copied first), and an optimization_barrier before each call keeps XLA from hoisting
   loop-invariant work out of the loop. On a GPU the time is the device time of the kernels the
-  timed runs launched, read from jax's profiler: the host clock around such a loop measured 15-55%
+  timed runs launched, read from jax's profiler: the host clock around such a loop measured 26-87%
   more than its kernels on the H100 (8B mlp at one token: 132.7 us per call against 104.9 us of
   kernels), launch gaps between the loop's kernels that the model's decode loop does not have
   (its kernel time equals its wall time). The host-clock median is kept in the row beside it.

@@ -16,19 +16,17 @@ __all__ = ["rmsnorm_qkv", "mlp", "attn_out", "decode_attention", "prefill_attent
 def prefer_fused(op: str, tokens: int, hidden_size: int) -> bool:
     """Whether the Pallas kernel of `op` measured faster than plain XLA for `tokens` rows.
 
-    Kernel device time on an H100 (jax 0.11.2, bf16, bench/jax_kernels_probe.py), Pallas vs XLA:
-    - decode_attention: faster at every batch measured (1, 4, 16 sequences; 1.6-7.9x).
-    - prefill_attention (`python -m bench kernels`, one prompt, commit 16ca7f8): 1.85x / 6.0x at
-      512 / 4096 tokens on 0.6B shapes, 3.1x / 6.5x on 8B shapes (20.5 vs 37.9 us ... 597 vs
-      3,857 us).
-    - one token: rmsnorm_qkv 2.0x (0.6B) and 1.5x (8B), attn_out 1.1x / 1.2x, mlp 1.2x / 1.1x.
-    - 2-16 tokens: rmsnorm_qkv 1.6-1.8x at 0.6B, 0.91-0.95x at 8B; attn_out 0.86-1.04x;
-      mlp 0.64-1.0x: plain XLA there.
-    - prefill-sized inputs (> 16 tokens): not measured: plain XLA.
+    Kernel device time on an H100 (jax 0.11.2, bf16), Pallas vs the plain path's XLA ops
+    (`python -m bench kernels`, commit 6de49a9; docs/MEASUREMENTS.md):
+    - decode_attention: faster at every batch (1-128 sequences, 1,024 positions: 1.25-1.38x).
+    - prefill_attention: 2.1x / 6.0x at 512 / 4,096 prompt tokens on 0.6B shapes, 3.3x / 6.5x on 8B.
+    - one token: rmsnorm_qkv 1.49x (0.6B) / 1.19x (8B), mlp 1.31x / 1.00x (96% of the copy
+      bandwidth at 8B), attn_out 1.21x / 1.05x.
+    - 8-128 tokens and prefill, both sizes: mlp 0.36-0.66x, attn_out 0.37-0.95x; rmsnorm_qkv
+      0.34-0.62x at 8B, at 0.6B 0.99x at 8 and 32 tokens, 1.12-1.16x at 128 and 512 (1.6-1.8x at
+      2-16 tokens in bench/jax_kernels_probe.py against XLA's GEMV form): plain XLA, except
+      rmsnorm_qkv up to 16 tokens below hidden 4096.
     Presets other than 0.6B and 8B follow by hidden size (not measured).
-    The XLA side of these figures is XLA's GEMV; the plain path's one-token projections are now
-    multiply-and-reduce (faster), and end to end this table still beats it at batch 1 (8B 176.0 vs
-    170.4 tok/s, 0.6B 1,113 vs 845); per op it has not been re-measured against that form.
     """
     if op in ("decode_attention", "prefill_attention"):
         return True
