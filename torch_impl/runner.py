@@ -9,8 +9,9 @@ its keys at affine addresses (Qwen3-0.6B batch 1 on the H100: 1,151 against 1,10
 256-row blocks, same run); `block_size=N` gives nano-vllm's N-row blocks instead. On CUDA each
 decode step is one CUDA-graph replay per batch bucket (1, 2, 4, ... sequences, padded): the graph
 embeds, runs every layer, the head, greedy argmax and advances positions/slots/lengths on the
-device, so the host only replays and checks for eos every `chunk` steps. Sampling with temperature runs the graph for the logits and samples eagerly
-(seeded torch.Generator, common/sampling.py's rules).
+device, so the host only replays and checks for eos every `chunk` steps. Sampling with
+temperature runs the graph for the logits and samples eagerly (seeded torch.Generator,
+common/sampling.py's rules).
 """
 
 from __future__ import annotations
