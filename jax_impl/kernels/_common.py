@@ -14,14 +14,13 @@ Sizes reach the kernels as static Python ints, never `pl.num_programs()` (jax is
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from common.tiles import AttentionTiles, MatmulTiles, next_pow2
+from common.tiles import MatmulTiles, next_pow2
 
 F32 = jnp.float32
 # Tiles with block_m >= DOT_MIN_M use the tensor-core dot; smaller ones multiply and reduce
@@ -96,11 +95,6 @@ def matmul_tiles(m: int, n: int, k: int, *, pair: bool = False) -> MatmulTiles:
     if m == DOT_MIN_M:
         return MatmulTiles(16, 32, 256, num_stages=2) if pair else MatmulTiles(16, 32, 512, num_stages=3)
     return MatmulTiles.default_for(m, n, k)
-
-
-def attention_tiles(batch: int, num_kv_heads: int, max_context: int) -> AttentionTiles:
-    """AttentionTiles.default_for (128-key blocks, splits by the cache capacity)."""
-    return AttentionTiles.default_for(batch, num_kv_heads, max_context)
 
 
 def check(cond: bool, message: str) -> None:

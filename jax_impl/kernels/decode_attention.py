@@ -105,7 +105,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, tiles: 
     C.check_float("decode_attention: v_cache", v_cache, q.dtype)
     group = hq // hkv
     block_h = max(C.DOT_MIN_M, 1 << (group - 1).bit_length())
-    t = tiles or C.attention_tiles(bsz, hkv, (block_tables.shape[1] if paged else 1) * block_size)
+    t = tiles or AttentionTiles.default_for(bsz, hkv, (block_tables.shape[1] if paged else 1) * block_size)
     kernel = functools.partial(_decode_attention_kernel, paged=paged, group=group, block_h=block_h,
                                block_kv=t.block_kv,
                                block_size=block_size, splits=t.num_splits, scale=1.0 / math.sqrt(d))
