@@ -68,7 +68,8 @@ class AttentionTiles:
     def default_for(cls, batch: int, num_kv_heads: int, max_context: int) -> "AttentionTiles":
         """128 keys per step (on the H100 faster than 64 in both twins: Pallas 14.0 vs 15.8 us at
         batch 1 and 4096 positions); splits while the GPU's 132 SMs are not yet covered and each
-        split keeps >= 256 positions of the capacity."""
+        split keeps >= 256 positions of the capacity. jax_impl keeps these splits with 64 keys per
+        step and 3 stages (jax_impl.kernels.decode_attention.attention_tiles: faster there)."""
         programs = batch * num_kv_heads
         splits = 1
         while programs * splits < 132 and max_context // (splits * 2) >= 256:

@@ -73,6 +73,8 @@ def matmul_tiles(m: int, n: int, k: int, *, pair: bool = False) -> MatmulTiles:
     m == 1 (multiply and reduce), by the per-op times at 0.6B and 8B shapes:
     - K below 4096 (0.6B-sized layers) and more outputs than inputs (qkv, gate/up): 2 output
       features per program, 2048-element chunks (qkv 6.9 vs 7.1 us, gate/up 6.3 vs 6.6 with 4);
+      4 warps, or 8 for `pair` (gate and up tiles: 0.6B gate/up 6.37 vs 6.71 us per layer in the
+      decode loop; qkv is slower with 8, 5.35 vs 4.92);
     - K below 4096 and N <= K (o_proj, down): 4 features, a 4096-element chunk, 8 warps (o_proj
       3.4 vs 4.0 us, down 4.7 vs 5.1);
     - K a multiple of 4096: 4 features and the whole 4096 with 8 warps (8B: gate/up 97%, down
@@ -84,7 +86,7 @@ def matmul_tiles(m: int, n: int, k: int, *, pair: bool = False) -> MatmulTiles:
     """
     if m == 1:
         if k < 4096 and n > k:
-            return MatmulTiles(1, 2, min(2048, next_pow2(k)), num_warps=4, num_stages=2)
+            return MatmulTiles(1, 2, min(2048, next_pow2(k)), num_warps=8 if pair else 4, num_stages=2)
         if k < 4096:
             return MatmulTiles(1, 4, 4096, num_warps=8, num_stages=2)
         if k % 4096 == 0:

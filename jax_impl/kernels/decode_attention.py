@@ -12,6 +12,7 @@ output with its max and sum, and a small XLA reduction combines the splits.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -73,6 +74,15 @@ def _decode_attention_kernel(q_ref,    # [b, hq, d]
         C.store(l_ref.at[b, s, heads], l_i, mask=hmask)
 
 
+def attention_tiles(batch: int, num_kv_heads: int, max_context: int) -> AttentionTiles:
+    """Default tiles: AttentionTiles.default_for's splits with 64 keys per step and 3 stages.
+    On the H100, Qwen3-0.6B shapes at batch 1, per decode step (28 layers): 120.5 us against
+    130.1 us with 128 keys and 2 stages at 17-272 positions, 207.9 us against 268.4 at
+    2,049-2,304 (128 keys with 3 stages: 124.7 / 221.7; 64 keys with 2 stages: 146.4)."""
+    return dataclasses.replace(AttentionTiles.default_for(batch, num_kv_heads, max_context),
+                               block_kv=64, num_stages=3)
+
+
 def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, tiles: AttentionTiles | None = None,
                      interpret: bool | None = None):
     """softmax(q k^T / sqrt(D)) v over each sequence's first context_lens[b] cached positions.
@@ -105,7 +115,7 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, tiles: 
     C.check_float("decode_attention: v_cache", v_cache, q.dtype)
     group = hq // hkv
     block_h = max(C.DOT_MIN_M, 1 << (group - 1).bit_length())
-    t = tiles or AttentionTiles.default_for(bsz, hkv, (block_tables.shape[1] if paged else 1) * block_size)
+    t = tiles or attention_tiles(bsz, hkv, (block_tables.shape[1] if paged else 1) * block_size)
     kernel = functools.partial(_decode_attention_kernel, paged=paged, group=group, block_h=block_h,
                                block_kv=t.block_kv,
                                block_size=block_size, splits=t.num_splits, scale=1.0 / math.sqrt(d))
