@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from common.tiles import MatmulTiles, next_pow2
+from jax_impl.ops_plain import precision_for
 
 F32 = jnp.float32
 # Tiles with block_m >= DOT_MIN_M use the tensor-core dot; smaller ones multiply and reduce
@@ -33,8 +34,8 @@ store = pltriton.store
 def dot(a, b, contract):
     """2-D dot with f32 accumulation; float32 operands multiply in full precision (the Triton
     lowering maps the default precision to TF32), bf16 ones on the tensor cores as they are."""
-    prec = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, (contract, ((), ())), precision=prec, preferred_element_type=F32)
+    return lax.dot_general(a, b, (contract, ((), ())), precision=precision_for(a.dtype),
+                           preferred_element_type=F32)
 
 
 def use_interpret(interpret: bool | None = None) -> bool:
