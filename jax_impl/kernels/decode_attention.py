@@ -3,8 +3,10 @@
 Grid (B, Hkv, num_splits). A program takes all G = Hq / Hkv query heads of one kv head
 (padded to 16 rows for the tensor-core dot) and runs an online softmax over block_kv cache
 positions at a time, gathered through the block table (position p lives in row
-block_tables[b, p // block_size] * block_size + p % block_size of the flattened cache; with
-block_tables=None, sequence b owns block b: row b * block_size + p).
+block_tables[b, p // block_size] * block_size + p % block_size of the flattened cache). With
+block_tables=None, sequence b owns block b (row b * block_size + p): its keys and values are read
+as windows of consecutive rows whose start is affine in the loop index, not gathered - on the
+H100 4.28 vs 4.38 us per call at 144 positions and 5.93 vs 6.10 at 272 (Qwen3-0.6B, batch 1).
 With num_splits > 1 (flash-decoding, for few sequences x kv heads vs the GPU's SMs) each
 program covers its share of the sequence's own context length, writes a normalized partial
 output with its max and sum, and a small XLA reduction combines the splits.
@@ -49,11 +51,14 @@ def _decode_attention_kernel(q_ref,    # [b, hq, d]
         acc, m_prev, l_prev = carry
         pos = start + i * block_kv + jnp.arange(block_kv)
         pmask = pos < end
-        blk = C.load(bt_ref.at[b, pos // block_size], mask=pmask, other=0) if paged else b
-        rows = blk * block_size + pos % block_size
-        r, c = C.gather_index(rows, 0, d)
-        k = C.load(k_ref.at[r, h, c], mask=pmask[:, None], other=0)  # [block_kv, d]
-        v = C.load(v_ref.at[r, h, c], mask=pmask[:, None], other=0)
+        if paged:
+            blk = C.load(bt_ref.at[b, pos // block_size], mask=pmask, other=0)
+            r, c = C.gather_index(blk * block_size + pos % block_size, 0, d)
+            window = (r, h, c)
+        else:  # sequence b's own block: rows b * block_size + pos (pos < length <= block_size), affine in i
+            window = (C.pl.ds(b * block_size + start + i * block_kv, block_kv), h, C.pl.ds(0, d))
+        k = C.load(k_ref.at[window], mask=pmask[:, None], other=0)  # [block_kv, d]
+        v = C.load(v_ref.at[window], mask=pmask[:, None], other=0)
         sc = C.dot(q, k, ((1,), (1,))) * scale
         sc = jnp.where(pmask[None, :], sc, NEG)  # [block_h, block_kv]
         m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))
