@@ -89,8 +89,7 @@ class Qwen3(nnx.Module):
         """Final norm and head: h [..., hidden] -> float32 logits [..., vocab]."""
         h = ops_plain.rms_norm(h, self.final_norm[...], self.cfg.rms_norm_eps)
         head = self.embed[...] if self.lm_head is None else self.lm_head[...]  # tied: read, never alias
-        return jax.lax.dot_general(h, head, (((h.ndim - 1,), (1,)), ((), ())),
-                                   precision=ops_plain.precision_for(h.dtype), preferred_element_type=jnp.float32)
+        return ops_plain.matmul_f32(h, head)
 
     def prefill(self, ids, lengths, caches, cache_rows: int):
         """ids [B, L] right-padded, lengths [B]; caches: list of (k, v) [B, cache_rows, Hkv, D]."""

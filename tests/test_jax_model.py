@@ -164,6 +164,35 @@ def test_stream_equals_generate(ckpts, fused):
     assert sum(chunks, []) == runner.generate([[3, 4, 5]], 10)[0]
 
 
+def test_decode_resumes_exactly_after_idle_steps(ckpts, fused):
+    """The decode loop runs generation.SYNC_EVERY steps per test of its condition; steps past the
+    stop change nothing. One step per call (each call idles SYNC_EVERY - 1 steps) must leave the
+    same tokens, positions and caches, bit for bit, as one call for all steps."""
+    runner = _load(ckpts["peaked"], fused)
+    cfg, graphdef, state = runner.config, runner.graphdef, runner.state
+    ids = jnp.asarray([[3, 4, 5, 0], [9, 10, 11, 12]], jnp.int32)
+    lengths = jnp.asarray([3, 4], jnp.int32)
+    statics = dict(greedy=True, top_k=0, use_top_p=False)
+    eos, one = jnp.asarray([-1], jnp.int32), jnp.float32(1.0)
+    new = generation.SYNC_EVERY + 3  # past one full chunk
+
+    def start():
+        caches = init_caches(cfg, 2, 32, runner.model.dtype)
+        return generation.prefill(graphdef, state, ids, lengths, caches, jax.random.key(0), one, one, eos,
+                                  max_new=new, **statics)
+
+    whole = generation.decode(graphdef, state, start(), jnp.int32(new), one, one, eos, **statics)
+    ds = start()
+    for stop in range(2, new + 1):
+        ds = generation.decode(graphdef, state, ds, jnp.int32(stop), one, one, eos, **statics)
+        assert int(ds.step) == stop
+    for name in ("step", "tokens", "offset", "done", "out"):
+        np.testing.assert_array_equal(np.asarray(getattr(ds, name)), np.asarray(getattr(whole, name)), err_msg=name)
+    for layer, ((k1, v1), (k2, v2)) in enumerate(zip(ds.caches, whole.caches)):
+        np.testing.assert_array_equal(np.asarray(k1), np.asarray(k2), err_msg=f"layer {layer} k cache")
+        np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2), err_msg=f"layer {layer} v cache")
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(top_p=1.5, temperature=1.0), "top_p"),
