@@ -64,6 +64,7 @@ class DecodeProbe:
         self.lengths = jnp.full((batch,), prompt_len, jnp.int32)
         self.statics = dict(greedy=True, top_k=0, use_top_p=False)
         self.eos = jnp.asarray([-1], jnp.int32)
+        self.sync_every = generation.steps_per_test(steps)
 
     def _start(self):
         caches = init_caches(self.cfg, self.batch, self.rows, jnp.bfloat16)
@@ -77,7 +78,7 @@ class DecodeProbe:
         ds = self._start()
         t0 = time.perf_counter()
         ds = generation.decode(self.graphdef, self.state, ds, jnp.int32(self.steps + 1), jnp.float32(1.0),
-                               jnp.float32(1.0), self.eos, **self.statics)
+                               jnp.float32(1.0), self.eos, sync_every=self.sync_every, **self.statics)
         jax.block_until_ready(ds.out)
         return time.perf_counter() - t0
 
@@ -87,7 +88,7 @@ class DecodeProbe:
 
         def run():
             out = generation.decode(self.graphdef, self.state, ds, jnp.int32(self.steps + 1), jnp.float32(1.0),
-                                    jnp.float32(1.0), self.eos, **self.statics)
+                                    jnp.float32(1.0), self.eos, sync_every=self.sync_every, **self.statics)
             jax.block_until_ready(out.out)
 
         for _, dur, name in gpu_kernel_events(run):

@@ -6,7 +6,7 @@ token budget in one call). The model state is passed as arguments (never closed 
 constants), the caches are donated so XLA updates them in place.
 
 The loop is two loops: an outer `lax.while_loop` that tests "all done or stop reached", around
-an inner `lax.fori_loop` of `SYNC_EVERY` steps. A while loop's test is read back by the host
+an inner `lax.fori_loop` of `sync_every` steps (see `steps_per_test`). A while loop's test is read back by the host
 before every iteration (a device-to-host copy and a wait for the GPU to drain); a loop with a
 static trip count is not, so the host queues the inner steps back to back. Inner steps past the
 stop (or past every eos) are idle: the state is kept, their token goes to a column of `out` past
@@ -27,7 +27,17 @@ from flax import nnx
 
 from jax_impl.sampling import sample
 
-SYNC_EVERY = 16  # decode steps per test of the loop condition (at most SYNC_EVERY - 1 run idle)
+SYNC_RANGE = (8, 32)  # decode steps per test of the loop condition: fewest and most
+
+
+def steps_per_test(n: int) -> int:
+    """The inner trip count for a decode call of n steps: a divisor of n in SYNC_RANGE where there
+    is one (no idle step unless every sequence stops early), else the one leaving the fewest idle
+    steps (the larger on a tie); n itself below the range."""
+    lo, hi = SYNC_RANGE
+    if n <= lo:
+        return max(1, n)
+    return min(range(lo, hi + 1), key=lambda d: (-n % d, -d))
 
 
 class DecodeState(NamedTuple):
@@ -65,10 +75,12 @@ def prefill(graphdef, state, ids, lengths, caches, key, temperature, top_p, eos_
     return DecodeState(jnp.int32(1), tok, lengths.astype(jnp.int32) - 1, done, out, caches, key)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k", "use_top_p"), donate_argnames=("ds",))
+@partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k", "use_top_p", "sync_every"),
+         donate_argnames=("ds",))
 def decode(graphdef, state, ds: DecodeState, stop_step, temperature, top_p, eos_ids, *, greedy: bool,
-           top_k: int, use_top_p: bool) -> DecodeState:
-    """Decode until every sequence is done or `stop_step` tokens have been emitted."""
+           top_k: int, use_top_p: bool, sync_every: int = 16) -> DecodeState:
+    """Decode until every sequence is done or `stop_step` tokens have been emitted, testing that
+    every `sync_every` steps (steps_per_test(stop_step - ds.step) leaves no idle step)."""
     model = nnx.merge(graphdef, state)
     stop = jnp.minimum(stop_step, ds.out.shape[1] - 1)
 
@@ -87,4 +99,4 @@ def decode(graphdef, state, ds: DecodeState, stop_step, temperature, top_p, eos_
         done = s.done | (active & jnp.isin(tok, eos_ids))
         return DecodeState(s.step + active.astype(jnp.int32), tok, s.offset, done, out, caches, s.key)
 
-    return jax.lax.while_loop(cond, lambda s: jax.lax.fori_loop(0, SYNC_EVERY, step, s), ds)
+    return jax.lax.while_loop(cond, lambda s: jax.lax.fori_loop(0, sync_every, step, s), ds)

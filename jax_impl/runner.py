@@ -103,9 +103,13 @@ class JaxRunner(harness.Runner):
         ds.out.block_until_ready()
         t1 = time.perf_counter()
         step = chunk or max_new_tokens
+        # One inner trip count per call shape: a plain generate runs max_new_tokens - 1 steps in
+        # one call, a stream `chunk` steps per call (its last call may idle a few).
+        sync_every = generation.steps_per_test(chunk or max_new_tokens - 1)
         while True:
             stop = min(int(ds.step) + step, max_new_tokens) if chunk else max_new_tokens
-            ds = generation.decode(self.graphdef, self.state, ds, jnp.int32(stop), temp, tp, eos_ids, **statics)
+            ds = generation.decode(self.graphdef, self.state, ds, jnp.int32(stop), temp, tp, eos_ids,
+                                   sync_every=sync_every, **statics)
             outs = _trim(np.asarray(ds.out), int(ds.step), eos)
             yield outs
             if int(ds.step) >= max_new_tokens or bool(np.all(np.asarray(ds.done))):

@@ -165,21 +165,21 @@ def test_stream_equals_generate(ckpts, fused):
 
 
 def test_decode_resumes_exactly_after_idle_steps(ckpts, fused):
-    """The decode loop runs generation.SYNC_EVERY steps per test of its condition; steps past the
-    stop change nothing. One step per call (each call idles SYNC_EVERY - 1 steps) must leave the
-    same tokens, positions and caches, bit for bit, as one call for all steps."""
+    """The decode loop tests its condition every `sync_every` steps; steps past the stop change
+    nothing. One step per call (each call idles sync_every - 1 steps) must leave the same tokens,
+    positions and caches, bit for bit, as one call for all steps."""
     runner = _load(ckpts["peaked"], fused)
     cfg, graphdef, state = runner.config, runner.graphdef, runner.state
     ids = jnp.asarray([[3, 4, 5, 0], [9, 10, 11, 12]], jnp.int32)
     lengths = jnp.asarray([3, 4], jnp.int32)
-    statics = dict(greedy=True, top_k=0, use_top_p=False)
+    statics = dict(greedy=True, top_k=0, use_top_p=False, sync_every=8)
     eos, one = jnp.asarray([-1], jnp.int32), jnp.float32(1.0)
-    new = generation.SYNC_EVERY + 3  # past one full chunk
+    new = 8 + 3  # past one full inner loop
 
     def start():
         caches = init_caches(cfg, 2, 32, runner.model.dtype)
         return generation.prefill(graphdef, state, ids, lengths, caches, jax.random.key(0), one, one, eos,
-                                  max_new=new, **statics)
+                                  max_new=new, greedy=True, top_k=0, use_top_p=False)
 
     whole = generation.decode(graphdef, state, start(), jnp.int32(new), one, one, eos, **statics)
     ds = start()
@@ -191,6 +191,17 @@ def test_decode_resumes_exactly_after_idle_steps(ckpts, fused):
     for layer, ((k1, v1), (k2, v2)) in enumerate(zip(ds.caches, whole.caches)):
         np.testing.assert_array_equal(np.asarray(k1), np.asarray(k2), err_msg=f"layer {layer} k cache")
         np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2), err_msg=f"layer {layer} v cache")
+
+
+def test_steps_per_test_prefers_no_idle_steps():
+    f = generation.steps_per_test
+    lo, hi = generation.SYNC_RANGE
+    assert [f(n) for n in (0, 1, 5, 8)] == [1, 1, 5, 8]
+    assert f(255) == 17 and f(256) == 32 and f(1023) == 31  # divisors: no idle step
+    assert f(511) == 32  # no divisor in range: one idle step, the largest such count
+    for n in range(lo, 2000):
+        d = f(n)
+        assert lo <= d <= hi and (-n % d) <= min(-n % e for e in range(lo, hi + 1))
 
 
 @pytest.mark.parametrize("bad, match", [
