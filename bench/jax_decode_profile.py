@@ -59,6 +59,7 @@ class DecodeProbe:
         self.cfg, self.batch, self.prompt_len, self.steps = cfg, batch, prompt_len, steps
         model = Qwen3(cfg, params, choose_ops(cfg, FUSED[fused], "bfloat16"))
         self.graphdef, self.state = nnx.split(model)
+        self.programs = generation.Programs(self.graphdef)
         self.rows = -(-(prompt_len + steps) // 128) * 128
         self.ids = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, cfg.vocab_size, jnp.int32)
         self.lengths = jnp.full((batch,), prompt_len, jnp.int32)
@@ -68,7 +69,7 @@ class DecodeProbe:
 
     def _start(self):
         caches = init_caches(self.cfg, self.batch, self.rows, jnp.bfloat16)
-        ds = generation.prefill(self.graphdef, self.state, self.ids, self.lengths, caches, jax.random.key(0),
+        ds = self.programs.prefill(self.state, self.ids, self.lengths, caches, jax.random.key(0),
                                 jnp.float32(1.0), jnp.float32(1.0), self.eos, max_new=self.steps + 1,
                                 **self.statics)
         return jax.block_until_ready(ds)
@@ -77,7 +78,7 @@ class DecodeProbe:
         """Seconds of one decode loop of `steps` tokens (the prefill excluded)."""
         ds = self._start()
         t0 = time.perf_counter()
-        ds = generation.decode(self.graphdef, self.state, ds, jnp.int32(self.steps + 1), jnp.float32(1.0),
+        ds = self.programs.decode(self.state, ds, jnp.int32(self.steps + 1), jnp.float32(1.0),
                                jnp.float32(1.0), self.eos, sync_every=self.sync_every, **self.statics)
         jax.block_until_ready(ds.out)
         return time.perf_counter() - t0
@@ -87,7 +88,7 @@ class DecodeProbe:
         time_ns, count = collections.defaultdict(float), collections.defaultdict(int)
 
         def run():
-            out = generation.decode(self.graphdef, self.state, ds, jnp.int32(self.steps + 1), jnp.float32(1.0),
+            out = self.programs.decode(self.state, ds, jnp.int32(self.steps + 1), jnp.float32(1.0),
                                     jnp.float32(1.0), self.eos, sync_every=self.sync_every, **self.statics)
             jax.block_until_ready(out.out)
 

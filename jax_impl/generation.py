@@ -1,6 +1,6 @@
 """Compiled programs of the jax model: full forward, prefill, and the decode loop.
 
-The whole decode loop is one jit: it stops when every sequence has emitted an eos or `stop_step`
+`Programs(graphdef)` holds the three jitted programs. The whole decode loop is one jit: it stops when every sequence has emitted an eos or `stop_step`
 is reached (a streaming caller advances `stop_step` chunk by chunk; a plain generate() runs to the
 token budget in one call). The model state is passed as arguments (never closed over as
 constants), the caches are donated so XLA updates them in place.
@@ -40,6 +40,24 @@ def steps_per_test(n: int) -> int:
     return min(range(lo, hi + 1), key=lambda d: (-n % d, -d))
 
 
+class Programs:
+    """The compiled programs of one model graph: `forward_logits`, `prefill` and `decode` below,
+    each jitted with the graph bound, called without it (`programs.decode(state, ds, ...)`).
+
+    The graph is bound once rather than passed as a static argument: jit hashes its static
+    arguments on every call, and an nnx GraphDef hashes its whole tree (about 2 ms per call for
+    Qwen3-0.6B's 28 layers on a CI core), time in which the GPU waits.
+    """
+
+    def __init__(self, graphdef):
+        self.graphdef = graphdef
+        self.forward_logits = jax.jit(partial(forward_logits, graphdef))
+        self.prefill = jax.jit(partial(prefill, graphdef), static_argnames=("max_new", "greedy", "top_k", "use_top_p"),
+                               donate_argnames=("caches",))
+        self.decode = jax.jit(partial(decode, graphdef), static_argnames=("greedy", "top_k", "use_top_p", "sync_every"),
+                              donate_argnames=("ds",))
+
+
 class DecodeState(NamedTuple):
     step: jax.Array  # () int32: index of the next token to emit in `out`
     tokens: jax.Array  # [B] last emitted token
@@ -51,7 +69,6 @@ class DecodeState(NamedTuple):
     key: jax.Array
 
 
-@partial(jax.jit, static_argnames=("graphdef",))
 def forward_logits(graphdef, state, ids, lengths, caches):
     """Full causal forward of right-padded ids [B, L] -> float32 logits [B, L, vocab]."""
     model = nnx.merge(graphdef, state)
@@ -59,8 +76,6 @@ def forward_logits(graphdef, state, ids, lengths, caches):
     return model.logits(h)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new", "greedy", "top_k", "use_top_p"),
-         donate_argnames=("caches",))
 def prefill(graphdef, state, ids, lengths, caches, key, temperature, top_p, eos_ids, *, max_new: int,
             greedy: bool, top_k: int, use_top_p: bool) -> DecodeState:
     """Run the prompts, sample the first new token, and return the decode loop's start state."""
@@ -75,8 +90,6 @@ def prefill(graphdef, state, ids, lengths, caches, key, temperature, top_p, eos_
     return DecodeState(jnp.int32(1), tok, lengths.astype(jnp.int32) - 1, done, out, caches, key)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "greedy", "top_k", "use_top_p", "sync_every"),
-         donate_argnames=("ds",))
 def decode(graphdef, state, ds: DecodeState, stop_step, temperature, top_p, eos_ids, *, greedy: bool,
            top_k: int, use_top_p: bool, sync_every: int = 16) -> DecodeState:
     """Decode until every sequence is done or `stop_step` tokens have been emitted, testing that

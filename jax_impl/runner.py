@@ -48,6 +48,7 @@ class JaxRunner(harness.Runner):
         ops = choose_ops(self.config, harness.resolve_fused(fused), self.dtype)
         self.model = Qwen3(self.config, load_params(ckpt, jnp.dtype(dtype)), ops)
         self.graphdef, self.state = nnx.split(self.model)
+        self.programs = generation.Programs(self.graphdef)
         self.last_stats: dict = {}
 
     # ----- Runner ------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ class JaxRunner(harness.Runner):
             raise ValueError(f"token_ids: {l} tokens exceed max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
         caches = init_caches(self.config, b, l, self.model.dtype)
-        out = generation.forward_logits(self.graphdef, self.state, jnp.asarray(ids, jnp.int32),
+        out = self.programs.forward_logits(self.state, jnp.asarray(ids, jnp.int32),
                                         jnp.full((b,), l, jnp.int32), caches)
         return np.asarray(out, dtype=np.float32)
 
@@ -98,7 +99,7 @@ class JaxRunner(harness.Runner):
         caches = init_caches(cfg, b, rows, self.model.dtype)
 
         t0 = time.perf_counter()
-        ds = generation.prefill(self.graphdef, self.state, jnp.asarray(ids), jnp.asarray(lengths), caches,
+        ds = self.programs.prefill(self.state, jnp.asarray(ids), jnp.asarray(lengths), caches,
                                 jax.random.key(seed), temp, tp, eos_ids, max_new=max_new_tokens, **statics)
         ds.out.block_until_ready()
         t1 = time.perf_counter()
@@ -108,7 +109,7 @@ class JaxRunner(harness.Runner):
         sync_every = generation.steps_per_test(chunk or max_new_tokens - 1)
         while True:
             stop = min(int(ds.step) + step, max_new_tokens) if chunk else max_new_tokens
-            ds = generation.decode(self.graphdef, self.state, ds, jnp.int32(stop), temp, tp, eos_ids,
+            ds = self.programs.decode(self.state, ds, jnp.int32(stop), temp, tp, eos_ids,
                                    sync_every=sync_every, **statics)
             outs = _trim(np.asarray(ds.out), int(ds.step), eos)
             yield outs

@@ -169,7 +169,7 @@ def test_decode_resumes_exactly_after_idle_steps(ckpts, fused):
     nothing. One step per call (each call idles sync_every - 1 steps) must leave the same tokens,
     positions and caches, bit for bit, as one call for all steps."""
     runner = _load(ckpts["peaked"], fused)
-    cfg, graphdef, state = runner.config, runner.graphdef, runner.state
+    cfg, programs, state = runner.config, runner.programs, runner.state
     ids = jnp.asarray([[3, 4, 5, 0], [9, 10, 11, 12]], jnp.int32)
     lengths = jnp.asarray([3, 4], jnp.int32)
     statics = dict(greedy=True, top_k=0, use_top_p=False, sync_every=8)
@@ -178,13 +178,13 @@ def test_decode_resumes_exactly_after_idle_steps(ckpts, fused):
 
     def start():
         caches = init_caches(cfg, 2, 32, runner.model.dtype)
-        return generation.prefill(graphdef, state, ids, lengths, caches, jax.random.key(0), one, one, eos,
+        return programs.prefill(state, ids, lengths, caches, jax.random.key(0), one, one, eos,
                                   max_new=new, greedy=True, top_k=0, use_top_p=False)
 
-    whole = generation.decode(graphdef, state, start(), jnp.int32(new), one, one, eos, **statics)
+    whole = programs.decode(state, start(), jnp.int32(new), one, one, eos, **statics)
     ds = start()
     for stop in range(2, new + 1):
-        ds = generation.decode(graphdef, state, ds, jnp.int32(stop), one, one, eos, **statics)
+        ds = programs.decode(state, ds, jnp.int32(stop), one, one, eos, **statics)
         assert int(ds.step) == stop
     for name in ("step", "tokens", "offset", "done", "out"):
         np.testing.assert_array_equal(np.asarray(getattr(ds, name)), np.asarray(getattr(whole, name)), err_msg=name)
