@@ -2,7 +2,7 @@
 
 Builds a random-weight model of a preset directly on the device (no checkpoint on disk), runs the
 real compiled programs of jax_impl.generation (prefill, then the whole decode loop in one
-`lax.while_loop`), times batch-B greedy decode of `--steps` tokens (best of 3), and traces one
+call), times batch-B greedy decode of `--steps` tokens (best of 3), and traces one
 decode loop with the profiler: device time per step by kernel (grouped by name), the sum of
 kernel time per step against the wall time per step (the difference is launch gaps).
 

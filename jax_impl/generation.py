@@ -1,19 +1,20 @@
 """Compiled programs of the jax model: full forward, prefill, and the decode loop.
 
-`Programs(graphdef)` holds the three jitted programs. The whole decode loop is one jit: it stops when every sequence has emitted an eos or `stop_step`
-is reached (a streaming caller advances `stop_step` chunk by chunk; a plain generate() runs to the
-token budget in one call). The model state is passed as arguments (never closed over as
-constants), the caches are donated so XLA updates them in place.
+`Programs(graphdef)` holds the three jitted programs. The whole decode loop is one jit: it stops
+when every sequence has emitted an eos or `stop_step` is reached (a streaming caller advances
+`stop_step` chunk by chunk; a plain generate() runs to the token budget in one call). The model
+state is passed as arguments (never closed over as constants), the caches are donated so XLA
+updates them in place.
 
-The loop is two loops: an outer `lax.while_loop` that tests "all done or stop reached", around
-an inner `lax.fori_loop` of `sync_every` steps (see `steps_per_test`). A while loop's test is read back by the host
-before every iteration (a device-to-host copy and a wait for the GPU to drain); a loop with a
-static trip count is not, so the host queues the inner steps back to back. Inner steps past the
-stop (or past every eos) are idle: the state is kept, their token goes to a column of `out` past
-the emitted ones, and the one cache row they write is the row the next real step writes with the
-same values (same token, same position).
-Measured on an H100, Qwen3-0.6B batch 1: 835.4 us per step with the test every step, 818.3 with
-a static trip count.
+The loop is two loops: an outer `lax.while_loop` that tests "all done or stop reached", around an
+inner `lax.fori_loop` of `sync_every` steps (see `steps_per_test`). A while loop's test is read
+back by the host before every iteration (a device-to-host copy and a wait for the GPU to drain);
+a loop with a static trip count is not, so the host queues the inner steps back to back. Inner
+steps past the stop (or past every eos) are idle: the state is kept, their token goes to a column
+of `out` past the emitted ones, and the one cache row they write is the row the next real step
+writes with the same values (same token, same position). Measured on an H100, Qwen3-0.6B batch
+1, one process: 837.5 us per step testing after every step, 823.9 testing every 16 steps
+(docs/MEASUREMENTS.md).
 """
 
 from __future__ import annotations
@@ -45,17 +46,17 @@ class Programs:
     each jitted with the graph bound, called without it (`programs.decode(state, ds, ...)`).
 
     The graph is bound once rather than passed as a static argument: jit hashes its static
-    arguments on every call, and an nnx GraphDef hashes its whole tree (about 2 ms per call for
-    Qwen3-0.6B's 28 layers on a CI core), time in which the GPU waits.
+    arguments on every call, and an nnx GraphDef hashes its whole tree (504 us per call for
+    Qwen3-0.6B's graph on the host of the H100 machine), time in which the GPU waits.
     """
 
     def __init__(self, graphdef):
         self.graphdef = graphdef
         self.forward_logits = jax.jit(partial(forward_logits, graphdef))
-        self.prefill = jax.jit(partial(prefill, graphdef), static_argnames=("max_new", "greedy", "top_k", "use_top_p"),
-                               donate_argnames=("caches",))
-        self.decode = jax.jit(partial(decode, graphdef), static_argnames=("greedy", "top_k", "use_top_p", "sync_every"),
-                              donate_argnames=("ds",))
+        self.prefill = jax.jit(partial(prefill, graphdef), donate_argnames=("caches",),
+                               static_argnames=("max_new", "greedy", "top_k", "use_top_p"))
+        self.decode = jax.jit(partial(decode, graphdef), donate_argnames=("ds",),
+                              static_argnames=("greedy", "top_k", "use_top_p", "sync_every"))
 
 
 class DecodeState(NamedTuple):
