@@ -1,10 +1,10 @@
 """Where a jax_impl decode step spends its time on the GPU: tok/s and a per-kernel breakdown.
 
 Builds a random-weight model of a preset directly on the device (no checkpoint on disk), runs the
-real compiled programs of jax_impl.generation (prefill, then the whole decode loop in one
-call), times batch-B greedy decode of `--steps` tokens (best of 3), and traces one
-decode loop with the profiler: device time per step by kernel (grouped by name), the sum of
-kernel time per step against the wall time per step (the difference is launch gaps).
+real compiled programs of jax_impl.generation (prefill, then the whole decode loop in one call),
+times batch-B greedy decode of `--steps` tokens (best of 3), and traces one decode loop with the
+profiler: device time per step by kernel (grouped by name), the sum of kernel time per step
+against the wall time per step (the difference is launch gaps).
 
     python -m bench.jax_decode_profile --presets Qwen3-8B --fused plain,auto --batch 1 --json out.json
 """
@@ -70,8 +70,8 @@ class DecodeProbe:
     def _start(self):
         caches = init_caches(self.cfg, self.batch, self.rows, jnp.bfloat16)
         ds = self.programs.prefill(self.state, self.ids, self.lengths, caches, jax.random.key(0),
-                                jnp.float32(1.0), jnp.float32(1.0), self.eos, max_new=self.steps + 1,
-                                **self.statics)
+                                   jnp.float32(1.0), jnp.float32(1.0), self.eos, max_new=self.steps + 1,
+                                   **self.statics)
         return jax.block_until_ready(ds)
 
     def decode_s(self) -> float:
@@ -79,7 +79,7 @@ class DecodeProbe:
         ds = self._start()
         t0 = time.perf_counter()
         ds = self.programs.decode(self.state, ds, jnp.int32(self.steps + 1), jnp.float32(1.0),
-                               jnp.float32(1.0), self.eos, sync_every=self.sync_every, **self.statics)
+                                  jnp.float32(1.0), self.eos, sync_every=self.sync_every, **self.statics)
         jax.block_until_ready(ds.out)
         return time.perf_counter() - t0
 
@@ -89,7 +89,7 @@ class DecodeProbe:
 
         def run():
             out = self.programs.decode(self.state, ds, jnp.int32(self.steps + 1), jnp.float32(1.0),
-                                    jnp.float32(1.0), self.eos, sync_every=self.sync_every, **self.statics)
+                                       jnp.float32(1.0), self.eos, sync_every=self.sync_every, **self.statics)
             jax.block_until_ready(out.out)
 
         for _, dur, name in gpu_kernel_events(run):

@@ -60,7 +60,7 @@ class JaxRunner(harness.Runner):
                              f"{self.config.max_position_embeddings}")
         caches = init_caches(self.config, b, l, self.model.dtype)
         out = self.programs.forward_logits(self.state, jnp.asarray(ids, jnp.int32),
-                                        jnp.full((b,), l, jnp.int32), caches)
+                                           jnp.full((b,), l, jnp.int32), caches)
         return np.asarray(out, dtype=np.float32)
 
     def generate(self, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
@@ -100,7 +100,7 @@ class JaxRunner(harness.Runner):
 
         t0 = time.perf_counter()
         ds = self.programs.prefill(self.state, jnp.asarray(ids), jnp.asarray(lengths), caches,
-                                jax.random.key(seed), temp, tp, eos_ids, max_new=max_new_tokens, **statics)
+                                   jax.random.key(seed), temp, tp, eos_ids, max_new=max_new_tokens, **statics)
         ds.out.block_until_ready()
         t1 = time.perf_counter()
         step = chunk or max_new_tokens
@@ -110,7 +110,7 @@ class JaxRunner(harness.Runner):
         while True:
             stop = min(int(ds.step) + step, max_new_tokens) if chunk else max_new_tokens
             ds = self.programs.decode(self.state, ds, jnp.int32(stop), temp, tp, eos_ids,
-                                   sync_every=sync_every, **statics)
+                                      sync_every=sync_every, **statics)
             outs = _trim(np.asarray(ds.out), int(ds.step), eos)
             yield outs
             if int(ds.step) >= max_new_tokens or bool(np.all(np.asarray(ds.done))):

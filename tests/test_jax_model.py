@@ -179,7 +179,7 @@ def test_decode_resumes_exactly_after_idle_steps(ckpts, fused):
     def start():
         caches = init_caches(cfg, 2, 32, runner.model.dtype)
         return programs.prefill(state, ids, lengths, caches, jax.random.key(0), one, one, eos,
-                                  max_new=new, greedy=True, top_k=0, use_top_p=False)
+                                max_new=new, greedy=True, top_k=0, use_top_p=False)
 
     whole = programs.decode(state, start(), jnp.int32(new), one, one, eos, **statics)
     ds = start()
