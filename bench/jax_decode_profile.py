@@ -58,8 +58,8 @@ class DecodeProbe:
     def __init__(self, cfg, params, fused: str, batch: int, prompt_len: int, steps: int):
         self.cfg, self.batch, self.prompt_len, self.steps = cfg, batch, prompt_len, steps
         model = Qwen3(cfg, params, choose_ops(cfg, FUSED[fused], "bfloat16"))
-        self.graphdef, self.state = nnx.split(model)
-        self.programs = generation.Programs(self.graphdef)
+        graphdef, self.state = nnx.split(model)
+        self.programs = generation.Programs(graphdef)
         self.rows = -(-(prompt_len + steps) // 128) * 128
         self.ids = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, cfg.vocab_size, jnp.int32)
         self.lengths = jnp.full((batch,), prompt_len, jnp.int32)

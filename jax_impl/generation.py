@@ -51,7 +51,6 @@ class Programs:
     """
 
     def __init__(self, graphdef):
-        self.graphdef = graphdef
         self.forward_logits = jax.jit(partial(forward_logits, graphdef))
         self.prefill = jax.jit(partial(prefill, graphdef), donate_argnames=("caches",),
                                static_argnames=("max_new", "greedy", "top_k", "use_top_p"))
@@ -102,7 +101,7 @@ def decode(graphdef, state, ds: DecodeState, stop_step, temperature, top_p, eos_
         return (s.step < stop) & ~jnp.all(s.done)
 
     def step(_, s: DecodeState):
-        active = (s.step < stop) & ~jnp.all(s.done)  # () bool: False on the idle tail of a chunk
+        active = cond(s)  # () bool: False on the idle tail of an inner loop
         h, caches = model.decode(s.tokens, s.offset + s.step, s.caches)
         tok = sample(model.logits(h), jax.random.fold_in(s.key, s.step), temperature, top_p,
                      greedy=greedy, top_k=top_k, use_top_p=use_top_p)

@@ -47,8 +47,8 @@ class JaxRunner(harness.Runner):
         self.config = ckpt.config
         ops = choose_ops(self.config, harness.resolve_fused(fused), self.dtype)
         self.model = Qwen3(self.config, load_params(ckpt, jnp.dtype(dtype)), ops)
-        self.graphdef, self.state = nnx.split(self.model)
-        self.programs = generation.Programs(self.graphdef)
+        graphdef, self.state = nnx.split(self.model)
+        self.programs = generation.Programs(graphdef)
         self.last_stats: dict = {}
 
     # ----- Runner ------------------------------------------------------------------------------
