@@ -90,7 +90,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _progress(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    from common.progress import note
+
+    note(msg)
 
 
 def _models(a) -> dict:
@@ -195,8 +197,14 @@ def run(a) -> int:
     res = report.Results(out, env.collect(smoke=a.smoke, commit=a.commit, argv=a.argv), settings)
     _progress(f"python -m bench {a.command}: {gpu_name}; results in {out}"
               + ("; every job in this process" if a.in_process else "; every job in a process of its own"))
+    from common.progress import bar
+
     torch_device = _torch_device(a.smoke)
+    n_jobs = 2 + (len(frameworks) if a.command in ("kernels", "all") else 0) \
+        + (len(models) * len(impls) if a.command in ("decode", "all") else 0)
+    jobs_bar = bar(n_jobs, f"bench {a.command}", unit="job", delay=0, leave=True)
     ceilings = _ceilings(a)
+    jobs_bar.update(2)
     res.set_ceilings(ceilings)
     _progress(f"ceilings: copy {ceilings.get('copy_GBps') or 0:,.0f} GB/s, bf16 matmul "
               f"{ceilings.get('matmul_TFLOPs') or 0:,.1f} TFLOP/s")
@@ -212,6 +220,7 @@ def run(a) -> int:
                        prefill=prefill, ctx=ctx, settings=st)
             expected = [r for c in cases for r in kernels.case_rows(fw, c, no_figures, ceilings)]
             isolate.run_job(job, emit=res.add, expected=expected, in_process=a.in_process, progress=_progress)
+            jobs_bar.update(1)
 
     if a.command in ("decode", "all"):
         with tempfile.TemporaryDirectory(prefix="bench-smoke-ckpt-") as tmp:
@@ -237,11 +246,14 @@ def run(a) -> int:
                 if why is not None:
                     for r in expected:
                         res.add(dict(r, error=why))
+                    jobs_bar.update(1)
                     continue
                 job = dict(shared, kind="decode", impl=impl, model=m, cfg=dataclasses.asdict(models[m]),
                            path=str(paths[m]), batches=bs, prompt_len=prompt_len, new_tokens=new_tokens,
                            runs=runs, warmup=1, torch_device=dev)
                 isolate.run_job(job, emit=res.add, expected=expected, in_process=a.in_process, progress=_progress)
+                jobs_bar.update(1)
+    jobs_bar.close()
 
     try:
         md = report.finish(res.doc(), out, plot=not a.no_plots)
@@ -286,4 +298,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import interrupt
+
+    interrupt.main(main)

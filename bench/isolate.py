@@ -198,9 +198,10 @@ def _emit_lines(text: str, emit) -> str:
 
 
 def _tee(stream, tail) -> None:
+    from common.progress import note
+
     for line in stream:
-        sys.stderr.write(line)
-        sys.stderr.flush()
+        note(line.rstrip("\n"))
         if line.strip():
             tail.append(line.rstrip())
 
@@ -214,4 +215,6 @@ def _signal_name(num: int) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from common import interrupt
+
+    interrupt.main(lambda: main(sys.argv[1:]))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import progress
 from common.config import Qwen3Config
 from common.weights import INDEX_FILE, SINGLE_FILE, expected_shapes
 
@@ -90,7 +91,12 @@ def write_checkpoint(model_dir: str | Path, cfg: Qwen3Config, weights: dict[str,
     path.mkdir(parents=True, exist_ok=True)
     dtype = dtype or cfg.dtype
     items = weights.items() if weights is not None else iter_random_weights(cfg, seed=seed, **random_kwargs)
-    store = {k: np.ascontiguousarray(np.asarray(v).astype(_np_dtype(dtype))) for k, v in items}
+    store = {}
+    with progress.bar(len(weights) if weights is not None else len(expected_shapes(cfg)), f"writing {path.name}",
+                      unit="tensor") as pb:
+        for k, v in items:
+            store[k] = np.ascontiguousarray(np.asarray(v).astype(_np_dtype(dtype)))
+            pb.update(1)
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = hf["dtype"] = dtype
     if tokenizer:

@@ -10,10 +10,10 @@ For one prompt the text streams as it is produced when the runner has
                     eos_token_id) -> iterator of lists of token ids
 
 where each yielded list holds the tokens produced since the previous yield (not cumulative);
-otherwise `generate()` runs and its text is printed. A batch prints each completion. Completions
-go to stdout; the timing report (prompt tokens, prefill time, decode tokens/s) to stderr, from
-the runner's `last_stats` dict (prefill_s, decode_s, new_tokens = all new tokens of the batch)
-when it has one, else from the wall-clock time of the call.
+otherwise `generate()` runs and its text is printed. One prompt on a terminal is echoed dimmed
+before its completion; a batch prints each completion under a `=== [i/n] prompt: "..."` line.
+Completions go to stdout; the timing report goes to stderr, from the runner's `last_stats` dict
+when it has one (STATS_KEYS), else from the wall-clock time of the call.
 
 Defaults: --temperature/--top-k/--top-p from generation_config.json when it samples, else
 greedy; eos from generation_config.json (int or list), else tokenizer_config.json's eos_token.
@@ -23,39 +23,77 @@ Bad input is a one-line `error:` on stderr naming the flag or file (exit 2); Ctr
 from __future__ import annotations
 
 import argparse
-import logging
+import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Callable, TextIO
 
+from common import interrupt, logs
 from common.config import ConfigError, Qwen3Config
 from common.harness import resolve_fused
 from common.textgen import (StreamDecoder, TextError, chat_template, eos_token_ids, load_tokenizer, read_json,
                             render_chat, sampling_defaults)
 
 EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = interrupt.EXIT_INTERRUPTED
+
+# Runner.last_stats, as both twins fill it after each generate call (seconds, token counts):
+STATS_KEYS = {
+    "prompt_tokens": "prompt tokens of the batch",
+    "new_tokens": "all new tokens of the batch",
+    "decode_tokens": "new tokens made by decode steps (new_tokens less each sequence's first token)",
+    "first_token_s": "from the call to the first tokens, compile included (time to first token)",
+    "compile_s": "compile and warm-up time (jax: XLA compiles; torch: CUDA-graph captures), all of it",
+    "compile_first_s": "the part of compile_s spent before the first token",
+    "prefill_s": "prefill, compile excluded",
+    "decode_s": "decode steps, compile excluded: decode_tokens / decode_s is the steady rate",
+}
 
 
 class CLIError(Exception):
     """Bad input: printed as one `error:` line, exit status 2."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default: argparse's own, or the rule written in the help text."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Generate text with a Qwen3 checkpoint.")
-    p.add_argument("--model", metavar="DIR", help="Hugging Face checkpoint directory (default: the shipped model)")
-    p.add_argument("--prompt", action="append", default=[], help="prompt text (repeat for a batch)")
-    p.add_argument("--prompt-file", metavar="FILE", help="one prompt per line ('-' reads stdin)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p = argparse.ArgumentParser(prog=prog, description="Generate text with a Qwen3 checkpoint.",
+                                formatter_class=_HelpFormatter)
+    p.add_argument("--model", metavar="DIR",
+                   help="Hugging Face checkpoint directory (default: the shipped tiny model)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text, repeat for a batch (default: none; give --prompt or --prompt-file)")
+    p.add_argument("--prompt-file", metavar="FILE", help="one prompt per line ('-' reads stdin) (default: none)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt, at most")
     p.add_argument("--temperature", type=float, default=None,
                    help="0 = greedy (default: generation_config.json's when it samples, else 0)")
-    p.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation_config.json's)")
-    p.add_argument("--top-p", type=float, default=None, help="in (0, 1] (default: generation_config.json's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation_config.json's, else 0)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="in (0, 1] (default: generation_config.json's, else 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (greedy ignores it)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="generate all --max-new-tokens past any eos (benchmarks)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
-    p.add_argument("--fused", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
+    p.add_argument("--system", metavar="TEXT", default=None,
+                   help="a system message before each prompt; implies --chat (default: none)")
+    p.add_argument("--no-think", action="store_true",
+                   help="render the chat template with enable_thinking=False (Qwen3: no thinking block); "
+                        "implies --chat")
+    p.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
+                   help="fused kernels: auto = where they run and are faster, on = always (raise if they "
+                        "cannot run), off = plain ops")
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
+                   help="weights and activations")
     return p
 
 
@@ -75,6 +113,9 @@ def resolve_model_dir(arg: str | None) -> Path:
         if arg is None:
             raise CLIError("--model: no model directory given and no default model is installed")
     path = Path(arg)
+    if path.is_file():
+        raise CLIError(f"--model: {path} is a file; expected a checkpoint directory (config.json, "
+                       f"*.safetensors, tokenizer.json)")
     if not path.is_dir():
         raise CLIError(f"--model: directory {path} does not exist")
     return path
@@ -112,8 +153,8 @@ def sampling_args(args, model_dir: Path) -> dict:
             s[key] = getattr(args, key)
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens={args.max_new_tokens}: expected an integer >= 1")
-    if not s["temperature"] >= 0:
-        raise CLIError(f"--temperature={s['temperature']}: expected >= 0 (0 = greedy)")
+    if not (s["temperature"] >= 0 and math.isfinite(s["temperature"])):
+        raise CLIError(f"--temperature={s['temperature']}: expected a finite value >= 0 (0 = greedy)")
     if s["top_k"] < 0:
         raise CLIError(f"--top-k={s['top_k']}: expected an integer >= 0 (0 = off)")
     if not 0.0 < s["top_p"] <= 1.0:
@@ -121,11 +162,29 @@ def sampling_args(args, model_dir: Path) -> dict:
     return s
 
 
-def encode_prompts(prompts: list[str], model_dir: Path, tokenizer, cfg: Qwen3Config, args) -> list[list[int]]:
-    if args.chat:
+def is_out_of_memory(e: BaseException) -> bool:
+    """torch's OutOfMemoryError, or an XLA allocation failure."""
+    text = str(e)
+    return type(e).__name__ == "OutOfMemoryError" or "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def uses_chat(args) -> bool:
+    """--system and --no-think shape a chat prompt, so they imply --chat."""
+    return bool(args.chat or args.system is not None or args.no_think)
+
+
+def encode_prompts(prompts: list[str], model_dir: Path, tokenizer, cfg: Qwen3Config, args,
+                   err: TextIO | None = None) -> list[list[int]]:
+    err = err or sys.stderr
+    if uses_chat(args):
         template = chat_template(model_dir)
         tcfg = read_json(model_dir / "tokenizer_config.json")
-        texts = [render_chat(template, [{"role": "user", "content": p}], tcfg) for p in prompts]
+        extra = {"enable_thinking": False} if args.no_think else {}
+        if args.no_think and "enable_thinking" not in template:
+            err.write(f"note: {model_dir}'s chat template has no enable_thinking switch; --no-think changes "
+                      f"nothing\n")
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        texts = [render_chat(template, [*system, {"role": "user", "content": p}], tcfg, **extra) for p in prompts]
         ids = [tokenizer.encode(t, add_special_tokens=False).ids for t in texts]
     else:
         ids = [tokenizer.encode(p).ids for p in prompts]
@@ -144,6 +203,17 @@ def encode_prompts(prompts: list[str], model_dir: Path, tokenizer, cfg: Qwen3Con
 
 # ----- output -------------------------------------------------------------------------------------
 
+DIM, PLAIN = "\x1b[2m", "\x1b[0m"
+
+
+def _echo_prompt(prompt: str, chat: bool, out: TextIO) -> None:
+    """On a terminal, one prompt is echoed dimmed before its completion, so it is clear where the
+    model's text starts; a pipe or file gets the completion alone (NO_COLOR: no echo)."""
+    if os.environ.get("NO_COLOR") or not getattr(out, "isatty", lambda: False)():
+        return
+    out.write(DIM + prompt + PLAIN + ("\n" if chat else ""))
+
+
 def _stream(runner, ids: list[int], max_new: int, kw: dict, tokenizer, out: TextIO, timing: dict) -> list[int]:
     dec = StreamDecoder(tokenizer)
     timing["first"] = None
@@ -159,26 +229,60 @@ def _stream(runner, ids: list[int], max_new: int, kw: dict, tokenizer, out: Text
     return dec.ids
 
 
+def batch_header(i: int, n: int, prompt: str) -> str:
+    """The line before completion i of n: a shape no completion line is likely to take, with the
+    prompt quoted (its newlines escaped), so a completion starting with a newline stays its own."""
+    return f"=== [{i}/{n}] prompt: {json.dumps(prompt, ensure_ascii=False)}"
+
+
+def _print_batch(prompts: list[str], new_ids, tokenizer, out: TextIO) -> None:
+    for i, (prompt, ids) in enumerate(zip(prompts, new_ids)):
+        text = tokenizer.decode(list(map(int, ids)), skip_special_tokens=True)
+        if len(prompts) > 1:
+            out.write(batch_header(i + 1, len(prompts), prompt) + "\n")
+        out.write(text + "\n")
+    out.flush()
+
+
+def _rate(n: int, seconds: float) -> str:
+    return f"{n / seconds:.1f} tok/s" if seconds > 0 and n > 0 else "n/a"
+
+
 def report(runner, prompt_ids: list[list[int]], new_ids: list[list[int]], total_s: float, timing: dict,
            err: TextIO) -> None:
+    """One line on stderr: prompt tokens, time to first token (compile and prefill apart), and the
+    steady decode rate, which leaves compile time out."""
     n_prompt = sum(map(len, prompt_ids))
     n_new = sum(map(len, new_ids))
     head = f"prompt tokens: {n_prompt}" + (f" ({len(prompt_ids)} prompts)" if len(prompt_ids) > 1 else "")
     stats = getattr(runner, "last_stats", None)
     if isinstance(stats, dict) and {"prefill_s", "decode_s", "new_tokens"} <= set(stats):
-        decode_s, n = float(stats["decode_s"]), int(stats["new_tokens"])
-        rate = f"{n / decode_s:.1f} tok/s" if decode_s > 0 else "n/a"
-        err.write(f"{head} | prefill {float(stats['prefill_s']):.3f} s | decode {n} tokens in "
-                  f"{decode_s:.3f} s = {rate}\n")
+        decode_s = float(stats["decode_s"])
+        n = int(stats.get("decode_tokens", stats["new_tokens"]))
+        parts = [head]
+        if "first_token_s" in stats:
+            compile_first = float(stats.get("compile_first_s", 0.0))
+            detail = f"prefill {float(stats['prefill_s']):.3f} s"
+            if compile_first > 0:
+                detail = f"compile {compile_first:.2f} s, " + detail
+            parts.append(f"first token {float(stats['first_token_s']):.3f} s ({detail})")
+        else:
+            parts.append(f"prefill {float(stats['prefill_s']):.3f} s")
+        line = f"decode {n} tokens in {decode_s:.3f} s = {_rate(n, decode_s)}"
+        compile_decode = float(stats.get("compile_s", 0.0)) - float(stats.get("compile_first_s", 0.0))
+        if compile_decode > 0.0005:
+            line += f" (+ {compile_decode:.2f} s compile, not counted)"
+        parts.append(line)
+        err.write(" | ".join(parts) + "\n")
     elif timing.get("first"):
         t_first, n_first = timing["first"]
         ttft, rest = t_first - timing["start"], timing["end"] - t_first
         n = n_new - n_first
-        rate = f"{n / rest:.1f} tok/s" if rest > 0 and n > 0 else "n/a"
-        err.write(f"{head} | time to first token {ttft:.3f} s | decode {n} tokens in {rest:.3f} s = {rate}\n")
+        err.write(f"{head} | time to first token {ttft:.3f} s | decode {n} tokens in {rest:.3f} s = "
+                  f"{_rate(n, rest)}\n")
     else:
-        rate = f"{n_new / total_s:.1f} tok/s" if total_s > 0 else "n/a"
-        err.write(f"{head} | generate {n_new} tokens in {total_s:.3f} s = {rate} (prefill included)\n")
+        err.write(f"{head} | generate {n_new} tokens in {total_s:.3f} s = {_rate(n_new, total_s)} "
+                  f"(prefill included)\n")
 
 
 # ----- main ---------------------------------------------------------------------------------------
@@ -187,8 +291,7 @@ def run(load_fn: Callable, argv=None, *, prog: str | None = None, out: TextIO | 
         err: TextIO | None = None) -> int:
     """The whole command; returns the exit status (0, 2 bad input, 130 interrupted)."""
     out, err = out or sys.stdout, err or sys.stderr
-    # The twins log their one fused-or-plain choice at INFO: show it on stderr.
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=err)
+    logs.show_project_logs(err)  # the twins' one fused-or-plain line; never other libraries' INFO lines
     try:
         args = build_parser(prog).parse_args(argv)
     except SystemExit as e:  # usage errors (exit 2) and --help (exit 0), already printed by argparse
@@ -210,33 +313,38 @@ def _run(load_fn: Callable, args, out: TextIO, err: TextIO) -> int:
     prompts = read_prompts(args)
     kw = sampling_args(args, model_dir)
     tokenizer = load_tokenizer(model_dir)
-    prompt_ids = encode_prompts(prompts, model_dir, tokenizer, cfg, args)
+    prompt_ids = encode_prompts(prompts, model_dir, tokenizer, cfg, args, err)
     eos = eos_token_ids(model_dir, tokenizer)
-    kw.update(seed=args.seed, eos_token_id=eos or None)
+    kw.update(seed=args.seed, eos_token_id=None if args.ignore_eos else (eos or None))
     try:
         runner = load_fn(str(model_dir), dtype=args.dtype, fused=resolve_fused(args.fused))
     except (ValueError, NotImplementedError, RuntimeError, ImportError, OSError) as e:
-        raise CLIError(f"--model {model_dir} (--dtype {args.dtype}, --fused {args.fused}): {e}") from None
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = " (out of memory loading the weights: see docs/USER_GUIDE.md, Memory)" if is_out_of_memory(e) else ""
+        raise CLIError(f"--model {model_dir} (--dtype {args.dtype}, --fused {args.fused}): {first}{hint}") from None
     timing = {"start": time.perf_counter()}
     streamed = len(prompt_ids) == 1 and hasattr(runner, "generate_stream")
     try:
         if streamed:
+            _echo_prompt(prompts[0], uses_chat(args), out)
             new_ids = [_stream(runner, prompt_ids[0], args.max_new_tokens, kw, tokenizer, out, timing)]
         else:
             new_ids = runner.generate(prompt_ids, args.max_new_tokens, **kw)
     except ValueError as e:  # GenerationArgsError, or a runner's own limit (cache size, ...)
         raise CLIError(str(e)) from None
+    except RuntimeError as e:  # torch.OutOfMemoryError, jax's RESOURCE_EXHAUSTED
+        if not is_out_of_memory(e):
+            raise
+        raise CLIError(f"out of memory generating {len(prompt_ids)} prompt(s) x --max-new-tokens="
+                       f"{args.max_new_tokens} with --dtype {args.dtype}: use fewer or shorter prompts, fewer new "
+                       f"tokens, or a GPU with more memory ({str(e).splitlines()[0][:200]})") from None
     timing["end"] = time.perf_counter()
     if not streamed:
-        for i, (prompt, ids) in enumerate(zip(prompts, new_ids)):
-            text = tokenizer.decode(list(map(int, ids)), skip_special_tokens=True)
-            if len(prompts) > 1:
-                out.write(("\n" if i else "") + f"[{i + 1}] {prompt}\n")
-            out.write(text + "\n")
-        out.flush()
+        _print_batch(prompts, new_ids, tokenizer, out)
     report(runner, prompt_ids, new_ids, timing["end"] - timing["start"], timing, err)
     return 0
 
 
 def main(load_fn: Callable, prog: str | None = None, argv=None) -> None:
-    sys.exit(run(load_fn, argv, prog=prog))
+    """The command: exit status 0, 2 on bad input, 130 on Ctrl-C at any moment (common.interrupt)."""
+    interrupt.main(lambda: run(load_fn, argv, prog=prog))

@@ -96,4 +96,9 @@ def load(model_dir: str | Path, *, dtype: str = "float32", fused="auto") -> HFRu
         if bar:
             hf_logging.enable_progress_bar()
     model.eval()
+    # generate() merges the checkpoint's generation_config.json (temperature, top_k, ...) into the
+    # settings each call passes, and warns that they do not apply to greedy search: start neutral.
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig()
     return HFRunner(model, ckpt.config, dtype)

@@ -29,6 +29,8 @@ from typing import Sequence
 import numpy as np
 
 from common.harness import get_loader, resolve_fused
+from common.logs import show_project_logs
+from common.progress import note
 
 
 def compare_logits(logits, baseline) -> dict:
@@ -77,10 +79,11 @@ def parse_runner(spec: str) -> tuple[str, dict]:
 
 def run_parity(model_dir: str | Path, runners: Sequence[str], *, dtype: str = "float32",
                baseline: str = "reference", reference_dtype: str = "float64", prompt_len: int = 16,
-               batch: int = 2, new_tokens: int = 8, seed: int = 0, loaders=None) -> dict:
+               batch: int = 2, new_tokens: int = 8, seed: int = 0, loaders=None, progress: bool = False) -> dict:
     """Load every runner, run the same inputs, compare with the baseline; returns the report dict.
 
-    `loaders` (name -> load function) overrides the registry, for tests.
+    `loaders` (name -> load function) overrides the registry, for tests; `progress` prints a line
+    per runner on stderr. A runner that cannot load raises ValueError naming it.
     """
     if baseline not in runners:
         runners = [baseline, *runners]
@@ -91,7 +94,10 @@ def run_parity(model_dir: str | Path, runners: Sequence[str], *, dtype: str = "f
         load = (loaders or {}).get(base) or get_loader(base)
         run_dtype = reference_dtype if base == "reference" else dtype
         t0 = time.perf_counter()
-        runner = load(model_dir, dtype=run_dtype, **extra)
+        try:
+            runner = load(model_dir, dtype=run_dtype, **extra)
+        except (RuntimeError, NotImplementedError, OSError, ImportError) as e:  # FusedUnavailable among them
+            raise ValueError(f"runner {name!r}: {e}") from None
         t1 = time.perf_counter()
         if ids is None:
             vocab = runner.config.vocab_size
@@ -101,6 +107,8 @@ def run_parity(model_dir: str | Path, runners: Sequence[str], *, dtype: str = "f
         gens = runner.generate([list(map(int, row)) for row in ids], new_tokens, temperature=0.0)
         t3 = time.perf_counter()
         results[name] = (logits, gens)
+        if progress:
+            note(f"{name}: loaded in {t1 - t0:.2f} s, logits {t2 - t1:.3f} s, generate {t3 - t2:.3f} s")
         rows.append({"runner": name, "dtype": run_dtype, "load_s": t1 - t0, "logits_s": t2 - t1,
                      "generate_s": t3 - t2, "generated": [list(map(int, g)) for g in gens]})
         del runner
@@ -157,6 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    show_project_logs(sys.stderr)
     runners = [r.strip() for r in a.runners.split(",") if r.strip()]
     if not runners:
         print("error: --runners: expected a comma-separated list of runner names", file=sys.stderr)
@@ -168,7 +177,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--model: directory {a.model} does not exist")
         report = run_parity(a.model, runners, dtype=a.dtype, baseline=a.baseline,
                             reference_dtype=a.reference_dtype, prompt_len=a.prompt_len, batch=a.batch,
-                            new_tokens=a.new_tokens, seed=a.seed)
+                            new_tokens=a.new_tokens, seed=a.seed, progress=True)
     except (ValueError, ImportError, NotImplementedError) as e:  # incl. ConfigError, WeightsError
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -185,4 +194,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from common import interrupt
+
+    interrupt.main(main)

@@ -16,6 +16,7 @@ lies in it. `check_generate_args` is the one validation of generate()'s argument
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -65,8 +66,8 @@ def check_generate_args(prompts: Sequence[Sequence[int]], max_new_tokens: int, *
                                       f"exceed the maximum length {max_len}")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise GenerationArgsError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
-    if not temperature >= 0:
-        raise GenerationArgsError(f"temperature={temperature!r}: expected >= 0")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise GenerationArgsError(f"temperature={temperature!r}: expected a finite value >= 0")
     if not isinstance(top_k, int) or top_k < 0:
         raise GenerationArgsError(f"top_k={top_k!r}: expected an integer >= 0 (0 = off)")
     if not 0.0 < top_p <= 1.0:

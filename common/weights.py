@@ -22,6 +22,9 @@ import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors' numpy reader needs it)
+
+from common import progress
 from common.config import ConfigError, Qwen3Config
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
+               "I8": 1, "U8": 1, "BOOL": 1}
 
 # ----- the one name map ------------------------------------------------------------------------
 # Model parameter key -> Hugging Face tensor name(s), concatenated along axis 0 when several.
@@ -90,6 +95,13 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: str  # safetensors spelling: BF16, F32, ...
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_BYTES.get(self.dtype, 0)
+        for s in self.shape:
+            n *= s
+        return n
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -212,7 +224,13 @@ class Checkpoint:
 
     def read_all(self, framework: str = "numpy") -> dict[str, Any]:
         """Every expected tensor by Hugging Face name (for the reference and small models)."""
-        return {name: self.read(name, framework) for name in expected_shapes(self.config)}
+        names = list(expected_shapes(self.config))
+        out = {}
+        with progress.bar(sum(self.tensors[n].nbytes for n in names), f"loading {self.dir.name}") as pb:
+            for name in names:
+                out[name] = self.read(name, framework)
+                pb.update(self.tensors[name].nbytes)
+        return out
 
     def iter_params(self, framework: str, concat: Callable[[list[Any]], Any],
                     convert: Callable[[Any], Any] = lambda a: a) -> Iterator[tuple[int | None, str, Any]]:
@@ -222,16 +240,23 @@ class Checkpoint:
         (cast, device placement). Only one layer's sources are alive at a time.
         """
         cfg = self.config
-        for key, hf in GLOBAL_PLAN.items():
-            if key == "lm_head" and cfg.tie_word_embeddings:
-                continue
-            yield None, key, convert(self.read(hf, framework))
-        for i in range(cfg.num_hidden_layers):
-            for key, sources in LAYER_PLAN.items():
-                parts = [self.read(layer_prefix(i) + s, framework) for s in sources]
-                arr = parts[0] if len(parts) == 1 else concat(parts)
-                del parts
-                yield i, key, convert(arr)
+        total = sum(self.tensors[n].nbytes for n in expected_shapes(cfg))
+        with progress.bar(total, f"loading {self.dir.name}") as pb:
+            for key, hf in GLOBAL_PLAN.items():
+                if key == "lm_head" and cfg.tie_word_embeddings:
+                    continue
+                arr = convert(self.read(hf, framework))
+                pb.update(self.tensors[hf].nbytes)
+                yield None, key, arr
+            for i in range(cfg.num_hidden_layers):
+                for key, sources in LAYER_PLAN.items():
+                    names = [layer_prefix(i) + s for s in sources]
+                    parts = [self.read(n, framework) for n in names]
+                    arr = parts[0] if len(parts) == 1 else concat(parts)
+                    del parts
+                    arr = convert(arr)
+                    pb.update(sum(self.tensors[n].nbytes for n in names))
+                    yield i, key, arr
 
 
 def load_checkpoint(model_dir: str | Path, *, strict: bool = True) -> Checkpoint:

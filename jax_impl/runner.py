@@ -24,6 +24,24 @@ PROMPT_BUCKET = 16  # prompt lengths are padded to a multiple of this (fewer rec
 CACHE_BUCKET = 128  # cache rows per sequence likewise
 
 
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]  # tracing, lowering and XLA compiles in this process (jax.monitoring events)
+
+
+def _on_duration(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def compile_seconds() -> float:
+    """Seconds jax has spent tracing, lowering and compiling since this module was imported."""
+    return _compile_seconds[0]
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -50,6 +68,11 @@ class JaxRunner(harness.Runner):
         graphdef, self.state = nnx.split(self.model)
         self.programs = generation.Programs(graphdef)
         self.last_stats: dict = {}
+
+    @property
+    def op_paths(self) -> dict[str, str]:
+        """What runs each op: "fused", "plain", or "per-shape" (fused="auto"'s measured table)."""
+        return dict(self.model.ops.names)
 
     # ----- Runner ------------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
@@ -98,11 +121,11 @@ class JaxRunner(harness.Runner):
         temp, tp = jnp.float32(temperature or 1.0), jnp.float32(top_p)
         caches = init_caches(cfg, b, rows, self.model.dtype)
 
-        t0 = time.perf_counter()
+        c0, t0 = compile_seconds(), time.perf_counter()
         ds = self.programs.prefill(self.state, jnp.asarray(ids), jnp.asarray(lengths), caches,
                                    jax.random.key(seed), temp, tp, eos_ids, max_new=max_new_tokens, **statics)
         ds.out.block_until_ready()
-        t1 = time.perf_counter()
+        c1, t1 = compile_seconds(), time.perf_counter()
         step = chunk or max_new_tokens
         # One inner trip count per call shape: a plain generate runs max_new_tokens - 1 steps in
         # one call, a stream `chunk` steps per call (its last call may idle a few).
@@ -115,9 +138,11 @@ class JaxRunner(harness.Runner):
             yield outs
             if int(ds.step) >= max_new_tokens or bool(np.all(np.asarray(ds.done))):
                 break
-        t2 = time.perf_counter()
-        self.last_stats = dict(prompt_tokens=int(lengths.sum()), prefill_s=t1 - t0, decode_s=t2 - t1,
-                               new_tokens=sum(len(o) for o in outs))
+        c2, t2 = compile_seconds(), time.perf_counter()
+        new = sum(len(o) for o in outs)
+        self.last_stats = dict(prompt_tokens=int(lengths.sum()), new_tokens=new, decode_tokens=new - b,
+                               first_token_s=t1 - t0, compile_s=c2 - c0, compile_first_s=c1 - c0,
+                               prefill_s=max(0.0, (t1 - t0) - (c1 - c0)), decode_s=max(0.0, (t2 - t1) - (c2 - c1)))
 
 
 def _trim(out: np.ndarray, steps: int, eos: list[int]) -> list[list[int]]:

@@ -128,7 +128,7 @@ def test_batch_prints_each_completion(invoke, tok):
     assert rc == 0
     assert len(calls) == 1 and calls[0][0] == "generate"  # batched, not streamed
     assert calls[0][1] == [tok.encode("one").ids, tok.encode("two words").ids]
-    assert out.getvalue() == f"[1] one\n{REPLY}\n\n[2] two words\n{REPLY}\n"
+    assert out.getvalue() == f'=== [1/2] prompt: "one"\n{REPLY}\n=== [2/2] prompt: "two words"\n{REPLY}\n'
     assert f"prompt tokens: {len(tok.encode('one').ids) + len(tok.encode('two words').ids)} (2 prompts)" in err
 
 
@@ -138,7 +138,7 @@ def test_prompt_file_one_prompt_per_line(invoke, tmp_path):
     rc, out, _, calls, _ = invoke("--prompt-file", str(f), "--prompt", "third")
     assert rc == 0
     assert len(calls[0][1]) == 3
-    assert "[1] third" in out.getvalue() and "[3] second prompt" in out.getvalue()
+    assert '=== [1/3] prompt: "third"' in out.getvalue() and '=== [3/3] prompt: "second prompt"' in out.getvalue()
 
 
 def test_runner_stats_are_reported(invoke, tok):
@@ -445,3 +445,163 @@ def test_with_transformers_runner(model_dir, tok):
     ids = tok.encode("The quick").ids
     want = hf_runner.load(model_dir).generate([ids], 9, eos_token_id=[tok.token_to_id("<|im_end|>")])[0]
     assert rc_out.getvalue() == tok.decode(want, skip_special_tokens=True) + "\n"
+
+
+# ----- what a new user meets first -----------------------------------------------------------------
+
+def test_help_shows_every_default(capsys):
+    parser = cli.build_parser("gen")
+    text = parser.format_help()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings == ["-h", "--help"] or action.const is True:  # flags: off unless given
+            continue
+        assert "default" in formatter._get_help_string(action), action.option_strings
+    assert "(default: 128)" in text and "(default: bfloat16)" in text and "(default: auto)" in text
+    assert "--no-think" in text and "--system" in text
+    assert "generation_config.json" in text  # the rule behind the None defaults
+
+
+def test_model_naming_a_file(invoke, model_dir):
+    rc, _, err, _, loads = invoke("--prompt", "x", model=model_dir / "config.json")
+    assert rc == 2 and not loads
+    assert err.strip() == (f"error: --model: {model_dir / 'config.json'} is a file; expected a checkpoint "
+                           f"directory (config.json, *.safetensors, tokenizer.json)")
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_temperature_must_be_finite(invoke, value):
+    rc, _, err, calls, _ = invoke("--prompt", "x", f"--temperature={value}")
+    assert rc == 2 and not calls and err.startswith("error: --temperature=") and "finite" in err
+
+
+class TTY(Recorder):
+    def isatty(self):
+        return True
+
+
+def test_terminal_echoes_the_prompt_dimmed(model_dir, tok, monkeypatch):
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    eos = tok.token_to_id("<|im_end|>")
+    load = lambda d, *, dtype, fused: FakeStreamRunner(d, tok.encode(REPLY).ids + [eos], [])  # noqa: E731
+    argv = ["--model", str(model_dir), "--prompt", "The quick"]
+    out = TTY()
+    assert cli.run(load, argv, out=out, err=io.StringIO()) == 0
+    assert out.getvalue() == cli.DIM + "The quick" + cli.PLAIN + REPLY + "\n"
+    out = TTY()
+    assert cli.run(load, argv + ["--chat"], out=out, err=io.StringIO()) == 0
+    assert out.getvalue() == cli.DIM + "The quick" + cli.PLAIN + "\n" + REPLY + "\n"  # a reply starts a line
+    monkeypatch.setenv("NO_COLOR", "1")
+    out = TTY()
+    assert cli.run(load, argv, out=out, err=io.StringIO()) == 0
+    assert out.getvalue() == REPLY + "\n"
+
+
+def test_batch_completions_stay_apart_when_one_starts_with_a_newline(model_dir, tok):
+    reply = "\n[2] not a header\n=== still the completion"
+    eos = tok.token_to_id("<|im_end|>")
+    calls = []
+    load = lambda d, *, dtype, fused: FakeRunner(d, tok.encode(reply).ids + [eos], calls)  # noqa: E731
+    out = io.StringIO()
+    rc = cli.run(load, ["--model", str(model_dir), "--prompt", "a\nb", "--prompt", "c"], out=out,
+                 err=io.StringIO())
+    assert rc == 0
+    lines = out.getvalue().split("\n")
+    headers = [i for i, line in enumerate(lines) if line.startswith("=== [")]
+    assert [lines[i] for i in headers] == ['=== [1/2] prompt: "a\\nb"', '=== [2/2] prompt: "c"']
+    assert "\n".join(lines[headers[0] + 1:headers[1]]) == reply
+
+
+QWEN3_STYLE = (
+    "{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}{%- if message.role != 'system' %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
+    "{%- endif %}{%- endif %}")
+
+
+@pytest.mark.parametrize("flags, system, thinking", [
+    (["--chat"], None, True),
+    (["--no-think"], None, False),  # implies --chat
+    (["--system", "Be brief."], "Be brief.", True),  # implies --chat
+    (["--chat", "--system", "Be brief.", "--no-think"], "Be brief.", False),
+])
+def test_system_and_no_think_render_like_transformers(invoke, copy_dir, tok, flags, system, thinking):
+    transformers = pytest.importorskip("transformers")
+    d = copy_dir()
+    tcfg = read_json(d / "tokenizer_config.json")
+    tcfg["chat_template"] = QWEN3_STYLE
+    (d / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    rc, _, err, calls, _ = invoke(*flags, "--prompt", "hello", model=d)
+    assert rc == 0, err
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "hello"}]
+    text = transformers.AutoTokenizer.from_pretrained(str(d)).apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **({} if thinking else {"enable_thinking": False}))
+    assert calls[0][1] == [tok.encode(text, add_special_tokens=False).ids]
+    assert text.endswith("<|im_start|>assistant\n" + ("" if thinking else "<think>\n\n</think>\n\n"))
+
+
+def test_no_think_on_a_template_without_the_switch_says_so(invoke):
+    rc, _, err, calls, _ = invoke("--no-think", "--prompt", "hello")
+    assert rc == 0 and "has no enable_thinking switch" in err
+
+
+def test_ignore_eos(invoke):
+    rc, _, _, calls, _ = invoke("--prompt", "x", "--ignore-eos")
+    assert rc == 0 and calls[0][3]["eos_token_id"] is None
+
+
+def test_report_keeps_compile_apart_from_decode(invoke, tok):
+    stats = dict(prompt_tokens=2, new_tokens=11, decode_tokens=10, first_token_s=1.5, compile_s=2.5,
+                 compile_first_s=1.25, prefill_s=0.25, decode_s=0.5)
+    rc, _, err, _, _ = invoke("--prompt", "hello", stats=stats)
+    assert rc == 0
+    n = len(tok.encode("hello").ids)
+    assert err.strip() == (f"prompt tokens: {n} | first token 1.500 s (compile 1.25 s, prefill 0.250 s) | "
+                           f"decode 10 tokens in 0.500 s = 20.0 tok/s (+ 1.25 s compile, not counted)")
+
+
+def test_only_the_projects_logs_are_shown(invoke, model_dir):
+    import logging
+
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    rc, _, err, _, _ = invoke("--prompt", "x")
+    assert rc == 0 and (root.level, list(root.handlers)) == before  # the root logger is left alone
+    err_stream = io.StringIO()
+    cli.run(lambda d, *, dtype, fused: _LoggingRunner(d), ["--model", str(model_dir), "--prompt", "x"],
+            out=io.StringIO(), err=err_stream)
+    assert "twin's choice" in err_stream.getvalue() and "tpu" not in err_stream.getvalue()
+
+
+class _LoggingRunner:
+    def __init__(self, d):
+        import logging
+
+        self.config = Qwen3Config.from_pretrained(d)
+        logging.getLogger("jax._src.xla_bridge").info("Unable to initialize backend 'tpu'")
+        logging.getLogger("torch_impl").info("twin's choice")
+
+    def generate(self, prompts, max_new_tokens, **kw):
+        return [[40] for _ in prompts]
+
+
+class OutOfMemoryError(RuntimeError):  # torch's name for it
+    pass
+
+
+@pytest.mark.parametrize("error", [OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore"),
+                                   RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")])
+def test_out_of_memory_is_one_line(invoke, error):
+    rc, _, err, _, _ = invoke("--prompt", "x", fail=error)
+    assert rc == 2 and err.startswith("error: out of memory generating 1 prompt(s)")
+    assert len(err.strip().splitlines()) == 1
+    rc, _, err, _, _ = invoke("--prompt", "x", load_error=error)
+    assert rc == 2 and "out of memory loading the weights" in err and len(err.strip().splitlines()) == 1
+
+
+def test_other_runtime_errors_are_not_hidden(invoke):
+    with pytest.raises(RuntimeError, match="a bug"):
+        invoke("--prompt", "x", fail=RuntimeError("a bug"))

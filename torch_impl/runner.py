@@ -16,6 +16,8 @@ common/sampling.py's rules).
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -31,7 +33,32 @@ from torch_impl.models.qwen3 import Qwen3ForCausalLM
 from torch_impl.sampling import sample
 
 
+log = logging.getLogger("torch_impl")
+
 ONE_BLOCK_ROUND = 256  # block_size=None: a sequence's one block has a multiple of this many rows
+
+
+def cpu_threads() -> int:
+    """Threads for the CPU path: half the cores this process may use, at least one.
+
+    torch's default (every core) spins its OpenMP threads; with one of two cores busy with other
+    work the shipped model fell from 169 to 5.8 tok/s that way, while one thread ran at 317. Half
+    the cores leaves room for the rest of a shared machine. OMP_NUM_THREADS, when set, wins."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        usable = os.cpu_count() or 1
+    return max(1, usable // 2)
+
+
+def _use_cpu_threads() -> None:
+    if os.environ.get("OMP_NUM_THREADS"):
+        return  # torch read it at start
+    n = cpu_threads()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+        log.info(f"torch_impl: {n} CPU thread{'s' if n > 1 else ''} (half the usable cores; OMP_NUM_THREADS "
+                 f"overrides)")
 
 
 class CacheCapacityError(ValueError):
@@ -58,6 +85,8 @@ class TorchRunner(harness.Runner):
         dtype = harness.check_dtype(dtype)
         ckpt = Checkpoint(model_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cpu":
+            _use_cpu_threads()
         tdtype = getattr(torch, dtype)
         model = build_model(ckpt.config, tdtype, device, harness.resolve_fused(fused))
         with torch.inference_mode():
@@ -118,6 +147,11 @@ class TorchRunner(harness.Runner):
             layer.self_attn.attn.k_cache = self.kv[0, i]
             layer.self_attn.attn.v_cache = self.kv[1, i]
 
+    @property
+    def op_paths(self) -> dict[str, str]:
+        """What runs each op: "fused" (Triton) or "plain" (torch ops)."""
+        return dict(self.model.model.ops.names)
+
     # ----- Runner -------------------------------------------------------------------------------
     @torch.inference_mode()
     def logits(self, token_ids) -> np.ndarray:
@@ -175,6 +209,8 @@ class TorchRunner(harness.Runner):
         gen = torch.Generator(device=dev).manual_seed(int(seed))
         t0 = time.perf_counter()
         first = self._prefill(prompts, lens, blocks_per_seq, bs, temperature, top_k, top_p, gen)
+        _sync(dev)
+        t_first = time.perf_counter()
         bp = bucket_for(b) if self.use_graphs else b
         greedy = temperature == 0
         key = (bp, blocks_per_seq, greedy)
@@ -198,8 +234,12 @@ class TorchRunner(harness.Runner):
             if steps >= max_new_tokens or all(o and o[-1] in eos for o in outs):
                 break
         t2 = time.perf_counter()
-        self.last_stats = dict(prompt_tokens=sum(lens), prefill_s=t1 - t0, decode_s=t2 - t1,
-                               new_tokens=sum(len(o) for o in outs))
+        new = sum(len(o) for o in outs)
+        # compile_s: building (CUDA graphs: capturing) the decode step for this batch bucket; Triton's
+        # first builds of the prefill kernels fall in prefill_s.
+        self.last_stats = dict(prompt_tokens=sum(lens), new_tokens=new, decode_tokens=new - b,
+                               first_token_s=t_first - t0, compile_s=t1 - t_first, compile_first_s=0.0,
+                               prefill_s=t_first - t0, decode_s=t2 - t1)
 
     def _prefill(self, prompts, lens, blocks_per_seq, bs, temperature, top_k, top_p, gen) -> torch.Tensor:
         """Run every prompt (varlen), write its cache rows, sample and return the first new tokens [B]."""

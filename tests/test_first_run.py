@@ -1,0 +1,208 @@
+"""What a new user meets first, run the way a user runs it: the commands as processes on the shipped
+model, Ctrl-C at any moment, bfloat16 on the numpy side alone, eos ids of generation_config.json,
+the CPU thread count."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import common
+from common import interrupt
+from common.checkpoint import write_checkpoint
+from common.config import Qwen3Config, shrink
+from common.textgen import eos_token_ids, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = common.default_model()
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **extra)
+    env.pop("TRITON_INTERPRET", None)  # what a user's shell has: nothing set
+    return env
+
+
+def _run(*args, timeout=300, **env):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=_env(**env))
+
+
+def _interrupt_after(delay: float, *args, **env) -> tuple[int, str, str]:
+    """Start a command, send SIGINT (what Ctrl-C sends) after `delay` s; (status, stdout, stderr)."""
+    p = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT, env=_env(**env))
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    return p.returncode, out, err
+
+
+# ----- the numpy side reads bfloat16 on its own -----------------------------------------------------
+
+def test_reference_reads_bfloat16_without_another_framework():
+    code = textwrap.dedent(f"""
+        import sys
+        from common.harness import load_reference
+        r = load_reference({str(MODEL)!r})
+        print(r.generate([[1, 2, 3]], 3))
+        assert "jax" not in sys.modules and "torch" not in sys.modules, "a framework was imported"
+        """)
+    p = _run("-c", code)
+    assert p.returncode == 0, p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_parity_on_the_shipped_model_prints_its_table():
+    pytest.importorskip("transformers")
+    p = _run("-m", "common.parity", "--model", str(MODEL))
+    assert p.returncode == 0, p.stderr
+    assert "| reference | float64 |" in p.stdout and "| hf | float32 |" in p.stdout
+    assert "Traceback" not in p.stderr
+
+
+def test_parity_names_a_runner_that_cannot_load():
+    p = _run("-m", "common.parity", "--model", str(MODEL), "--runners", "reference,torch:on")
+    if "CUDA" in p.stdout:  # a GPU machine: torch:on loads
+        pytest.skip("torch's fused kernels run here")
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: runner 'torch:on': ") and "TRITON_INTERPRET=1" in lines[-1]
+    assert "Traceback" not in p.stderr
+
+
+# ----- the generate commands ------------------------------------------------------------------------
+
+def test_readme_generate_command_shows_only_the_projects_lines():
+    p = _run("-m", "jax_impl.generate", "--prompt", "def main():", "--max-new-tokens", "8", JAX_PLATFORMS="")
+    assert p.returncode == 0, p.stderr
+    assert "libtpu" not in p.stderr and "tpu" not in p.stderr.lower()
+    assert "first token" in p.stderr and "tok/s" in p.stderr
+
+
+@pytest.mark.parametrize("twin", ["jax_impl", "torch_impl"])
+def test_help_lists_the_chat_flags(twin):
+    p = _run("-m", f"{twin}.generate", "--help")
+    assert p.returncode == 0
+    for flag in ("--no-think", "--system", "--ignore-eos", "(default: 128)"):
+        assert flag in p.stdout
+
+
+def test_interrupt_watchdog_ends_a_stuck_main_thread(tmp_path):
+    """A main thread that does not unwind (stuck in native code, or a library swallowing the
+    KeyboardInterrupt) is ended by the watchdog: status 130, what was printed kept."""
+    script = tmp_path / "stuck.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from common import interrupt
+
+        def body():
+            print("partial output", flush=False)
+            while True:
+                try:
+                    time.sleep(10)
+                except KeyboardInterrupt:
+                    pass  # swallowed: only the watchdog can end this
+        interrupt.main(body)
+        """))
+    t0 = time.monotonic()
+    rc, out, err = _interrupt_after(1.0, str(script))
+    assert rc == interrupt.EXIT_INTERRUPTED and out == "partial output\n" and "interrupted" in err
+    assert time.monotonic() - t0 < 1.0 + interrupt.GRACE_S + 5
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [1.0, 2.0, 3.0, 4.5, 6.0])
+def test_ctrl_c_at_any_moment_of_jax_generate(delay):
+    """While importing, loading, compiling (the moment that used to end in a segfault) or decoding."""
+    rc, out, err = _interrupt_after(delay, "-m", "jax_impl.generate", "--prompt", "def main():",
+                                    "--max-new-tokens", "1900", "--ignore-eos")
+    assert rc == 130, f"status {rc}; stderr: {err[-500:]}"
+    assert "Traceback" not in err and "interrupted" in err
+
+
+@pytest.mark.parametrize("module", ["common.parity", "bench"])
+def test_ctrl_c_in_parity_and_bench(module, tmp_path):
+    args = ["--model", str(MODEL), "--runners", "reference,hf"] if module == "common.parity" else \
+        ["decode", "--smoke", "--out", str(tmp_path / "b"), "--no-plots"]
+    rc, _, err = _interrupt_after(2.0, "-m", module, *args)
+    assert rc == 130, f"status {rc}; stderr: {err[-500:]}"
+    assert "Traceback" not in err
+
+
+# ----- eos ids of generation_config.json (Qwen3 lists two) ------------------------------------------
+
+CFG = dataclasses.replace(shrink(Qwen3Config.preset("Qwen3-0.6B"), layers=1, width=16, vocab=1024),
+                          dtype="float32", max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def eos_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("eos") / "ckpt", CFG, seed=3, tokenizer=True,
+                            embed_std=1.0)
+
+
+def _load(twin: str, d):
+    if twin == "jax":
+        pytest.importorskip("jax")
+        import jax_impl
+
+        return jax_impl.load(d, dtype="float32", fused=False)
+    pytest.importorskip("torch")
+    import torch_impl
+
+    return torch_impl.load(d, dtype="float32", fused=False)
+
+
+@pytest.mark.parametrize("twin", ["jax", "torch"])
+def test_generation_stops_at_each_eos_id_of_generation_config(twin, eos_dir, tmp_path):
+    runner = _load(twin, eos_dir)
+    tok = load_tokenizer(eos_dir)
+    prompt = tok.encode("The quick brown").ids
+    free = runner.generate([prompt], 12)[0]  # no eos: the whole budget
+    assert len(free) == 12
+    # Two eos ids as Qwen3 lists them; the run must stop at whichever comes first, kept as last token.
+    for pos, slot in ((6, 1), (3, 0)):
+        first = next(i for i, t in enumerate(free) if t == free[pos])  # earliest occurrence of that token
+        other = next(t for t in range(CFG.vocab_size) if t not in free)
+        ids = [other, free[pos]] if slot == 1 else [free[pos], other]
+        (eos_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": ids, "do_sample": False}))
+        eos = eos_token_ids(eos_dir, tok)
+        assert eos == ids
+        assert runner.generate([prompt], 12, eos_token_id=eos)[0] == free[:first + 1]
+        streamed = [t for chunk in runner.generate_stream(prompt, 12, eos_token_id=eos) for t in chunk]
+        assert streamed == free[:first + 1]
+
+
+# ----- the CPU thread count -------------------------------------------------------------------------
+
+def test_torch_uses_half_the_cores_unless_told(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from torch_impl import runner
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+        assert runner.cpu_threads() == 3
+        runner._use_cpu_threads()
+        assert torch.get_num_threads() == 3
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+        assert runner.cpu_threads() == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(5)
+        runner._use_cpu_threads()
+        assert torch.get_num_threads() == 5  # the user's setting stands
+    finally:
+        torch.set_num_threads(before)
