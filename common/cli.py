@@ -45,6 +45,7 @@ STATS_KEYS = {
     "prompt_tokens": "prompt tokens of the batch",
     "new_tokens": "all new tokens of the batch",
     "decode_tokens": "new tokens made by decode steps (new_tokens less each sequence's first token)",
+    "decode_steps": "decode steps run (jax: until every sequence is done; torch: to the end of the chunk)",
     "first_token_s": "from the call to the first tokens, compile included (time to first token)",
     "compile_s": "compile and warm-up time (jax: XLA compiles; torch: CUDA-graph captures), all of it",
     "compile_first_s": "the part of compile_s spent before the first token",

@@ -141,6 +141,7 @@ class JaxRunner(harness.Runner):
         c2, t2 = compile_seconds(), time.perf_counter()
         new = sum(len(o) for o in outs)
         self.last_stats = dict(prompt_tokens=int(lengths.sum()), new_tokens=new, decode_tokens=new - b,
+                               decode_steps=int(ds.step) - 1,
                                first_token_s=t1 - t0, compile_s=c2 - c0, compile_first_s=c1 - c0,
                                prefill_s=max(0.0, (t1 - t0) - (c1 - c0)), decode_s=max(0.0, (t2 - t1) - (c2 - c1)))
 

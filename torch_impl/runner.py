@@ -238,6 +238,7 @@ class TorchRunner(harness.Runner):
         # compile_s: building (CUDA graphs: capturing) the decode step for this batch bucket; Triton's
         # first builds of the prefill kernels fall in prefill_s.
         self.last_stats = dict(prompt_tokens=sum(lens), new_tokens=new, decode_tokens=new - b,
+                               decode_steps=steps - 1,
                                first_token_s=t_first - t0, compile_s=t1 - t_first, compile_first_s=0.0,
                                prefill_s=t_first - t0, decode_s=t2 - t1)
 
