@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -136,6 +137,53 @@ def test_eos_stops_and_is_kept(ckpts, fused):
     eos = free[3]
     cut = runner.generate([[3, 4, 5]], 8, eos_token_id=eos)[0]
     assert cut == free[:free.index(eos) + 1]
+
+
+# A checkpoint whose greedy runs do not repeat early (small random weights, no peaked head): an
+# eos picked from the middle of a free run is first met there, in the decode loop, not at prefill.
+EOS_CFG = Qwen3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
+                      dtype="float32", max_position_embeddings=256)
+EOS_MAX_NEW = 16
+
+
+@pytest.fixture(scope="module")
+def eos_runner(tmp_path_factory):
+    path = write_checkpoint(tmp_path_factory.mktemp("jax_eos") / "ckpt", EOS_CFG, seed=3)
+    return jax_impl.load(path, dtype="float32", fused=False)
+
+
+def _eos_steps(rows, eos):
+    """Per row, the index of its first token in eos (None when there is none)."""
+    return [next((i for i, t in enumerate(r) if t in eos), None) for r in rows]
+
+
+def _pick_eos(free, first=5):
+    """eos ids (one per row) first met at distinct decode steps >= first: (ids, step per row)."""
+    n = len(free[0])
+    for picks in itertools.product(range(first, n - 2), repeat=len(free)):
+        if len(set(picks)) != len(picks):
+            continue
+        eos = {row[i] for row, i in zip(free, picks)}
+        if _eos_steps(free, eos) == list(picks):
+            return sorted(eos), list(picks)
+    pytest.fail(f"no eos candidates in {free}")
+
+
+@pytest.mark.parametrize("prompts", [[[3, 4, 5]], [[3, 4, 5], [9, 10, 11, 12, 13, 14]]], ids=["batch1", "batch2"])
+def test_decode_loop_stops_at_an_eos_met_while_decoding(eos_runner, prompts):
+    """An eos met at a decode step (not at prefill) marks its sequence done: the loop stops when
+    the last sequence meets its eos, and each output ends at its eos. Outputs are trimmed at the
+    first eos anyway, so the number of decode steps run is what shows a loop that never stops."""
+    runner = eos_runner
+    free = runner.generate(prompts, EOS_MAX_NEW)
+    assert runner.last_stats["decode_steps"] == EOS_MAX_NEW - 1
+    eos, steps = _pick_eos(free)
+    cut = runner.generate(prompts, EOS_MAX_NEW, eos_token_id=eos)
+    assert cut == [row[:i + 1] for row, i in zip(free, steps)], (eos, steps)
+    assert runner.last_stats["decode_steps"] == max(steps), (
+        f"eos {eos} first emitted at decode steps {steps}, but the loop ran {runner.last_stats['decode_steps']} "
+        f"of at most {EOS_MAX_NEW - 1} steps")
 
 
 def test_sampling_reproducible_and_in_allowed_set(ckpts, fused):

@@ -39,6 +39,49 @@ def test_top_p_is_the_smallest_prefix_reaching_p():
     assert allowed_mask(z, 1.0, top_p=1.0).all()
 
 
+def _first(n, size):
+    return np.arange(size) < n
+
+
+@pytest.mark.parametrize("size", [4, 8])
+def test_top_p_exact_boundary_keeps_the_prefix_that_reaches_p(size):
+    """Equal logits give probabilities 1/size, exact in float64, as are their cumulative sums: when
+    the mass of the first k tokens equals top_p exactly, those k tokens reach it and nothing more is
+    kept; a hair above top_p needs the next token, a hair below still needs all k."""
+    z = np.zeros(size)
+    for k in range(1, size):
+        top_p = k / size
+        np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=top_p), _first(k, size), err_msg=f"top_p={top_p}")
+        np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=top_p + 1e-12), _first(k + 1, size),
+                                      err_msg=f"top_p={top_p}+1e-12")
+        np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=top_p - 1e-12), _first(k, size),
+                                      err_msg=f"top_p={top_p}-1e-12")
+        # the temperature leaves equal logits equal
+        np.testing.assert_array_equal(allowed_mask(z + 2.0, 0.7, top_p=top_p), _first(k, size))
+
+
+def test_top_p_exact_boundary_after_zero_mass_tokens_and_top_k():
+    # exp(-1000) underflows to exactly 0 in float64: the four others have probability 0.25 each,
+    # and the zero-mass tokens in between do not move the boundary.
+    z = np.array([0.0, -1000.0, 0.0, 0.0, -1000.0, 0.0])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.5), [True, False, True, False, False, False])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.75), [True, False, True, True, False, False])
+    # top_k=4 keeps the four 3.0s (exactly 0.25 each after top-k); top_p=0.75 then keeps the first three
+    z = np.array([3.0, 3.0, 1.0, 3.0, 3.0, 0.0])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_k=4, top_p=0.75), [True, True, False, True, False, False])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_k=4, top_p=0.5), [True, True, False, False, False, False])
+
+
+def test_top_p_just_around_a_non_dyadic_boundary():
+    # mass before each token (sorted): 0, 0.4, 0.7, 0.9, each within 1e-15 in float64
+    z = logits_of([0.2, 0.4, 0.1, 0.3])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.4 - 1e-9), [False, True, False, False])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.4 + 1e-9), [False, True, False, True])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.7 - 1e-9), [False, True, False, True])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.7 + 1e-9), [True, True, False, True])
+    np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=0.9 + 1e-9), [True, True, True, True])
+
+
 def test_top_p_always_keeps_the_most_likely_token():
     z = logits_of([0.1, 0.6, 0.3])
     np.testing.assert_array_equal(allowed_mask(z, 1.0, top_p=1e-9), [False, True, False])
@@ -92,6 +135,80 @@ def test_sampler_is_reproducible_with_a_seed():
     assert seq(7) == seq(7)
     assert seq(7) != seq(8)
     assert len(set(a)) == 1
+
+
+# ----- the twins' samplers draw exactly the nucleus ---------------------------------------------
+# Each case: logits, temperature, top_k, top_p and the allowed set computed by hand. Every kept
+# token has probability >= 0.16 after renormalization, so in DRAWS draws each one shows up (a
+# kept token is missed with probability below 0.84**2000 ~ 1e-150): a sampler keeping one token
+# too few fails, as does one keeping a token too many (it is drawn too). Boundaries are clear
+# of float32 rounding except case "exact", whose probabilities (1/4) and sums are exact in float32.
+
+def _probs_64():
+    p = np.full(64, 0.05 / 59)
+    p[[7, 19, 33, 50, 61]] = [0.3, 0.25, 0.2, 0.15, 0.05]
+    return p
+
+
+NUCLEUS_CASES = {
+    # mass before each (sorted): 0, .4, .7, .9, .95 -> the first three reach 0.8
+    "p": (logits_of([0.05, 0.3, 0.05, 0.4, 0.2]), 1.0, 0, 0.8, {3, 1, 4}),
+    # top_k=3 renormalizes to .47, .29, .24: before 0, .47, .76 -> two reach 0.7
+    "k then p": (logits_of([0.4, 0.25, 0.2, 0.15]), 1.0, 3, 0.7, {0, 1}),
+    # temperature 2: p ~ sqrt -> .47, .33, .19: before 0, .47, .81 -> two reach 0.75
+    "temperature": (logits_of([0.6, 0.3, 0.1]), 2.0, 0, 0.75, {0, 1}),
+    # four equal logits: 0.25 each, the first two reach exactly 0.5
+    "exact": (np.zeros(4), 1.0, 0, 0.5, {0, 1}),
+    # the most likely token alone is past top_p: it is kept
+    "top token only": (logits_of([0.9, 0.1]), 1.0, 0, 0.5, {0}),
+    # 64 tokens: before 0, .3, .55, .75, .9 -> four reach 0.85, scattered over the vocabulary
+    "wide": (np.log(_probs_64()), 1.0, 0, 0.85, {7, 19, 33, 50}),
+}
+DRAWS = 2000
+
+
+def _check_nucleus(case, draws):
+    z, temperature, _, _, want = NUCLEUS_CASES[case]
+    draws = np.asarray(draws)
+    assert draws.shape == (DRAWS,)
+    got = set(draws.tolist())
+    assert got == want, (f"{case}: sampled {sorted(got)}, the nucleus is {sorted(want)} (missing "
+                         f"{sorted(want - got)}, outside {sorted(got - want)})")
+    p = np.where(np.isin(np.arange(len(z)), list(want)), np.exp((z - z.max()) / temperature), 0.0)
+    freq = np.bincount(draws, minlength=len(z)) / DRAWS
+    # the binomial standard deviation is at most 0.012 for 2000 draws: 5 sigma
+    np.testing.assert_allclose(freq, p / p.sum(), atol=0.06, err_msg=case)
+
+
+@pytest.mark.parametrize("case", list(NUCLEUS_CASES))
+def test_nucleus_cases_match_the_spec(case):
+    z, temperature, top_k, top_p, want = NUCLEUS_CASES[case]
+    np.testing.assert_array_equal(np.flatnonzero(allowed_mask(z, temperature, top_k, top_p)), sorted(want))
+
+
+@pytest.mark.parametrize("case", list(NUCLEUS_CASES))
+def test_torch_sampler_draws_exactly_the_nucleus(case):
+    torch = pytest.importorskip("torch")
+    from torch_impl.sampling import sample
+
+    z, temperature, top_k, top_p, _ = NUCLEUS_CASES[case]
+    logits = torch.as_tensor(np.tile(z, (DRAWS, 1)), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    _check_nucleus(case, sample(logits, temperature, top_k, top_p, gen).numpy())
+
+
+@pytest.mark.parametrize("case", list(NUCLEUS_CASES))
+def test_jax_sampler_draws_exactly_the_nucleus(case):
+    jax = pytest.importorskip("jax")
+    from jax_impl.sampling import sample
+
+    z, temperature, top_k, top_p, _ = NUCLEUS_CASES[case]
+    logits = jax.numpy.asarray(np.tile(z, (DRAWS, 1)), dtype=jax.numpy.float32)
+    # traced as in the decode loop (and compiled once: faster than op-by-op on CPU)
+    jitted = jax.jit(sample, static_argnames=("greedy", "top_k", "use_top_p"))
+    toks = jitted(logits, jax.random.key(0), jax.numpy.float32(temperature), jax.numpy.float32(top_p),
+                  greedy=False, top_k=top_k, use_top_p=top_p < 1.0)
+    _check_nucleus(case, np.asarray(toks))
 
 
 # ----- argument validation -----------------------------------------------------------------------

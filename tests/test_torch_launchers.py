@@ -65,6 +65,55 @@ def test_out_of_range_slots_are_not_written():
     assert torch.count_nonzero(big) == 0
 
 
+# (num_blocks, block_size, Hkv, head_dim): powers of two, and Hkv / head_dim that are not (masked tiles)
+STORE_KV_SHAPES = [(3, 4, 2, 16), (2, 8, 3, 80), (4, 4, 5, 24), (1, 16, 1, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("shape", STORE_KV_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_store_kv_equals_a_masked_write(shape, dtype):
+    """The Triton store (the plain path's cache write on CUDA) writes values[t] at flat row slots[t]
+    of the cache, bit for bit as a masked indexed write: -1 and slots past the cache are dropped,
+    and nothing behind the cache is touched. (Values in the cache's dtype, as the model passes
+    them: the interpreter truncates a float32 -> bfloat16 cast where the GPU rounds to nearest.)"""
+    from torch_impl.kernels.store_kv import store_kv
+
+    nb, bs, hkv, d = shape
+    rows = nb * bs
+    gen = torch.Generator().manual_seed(rows * 131 + hkv * 7 + d)
+    big = torch.randn(nb + 1, bs, hkv, d, generator=gen).to(dtype).to(DEV)  # block nb: the memory behind the cache
+    cache = big[:nb]
+    # every row of the cache once (shuffled), with skips (-1) and out-of-range slots in between
+    valid = torch.randperm(rows, generator=gen)[:max(1, rows - 3)].tolist()
+    slots = valid[:2] + [-1] + valid[2:4] + [rows, rows + bs + 1] + valid[4:] + [-1, 2 ** 31 - 1]
+    values = torch.randn(len(slots), hkv, d, generator=gen).to(dtype).to(DEV)
+    before = big.clone()
+    for index_dtype in (torch.int32, torch.int64):
+        big.copy_(before)
+        want = before.clone()
+        flat = want[:nb].view(rows, hkv, d)
+        for t, s in enumerate(slots):
+            if 0 <= s < rows:
+                flat[s] = values[t]
+        out = store_kv(values, cache, torch.tensor(slots, dtype=index_dtype, device=DEV))
+        assert out.data_ptr() == cache.data_ptr()
+        assert torch.equal(big[nb], before[nb]), "wrote past the cache"
+        for r in range(rows):
+            got = big[:nb].view(rows, hkv, d)[r]
+            assert torch.equal(got, flat[r]), (f"{index_dtype}: cache row {r} wrong (written from t="
+                                               f"{[t for t, s in enumerate(slots) if s == r]})")
+
+
+def test_store_kv_with_nothing_to_write():
+    from torch_impl.kernels.store_kv import store_kv
+
+    cache = torch.ones(2, 4, 1, 16, device=DEV)
+    store_kv(torch.zeros(3, 1, 16, device=DEV), cache, torch.tensor([-1, 8, 99], dtype=torch.int32, device=DEV))
+    assert torch.equal(cache, torch.ones_like(cache))
+    store_kv(torch.zeros(0, 1, 16, device=DEV), cache, torch.zeros(0, dtype=torch.int32, device=DEV))
+    assert torch.equal(cache, torch.ones_like(cache))
+
+
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):

@@ -190,6 +190,32 @@ def test_bad_checkpoint_gives_one_clear_error(ckpts, tmp_path, case):
         load_reference(d)
 
 
+def _wrong_shape_cases():
+    """(tensor name, axis): every tensor of the untied config, per-layer ones in both layers, one
+    short along each of its axes."""
+    return [(name, axis) for name, shape in expected_shapes(UNTIED).items() for axis in range(len(shape))]
+
+
+@pytest.mark.parametrize("name, axis", _wrong_shape_cases(), ids=lambda v: str(v).removeprefix("model."))
+def test_every_tensor_of_a_wrong_shape_is_refused(ckpts, tmp_path, name, axis):
+    """Validation covers every tensor: any one of them with a shape off by one along any axis is
+    refused by Checkpoint with a WeightsError naming the tensor, its file and both shapes."""
+    d = _copy(ckpts["single"], tmp_path / "ckpt")
+    want = expected_shapes(UNTIED)[name]
+
+    def shrink_one(t):
+        t[name] = np.ascontiguousarray(np.delete(t[name], -1, axis=axis))
+
+    _rewrite(d, shrink_one)
+    bad = list(want)
+    bad[axis] -= 1
+    with pytest.raises(WeightsError) as e:
+        Checkpoint(d)
+    msg = str(e.value)
+    for needle in (str(d / SINGLE_FILE), f"tensor '{name}' has shape {bad}", f"expected {list(want)}"):
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         Checkpoint(tmp_path / "nowhere")

@@ -22,10 +22,14 @@ def _store_kv_kernel(
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
-    ok = (slot >= 0) & (slot < num_slots)
     h = tl.arange(0, HKV_P)[:, None]
     d = tl.arange(0, D_P)[None, :]
-    mask = (h < HKV) & (d < D) & ok
+    # The slot test on the tile (slot broadcast first), not on the scalar: Triton's interpreter
+    # splats a scalar comparison as the integer dtype it compared (int64 here), so `tile & ok` came
+    # out int32 and tl.load refused it ("mask has unsupported dtype"). Same mask on the GPU (the
+    # sm_90 PTX holds the same instructions as with the scalar test, reordered).
+    slots = tl.zeros([HKV_P, D_P], dtype=tl.int64) + slot
+    mask = (h < HKV) & (d < D) & (slots >= 0) & (slots < num_slots)
     v = tl.load(val_ptr + t * stride_vt + h * stride_vh + d, mask=mask, other=0.0)
     tl.store(cache_ptr + slot * stride_cs + h * stride_ch + d, v.to(cache_ptr.dtype.element_ty), mask=mask)
 
