@@ -156,7 +156,7 @@ def _ceilings(a) -> dict:
 
 def run(a) -> int:
     from bench import decode, env, isolate, kernels, report
-    from bench.timing import TimingPlan
+    from common.timing import TimingPlan
 
     t_start, t_start_unix = time.monotonic(), time.time()
     if a.smoke:

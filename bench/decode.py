@@ -17,6 +17,7 @@ same run that gives the fastest possible tok/s. Prefill is held against its roof
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import time
 from pathlib import Path
@@ -70,15 +71,7 @@ def load_twin(impl: str, path: Path):
     every op fused in torch_impl, per op and shape in jax_impl), fused=True in interpreter mode."""
     framework, kind = impl.split("-")
     fused = False if kind == "plain" else ("auto" if _on_gpu() else True)
-    if framework == "jax":
-        import jax_impl
-
-        return jax_impl.load(path, dtype="bfloat16", fused=fused)
-    import torch_impl
-
-    if not hasattr(torch_impl, "load"):
-        raise Unavailable("torch_impl has no load() yet")
-    return torch_impl.load(path, dtype="bfloat16", fused=fused)
+    return importlib.import_module(f"{framework}_impl").load(path, dtype="bfloat16", fused=fused)
 
 
 def _on_gpu() -> bool:
@@ -89,13 +82,9 @@ def run_twin(runner, prompts, new_tokens: int) -> dict:
     t0 = time.perf_counter()
     outs = runner.generate(prompts, new_tokens)
     wall = time.perf_counter() - t0
-    st = dict(getattr(runner, "last_stats", None) or {})
-    r = dict(generated=sum(len(o) for o in outs), wall_s=wall)
-    if "decode_s" in st and "prefill_s" in st:
-        r.update(prefill_s=st["prefill_s"], decode_s=st["decode_s"])
-    else:
-        r.update(prefill_s=None, decode_s=wall, note="no last_stats: decode time is the whole generate() call")
-    return r
+    st = runner.last_stats  # decode_s and prefill_s without compile time (compile_s apart)
+    return dict(generated=sum(len(o) for o in outs), wall_s=wall, prefill_s=st["prefill_s"], decode_s=st["decode_s"],
+                compile_s=st.get("compile_s"))
 
 
 # ----- transformers ---------------------------------------------------------------------------

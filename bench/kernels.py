@@ -1,9 +1,9 @@
 """Kernel benchmarks: each fused op of both twins against the plain op of the same framework.
 
-One setup function per framework (`_jax_setup`, `_torch_setup`) builds the inputs of a case once
+One setup function (`_setup`: both twins take the same op API) builds the inputs of a case once
 and returns, per provider ("fused" = jax_impl.kernels / torch_impl.kernels, "plain" =
-jax_impl/ops_plain.py / torch_impl/ops_plain.py, never re-written here), the chain that
-bench/timing.py times. Shapes come from the chosen presets: decode batches (one token per
+jax_impl/plain.py / torch_impl/plain.py, never re-written here), the chain that
+common/timing.py times. Shapes come from the chosen presets: decode batches (one token per
 sequence) and prefill token counts for the three projections, decode batches at a context of
 `ctx` tokens for decode_attention, one causal prompt of each prefill token count for
 prefill_attention.
@@ -21,12 +21,12 @@ import functools
 import gc
 import time
 import zlib
-from typing import Callable
 
 from common.config import Qwen3Config
-from bench.timing import TimingPlan, time_jax_chain, time_torch_chain
+from common.ops import AttentionMeta
+from common.timing import TimingPlan, time_jax_chain, time_torch_chain
 
-OPS = ("rmsnorm_qkv", "mlp", "attn_out", "decode_attention", "prefill_attention")
+OPS = ("rmsnorm_qkv", "mlp", "linear_residual", "decode_attention", "prefill_attention")
 FRAMEWORKS = ("jax", "torch")
 PROVIDERS = ("fused", "plain")
 E = 2  # bytes per bf16 element
@@ -79,7 +79,7 @@ def traffic(c: Case) -> tuple[int, int]:
         return byt, 2 * t * h * n
     if c.op == "mlp":
         return E * (2 * t * h + h + 3 * i * h), 6 * t * h * i
-    if c.op == "attn_out":
+    if c.op == "linear_residual":
         return E * (t * hq * d + h * hq * d + 2 * t * h), 2 * t * hq * d * h
     if c.op == "decode_attention":
         return E * (2 * t * hq * d + 2 * t * c.ctx * hkv * d) + 4 * t, 4 * t * hq * c.ctx * d
@@ -93,7 +93,7 @@ def layer_bytes(c: Case) -> int:
     cfg = c.cfg
     h, hq, hkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     return {"rmsnorm_qkv": E * (hq + 2 * hkv) * d * h, "mlp": E * 3 * cfg.intermediate_size * h,
-            "attn_out": E * h * hq * d, "decode_attention": E * 2 * c.tokens * c.ctx * hkv * d,
+            "linear_residual": E * h * hq * d, "decode_attention": E * 2 * c.tokens * c.ctx * hkv * d,
             "prefill_attention": E * 2 * c.tokens * hkv * d}[c.op]
 
 
@@ -109,7 +109,46 @@ def paged(ctx: int) -> tuple[int, int]:
     return bs, -(-ctx // bs)
 
 
-# ----- jax ---------------------------------------------------------------------------------------
+# ----- inputs and chains, the same for both twins (one op API: common.ops) -----------------------
+
+class _Arrays:
+    """Random bf16 inputs and int32 index arrays on the framework's device."""
+
+    def __init__(self, fw: str, label: str, device):
+        self.fw, self.device, self.count = fw, device, 0
+        self.seed = zlib.crc32(label.encode())
+        if fw == "jax":
+            import jax
+            import jax.numpy as jnp
+
+            self.jax, self.jnp, self.base = jax, jnp, jax.random.key(self.seed)
+        else:
+            import torch
+
+            self.torch = torch
+            self.gen = torch.Generator(device=device).manual_seed(self.seed)
+
+    def normal(self, shape, scale=1.0, offset=0.0):
+        self.count += 1
+        if self.fw == "jax":
+            return _jax_normal(self.jax.random.fold_in(self.base, self.count), tuple(shape), float(scale), float(offset))
+        t = self.torch.randn(tuple(shape), generator=self.gen, device=self.device, dtype=self.torch.float32)
+        return (offset + t * scale).to(self.torch.bfloat16)
+
+    def ints(self, values):
+        if self.fw == "jax":
+            return self.jnp.asarray(values, self.jnp.int32)
+        return self.torch.as_tensor(values, dtype=self.torch.int32, device=self.device)
+
+    def rope_table(self, positions: int, d: int, theta: float):
+        if self.fw == "jax":
+            from jax_impl import plain
+
+            return plain.rope_table(positions, d, theta)
+        from torch_impl import plain
+
+        return plain.rope_table(positions, d, theta, device=self.device)
+
 
 @functools.lru_cache(maxsize=None)
 def _jax_normal_fn():
@@ -127,224 +166,112 @@ def _jax_normal(key, shape, scale, offset):
     return _jax_normal_fn()(key, shape, scale, offset)
 
 
-def _jax_setup(c: Case, n: int, layout: str):
-    """(carry, layers, shared, body_for(ops)) of a jax chain; layout: "contiguous" | "paged"."""
-    import jax
-    import jax.numpy as jnp
-
-    from jax_impl import ops_plain
-
+def _setup(c: Case, n: int, fw: str, device):
+    """(carry, layers, shared, body_for(ops)) of a chain of n layers, each on its own buffers:
+    body(carry, i, layer, shared) -> carry. Decode attention reads jax_impl's layout in jax (block b
+    holds sequence b) and nano-vllm's paged one in torch."""
+    a = _Arrays(fw, c.label, device)
     cfg, t = c.cfg, c.tokens
     h, hq, hkv, d, eps = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                           cfg.rms_norm_eps)
-    base = jax.random.key(zlib.crc32(c.label.encode()))
-    count = iter(range(1 << 30))
-
-    def rnd(shape, scale=1.0):
-        return _jax_normal(jax.random.fold_in(base, next(count)), tuple(shape), float(scale), 0.0)
-
-    def norm_w(size):
-        return _jax_normal(jax.random.fold_in(base, next(count)), (size,), 0.1, 1.0)
-
+    norm_w = lambda size: a.normal((size,), 0.1, 1.0)  # noqa: E731
     if c.op == "mlp":
         i = cfg.intermediate_size
-        layers = [dict(nw=norm_w(h), gu=rnd((2 * i, h), h ** -0.5), dn=rnd((h, i), i ** -0.5)) for _ in range(n)]
-        return rnd((t, h)), layers, {}, lambda ops: (
-            lambda x, _, L, S: ops.mlp(x, L["nw"], L["gu"], L["dn"], eps=eps))
-    if c.op == "attn_out":
-        layers = [dict(wo=rnd((h, hq * d), (hq * d) ** -0.5)) for _ in range(n)]
-        return rnd((t, h)), layers, dict(attn=rnd((t, hq * d))), lambda ops: (
-            lambda r, _, L, S: ops.attn_out(S["attn"], L["wo"], r))
-    if c.op == "rmsnorm_qkv":
-        pos = jnp.full((t,), c.ctx - 1, jnp.int32) if c.phase == "decode" else jnp.arange(t, dtype=jnp.int32)
-        shared = dict(cos_sin=ops_plain.rope_table(max(c.ctx, t) + 1, d, cfg.rope_theta), pos=pos,
-                      slots=jnp.arange(t, dtype=jnp.int32))
-        layers = [dict(nw=norm_w(h), w=rnd(((hq + 2 * hkv) * d, h), h ** -0.5), qn=norm_w(d), kn=norm_w(d))
+        layers = [dict(nw=norm_w(h), gu=a.normal((2 * i, h), h ** -0.5), dn=a.normal((h, i), i ** -0.5))
                   for _ in range(n)]
-        caches = tuple((rnd((t, 1, hkv, d)), rnd((t, 1, hkv, d))) for _ in range(n))
+        return a.normal((t, h)), layers, {}, lambda ops: (
+            lambda x, _, L, S: ops.mlp(x, L["nw"], L["gu"], L["dn"], x, eps=eps))
+    if c.op == "linear_residual":
+        layers = [dict(wo=a.normal((h, hq * d), (hq * d) ** -0.5)) for _ in range(n)]
+        return a.normal((t, h)), layers, dict(attn=a.normal((t, hq * d))), lambda ops: (
+            lambda r, _, L, S: ops.linear_residual(S["attn"], L["wo"], r))
+    if c.op == "rmsnorm_qkv":
+        pos = [c.ctx - 1] * t if c.phase == "decode" else list(range(t))
+        shared = dict(cos_sin=a.rope_table(max(c.ctx, t) + 1, d, cfg.rope_theta),
+                      meta=AttentionMeta(positions=a.ints(pos), slots=a.ints(list(range(t)))))
+        layers = [dict(nw=norm_w(h), w=a.normal(((hq + 2 * hkv) * d, h), h ** -0.5), qn=norm_w(d), kn=norm_w(d))
+                  for _ in range(n)]
+        caches = tuple((a.normal((t, 1, hkv, d)), a.normal((t, 1, hkv, d))) for _ in range(n))
 
         def body_for(ops):
             def body(carry, i, L, S):
                 x, cs = carry
-                q, kc, vc = ops.rmsnorm_qkv(x, L["nw"], L["w"], L["qn"], L["kn"], S["cos_sin"], S["pos"],
-                                            S["slots"], cs[i][0], cs[i][1], num_heads=hq, num_kv_heads=hkv, eps=eps)
+                q, kc, vc = ops.rmsnorm_qkv(x, L["nw"], L["w"], L["qn"], L["kn"], S["cos_sin"], cs[i][0], cs[i][1],
+                                            S["meta"], num_heads=hq, num_kv_heads=hkv, eps=eps)
                 # the next layer's input: q's first `hidden` features (a free reshape when Hq*D == hidden)
                 return q.reshape(t, hq * d)[:, :h], cs[:i] + ((kc, vc),) + cs[i + 1:]
             return body
 
-        return (rnd((t, h)), caches), layers, shared, body_for
+        return (a.normal((t, h)), caches), layers, shared, body_for
     if c.op == "decode_attention":
         bs, nb = paged(c.ctx)
-        if layout == "contiguous":  # the jax model's layout: block b is sequence b, no table
+        if fw == "jax":  # block b is sequence b, no table
             shape, table = (t, c.ctx, hkv, d), None
         else:
-            shape = (t * nb, bs, hkv, d)
-            table = jnp.arange(t * nb, dtype=jnp.int32).reshape(t, nb)
-        layers = [dict(k=rnd(shape), v=rnd(shape)) for _ in range(n)]
-        shared = dict(lens=jnp.full((t,), c.ctx, jnp.int32), table=table)
-        return rnd((t, hq, d)), layers, shared, lambda ops: (
-            lambda q, _, L, S: ops.decode_attention(q, L["k"], L["v"], S["table"], S["lens"]))
-    if c.op == "prefill_attention":  # one prompt of t tokens, jax_impl.model's [B, L, H, D] layout
-        layers = [dict(k=rnd((1, t, hkv, d)), v=rnd((1, t, hkv, d))) for _ in range(n)]
-        return rnd((1, t, hq, d)), layers, dict(lens=jnp.full((1,), t, jnp.int32)), lambda ops: (
-            lambda q, _, L, S: ops.prefill_attention(q, L["k"], L["v"], S["lens"]))
+            shape, table = (t * nb, bs, hkv, d), a.ints([[b * nb + j for j in range(nb)] for b in range(t)])
+        layers = [dict(k=a.normal(shape), v=a.normal(shape)) for _ in range(n)]
+        meta = AttentionMeta(context_lens=a.ints([c.ctx] * t), block_tables=table)
+        return a.normal((t, hq, d)), layers, dict(meta=meta), lambda ops: (
+            lambda q, _, L, S: ops.decode_attention(q, L["k"], L["v"], S["meta"]))
+    if c.op == "prefill_attention":  # one prompt of t tokens in cache block 0 (no cached prefix)
+        layers = [dict(k=a.normal((1, t, hkv, d)), v=a.normal((1, t, hkv, d))) for _ in range(n)]
+        cu = a.ints([0, t])
+        meta = AttentionMeta(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=t, max_seqlen_k=t, is_prefill=True)
+        return a.normal((t, hq, d)), layers, dict(meta=meta), lambda ops: (
+            lambda q, _, L, S: ops.prefill_attention(q, L["k"], L["v"], S["meta"]))
     raise ValueError(f"unknown op {c.op!r}")
 
 
-def _jax_rows(c: Case, s: Settings) -> dict[str, dict]:
-    from jax_impl import ops_plain
+def _time(fw: str, body, carry, layers, shared, plan: TimingPlan, device) -> dict:
+    if fw == "jax":
+        return time_jax_chain(body, carry, layers, shared, plan)
+    import torch
 
+    state = dict(carry=carry)
+
+    def call(k):
+        state["carry"] = body(state["carry"], k, layers[k], shared)
+
+    with torch.inference_mode():
+        return time_torch_chain(call, len(layers), torch.device(device), plan, state=state)
+
+
+def _rows(fw: str, c: Case, s: Settings, device) -> dict[str, dict]:
+    """The fused and plain figures (or errors) of case `c` in framework `fw`."""
+    import importlib
+
+    plain = importlib.import_module(f"{fw}_impl.plain")
     try:
-        from jax_impl import kernels as fused_ops
-        fused_err = None
+        fused_ops, fused_err = importlib.import_module(f"{fw}_impl.kernels"), None
     except Exception as e:  # noqa: BLE001
-        fused_ops, fused_err = None, f"unavailable: jax_impl.kernels: {type(e).__name__}: {e}"
+        fused_ops, fused_err = None, f"unavailable: {fw}_impl.kernels: {type(e).__name__}: {e}"
     n = num_layers(c, s)
-    layout = "contiguous" if c.op == "decode_attention" else "-"
-    out, note, inputs = {}, None, None
+    layout = "-" if c.op != "decode_attention" else "one-block" if fw == "jax" else "paged"
+    out, inputs = {}, None
     try:
-        for provider, ops in (("fused", fused_ops), ("plain", ops_plain)):
+        inputs = _setup(c, n, fw, device)
+        carry, layers, shared, body_for = inputs
+        for provider, ops in (("fused", fused_ops), ("plain", plain)):
             if ops is None:
                 out[provider] = dict(error=fused_err)
                 continue
             try:
-                inputs = inputs or _jax_setup(c, n, layout)
-                carry, layers, shared, body_for = inputs
-                try:
-                    r = time_jax_chain(body_for(ops), carry, layers, shared, s.plan)
-                except Exception as e:  # noqa: BLE001 - the kernel may not take block_tables=None yet
-                    if layout != "contiguous" or provider != "fused":
-                        raise
-                    note = f"block_tables=None refused ({type(e).__name__}: {str(e)[:120]}); paged layout"
-                    layout, inputs = "paged", None
-                    carry = layers = shared = None
-                    inputs = _jax_setup(c, n, layout)
-                    carry, layers, shared, body_for = inputs
-                    r = time_jax_chain(body_for(ops), carry, layers, shared, s.plan)
-                out[provider] = dict(r, n_layers=n, layout=layout, note=note)
-            except Exception as e:  # noqa: BLE001 - recorded in the row, the suite goes on
-                out[provider] = dict(error=f"{type(e).__name__}: {str(e)[:500]}", n_layers=n, layout=layout)
-            finally:
-                carry = layers = shared = None
-    finally:
-        inputs = None
-        gc.collect()
-    return out
-
-
-# ----- torch -------------------------------------------------------------------------------------
-
-def _torch_setup(c: Case, n: int, device) -> tuple[dict, Callable]:
-    """(state, call_for(ops)) where call_for(ops)(i) runs layer i and chains through `state`."""
-    import torch
-
-    from torch_impl import ops_plain
-
-    cfg, t = c.cfg, c.tokens
-    h, hq, hkv, d, eps = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                          cfg.rms_norm_eps)
-    g = torch.Generator(device=device).manual_seed(zlib.crc32(c.label.encode()))
-
-    def rnd(shape, scale=1.0):
-        return (torch.randn(shape, generator=g, device=device, dtype=torch.float32) * scale).to(torch.bfloat16)
-
-    def norm_w(size):
-        return (1.0 + 0.1 * torch.randn(size, generator=g, device=device)).to(torch.bfloat16)
-
-    st: dict = {}
-    if c.op == "mlp":
-        i = cfg.intermediate_size
-        L = [dict(nw=norm_w(h), gu=rnd((2 * i, h), h ** -0.5), dn=rnd((h, i), i ** -0.5)) for _ in range(n)]
-        st["x"] = rnd((t, h))
-
-        def call_for(ops):
-            def call(k):
-                st["x"] = ops.mlp(st["x"], L[k]["nw"], L[k]["gu"], L[k]["dn"], eps=eps)
-            return call
-    elif c.op == "attn_out":
-        L = [dict(wo=rnd((h, hq * d), (hq * d) ** -0.5)) for _ in range(n)]
-        st.update(x=rnd((t, h)), attn=rnd((t, hq * d)))
-
-        def call_for(ops):
-            def call(k):
-                st["x"] = ops.attn_out(st["attn"], L[k]["wo"], st["x"])
-            return call
-    elif c.op == "rmsnorm_qkv":
-        pos = (torch.full((t,), c.ctx - 1, dtype=torch.int32, device=device) if c.phase == "decode"
-               else torch.arange(t, dtype=torch.int32, device=device))
-        cos_sin = ops_plain.rope_table(max(c.ctx, t) + 1, d, cfg.rope_theta, device=device)
-        slots = torch.arange(t, dtype=torch.int32, device=device)
-        L = [dict(nw=norm_w(h), w=rnd(((hq + 2 * hkv) * d, h), h ** -0.5), qn=norm_w(d), kn=norm_w(d),
-                  kc=rnd((t, 1, hkv, d)), vc=rnd((t, 1, hkv, d))) for _ in range(n)]
-        st["x"] = rnd((t, h))
-
-        def call_for(ops):
-            def call(k):
-                lk = L[k]
-                q, _, _ = ops.rmsnorm_qkv(st["x"], lk["nw"], lk["w"], lk["qn"], lk["kn"], cos_sin, pos, slots,
-                                          lk["kc"], lk["vc"], num_heads=hq, num_kv_heads=hkv, eps=eps)
-                st["x"] = q.view(t, hq * d)[:, :h]  # as the jax chain: q's first `hidden` features
-            return call
-    elif c.op == "decode_attention":
-        bs, nb = paged(c.ctx)
-        L = [dict(k=rnd((t * nb, bs, hkv, d)), v=rnd((t * nb, bs, hkv, d))) for _ in range(n)]
-        table = torch.arange(t * nb, dtype=torch.int32, device=device).view(t, nb)
-        lens = torch.full((t,), c.ctx, dtype=torch.int32, device=device)
-        st["q"] = rnd((t, hq, d))
-
-        def call_for(ops):
-            def call(k):
-                st["q"] = ops.decode_attention(st["q"], L[k]["k"], L[k]["v"], table, lens)
-            return call
-    elif c.op == "prefill_attention":  # one prompt of t tokens, contiguous keys (no cached prefix)
-        L = [dict(k=rnd((t, hkv, d)), v=rnd((t, hkv, d))) for _ in range(n)]
-        cu = torch.tensor([0, t], dtype=torch.int32, device=device)
-        st["q"] = rnd((t, hq, d))
-
-        def call_for(ops):
-            def call(k):
-                st["q"] = ops.prefill_attention(st["q"], L[k]["k"], L[k]["v"], cu, cu, max_seqlen_q=t)
-            return call
-    else:
-        raise ValueError(f"unknown op {c.op!r}")
-    return st, call_for
-
-
-def _torch_rows(c: Case, s: Settings, device) -> dict[str, dict]:
-    import torch
-
-    from torch_impl import ops_plain
-
-    try:
-        from torch_impl import kernels as fused_ops
-        fused_err = None
-    except Exception as e:  # noqa: BLE001
-        fused_ops, fused_err = None, f"unavailable: torch_impl.kernels: {type(e).__name__}: {e}"
-    n = num_layers(c, s)
-    layout = "paged" if c.op == "decode_attention" else "-"
-    out = {}
-    st = call_for = None
-    try:
-        st, call_for = _torch_setup(c, n, device)
-        for provider, ops in (("fused", fused_ops), ("plain", ops_plain)):
-            if ops is None:
-                out[provider] = dict(error=fused_err)
-                continue
-            try:
-                with torch.inference_mode():
-                    r = time_torch_chain(call_for(ops), n, torch.device(device), s.plan, state=st)
+                r = _time(fw, body_for(ops), carry, layers, shared, s.plan, device)
                 out[provider] = dict(r, n_layers=n, layout=layout)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - recorded in the row, the suite goes on
                 out[provider] = dict(error=f"{type(e).__name__}: {str(e)[:500]}", n_layers=n, layout=layout)
     except Exception as e:  # noqa: BLE001 - inputs could not be built: both rows carry it
         for p in PROVIDERS:
             out.setdefault(p, dict(error=f"setup: {type(e).__name__}: {str(e)[:500]}", n_layers=n))
     finally:
-        st = call_for = None
+        inputs = carry = layers = shared = None
         gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            torch.cuda.empty_cache()
+        if fw == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
     return out
 
 
@@ -389,7 +316,7 @@ def run(cases: list[Case], frameworks, s: Settings, ceilings: dict, *, torch_dev
         else:
             t0 = time.perf_counter()
             try:
-                res = _jax_rows(c, s) if fw == "jax" else _torch_rows(c, s, torch_device)
+                res = _rows(fw, c, s, torch_device)
             except Exception as e:  # noqa: BLE001 - e.g. the framework itself cannot be imported
                 res = {p: dict(error=f"unavailable: {type(e).__name__}: {e}") for p in PROVIDERS}
             progress(f"    {time.perf_counter() - t0:.1f} s: " + ", ".join(

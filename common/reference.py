@@ -102,6 +102,23 @@ def decode_attention(q, k_cache, v_cache, lengths, *, dtype=F64):
     return np.stack(out)
 
 
+def prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, dtype=F64):
+    """Variable-length causal attention: sequence b's new tokens q[cu_q[b]:cu_q[b+1]] (the last
+    of its keys) over its keys k[cu_k[b]:cu_k[b+1]] (a cached prefix, then the new tokens).
+
+    q [T, Hq, D]; k, v [S, Hkv, D] (every sequence's keys, sequence after sequence). Returns [T, Hq, D].
+    """
+    cq, ck = np.asarray(cu_seqlens_q), np.asarray(cu_seqlens_k)
+    out = np.zeros(np.shape(q), dtype=dtype)
+    for b in range(len(cq) - 1):
+        nq, nk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
+        if nq == 0:
+            continue
+        out[cq[b]:cq[b + 1]] = attention(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]],
+                                         np.arange(nk - nq, nk), dtype=dtype)
+    return out
+
+
 def silu(x):
     return x / (1.0 + np.exp(-x))
 
@@ -113,31 +130,25 @@ def mlp(x, w_gate_up, w_down, *, dtype=F64):
     return (silu(gu[..., :inter]) * gu[..., inter:]) @ _f(w_down, dtype).T
 
 
-def mlp_block(x, norm_w, w_gate_up, w_down, eps: float, *, dtype=F64):
-    """x + MLP(RMSNorm(x)): the whole post-attention half of a decoder layer."""
-    return _f(x, dtype) + mlp(rms_norm(x, norm_w, eps, dtype=dtype), w_gate_up, w_down, dtype=dtype)
+def mlp_block(x, norm_w, w_gate_up, w_down, residual, eps: float, *, dtype=F64):
+    """residual + MLP(RMSNorm(x)) (residual None: the MLP alone); in a decoder layer residual is x."""
+    out = mlp(rms_norm(x, norm_w, eps, dtype=dtype), w_gate_up, w_down, dtype=dtype)
+    return out if residual is None else _f(residual, dtype) + out
 
 
-def attn_out(attn, w_o, residual, *, dtype=F64):
-    """residual + attn @ w_o.T; attn [T, Hq*D], w_o [hidden, Hq*D]."""
-    return _f(residual, dtype) + _f(attn, dtype) @ _f(w_o, dtype).T
+def linear_residual(x, w, residual, *, dtype=F64):
+    """residual + x @ w.T (residual None: the product alone); x [T, K], w [N, K] (o_proj: K = Hq*D)."""
+    out = _f(x, dtype) @ _f(w, dtype).T
+    return out if residual is None else _f(residual, dtype) + out
 
 
 # ----- whole model ----------------------------------------------------------------------------
 
 def layer_weights(weights: Mapping[str, np.ndarray], i: int) -> dict[str, np.ndarray]:
-    """The packed weights of layer i from Hugging Face names (see common.weights for the plan)."""
-    p = f"model.layers.{i}."
-    return dict(
-        input_norm=weights[p + "input_layernorm.weight"],
-        post_norm=weights[p + "post_attention_layernorm.weight"],
-        w_qkv=np.concatenate([weights[p + f"self_attn.{n}_proj.weight"] for n in "qkv"], axis=0),
-        q_norm=weights[p + "self_attn.q_norm.weight"],
-        k_norm=weights[p + "self_attn.k_norm.weight"],
-        w_o=weights[p + "self_attn.o_proj.weight"],
-        w_gate_up=np.concatenate([weights[p + "mlp.gate_proj.weight"], weights[p + "mlp.up_proj.weight"]], axis=0),
-        w_down=weights[p + "mlp.down_proj.weight"],
-    )
+    """The packed weights of layer i from Hugging Face names (common.weights' plan)."""
+    from common.weights import pack_layer
+
+    return pack_layer(weights, i, lambda parts: np.concatenate(parts, axis=0))
 
 
 def decoder_layer(x, lw: Mapping[str, np.ndarray], positions, cfg: Qwen3Config, *, dtype=F64):
@@ -146,8 +157,8 @@ def decoder_layer(x, lw: Mapping[str, np.ndarray], positions, cfg: Qwen3Config, 
                           num_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads,
                           head_dim=cfg.head_dim, eps=cfg.rms_norm_eps, theta=cfg.rope_theta, dtype=dtype)
     a = attention(q, k, v, positions, dtype=dtype).reshape(x.shape[0], -1)
-    x = attn_out(a, lw["w_o"], x, dtype=dtype)
-    return mlp_block(x, lw["post_norm"], lw["w_gate_up"], lw["w_down"], cfg.rms_norm_eps, dtype=dtype)
+    x = linear_residual(a, lw["w_o"], x, dtype=dtype)
+    return mlp_block(x, lw["post_norm"], lw["w_gate_up"], lw["w_down"], x, cfg.rms_norm_eps, dtype=dtype)
 
 
 def lm_head_weight(weights: Mapping[str, np.ndarray], cfg: Qwen3Config):

@@ -1,13 +1,42 @@
-"""Tile-size dataclasses shared by the twin kernels (same fields in Pallas and Triton).
+"""Tiles and the fused-or-plain choice as data, behind one lookup.
 
-Each kernel launcher takes `tiles=None` and falls back to `<Tiles>.default_for(...)`; tuning
-later swaps data (a per-GPU table of overrides), not code. All block sizes are powers of two:
-the Triton lowering needs power-of-two blocks, ragged edges are masked.
+    choice = tiles.lookup("rmsnorm_qkv", "torch", device, dtype="bfloat16", m=1, n=4096, k=1024)
+    choice.path   # "fused" | "plain"
+    choice.tiles  # MatmulTiles(...) for the fused kernel
+    choice.source # "user" | "shipped" | "default"
+
+Every tile choice and every fused-or-plain choice of both twins goes through `lookup`, which
+reads, in order:
+1. the user's table, `$XDG_CACHE_HOME/qwen3-fused/tiles/<framework>/<gpu>.json` (else
+   `~/.cache/qwen3-fused/...`), written by the twins' `tune` commands;
+2. the table shipped in the package, `common/tile_tables/<framework>/<gpu>.json`;
+3. the default rule (common.tile_rules), which reads the device's properties (SM count, shared
+   memory per block, compute capability) - never a constant of one GPU.
+A table is JSON: {"format": 1, "framework": ..., "device": ..., "entries": {KEY: {"path": "fused" |
+"plain", "tiles": {field: value}}}}; KEY names the kernel, the shape bucket and the dtype
+(`matmul_key`, `attention_key`, `prefill_key`). A table that cannot be read, or an entry with
+unknown fields or tiles that do not fit its shape, is reported once (a warning naming the file and
+key) and skipped - the next source answers. All block sizes are powers of two (the Triton
+lowering needs them; ragged edges are masked).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("common.tiles")
+
+FORMAT = 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "tile_tables"
+FRAMEWORKS = ("jax", "torch")
+PATHS = ("fused", "plain")
 
 
 def next_pow2(n: int) -> int:
@@ -17,19 +46,19 @@ def next_pow2(n: int) -> int:
 def _check_pow2(obj) -> None:
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
-        if f.name.startswith("block_") and (v < 1 or v & (v - 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{type(obj).__name__}.{f.name}={v!r}: expected a positive integer")
+        if f.name.startswith("block_") and v & (v - 1):
             raise ValueError(f"{type(obj).__name__}.{f.name}={v}: expected a power of two")
-        if v < 1:
-            raise ValueError(f"{type(obj).__name__}.{f.name}={v}: expected a positive integer")
 
 
 @dataclasses.dataclass(frozen=True)
 class MatmulTiles:
     """Tiles of a (fused) projection out[M, N] = f(x[M, K]) @ W[N, K].T.
 
-    block_m: token rows per program (decode: the whole batch up to 16, padded);
-    block_n: output features per program; block_k: reduction chunk per step.
-    """
+    block_m: token rows per program (below 16: multiply and reduce, one weight pass per row;
+    16 and more: tensor-core dots); block_n: output features per program (rmsnorm_qkv: a head's
+    width fuses the q/k epilogue into the projection, less splits it); block_k: reduction chunk."""
 
     block_m: int
     block_n: int
@@ -40,21 +69,11 @@ class MatmulTiles:
     def __post_init__(self):
         _check_pow2(self)
 
-    @classmethod
-    def default_for(cls, m: int, n: int, k: int) -> "MatmulTiles":
-        if m <= 16:
-            # GEMV-like decode: stream W; small N tiles give enough programs to fill the GPU.
-            block_n = 16 if n <= 8192 else 32
-            return cls(block_m=max(1, next_pow2(m)), block_n=block_n, block_k=min(512, next_pow2(k)),
-                       num_warps=4, num_stages=2)
-        return cls(block_m=min(64, next_pow2(m)), block_n=64, block_k=min(64, next_pow2(k)),
-                   num_warps=4, num_stages=3)
-
 
 @dataclasses.dataclass(frozen=True)
 class AttentionTiles:
-    """Tiles of decode attention: block_kv keys per step, num_splits programs per sequence
-    and kv head over the context (flash-decoding), reduced in a second pass when > 1."""
+    """Tiles of decode attention: block_kv keys per step, num_splits programs per sequence and kv
+    head over the context (flash-decoding), merged when > 1."""
 
     block_kv: int
     num_splits: int = 1
@@ -63,18 +82,6 @@ class AttentionTiles:
 
     def __post_init__(self):
         _check_pow2(self)
-
-    @classmethod
-    def default_for(cls, batch: int, num_kv_heads: int, max_context: int) -> "AttentionTiles":
-        """128 keys per step (on the H100 faster than 64 in both twins: Pallas 14.0 vs 15.8 us at
-        batch 1 and 4096 positions); splits while the GPU's 132 SMs are not yet covered and each
-        split keeps >= 256 positions of the capacity. jax_impl keeps these splits with 64 keys per
-        step and 3 stages (jax_impl.kernels.decode_attention.attention_tiles: faster there)."""
-        programs = batch * num_kv_heads
-        splits = 1
-        while programs * splits < 132 and max_context // (splits * 2) >= 256:
-            splits *= 2
-        return cls(block_kv=128, num_splits=splits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +95,237 @@ class PrefillTiles:
     num_stages: int = 2
 
     def __post_init__(self):
+        _check_pow2(self)
         for name in ("block_m", "block_n"):
-            v = getattr(self, name)
-            if v < 16 or v & (v - 1):
-                raise ValueError(f"PrefillTiles.{name}={v}: expected a power of two >= 16")
+            if getattr(self, name) < 16:
+                raise ValueError(f"PrefillTiles.{name}={getattr(self, name)}: expected a power of two >= 16")
+
+
+TILE_TYPES = {"matmul": MatmulTiles, "attention": AttentionTiles, "prefill": PrefillTiles}
+KERNEL_TILES = {"rmsnorm_qkv": MatmulTiles, "mlp_gate_up": MatmulTiles, "linear_residual": MatmulTiles,
+                "decode_attention": AttentionTiles, "prefill_attention": PrefillTiles, "rms_norm": None}
+
+
+# ----- the device ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """What the default rule reads of a GPU (or of the CPU, where kernels run in an interpreter)."""
+
+    name: str
+    sm_count: int
+    smem_per_block: int  # bytes a kernel may use (the opt-in maximum)
+    capability: tuple[int, int] | None  # None: not a CUDA GPU
+
+    @property
+    def slug(self) -> str:
+        """The table file name of this device: its name with every non-alphanumeric run as '_'."""
+        return re.sub(r"[^A-Za-z0-9]+", "_", self.name).strip("_") or "unknown"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.capability is not None
 
     @classmethod
-    def default_for(cls, max_seqlen_q: int, head_dim: int) -> "PrefillTiles":
-        block_m = min(64, max(16, next_pow2(max_seqlen_q)))
-        return cls(block_m=block_m, block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+    def cpu(cls) -> "Device":
+        return cls("cpu", max(1, os.cpu_count() or 1), 1 << 20, None)
+
+
+# Shared memory per block by compute capability (the CUDA programming guide's table), for
+# frameworks that do not report it (jax).
+SMEM_BY_CAPABILITY = {(7, 0): 96, (7, 5): 64, (8, 0): 163, (8, 6): 99, (8, 7): 163, (8, 9): 99, (9, 0): 227,
+                      (10, 0): 227, (10, 3): 227, (12, 0): 99}
+
+
+def smem_for(capability: tuple[int, int]) -> int:
+    kb = SMEM_BY_CAPABILITY.get(tuple(capability)) or SMEM_BY_CAPABILITY.get((capability[0], 0)) or 99
+    return kb * 1024
+
+
+# ----- keys ---------------------------------------------------------------------------------------
+
+def m_bucket(m: int) -> int:
+    """Token-count buckets: powers of two up to 128 (1 = one token per step: the decode GEMV)."""
+    return min(128, next_pow2(max(1, m)))
+
+
+def matmul_key(kernel: str, m: int, n: int, k: int, dtype: str) -> str:
+    """A projection kernel at m tokens: n output rows of its weight, k input features."""
+    return f"{kernel}/m{m_bucket(m)}/n{n}/k{k}/{dtype}"
+
+
+def attention_key(batch: int, num_kv_heads: int, max_context: int, one_block: bool, dtype: str) -> str:
+    """Decode attention: the batch bucket, kv heads, the cache capacity (power-of-two bucket) and
+    whether each sequence's keys lie in one cache block (no table to follow)."""
+    layout = "one-block" if one_block else "paged"
+    return f"decode_attention/b{m_bucket(batch)}/h{num_kv_heads}/c{next_pow2(max_context)}/{layout}/{dtype}"
+
+
+def prefill_key(max_seqlen_q: int, head_dim: int, dtype: str) -> str:
+    return f"prefill_attention/q{min(4096, next_pow2(max_seqlen_q))}/d{head_dim}/{dtype}"
+
+
+def rms_norm_key(m: int, n: int, dtype: str) -> str:
+    return f"rms_norm/m{m_bucket(m)}/n{n}/{dtype}"
+
+
+# ----- tables -------------------------------------------------------------------------------------
+
+def user_dir() -> Path:
+    """The user's tile tables: $XDG_CACHE_HOME/qwen3-fused/tiles, else ~/.cache/qwen3-fused/tiles."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qwen3-fused" / "tiles"
+
+
+def table_path(framework: str, device: Device, *, user: bool) -> Path:
+    return (user_dir() if user else SHIPPED_DIR) / framework / f"{device.slug}.json"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    log.warning(message)
+
+
+def _entry_problem(key: str, entry: Any) -> str | None:
+    """Why a table entry cannot be used, or None."""
+    if not isinstance(entry, dict):
+        return "expected an object with 'path' and 'tiles'"
+    unknown = set(entry) - {"path", "tiles", "us", "note"}
+    if unknown:
+        return f"unknown field(s) {', '.join(sorted(unknown))}"
+    if entry.get("path", "fused") not in PATHS:
+        return f"path={entry.get('path')!r}, expected 'fused' or 'plain'"
+    kind = KERNEL_TILES.get(key.split("/", 1)[0], "unknown")
+    if kind == "unknown":
+        return f"unknown kernel {key.split('/', 1)[0]!r}"
+    tiles = entry.get("tiles")
+    if tiles is None:
+        return None if entry.get("path") == "plain" or kind is None else "no tiles for a fused entry"
+    if kind is None or not isinstance(tiles, dict):
+        return f"tiles={tiles!r}: expected {'no tiles' if kind is None else 'an object of ' + kind.__name__ + ' fields'}"
+    names = {f.name for f in dataclasses.fields(kind)}
+    if set(tiles) - names:
+        return f"unknown tile field(s) {', '.join(sorted(set(tiles) - names))} for {kind.__name__}"
+    try:
+        kind(**tiles)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _read_table(path: Path, framework: str) -> dict[str, dict]:
+    """The usable entries of one table file ({} when absent or unreadable, each problem warned once)."""
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        _warn_once(f"tile table {path}: cannot be read ({e}); skipped")
+        return {}
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or not isinstance(doc.get("entries"), dict):
+        _warn_once(f"tile table {path}: expected {{\"format\": {FORMAT}, \"entries\": {{...}}}}; skipped")
+        return {}
+    if doc.get("framework", framework) != framework:
+        _warn_once(f"tile table {path}: written for {doc.get('framework')!r}, not {framework!r}; skipped")
+        return {}
+    good = {}
+    for key, entry in doc["entries"].items():
+        problem = _entry_problem(key, entry)
+        if problem:
+            _warn_once(f"tile table {path}: entry {key!r}: {problem}; skipped")
+        else:
+            good[key] = entry
+    return good
+
+
+def clear_cache() -> None:
+    """Forget the tables read so far (after a tuner wrote one, or in tests)."""
+    _read_table.cache_clear()
+    _warn_once.cache_clear()
+    _lookup.cache_clear()
+
+
+# ----- the lookup -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    path: str  # "fused" | "plain"
+    tiles: Any  # the kernel's tiles (None for "plain" and for kernels without tiles)
+    source: str  # "user" | "shipped" | "default"
+    key: str
+
+
+def shape_key(kernel: str, dtype: str, shape: dict) -> str:
+    if kernel in ("rmsnorm_qkv", "mlp_gate_up", "linear_residual"):
+        return matmul_key(kernel, shape["m"], shape["n"], shape["k"], dtype)
+    if kernel == "decode_attention":
+        return attention_key(shape["batch"], shape["num_kv_heads"], shape["max_context"], shape["one_block"], dtype)
+    if kernel == "prefill_attention":
+        return prefill_key(shape["max_seqlen_q"], shape["head_dim"], dtype)
+    if kernel == "rms_norm":
+        return rms_norm_key(shape["m"], shape["n"], dtype)
+    raise ValueError(f"tiles.lookup: unknown kernel {kernel!r}; expected one of {', '.join(KERNEL_TILES)}")
+
+
+def lookup(kernel: str, framework: str, device: Device, *, dtype: str, **shape) -> Choice:
+    """The path and tiles of `kernel` at this shape on this device (see the module doc)."""
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"tiles.lookup: framework={framework!r}, expected one of {', '.join(FRAMEWORKS)}")
+    return _lookup(kernel, framework, device, str(dtype), tuple(sorted(shape.items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items: tuple) -> Choice:
+    from common import tile_rules
+
+    shape = dict(shape_items)
+    key = shape_key(kernel, dtype, shape)
+    if device.is_gpu:
+        for source, user in (("user", True), ("shipped", False)):
+            path = table_path(framework, device, user=user)
+            entry = _read_table(path, framework).get(key)
+            if entry is None:
+                continue
+            kind = KERNEL_TILES[kernel]
+            tiles = kind(**entry["tiles"]) if kind is not None and entry.get("tiles") is not None else None
+            problem = tile_rules.misfit(kernel, framework, tiles, shape) if tiles is not None else None
+            if problem:
+                _warn_once(f"tile table {path}: entry {key!r}: {problem}; skipped")
+                continue
+            chosen_path = entry.get("path", "fused")
+            if chosen_path == "fused" and tiles is None and kind is not None:
+                tiles = tile_rules.default_tiles(kernel, framework, device, dtype, shape)
+            return Choice(chosen_path, tiles, source, key)
+    path = tile_rules.default_path(kernel, framework, device, shape)
+    tiles = tile_rules.default_tiles(kernel, framework, device, dtype, shape) if KERNEL_TILES[kernel] else None
+    return Choice(path, tiles, "default", key)
+
+
+def write_entry(framework: str, device: Device, key: str, path: str, tiles, *, us: float | None = None,
+                note: str | None = None, table: Path | None = None) -> Path:
+    """Add or replace one entry of the user's table (what the tuners call after each measurement)."""
+    target = table or table_path(framework, device, user=True)
+    doc = {"format": FORMAT, "framework": framework, "device": device.name, "entries": {}}
+    if target.is_file():
+        try:
+            old = json.loads(target.read_text(encoding="utf-8"))
+            if isinstance(old, dict) and isinstance(old.get("entries"), dict):
+                doc["entries"] = old["entries"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            _warn_once(f"tile table {target}: unreadable; starting it anew")
+    entry: dict = {"path": path, "tiles": dataclasses.asdict(tiles) if tiles is not None else None}
+    if us is not None:
+        entry["us"] = round(float(us), 3)
+    if note:
+        entry["note"] = note
+    problem = _entry_problem(key, entry)
+    if problem:
+        raise ValueError(f"tile table {target}: entry {key!r}: {problem}")
+    doc["entries"][key] = entry
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    tmp.replace(target)
+    clear_cache()
+    return target

@@ -35,31 +35,92 @@ FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U8": 1, "BOOL": 1}
 
-# ----- the one name map ------------------------------------------------------------------------
-# Model parameter key -> Hugging Face tensor name(s), concatenated along axis 0 when several.
-LAYER_PLAN: dict[str, tuple[str, ...]] = {
-    "input_norm": ("input_layernorm.weight",),
-    "w_qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "q_norm": ("self_attn.q_norm.weight",),
-    "k_norm": ("self_attn.k_norm.weight",),
-    "w_o": ("self_attn.o_proj.weight",),
-    "post_norm": ("post_attention_layernorm.weight",),
-    "w_gate_up": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-    "w_down": ("mlp.down_proj.weight",),
-}
-GLOBAL_PLAN: dict[str, str] = {
-    "embed": "model.embed_tokens.weight",
-    "final_norm": "model.norm.weight",
-    "lm_head": "lm_head.weight",  # only when the embeddings are untied
-}
+# ----- the plan: the one tensor-name map ---------------------------------------------------------
+
+WEIGHT_FORMATS = ("bf16",)  # the checkpoint's floating values in the model dtype (int8 and fp8 come later)
+SHARD_AXES = ("column", "row", "vocab", "replicated")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+    """One model parameter: where its values come from and what it is.
+
+    key: the twins' parameter key ("w_qkv"); sources: the Hugging Face tensors (per-layer names after
+    "model.layers.{i}.") stacked along axis 0, in order; module: the packed parameter's name in
+    torch_impl's model, which is nano-vllm's ("self_attn.qkv_proj.weight"); shard_ids: nano-vllm's
+    shard id of each source in the packed parameter; format: the weight format (WEIGHT_FORMATS);
+    shard: the tensor-parallel axis - "column" splits the output rows (QKV by kv-head groups, gate
+    and up alike), "row" the input columns (its output all-reduced, the residual added once),
+    "vocab" the vocabulary rows, "replicated" none.
+    """
+
+    key: str
+    sources: tuple[str, ...]
+    module: str
+    shard_ids: tuple = ()
+    format: str = "bf16"
+    shard: str = "replicated"
+    layer: bool = True
+
+    def __post_init__(self):
+        if self.format not in WEIGHT_FORMATS or self.shard not in SHARD_AXES:
+            raise ValueError(f"plan row {self.key}: format={self.format!r}, shard={self.shard!r}")
+        if self.shard_ids and len(self.shard_ids) != len(self.sources):
+            raise ValueError(f"plan row {self.key}: one shard id per source")
+
+
+PLAN: tuple[PlanRow, ...] = (
+    PlanRow("embed", ("model.embed_tokens.weight",), "model.embed_tokens.weight", shard="vocab", layer=False),
+    PlanRow("final_norm", ("model.norm.weight",), "model.norm.weight", layer=False),
+    PlanRow("lm_head", ("lm_head.weight",), "lm_head.weight", shard="vocab", layer=False),  # untied only
+    PlanRow("input_norm", ("input_layernorm.weight",), "input_layernorm.weight"),
+    PlanRow("w_qkv", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+            "self_attn.qkv_proj.weight", ("q", "k", "v"), shard="column"),
+    PlanRow("q_norm", ("self_attn.q_norm.weight",), "self_attn.q_norm.weight"),
+    PlanRow("k_norm", ("self_attn.k_norm.weight",), "self_attn.k_norm.weight"),
+    PlanRow("w_o", ("self_attn.o_proj.weight",), "self_attn.o_proj.weight", shard="row"),
+    PlanRow("post_norm", ("post_attention_layernorm.weight",), "post_attention_layernorm.weight"),
+    PlanRow("w_gate_up", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "mlp.gate_up_proj.weight", (0, 1),
+            shard="column"),
+    PlanRow("w_down", ("mlp.down_proj.weight",), "mlp.down_proj.weight", shard="row"),
+)
+ROWS: dict[str, PlanRow] = {row.key: row for row in PLAN}
+
+# Views of the plan (derived, never written by hand):
+LAYER_PLAN: dict[str, tuple[str, ...]] = {r.key: r.sources for r in PLAN if r.layer}
+GLOBAL_PLAN: dict[str, str] = {r.key: r.sources[0] for r in PLAN if not r.layer}
+# nano-vllm's packed_modules_mapping: HF module -> (packed module, shard id).
+NANOVLLM_PACKED: dict[str, tuple[str, Any]] = {
+    src.split(".")[-2]: (r.module.split(".")[-2], sid) for r in PLAN for src, sid in zip(r.sources, r.shard_ids)}
 # Orientation each twin stores (see module doc): "out_in" = [out_features, in_features].
 TWIN_LAYOUT = {"jax": "out_in", "torch": "out_in"}
 
-# nano-vllm's packed_modules_mapping, derived from the plan: HF module -> (packed module, shard id).
-NANOVLLM_PACKED = {
-    "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-}
+
+def module_name(key: str, layer: int | None) -> str:
+    """The full parameter name of plan row `key` in torch_impl's (nano-vllm's) model."""
+    row = ROWS[key]
+    return f"model.layers.{layer}.{row.module}" if row.layer else row.module
+
+
+def source_rows(key: str, cfg: Qwen3Config) -> list[tuple[Any, int, int]]:
+    """(shard id, first row, row count) of each source inside the packed parameter `key`."""
+    row = ROWS[key]
+    shapes = expected_shapes(cfg)
+    out, start = [], 0
+    for src, sid in zip(row.sources, row.shard_ids or [None] * len(row.sources)):
+        n = shapes[layer_prefix(0) + src if row.layer else src][0]
+        out.append((sid, start, n))
+        start += n
+    return out
+
+
+def pack_layer(weights: dict[str, Any], i: int, concat: Callable[[list[Any]], Any]) -> dict[str, Any]:
+    """Layer i's parameters by plan key, from tensors by Hugging Face name (the reference's use)."""
+    out = {}
+    for key, sources in LAYER_PLAN.items():
+        parts = [weights[layer_prefix(i) + s] for s in sources]
+        out[key] = parts[0] if len(parts) == 1 else concat(parts)
+    return out
 
 
 class WeightsError(ValueError):
@@ -264,5 +325,6 @@ def load_checkpoint(model_dir: str | Path, *, strict: bool = True) -> Checkpoint
     return Checkpoint(model_dir, strict=strict)
 
 
-__all__ = ["Checkpoint", "WeightsError", "ConfigError", "LAYER_PLAN", "GLOBAL_PLAN", "TWIN_LAYOUT",
-           "NANOVLLM_PACKED", "expected_shapes", "load_checkpoint", "read_header"]
+__all__ = ["Checkpoint", "WeightsError", "ConfigError", "PLAN", "PlanRow", "ROWS", "LAYER_PLAN", "GLOBAL_PLAN",
+           "TWIN_LAYOUT", "NANOVLLM_PACKED", "WEIGHT_FORMATS", "SHARD_AXES", "expected_shapes", "load_checkpoint",
+           "module_name", "pack_layer", "read_header", "source_rows"]

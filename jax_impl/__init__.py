@@ -8,4 +8,11 @@ def load(model_dir, *, dtype: str = "bfloat16", fused="auto"):
     return _load(model_dir, dtype=dtype, fused=fused)
 
 
-__all__ = ["load"]
+def load_random(config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0):
+    """Random weights of a preset name or Qwen3Config, made on the device: see jax_impl.runner."""
+    from jax_impl.runner import load_random as _load_random
+
+    return _load_random(config, dtype=dtype, fused=fused, seed=seed)
+
+
+__all__ = ["load", "load_random"]

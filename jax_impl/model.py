@@ -14,32 +14,14 @@ sequence (block b is sequence b), so the attention ops read it with block_tables
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from common.config import Qwen3Config
-from jax_impl import ops_plain
-
-
-@dataclass(frozen=True)
-class Ops:
-    """The op implementations a model runs (see jax_impl/fused.py for the choice)."""
-
-    rmsnorm_qkv: Callable
-    mlp: Callable
-    attn_out: Callable
-    decode_attention: Callable
-    prefill_attention: Callable = ops_plain.prefill_attention
-    names: tuple[tuple[str, str], ...] = ()  # (op, "fused"|"plain") for logging and reports
-
-
-PLAIN_OPS = Ops(ops_plain.rmsnorm_qkv, ops_plain.mlp, ops_plain.attn_out, ops_plain.decode_attention,
-                names=(("rmsnorm_qkv", "plain"), ("mlp", "plain"), ("attn_out", "plain"),
-                       ("decode_attention", "plain")))
+from common.ops import AttentionMeta, Ops
+from jax_impl import plain
+from jax_impl.ops import PLAIN_OPS
 
 
 class Buffer(nnx.Variable):
@@ -58,16 +40,16 @@ class DecoderLayer(nnx.Module):
         self.w_gate_up = nnx.Param(w["w_gate_up"])  # [2 I, hidden]
         self.w_down = nnx.Param(w["w_down"])  # [hidden, I]
 
-    def qkv(self, ops: Ops, x, cos_sin, positions, slots, k_cache, v_cache):
+    def qkv(self, ops: Ops, x, cos_sin, k_cache, v_cache, meta: AttentionMeta):
         cfg = self.cfg
         return ops.rmsnorm_qkv(x, self.input_norm[...], self.w_qkv[...], self.q_norm[...], self.k_norm[...],
-                               cos_sin, positions, slots, k_cache, v_cache, num_heads=cfg.num_attention_heads,
+                               cos_sin, k_cache, v_cache, meta, num_heads=cfg.num_attention_heads,
                                num_kv_heads=cfg.num_key_value_heads, eps=cfg.rms_norm_eps)
 
     def finish(self, ops: Ops, attn, x):
         """o_proj + residual, then the MLP block (with its residual)."""
-        x = ops.attn_out(attn, self.w_o[...], x)
-        return ops.mlp(x, self.post_norm[...], self.w_gate_up[...], self.w_down[...], eps=self.cfg.rms_norm_eps)
+        x = ops.linear_residual(attn, self.w_o[...], x)
+        return ops.mlp(x, self.post_norm[...], self.w_gate_up[...], self.w_down[...], x, eps=self.cfg.rms_norm_eps)
 
 
 class Qwen3(nnx.Module):
@@ -79,7 +61,7 @@ class Qwen3(nnx.Module):
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
         self.layers = nnx.List([DecoderLayer(cfg, w) for w in params["layers"]])
-        self.cos_sin = Buffer(ops_plain.rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta))
+        self.cos_sin = Buffer(plain.rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta))
 
     @property
     def dtype(self):
@@ -87,24 +69,28 @@ class Qwen3(nnx.Module):
 
     def logits(self, h):
         """Final norm and head: h [..., hidden] -> float32 logits [..., vocab]."""
-        h = ops_plain.rms_norm(h, self.final_norm[...], self.cfg.rms_norm_eps)
+        flat = self.ops.rms_norm(h.reshape(-1, h.shape[-1]), self.final_norm[...], eps=self.cfg.rms_norm_eps)
+        h = flat.reshape(h.shape)
         head = self.embed[...] if self.lm_head is None else self.lm_head[...]  # tied: read, never alias
-        return ops_plain.matmul_f32(h, head)
+        return plain.matmul_f32(h, head)
 
     def prefill(self, ids, lengths, caches, cache_rows: int):
-        """ids [B, L] right-padded, lengths [B]; caches: list of (k, v) [B, cache_rows, Hkv, D]."""
+        """ids [B, L] right-padded, lengths [B]; caches: list of (k, v) [B, cache_rows, Hkv, D].
+
+        The prompts run as one varlen batch of B sequences of L tokens each (the padding rows are
+        tokens too: they write no cache row and only padding queries see them)."""
         cfg, ops = self.cfg, self.ops
         b, l = ids.shape
         pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
         slots = jnp.where(pos < lengths[:, None], jnp.arange(b, dtype=jnp.int32)[:, None] * cache_rows + pos, -1)
+        cu = jnp.arange(b + 1, dtype=jnp.int32) * l
+        meta = AttentionMeta(positions=pos.reshape(-1), slots=slots.reshape(-1), cu_seqlens_q=cu, cu_seqlens_k=cu,
+                             max_seqlen_q=l, max_seqlen_k=l, is_prefill=True)
         x = self.embed[...][ids.reshape(-1)]  # [B*L, hidden]
-        pos, slots = pos.reshape(-1), slots.reshape(-1)
         new_caches = []
         for layer, (kc, vc) in zip(self.layers, caches):
-            q, kc, vc = layer.qkv(ops, x, self.cos_sin[...], pos, slots, kc, vc)
-            k = kc[:, :l]  # this prompt's keys, from the cache just written
-            v = vc[:, :l]
-            attn = ops.prefill_attention(q.reshape(b, l, cfg.num_attention_heads, cfg.head_dim), k, v, lengths)
+            q, kc, vc = layer.qkv(ops, x, self.cos_sin[...], kc, vc, meta)
+            attn = ops.prefill_attention(q, kc, vc, meta)
             x = layer.finish(ops, attn.reshape(b * l, cfg.q_size), x)
             new_caches.append((kc, vc))
         return x.reshape(b, l, cfg.hidden_size), new_caches
@@ -117,12 +103,13 @@ class Qwen3(nnx.Module):
         ops = self.ops
         b = ids.shape[0]
         rows = caches[0][0].shape[1]
-        slots = jnp.arange(b, dtype=jnp.int32) * rows + positions
+        meta = AttentionMeta(positions=positions, slots=jnp.arange(b, dtype=jnp.int32) * rows + positions,
+                             context_lens=positions + 1, max_seqlen_q=1, max_seqlen_k=rows)
         x = self.embed[...][ids]
         new_caches = []
         for layer, (kc, vc) in zip(self.layers, caches):
-            q, kc, vc = layer.qkv(ops, x, self.cos_sin[...], positions, slots, kc, vc)
-            attn = ops.decode_attention(q, kc, vc, None, positions + 1)
+            q, kc, vc = layer.qkv(ops, x, self.cos_sin[...], kc, vc, meta)
+            attn = ops.decode_attention(q, kc, vc, meta)
             x = layer.finish(ops, attn.reshape(b, -1), x)
             new_caches.append((kc, vc))
         return x, new_caches

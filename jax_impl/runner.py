@@ -13,9 +13,10 @@ import numpy as np
 from flax import nnx
 
 from common import harness, sampling
+from common.config import Qwen3Config
 from common.weights import Checkpoint
-from jax_impl import generation
-from jax_impl.fused import choose_ops
+from jax_impl import decode_loop
+from jax_impl.ops import choose_ops
 from jax_impl.model import Qwen3, init_caches
 
 log = logging.getLogger("jax_impl")
@@ -56,23 +57,54 @@ def load_params(ckpt: Checkpoint, dtype) -> dict:
     return params
 
 
+def random_params(cfg, dtype, seed: int = 0) -> dict:
+    """Parameters in the plan's packed layout with random values made on the device (no checkpoint):
+    N(0, 0.02) matrices, unit norms, q/k-norm weights of tens (as real Qwen3's)."""
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    keys = iter(jax.random.split(jax.random.key(seed), 4 * cfg.num_hidden_layers + 2))
+
+    def randn(shape):
+        return (jax.random.normal(next(keys), shape, jnp.float32) * 0.02).astype(dtype)
+
+    layers = [dict(input_norm=jnp.ones((h,), dtype), post_norm=jnp.ones((h,), dtype),
+                   q_norm=jnp.full((d,), 20.0, dtype), k_norm=jnp.full((d,), 40.0, dtype),
+                   w_qkv=randn((cfg.qkv_size, h)), w_o=randn((h, cfg.q_size)),
+                   w_gate_up=randn((2 * i, h)), w_down=randn((h, i)))
+              for _ in range(cfg.num_hidden_layers)]
+    params = dict(embed=randn((cfg.vocab_size, h)), final_norm=jnp.ones((h,), dtype), layers=layers)
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = randn((cfg.vocab_size, h))
+    return jax.block_until_ready(params)
+
+
 class JaxRunner(harness.Runner):
     name = "jax"
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto"):
-        self.dtype = harness.check_dtype(dtype)
         ckpt = Checkpoint(model_dir)
-        self.config = ckpt.config
-        ops = choose_ops(self.config, harness.resolve_fused(fused), self.dtype)
-        self.model = Qwen3(self.config, load_params(ckpt, jnp.dtype(dtype)), ops)
+        self._setup(ckpt.config, lambda dt: load_params(ckpt, dt), dtype, fused)
+
+    @classmethod
+    def random(cls, config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0) -> "JaxRunner":
+        """A runner over random weights of `config` (a Qwen3Config or a preset name), made on the device."""
+        cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
+        runner = cls.__new__(cls)
+        runner._setup(cfg, lambda dt: random_params(cfg, dt, seed), dtype, fused)
+        return runner
+
+    def _setup(self, cfg, params_for, dtype: str, fused) -> None:
+        self.dtype = harness.check_dtype(dtype)
+        self.config = cfg
+        ops = choose_ops(cfg, harness.resolve_fused(fused), self.dtype)
+        self.model = Qwen3(cfg, params_for(jnp.dtype(dtype)), ops)
         graphdef, self.state = nnx.split(self.model)
-        self.programs = generation.Programs(graphdef)
+        self.programs = decode_loop.Programs(graphdef)
         self.last_stats: dict = {}
 
     @property
     def op_paths(self) -> dict[str, str]:
         """What runs each op: "fused", "plain", or "per-shape" (fused="auto"'s measured table)."""
-        return dict(self.model.ops.names)
+        return dict(self.model.ops.paths)
 
     # ----- Runner ------------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
@@ -129,7 +161,7 @@ class JaxRunner(harness.Runner):
         step = chunk or max_new_tokens
         # One inner trip count per call shape: a plain generate runs max_new_tokens - 1 steps in
         # one call, a stream `chunk` steps per call (its last call may idle a few).
-        sync_every = generation.steps_per_test(chunk or max_new_tokens - 1)
+        sync_every = decode_loop.steps_per_test(chunk or max_new_tokens - 1)
         while True:
             stop = min(int(ds.step) + step, max_new_tokens) if chunk else max_new_tokens
             ds = self.programs.decode(self.state, ds, jnp.int32(stop), temp, tp, eos_ids,
@@ -165,3 +197,8 @@ def _sampling_defaults(kw: dict) -> dict:
 
 def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto") -> JaxRunner:
     return JaxRunner(model_dir, dtype=dtype, fused=fused)
+
+
+def load_random(config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0) -> JaxRunner:
+    """A runner over random weights of a preset name or Qwen3Config (benchmarks, tuning: no checkpoint)."""
+    return JaxRunner.random(config, dtype=dtype, fused=fused, seed=seed)

@@ -23,7 +23,7 @@ def smoke(tmp_path_factory):
     return rc, out, json.loads((out / report.JSON_NAME).read_text())
 
 
-KERNEL_OPS = ("rmsnorm_qkv", "mlp", "attn_out", "decode_attention", "prefill_attention")
+KERNEL_OPS = ("rmsnorm_qkv", "mlp", "linear_residual", "decode_attention", "prefill_attention")
 
 
 def _rows(doc, **match):
@@ -164,7 +164,7 @@ def test_jax_kernel_chain_lowers_for_cuda():
     import jax.numpy as jnp
 
     from bench import kernels
-    from bench.timing import TimingPlan, jax_chain
+    from common.timing import TimingPlan, jax_chain
     from common.config import PRESETS
 
     K = pytest.importorskip("jax_impl.kernels")
@@ -172,7 +172,7 @@ def test_jax_kernel_chain_lowers_for_cuda():
     c = kernels.Case("Qwen3-0.6B", PRESETS["Qwen3-0.6B"], "mlp", "decode", 1, 1024)
     s = kernels.Settings(TimingPlan(), min_bytes=0, max_layers=2)
     n = kernels.num_layers(c, s)
-    carry, layers, shared, body_for = kernels._jax_setup(c, n, "-")
+    carry, layers, shared, body_for = kernels._setup(c, n, "jax", None)
     spec = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)  # noqa: E731
     text = jax_chain(body_for(fused), n).trace(spec(carry), spec(layers), spec(shared),
                                                jax.ShapeDtypeStruct((), jnp.int32)).lower(
@@ -181,16 +181,18 @@ def test_jax_kernel_chain_lowers_for_cuda():
     assert "optimization_barrier" in text
 
 
-def test_jax_decode_profile_smoke(tmp_path):
-    """The decode-step profiler runs the real generation programs (tiny shapes on CPU) and writes JSON."""
-    from bench import jax_decode_profile
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_decode_profile_smoke(tmp_path, framework):
+    """The decode-step profiler runs the real generation programs (tiny shapes on CPU) and writes JSON;
+    off a GPU it skips the kernel breakdown (--no-profile)."""
+    from bench import profile
 
     out = tmp_path / "profile.json"
-    assert jax_decode_profile.main(["--smoke", "--presets", "Qwen3-0.6B", "--fused", "plain", "--steps", "4",
-                                    "--json", str(out)]) == 0
+    assert profile.main(["--framework", framework, "--smoke", "--presets", "Qwen3-0.6B", "--fused", "plain",
+                         "--steps", "4", "--json", str(out)] + (["--no-profile"] if framework == "torch" else [])) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["preset"] == "Qwen3-0.6B" and row["fused"] == "plain" and row["batch"] == 1
-    assert row["tok_s"] > 0 and row["us_per_step"] > 0 and "kernels" in row
+    assert row["tok_s"] > 0 and row["us_per_step"] > 0 and ("kernels" in row or framework == "torch")
 
 
 # ----- every job in a process of its own (bench/isolate.py) ---------------------------------------
@@ -282,7 +284,7 @@ def test_in_process_runs_the_same_jobs(tmp_path):
 
 def test_device_seconds_are_cut_into_identical_runs():
     """jax rows on a GPU: the profiler's kernel events of R identical runs, split per run in start order."""
-    from bench.timing import _device_seconds_per_run
+    from common.timing import _device_seconds_per_run
 
     ev = [(t, d, "k") for t, d in enumerate([1_000, 2_000, 3_000, 1_500, 2_000, 3_000])]
     assert _device_seconds_per_run(ev, 2) == [6e-6, 6.5e-6]

@@ -17,6 +17,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 from common.config import PRESETS  # noqa: E402
+from common.ops import AttentionMeta  # noqa: E402
 from jax_impl import kernels as K  # noqa: E402
 
 S = jax.ShapeDtypeStruct
@@ -32,30 +33,37 @@ def _lower(fn, *avals, **static):
     return lowered.as_text()
 
 
-def _decode_unpaged(q, k_cache, v_cache, context_lens, *, interpret):
-    return K.decode_attention(q, k_cache, v_cache, None, context_lens, interpret=interpret)
-
-
 def _ops(cfg, t):
     h, d, hq, hkv, i = (cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads,
                         cfg.intermediate_size)
-    cache = S((max(t, 1), CACHE_ROWS, hkv, d), BF16)
+    cache = S((max(t, 2), CACHE_ROWS, hkv, d), BF16)
+    tok = AttentionMeta(positions=S((t,), I32), slots=S((t,), I32))
+    cu = S((3,), I32)  # two prompts
+    prefill = AttentionMeta(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=t, max_seqlen_k=t, is_prefill=True)
     return {
         "rmsnorm_qkv": (K.rmsnorm_qkv, (S((t, h), BF16), S((h,), BF16), S((cfg.qkv_size, h), BF16), S((d,), BF16),
                                         S((d,), BF16), S((cfg.max_position_embeddings, d), jnp.float32),
-                                        S((t,), I32), S((t,), I32), cache, cache),
+                                        cache, cache, tok),
                         dict(num_heads=hq, num_kv_heads=hkv, eps=cfg.rms_norm_eps)),
-        "mlp": (K.mlp, (S((t, h), BF16), S((h,), BF16), S((2 * i, h), BF16), S((h, i), BF16)),
+        "mlp": (K.mlp, (S((t, h), BF16), S((h,), BF16), S((2 * i, h), BF16), S((h, i), BF16), S((t, h), BF16)),
                 dict(eps=cfg.rms_norm_eps)),
-        "attn_out": (K.attn_out, (S((t, cfg.q_size), BF16), S((h, cfg.q_size), BF16), S((t, h), BF16)), {}),
+        "mlp (no residual)": (functools.partial(K.mlp, residual=None),
+                              (S((t, h), BF16), S((h,), BF16), S((2 * i, h), BF16), S((h, i), BF16)),
+                              dict(eps=cfg.rms_norm_eps)),
+        "linear_residual": (K.linear_residual, (S((t, cfg.q_size), BF16), S((h, cfg.q_size), BF16),
+                                                S((t, h), BF16)), {}),
         # decode attention has one query per sequence: t sequences (512 = a large decode batch)
-        "decode_attention": (K.decode_attention, (S((t, hq, d), BF16), cache, cache, S((t, 1), I32),
-                                                  S((t,), I32)), {}),
+        "decode_attention": (K.decode_attention, (S((t, hq, d), BF16), cache, cache,
+                                                  AttentionMeta(context_lens=S((t,), I32),
+                                                                block_tables=S((t, 1), I32))), {}),
         # the model's layout: sequence b owns cache block b, no block table
-        "decode_attention (unpaged)": (_decode_unpaged, (S((t, hq, d), BF16), cache, cache, S((t,), I32)), {}),
-        # prefill: t tokens of two right-padded prompts
-        "prefill_attention": (K.prefill_attention, (S((2, t, hq, d), BF16), S((2, t, hkv, d), BF16),
-                                                    S((2, t, hkv, d), BF16), S((2,), I32)), {}),
+        "decode_attention (unpaged)": (K.decode_attention, (S((t, hq, d), BF16), cache, cache,
+                                                            AttentionMeta(context_lens=S((t,), I32))), {}),
+        # prefill: t new tokens of two prompts, keys in block b (the model's layout) or through tables
+        "prefill_attention": (K.prefill_attention, (S((t, hq, d), BF16), cache, cache, prefill), {}),
+        "prefill_attention (paged)": (K.prefill_attention, (S((t, hq, d), BF16), cache, cache,
+                                                            prefill.replace(block_tables=S((2, 4), I32))), {}),
+        "rms_norm": (K.rms_norm, (S((t, h), BF16), S((h,), BF16)), dict(eps=cfg.rms_norm_eps)),
     }
 
 
@@ -64,7 +72,7 @@ def _ops(cfg, t):
 def test_kernels_lower_for_cuda(preset, tokens):
     cfg = PRESETS[preset]
     # kernels per op: decode QKV is the split variant (projection + epilogue), prefill QKV fused
-    launches = {"rmsnorm_qkv": 2 if tokens <= 16 else 1, "mlp": 2}
+    launches = {"rmsnorm_qkv": 2 if tokens <= 16 else 1, "mlp": 2, "mlp (no residual)": 2}
     for name, (fn, avals, static) in _ops(cfg, tokens).items():
         text = _lower(fn, *avals, **static)
         assert text.count(TRITON_CALL) == launches.get(name, 1), \

@@ -14,8 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
+from common.ops import AttentionMeta  # noqa: E402
 from torch_impl import kernels as K  # noqa: E402
-from torch_impl import ops_plain as P  # noqa: E402
+from torch_impl import plain as P  # noqa: E402
 
 EPS = 1e-6
 THETA = 1_000_000.0
@@ -24,30 +25,33 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # ----- launcher checks ------------------------------------------------------------------------
 
+def _i32(*values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
 def test_bad_inputs_name_the_tensor():
     x = torch.zeros(2, 64)
     with pytest.raises(ValueError, match="residual"):
-        K.attn_out(x, torch.zeros(32, 64), torch.zeros(2, 31))
+        K.linear_residual(x, torch.zeros(32, 64), torch.zeros(2, 31))
     with pytest.raises(ValueError, match="w_gate_up"):
-        K.mlp(x, torch.ones(64), torch.zeros(33, 64), torch.zeros(64, 16), eps=EPS)
+        K.mlp(x, torch.ones(64), torch.zeros(33, 64), torch.zeros(64, 16), x, eps=EPS)
     with pytest.raises(ValueError, match="w_gate_up.*float32"):
-        K.mlp(x, torch.ones(64), torch.zeros(32, 64, dtype=torch.bfloat16), torch.zeros(64, 16), eps=EPS)
+        K.mlp(x, torch.ones(64), torch.zeros(32, 64, dtype=torch.bfloat16), torch.zeros(64, 16), x, eps=EPS)
     cache = torch.zeros(2, 4, 1, 16)
     qkv_args = (x, torch.ones(64), torch.zeros(64, 64), torch.ones(16), torch.ones(16), torch.zeros(8, 16))
     with pytest.raises(ValueError, match="slots"):
-        K.rmsnorm_qkv(*qkv_args, torch.zeros(2, dtype=torch.int32), torch.zeros(3, dtype=torch.int32), cache, cache,
+        K.rmsnorm_qkv(*qkv_args, cache, cache, AttentionMeta(positions=_i32(0, 0), slots=_i32(0, 0, 0)),
                       num_heads=2, num_kv_heads=1, eps=EPS)
     with pytest.raises(ValueError, match="k_cache"):
-        K.rmsnorm_qkv(*qkv_args, torch.zeros(2, dtype=torch.int32), torch.zeros(2, dtype=torch.int32),
-                      torch.zeros(2, 4, 2, 16), cache, num_heads=2, num_kv_heads=1, eps=EPS)
+        K.rmsnorm_qkv(*qkv_args, torch.zeros(2, 4, 2, 16), cache, AttentionMeta(positions=_i32(0, 0), slots=_i32(0, 0)),
+                      num_heads=2, num_kv_heads=1, eps=EPS)
     with pytest.raises(ValueError, match="context_lens"):
-        K.decode_attention(torch.zeros(2, 2, 16), cache, cache, torch.zeros(2, 2, dtype=torch.int32),
-                           torch.ones(2))
-    with pytest.raises(ValueError, match="block_tables or kv_slots"):
-        K.prefill_attention(torch.zeros(3, 2, 16), cache, cache, torch.tensor([0, 3], dtype=torch.int32),
-                            torch.tensor([0, 3], dtype=torch.int32), max_seqlen_q=3,
-                            block_tables=torch.zeros(1, 1, dtype=torch.int32),
-                            kv_slots=torch.zeros(3, dtype=torch.int32))
+        K.decode_attention(torch.zeros(2, 2, 16), cache, cache,
+                           AttentionMeta(block_tables=torch.zeros(2, 2, dtype=torch.int32), context_lens=torch.ones(2)))
+    with pytest.raises(ValueError, match="block_tables"):
+        K.prefill_attention(torch.zeros(3, 2, 16), cache, cache,
+                            AttentionMeta(cu_seqlens_q=_i32(0, 3), cu_seqlens_k=_i32(0, 3), max_seqlen_q=3,
+                                          block_tables=torch.zeros(2, 1, dtype=torch.int32), is_prefill=True))
 
 
 def test_out_of_range_slots_are_not_written():
@@ -59,9 +63,10 @@ def test_out_of_range_slots_are_not_written():
     f32 = dict(dtype=torch.float32, device=DEV)
     x = torch.as_tensor(rng.standard_normal((2, 32)), **f32)
     w = torch.as_tensor(rng.standard_normal((4 * d, 32)), **f32)
+    meta = AttentionMeta(positions=torch.tensor([0, 1], device=DEV), slots=torch.tensor([8, 9], device=DEV))
     K.rmsnorm_qkv(x, torch.ones(32, device=DEV), w, torch.ones(d, device=DEV), torch.ones(d, device=DEV),
-                  P.rope_table(16, d, THETA, device=DEV), torch.tensor([0, 1], device=DEV),
-                  torch.tensor([8, 9], device=DEV), cache, cache.clone(), num_heads=2, num_kv_heads=hkv, eps=EPS)
+                  P.rope_table(16, d, THETA, device=DEV), cache, cache.clone(), meta, num_heads=2, num_kv_heads=hkv,
+                  eps=EPS)
     assert torch.count_nonzero(big) == 0
 
 
@@ -117,7 +122,7 @@ def test_store_kv_with_nothing_to_write():
 def test_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        K.attn_out(torch.zeros(1, 16), torch.zeros(16, 16), torch.zeros(1, 16))
+        K.linear_residual(torch.zeros(1, 16), torch.zeros(16, 16), torch.zeros(1, 16))
 
 
 def test_kernels_compile_for_sm90():

@@ -18,7 +18,7 @@ from common.tolerances import assert_lowp_close  # noqa: E402
 from common.weights import WeightsError  # noqa: E402
 import torch_impl  # noqa: E402
 from torch_impl import context as ctx_mod  # noqa: E402
-from torch_impl.fused import FusedUnavailable, choose_ops  # noqa: E402
+from torch_impl.ops import FusedUnavailable, choose_ops  # noqa: E402
 from torch_impl.runner import CacheCapacityError, TorchRunner  # noqa: E402
 
 SHAPES = {

@@ -22,7 +22,7 @@ from common.config import Qwen3Config  # noqa: E402
 from common.weights import NANOVLLM_PACKED  # noqa: E402
 import torch_impl  # noqa: E402
 from torch_impl import context as ctx_mod  # noqa: E402
-from torch_impl.models.qwen3 import Qwen3ForCausalLM  # noqa: E402
+from torch_impl.model import Qwen3ForCausalLM  # noqa: E402
 
 CFG = Qwen3Config(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, dtype="float32",

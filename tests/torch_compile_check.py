@@ -1,6 +1,6 @@
 """Compile every torch_impl Triton kernel for an H100 (sm_90) on a machine without a GPU.
 
-    python tests/torch_compile_check.py        (run by tests/test_torch_kernels.py in a subprocess)
+    python tests/torch_compile_check.py        (run by tests/test_torch_launchers.py in a subprocess)
 
 The interpreter checks none of Triton's compile-time rules (power-of-two blocks, consistent types
 across branches, constexpr globals, dot shapes): this runs each launcher at real preset shapes with
@@ -26,6 +26,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from common.config import PRESETS  # noqa: E402
+from common.ops import AttentionMeta  # noqa: E402
 from common.tiles import AttentionTiles, MatmulTiles  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -66,21 +67,26 @@ def launch_all(preset: str, m: int, dtype=torch.bfloat16) -> None:
                         cfg.num_key_value_heads)
     z = lambda *s: torch.empty(*s, dtype=dtype)  # noqa: E731
     i32 = lambda *s: torch.zeros(*s, dtype=torch.int32)  # noqa: E731
-    x, cache = z(m, h), z(4, 256, hkv, d)
-    K.rmsnorm_qkv(x, z(h), z(cfg.qkv_size, h), z(d), z(d), torch.empty(64, d), i32(m).long(), i32(m), cache, cache,
+    x, cache = z(m, h), z(max(4, m), 256, hkv, d)
+    qkv_meta = AttentionMeta(positions=i32(m).long(), slots=i32(m))
+    K.rmsnorm_qkv(x, z(h), z(cfg.qkv_size, h), z(d), z(d), torch.empty(64, d), cache, cache, qkv_meta,
                   num_heads=hq, num_kv_heads=hkv, eps=1e-6)
-    K.mlp(x, z(h), z(2 * i, h), z(h, i), eps=1e-6)
-    K.attn_out(z(m, hq * d), z(h, hq * d), x)
+    K.mlp(x, z(h), z(2 * i, h), z(h, i), x, eps=1e-6)
+    K.mlp(x, z(h), z(2 * i, h), z(h, i), None, eps=1e-6)  # a row-parallel shard: no residual
+    K.linear_residual(z(m, hq * d), z(h, hq * d), x)
     for splits in (1, 4):
-        K.decode_attention(z(m, hq, d), cache, cache, i32(m, 4), i32(m), tiles=AttentionTiles(64, splits))
+        K.decode_attention(z(m, hq, d), cache, cache, AttentionMeta(context_lens=i32(m), block_tables=i32(m, 4)),
+                           tiles=AttentionTiles(64, splits))
+    K.decode_attention(z(m, hq, d), cache, cache, AttentionMeta(context_lens=i32(m)))  # block b is sequence b
     if m > 16:
         cu = torch.tensor([0, m], dtype=torch.int32)
-        K.prefill_attention(z(m, hq, d), z(m, hkv, d), z(m, hkv, d), cu, cu, max_seqlen_q=m)
-        K.prefill_attention(z(m, hq, d), cache, cache, cu, cu, max_seqlen_q=m, block_tables=i32(1, 4))
-        K.prefill_attention(z(m, hq, d), cache, cache, cu, cu, max_seqlen_q=m, kv_slots=i32(m))
+        meta = AttentionMeta(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=m, max_seqlen_k=m, is_prefill=True)
+        K.prefill_attention(z(m, hq, d), cache, cache, meta)
+        K.prefill_attention(z(m, hq, d), cache, cache, meta.replace(block_tables=i32(1, 4)))
     if m == 1:
-        K.rmsnorm_qkv(x, z(h), z(cfg.qkv_size, h), z(d), z(d), torch.empty(64, d), i32(m), i32(m), cache, cache,
-                      num_heads=hq, num_kv_heads=hkv, eps=1e-6, tiles=MatmulTiles(16, 16, 128))
+        K.rmsnorm_qkv(x, z(h), z(cfg.qkv_size, h), z(d), z(d), torch.empty(64, d), cache, cache,
+                      AttentionMeta(positions=i32(m), slots=i32(m)), num_heads=hq, num_kv_heads=hkv, eps=1e-6,
+                      tiles=MatmulTiles(16, 16, 128))
     store_kv(z(m, hkv, d), cache, i32(m))
     K.rms_norm(x, z(h), eps=1e-6)
     if m == 1:
@@ -93,8 +99,8 @@ def launch_all(preset: str, m: int, dtype=torch.bfloat16) -> None:
 def main() -> int:
     JITFunction.run = _record
     pdl = lambda device: {"PDL": True, "launch_pdl": True}  # noqa: E731 - as on an H100
-    importlib.import_module("torch_impl.kernels._common").pdl_meta = pdl
-    for name in ("attn_out", "mlp", "rmsnorm_qkv", "decode_attention", "prefill_attention", "store_kv", "rms_norm",
+    importlib.import_module("torch_impl.kernels._lib").pdl_meta = pdl
+    for name in ("linear_residual", "mlp", "rmsnorm_qkv", "decode_attention", "prefill_attention", "store_kv", "rms_norm",
                  "advance"):
         mod = importlib.import_module(f"torch_impl.kernels.{name}")
         mod.check_device = lambda *a, **k: None

@@ -1,7 +1,7 @@
 """Qwen3 in torch with fused Triton kernels: a nano-vllm drop-in model and a standalone Runner.
 
     torch_impl.load(model_dir, *, dtype="bfloat16", fused="auto") -> Runner   (common.harness)
-    torch_impl.models.qwen3.Qwen3ForCausalLM(hf_config)                      (nano-vllm's interface)
+    torch_impl.model.Qwen3ForCausalLM(hf_config)                      (nano-vllm's interface)
     torch_impl.nanovllm.install()        makes nano-vllm's engine build this model
 
 nano-vllm is never imported unless `install()` is called.
@@ -15,4 +15,11 @@ def load(model_dir, *, dtype: str = "bfloat16", fused="auto", **kwargs):
     return _load(model_dir, dtype=dtype, fused=fused, **kwargs)
 
 
-__all__ = ["load"]
+def load_random(config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, **kwargs):
+    """Random weights of a preset name or Qwen3Config, made on the device: see torch_impl.runner."""
+    from torch_impl.runner import load_random as _load_random
+
+    return _load_random(config, dtype=dtype, fused=fused, seed=seed, **kwargs)
+
+
+__all__ = ["load", "load_random"]

@@ -5,7 +5,7 @@
     from nanovllm import LLM, SamplingParams
     llm = LLM("/path/to/Qwen3-0.6B")         # nano-vllm's loader, scheduler, CUDA graphs, sampler
 
-After `install()`, nano-vllm's model runner constructs `torch_impl.models.qwen3.Qwen3ForCausalLM`
+After `install()`, nano-vllm's model runner constructs `torch_impl.model.Qwen3ForCausalLM`
 (with `use_fused_kernels` as given) instead of its own model; that model reads nano-vllm's
 attention context (`nanovllm.utils.context`), loads through nano-vllm's `load_model`
 (packed_modules_mapping + weight_loader) and receives nano-vllm's KV cache in its attention
@@ -24,7 +24,7 @@ import sys
 import types
 
 from torch_impl import context as ctx_mod
-from torch_impl.models.qwen3 import Qwen3ForCausalLM
+from torch_impl.model import Qwen3ForCausalLM
 
 _SAVED: dict = {}
 

@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from common import harness, sampling as sampling_spec
+from common.config import Qwen3Config
 from common.weights import Checkpoint
 from torch_impl import context as ctx_mod
-from torch_impl.decoder import Decoder, bucket_for
-from torch_impl.models.qwen3 import Qwen3ForCausalLM
+from torch_impl.decode_loop import Decoder, bucket_for
+from torch_impl.model import Qwen3ForCausalLM
 from torch_impl.sampling import sample
 
 
@@ -95,6 +96,25 @@ class TorchRunner(harness.Runner):
         self._setup(model, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs)
 
     @classmethod
+    def random(cls, config, *, dtype: str = "bfloat16", fused="auto", device=None, seed: int = 0,
+               **kwargs) -> "TorchRunner":
+        """A runner over random weights of `config` (a Qwen3Config or a preset name), made on the device:
+        N(0, 0.02) matrices, norms in [0.5, 1.5], q/k-norm weights of tens (as real Qwen3's)."""
+        cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = build_model(cfg, getattr(torch, harness.check_dtype(dtype)), device, harness.resolve_fused(fused))
+        g = torch.Generator(device=device).manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.02, generator=g)
+                elif "q_norm" in name or "k_norm" in name:
+                    p.uniform_(1.0, 30.0, generator=g)
+                else:
+                    p.uniform_(0.5, 1.5, generator=g)
+        return cls.from_model(model, **kwargs)
+
+    @classmethod
     def from_model(cls, model: Qwen3ForCausalLM, **kwargs) -> "TorchRunner":
         """A runner over a model built and filled elsewhere (benchmarks: random weights made on the GPU)."""
         runner = cls.__new__(cls)
@@ -150,7 +170,7 @@ class TorchRunner(harness.Runner):
     @property
     def op_paths(self) -> dict[str, str]:
         """What runs each op: "fused" (Triton) or "plain" (torch ops)."""
-        return dict(self.model.model.ops.names)
+        return dict(self.model.model.ops.paths)
 
     # ----- Runner -------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -250,7 +270,7 @@ class TorchRunner(harness.Runner):
         seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
         slots = (seq * blocks_per_seq * bs + pos).to(dev, torch.int32)
         cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=dev)
-        ctx_mod.set_context(True, cu, cu, max(lens), max(lens), slot_mapping=slots)
+        ctx_mod.set_context(True, cu, cu, max(lens), max(lens), slot_mapping=slots)  # tables: from the slots
         try:
             logits = self.model.compute_logits(self.model(ids, pos.to(dev)))
         finally:
@@ -274,3 +294,8 @@ def _trim(rows: list[list[int]], eos) -> list[list[int]]:
 
 def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", **kwargs) -> TorchRunner:
     return TorchRunner(model_dir, dtype=dtype, fused=fused, **kwargs)
+
+
+def load_random(config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, **kwargs) -> TorchRunner:
+    """A runner over random weights of a preset name or Qwen3Config (benchmarks, tuning: no checkpoint)."""
+    return TorchRunner.random(config, dtype=dtype, fused=fused, seed=seed, **kwargs)

@@ -14,7 +14,6 @@ output with its max and sum, and a small XLA reduction combines the splits.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 
@@ -23,7 +22,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from common.tiles import AttentionTiles
-from jax_impl.kernels import _common as C
+from jax_impl.kernels import _lib as C
 
 NEG = -1e30  # finite "minus infinity": no inf - inf in the online softmax
 
@@ -79,24 +78,16 @@ def _decode_attention_kernel(q_ref,    # [b, hq, d]
         C.store(l_ref.at[b, s, heads], l_i, mask=hmask)
 
 
-def attention_tiles(batch: int, num_kv_heads: int, max_context: int) -> AttentionTiles:
-    """Default tiles: AttentionTiles.default_for's splits with 64 keys per step and 3 stages.
-    On the H100, Qwen3-0.6B shapes at batch 1, per decode step (28 layers): 120.5 us against
-    130.1 us with 128 keys and 2 stages at 17-272 positions, 207.9 us against 268.4 at
-    2,049-2,304 (128 keys with 3 stages: 124.7 / 221.7; 64 keys with 2 stages: 146.4)."""
-    return dataclasses.replace(AttentionTiles.default_for(batch, num_kv_heads, max_context),
-                               block_kv=64, num_stages=3)
-
-
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, tiles: AttentionTiles | None = None,
+def decode_attention(q, k_cache, v_cache, meta, *, tiles: AttentionTiles | None = None,
                      interpret: bool | None = None):
-    """softmax(q k^T / sqrt(D)) v over each sequence's first context_lens[b] cached positions.
+    """softmax(q k^T / sqrt(D)) v over each sequence's first meta.context_lens[b] cached positions.
 
-    q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables [B, max_blocks]
+    q [B, Hq, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; meta.block_tables [B, max_blocks]
     int32, or None: one block per sequence in batch order (block b holds sequence b, read in place
-    with no table, as jax_impl.model lays the cache out); context_lens [B] int32 (>= 1, <= the
+    with no table, as jax_impl.model lays the cache out); meta.context_lens [B] int32 (>= 1, <= the
     blocks' capacity). Returns [B, Hq, D] in q.dtype.
     """
+    block_tables, context_lens = meta.block_tables, meta.context_lens
     C.check(q.ndim == 3, f"decode_attention: q: expected [B, Hq, D], got shape {q.shape}")
     bsz, hq, d = q.shape
     C.check(k_cache.ndim == 4 and k_cache.shape[3] == d,
@@ -120,7 +111,9 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, tiles: 
     C.check_float("decode_attention: v_cache", v_cache, q.dtype)
     group = hq // hkv
     block_h = max(C.DOT_MIN_M, 1 << (group - 1).bit_length())
-    t = tiles or attention_tiles(bsz, hkv, (block_tables.shape[1] if paged else 1) * block_size)
+    blocks = block_tables.shape[1] if paged else 1
+    t = C.tiles_for("decode_attention", "decode_attention", tiles, AttentionTiles, q.dtype, batch=bsz,
+                    num_kv_heads=hkv, max_context=blocks * block_size, one_block=blocks == 1)
     kernel = functools.partial(_decode_attention_kernel, paged=paged, group=group, block_h=block_h,
                                block_kv=t.block_kv,
                                block_size=block_size, splits=t.num_splits, scale=1.0 / math.sqrt(d))
@@ -141,5 +134,6 @@ def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, tiles: 
     # produce invalid values in this reduction after compilation (b/389925439).
     m_max = lax.optimization_barrier(jnp.max(m, axis=1, keepdims=True))
     w = l * jnp.exp(m - m_max)  # [B, S, Hq]
-    out = jnp.sum(o * w[..., None], axis=1) / jnp.sum(w, axis=1)[..., None]
+    # (a sequence with no keys - context_lens 0, batch padding - has w = 0 everywhere: zeros, not 0/0)
+    out = jnp.sum(o * w[..., None], axis=1) / jnp.maximum(jnp.sum(w, axis=1), 1e-30)[..., None]
     return out.astype(q.dtype)

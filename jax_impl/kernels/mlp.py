@@ -1,10 +1,10 @@
-"""Qwen3's MLP block, x + down(silu(gate) * up) of RMSNorm(x), in two Pallas (Triton) kernels.
+"""Qwen3's MLP block, residual + down(silu(gate) * up) of RMSNorm(x), in two Pallas (Triton) kernels.
 
 Kernel 1 (`_norm_gate_up_kernel`): RMSNorm(x) (rounded to x.dtype before the matmul, as
 Hugging Face does), the gate and up projections of the same block_n output features
 (w_gate_up rows [gate; up]), and silu(gate) * up in float32, written as the [T, I] activation
 in x.dtype. Every program recomputes the row norms of x (tiny at decode) before streaming its
-weight tiles. Kernel 2 is attn_out's linear + residual kernel on w_down. One kernel for the
+weight tiles. Kernel 2 is linear_residual's kernel on w_down (residual None adds nothing). One kernel for the
 whole block would need a cross-program reduction over I for the down projection; the split
 after SiLU costs one small [T, I] round trip through memory instead.
 """
@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from common.tiles import MatmulTiles
-from jax_impl.kernels import _common as C
-from jax_impl.kernels.attn_out import linear_residual
+from jax_impl.kernels import _lib as C
+from jax_impl.kernels.linear_residual import linear_residual
 
 
 def _norm_gate_up_kernel(x_ref,     # [m, k]
@@ -49,7 +49,7 @@ def norm_gate_up(x, norm_w, w_gate_up, *, eps: float, tiles: MatmulTiles | None 
     C.check_float("mlp: x", x)
     C.check_float("mlp: w_gate_up", w_gate_up, x.dtype)
     C.check_float("mlp: norm_w", norm_w)
-    t = tiles or C.matmul_tiles(m, inter, k, pair=True)
+    t = C.tiles_for("mlp_gate_up", "mlp", tiles, MatmulTiles, x.dtype, m=m, n=2 * inter, k=k)
     kernel = functools.partial(_norm_gate_up_kernel, m=m, k=k, inter=inter, eps=float(eps),
                                block_m=t.block_m, block_n=t.block_n, block_k=t.block_k)
     return C.pallas_call(kernel, name="mlp_norm_gate_up",
@@ -58,14 +58,14 @@ def norm_gate_up(x, norm_w, w_gate_up, *, eps: float, tiles: MatmulTiles | None 
                          num_stages=t.num_stages, interpret=interpret)(x, norm_w, w_gate_up)
 
 
-def mlp(x, norm_w, w_gate_up, w_down, *, eps: float, tiles: MatmulTiles | None = None,
+def mlp(x, norm_w, w_gate_up, w_down, residual, *, eps: float, tiles: MatmulTiles | None = None,
         down_tiles: MatmulTiles | None = None, interpret: bool | None = None):
-    """x + down(silu(g) * u), [g | u] = RMSNorm(x) @ w_gate_up.T; x [T, hidden], w_down [hidden, I].
+    """residual + down(silu(g) * u), [g | u] = RMSNorm(x) @ w_gate_up.T; x [T, hidden], w_down
+    [hidden, I], residual [T, hidden] or None (in a decoder layer: x itself).
 
-    tiles: of the gate/up kernel (default `_common.matmul_tiles(T, I, hidden, pair=True)`);
-    down_tiles: of the down projection (default `_common.matmul_tiles(T, hidden, I)`).
+    tiles: of the gate/up kernel; down_tiles: of the down projection (each: common.tiles' choice).
     """
     act = norm_gate_up(x, norm_w, w_gate_up, eps=eps, tiles=tiles, interpret=interpret)
     C.check(w_down.ndim == 2 and w_down.shape == (x.shape[1], act.shape[1]),
             f"mlp: w_down: expected [{x.shape[1]}, {act.shape[1]}], got {w_down.shape}")
-    return linear_residual(act, w_down, x, tiles=down_tiles, interpret=interpret, name="mlp_down")
+    return linear_residual(act, w_down, residual, tiles=down_tiles, interpret=interpret, name="mlp_down")

@@ -1,12 +1,15 @@
-"""Causal prefill attention in Pallas (Triton): flash attention over right-padded prompts.
+"""Variable-length causal prefill attention in Pallas (Triton): flash attention over the KV cache.
 
-q [B, L, Hq, D], k and v [B, L, Hkv, D] (jax_impl.model's prefill layout: every sequence from
-position 0, lengths[b] real tokens, the rest padding). Grid (B, Hq, cdiv(L, block_m)): a
-program takes block_m queries of one head and runs an online softmax (float32) over block_n
-keys at a time, up to the last key its queries can see (causal) and the sequence's length;
-GQA by reading kv head h // (Hq / Hkv). Scale 1/sqrt(D); rows past a sequence's length are
-don't-care (finite). The twin of torch_impl/kernels/prefill_attention.py, which takes nano-vllm's
-variable-length layouts instead.
+q [T, Hq, D] holds the new tokens of B sequences back to back (meta.cu_seqlens_q [B + 1]);
+sequence b has cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys, its cached prefix first, so its new
+token i sits at position len_k - len_q + i and sees keys 0 .. that position. Keys and values are
+read from the caches [num_blocks, block_size, Hkv, D] (rmsnorm_qkv wrote this step's rows): key j
+of sequence b at row j of block b (meta.block_tables None: jax_impl.model's layout, read as
+windows of consecutive rows) or at block_tables[b, j // block_size] * block_size + j % block_size.
+Grid (B, Hq, cdiv(max_seqlen_q, block_m)): a program takes block_m queries of one head and runs an
+online softmax (float32) over block_n keys at a time, up to the last key its queries can see;
+GQA by reading kv head h // (Hq / Hkv); scale 1/sqrt(D). The twin of
+torch_impl/kernels/prefill_attention.py.
 """
 
 from __future__ import annotations
@@ -19,36 +22,48 @@ import jax.numpy as jnp
 from jax import lax
 
 from common.tiles import PrefillTiles
-from jax_impl.kernels import _common as C
+from jax_impl.kernels import _lib as C
 
 NEG = -1e30  # finite "minus infinity": a fully masked row never produces NaN
 
 
-def _prefill_attention_kernel(q_ref,    # [b, l, hq, d]
-                              k_ref,    # [b, l, hkv, d]
-                              v_ref,    # [b, l, hkv, d]
-                              len_ref,  # [b] int32
-                              o_ref,    # [b, l, hq, d]
-                              *, l: int, group: int, block_m: int, block_n: int, scale: float):
+def _prefill_attention_kernel(q_ref,    # [t, hq, d]
+                              k_ref,    # [rows, hkv, d]  (flattened cache)
+                              v_ref,    # [rows, hkv, d]
+                              cuq_ref,  # [b + 1] int32
+                              cuk_ref,  # [b + 1] int32
+                              *refs,    # [bt_ref [b, max_blocks] int32 if paged], o_ref [t, hq, d]
+                              paged: bool, group: int, block_size: int, block_m: int, block_n: int, scale: float):
+    bt_ref, o_ref = refs if paged else (None, refs[0])
     b, h, i = C.pl.program_id(0), C.pl.program_id(1), C.pl.program_id(2)
     kvh = h // group
+    q0 = C.load(cuq_ref.at[b])
+    len_q = C.load(cuq_ref.at[b + 1]) - q0
+    len_k = C.load(cuk_ref.at[b + 1]) - C.load(cuk_ref.at[b])
     m0 = i * block_m
-    rows = m0 + jnp.arange(block_m)
-    rmask = rows < l
-    q = C.load(q_ref.at[b, C.pl.ds(m0, block_m), h, :], mask=rmask[:, None], other=0)  # [block_m, d]
-    length = C.load(len_ref.at[b])
-    # keys 0 .. min(last query of the tile, length - 1)
-    end = jnp.minimum(jnp.minimum(m0 + block_m, l), length)
+    qi = m0 + jnp.arange(block_m)  # query index within the sequence
+    rmask = qi < len_q
+    qpos = len_k - len_q + qi  # absolute positions
+    q = C.load(q_ref.at[C.pl.ds(q0 + m0, block_m), h, :], mask=rmask[:, None], other=0)  # [block_m, d]
+    # causal: this tile's last query sees keys up to len_k - len_q + m0 + block_m - 1
+    end = jnp.where(m0 < len_q, jnp.minimum(len_k, len_k - len_q + m0 + block_m), 0)
 
     def body(j, carry):
         acc, m_prev, l_prev = carry
         n0 = j * block_n
         cols = n0 + jnp.arange(block_n)
-        cmask = cols < end
-        k = C.load(k_ref.at[b, C.pl.ds(n0, block_n), kvh, :], mask=cmask[:, None], other=0)  # [block_n, d]
-        v = C.load(v_ref.at[b, C.pl.ds(n0, block_n), kvh, :], mask=cmask[:, None], other=0)
+        cmask = (cols < end) & (paged or cols < block_size)
+        if paged:  # gathered through the table
+            blk = C.load(bt_ref.at[b, cols // block_size], mask=cmask, other=0)
+            cmask = cmask & (blk >= 0)
+            r, c = C.gather_index(jnp.where(cmask, blk * block_size + cols % block_size, 0), 0, d)
+            window = (r, kvh, c)
+        else:  # sequence b's own block: rows b * block_size + key, affine in j
+            window = (C.pl.ds(b * block_size + n0, block_n), kvh, C.pl.ds(0, d))
+        k = C.load(k_ref.at[window], mask=cmask[:, None], other=0)  # [block_n, d]
+        v = C.load(v_ref.at[window], mask=cmask[:, None], other=0)
         sc = C.dot(q, k, ((1,), (1,))) * scale  # [block_m, block_n]
-        visible = cmask[None, :] & (cols[None, :] <= rows[:, None])
+        visible = cmask[None, :] & (cols[None, :] <= qpos[:, None])
         sc = jnp.where(visible, sc, NEG)
         m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))
         p = jnp.where(visible, jnp.exp(sc - m_new[:, None]), 0.0)
@@ -60,33 +75,51 @@ def _prefill_attention_kernel(q_ref,    # [b, l, hq, d]
     init = (jnp.zeros((block_m, d), C.F32), jnp.full((block_m,), NEG, C.F32), jnp.zeros((block_m,), C.F32))
     acc, _, l_i = lax.fori_loop(0, C.pl.cdiv(jnp.maximum(end, 0), block_n), body, init)
     out = acc / jnp.maximum(l_i, 1e-30)[:, None]
-    C.store(o_ref.at[b, C.pl.ds(m0, block_m), h, :], out.astype(o_ref.dtype), mask=rmask[:, None])
+    C.store(o_ref.at[C.pl.ds(q0 + m0, block_m), h, :], out.astype(o_ref.dtype), mask=rmask[:, None])
 
 
-def prefill_attention(q, k, v, lengths, *, tiles: PrefillTiles | None = None, interpret: bool | None = None):
-    """Causal attention within each right-padded sequence from position 0 (ops_plain's op).
+def prefill_attention(q, k_cache, v_cache, meta, *, tiles: PrefillTiles | None = None,
+                      interpret: bool | None = None):
+    """Causal attention of the new tokens q [T, Hq, D] -> [T, Hq, D] in q.dtype; layout in the module doc.
 
-    q [B, L, Hq, D]; k, v [B, L, Hkv, D]; lengths [B] int32. Returns [B, L, Hq, D] in q.dtype;
-    rows past a sequence's length are don't-care.
+    meta.max_seqlen_q (a Python int) sizes the grid; it must be at least every sequence's new-token
+    count. Rows of q that belong to no sequence are left as they come out (don't-care).
     """
     op = "prefill_attention"
-    C.check(q.ndim == 4, f"{op}: q: expected [B, L, Hq, D], got shape {q.shape}")
-    bsz, l, hq, d = q.shape
-    C.check(k.ndim == 4 and k.shape[:2] == (bsz, l) and k.shape[3] == d,
-            f"{op}: k: expected [{bsz}, {l}, Hkv, {d}], got shape {k.shape}")
-    hkv = k.shape[2]
+    cu_q, cu_k, block_tables = meta.cu_seqlens_q, meta.cu_seqlens_k, meta.block_tables
+    C.check(q.ndim == 3, f"{op}: q: expected [T, Hq, D], got shape {q.shape}")
+    t_tok, hq, d = q.shape
+    C.check(k_cache.ndim == 4 and k_cache.shape[3] == d,
+            f"{op}: k_cache: expected [num_blocks, block_size, Hkv, {d}], got {k_cache.shape}")
+    num_blocks, block_size, hkv, _ = k_cache.shape
+    C.check_shape(f"{op}: v_cache", v_cache, k_cache.shape)
     C.check(hq % hkv == 0, f"{op}: q heads {hq} must be a multiple of kv heads {hkv}")
     C.check(d >= 16 and d & (d - 1) == 0, f"{op}: head_dim={d}: expected a power of two >= 16")
-    C.check_shape(f"{op}: v", v, k.shape)
-    C.check_shape(f"{op}: lengths", lengths, (bsz,))
-    C.check_int(f"{op}: lengths", lengths)
+    C.check(cu_q.ndim == 1 and cu_k.shape == cu_q.shape,
+            f"{op}: cu_seqlens_q {cu_q.shape} and cu_seqlens_k {cu_k.shape}: expected [B + 1] each")
+    C.check_int(f"{op}: cu_seqlens_q", cu_q)
+    C.check_int(f"{op}: cu_seqlens_k", cu_k)
+    bsz = cu_q.shape[0] - 1
+    paged = block_tables is not None
+    if paged:
+        C.check(block_tables.ndim == 2 and block_tables.shape[0] == bsz,
+                f"{op}: block_tables: expected [{bsz}, max_blocks], got {block_tables.shape}")
+        C.check_int(f"{op}: block_tables", block_tables)
+    else:
+        C.check(num_blocks >= bsz, f"{op}: block_tables None needs one cache block per sequence: "
+                                   f"{num_blocks} blocks for {bsz} sequences")
+    max_q = meta.max_seqlen_q
+    C.check(isinstance(max_q, int) and max_q >= 0, f"{op}: meta.max_seqlen_q={max_q!r}, expected an int >= 0")
     C.check_float(f"{op}: q", q)
-    C.check_float(f"{op}: k", k, q.dtype)
-    C.check_float(f"{op}: v", v, q.dtype)
-    t = tiles or PrefillTiles.default_for(l, d)
-    C.check(isinstance(t, PrefillTiles), f"{op}: tiles={t!r}, expected a common.tiles.PrefillTiles")
-    kernel = functools.partial(_prefill_attention_kernel, l=l, group=hq // hkv, block_m=t.block_m,
-                               block_n=t.block_n, scale=1.0 / math.sqrt(d))
-    return C.pallas_call(kernel, name=op, grid=(bsz, hq, C.pl.cdiv(l, t.block_m)),
+    C.check_float(f"{op}: k_cache", k_cache, q.dtype)
+    C.check_float(f"{op}: v_cache", v_cache, q.dtype)
+    t = C.tiles_for(op, op, tiles, PrefillTiles, q.dtype, max_seqlen_q=max_q, head_dim=d)
+    if bsz == 0 or max_q == 0 or t_tok == 0:
+        return jnp.zeros_like(q)
+    kernel = functools.partial(_prefill_attention_kernel, paged=paged, group=hq // hkv, block_size=block_size,
+                               block_m=t.block_m, block_n=t.block_n, scale=1.0 / math.sqrt(d))
+    return C.pallas_call(kernel, name=op, grid=(bsz, hq, C.pl.cdiv(max_q, t.block_m)),
                          out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), num_warps=t.num_warps,
-                         num_stages=t.num_stages, interpret=interpret)(q, k, v, lengths)
+                         num_stages=t.num_stages, interpret=interpret)(
+        q, k_cache.reshape(-1, hkv, d), v_cache.reshape(-1, hkv, d), cu_q, cu_k,
+        *([block_tables] if paged else []))

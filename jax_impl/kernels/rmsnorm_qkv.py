@@ -18,14 +18,13 @@ kernel 2 runs the same per-head epilogue on that [T, N] buffer.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
 from common.tiles import MatmulTiles
-from jax_impl.kernels import _common as C
+from jax_impl.kernels import _lib as C
 
 
 def _qkv_epilogue(lo, hi, *, j, m0, qn_ref, kn_ref, cs_ref, pos_ref, slot_ref, q_ref, kc_ref, vc_ref,
@@ -131,31 +130,18 @@ def _qk_norm_rope_kernel(qkv_ref, qn_ref, kn_ref, cs_ref, pos_ref, slot_ref, kc_
                   eps=eps, block_m=block_m)
 
 
-def qkv_tiles(m: int, n: int, k: int, head_dim: int) -> MatmulTiles:
-    """Default tiles. Decode: the split variant - one program per head leaves most of the GPU
-    idle (Hq + 2 Hkv = 32 to 80 programs). On the H100, 8B shapes: batch 1 fused 65 us, split
-    22-25 us (XLA 34 us); batch 16 fused (dot) 80 us, split 36 us (XLA 34 us). m <= 16: the
-    projection tiles of `_common.matmul_tiles` (m == 16: 32 features, 256-element chunks);
-    16 < m < 64: MatmulTiles.default_for's (split); prefill (m >= 64, not measured yet): the
-    fused kernel with a tensor-core dot, one head per program."""
-    if m <= C.DOT_MIN_M:  # 16 tokens: the gate/up pair's tiles; 1 token: 4 warps (8 measured slower)
-        return C.matmul_tiles(m, n, k, pair=m > 1)
-    if m < 4 * C.DOT_MIN_M:
-        return MatmulTiles.default_for(m, n, k)
-    return dataclasses.replace(MatmulTiles.default_for(m, n, k), block_n=head_dim, block_k=64)
-
-
-def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, k_cache, v_cache, *,
+def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache, meta, *,
                 num_heads: int, num_kv_heads: int, eps: float, tiles: MatmulTiles | None = None,
                 interpret: bool | None = None):
     """-> (q [T, Hq, D] in x.dtype, k_cache, v_cache) with this step's k (normed, roped) and v at slots.
 
     x [T, hidden]; norm_w [hidden]; w_qkv [(Hq + 2 Hkv) D, hidden] rows [q; k; v];
     q_norm_w, k_norm_w [D]; cos_sin [max_pos, D] float32 ([:, :D/2] cos, [:, D/2:] sin);
-    positions, slots [T] int32 (slot = block * block_size + offset; -1 = not written);
+    meta.positions, meta.slots [T] int32 (slot = block * block_size + offset; -1 = not written);
     k_cache, v_cache [num_blocks, block_size, Hkv, D]. tiles.block_n == D: one fused launch;
     tiles.block_n < D: the split variant (two launches, more programs for the projection).
     """
+    positions, slots = meta.positions, meta.slots
     C.check(x.ndim == 2, f"rmsnorm_qkv: x: expected [T, hidden], got shape {x.shape}")
     m, k = x.shape
     C.check(q_norm_w.ndim == 1, f"rmsnorm_qkv: q_norm_w: expected [head_dim], got shape {q_norm_w.shape}")
@@ -181,7 +167,8 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots,
     C.check_float("rmsnorm_qkv: w_qkv", w_qkv, x.dtype)
     C.check_float("rmsnorm_qkv: k_cache", k_cache)
     C.check_float("rmsnorm_qkv: v_cache", v_cache, k_cache.dtype)
-    t = tiles or qkv_tiles(m, w_qkv.shape[0], k, d)
+    t = C.tiles_for("rmsnorm_qkv", "rmsnorm_qkv", tiles, MatmulTiles, x.dtype, m=m, n=w_qkv.shape[0], k=k,
+                    head_dim=d)
     C.check(t.block_n <= d, f"rmsnorm_qkv: tiles.block_n={t.block_n}: expected head_dim={d} "
             f"(fused, one head per program) or less (split: projection kernel + per-head epilogue kernel)")
 

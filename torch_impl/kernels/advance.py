@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from common.tiles import next_pow2
-from torch_impl.kernels._common import check, check_device
+from torch_impl.kernels._lib import check, check_device
 
 
 @triton.jit

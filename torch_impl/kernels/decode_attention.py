@@ -25,9 +25,9 @@ import triton
 import triton.language as tl
 
 from common.tiles import AttentionTiles, next_pow2
-from torch_impl.kernels import _jit, tuning
-from torch_impl.kernels._common import (check, check_cache, check_device, check_float, check_index, check_rows,
-                                        pdl_meta, precision)
+from torch_impl.kernels import _jit
+from torch_impl.kernels._lib import (check, check_cache, check_device, check_float, check_index, check_rows,
+                                     pdl_meta, precision, tiles_for)
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _MAX_COUNTERS = 1 << 16
@@ -49,7 +49,7 @@ def _decode_attention_kernel(
     scale,
     HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr,
     BLOCK_KV: tl.constexpr, SPLITS: tl.constexpr, MIN_SPLIT_BLOCKS: tl.constexpr, ALIGNED: tl.constexpr,
-    ONE_BLOCK: tl.constexpr,
+    ONE_BLOCK: tl.constexpr, NO_TABLE: tl.constexpr,
     PRECISION: tl.constexpr, W: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -70,7 +70,9 @@ def _decode_attention_kernel(
     chunk = tl.cdiv(tl.cdiv(ctx, active), BLOCK_KV) * BLOCK_KV
     start = split * chunk  # >= ctx for the inactive splits (active * chunk >= ctx): an empty loop
     end = tl.minimum(ctx, start + chunk)
-    if ONE_BLOCK:  # one block per sequence: its id, read once; key rows are then affine in the loop index
+    if NO_TABLE:  # block_tables None: block b holds sequence b
+        blk0 = b.to(tl.int64)
+    elif ONE_BLOCK:  # one block per sequence: its id, read once; key rows are then affine in the loop index
         blk0 = tl.load(bt_ptr + b * stride_bt).to(tl.int64)
     elif ALIGNED:  # the first tile's block id; each step then fetches the next one ahead of its loads
         nxt = tl.load(bt_ptr + b * stride_bt + tl.minimum(start // block_size, max_blocks - 1))
@@ -157,16 +159,17 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     context_lens: torch.Tensor, *, tiles: AttentionTiles | None = None) -> torch.Tensor:
-    """[B, Hq, D] attention of each sequence's query over its paged cache (scale 1/sqrt(D), GQA).
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, *,
+                     tiles: AttentionTiles | None = None) -> torch.Tensor:
+    """[B, Hq, D] attention of each sequence's query over its first meta.context_lens[b] cached keys
+    (scale 1/sqrt(D), GQA); meta.block_tables [B, max_blocks], or None: block b holds sequence b.
 
-    `tiles` defaults to the tuned tiles (else AttentionTiles.default_for) of (B, Hkv,
-    max_blocks * block_size): the split count must be fixed before a CUDA graph is captured, so it
-    follows the table's capacity, while each split's share of keys follows the actual context
-    length at run time.
+    `tiles` defaults to common.tiles' choice for (B, Hkv, max_blocks * block_size): the split count
+    must be fixed before a CUDA graph is captured, so it follows the table's capacity, while each
+    split's share of keys follows the actual context length at run time.
     """
     op = "decode_attention"
+    block_tables, context_lens = meta.block_tables, meta.context_lens
     check(q.dim() == 3, f"{op}: q has shape {list(q.shape)}, expected [B, num_heads, head_dim]")
     b, hq, d = q.shape
     check(k_cache.dim() == 4, f"{op}: k_cache has shape {list(k_cache.shape)}, expected [blocks, bs, Hkv, {d}]")
@@ -176,6 +179,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     check_cache(op, "v_cache", v_cache, hkv, d)
     check(k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(),
           f"{op}: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape or strides")
+    no_table = block_tables is None
+    if no_table:
+        check(k_cache.shape[0] >= b, f"{op}: block_tables None needs one cache block per sequence: "
+                                     f"{k_cache.shape[0]} blocks for {b} sequences")
+        block_tables = context_lens.view(b, 1)  # never read (NO_TABLE): an int tensor on the device
     check(block_tables.dim() == 2 and block_tables.shape[0] == b,
           f"{op}: block_tables has shape {list(block_tables.shape)}, expected [{b}, max_blocks]")
     check(context_lens.shape == (b,), f"{op}: context_lens has shape {list(context_lens.shape)}, expected [{b}]")
@@ -183,9 +191,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     check_float(op, q=q, k_cache=k_cache, v_cache=v_cache)
     check_device(op, q=q, k_cache=k_cache, block_tables=block_tables, context_lens=context_lens)
     check_rows(op, q=q, block_tables=block_tables)
-    bs, max_blocks = k_cache.shape[1], block_tables.shape[1]
-    tiles = tiles or tuning.attention_tiles(q.device, b, hkv, max_blocks * bs, one_block=max_blocks == 1)
-    check(isinstance(tiles, AttentionTiles), f"{op}: tiles={tiles!r}, expected a common.tiles.AttentionTiles")
+    bs, max_blocks = k_cache.shape[1], 1 if no_table else block_tables.shape[1]
+    tiles = tiles_for(op, op, tiles, AttentionTiles, q.device, q.dtype, batch=b, num_kv_heads=hkv,
+                      max_context=max_blocks * bs, one_block=max_blocks == 1)
     check(tiles.block_kv >= 16, f"{op}: tiles.block_kv={tiles.block_kv}, expected >= 16 (tensor-core tile)")
     out = torch.empty((b, hq, d), dtype=q.dtype, device=q.device)
     if b == 0:
@@ -204,7 +212,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         out.stride(0), out.stride(1), 1.0 / math.sqrt(d),
         HKV=hkv, G=group, G_PAD=g_pad, D=d, D_P=d_p, BLOCK_KV=tiles.block_kv, SPLITS=splits,
-        MIN_SPLIT_BLOCKS=MIN_SPLIT_BLOCKS, ALIGNED=bs % tiles.block_kv == 0, ONE_BLOCK=max_blocks == 1, W=d_p + 2,
+        MIN_SPLIT_BLOCKS=MIN_SPLIT_BLOCKS, ALIGNED=bs % tiles.block_kv == 0, ONE_BLOCK=max_blocks == 1,
+        NO_TABLE=no_table, W=d_p + 2,
         PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         **pdl_meta(q.device))
     return out

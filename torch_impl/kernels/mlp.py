@@ -1,8 +1,8 @@
-"""Qwen3's MLP block: x + down(silu(gate) * up), [gate | up] = RMSNorm(x) @ w_gate_up.T.
+"""Qwen3's MLP block: residual + down(silu(gate) * up), [gate | up] = RMSNorm(x) @ w_gate_up.T.
 
 Two launches: the first fuses RMSNorm, the packed gate/up projection and silu(gate) * up (each
 program owns matching rows of gate and up, so the activation is formed in registers and
-rounded once); the second is attn_out's projection + residual kernel on w_down. One launch
+rounded once); the second is linear_residual's kernel on w_down (residual None adds nothing). One launch
 would need every program's activations before any down-projection row can finish (a grid-wide
 dependency); it is not implemented. silu(gate) * up is computed in float32 from the float32
 accumulators and rounded once to the activation dtype.
@@ -15,10 +15,10 @@ import triton
 import triton.language as tl
 
 from common.tiles import MatmulTiles
-from torch_impl.kernels import _jit, tuning
-from torch_impl.kernels._common import (check, check_device, check_float, check_rows, check_shape, matmul_meta,
-                                        precision)
-from torch_impl.kernels.attn_out import linear_residual
+from torch_impl.kernels import _jit
+from torch_impl.kernels._lib import (check, check_device, check_float, check_rows, check_shape, matmul_meta,
+                                     precision, tiles_for)
+from torch_impl.kernels.linear_residual import linear_residual
 
 
 @triton.jit
@@ -62,8 +62,7 @@ def norm_gate_up(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up: torch.Tensor,
     check_device(op, x=x, norm_w=norm_w, w_gate_up=w_gate_up)
     check_rows(op, x=x, norm_w=norm_w, w_gate_up=w_gate_up)
     inter = w_gate_up.shape[0] // 2
-    tiles = tiles or tuning.matmul_tiles("mlp_gate_up", x.device, m, 2 * inter, k)
-    check(isinstance(tiles, MatmulTiles), f"{op}: tiles={tiles!r}, expected a common.tiles.MatmulTiles")
+    tiles = tiles_for("mlp_gate_up", op, tiles, MatmulTiles, x.device, x.dtype, m=m, n=2 * inter, k=k)
     act = torch.empty((m, inter), dtype=x.dtype, device=x.device)
     if m == 0:
         return act
@@ -75,13 +74,15 @@ def norm_gate_up(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up: torch.Tensor,
     return act
 
 
-def mlp(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, *, eps: float,
-        tiles: MatmulTiles | None = None, down_tiles: MatmulTiles | None = None) -> torch.Tensor:
-    """x + down(silu(gate) * up) of RMSNorm(x); w_gate_up [2I, hidden] rows [gate; up], w_down [hidden, I].
+def mlp(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+        residual: torch.Tensor | None, *, eps: float, tiles: MatmulTiles | None = None,
+        down_tiles: MatmulTiles | None = None) -> torch.Tensor:
+    """residual + down(silu(gate) * up) of RMSNorm(x); w_gate_up [2I, hidden] rows [gate; up],
+    w_down [hidden, I]; residual [T, hidden] or None (in a decoder layer: x itself).
 
     `tiles` applies to the gate/up launch, `down_tiles` to the down launch (each defaults per shape).
     """
     act = norm_gate_up(x, norm_w, w_gate_up, eps=eps, tiles=tiles)
     check(w_down.dim() == 2 and tuple(w_down.shape) == (x.shape[1], act.shape[1]),
           f"mlp: w_down has shape {list(w_down.shape)}, expected [{x.shape[1]}, {act.shape[1]}]")
-    return linear_residual(act, w_down, x, tiles=down_tiles)
+    return linear_residual(act, w_down, residual, tiles=down_tiles)

@@ -1,14 +1,12 @@
 """Variable-length causal prefill attention (flash-attention style, no flash-attn needed).
 
-q [Tq, Hq, D] holds the new tokens of B sequences back to back (cu_seqlens_q [B + 1]); sequence b
-has cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys in all, its cached prefix first, so its new token
-i sits at position len_k - len_q + i and sees keys 0 .. that position. Keys and values come
-from one of three layouts (as nano-vllm's prefill finds them):
-- contiguous: k, v [Tk, Hkv, D], sequence b's keys at rows cu_seqlens_k[b] ...;
-- kv_slots [Tk]: k, v are the caches [num_blocks, block_size, Hkv, D] and key j of sequence b
-  is at flat row kv_slots[cu_seqlens_k[b] + j] (a prefill without cached prefix: its slot_mapping);
-- block_tables [B, max_blocks]: k, v are the caches, key j at block_tables[b, j // bs] * bs + j % bs.
-A program handles `block_m` queries of one head; scale 1/sqrt(D), GQA, float32 softmax.
+q [Tq, Hq, D] holds the new tokens of B sequences back to back (meta.cu_seqlens_q [B + 1]);
+sequence b has cu_seqlens_k[b + 1] - cu_seqlens_k[b] keys in all, its cached prefix first, so its
+new token i sits at position len_k - len_q + i and sees keys 0 .. that position. Keys and values
+are read from the caches [num_blocks, block_size, Hkv, D] (rmsnorm_qkv wrote this step's rows):
+key j of sequence b at block_tables[b, j // bs] * bs + j % bs, or with meta.block_tables None at
+row j of block b (one block per sequence). A program handles `block_m` queries of one head;
+scale 1/sqrt(D), GQA, float32 softmax.
 """
 
 from __future__ import annotations
@@ -21,8 +19,8 @@ import triton.language as tl
 
 from common.tiles import PrefillTiles, next_pow2
 from torch_impl.kernels import _jit
-from torch_impl.kernels._common import (check, check_cache, check_device, check_float, check_index, check_rows,
-                                        pdl_meta, precision)
+from torch_impl.kernels._lib import (check, check_cache, check_device, check_float, check_index, check_rows,
+                                     pdl_meta, precision, tiles_for)
 
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile never produces NaN
 
@@ -32,13 +30,12 @@ def _prefill_attention_kernel(
     q_ptr,  # [Tq, HQ, D]
     k_ptr, v_ptr,  # rows of [*, HKV, D] (see the module doc)
     cuq_ptr, cuk_ptr,  # [B + 1]
-    slots_ptr,  # [Tk] (KV_MODE 1)
-    bt_ptr,  # [B, max_blocks] (KV_MODE 2)
+    bt_ptr,  # [B, max_blocks] (PAGED)
     out_ptr,  # [Tq, HQ, D]
     num_rows, block_size, max_blocks,
     stride_qt, stride_qh, stride_kr, stride_kh, stride_bt, stride_ot, stride_oh,
     scale,
-    G: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, KV_MODE: tl.constexpr,
+    G: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, PAGED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -66,10 +63,8 @@ def _prefill_attention_kernel(
     for j0 in range(0, hi, BLOCK_N):
         j = j0 + tl.arange(0, BLOCK_N)
         j_ok = j < len_k
-        if KV_MODE == 0:
-            rows = (k0 + j).to(tl.int64)
-        elif KV_MODE == 1:
-            rows = tl.load(slots_ptr + k0 + j, mask=j_ok, other=-1).to(tl.int64)
+        if not PAGED:  # block b, rows 0 ..
+            rows = tl.where(j < block_size, b.to(tl.int64) * block_size + j, -1)
         else:
             blk = tl.load(bt_ptr + b * stride_bt + j // block_size,
                           mask=j_ok & (j // block_size < max_blocks), other=-1).to(tl.int64)
@@ -94,59 +89,54 @@ def _prefill_attention_kernel(
              _jit.cast(o, out_ptr.dtype.element_ty, PRECISION), mask=m_ok[:, None] & d_ok[None, :])
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                      cu_seqlens_k: torch.Tensor, *, max_seqlen_q: int, block_tables: torch.Tensor | None = None,
-                      kv_slots: torch.Tensor | None = None, tiles: PrefillTiles | None = None) -> torch.Tensor:
-    """Causal attention of the new tokens q [Tq, Hq, D] -> [Tq, Hq, D]; layouts in the module doc.
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, *,
+                      tiles: PrefillTiles | None = None) -> torch.Tensor:
+    """Causal attention of the new tokens q [Tq, Hq, D] -> [Tq, Hq, D]; layout in the module doc.
 
-    max_seqlen_q (an int, as nano-vllm's context carries it) sizes the grid; it must be at least the
-    longest sequence's new-token count (the kernel cannot check that without a host sync).
+    meta.max_seqlen_q (an int) sizes the grid; it must be at least the longest sequence's new-token
+    count (the kernel cannot check that without a host sync).
     """
     op = "prefill_attention"
+    cu_seqlens_q, cu_seqlens_k, block_tables = meta.cu_seqlens_q, meta.cu_seqlens_k, meta.block_tables
+    max_seqlen_q = meta.max_seqlen_q
     check(q.dim() == 3, f"{op}: q has shape {list(q.shape)}, expected [Tq, num_heads, head_dim]")
-    check(block_tables is None or kv_slots is None, f"{op}: pass block_tables or kv_slots, not both")
     tq, hq, d = q.shape
-    hkv = k.shape[-2] if k.dim() >= 3 else 0
-    check(hkv > 0 and hq % hkv == 0 and k.shape[-1] == d,
-          f"{op}: k has shape {list(k.shape)}, expected [..., Hkv, {d}] with Hkv dividing {hq}")
-    if block_tables is not None or kv_slots is not None:
-        check_cache(op, "k", k, hkv, d)
-        check_cache(op, "v", v, hkv, d)
-    else:
-        check(k.dim() == 3, f"{op}: k has shape {list(k.shape)}, expected [Tk, Hkv, D] (no block_tables/kv_slots)")
-    check(k.shape == v.shape and k.stride() == v.stride(),
-          f"{op}: k {list(k.shape)} and v {list(v.shape)} differ in shape or strides")
+    check(k_cache.dim() == 4, f"{op}: k_cache has shape {list(k_cache.shape)}, expected [blocks, bs, Hkv, {d}]")
+    hkv = k_cache.shape[2]
+    check(hkv > 0 and hq % hkv == 0, f"{op}: q has {hq} heads, not a multiple of the cache's {hkv} kv heads")
+    check_cache(op, "k_cache", k_cache, hkv, d)
+    check_cache(op, "v_cache", v_cache, hkv, d)
+    check(k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(),
+          f"{op}: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape or strides")
     nb = cu_seqlens_q.shape[0] - 1
     check(cu_seqlens_q.dim() == 1 and nb >= 0 and cu_seqlens_k.shape == cu_seqlens_q.shape,
           f"{op}: cu_seqlens_q {list(cu_seqlens_q.shape)} and cu_seqlens_k {list(cu_seqlens_k.shape)}: "
           f"expected [B + 1] each")
     check_index(op, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    if kv_slots is not None:
-        check_index(op, kv_slots=kv_slots)
-    if block_tables is not None:
+    paged = block_tables is not None
+    if paged:
         check(block_tables.dim() == 2 and block_tables.shape[0] == nb,
               f"{op}: block_tables has shape {list(block_tables.shape)}, expected [{nb}, max_blocks]")
         check_index(op, block_tables=block_tables)
+    else:
+        check(k_cache.shape[0] >= nb, f"{op}: block_tables None needs one cache block per sequence: "
+                                      f"{k_cache.shape[0]} blocks for {nb} sequences")
     check(isinstance(max_seqlen_q, int) and max_seqlen_q >= 0,
-          f"{op}: max_seqlen_q={max_seqlen_q!r}, expected an int >= 0")
-    check_float(op, q=q, k=k, v=v)
-    check_device(op, q=q, k=k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
-    check_rows(op, q=q, k=k)
-    tiles = tiles or PrefillTiles.default_for(max_seqlen_q, d)
+          f"{op}: meta.max_seqlen_q={max_seqlen_q!r}, expected an int >= 0")
+    check_float(op, q=q, k_cache=k_cache, v_cache=v_cache)
+    check_device(op, q=q, k_cache=k_cache, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    check_rows(op, q=q)
+    tiles = tiles_for(op, op, tiles, PrefillTiles, q.device, q.dtype, max_seqlen_q=max_seqlen_q, head_dim=d)
     out = torch.empty((tq, hq, d), dtype=q.dtype, device=q.device)
     if tq == 0 or nb == 0 or max_seqlen_q == 0:
         return out
-    mode = 2 if block_tables is not None else 1 if kv_slots is not None else 0
-    bs = k.shape[1] if mode else 1
-    num_rows = k.shape[0] * bs if mode else k.shape[0]
-    stride_kr = k.stride(1) if mode else k.stride(0)
-    bt = block_tables if block_tables is not None else cu_seqlens_q
-    slots = kv_slots if kv_slots is not None else cu_seqlens_q
+    bs = k_cache.shape[1]
+    bt = block_tables if paged else cu_seqlens_q.view(1, -1)  # never read unpaged
     grid = (triton.cdiv(max_seqlen_q, tiles.block_m), nb, hq)
     _prefill_attention_kernel[grid](
-        q, k, v, cu_seqlens_q, cu_seqlens_k, slots, bt, out, num_rows, bs, bt.shape[-1] if mode == 2 else 0,
-        q.stride(0), q.stride(1), stride_kr, k.stride(-2), bt.stride(0), out.stride(0), out.stride(1),
-        1.0 / math.sqrt(d), G=hq // hkv, D=d, D_P=max(16, next_pow2(d)), KV_MODE=mode,
+        q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k, bt, out, k_cache.shape[0] * bs, bs, bt.shape[-1],
+        q.stride(0), q.stride(1), k_cache.stride(1), k_cache.stride(2), bt.stride(0), out.stride(0), out.stride(1),
+        1.0 / math.sqrt(d), G=hq // hkv, D=d, D_P=max(16, next_pow2(d)), PAGED=paged,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, PRECISION=precision(q.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_meta(q.device))
     return out

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from common.tiles import next_pow2
 from torch_impl.kernels import _jit
-from torch_impl.kernels._common import check, check_device, check_float, check_rows, check_shape, pdl_meta, precision
+from torch_impl.kernels._lib import check, check_device, check_float, check_rows, check_shape, pdl_meta, precision
 
 
 @triton.jit

@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 
 from common.tiles import MatmulTiles, next_pow2
-from torch_impl.kernels import _jit, tuning
-from torch_impl.kernels._common import (check, check_cache, check_device, check_float, check_index, check_rows,
-                                        check_shape, matmul_meta, pdl_meta, precision)
+from torch_impl.kernels import _jit
+from torch_impl.kernels._lib import (check, check_cache, check_device, check_float, check_index, check_rows,
+                                     check_shape, matmul_meta, pdl_meta, precision, tiles_for)
 
 
 @triton.jit
@@ -146,12 +146,13 @@ def _qk_epilogue_kernel(
                  stride_qm, stride_qh, stride_cslot, stride_ch, eps, HQ, D, HALF, PRECISION)
 
 
-def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, k_cache, v_cache, *,
+def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache, meta, *,
                 num_heads: int, num_kv_heads: int, eps: float, tiles: MatmulTiles | None = None):
-    """q [T, Hq, D] (q-normed, roped, x.dtype) and the caches with k (normed, roped) and v written in
-    place at `slots` (-1 = skip); returns (q, k_cache, v_cache). Shapes: see the module doc of
-    common's twin API (x [T, hidden], w_qkv [(Hq + 2 Hkv) D, hidden], caches [blocks, bs, Hkv, D])."""
+    """q [T, Hq, D] (q-normed, roped at meta.positions, x.dtype) and the caches with k (normed, roped)
+    and v written in place at meta.slots (-1 = skip); returns (q, k_cache, v_cache). Shapes: see
+    common.ops (x [T, hidden], w_qkv [(Hq + 2 Hkv) D, hidden], caches [blocks, bs, Hkv, D])."""
     op = "rmsnorm_qkv"
+    positions, slots = meta.positions, meta.slots
     check(x.dim() == 2, f"{op}: x has shape {list(x.shape)}, expected [T, hidden]")
     m, k = x.shape
     d = q_norm_w.shape[0] if q_norm_w.dim() == 1 else -1
@@ -175,8 +176,7 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots,
                         k_cache=k_cache, v_cache=v_cache)
     check_device(op, x=x, w_qkv=w_qkv, cos_sin=cos_sin, positions=positions, slots=slots, k_cache=k_cache)
     check_rows(op, x=x, w_qkv=w_qkv, cos_sin=cos_sin)
-    tiles = tiles or tuning.matmul_tiles(op, x.device, m, heads * d, k)
-    check(isinstance(tiles, MatmulTiles), f"{op}: tiles={tiles!r}, expected a common.tiles.MatmulTiles")
+    tiles = tiles_for(op, op, tiles, MatmulTiles, x.device, dtype, m=m, n=heads * d, k=k, head_dim=d)
     q = torch.empty((m, num_heads, d), dtype=dtype, device=x.device)
     if m == 0:
         return q, k_cache, v_cache

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from common.tiles import next_pow2
-from torch_impl.kernels._common import check, check_cache, check_device, check_index, check_rows
+from torch_impl.kernels._lib import check, check_cache, check_device, check_index, check_rows
 
 
 @triton.jit

@@ -1,6 +1,6 @@
-"""o_proj + residual: out = residual + attn @ w_o.T in one Pallas (Triton) kernel.
-
-The same kernel is the MLP's second half (down projection + residual, see mlp.py).
+"""linear_residual: out = residual + x @ w.T in one Pallas (Triton) kernel (o_proj; the MLP's down
+projection, see mlp.py). residual None adds nothing (a row-parallel shard whose residual another
+rank adds).
 Grid (cdiv(T, block_m), cdiv(N, block_n)); each program streams W[block_n, K] in block_k
 chunks. Decode (block_m < 16) multiplies and reduces without tensor cores; prefill-sized
 inputs (block_m >= 16) use the tiled dot. Accumulation in float32, one rounding at the end.
@@ -14,14 +14,14 @@ import jax
 import jax.numpy as jnp
 
 from common.tiles import MatmulTiles
-from jax_impl.kernels import _common as C
+from jax_impl.kernels import _lib as C
 
 
 def _linear_residual_kernel(x_ref,    # [m, k]
                             w_ref,    # [n, k]
-                            r_ref,    # [m, n]
-                            o_ref,    # [m, n]
-                            *, m: int, n: int, k: int, block_m: int, block_n: int, block_k: int):
+                            *refs,    # r_ref [m, n] (with a residual), o_ref [m, n]
+                            m: int, n: int, k: int, block_m: int, block_n: int, block_k: int):
+    r_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
     m0 = C.pl.program_id(0) * block_m
     n0 = C.pl.program_id(1) * block_n
     nmask = (n0 + jnp.arange(block_n)) < n
@@ -29,29 +29,29 @@ def _linear_residual_kernel(x_ref,    # [m, k]
                        block_m=block_m, block_n=block_n, block_k=block_k)
     mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & nmask[None, :]
     window = (C.pl.ds(m0, block_m), C.pl.ds(n0, block_n))
+    if r_ref is None:
+        C.store(o_ref.at[window], acc.astype(o_ref.dtype), mask=mask)
+        return
     r = C.load(r_ref.at[window], mask=mask, other=0).astype(C.F32)
     C.store(o_ref.at[window], (r + acc).astype(o_ref.dtype), mask=mask)
 
 
 def linear_residual(x, w, residual, *, tiles: MatmulTiles | None = None, interpret: bool | None = None,
                     name: str = "linear_residual"):
-    """residual + x @ w.T; x [T, K], w [N, K], residual [T, N]; returns residual's dtype."""
+    """residual + x @ w.T (residual None: x @ w.T); x [T, K], w [N, K], residual [T, N]; x's dtype."""
     C.check(x.ndim == 2 and w.ndim == 2, f"{name}: expected x [T, K] and w [N, K], got {x.shape} and {w.shape}")
     m, k = x.shape
     n = w.shape[0]
     C.check(w.shape[1] == k, f"{name}: w has {w.shape[1]} input features, x has {k}")
-    C.check_shape(f"{name}: residual", residual, (m, n))
     C.check_float(f"{name}: x", x)
     C.check_float(f"{name}: w", w, x.dtype)
-    C.check_float(f"{name}: residual", residual)
-    t = tiles or C.matmul_tiles(m, n, k)
+    if residual is not None:
+        C.check_shape(f"{name}: residual", residual, (m, n))
+        C.check_float(f"{name}: residual", residual, x.dtype)
+    t = C.tiles_for("linear_residual", name, tiles, MatmulTiles, x.dtype, m=m, n=n, k=k)
     kernel = functools.partial(_linear_residual_kernel, m=m, n=n, k=k, block_m=t.block_m,
                                block_n=t.block_n, block_k=t.block_k)
     return C.pallas_call(kernel, name=name, grid=(C.pl.cdiv(m, t.block_m), C.pl.cdiv(n, t.block_n)),
-                         out_shape=jax.ShapeDtypeStruct((m, n), residual.dtype), num_warps=t.num_warps,
-                         num_stages=t.num_stages, interpret=interpret)(x, w, residual)
-
-
-def attn_out(attn, w_o, residual, *, tiles: MatmulTiles | None = None, interpret: bool | None = None):
-    """residual + attn @ w_o.T; attn [T, Hq*D], w_o [hidden, Hq*D], residual [T, hidden]."""
-    return linear_residual(attn, w_o, residual, tiles=tiles, interpret=interpret, name="attn_out")
+                         out_shape=jax.ShapeDtypeStruct((m, n), x.dtype), num_warps=t.num_warps,
+                         num_stages=t.num_stages, interpret=interpret)(
+        x, w, *([] if residual is None else [residual]))

@@ -1,10 +1,14 @@
-"""Launcher checks shared by the Triton kernels (no kernel bodies here)."""
+"""What the Triton launchers share (no kernel bodies here): checks, the device's properties and
+the one tile lookup (common.tiles), PDL and projection meta-parameters."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+
+from common import tiles as tiles_mod
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -12,6 +16,37 @@ INDEX_DTYPES = (torch.int32, torch.int64)
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu(index: int) -> tiles_mod.Device:
+    p = torch.cuda.get_device_properties(index)
+    cc = (p.major, p.minor)
+    smem = getattr(p, "shared_memory_per_block_optin", 0) or tiles_mod.smem_for(cc)
+    return tiles_mod.Device(p.name, p.multi_processor_count, int(smem), cc)
+
+
+def device_info(device: torch.device) -> tiles_mod.Device:
+    """The properties common.tiles' default rule reads, of the GPU `device` (or of the CPU)."""
+    if device.type != "cuda":
+        return tiles_mod.Device.cpu()
+    return _gpu(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def choose(kernel: str, device: torch.device, dtype: torch.dtype, **shape) -> tiles_mod.Choice:
+    """The path and tiles of `kernel` at this shape (common.tiles.lookup for the torch twin)."""
+    return tiles_mod.lookup(kernel, "torch", device_info(device), dtype=dtype_name(dtype), **shape)
+
+
+def tiles_for(kernel: str, op: str, tiles, tile_type, device: torch.device, dtype: torch.dtype, **shape):
+    """The tiles a launcher runs: the caller's, else the lookup's; checked to be `tile_type`."""
+    tiles = tiles or choose(kernel, device, dtype, **shape).tiles
+    check(isinstance(tiles, tile_type), f"{op}: tiles={tiles!r}, expected a common.tiles.{tile_type.__name__}")
+    return tiles
 
 
 def check(cond: bool, msg: str) -> None:

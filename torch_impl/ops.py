@@ -1,16 +1,16 @@
-"""The one fused-or-plain decision of torch_impl (`use_fused_kernels`), made when a model is built.
+"""Which implementation of each op a torch_impl model runs (`use_fused_kernels`), chosen when it is built.
 
-- False: the plain torch ops everywhere (torch_impl/ops_plain.py).
+- False: the plain torch ops everywhere (torch_impl/plain.py).
 - True: the Triton kernels everywhere; on CPU they run in Triton's interpreter (TRITON_INTERPRET=1
   must be set before triton is imported); when they cannot run here, raise with the reason.
-- "auto": the Triton kernels on CUDA GPUs of compute capability >= 8.0 (per op as AUTO_FUSED
-  lists), the plain torch ops elsewhere.
-The choice is logged once per distinct outcome.
+- "auto": on CUDA GPUs of compute capability >= 8.0, each op asks common.tiles.lookup at each
+  shape whether its kernel or the plain op runs (the tables, else the default rule: every kernel);
+  the plain torch ops elsewhere.
+The choice is logged once per distinct outcome. The op list and the Ops structure are common.ops'.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import os
@@ -18,45 +18,19 @@ from typing import Callable
 
 import torch
 
+from common import tiles as tiles_mod
 from common.harness import resolve_fused
-from torch_impl import ops_plain
+from common.ops import OP_NAMES, Ops, kernel_shape
+from torch_impl import plain
 
 log = logging.getLogger("torch_impl")
-
-OP_NAMES = ("rmsnorm_qkv", "mlp", "attn_out", "decode_attention", "prefill_attention", "rms_norm")
-# Ops whose Triton kernel runs under "auto" on a capable GPU (see README for the measurements).
-AUTO_FUSED = OP_NAMES
 
 
 class FusedUnavailable(RuntimeError):
     """fused=True was requested where the Triton kernels cannot run."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Ops:
-    """The op implementations a model runs, and which of them are fused (for logs and reports)."""
-
-    rmsnorm_qkv: Callable
-    mlp: Callable
-    attn_out: Callable
-    decode_attention: Callable
-    prefill_attention: Callable
-    rms_norm: Callable  # the final norm
-    names: tuple[tuple[str, str], ...] = ()
-
-    @property
-    def any_fused(self) -> bool:
-        return any(kind == "fused" for _, kind in self.names)
-
-
-PLAIN_OPS = Ops(*(getattr(ops_plain, n) for n in OP_NAMES), names=tuple((n, "plain") for n in OP_NAMES))
-
-
-def _kernel_ops(names) -> Ops:
-    from torch_impl import kernels  # noqa: PLC0415 - triton only when fused kernels are wanted
-
-    chosen = [getattr(kernels, n) if n in names else getattr(ops_plain, n) for n in OP_NAMES]
-    return Ops(*chosen, names=tuple((n, "fused" if n in names else "plain") for n in OP_NAMES))
+PLAIN_OPS = Ops.of({n: getattr(plain, n) for n in OP_NAMES}, {n: "plain" for n in OP_NAMES})
 
 
 @functools.lru_cache(maxsize=None)
@@ -72,6 +46,29 @@ def gpu_capability(device: torch.device | str | None = None) -> tuple[int, int] 
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_capability(device)
+
+
+def _per_shape(name: str, fused: Callable, plain_fn: Callable, device: torch.device) -> Callable:
+    """The op that asks common.tiles at each call's shape which implementation runs (a cached lookup;
+    under CUDA graphs it runs once, at capture)."""
+    from torch_impl.kernels._lib import choose  # noqa: PLC0415
+
+    def op(*args, **kwargs):
+        kernel, shape = kernel_shape(name, args, kwargs)
+        use = choose(kernel, device, args[0].dtype, **shape).path == "fused"
+        return (fused if use else plain_fn)(*args, **kwargs)
+
+    op.__name__ = op.__qualname__ = name
+    return op
+
+
+def _kernel_ops(device: torch.device, *, auto: bool) -> Ops:
+    from torch_impl import kernels  # noqa: PLC0415 - triton only when fused kernels are wanted
+
+    if not auto:
+        return Ops.of({n: getattr(kernels, n) for n in OP_NAMES}, {n: "fused" for n in OP_NAMES})
+    impls = {n: _per_shape(n, getattr(kernels, n), getattr(plain, n), device) for n in OP_NAMES}
+    return Ops.of(impls, {n: "per-shape" for n in OP_NAMES})
 
 
 def choose_ops(fused, device: torch.device | str | None = None) -> Ops:
@@ -93,7 +90,7 @@ def choose_ops(fused, device: torch.device | str | None = None) -> Ops:
             raise FusedUnavailable(f"fused=True: the Triton kernels need compute capability >= 8.0 (bfloat16 "
                                    f"tensor cores), this GPU has {cc[0]}.{cc[1]}")
         try:
-            ops = _kernel_ops(OP_NAMES)
+            ops = _kernel_ops(dev, auto=False)
         except ImportError as e:
             raise FusedUnavailable(f"fused=True: the Triton kernels cannot be imported here ({e})") from None
         where = "on the GPU" if cc else "in Triton's interpreter on CPU"
@@ -104,9 +101,15 @@ def choose_ops(fused, device: torch.device | str | None = None) -> Ops:
         _log_once(f"torch_impl: plain torch path (fused='auto': {why})")
         return PLAIN_OPS
     try:
-        ops = _kernel_ops(AUTO_FUSED)
+        ops = _kernel_ops(dev, auto=True)
     except ImportError as e:
         _log_once(f"torch_impl: plain torch path (fused='auto': Triton kernels unavailable: {e})")
         return PLAIN_OPS
-    _log_once("torch_impl: fused='auto' -> " + ", ".join(f"{n}={k}" for n, k in ops.names))
+    from torch_impl.kernels._lib import device_info  # noqa: PLC0415
+
+    info = device_info(dev)
+    sources = [s for s, user in (("your tuned table", True), ("the shipped table", False))
+               if tiles_mod.table_path("torch", info, user=user).is_file()]
+    _log_once(f"torch_impl: fused='auto' -> Triton kernels per op and shape on {info.name} (tiles from "
+              f"{' and '.join(sources) or 'the default rule: no table for this GPU'})")
     return ops

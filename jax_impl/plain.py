@@ -13,13 +13,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jax_impl.arrays import precision_for
+
 F32 = jnp.float32
 
 
-def precision_for(dtype):
-    """Full float32 products for float32 operands: XLA on GPUs defaults to TF32 for them (a float32
-    model would drift ~1e-3 from transformers'); bf16 operands use the tensor cores as they are."""
-    return jax.lax.Precision.HIGHEST if dtype == F32 else None
 
 
 def rms_norm(x, weight, eps: float):
@@ -72,9 +70,10 @@ def write_cache(cache, values, slots):
     return flat.at[safe].set(values.astype(cache.dtype), mode="drop").reshape(cache.shape)
 
 
-def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, k_cache, v_cache, *,
+def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache, meta, *,
                 num_heads: int, num_kv_heads: int, eps: float, tiles=None):
-    """Qwen3's pre-attention path: returns q [T, Hq, D] and the caches with k/v written at slots."""
+    """Qwen3's pre-attention path: returns q [T, Hq, D] (RoPE at meta.positions) and the caches with
+    k/v written at meta.slots."""
     del tiles
     t = x.shape[0]
     d = q_norm_w.shape[0]
@@ -83,24 +82,24 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots,
     q = qkv[:, :q_size].reshape(t, num_heads, d)
     k = qkv[:, q_size:q_size + kv_size].reshape(t, num_kv_heads, d)
     v = qkv[:, q_size + kv_size:].reshape(t, num_kv_heads, d)
-    q = apply_rope(rms_norm(q, q_norm_w, eps), cos_sin, positions)
-    k = apply_rope(rms_norm(k, k_norm_w, eps), cos_sin, positions)
-    return q, write_cache(k_cache, k, slots), write_cache(v_cache, v, slots)
+    q = apply_rope(rms_norm(q, q_norm_w, eps), cos_sin, meta.positions)
+    k = apply_rope(rms_norm(k, k_norm_w, eps), cos_sin, meta.positions)
+    return q, write_cache(k_cache, k, meta.slots), write_cache(v_cache, v, meta.slots)
 
 
-def mlp(x, norm_w, w_gate_up, w_down, *, eps: float, tiles=None):
-    """x + down(silu(gate) * up) of RMSNorm(x); w_gate_up rows [gate; up]."""
-    del tiles
+def mlp(x, norm_w, w_gate_up, w_down, residual, *, eps: float, tiles=None, down_tiles=None):
+    """residual + down(silu(gate) * up) of RMSNorm(x) (residual None: no add); w_gate_up rows [gate; up]."""
+    del tiles, down_tiles
     gu = linear(rms_norm(x, norm_w, eps), w_gate_up)
     inter = gu.shape[-1] // 2
-    act = jax.nn.silu(gu[..., :inter]) * gu[..., inter:]
-    return x + linear(act, w_down)
+    return linear_residual(jax.nn.silu(gu[..., :inter]) * gu[..., inter:], w_down, residual)
 
 
-def attn_out(attn, w_o, residual, *, tiles=None):
-    """residual + attn @ w_o.T."""
+def linear_residual(x, w, residual, *, tiles=None):
+    """residual + x @ w.T (residual None: x @ w.T)."""
     del tiles
-    return residual + linear(attn, w_o)
+    out = linear(x, w)
+    return out if residual is None else residual + out
 
 
 def _softmax_attend(q, k, v, mask):
@@ -117,29 +116,43 @@ def _softmax_attend(q, k, v, mask):
     return o.reshape(b, tq, hq, d).astype(q.dtype)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, tiles=None):
-    """One query per sequence over the paged cache; q [B, Hq, D] -> [B, Hq, D].
+def _sequence_keys(k_cache, v_cache, block_tables, b: int, rows: int):
+    """Each sequence's cache rows [B, S, Hkv, D]: block b (block_tables None: its first `rows`), or the
+    blocks of its table in order."""
+    if block_tables is None:
+        return k_cache[:b, :rows], v_cache[:b, :rows]
+    idx = jnp.maximum(block_tables, 0)
+    return (k_cache[idx].reshape(b, -1, *k_cache.shape[2:]), v_cache[idx].reshape(b, -1, *v_cache.shape[2:]))
 
-    block_tables None means one block per sequence in batch order (block b holds sequence b):
-    the cache is read in place, with no gather.
+
+def decode_attention(q, k_cache, v_cache, meta, *, tiles=None):
+    """One query per sequence over its first meta.context_lens[b] cached keys; q [B, Hq, D] -> [B, Hq, D].
+
+    meta.block_tables None: block b holds sequence b, read in place with no gather.
     """
     del tiles
     b = q.shape[0]
-    if block_tables is None:
-        k, v = k_cache, v_cache  # [B, block_size, Hkv, D]
-    else:
-        k = k_cache[block_tables].reshape(b, -1, *k_cache.shape[2:])  # [B, max_blocks*block_size, Hkv, D]
-        v = v_cache[block_tables].reshape(b, -1, *v_cache.shape[2:])
-    mask = jnp.arange(k.shape[1])[None, None, :] < context_lens[:, None, None]
+    k, v = _sequence_keys(k_cache, v_cache, meta.block_tables, b, k_cache.shape[1])
+    mask = jnp.arange(k.shape[1])[None, None, :] < meta.context_lens[:, None, None]
     return _softmax_attend(q[:, None], k, v, mask)[:, 0]
 
 
-def prefill_attention(q, k, v, lengths):
-    """Causal attention within each right-padded sequence from position 0.
-
-    q [B, L, Hq, D], k/v [B, L, Hkv, D], lengths [B]; rows past a sequence's length are don't-care.
-    """
-    l = q.shape[1]
-    causal = jnp.arange(l)[:, None] >= jnp.arange(l)[None, :]
-    valid = jnp.arange(l)[None, None, :] < lengths[:, None, None]
-    return _softmax_attend(q, k, v, causal[None] & valid)
+def prefill_attention(q, k_cache, v_cache, meta, *, tiles=None):
+    """Variable-length causal attention: sequence b's new tokens q[cu_q[b]:cu_q[b+1]] [T, Hq, D] over
+    its cu_k[b+1] - cu_k[b] cached keys (a prefix, then the new tokens). Returns [T, Hq, D]."""
+    del tiles
+    t = q.shape[0]
+    b = meta.cu_seqlens_q.shape[0] - 1
+    lq = max(1, meta.max_seqlen_q)
+    n_q = meta.cu_seqlens_q[1:] - meta.cu_seqlens_q[:-1]  # [B]
+    n_k = meta.cu_seqlens_k[1:] - meta.cu_seqlens_k[:-1]
+    i = jnp.arange(lq)
+    rows = meta.cu_seqlens_q[:-1, None] + i[None, :]  # [B, Lq] token index of each query
+    valid = i[None, :] < n_q[:, None]
+    qs = q[jnp.where(valid, rows, 0)]  # [B, Lq, Hq, D]
+    k, v = _sequence_keys(k_cache, v_cache, meta.block_tables, b, max(1, meta.max_seqlen_k))
+    qpos = (n_k - n_q)[:, None] + i[None, :]  # [B, Lq]
+    j = jnp.arange(k.shape[1])
+    mask = (j[None, None, :] <= qpos[:, :, None]) & (j[None, None, :] < n_k[:, None, None]) & valid[:, :, None]
+    o = _softmax_attend(qs, k, v, mask)
+    return jnp.zeros_like(q).at[jnp.where(valid, rows, t)].set(o, mode="drop")

@@ -14,14 +14,16 @@ Sizes reach the kernels as static Python ints, never `pl.num_programs()` (jax is
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from common.tiles import MatmulTiles, next_pow2
-from jax_impl.ops_plain import precision_for
+from common import tiles as tiles_mod
+from jax_impl.arrays import precision_for
 
 F32 = jnp.float32
 # Tiles with block_m >= DOT_MIN_M use the tensor-core dot; smaller ones multiply and reduce
@@ -56,48 +58,31 @@ def pallas_call(kernel, *, name: str, grid: tuple[int, ...], out_shape, num_warp
     )
 
 
-# ----- default tiles, measured on an H100 with bench/jax_kernels_probe.py ---------------------
+# ----- the device and the one tile lookup ---------------------------------------------------------
 
-def _chunk(k: int, cap: int) -> int:
-    """block_k: the largest power of two in [cap / 2, cap] dividing k (no masked tail), else
-    min(cap, next_pow2(k)) (masked lanes of the last chunk cost no memory traffic)."""
-    for b in (cap, cap // 2):
-        if k % b == 0:
-            return b
-    return min(cap, next_pow2(k))
+@functools.lru_cache(maxsize=None)
+def device_info() -> tiles_mod.Device:
+    """The properties common.tiles' default rule reads, of jax's default device (or of the CPU)."""
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    if dev.platform != "gpu" or cc is None:
+        return tiles_mod.Device.cpu()
+    major, _, minor = str(cc).partition(".")
+    cap = (int(major), int(minor or 0))
+    sms = int(getattr(dev, "core_count", 0) or 0) or 1
+    return tiles_mod.Device(str(dev.device_kind), sms, tiles_mod.smem_for(cap), cap)
 
 
-def matmul_tiles(m: int, n: int, k: int, *, pair: bool = False) -> MatmulTiles:
-    """Default tiles of the projection kernels (o_proj, gate/up, down, split QKV), as measured
-    on an H100 with bench/jax_kernels_probe.py at 0.6B and 8B shapes.
+def choose(kernel: str, dtype, **shape) -> tiles_mod.Choice:
+    """The path and tiles of `kernel` at this shape (common.tiles.lookup for the jax twin)."""
+    return tiles_mod.lookup(kernel, "jax", device_info(), dtype=jnp.dtype(dtype).name, **shape)
 
-    m == 1 (multiply and reduce), by the per-op times at 0.6B and 8B shapes:
-    - K below 4096 (0.6B-sized layers) and more outputs than inputs (qkv, gate/up): 2 output
-      features per program, 2048-element chunks (qkv 6.9 vs 7.1 us, gate/up 6.3 vs 6.6 with 4);
-      4 warps, or 8 for `pair` (gate and up tiles: 0.6B gate/up 6.37 vs 6.71 us per layer in the
-      decode loop; qkv is slower with 8, 5.35 vs 4.92);
-    - K below 4096 and N <= K (o_proj, down): 4 features, a 4096-element chunk, 8 warps (o_proj
-      3.4 vs 4.0 us, down 4.7 vs 5.1);
-    - K a multiple of 4096: 4 features and the whole 4096 with 8 warps (8B: gate/up 97%, down
-      92% of the copy bandwidth, against 76-79% with block_n=16, block_k=512);
-    - otherwise 4 features, 2048-element chunks.
-    1 < m < 16 (the same, a row at a time): 4 features, 2048-element chunks for K >= 4096, else 1024.
-    m == 16 (tensor-core dot): 32 features, 512-element chunks, 3 stages; `pair` (gate and up
-    tiles in one program) 256-element chunks, 2 stages. Larger m: MatmulTiles.default_for.
-    """
-    if m == 1:
-        if k < 4096 and n > k:
-            return MatmulTiles(1, 2, min(2048, next_pow2(k)), num_warps=8 if pair else 4, num_stages=2)
-        if k < 4096:
-            return MatmulTiles(1, 4, 4096, num_warps=8, num_stages=2)
-        if k % 4096 == 0:
-            return MatmulTiles(1, 4, 4096, num_warps=8, num_stages=2)
-        return MatmulTiles(1, 4, _chunk(k, 2048), num_warps=4, num_stages=2)
-    if m < DOT_MIN_M:
-        return MatmulTiles(next_pow2(m), 4, _chunk(k, 2048 if k >= 4096 else 1024), num_warps=4, num_stages=2)
-    if m == DOT_MIN_M:
-        return MatmulTiles(16, 32, 256, num_stages=2) if pair else MatmulTiles(16, 32, 512, num_stages=3)
-    return MatmulTiles.default_for(m, n, k)
+
+def tiles_for(kernel: str, op: str, tiles, tile_type, dtype, **shape):
+    """The tiles a launcher runs: the caller's, else the lookup's; checked to be `tile_type`."""
+    tiles = tiles or choose(kernel, dtype, **shape).tiles
+    check(isinstance(tiles, tile_type), f"{op}: tiles={tiles!r}, expected a common.tiles.{tile_type.__name__}")
+    return tiles
 
 
 def check(cond: bool, message: str) -> None:

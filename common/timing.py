@@ -1,4 +1,6 @@
-"""Device-side timing of chained op calls, the same idea in both frameworks.
+"""Device-side timing of chained op calls, the same idea in both frameworks (bench and the tuners).
+
+jax and torch are imported inside the functions that use them, never at module level.
 
 An op is timed as a chain: one call per "layer", each layer with its own distinct weight (or
 KV-cache) buffers, the output of one call feeding the next (the model's own data flow), so each
@@ -71,7 +73,7 @@ def jax_chain(body: Callable, n: int):
             for i in range(n):
                 # The barrier ties this call's weights and shared inputs to the chained state, so
                 # XLA can neither hoist a loop-invariant part of the op out of the loop (say the
-                # plain attn_out's matmul of a fixed input, or a cache gather) nor merge calls.
+                # plain linear_residual's matmul of a fixed input, or a cache gather) nor merge calls.
                 c, la, sh = jax.lax.optimization_barrier((c, layers[i], shared))
                 c = body(c, i, la, sh)
             return c

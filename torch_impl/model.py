@@ -23,18 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.config import Qwen3Config
-from common.weights import NANOVLLM_PACKED
+from common.ops import Ops
+from common.weights import NANOVLLM_PACKED, PLAN, module_name, source_rows
 from torch_impl import context as context_mod
-from torch_impl import ops_plain
-from torch_impl.fused import Ops, choose_ops
+from torch_impl import plain
+from torch_impl.ops import choose_ops
 
-# common.weights' plan keys -> this model's parameter names (the standalone loader's one map).
-GLOBAL_PARAMS = {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
-                 "lm_head": "lm_head.weight"}
-LAYER_PARAMS = {"input_norm": "input_layernorm.weight", "w_qkv": "self_attn.qkv_proj.weight",
-                "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight",
-                "w_o": "self_attn.o_proj.weight", "post_norm": "post_attention_layernorm.weight",
-                "w_gate_up": "mlp.gate_up_proj.weight", "w_down": "mlp.down_proj.weight"}
 
 
 def as_config(config) -> Qwen3Config:
@@ -75,7 +69,7 @@ class RMSNorm(nn.Module):
         self.weight = _param(size)
 
     def forward(self, x):
-        return ops_plain.rms_norm(x, self.weight, self.eps)
+        return plain.rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Module):
@@ -105,34 +99,17 @@ class Qwen3Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.attn = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
 
-    def forward(self, ops: Ops, ctx, positions, x, norm_w, cos_sin):
-        """x + o_proj(attention(rmsnorm_qkv(x))) for the tokens of `ctx`."""
+    def forward(self, ops: Ops, meta, x, norm_w, cos_sin, scratch=None):
+        """x + o_proj(attention(rmsnorm_qkv(x))) for the tokens of `meta` (common.ops.AttentionMeta);
+        `scratch`: the (k, v) caches of a cache-free forward, else this layer's own."""
         cfg, t = self.cfg, x.shape[0]
-        kc, vc, slots = self.attn.k_cache, self.attn.v_cache, ctx.slot_mapping
-        cached = kc.numel() > 0 and slots is not None
-        if not cached:  # no cache (nano-vllm's warm-up, or a cache-free forward): this step's keys only
-            if not ctx.is_prefill or ctx.block_tables is not None:
-                raise RuntimeError("decode (or prefill over a cached prefix) needs the KV cache: k_cache is "
-                                   "empty or the context has no slot_mapping")
-            kc = x.new_empty(t, 1, cfg.num_key_value_heads, cfg.head_dim)
-            vc = torch.empty_like(kc)
-            slots = torch.arange(t, dtype=torch.int32, device=x.device)
+        kc, vc = scratch if scratch is not None else (self.attn.k_cache, self.attn.v_cache)
         q, kc, vc = ops.rmsnorm_qkv(x, norm_w, self.qkv_proj.weight, self.q_norm.weight, self.k_norm.weight,
-                                    cos_sin, positions, slots, kc, vc, num_heads=cfg.num_attention_heads,
+                                    cos_sin, kc, vc, meta, num_heads=cfg.num_attention_heads,
                                     num_kv_heads=cfg.num_key_value_heads, eps=cfg.rms_norm_eps)
-        if not ctx.is_prefill:
-            o = ops.decode_attention(q, kc, vc, ctx.block_tables, ctx.context_lens)
-        else:
-            layout = {}
-            if not cached:
-                kc, vc = kc.view(t, *kc.shape[2:]), vc.view(t, *vc.shape[2:])
-            elif ctx.block_tables is not None:
-                layout = dict(block_tables=ctx.block_tables)
-            else:
-                layout = dict(kv_slots=slots)
-            o = ops.prefill_attention(q, kc, vc, ctx.cu_seqlens_q, ctx.cu_seqlens_k,
-                                      max_seqlen_q=int(ctx.max_seqlen_q), **layout)
-        return ops.attn_out(o.view(t, cfg.q_size), self.o_proj.weight, x)
+        attend = ops.prefill_attention if meta.is_prefill else ops.decode_attention
+        o = attend(q, kc, vc, meta)
+        return ops.linear_residual(o.view(t, cfg.q_size), self.o_proj.weight, x)
 
 
 class Qwen3MLP(nn.Module):
@@ -153,10 +130,10 @@ class OptimizedQwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Qwen3MLP(cfg)
 
-    def forward(self, ctx, positions: torch.Tensor, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        x = self.self_attn(self.ops, ctx, positions, x, self.input_layernorm.weight, cos_sin)
+    def forward(self, meta, x: torch.Tensor, cos_sin: torch.Tensor, scratch=None) -> torch.Tensor:
+        x = self.self_attn(self.ops, meta, x, self.input_layernorm.weight, cos_sin, scratch)
         return self.ops.mlp(x, self.post_attention_layernorm.weight, self.mlp.gate_up_proj.weight,
-                            self.mlp.down_proj.weight, eps=self.cfg.rms_norm_eps)
+                            self.mlp.down_proj.weight, x, eps=self.cfg.rms_norm_eps)
 
 
 class Embedding(nn.Module):
@@ -176,19 +153,28 @@ class LMHead(Embedding):
 class Qwen3Model(nn.Module):
     def __init__(self, cfg: Qwen3Config, ops: Ops):
         super().__init__()
-        self.ops = ops
+        self.cfg, self.ops = cfg, ops
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([OptimizedQwen3DecoderLayer(cfg, ops) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # float32 [max_positions, head_dim]: cos | sin, shared by every layer
-        self.register_buffer("cos_sin", ops_plain.rope_table(cfg.max_position_embeddings, cfg.head_dim,
+        self.register_buffer("cos_sin", plain.rope_table(cfg.max_position_embeddings, cfg.head_dim,
                                                              cfg.rope_theta, device=torch.empty(0).device),
                              persistent=False)
 
     def forward(self, ctx, input_ids, positions):
         x = self.embed_tokens(input_ids)
+        cache = self.layers[0].self_attn.attn.k_cache
+        scratch = None
+        if cache.numel() > 0 and ctx.slot_mapping is not None:
+            meta = context_mod.attention_meta(ctx, positions, cache.shape[1])
+        else:  # no cache (nano-vllm's warm-up, a logits-only forward): this step's keys only
+            meta, rows = context_mod.cache_free_meta(ctx, positions)
+            blocks = meta.cu_seqlens_q.shape[0] - 1
+            kc = x.new_empty(blocks, rows, self.cfg.num_key_value_heads, self.cfg.head_dim)
+            scratch = (kc, torch.empty_like(kc))
         for layer in self.layers:
-            x = layer(ctx, positions, x, self.cos_sin)
+            x = layer(meta, x, self.cos_sin, scratch)
         return self.ops.rms_norm(x, self.norm.weight, eps=self.norm.eps)
 
 
@@ -204,12 +190,9 @@ class Qwen3ForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight.data = self.model.embed_tokens.weight.data
         self.context_source = None  # None: torch_impl.context.get_context (nano-vllm's once installed)
-        q, kv = cfg.q_size, cfg.kv_size
-        shards = {f"model.layers.{i}.self_attn.qkv_proj.weight": {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}
-                  for i in range(cfg.num_hidden_layers)}
-        shards.update({f"model.layers.{i}.mlp.gate_up_proj.weight": {0: (0, cfg.intermediate_size),
-                                                                      1: (cfg.intermediate_size, cfg.intermediate_size)}
-                       for i in range(cfg.num_hidden_layers)})
+        # where each source of a packed parameter goes (nano-vllm's shard ids), from common's plan
+        shards = {module_name(row.key, i): {sid: (start, n) for sid, start, n in source_rows(row.key, cfg)}
+                  for row in PLAN if row.shard_ids for i in range(cfg.num_hidden_layers)}
         _attach_loaders(self, shards)
 
     def context(self):
@@ -227,9 +210,5 @@ class Qwen3ForCausalLM(nn.Module):
     def load_params(self, items) -> None:
         """Fill from common.weights.Checkpoint.iter_params items: (layer or None, plan key, tensor)."""
         for layer, key, tensor in items:
-            if layer is None:
-                name = GLOBAL_PARAMS[key]
-            else:
-                name = f"model.layers.{layer}.{LAYER_PARAMS[key]}"
-            param = self.get_parameter(name)
+            param = self.get_parameter(module_name(key, layer))
             param.weight_loader(param, tensor)

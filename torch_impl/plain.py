@@ -62,9 +62,10 @@ def write_cache(cache: torch.Tensor, values: torch.Tensor, slots: torch.Tensor) 
     flat[slots[ok].long()] = values[ok].to(cache.dtype)
 
 
-def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, k_cache, v_cache, *,
+def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache, meta, *,
                 num_heads: int, num_kv_heads: int, eps: float, tiles=None):
-    """Qwen3's pre-attention path: q [T, Hq, D] (normed, roped) and the caches with k/v written at slots."""
+    """Qwen3's pre-attention path: q [T, Hq, D] (normed, roped at meta.positions) and the caches with
+    k/v written at meta.slots."""
     del tiles
     t, d = x.shape[0], q_norm_w.shape[0]
     qkv = F.linear(rms_norm(x, norm_w, eps), w_qkv)
@@ -72,25 +73,26 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots,
     q = qkv[:, :q_size].reshape(t, num_heads, d)
     k = qkv[:, q_size:q_size + kv_size].reshape(t, num_kv_heads, d)
     v = qkv[:, q_size + kv_size:].reshape(t, num_kv_heads, d)
-    q = apply_rope(rms_norm(q, q_norm_w, eps).to(F32), cos_sin, positions).to(x.dtype)
-    k = apply_rope(rms_norm(k, k_norm_w, eps).to(F32), cos_sin, positions).to(x.dtype)
-    write_cache(k_cache, k, slots)
-    write_cache(v_cache, v, slots)
+    q = apply_rope(rms_norm(q, q_norm_w, eps).to(F32), cos_sin, meta.positions).to(x.dtype)
+    k = apply_rope(rms_norm(k, k_norm_w, eps).to(F32), cos_sin, meta.positions).to(x.dtype)
+    write_cache(k_cache, k, meta.slots)
+    write_cache(v_cache, v, meta.slots)
     return q, k_cache, v_cache
 
 
-def mlp(x, norm_w, w_gate_up, w_down, *, eps: float, tiles=None, down_tiles=None):
-    """x + down(silu(gate) * up) of RMSNorm(x); w_gate_up rows [gate; up]."""
+def mlp(x, norm_w, w_gate_up, w_down, residual, *, eps: float, tiles=None, down_tiles=None):
+    """residual + down(silu(gate) * up) of RMSNorm(x) (residual None: no add); w_gate_up rows [gate; up]."""
     del tiles, down_tiles
     gu = F.linear(rms_norm(x, norm_w, eps), w_gate_up)
     inter = gu.shape[-1] // 2
-    return x + F.linear(F.silu(gu[:, :inter]) * gu[:, inter:], w_down)
+    return linear_residual(F.silu(gu[:, :inter]) * gu[:, inter:], w_down, residual)
 
 
-def attn_out(attn, w_o, residual, *, tiles=None):
-    """residual + attn @ w_o.T (the projection rounded to the activation dtype, then added)."""
+def linear_residual(x, w, residual, *, tiles=None):
+    """residual + x @ w.T (the projection rounded to the activation dtype, then added; None: no add)."""
     del tiles
-    return residual + F.linear(attn, w_o)
+    out = F.linear(x, w)
+    return out if residual is None else residual + out
 
 
 def _sdpa(q, k, v, mask):
@@ -104,51 +106,46 @@ def _attend(q, k, v, mask):
     return o[0].transpose(0, 1)
 
 
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, *, tiles=None):
-    """One query per sequence over the paged cache; q [B, Hq, D] -> [B, Hq, D].
+def _blocks(meta, b: int, k_cache) -> torch.Tensor:
+    """The block ids of every sequence [B, max_blocks] (block_tables None: block b for sequence b)."""
+    if meta.block_tables is not None:
+        return meta.block_tables.long()
+    return torch.arange(b, device=k_cache.device)[:, None]
 
-    Gathers every block of `block_tables` (padding -1 reads a real block, masked out) and masks
-    by `context_lens`; rows with context_lens 0 (graph padding) attend to row 0 and are don't-care.
+
+def decode_attention(q, k_cache, v_cache, meta, *, tiles=None):
+    """One query per sequence over its cache; q [B, Hq, D] -> [B, Hq, D].
+
+    Gathers every block of the sequence's table (padding -1 reads a real block, masked out) and masks
+    by meta.context_lens; rows with context_lens 0 (graph padding) attend to row 0 and are don't-care.
     """
     del tiles
     b, hq, d = q.shape
     bs = k_cache.shape[1]
-    idx = block_tables.long().clamp(min=0)
+    idx = _blocks(meta, b, k_cache).clamp(min=0)
     k = k_cache[idx].reshape(b, -1, *k_cache.shape[2:])  # [B, S, Hkv, D]
     v = v_cache[idx].reshape(b, -1, *v_cache.shape[2:])
     n = torch.arange(idx.shape[1] * bs, device=q.device)
-    mask = n[None, :] < context_lens.long().clamp(min=1)[:, None]  # [B, S]
+    mask = n[None, :] < meta.context_lens.long().clamp(min=1)[:, None]  # [B, S]
     o = _sdpa(q[:, :, None], k.transpose(1, 2), v.transpose(1, 2), mask[:, None, None, :])
     return o[:, :, 0]
 
 
-def _gather_keys(k, v, b, start_k, len_k, block_tables, kv_slots):
-    """Keys/values [len_k, Hkv, D] of sequence b in one of the three layouts of prefill_attention."""
-    if block_tables is not None:
-        bs = k.shape[1]
-        j = torch.arange(len_k, device=k.device)
-        rows = block_tables[b].long()[j // bs] * bs + j % bs
-        flat_k, flat_v = k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:])
-        return flat_k[rows], flat_v[rows]
-    if kv_slots is not None:
-        rows = kv_slots[start_k:start_k + len_k].long()
-        flat_k, flat_v = k.reshape(-1, *k.shape[-2:]), v.reshape(-1, *v.shape[-2:])
-        return flat_k[rows], flat_v[rows]
-    return k[start_k:start_k + len_k], v[start_k:start_k + len_k]
-
-
-def prefill_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, *, max_seqlen_q: int, block_tables=None,
-                      kv_slots=None, tiles=None):
-    """Variable-length causal attention; see torch_impl/kernels/prefill_attention.py for the layouts."""
-    del tiles, max_seqlen_q
+def prefill_attention(q, k_cache, v_cache, meta, *, tiles=None):
+    """Variable-length causal attention over the caches; see torch_impl/kernels/prefill_attention.py."""
+    del tiles
     out = torch.empty_like(q)
-    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    cq, ck = meta.cu_seqlens_q.tolist(), meta.cu_seqlens_k.tolist()
+    blocks = _blocks(meta, len(cq) - 1, k_cache)
+    bs = k_cache.shape[1]
+    flat_k, flat_v = k_cache.reshape(-1, *k_cache.shape[2:]), v_cache.reshape(-1, *v_cache.shape[2:])
     for b in range(len(cq) - 1):
         lq, lk = cq[b + 1] - cq[b], ck[b + 1] - ck[b]
         if lq == 0:
             continue
-        kb, vb = _gather_keys(k, v, b, ck[b], lk, block_tables, kv_slots)
+        j = torch.arange(lk, device=q.device)
+        rows = blocks[b][j // bs] * bs + j % bs
         qpos = torch.arange(lk - lq, lk, device=q.device)
-        mask = torch.arange(lk, device=q.device)[None, :] <= qpos[:, None]
-        out[cq[b]:cq[b + 1]] = _attend(q[cq[b]:cq[b + 1]], kb, vb, mask)
+        mask = j[None, :] <= qpos[:, None]
+        out[cq[b]:cq[b + 1]] = _attend(q[cq[b]:cq[b + 1]], flat_k[rows], flat_v[rows], mask)
     return out

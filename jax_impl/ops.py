@@ -1,14 +1,13 @@
-"""The one fused-or-plain decision of jax_impl (`use_fused_kernels`), made when a model is built.
+"""Which implementation of each op a jax_impl model runs (`fused`), chosen when it is built.
 
-- False: the plain XLA ops everywhere.
+- False: the plain XLA ops everywhere (jax_impl/plain.py).
 - True: the Pallas kernels everywhere; on a CPU backend they run in interpreter mode (for tests);
   when they cannot run here, raise with the reason.
-- "auto": the Pallas kernels on CUDA GPUs of compute capability >= 8.0, and per op and shape only
-  where the kernel measured faster than plain XLA on the H100 (jax_impl.kernels.prefer_fused);
-  plain XLA elsewhere. Prefill attention is the Pallas flash-attention kernel
-  (jax_impl/kernels/prefill_attention.py) under "auto" too: 1.85-6.5x faster than XLA's on the
-  H100 at 512 and 4096 prompt tokens.
-The choice is logged once per distinct outcome.
+- "auto": on CUDA GPUs of compute capability >= 8.0, each op asks common.tiles.lookup at each
+  shape whether its kernel or plain XLA runs (the tables, else the default rule: attention always,
+  the projections at one token per step, the final norm in XLA). Shapes are static, so the choice
+  is made while tracing, once per compiled program, never per step. Plain XLA elsewhere.
+The choice is logged once per distinct outcome. The op list and the Ops structure are common.ops'.
 """
 
 from __future__ import annotations
@@ -18,13 +17,19 @@ import logging
 
 import jax
 
+from common import tiles as tiles_mod
 from common.config import Qwen3Config
-from jax_impl.model import PLAIN_OPS, Ops
+from common.ops import OP_NAMES, Ops, kernel_shape
+from jax_impl import plain
 
 log = logging.getLogger("jax_impl")
 
+
 class FusedUnavailable(RuntimeError):
     """fused=True was requested where the Pallas kernels cannot run."""
+
+
+PLAIN_OPS = Ops.of({n: getattr(plain, n) for n in OP_NAMES}, {n: "plain" for n in OP_NAMES})
 
 
 def gpu_capability() -> tuple[int, int] | None:
@@ -42,33 +47,26 @@ def gpu_capability() -> tuple[int, int] | None:
     return int(major), int(minor or 0)
 
 
-OP_NAMES = ("rmsnorm_qkv", "mlp", "attn_out", "decode_attention")
+def _per_shape(name: str, fused, plain_fn):
+    """The op that asks common.tiles, at each traced shape, which implementation runs."""
+    from jax_impl.kernels._lib import choose  # noqa: PLC0415
+
+    def op(*args, **kwargs):
+        kernel, shape = kernel_shape(name, args, kwargs)
+        use = choose(kernel, args[0].dtype, **shape).path == "fused"
+        return (fused if use else plain_fn)(*args, **kwargs)
+
+    op.__name__ = op.__qualname__ = name
+    return op
 
 
-def _kernel_ops(cfg: Qwen3Config, *, auto: bool) -> Ops:
-    """All Pallas ops (fused=True), or per-shape dispatch by the measured table (auto).
-
-    The auto table (jax_impl.kernels.prefer_fused) is keyed by the token count of the call, a
-    static shape: the choice happens once per compiled shape at trace time, never per step.
-    """
+def _kernel_ops(*, auto: bool) -> Ops:
     from jax_impl import kernels  # noqa: PLC0415 - only when fused kernels are wanted
 
     if not auto:
-        return Ops(**{n: getattr(kernels, n) for n in OP_NAMES}, prefill_attention=kernels.prefill_attention,
-                   names=tuple((n, "fused") for n in (*OP_NAMES, "prefill_attention")))
-
-    def dispatch(name):
-        fused_fn, plain_fn = getattr(kernels, name), getattr(PLAIN_OPS, name)
-
-        def op(x, *args, **kwargs):
-            use = kernels.prefer_fused(name, x.shape[0], cfg.hidden_size)
-            return (fused_fn if use else plain_fn)(x, *args, **kwargs)
-
-        op.__name__ = name
-        return op
-
-    return Ops(**{n: dispatch(n) for n in OP_NAMES}, prefill_attention=kernels.prefill_attention,
-               names=(*((n, "per-shape") for n in OP_NAMES), ("prefill_attention", "fused")))
+        return Ops.of({n: getattr(kernels, n) for n in OP_NAMES}, {n: "fused" for n in OP_NAMES})
+    impls = {n: _per_shape(n, getattr(kernels, n), getattr(plain, n)) for n in OP_NAMES}
+    return Ops.of(impls, {n: "per-shape" for n in OP_NAMES})
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,14 +76,14 @@ def _log_once(message: str) -> None:
 
 def choose_ops(cfg: Qwen3Config, fused, dtype: str) -> Ops:
     """The ops a model of this config runs, per the rules in the module doc."""
-    del dtype  # the measured table is keyed by op, token count and hidden size
+    del cfg, dtype  # the per-shape choice reads each call's shapes and dtype
     if fused is False:
         _log_once("jax_impl: plain XLA path (fused=False)")
         return PLAIN_OPS
     cc = gpu_capability()
     if fused is True:
         try:
-            ops = _kernel_ops(cfg, auto=False)
+            ops = _kernel_ops(auto=False)
         except ImportError as e:
             raise FusedUnavailable(f"fused=True: the Pallas kernels cannot be imported here ({e})") from None
         if cc is not None and cc < (8, 0):
@@ -99,11 +97,15 @@ def choose_ops(cfg: Qwen3Config, fused, dtype: str) -> Ops:
         _log_once(f"jax_impl: plain XLA path (fused='auto': {why})")
         return PLAIN_OPS
     try:
-        ops = _kernel_ops(cfg, auto=True)
+        ops = _kernel_ops(auto=True)
+        from jax_impl.kernels._lib import device_info  # noqa: PLC0415
     except ImportError as e:
         _log_once(f"jax_impl: plain XLA path (fused='auto': Pallas kernels unavailable: {e})")
         return PLAIN_OPS
-    _log_once("jax_impl: fused='auto' -> Pallas kernels where they measured faster than XLA on the H100 "
-              "(decode and prefill attention always; rmsnorm_qkv, attn_out, mlp at one token per step; "
-              "rmsnorm_qkv up to 16 tokens below hidden 4096), plain XLA elsewhere")
+    info = device_info()
+    sources = [s for s, user in (("your tuned table", True), ("the shipped table", False))
+               if tiles_mod.table_path("jax", info, user=user).is_file()]
+    _log_once(f"jax_impl: fused='auto' -> Pallas kernels or plain XLA per op and shape on {info.name} "
+              f"(from {' and '.join(sources) or 'the default rule: no table for this GPU'}; by default "
+              f"attention always, the projections at one token per step)")
     return ops

@@ -1,0 +1,159 @@
+"""Where a decode step spends its time on the GPU, in either twin: tok/s and a per-kernel breakdown.
+
+A random-weight model of each preset made on the device (`load_random`: no checkpoint), a prompt of
+`--prompt-len` tokens, `--steps` greedy tokens (best of 3 after a warm-up), then one more decode
+under the framework's profiler: device time per step by kernel (XLA's numbered fusions grouped by
+name), and the sum against the wall time per step (the difference is launch gaps). jax times its
+compiled decode loop alone (jax_impl.decode_loop, prefill excluded); torch its Runner's decode
+(CUDA-graph replays).
+
+    python -m bench.profile --framework jax --presets Qwen3-0.6B,Qwen3-8B --fused plain,auto --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import re
+import time
+
+from common.config import PRESETS, shrink
+
+FUSED = {"plain": False, "auto": "auto", "on": True}
+
+
+def _group(name: str) -> str:
+    """Collapse numbered kernel names (fusion_12, loop_add_fusion_3) into one group."""
+    return re.sub(r"[._]\d+(?=$|[._])", "", name)[:60]
+
+
+class JaxProbe:
+    """jax_impl's compiled programs over random weights: decode_s() and profile() of one loop."""
+
+    def __init__(self, cfg, fused: str, batch: int, prompt_len: int, steps: int):
+        import jax
+        import jax.numpy as jnp
+
+        from jax_impl import decode_loop, load_random
+        from jax_impl.model import init_caches
+
+        self.jax, self.jnp, self.init_caches = jax, jnp, init_caches
+        self.runner = load_random(cfg, fused=FUSED[fused])
+        self.cfg, self.batch, self.steps = cfg, batch, steps
+        self.rows = -(-(prompt_len + steps) // 128) * 128
+        self.ids = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, cfg.vocab_size, jnp.int32)
+        self.lengths = jnp.full((batch,), prompt_len, jnp.int32)
+        self.statics = dict(greedy=True, top_k=0, use_top_p=False)
+        self.eos = jnp.asarray([-1], jnp.int32)
+        self.sync_every = decode_loop.steps_per_test(steps)
+
+    def _decode(self, ds):
+        jnp, p = self.jnp, self.runner.programs
+        return p.decode(self.runner.state, ds, jnp.int32(self.steps + 1), jnp.float32(1.0), jnp.float32(1.0),
+                        self.eos, sync_every=self.sync_every, **self.statics)
+
+    def _start(self):
+        jnp, p = self.jnp, self.runner.programs
+        caches = self.init_caches(self.cfg, self.batch, self.rows, jnp.bfloat16)
+        return self.jax.block_until_ready(p.prefill(
+            self.runner.state, self.ids, self.lengths, caches, self.jax.random.key(0), jnp.float32(1.0),
+            jnp.float32(1.0), self.eos, max_new=self.steps + 1, **self.statics))
+
+    def decode_s(self) -> float:
+        ds = self._start()
+        t0 = time.perf_counter()
+        self.jax.block_until_ready(self._decode(ds).out)
+        return time.perf_counter() - t0
+
+    def kernels(self) -> list[tuple[str, float]]:
+        """(name, ns) of each kernel of one decode loop."""
+        from common.timing import gpu_kernel_events
+
+        ds = self._start()
+        return [(name, dur) for _, dur, name in gpu_kernel_events(
+            lambda: self.jax.block_until_ready(self._decode(ds).out))]
+
+
+class TorchProbe:
+    """torch_impl's Runner over random weights: decode_s() from its stats, profile() of one generate."""
+
+    def __init__(self, cfg, fused: str, batch: int, prompt_len: int, steps: int):
+        import torch
+
+        from torch_impl import load_random
+
+        self.torch, self.steps = torch, steps
+        self.runner = load_random(cfg, fused=FUSED[fused])
+        self.prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len)).tolist()
+
+    def decode_s(self) -> float:
+        self.runner.generate(self.prompts, self.steps + 1)
+        return self.runner.last_stats["decode_s"]
+
+    def kernels(self) -> list[tuple[str, float]]:
+        torch = self.torch
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            self.runner.generate(self.prompts, self.steps + 1)
+            torch.cuda.synchronize()
+        return [(ev.name, ev.device_time * 1e3) for ev in prof.events()
+                if ev.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def per_step(events: list[tuple[str, float]], steps: int) -> dict[str, tuple[float, float]]:
+    """{kernel group: (us per step, launches per step)}, the longest first."""
+    time_ns, count = collections.defaultdict(float), collections.defaultdict(int)
+    for name, ns in events:
+        time_ns[_group(name)] += ns
+        count[_group(name)] += 1
+    rows = {g: (t / steps / 1e3, count[g] / steps) for g, t in time_ns.items()}
+    return dict(sorted(rows.items(), key=lambda kv: -kv[1][0]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--framework", default="jax", choices=["jax", "torch"])
+    p.add_argument("--presets", default="Qwen3-0.6B,Qwen3-8B")
+    p.add_argument("--fused", default="plain,auto", help="comma list of plain, auto, on")
+    p.add_argument("--batch", default="1")
+    p.add_argument("--steps", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--top", type=int, default=25, help="kernel groups listed per profile")
+    p.add_argument("--smoke", action="store_true", help="two layers of each preset (any backend)")
+    p.add_argument("--json", default=None)
+    a = p.parse_args(argv)
+    probe_cls = JaxProbe if a.framework == "jax" else TorchProbe
+    rows = []
+    for preset in a.presets.split(","):
+        cfg = shrink(PRESETS[preset], layers=2) if a.smoke else PRESETS[preset]
+        for fused in a.fused.split(","):
+            for b in map(int, a.batch.split(",")):
+                probe = probe_cls(cfg, fused, b, a.prompt_len, a.steps)
+                probe.decode_s()  # compile (capture) and warm up
+                best = min(probe.decode_s() for _ in range(3))
+                row = dict(framework=a.framework, preset=preset, fused=fused, batch=b, tok_s=b * a.steps / best,
+                           us_per_step=best / a.steps * 1e6)
+                print(f"{a.framework:5} {preset:11} {fused:5} b{b:<4} {row['tok_s']:9.1f} tok/s  "
+                      f"{row['us_per_step']:8.1f} us/step", flush=True)
+                if not a.no_profile:
+                    prof = per_step(probe.kernels(), a.steps)
+                    busy = sum(t for t, _ in prof.values())
+                    row.update(kernel_us_per_step=busy, launches_per_step=sum(c for _, c in prof.values()),
+                               kernels=prof)
+                    print(f"    kernel time {busy:.1f} us/step over {row['launches_per_step']:.0f} launches/step "
+                          f"(wall {row['us_per_step']:.1f}: gaps {row['us_per_step'] - busy:.1f})")
+                    for g, (t, c) in list(prof.items())[:a.top]:
+                        print(f"      {t:8.2f} us {c:6.1f}x  {g}")
+                rows.append(row)
+                del probe
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(framework=a.framework, rows=rows), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,158 @@
+"""The default rule: tiles and the fused-or-plain choice for a device no table covers.
+
+Its inputs are the kernel, the framework, the shape and the device's properties (SM count,
+shared memory per block, compute capability), never the name of one GPU. The rules were measured
+on an H100 (docs/MEASUREMENTS.md has each figure) and are written in terms of what they do:
+- one-token projections (the decode GEMV) stream the weight once; they want many programs, each a
+  few output rows wide, and long reduction chunks (the jax rule below; torch's projections, tiled
+  differently, take 16-32 rows per program and 512-element chunks);
+- tensor-core tiles (16+ tokens) keep block_m x block_k + block_n x block_k per stage in shared
+  memory: the stage count is cut until they fit the device's shared memory;
+- decode attention splits the context (flash-decoding) until the (sequence, kv head) programs
+  cover the device's SMs, as long as each split keeps >= 256 positions of the capacity.
+`misfit` says why a tile does not fit a shape (tables are checked with it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from common.tiles import AttentionTiles, Device, MatmulTiles, PrefillTiles, next_pow2
+
+DOT_MIN_M = 16  # token rows from which projections use tensor-core dots
+MIN_SPLIT_POSITIONS = 256  # decode attention: fewest cache positions per split
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+# ----- fused or plain -----------------------------------------------------------------------------
+
+def default_path(kernel: str, framework: str, device: Device, shape: dict) -> str:
+    """torch_impl: every kernel, everywhere its kernels run. jax_impl: attention always; the
+    projections at one token per step, rmsnorm_qkv also up to 16 tokens below hidden 4096; plain
+    XLA beyond (XLA's matmuls measured faster there: 8B mlp at 8 tokens 320 vs 114 us); the final
+    norm in XLA, which fuses it into the head's product."""
+    if framework == "torch":
+        return "fused"
+    if kernel in ("decode_attention", "prefill_attention"):
+        return "fused"
+    if kernel == "rms_norm":
+        return "plain"
+    m = shape["m"]
+    if m == 1:
+        return "fused"
+    return "fused" if kernel == "rmsnorm_qkv" and m <= DOT_MIN_M and shape["k"] < 4096 else "plain"
+
+
+# ----- tiles --------------------------------------------------------------------------------------
+
+def default_tiles(kernel: str, framework: str, device: Device, dtype: str, shape: dict):
+    if kernel == "decode_attention":
+        return _attention(framework, device, shape)
+    if kernel == "prefill_attention":
+        block_m = min(64, max(16, next_pow2(shape["max_seqlen_q"])))
+        return PrefillTiles(block_m=block_m, block_n=64 if shape["head_dim"] <= 128 else 32)
+    m, n, k = shape["m"], shape["n"], shape["k"]
+    if framework == "jax":
+        if kernel == "rmsnorm_qkv":
+            tiles = _jax_qkv(m, n, k, shape.get("head_dim", n), device)
+        else:
+            tiles = _jax_matmul(m, n, k, device, pair=kernel == "mlp_gate_up")
+    else:
+        tiles = _torch_matmul(m, n, k)
+    return fit_stages(tiles, device, BYTES.get(dtype, 2))
+
+
+def fit_stages(tiles: MatmulTiles, device: Device, nbytes: int) -> MatmulTiles:
+    """Fewer pipeline stages until a tensor-core tile's operands fit the device's shared memory."""
+    if tiles.block_m < DOT_MIN_M:
+        return tiles
+    per_stage = (tiles.block_m + tiles.block_n) * tiles.block_k * nbytes
+    stages = tiles.num_stages
+    while stages > 1 and stages * per_stage > device.smem_per_block:
+        stages -= 1
+    return tiles if stages == tiles.num_stages else dataclasses.replace(tiles, num_stages=stages)
+
+
+def _attention(framework: str, device: Device, shape: dict) -> AttentionTiles:
+    programs = shape["batch"] * shape["num_kv_heads"]
+    splits = 1
+    while programs * splits < device.sm_count and shape["max_context"] // (splits * 2) >= MIN_SPLIT_POSITIONS:
+        splits *= 2
+    if framework == "jax":  # 64 keys x 3 stages: 0.6B batch 1, 120.5 vs 130.1 us per step with 128 x 2
+        return AttentionTiles(block_kv=64, num_splits=splits, num_stages=3)
+    return AttentionTiles(block_kv=128, num_splits=splits)
+
+
+def _torch_matmul(m: int, n: int, k: int) -> MatmulTiles:
+    if m <= DOT_MIN_M:  # stream W; small N tiles give enough programs to fill the GPU
+        return MatmulTiles(block_m=max(1, next_pow2(m)), block_n=16 if n <= 8192 else 32,
+                           block_k=min(512, next_pow2(k)), num_warps=4, num_stages=2)
+    return MatmulTiles(block_m=min(64, next_pow2(m)), block_n=64, block_k=min(64, next_pow2(k)),
+                       num_warps=4, num_stages=3)
+
+
+def _chunk(k: int, cap: int) -> int:
+    """block_k: the largest power of two in [cap / 2, cap] dividing k (no masked tail), else
+    min(cap, next_pow2(k)) (masked lanes of the last chunk cost no memory traffic)."""
+    for b in (cap, cap // 2):
+        if k % b == 0:
+            return b
+    return min(cap, next_pow2(k))
+
+
+def _jax_matmul(m: int, n: int, k: int, device: Device, *, pair: bool = False) -> MatmulTiles:
+    """jax_impl's projections (o_proj, down, gate/up with `pair`).
+
+    m == 1 (multiply and reduce): more outputs than inputs and K below 4096 (qkv, gate/up at 0.6B
+    sizes): 2 output rows per program, 2048-element chunks, 8 warps for the gate/up pair; N <= K:
+    4 rows and the whole row in 4096-element chunks with 8 warps (o_proj 3.4 vs 4.0 us); K a
+    multiple of 4096: 4 rows x 4096 with 8 warps (8B: gate/up 97%, down 92% of the copy
+    bandwidth); else 4 rows x 2048. 1 < m < 16: a row at a time, 4 rows x 1024-2048.
+    m == 16: 32 rows x 512 x 3 stages (the pair: 256 x 2). Larger m: 64 x 64 x 64 tiles.
+    """
+    outputs = n // 2 if pair else n  # the pair's n counts gate and up rows; a program takes both
+    if m == 1:
+        if k < 4096 and outputs > k:
+            return MatmulTiles(1, 2, min(2048, next_pow2(k)), num_warps=8 if pair else 4, num_stages=2)
+        if k < 4096 or k % 4096 == 0:
+            return MatmulTiles(1, 4, 4096, num_warps=8, num_stages=2)
+        return MatmulTiles(1, 4, _chunk(k, 2048), num_warps=4, num_stages=2)
+    if m < DOT_MIN_M:
+        return MatmulTiles(next_pow2(m), 4, _chunk(k, 2048 if k >= 4096 else 1024), num_warps=4, num_stages=2)
+    if m == DOT_MIN_M:
+        return MatmulTiles(16, 32, 256, num_stages=2) if pair else MatmulTiles(16, 32, 512, num_stages=3)
+    return _torch_matmul(m, n, k)
+
+
+def _jax_qkv(m: int, n: int, k: int, head_dim: int, device: Device) -> MatmulTiles:
+    """Decode: the split variant (block_n < head_dim), since one program per head leaves most of
+    the GPU idle (8B batch 1: 22-25 us split, 65 fused); m <= 16: the projection tiles (16 tokens:
+    the gate/up pair's); 16 < m < 64: 64 x 64 x 64 (split); prefill: one head per program."""
+    if m <= DOT_MIN_M:
+        return _jax_matmul(m, n, k, device, pair=m > 1)
+    if m < 4 * DOT_MIN_M:
+        return _torch_matmul(m, n, k)
+    return dataclasses.replace(_torch_matmul(m, n, k), block_n=head_dim, block_k=64)
+
+
+# ----- checks of tiles against a shape ---------------------------------------------------------------
+
+def misfit(kernel: str, framework: str, tiles, shape: dict) -> str | None:
+    """Why `tiles` cannot run `kernel` at `shape` (a table entry meant for another shape), or None."""
+    if kernel == "decode_attention":
+        if tiles.block_kv < 16:
+            return f"block_kv={tiles.block_kv}: expected >= 16 (a tensor-core tile)"
+        if tiles.num_splits > 64:
+            return f"num_splits={tiles.num_splits}: expected <= 64"
+        return None
+    if kernel == "prefill_attention":
+        return None
+    if kernel == "rms_norm":
+        return None
+    if kernel == "rmsnorm_qkv" and framework == "jax" and tiles.block_n > shape["head_dim"]:
+        return f"block_n={tiles.block_n}: expected at most head_dim={shape['head_dim']}"
+    if framework == "torch" and tiles.block_m > 1 and tiles.block_n < 16:
+        return f"block_n={tiles.block_n}: the tensor-core path (block_m={tiles.block_m} > 1) needs >= 16"
+    if tiles.block_m > 1 and tiles.block_m < next_pow2(min(shape["m"], DOT_MIN_M)) and framework == "jax":
+        return f"block_m={tiles.block_m}: fewer rows than the {shape['m']} tokens of this bucket"
+    return None

@@ -1,0 +1,387 @@
+"""The kernels of both twins against common.reference: one suite over common.ops' op list x {jax, torch}.
+
+One set of tests, two modes (jax's tests/pallas pattern): `TestInterpret` runs them on CPU in the
+kernels' interpreters (Pallas interpret=True, Triton TRITON_INTERPRET=1) at shrunken presets and
+awkward shapes; `TestGPU` (marked gpu) runs the very same tests compiled on the GPU at the full
+shapes of all six presets. float32 results must match the float64 reference within TOLERANCES;
+bfloat16 results may be at most 2x as far from it as the twin's plain op in bfloat16 - and the
+plain op itself, the yardstick, must be within the bf16 tolerance of the reference. q/k-norm
+weights are realistic (tens, up to 96); some token rows have a norm so small that eps matters.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import twins
+from common import reference as R
+from common.ops import OPS
+from common.tiles import AttentionTiles, MatmulTiles, PrefillTiles
+from common.tolerances import TOLERANCES, assert_close, assert_lowp_close, rel_error
+from kernel_shapes import CPU_SHAPES, EPS, GPU_SHAPES, THETA, Shape, tiles_id
+
+F32, BF16 = "float32", "bfloat16"
+SMALL_ROW = 1e-3  # rows of x this small: mean(x^2) ~ 1e-6 ~ eps, so an eps-free norm is visibly wrong
+
+
+def _check(tw, actual, expected, plain, dtype: str, what: str) -> None:
+    """The kernel against the reference (float32: tolerance; bf16: 2x the plain op's error), and the
+    plain op against the reference (its own tolerance)."""
+    actual, plain = tw.np(actual), tw.np(plain)
+    if dtype == F32:
+        assert_close(plain, expected, F32, what=f"{tw.name} plain {what}")
+        assert_close(actual, expected, F32, what=f"{tw.name} kernel {what}")
+        return
+    err = rel_error(plain, expected)
+    assert err <= TOLERANCES[BF16][1], f"{tw.name} plain {what}: relative error {err:.3g} against the reference"
+    assert_lowp_close(actual, plain, expected, what=f"{tw.name} kernel {what}")
+
+
+def _x(rng, t: int, hidden: int) -> np.ndarray:
+    """Activations N(0, 1) with every fourth row scaled to SMALL_ROW."""
+    x = rng.standard_normal((t, hidden))
+    x[1::4] *= SMALL_ROW
+    return x
+
+
+def _norm_weights(rng, d: int, big: float) -> np.ndarray:
+    """Realistic q/k-norm weights: uniform in [1, 30] with a few spikes (as common.checkpoint)."""
+    w = rng.uniform(1.0, 30.0, size=d)
+    w[rng.integers(0, d, size=max(1, d // 16))] = big
+    return w
+
+
+def _rows(tw, cache) -> np.ndarray:
+    a = tw.np(cache)
+    return a.reshape(-1, *a.shape[2:])
+
+
+def _cases(cases, twin_names=twins.FRAMEWORKS):
+    """Parametrize (twin, case) pairs with readable ids; a case may name the twins it applies to last."""
+    out, ids = [], []
+    for fw in twin_names:
+        for case in cases:
+            only = case[4] if len(case) > 4 else twins.FRAMEWORKS
+            if fw in only:
+                out.append((fw, case[:4]))
+                ids.append(f"{fw}-{case[0].name}-{case[1]}-{case[2]}-{tiles_id(case[3])}")
+    return out, ids
+
+
+CASE_FIXTURES = ("qkv_case", "mm_case", "attn_case", "prefill_case")
+
+
+def pytest_generate_tests(metafunc):
+    cls = metafunc.cls
+    if cls is None or "framework" not in metafunc.fixturenames:
+        return
+    for name in CASE_FIXTURES:
+        if name in metafunc.fixturenames:
+            params, ids = _cases(getattr(cls, name.upper() + "S"))
+            metafunc.parametrize(("framework", name), params, ids=ids)
+            return
+    metafunc.parametrize("framework", list(twins.FRAMEWORKS))
+
+
+class KernelTests:
+    """The tests; subclasses set the mode and the cases."""
+
+    GPU: bool
+    QKV_CASES: list  # (Shape, tokens, dtype, MatmulTiles | None[, twins])
+    MM_CASES: list  # the same, for mlp, linear_residual and rms_norm
+    ATTN_CASES: list  # (Shape, batch, dtype, AttentionTiles | None[, twins])
+    PREFILL_CASES: list  # (Shape, layout "one-block" | "paged", dtype, PrefillTiles | None[, twins])
+    CONTEXT: int  # longest context of the decode attention tests
+    BLOCK_SIZE: int  # cache block size of the paged attention tests
+    PREFILL_LENS: tuple  # (new tokens, cached prefix) per sequence
+
+    @pytest.fixture
+    def tw(self, framework):
+        return twins.make(framework, self.GPU)
+
+    # ----- rmsnorm_qkv ----------------------------------------------------------------------------
+    def test_rmsnorm_qkv(self, tw, qkv_case):
+        shape, t, dtype, tiles = qkv_case
+        rng = np.random.default_rng(t)
+        d, hq, hkv, hidden = shape.d, shape.hq, shape.hkv, shape.hidden
+        block_size, num_blocks, max_pos = 16, (2 * t + 15) // 16 + 1, 4096
+        x_ = _x(rng, t, hidden)
+        ws = dict(norm_w=rng.uniform(0.3, 3.0, hidden),
+                  w_qkv=rng.standard_normal(((hq + 2 * hkv) * d, hidden)) / np.sqrt(hidden),
+                  q_norm_w=_norm_weights(rng, d, 60.0), k_norm_w=_norm_weights(rng, d, 96.0))
+        w = {k: tw.arr(v, dtype) for k, v in ws.items()}
+        positions = rng.integers(0, max_pos, size=t)
+        slots = rng.permutation(num_blocks * block_size)[:t]
+        slots[::3] = -1  # some tokens are not written
+        caches_ = [rng.standard_normal((num_blocks, block_size, hkv, d)) for _ in range(2)]
+        meta = tw.meta(positions=positions, slots=slots)
+        x = tw.arr(x_, dtype)
+        args = (x, w["norm_w"], w["w_qkv"], w["q_norm_w"], w["k_norm_w"], tw.rope_table(max_pos, d, THETA))
+        kw = dict(num_heads=hq, num_kv_heads=hkv, eps=EPS)
+        before = [tw.arr(c, dtype) for c in caches_]
+        pq, pkc, pvc = tw.plain("rmsnorm_qkv")(*args, *[tw.copy(c) for c in before], meta, **kw)
+        q, kc, vc = tw.kernel("rmsnorm_qkv")(*args, *[tw.copy(c) for c in before], meta, **kw, tiles=tiles)
+        ref = {k: tw.np(v) for k, v in w.items()}
+        rq, rk, rv = R.rmsnorm_qkv(tw.np(x), ref["norm_w"], ref["w_qkv"], ref["q_norm_w"], ref["k_norm_w"], positions,
+                                   num_heads=hq, num_kv_heads=hkv, head_dim=d, eps=EPS, theta=THETA)
+        assert tuple(q.shape) == (t, hq, d) and q.dtype == x.dtype
+        _check(tw, q, rq, pq, dtype, "q")
+        written = slots >= 0
+        rows = slots[written]
+        for name, got, plain, expect, old in (("k_cache", kc, pkc, rk, before[0]), ("v_cache", vc, pvc, rv, before[1])):
+            got_rows, plain_rows, old_rows = _rows(tw, got), _rows(tw, plain), _rows(tw, old)
+            _check(tw, got_rows[rows], expect[written], plain_rows[rows], dtype, f"{name} rows written")
+            keep = np.setdiff1d(np.arange(got_rows.shape[0]), rows)
+            np.testing.assert_array_equal(got_rows[keep], old_rows[keep],
+                                          err_msg=f"{tw.name} {name}: rows not in slots must be unchanged")
+
+    # ----- mlp, linear_residual, rms_norm -----------------------------------------------------------
+    def _mlp_inputs(self, tw, shape, t, dtype):
+        rng = np.random.default_rng(100 + t)
+        h, i = shape.hidden, shape.inter
+        vals = dict(x=_x(rng, t, h), norm_w=rng.uniform(0.3, 3.0, h),
+                    w_gate_up=rng.standard_normal((2 * i, h)) / np.sqrt(h),
+                    w_down=rng.standard_normal((h, i)) / np.sqrt(i), other=rng.standard_normal((t, h)))
+        arrs = {k: tw.arr(v, dtype) for k, v in vals.items()}
+        return arrs, {k: tw.np(v) for k, v in arrs.items()}
+
+    def test_mlp(self, tw, mm_case):
+        shape, t, dtype, tiles = mm_case
+        a, f = self._mlp_inputs(tw, shape, t, dtype)
+        args = (a["x"], a["norm_w"], a["w_gate_up"], a["w_down"], a["x"])  # the decoder layer's residual: x
+        out = tw.kernel("mlp")(*args, eps=EPS, tiles=tiles, down_tiles=tiles)
+        plain = tw.plain("mlp")(*args, eps=EPS)
+        assert tuple(out.shape) == (t, shape.hidden) and out.dtype == a["x"].dtype
+        want = R.mlp_block(f["x"], f["norm_w"], f["w_gate_up"], f["w_down"], f["x"], EPS)
+        _check(tw, out, want, plain, dtype, "mlp")
+
+    def test_linear_residual(self, tw, mm_case):
+        shape, t, dtype, tiles = mm_case
+        rng = np.random.default_rng(200 + t)
+        h, kdim = shape.hidden, shape.hq * shape.d
+        wide = tw.arr(rng.standard_normal((t, kdim + 8)), dtype)
+        x = wide[:, 3:3 + kdim]  # torch: rows of a wider tensor (non-contiguous)
+        w_o = tw.arr(rng.standard_normal((h, kdim)) / np.sqrt(kdim), dtype)
+        res = tw.arr(rng.standard_normal((t, h)), dtype)
+        out = tw.kernel("linear_residual")(x, w_o, res, tiles=tiles)
+        assert tuple(out.shape) == (t, h) and out.dtype == res.dtype
+        _check(tw, out, R.linear_residual(tw.np(x), tw.np(w_o), tw.np(res)),
+               tw.plain("linear_residual")(x, w_o, res), dtype, "linear_residual")
+
+    def test_rms_norm(self, tw, mm_case):
+        shape, t, dtype, _ = mm_case
+        rng = np.random.default_rng(250 + t)
+        x = tw.arr(_x(rng, t, shape.hidden) * 3, dtype)
+        w = tw.arr(rng.uniform(0.3, 3.0, shape.hidden), dtype)
+        out = tw.kernel("rms_norm")(x, w, eps=EPS)
+        assert tuple(out.shape) == tuple(x.shape) and out.dtype == x.dtype
+        _check(tw, out, R.rms_norm(tw.np(x), tw.np(w), EPS), tw.plain("rms_norm")(x, w, eps=EPS), dtype, "rms_norm")
+
+    def test_row_parallel_residual(self, tw):
+        """residual None adds nothing (a tensor-parallel shard); another tensor is added as given."""
+        shape, t, dtype = self.MM_CASES[0][0], 3, F32
+        a, f = self._mlp_inputs(tw, shape, t, dtype)
+        act = tw.arr(np.random.default_rng(9).standard_normal((t, shape.inter)))
+        for residual, res_ in ((None, None), (a["other"], f["other"])):
+            what = "none" if residual is None else "another tensor"
+            args = (a["x"], a["norm_w"], a["w_gate_up"], a["w_down"], residual)
+            want = R.mlp_block(f["x"], f["norm_w"], f["w_gate_up"], f["w_down"], res_, EPS)
+            _check(tw, tw.kernel("mlp")(*args, eps=EPS), want, tw.plain("mlp")(*args, eps=EPS), dtype,
+                   f"mlp residual={what}")
+            _check(tw, tw.kernel("linear_residual")(act, a["w_down"], residual),
+                   R.linear_residual(tw.np(act), f["w_down"], res_),
+                   tw.plain("linear_residual")(act, a["w_down"], residual), dtype, f"linear_residual residual={what}")
+
+    # ----- decode attention -----------------------------------------------------------------------
+    def _decode_inputs(self, tw, shape, b, dtype, rng):
+        hq, hkv, d, bs = shape.hq, shape.hkv, shape.d, self.BLOCK_SIZE
+        max_blocks = -(-self.CONTEXT // bs)
+        num_blocks = b * max_blocks + 3
+        q = tw.arr(rng.standard_normal((b, hq, d)), dtype)
+        kc = tw.arr(rng.standard_normal((num_blocks, bs, hkv, d)), dtype)
+        vc = tw.arr(rng.standard_normal((num_blocks, bs, hkv, d)), dtype)
+        return q, kc, vc, max_blocks, num_blocks
+
+    def test_decode_attention(self, tw, attn_case):
+        shape, b, dtype, tiles = attn_case
+        rng = np.random.default_rng(300 + b)
+        bs, hkv, d = self.BLOCK_SIZE, shape.hkv, shape.d
+        q, kc, vc, max_blocks, num_blocks = self._decode_inputs(tw, shape, b, dtype, rng)
+        tables = rng.permutation(num_blocks)[:b * max_blocks].reshape(b, max_blocks)
+        lens = rng.integers(2, max_blocks * bs + 1, size=b)  # >= 2 keys: with one, any scale gives softmax 1
+        if b > 1:
+            lens[0], lens[1] = 1, max_blocks * bs
+        for r in range(b):  # -1 padding past each sequence's last block, as nano-vllm's tables
+            tables[r, -(-lens[r] // bs):] = -1
+        meta = tw.meta(block_tables=tables, context_lens=lens)
+        out = tw.kernel("decode_attention")(q, kc, vc, meta, tiles=tiles)
+        plain = tw.plain("decode_attention")(q, kc, vc, meta)
+        k_seq = tw.np(kc)[np.maximum(tables, 0)].reshape(b, -1, hkv, d)
+        v_seq = tw.np(vc)[np.maximum(tables, 0)].reshape(b, -1, hkv, d)
+        assert tuple(out.shape) == (b, shape.hq, d) and out.dtype == q.dtype
+        _check(tw, out, R.decode_attention(tw.np(q), k_seq, v_seq, lens), plain, dtype, "decode_attention")
+        if tw.name == "torch":
+            counters = __import__("torch_impl.kernels.decode_attention", fromlist=["_COUNTERS"])._COUNTERS.get(q.device)
+            assert counters is None or int(counters.sum()) == 0, "split counters must be reset to zero"
+
+    def test_decode_attention_one_block_per_sequence(self, tw, attn_case):
+        """block_tables None (block b holds sequence b, the jax model's layout) and one-block tables."""
+        shape, b, dtype, tiles = attn_case
+        rng = np.random.default_rng(500 + b)
+        rows = self.CONTEXT  # one block of a non-power-of-two number of rows per sequence
+        q = tw.arr(rng.standard_normal((b, shape.hq, shape.d)), dtype)
+        kc_, vc_ = (rng.standard_normal((b + 2, rows, shape.hkv, shape.d)) for _ in range(2))
+        kc, vc = tw.arr(kc_, dtype), tw.arr(vc_, dtype)
+        lens = rng.integers(2, rows + 1, size=b)
+        lens[-1] = rows
+        order = rng.permutation(b + 2)[:b]
+        for tables, blocks in ((None, np.arange(b)), (order[:, None], order)):
+            meta = tw.meta(block_tables=tables, context_lens=lens)
+            out = tw.kernel("decode_attention")(q, kc, vc, meta, tiles=tiles)
+            want = R.decode_attention(tw.np(q), tw.np(kc)[blocks], tw.np(vc)[blocks], lens)
+            _check(tw, out, want, tw.plain("decode_attention")(q, kc, vc, meta), dtype,
+                   f"decode_attention one block ({'no table' if tables is None else 'table'})")
+
+    def test_decode_attention_padding_rows(self, tw):
+        """CUDA-graph padding (context_lens 0, any block table) gives zeros and reads nothing."""
+        shape = self.MM_CASES[0][0]
+        rng = np.random.default_rng(7)
+        bs = self.BLOCK_SIZE
+        q = tw.arr(rng.standard_normal((2, shape.hq, shape.d)))
+        kc = tw.arr(rng.standard_normal((2, bs, shape.hkv, shape.d)))
+        meta = tw.meta(block_tables=[[0, 1], [1_000_000, -7]], context_lens=[bs + 3, 0])  # garbage in the padding row
+        for tiles in (AttentionTiles(block_kv=16), AttentionTiles(block_kv=16, num_splits=4)):
+            out = tw.np(tw.kernel("decode_attention")(q, kc, kc, meta, tiles=tiles))
+            assert np.isfinite(out).all() and np.count_nonzero(out[1]) == 0
+
+    # ----- prefill attention ----------------------------------------------------------------------
+    def test_prefill_attention(self, tw, prefill_case):
+        """Sequences of new tokens after cached prefixes, keys in the caches: block b holds sequence b
+        (no table), or through block tables of scattered blocks."""
+        shape, layout, dtype, tiles = prefill_case
+        rng = np.random.default_rng(400)
+        hq, hkv, d = shape.hq, shape.hkv, shape.d
+        len_q = [n for n, _ in self.PREFILL_LENS]
+        len_k = [n + c for n, c in self.PREFILL_LENS]
+        nb = len(len_q)
+        bs = max(len_k) + 5 if layout == "one-block" else self.BLOCK_SIZE
+        max_blocks = max(-(-n // bs) for n in len_k)
+        num_blocks = nb * max_blocks + 2
+        keys, vals = np.zeros((2, num_blocks * bs, hkv, d))
+        tables = np.full((nb, max_blocks), -1)
+        perm = rng.permutation(num_blocks) if layout == "paged" else np.arange(num_blocks)
+        for b, n in enumerate(len_k):
+            tables[b, :-(-n // bs)] = perm[b * max_blocks:b * max_blocks + -(-n // bs)]
+            rows = tables[b, np.arange(n) // bs] * bs + np.arange(n) % bs
+            keys[rows], vals[rows] = rng.standard_normal((2, n, hkv, d))
+        kc = tw.arr(keys.reshape(num_blocks, bs, hkv, d), dtype)
+        vc = tw.arr(vals.reshape(num_blocks, bs, hkv, d), dtype)
+        cu_q, cu_k = np.concatenate([[0], np.cumsum(len_q)]), np.concatenate([[0], np.cumsum(len_k)])
+        q = tw.arr(rng.standard_normal((cu_q[-1], hq, d)), dtype)
+        meta = tw.meta(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, block_tables=None if layout == "one-block" else tables,
+                       max_seqlen_q=max(len_q), max_seqlen_k=max(len_k), is_prefill=True)
+        out = tw.kernel("prefill_attention")(q, kc, vc, meta, tiles=tiles)
+        plain = tw.plain("prefill_attention")(q, kc, vc, meta)
+        flat_k, flat_v = _rows(tw, kc), _rows(tw, vc)
+        seq_rows = np.concatenate([tables[b, np.arange(n) // bs] * bs + np.arange(n) % bs for b, n in enumerate(len_k)])
+        want = R.prefill_attention(tw.np(q), flat_k[seq_rows], flat_v[seq_rows], cu_q, cu_k)
+        assert tuple(out.shape) == tuple(q.shape) and out.dtype == q.dtype
+        _check(tw, out, want, plain, dtype, f"prefill_attention ({layout})")
+
+
+_A, _B, _C, _D = CPU_SHAPES
+_E = Shape("h160-i384", 160, 384, 8, 2, 64)  # many q heads per kv head
+
+
+class TestInterpret(KernelTests):
+    """On CPU in the interpreters: a covering set of (shape, tokens, dtype, tiles), kept small."""
+
+    GPU = False
+    QKV_CASES = [(_A, 1, F32, None), (_A, 1, BF16, None), (_B, 3, BF16, None), (_C, 19, F32, None),
+                 (_E, 3, F32, None), (_E, 19, BF16, None), (_D, 1, BF16, None),
+                 (_A, 3, BF16, MatmulTiles(4, 16, 64)),   # split heads: projection + epilogue
+                 (_A, 19, BF16, MatmulTiles(16, 32, 32)),  # split, with the dot
+                 (_A, 19, BF16, MatmulTiles(16, 64, 64), ("torch",)),  # torch: whole half-heads per program
+                 (_A, 3, BF16, MatmulTiles(2, 128, 32), ("jax",))]  # jax: fused GEMV, 2 rows per program
+    MM_CASES = [(s, t, F32, None) for s in CPU_SHAPES for t in (1, 19)] + [
+        (s, 3, BF16, None) for s in CPU_SHAPES] + [
+        (_E, 19, BF16, None), (_E, 3, BF16, MatmulTiles(2, 16, 32)), (_D, 19, BF16, MatmulTiles(16, 32, 32)),
+        (_C, 19, F32, MatmulTiles(64, 64, 64)), (_B, 5, BF16, MatmulTiles(16, 64, 32), ("torch",))]
+    ATTN_CASES = [(_A, 1, F32, None), (_B, 3, BF16, None), (_C, 3, F32, AttentionTiles(16, num_splits=4)),
+                  (_D, 3, BF16, AttentionTiles(16, num_splits=2)), (_E, 3, BF16, AttentionTiles(32)),
+                  (_E, 1, F32, AttentionTiles(16, num_splits=2))]
+    PREFILL_CASES = [(_A, "one-block", F32, None), (_B, "paged", BF16, PrefillTiles(16, 32)),
+                     (_D, "one-block", BF16, PrefillTiles(32, 16)), (_E, "paged", F32, PrefillTiles(16, 16))]
+    CONTEXT = 72
+    BLOCK_SIZE = 16
+    PREFILL_LENS = ((5, 0), (20, 11), (1, 30))
+
+
+@pytest.mark.gpu
+class TestGPU(KernelTests):
+    """Compiled on the GPU at the full shapes of all six presets."""
+
+    GPU = True
+    _T = [MatmulTiles(1, 128, 128, num_warps=8), MatmulTiles(1, 16, 512), MatmulTiles(16, 32, 128),
+          MatmulTiles(4, 16, 64, num_warps=8)]
+    QKV_CASES = [(s, t, BF16, None) for s in GPU_SHAPES for t in (1, 3, 16, 67)] + [
+        (GPU_SHAPES[3], t, BF16, tl) for t, tl in zip((1, 1, 16, 3), _T)]
+    MM_CASES = [(s, t, BF16, None) for s in GPU_SHAPES for t in (1, 3, 16, 67)] + [
+        (GPU_SHAPES[2], t, BF16, tl) for t, tl in
+        ((1, MatmulTiles(1, 8, 1024)), (3, MatmulTiles(4, 16, 128)), (300, MatmulTiles(64, 64, 64)),
+         (16, MatmulTiles(16, 64, 128, num_stages=3)))]
+    ATTN_CASES = [(s, b, BF16, None) for s in GPU_SHAPES for b in (1, 16)] + [
+        (GPU_SHAPES[0], 3, BF16, AttentionTiles(32, num_splits=8))]
+    PREFILL_CASES = [(s, layout, BF16, None) for s in GPU_SHAPES for layout in ("one-block", "paged")] + [
+        (GPU_SHAPES[3], "paged", BF16, PrefillTiles(128, 32))]
+    CONTEXT = 4000
+    BLOCK_SIZE = 256
+    PREFILL_LENS = ((300, 0), (77, 1000), (1, 513))
+
+
+@pytest.mark.gpu
+class TestGPUFloat32(TestGPU):
+    QKV_CASES = MM_CASES = [(GPU_SHAPES[0], t, F32, None) for t in (1, 3, 19)]
+    ATTN_CASES = [(GPU_SHAPES[0], 3, F32, None)]
+    PREFILL_CASES = [(GPU_SHAPES[0], "paged", F32, None)]
+
+
+def test_every_op_of_the_list_is_tested_in_both_twins():
+    tested = {"rmsnorm_qkv", "mlp", "linear_residual", "rms_norm", "decode_attention", "prefill_attention"}
+    assert set(OPS) == tested
+    for fw in twins.FRAMEWORKS:
+        for name in OPS:
+            try:
+                tw = twins.make(fw, gpu=False)
+            except pytest.skip.Exception:
+                continue
+            assert callable(getattr(tw.K, name)) and callable(getattr(tw.P, name)), f"{fw}: {name}"
+
+
+@pytest.mark.parametrize("framework", twins.FRAMEWORKS)
+def test_bad_inputs_name_the_tensor(framework):
+    tw = twins.make(framework, gpu=False)
+    z = lambda *s, dt="float32": tw.arr(np.zeros(s), dt)  # noqa: E731
+    x, cache = z(2, 64), z(2, 4, 1, 16)
+    k = tw.kernel
+    with pytest.raises(ValueError, match="residual"):
+        k("linear_residual")(x, z(32, 64), z(2, 31))
+    with pytest.raises(ValueError, match="w_gate_up"):
+        k("mlp")(x, z(64), z(33, 64), z(64, 16), x, eps=EPS)
+    with pytest.raises(ValueError, match="w_gate_up.*float32"):
+        k("mlp")(x, z(64), z(32, 64, dt=BF16), z(64, 16), x, eps=EPS)
+    qkv = (x, z(64), z(64, 64), z(16), z(16), z(8, 16), cache, cache)
+    with pytest.raises(ValueError, match="slots"):
+        k("rmsnorm_qkv")(*qkv, tw.meta(positions=[0, 0], slots=[0, 0, 0]), num_heads=2, num_kv_heads=1, eps=EPS)
+    with pytest.raises(ValueError, match="context_lens"):
+        k("decode_attention")(z(2, 2, 16), cache, cache, tw.meta(block_tables=np.zeros((2, 2))).replace(
+            context_lens=z(2)))
+    with pytest.raises(ValueError, match="block_tables"):
+        k("prefill_attention")(z(3, 2, 16), cache, cache, tw.meta(cu_seqlens_q=[0, 3], cu_seqlens_k=[0, 3],
+                                                                 block_tables=np.zeros((2, 1)), max_seqlen_q=3,
+                                                                 is_prefill=True))
+    if framework == "jax":  # one program per head cannot hold more than head_dim rows
+        with pytest.raises(ValueError, match="block_n"):
+            k("rmsnorm_qkv")(*qkv, tw.meta(positions=[0, 0], slots=[0, 0]), num_heads=2, num_kv_heads=1, eps=EPS,
+                             tiles=MatmulTiles(1, 32, 64))

@@ -1,0 +1,195 @@
+"""common.tiles: the one lookup (user table -> shipped table -> default rule), the default rule on
+faked devices, and bad tables reported once and skipped."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import pytest
+
+from common import tile_rules, tiles
+from common.config import PRESETS
+from common.tiles import AttentionTiles, Device, MatmulTiles, PrefillTiles
+
+FAKES = [Device("fake A", 108, 164 * 1024, (8, 0)), Device("fake H", 132, 227 * 1024, (9, 0)),
+         Device("fake H200-like", 142, 227 * 1024, (9, 0)), Device("fake small smem", 132, 100 * 1024, (8, 6))]
+H100 = Device("NVIDIA H100 80GB HBM3", 132, 227 * 1024, (9, 0))
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """No user table of the machine running the tests; caches cleared before and after."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tiles.clear_cache()
+    yield
+    tiles.clear_cache()
+
+
+def _shapes(cfg):
+    h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    for m in (1, 3, 16, 67, 512):
+        yield "rmsnorm_qkv", dict(m=m, n=cfg.qkv_size, k=h, head_dim=d)
+        yield "mlp_gate_up", dict(m=m, n=2 * i, k=h)
+        yield "linear_residual", dict(m=m, n=h, k=cfg.q_size)
+        yield "linear_residual", dict(m=m, n=h, k=i)
+    for b in (1, 16, 128):
+        for c in (256, 4096, 40960):
+            yield "decode_attention", dict(batch=b, num_kv_heads=cfg.num_key_value_heads, max_context=c,
+                                           one_block=False)
+    yield "prefill_attention", dict(max_seqlen_q=700, head_dim=d)
+
+
+@pytest.mark.parametrize("device", FAKES, ids=lambda d: d.name)
+@pytest.mark.parametrize("framework", tiles.FRAMEWORKS)
+def test_default_rule_fits_every_preset_shape(device, framework):
+    for cfg in PRESETS.values():
+        for kernel, shape in _shapes(cfg):
+            choice = tiles.lookup(kernel, framework, device, dtype="bfloat16", **shape)
+            assert choice.source == "default" and choice.path in ("fused", "plain")
+            assert isinstance(choice.tiles, tiles.KERNEL_TILES[kernel]), (kernel, shape)
+            assert tile_rules.misfit(kernel, framework, choice.tiles, shape) is None, (kernel, shape, choice)
+            t = choice.tiles
+            if isinstance(t, MatmulTiles) and t.block_m >= tile_rules.DOT_MIN_M:
+                assert t.num_stages * (t.block_m + t.block_n) * t.block_k * 2 <= device.smem_per_block, (kernel, t)
+
+
+def test_default_rule_reads_properties_not_names():
+    twin = dataclasses.replace(FAKES[1], name="some other GPU")
+    for kernel, shape in _shapes(PRESETS["Qwen3-8B"]):
+        for fw in tiles.FRAMEWORKS:
+            a = tiles.lookup(kernel, fw, FAKES[1], dtype="bfloat16", **shape)
+            b = tiles.lookup(kernel, fw, twin, dtype="bfloat16", **shape)
+            assert (a.path, a.tiles) == (b.path, b.tiles)
+
+
+def test_decode_attention_splits_follow_the_sm_count():
+    shape = dict(batch=1, num_kv_heads=8, max_context=32768, one_block=True)
+    splits = [tiles.lookup("decode_attention", "torch", d, dtype="bfloat16", **shape).tiles.num_splits
+              for d in sorted(FAKES[:3], key=lambda d: d.sm_count)]
+    assert splits == sorted(splits) and splits[0] * 8 >= 108 and splits[-1] * 8 >= 142
+    short = tiles.lookup("decode_attention", "torch", FAKES[2], dtype="bfloat16",
+                         **dict(shape, max_context=511)).tiles.num_splits
+    assert short == 1  # each split keeps >= 256 positions of the capacity
+
+
+def test_stages_are_cut_to_the_shared_memory():
+    big = MatmulTiles(64, 64, 256, num_stages=4)  # 64 KB per stage in bf16
+    assert tile_rules.fit_stages(big, FAKES[3], 2).num_stages == 1
+    assert tile_rules.fit_stages(big, FAKES[1], 2).num_stages == 3
+    gemv = MatmulTiles(1, 4, 4096, num_stages=2)  # multiply and reduce: no shared-memory staging
+    assert tile_rules.fit_stages(gemv, FAKES[3], 2) == gemv
+
+
+def test_jax_default_path_keeps_xla_where_it_measured_faster():
+    d = FAKES[1]
+    path = lambda kernel, **s: tiles.lookup(kernel, "jax", d, dtype="bfloat16", **s).path  # noqa: E731
+    assert path("decode_attention", batch=16, num_kv_heads=8, max_context=4096, one_block=True) == "fused"
+    assert path("mlp_gate_up", m=1, n=24576, k=4096) == "fused" and path("mlp_gate_up", m=4, n=6144, k=1024) == "plain"
+    assert path("rmsnorm_qkv", m=4, n=4096, k=1024, head_dim=128) == "fused"
+    assert path("rmsnorm_qkv", m=16, n=6144, k=4096, head_dim=128) == "plain"
+    assert path("rms_norm", m=1, n=1024) == "plain"
+    assert tiles.lookup("mlp_gate_up", "torch", d, dtype="bfloat16", m=4, n=6144, k=1024).path == "fused"
+
+
+# ----- tables ---------------------------------------------------------------------------------------
+
+def _write(path, entries, **doc):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": 1, "framework": "torch", "entries": entries} | doc))
+    tiles.clear_cache()
+
+
+SHAPE = dict(m=1, n=4096, k=1024, head_dim=128)
+KEY = tiles.matmul_key("rmsnorm_qkv", 1, 4096, 1024, "bfloat16")
+
+
+def test_user_table_then_shipped_then_default(tmp_path, monkeypatch):
+    monkeypatch.setattr(tiles, "SHIPPED_DIR", tmp_path / "shipped")
+    dev = FAKES[1]
+    assert tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="bfloat16", **SHAPE).source == "default"
+    _write(tiles.table_path("torch", dev, user=False), {KEY: {"path": "fused", "tiles": dict(block_m=1, block_n=8,
+                                                                                              block_k=256)}})
+    c = tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="bfloat16", **SHAPE)
+    assert (c.source, c.tiles) == ("shipped", MatmulTiles(1, 8, 256))
+    written = tiles.write_entry("torch", dev, KEY, "fused", MatmulTiles(1, 2, 1024, num_warps=8), us=4.5)
+    assert written == tiles.table_path("torch", dev, user=True) and written.is_file()
+    c = tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="bfloat16", **SHAPE)
+    assert (c.source, c.tiles) == ("user", MatmulTiles(1, 2, 1024, num_warps=8))
+    assert json.loads(written.read_text())["entries"][KEY]["us"] == 4.5
+    # other shapes and dtypes still fall through
+    assert tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="float32", **SHAPE).source == "default"
+    assert tiles.lookup("rmsnorm_qkv", "jax", dev, dtype="bfloat16", **SHAPE).source == "default"
+    # the CPU never reads tables (interpreter runs)
+    assert tiles.lookup("rmsnorm_qkv", "torch", Device.cpu(), dtype="bfloat16", **SHAPE).source == "default"
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("{not json", "cannot be read"),
+    (json.dumps({"entries": {}}), "expected"),
+    (json.dumps({"format": 1, "framework": "jax", "entries": {}}), "written for 'jax'"),
+    (json.dumps({"format": 1, "entries": {KEY: {"path": "fused", "tiles": {"block_m": 1, "block_n": 8,
+                                                                             "block_k": 256, "blockk": 3}}}}),
+     "unknown tile field"),
+    (json.dumps({"format": 1, "entries": {KEY: {"path": "fused", "tiles": {"block_m": 1, "block_n": 6,
+                                                                             "block_k": 256}}}}),
+     "power of two"),
+    (json.dumps({"format": 1, "entries": {KEY: {"path": "sometimes", "tiles": None}}}), "path='sometimes'"),
+    (json.dumps({"format": 1, "entries": {KEY: {"path": "fused", "tiles": {"block_m": 16, "block_n": 8,
+                                                                             "block_k": 256}}}}),
+     "needs >= 16"),
+    (json.dumps({"format": 1, "entries": {KEY: {"path": "fused", "colour": "blue", "tiles": None}}}),
+     "unknown field"),
+])
+def test_bad_tables_are_reported_once_and_skipped(tmp_path, monkeypatch, caplog, content, needle):
+    monkeypatch.setattr(tiles, "SHIPPED_DIR", tmp_path / "shipped")
+    dev = FAKES[1]
+    path = tiles.table_path("torch", dev, user=False)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    tiles.clear_cache()
+    with caplog.at_level(logging.WARNING, logger="common.tiles"):
+        for m in (1, 1, 1):
+            c = tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="bfloat16", **dict(SHAPE, m=m))
+        tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="bfloat16", **dict(SHAPE, n=2048))
+    assert c.source == "default"
+    warnings = [r.getMessage() for r in caplog.records if needle in r.getMessage()]
+    assert len(warnings) == 1 and str(path) in warnings[0], [r.getMessage() for r in caplog.records]
+
+
+def test_write_entry_refuses_bad_tiles():
+    with pytest.raises(ValueError, match="unknown kernel"):
+        tiles.write_entry("torch", FAKES[1], "lm_head/m1/n1/k1/bfloat16", "fused", MatmulTiles(1, 2, 4))
+
+
+@pytest.mark.parametrize("framework", tiles.FRAMEWORKS)
+def test_shipped_tables_are_whole(framework, caplog):
+    """Every entry of every shipped table is usable (nothing is skipped with a warning)."""
+    files = sorted((tiles.SHIPPED_DIR / framework).glob("*.json"))
+    assert files, f"no shipped {framework} table"
+    with caplog.at_level(logging.WARNING, logger="common.tiles"):
+        for path in files:
+            doc = json.loads(path.read_text())
+            assert tiles._read_table(path, framework).keys() == doc["entries"].keys()
+    assert not caplog.records
+
+
+def test_jax_h100_table_is_its_measured_rule():
+    """The jax H100 table holds the choices jax_impl measured on an H100; on that device the
+    lookup answers from it."""
+    for kernel, shape in _shapes(PRESETS["Qwen3-0.6B"]):
+        if kernel == "decode_attention":
+            shape = dict(shape, one_block=True)
+        c = tiles.lookup(kernel, "jax", H100, dtype="bfloat16", **shape)
+        if shape.get("m", 1) <= 128 and kernel != "prefill_attention":
+            assert c.source == "shipped", (kernel, shape)
+
+
+def test_tile_dataclasses_check_their_fields():
+    with pytest.raises(ValueError, match="power of two"):
+        AttentionTiles(block_kv=48)
+    with pytest.raises(ValueError, match=">= 16"):
+        PrefillTiles(block_m=8)
+    with pytest.raises(ValueError, match="positive integer"):
+        MatmulTiles(1, 2, 0)

@@ -1,0 +1,113 @@
+"""One adapter per twin, so the kernel suite drives both from common.ops' one op list.
+
+`Twin` makes the twin's arrays from numpy (in a dtype, on its device), reads them back as float64
+numpy, builds common.ops.AttentionMeta, and calls an op of its kernels (K) or its plain path (P):
+`twin.kernel(name)(*args, tiles=...)` and `twin.plain(name)(*args)`. On CPU the kernels run in
+their interpreters (Pallas interpret=True; Triton under TRITON_INTERPRET=1, set by conftest).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+from common.ops import AttentionMeta
+
+FRAMEWORKS = ("jax", "torch")
+
+
+class Twin:
+    name: str
+
+    def __init__(self, gpu: bool):
+        self.gpu = gpu
+
+    def __repr__(self):
+        return f"{self.name}-{'gpu' if self.gpu else 'interpret'}"
+
+    def meta(self, **fields) -> AttentionMeta:
+        arrays = {k: (None if v is None else self.idx(v)) for k, v in fields.items() if k in AttentionMeta.ARRAYS}
+        static = {k: v for k, v in fields.items() if k in AttentionMeta.STATIC}
+        return AttentionMeta(**arrays, **static)
+
+
+class JaxTwin(Twin):
+    name = "jax"
+
+    def __init__(self, gpu: bool):
+        super().__init__(gpu)
+        self.jax = pytest.importorskip("jax")
+        self.jnp = importlib.import_module("jax.numpy")
+        self.K = importlib.import_module("jax_impl.kernels")
+        self.P = importlib.import_module("jax_impl.plain")
+
+    def arr(self, a, dtype: str = "float32"):
+        return self.jnp.asarray(np.asarray(a, np.float32)).astype(dtype)
+
+    def idx(self, a):
+        return self.jnp.asarray(np.asarray(a), self.jnp.int32)
+
+    def np(self, x) -> np.ndarray:
+        if isinstance(x, np.ndarray):
+            return x.astype(np.float64)
+        return np.asarray(self.jnp.asarray(x).astype(self.jnp.float32)).astype(np.float64)
+
+    def kernel(self, name: str):
+        fn = getattr(self.K, name)
+        interpret = False if self.gpu else None
+        return lambda *a, **kw: fn(*a, interpret=interpret, **kw)
+
+    def plain(self, name: str):
+        fn = getattr(self.P, name)
+        return lambda *a, **kw: self.jax.jit(lambda *b: fn(*b, **kw))(*a)
+
+    def rope_table(self, max_pos: int, d: int, theta: float):
+        """cos_sin [max_pos, D] float32 from float64 angles (as the reference computes them)."""
+        from common import reference as R
+
+        cos, sin = R.rope_cos_sin(np.arange(max_pos), d, theta)
+        return self.jnp.asarray(np.concatenate([cos[:, :d // 2], sin[:, :d // 2]], axis=1).astype(np.float32))
+
+    def copy(self, x):
+        return x  # jax arrays are immutable: the ops return new caches
+
+
+class TorchTwin(Twin):
+    name = "torch"
+
+    def __init__(self, gpu: bool):
+        super().__init__(gpu)
+        self.torch = pytest.importorskip("torch")
+        pytest.importorskip("triton")
+        self.device = "cuda" if gpu else "cpu"
+        self.K = importlib.import_module("torch_impl.kernels")
+        self.P = importlib.import_module("torch_impl.plain")
+
+    def arr(self, a, dtype: str = "float32"):
+        return self.torch.as_tensor(np.asarray(a, np.float32)).to(self.device, getattr(self.torch, dtype))
+
+    def idx(self, a):
+        return self.torch.as_tensor(np.asarray(a), dtype=self.torch.int32, device=self.device)
+
+    def np(self, x) -> np.ndarray:
+        if isinstance(x, np.ndarray):
+            return x.astype(np.float64)
+        return x.detach().float().cpu().numpy().astype(np.float64)
+
+    def kernel(self, name: str):
+        return getattr(self.K, name)
+
+    def plain(self, name: str):
+        return getattr(self.P, name)
+
+    def rope_table(self, max_pos: int, d: int, theta: float):
+        return self.P.rope_table(max_pos, d, theta, device=self.device)
+
+    def copy(self, x):
+        return x.clone()
+
+
+def make(framework: str, gpu: bool) -> Twin:
+    return (JaxTwin if framework == "jax" else TorchTwin)(gpu)

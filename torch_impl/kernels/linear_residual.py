@@ -1,0 +1,76 @@
+"""linear_residual: out = residual + x @ w.T in one launch (o_proj, and the MLP's down projection).
+
+residual None adds nothing (a row-parallel shard whose residual another rank adds). Residual
+semantics (as transformers): the projection is rounded to the activation dtype, then added to
+the residual in the activation dtype (computed in float32, rounded once).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from common.tiles import MatmulTiles
+from torch_impl.kernels import _jit
+from torch_impl.kernels._lib import (check, check_device, check_float, check_rows, check_shape, matmul_meta,
+                                     precision, tiles_for)
+
+
+@triton.jit
+def _linear_residual_kernel(
+    a_ptr,  # [M, K]
+    w_ptr,  # [N, K]
+    r_ptr,  # [M, N]
+    out_ptr,  # [M, N]
+    M, N, K,
+    stride_am, stride_wn, stride_rm, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
+    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc, _ = _jit.project(a_ptr, a_ptr, w_ptr, offs_n, offs_n, n_ok, offs_m, m_ok, stride_am, stride_wn, K, 0.0,
+                          False, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP, ONE_SHOT)
+    _jit.release_next(PDL)
+    mask = m_ok[:, None] & n_ok[None, :]
+    dtype = out_ptr.dtype.element_ty
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+        y = _jit.cast(_jit.cast(acc, dtype, PRECISION).to(tl.float32) + r.to(tl.float32), dtype, PRECISION)
+    else:
+        y = _jit.cast(acc, dtype, PRECISION)
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=mask)
+
+
+def linear_residual(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None, *,
+                    tiles: MatmulTiles | None = None) -> torch.Tensor:
+    """residual + x @ w.T (residual None: x @ w.T); x [T, K], w [N, K], residual [T, N]; x's dtype."""
+    op = "linear_residual"
+    check(x.dim() == 2, f"{op}: x has shape {list(x.shape)}, expected [T, in_features]")
+    check(w.dim() == 2, f"{op}: w has shape {list(w.shape)}, expected [out_features, in_features]")
+    m, k = x.shape
+    n = w.shape[0]
+    check(w.shape[1] == k, f"{op}: w has shape {list(w.shape)}, expected [{n}, {k}] (in_features of x [{m}, {k}])")
+    tensors = {"x": x, "w": w} | ({} if residual is None else {"residual": residual})
+    if residual is not None:
+        check_shape(op, "residual", residual, (m, n))
+    check_float(op, **tensors)
+    check_device(op, **tensors)
+    check_rows(op, **tensors)
+    tiles = tiles_for(op, op, tiles, MatmulTiles, x.device, x.dtype, m=m, n=n, k=k)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    meta = matmul_meta(tiles, m, k, x.device)
+    grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, meta["BLOCK_M"]))
+    r = out if residual is None else residual
+    _linear_residual_kernel[grid](x, w, r, out, m, n, k, x.stride(0), w.stride(0), r.stride(0), out.stride(0),
+                                  BLOCK_N=tiles.block_n, PRECISION=precision(x.dtype),
+                                  HAS_RESIDUAL=residual is not None, **meta)
+    return out
