@@ -13,6 +13,9 @@ so far and returns EXIT_INTERRUPTED. Two cases Python alone gets wrong are handl
 - Interpreter shutdown while jax or torch native threads are still working has crashed with a
   segmentation fault (a Ctrl-C during jax's compile, then a normal unwind and exit: 9 times in
   10). `main` therefore leaves through `os._exit` after flushing, without running finalizers.
+- A Ctrl-C that lands in a callback Python cannot raise from (a garbage-collection callback such
+  as jax's, a __del__) is "ignored" with a traceback on stderr: the unraisable hook drops it
+  quietly and the watchdog ends the process.
 """
 
 from __future__ import annotations
@@ -63,6 +66,14 @@ def _watchdog(read_fd: int) -> None:
             os._exit(EXIT_INTERRUPTED)
 
 
+def _quiet_unraisable(previous):
+    def hook(args):
+        if args.exc_type is not None and issubclass(args.exc_type, KeyboardInterrupt):
+            return  # our Ctrl-C, raised where it could not propagate: the watchdog ends the process
+        previous(args)
+    return hook
+
+
 def install() -> None:
     """Route SIGINT to KeyboardInterrupt plus the watchdog. Call from the main thread, once."""
     if _state["installed"] or threading.current_thread() is not threading.main_thread():
@@ -73,6 +84,7 @@ def install() -> None:
     os.set_blocking(write_fd, False)
     signal.signal(signal.SIGINT, _on_sigint)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
     threading.Thread(target=_watchdog, args=(read_fd,), name="sigint-watchdog", daemon=True).start()
     _state["installed"] = True
 

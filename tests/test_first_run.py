@@ -122,6 +122,33 @@ def test_interrupt_watchdog_ends_a_stuck_main_thread(tmp_path):
     assert "Traceback" not in err
 
 
+def test_interrupt_in_a_callback_prints_no_traceback(tmp_path):
+    """A Ctrl-C landing in a garbage-collection callback (jax registers one) cannot propagate; Python
+    would print it as an ignored exception with a traceback. It ends the process quietly instead."""
+    script = tmp_path / "in_gc.py"
+    script.write_text(textwrap.dedent(f"""
+        import gc, os, signal, sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from common import interrupt
+
+        def body():
+            def callback(phase, info):
+                if phase == "start":
+                    gc.callbacks.remove(callback)
+                    os.kill(os.getpid(), signal.SIGINT)  # delivered inside the callback
+                    for _ in range(10 ** 6):
+                        pass
+            gc.callbacks.append(callback)
+            gc.collect()
+            print("went on", flush=True)
+            time.sleep(30)
+        interrupt.main(body)
+        """))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=_env())
+    assert p.returncode == interrupt.EXIT_INTERRUPTED, p.stderr
+    assert "Traceback" not in p.stderr and "interrupted" in p.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [1.0, 2.0, 3.0, 4.5, 6.0])
 def test_ctrl_c_at_any_moment_of_jax_generate(delay):

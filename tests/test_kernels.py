@@ -11,6 +11,9 @@ weights are realistic (tens, up to 96); some token rows have a norm so small tha
 
 from __future__ import annotations
 
+import functools
+import zlib
+
 import numpy as np
 import pytest
 
@@ -50,6 +53,23 @@ def _norm_weights(rng, d: int, big: float) -> np.ndarray:
     w = rng.uniform(1.0, 30.0, size=d)
     w[rng.integers(0, d, size=max(1, d // 16))] = big
     return w
+
+
+@functools.lru_cache(maxsize=2)
+def _weights(shape: Shape, kind: str) -> dict[str, np.ndarray]:
+    """float32 weights of one shape, drawn once and shared by its cases (full-preset matrices are
+    costly to draw): "qkv", "mlp" or "o"."""
+    rng = np.random.default_rng(zlib.crc32(f"{shape.name}/{kind}".encode()))
+    h, d = shape.hidden, shape.d
+    normal = lambda *s: rng.standard_normal(s, dtype=np.float32)  # noqa: E731
+    if kind == "qkv":
+        return dict(norm_w=rng.uniform(0.3, 3.0, h), w_qkv=normal((shape.hq + 2 * shape.hkv) * d, h) / np.sqrt(h),
+                    q_norm_w=_norm_weights(rng, d, 60.0), k_norm_w=_norm_weights(rng, d, 96.0))
+    if kind == "mlp":
+        i = shape.inter
+        return dict(norm_w=rng.uniform(0.3, 3.0, h), w_gate_up=normal(2 * i, h) / np.sqrt(h),
+                    w_down=normal(h, i) / np.sqrt(i))
+    return dict(w_o=normal(h, shape.hq * d) / np.sqrt(shape.hq * d))
 
 
 def _rows(tw, cache) -> np.ndarray:
@@ -107,10 +127,7 @@ class KernelTests:
         d, hq, hkv, hidden = shape.d, shape.hq, shape.hkv, shape.hidden
         block_size, num_blocks, max_pos = 16, (2 * t + 15) // 16 + 1, 4096
         x_ = _x(rng, t, hidden)
-        ws = dict(norm_w=rng.uniform(0.3, 3.0, hidden),
-                  w_qkv=rng.standard_normal(((hq + 2 * hkv) * d, hidden)) / np.sqrt(hidden),
-                  q_norm_w=_norm_weights(rng, d, 60.0), k_norm_w=_norm_weights(rng, d, 96.0))
-        w = {k: tw.arr(v, dtype) for k, v in ws.items()}
+        w = {k: tw.arr(v, dtype) for k, v in _weights(shape, "qkv").items()}
         positions = rng.integers(0, max_pos, size=t)
         slots = rng.permutation(num_blocks * block_size)[:t]
         slots[::3] = -1  # some tokens are not written
@@ -139,10 +156,8 @@ class KernelTests:
     # ----- mlp, linear_residual, rms_norm -----------------------------------------------------------
     def _mlp_inputs(self, tw, shape, t, dtype):
         rng = np.random.default_rng(100 + t)
-        h, i = shape.hidden, shape.inter
-        vals = dict(x=_x(rng, t, h), norm_w=rng.uniform(0.3, 3.0, h),
-                    w_gate_up=rng.standard_normal((2 * i, h)) / np.sqrt(h),
-                    w_down=rng.standard_normal((h, i)) / np.sqrt(i), other=rng.standard_normal((t, h)))
+        h = shape.hidden
+        vals = dict(x=_x(rng, t, h), other=rng.standard_normal((t, h)), **_weights(shape, "mlp"))
         arrs = {k: tw.arr(v, dtype) for k, v in vals.items()}
         return arrs, {k: tw.np(v) for k, v in arrs.items()}
 
@@ -162,7 +177,7 @@ class KernelTests:
         h, kdim = shape.hidden, shape.hq * shape.d
         wide = tw.arr(rng.standard_normal((t, kdim + 8)), dtype)
         x = wide[:, 3:3 + kdim]  # torch: rows of a wider tensor (non-contiguous)
-        w_o = tw.arr(rng.standard_normal((h, kdim)) / np.sqrt(kdim), dtype)
+        w_o = tw.arr(_weights(shape, "o")["w_o"], dtype)
         res = tw.arr(rng.standard_normal((t, h)), dtype)
         out = tw.kernel("linear_residual")(x, w_o, res, tiles=tiles)
         assert tuple(out.shape) == (t, h) and out.dtype == res.dtype
