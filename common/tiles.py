@@ -239,6 +239,13 @@ def _read_table(path: Path, framework: str) -> dict[str, dict]:
     return good
 
 
+def sources(framework: str, device: Device) -> str:
+    """Where this device's choices come from, for the one log line of a twin's selection."""
+    found = [s for s, user in (("your tuned table", True), ("the shipped table", False))
+             if table_path(framework, device, user=user).is_file()]
+    return " and ".join(found) or "the default rule: no table for this GPU"
+
+
 def clear_cache() -> None:
     """Forget the tables read so far (after a tuner wrote one, or in tests)."""
     _read_table.cache_clear()

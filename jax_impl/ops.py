@@ -103,9 +103,7 @@ def choose_ops(cfg: Qwen3Config, fused, dtype: str) -> Ops:
         _log_once(f"jax_impl: plain XLA path (fused='auto': Pallas kernels unavailable: {e})")
         return PLAIN_OPS
     info = device_info()
-    sources = [s for s, user in (("your tuned table", True), ("the shipped table", False))
-               if tiles_mod.table_path("jax", info, user=user).is_file()]
     _log_once(f"jax_impl: fused='auto' -> Pallas kernels or plain XLA per op and shape on {info.name} "
-              f"(from {' and '.join(sources) or 'the default rule: no table for this GPU'}; by default "
-              f"attention always, the projections at one token per step)")
+              f"(from {tiles_mod.sources('jax', info)}; by default attention always, the projections at one "
+              f"token per step)")
     return ops

@@ -108,8 +108,6 @@ def choose_ops(fused, device: torch.device | str | None = None) -> Ops:
     from torch_impl.kernels._lib import device_info  # noqa: PLC0415
 
     info = device_info(dev)
-    sources = [s for s, user in (("your tuned table", True), ("the shipped table", False))
-               if tiles_mod.table_path("torch", info, user=user).is_file()]
     _log_once(f"torch_impl: fused='auto' -> Triton kernels per op and shape on {info.name} (tiles from "
-              f"{' and '.join(sources) or 'the default rule: no table for this GPU'})")
+              f"{tiles_mod.sources('torch', info)})")
     return ops
