@@ -82,6 +82,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer repeats and 64 new tokens")
     p.add_argument("--budget-s", type=float, help="skip what is left after this many seconds (rows say so)")
     p.add_argument("--ckpt-dir", type=Path, help="where random checkpoints are written and reused")
+    p.add_argument("--random-weights", action="store_true",
+                   help="decode: build random weights in GPU memory instead of writing checkpoint files "
+                        "(Qwen3-32B's 65 GB need no disk; load times then exclude reading files)")
     p.add_argument("--commit", help="git commit to record when the tree has no .git")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--in-process", action="store_true",
@@ -192,6 +195,7 @@ def run(a) -> int:
     settings = dict(command=a.command, models=list(models), smoke=a.smoke, quick=a.quick, ops=ops,
                     frameworks=frameworks, impls=impls, batches=batches, prefill=prefill, hf_batches=hf_batches,
                     ctx=ctx, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs,
+                    random_weights=a.random_weights,
                     timing=dataclasses.asdict(plan), min_layer_bytes=ks.min_bytes, budget_s=a.budget_s,
                     isolation="in-process" if a.in_process else "process per job")
     res = report.Results(out, env.collect(smoke=a.smoke, commit=a.commit, argv=a.argv), settings)
@@ -239,17 +243,17 @@ def run(a) -> int:
                 else:  # the checkpoint (written here, once per model) or why there is none
                     if m not in paths:
                         try:
-                            paths[m] = _checkpoint(m, models[m], a, Path(tmp)).resolve()
+                            paths[m] = None if a.random_weights else _checkpoint(m, models[m], a, Path(tmp)).resolve()
                         except Exception as e:  # noqa: BLE001
                             paths[m] = f"checkpoint: {type(e).__name__}: {e}"
-                    why = paths[m] if isinstance(paths[m], str) else None
+                    why = paths[m] if isinstance(paths[m], str) else None  # None: written, or --random-weights
                 if why is not None:
                     for r in expected:
                         res.add(dict(r, error=why))
                     jobs_bar.update(1)
                     continue
                 job = dict(shared, kind="decode", impl=impl, model=m, cfg=dataclasses.asdict(models[m]),
-                           path=str(paths[m]), batches=bs, prompt_len=prompt_len, new_tokens=new_tokens,
+                           path=None if paths[m] is None else str(paths[m]), batches=bs, prompt_len=prompt_len, new_tokens=new_tokens,
                            runs=runs, warmup=1, torch_device=dev)
                 isolate.run_job(job, emit=res.add, expected=expected, in_process=a.in_process, progress=_progress)
                 jobs_bar.update(1)

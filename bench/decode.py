@@ -66,12 +66,15 @@ def prefill_floor_tok_s(cfg: Qwen3Config, batch: int, prompt_len: int, copy_GBps
 
 # ----- the twins through the Runner interface -------------------------------------------------
 
-def load_twin(impl: str, path: Path):
-    """The twin as a user gets it: "fused" = fused="auto" on a GPU (each twin's measured choice;
-    every op fused in torch_impl, per op and shape in jax_impl), fused=True in interpreter mode."""
+def load_twin(impl: str, path: Path | None, cfg: Qwen3Config):
+    """The twin as a user gets it: "fused" = fused="auto" on a GPU (common.tiles' choice per op and
+    shape), fused=True in interpreter mode. path None: random weights made in device memory."""
     framework, kind = impl.split("-")
     fused = False if kind == "plain" else ("auto" if _on_gpu() else True)
-    return importlib.import_module(f"{framework}_impl").load(path, dtype="bfloat16", fused=fused)
+    twin = importlib.import_module(f"{framework}_impl")
+    if path is None:
+        return twin.load_random(cfg, dtype="bfloat16", fused=fused)
+    return twin.load(path, dtype="bfloat16", fused=fused)
 
 
 def _on_gpu() -> bool:
@@ -89,9 +92,18 @@ def run_twin(runner, prompts, new_tokens: int) -> dict:
 
 # ----- transformers ---------------------------------------------------------------------------
 
-def load_hf(path: Path, device: str):
+def load_hf(path: Path | None, device: str, cfg: Qwen3Config):
+    """transformers' model from the checkpoint, or (path None) from the config with random weights
+    made on the device in bfloat16."""
     import torch
     from transformers import Qwen3ForCausalLM
+
+    if path is None:
+        from transformers import Qwen3Config as HFQwen3Config
+
+        with torch.device(device):
+            model = Qwen3ForCausalLM._from_config(HFQwen3Config(**cfg.to_hf_dict()), torch_dtype=torch.bfloat16)
+        return model.eval()
 
     try:
         model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map=device)
@@ -213,7 +225,7 @@ def base_row(impl: str, model: str, *, prompt_len: int, new_tokens: int, ceiling
                 ceiling_matmul_TFLOPs=ceilings.get("matmul_TFLOPs"))
 
 
-def measure(impl: str, model: str, cfg: Qwen3Config, path: Path, batches, *, prompt_len: int, new_tokens: int,
+def measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches, *, prompt_len: int, new_tokens: int,
             runs: int, warmup: int, torch_device: str, ceilings: dict, emit, progress, deadline=None) -> None:
     """Load `impl` once, time every batch size, emit one row per batch, free the memory."""
     base = base_row(impl, model, prompt_len=prompt_len, new_tokens=new_tokens, ceilings=ceilings)
@@ -221,9 +233,9 @@ def measure(impl: str, model: str, cfg: Qwen3Config, path: Path, batches, *, pro
     t0 = time.perf_counter()
     try:
         if impl.startswith("hf"):
-            handle = load_hf(path, torch_device)
+            handle = load_hf(path, torch_device, cfg)
         else:
-            handle = load_twin(impl, path)
+            handle = load_twin(impl, path, cfg)
         load_err = None
     except Exception as e:  # noqa: BLE001
         load_err = f"{'unavailable' if isinstance(e, (Unavailable, ImportError)) else 'load failed'}: " \

@@ -70,7 +70,8 @@ def execute(job: dict, emit, progress=_progress) -> None:
         kernels.run(cases, [job["framework"]], s, job["ceilings"], torch_device=job["torch_device"],
                     emit=emit, progress=progress)
     elif kind == "decode":
-        decode.measure(job["impl"], job["model"], Qwen3Config(**job["cfg"]), Path(job["path"]), job["batches"],
+        decode.measure(job["impl"], job["model"], Qwen3Config(**job["cfg"]),
+                       None if job["path"] is None else Path(job["path"]), job["batches"],
                        prompt_len=job["prompt_len"], new_tokens=job["new_tokens"], runs=job["runs"],
                        warmup=job["warmup"], torch_device=job["torch_device"], ceilings=job["ceilings"],
                        emit=emit, progress=progress, deadline=deadline)

@@ -1,7 +1,7 @@
 """Kernel benchmarks: each fused op of both twins against the plain op of the same framework.
 
-One setup function (`_setup`: both twins take the same op API) builds the inputs of a case once
-and returns, per provider ("fused" = jax_impl.kernels / torch_impl.kernels, "plain" =
+One setup function (common.op_chains: both twins take the same op API, and the tuners time the
+same chains) builds the inputs of a case once and returns, per provider ("fused" = jax_impl.kernels / torch_impl.kernels, "plain" =
 jax_impl/plain.py / torch_impl/plain.py, never re-written here), the chain that
 common/timing.py times. Shapes come from the chosen presets: decode batches (one token per
 sequence) and prefill token counts for the three projections, decode batches at a context of
@@ -17,34 +17,16 @@ ceilings measured in the same run.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gc
 import time
-import zlib
 
 from common.config import Qwen3Config
-from common.ops import AttentionMeta
-from common.timing import TimingPlan, time_jax_chain, time_torch_chain
+from common.op_chains import E, Case, chain_layers, default_layout, setup, time_chain
+from common.timing import TimingPlan
 
 OPS = ("rmsnorm_qkv", "mlp", "linear_residual", "decode_attention", "prefill_attention")
 FRAMEWORKS = ("jax", "torch")
 PROVIDERS = ("fused", "plain")
-E = 2  # bytes per bf16 element
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    model: str
-    cfg: Qwen3Config
-    op: str
-    phase: str  # "decode" | "prefill"
-    tokens: int  # T: decode batch or prefill tokens
-    ctx: int  # decode_attention: cached positions per sequence
-
-    @property
-    def label(self) -> str:
-        extra = f" ctx={self.ctx}" if self.op == "decode_attention" else ""
-        return f"{self.op} {self.model} {self.phase} T={self.tokens}{extra}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,152 +70,8 @@ def traffic(c: Case) -> tuple[int, int]:
     raise ValueError(f"unknown op {c.op!r}: expected one of {', '.join(OPS)}")
 
 
-def layer_bytes(c: Case) -> int:
-    """Bytes of the buffers each layer of the chain owns (weights; the KV cache for attention)."""
-    cfg = c.cfg
-    h, hq, hkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    return {"rmsnorm_qkv": E * (hq + 2 * hkv) * d * h, "mlp": E * 3 * cfg.intermediate_size * h,
-            "linear_residual": E * h * hq * d, "decode_attention": E * 2 * c.tokens * c.ctx * hkv * d,
-            "prefill_attention": E * 2 * c.tokens * hkv * d}[c.op]
-
-
 def num_layers(c: Case, s: Settings) -> int:
-    per = max(1, layer_bytes(c))
-    n = max(s.min_layers, -(-s.min_bytes // per))
-    return int(max(s.min_layers, min(n, s.max_layers, s.max_bytes // per)))
-
-
-def paged(ctx: int) -> tuple[int, int]:
-    """(block_size, blocks per sequence) of the paged layout: 256-row blocks as nano-vllm."""
-    bs = min(256, ctx)
-    return bs, -(-ctx // bs)
-
-
-# ----- inputs and chains, the same for both twins (one op API: common.ops) -----------------------
-
-class _Arrays:
-    """Random bf16 inputs and int32 index arrays on the framework's device."""
-
-    def __init__(self, fw: str, label: str, device):
-        self.fw, self.device, self.count = fw, device, 0
-        self.seed = zlib.crc32(label.encode())
-        if fw == "jax":
-            import jax
-            import jax.numpy as jnp
-
-            self.jax, self.jnp, self.base = jax, jnp, jax.random.key(self.seed)
-        else:
-            import torch
-
-            self.torch = torch
-            self.gen = torch.Generator(device=device).manual_seed(self.seed)
-
-    def normal(self, shape, scale=1.0, offset=0.0):
-        self.count += 1
-        if self.fw == "jax":
-            return _jax_normal(self.jax.random.fold_in(self.base, self.count), tuple(shape), float(scale), float(offset))
-        t = self.torch.randn(tuple(shape), generator=self.gen, device=self.device, dtype=self.torch.float32)
-        return (offset + t * scale).to(self.torch.bfloat16)
-
-    def ints(self, values):
-        if self.fw == "jax":
-            return self.jnp.asarray(values, self.jnp.int32)
-        return self.torch.as_tensor(values, dtype=self.torch.int32, device=self.device)
-
-    def rope_table(self, positions: int, d: int, theta: float):
-        if self.fw == "jax":
-            from jax_impl import plain
-
-            return plain.rope_table(positions, d, theta)
-        from torch_impl import plain
-
-        return plain.rope_table(positions, d, theta, device=self.device)
-
-
-@functools.lru_cache(maxsize=None)
-def _jax_normal_fn():
-    import jax
-    import jax.numpy as jnp
-
-    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-    def normal(key, shape, scale, offset):  # bf16 offset + scale * N(0, 1), compiled once per shape
-        return (offset + scale * jax.random.normal(key, shape, jnp.float32)).astype(jnp.bfloat16)
-
-    return normal
-
-
-def _jax_normal(key, shape, scale, offset):
-    return _jax_normal_fn()(key, shape, scale, offset)
-
-
-def _setup(c: Case, n: int, fw: str, device):
-    """(carry, layers, shared, body_for(ops)) of a chain of n layers, each on its own buffers:
-    body(carry, i, layer, shared) -> carry. Decode attention reads jax_impl's layout in jax (block b
-    holds sequence b) and nano-vllm's paged one in torch."""
-    a = _Arrays(fw, c.label, device)
-    cfg, t = c.cfg, c.tokens
-    h, hq, hkv, d, eps = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
-                          cfg.rms_norm_eps)
-    norm_w = lambda size: a.normal((size,), 0.1, 1.0)  # noqa: E731
-    if c.op == "mlp":
-        i = cfg.intermediate_size
-        layers = [dict(nw=norm_w(h), gu=a.normal((2 * i, h), h ** -0.5), dn=a.normal((h, i), i ** -0.5))
-                  for _ in range(n)]
-        return a.normal((t, h)), layers, {}, lambda ops: (
-            lambda x, _, L, S: ops.mlp(x, L["nw"], L["gu"], L["dn"], x, eps=eps))
-    if c.op == "linear_residual":
-        layers = [dict(wo=a.normal((h, hq * d), (hq * d) ** -0.5)) for _ in range(n)]
-        return a.normal((t, h)), layers, dict(attn=a.normal((t, hq * d))), lambda ops: (
-            lambda r, _, L, S: ops.linear_residual(S["attn"], L["wo"], r))
-    if c.op == "rmsnorm_qkv":
-        pos = [c.ctx - 1] * t if c.phase == "decode" else list(range(t))
-        shared = dict(cos_sin=a.rope_table(max(c.ctx, t) + 1, d, cfg.rope_theta),
-                      meta=AttentionMeta(positions=a.ints(pos), slots=a.ints(list(range(t)))))
-        layers = [dict(nw=norm_w(h), w=a.normal(((hq + 2 * hkv) * d, h), h ** -0.5), qn=norm_w(d), kn=norm_w(d))
-                  for _ in range(n)]
-        caches = tuple((a.normal((t, 1, hkv, d)), a.normal((t, 1, hkv, d))) for _ in range(n))
-
-        def body_for(ops):
-            def body(carry, i, L, S):
-                x, cs = carry
-                q, kc, vc = ops.rmsnorm_qkv(x, L["nw"], L["w"], L["qn"], L["kn"], S["cos_sin"], cs[i][0], cs[i][1],
-                                            S["meta"], num_heads=hq, num_kv_heads=hkv, eps=eps)
-                # the next layer's input: q's first `hidden` features (a free reshape when Hq*D == hidden)
-                return q.reshape(t, hq * d)[:, :h], cs[:i] + ((kc, vc),) + cs[i + 1:]
-            return body
-
-        return (a.normal((t, h)), caches), layers, shared, body_for
-    if c.op == "decode_attention":
-        bs, nb = paged(c.ctx)
-        if fw == "jax":  # block b is sequence b, no table
-            shape, table = (t, c.ctx, hkv, d), None
-        else:
-            shape, table = (t * nb, bs, hkv, d), a.ints([[b * nb + j for j in range(nb)] for b in range(t)])
-        layers = [dict(k=a.normal(shape), v=a.normal(shape)) for _ in range(n)]
-        meta = AttentionMeta(context_lens=a.ints([c.ctx] * t), block_tables=table)
-        return a.normal((t, hq, d)), layers, dict(meta=meta), lambda ops: (
-            lambda q, _, L, S: ops.decode_attention(q, L["k"], L["v"], S["meta"]))
-    if c.op == "prefill_attention":  # one prompt of t tokens in cache block 0 (no cached prefix)
-        layers = [dict(k=a.normal((1, t, hkv, d)), v=a.normal((1, t, hkv, d))) for _ in range(n)]
-        cu = a.ints([0, t])
-        meta = AttentionMeta(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=t, max_seqlen_k=t, is_prefill=True)
-        return a.normal((t, hq, d)), layers, dict(meta=meta), lambda ops: (
-            lambda q, _, L, S: ops.prefill_attention(q, L["k"], L["v"], S["meta"]))
-    raise ValueError(f"unknown op {c.op!r}")
-
-
-def _time(fw: str, body, carry, layers, shared, plan: TimingPlan, device) -> dict:
-    if fw == "jax":
-        return time_jax_chain(body, carry, layers, shared, plan)
-    import torch
-
-    state = dict(carry=carry)
-
-    def call(k):
-        state["carry"] = body(state["carry"], k, layers[k], shared)
-
-    with torch.inference_mode():
-        return time_torch_chain(call, len(layers), torch.device(device), plan, state=state)
+    return chain_layers(c, s.min_bytes, s.max_bytes, s.min_layers, s.max_layers)
 
 
 def _rows(fw: str, c: Case, s: Settings, device) -> dict[str, dict]:
@@ -246,17 +84,17 @@ def _rows(fw: str, c: Case, s: Settings, device) -> dict[str, dict]:
     except Exception as e:  # noqa: BLE001
         fused_ops, fused_err = None, f"unavailable: {fw}_impl.kernels: {type(e).__name__}: {e}"
     n = num_layers(c, s)
-    layout = "-" if c.op != "decode_attention" else "one-block" if fw == "jax" else "paged"
+    layout = "-" if c.op != "decode_attention" else default_layout(fw)
     out, inputs = {}, None
     try:
-        inputs = _setup(c, n, fw, device)
+        inputs = setup(c, n, fw, device)
         carry, layers, shared, body_for = inputs
         for provider, ops in (("fused", fused_ops), ("plain", plain)):
             if ops is None:
                 out[provider] = dict(error=fused_err)
                 continue
             try:
-                r = _time(fw, body_for(ops), carry, layers, shared, s.plan, device)
+                r = time_chain(fw, body_for(ops), carry, layers, shared, s.plan, device)
                 out[provider] = dict(r, n_layers=n, layout=layout)
             except Exception as e:  # noqa: BLE001 - recorded in the row, the suite goes on
                 out[provider] = dict(error=f"{type(e).__name__}: {str(e)[:500]}", n_layers=n, layout=layout)

@@ -57,6 +57,8 @@ def default_tiles(kernel: str, framework: str, device: Device, dtype: str, shape
             tiles = _jax_qkv(m, n, k, shape.get("head_dim", n), device)
         else:
             tiles = _jax_matmul(m, n, k, device, pair=kernel == "mlp_gate_up")
+    elif m == 1:  # the decode GEMV streams W the same way in both twins (tuned torch tables agree)
+        tiles = _jax_matmul(m, n, k, device, pair=kernel == "mlp_gate_up")
     else:
         tiles = _torch_matmul(m, n, k)
     return fit_stages(tiles, device, BYTES.get(dtype, 2))
@@ -156,3 +158,44 @@ def misfit(kernel: str, framework: str, tiles, shape: dict) -> str | None:
     if tiles.block_m > 1 and tiles.block_m < next_pow2(min(shape["m"], DOT_MIN_M)) and framework == "jax":
         return f"block_m={tiles.block_m}: fewer rows than the {shape['m']} tokens of this bucket"
     return None
+
+
+# ----- candidates the tuners time ----------------------------------------------------------------------
+
+def candidates(kernel: str, framework: str, device: Device, shape: dict, *, smoke: bool = False) -> list:
+    """The tiles a tuner times for `kernel` at `shape` (the default rule's first), each fitting the
+    shape (`misfit`) and the device's shared memory; `smoke`: two, for the CPU interpreters."""
+    if kernel == "rms_norm":
+        return [None]
+    default = default_tiles(kernel, framework, device, "bfloat16", shape)
+    if kernel == "decode_attention":
+        cap = shape["max_context"]
+        pool = [AttentionTiles(block_kv=kv, num_splits=s, num_stages=st) for kv in (32, 64, 128)
+                for s in (1, 2, 4, 8, 16) if s == 1 or cap // s >= MIN_SPLIT_POSITIONS for st in (2, 3)]
+    elif kernel == "prefill_attention":
+        pool = [PrefillTiles(block_m=bm, block_n=bn, num_warps=w) for bm in (32, 64, 128) for bn in (32, 64)
+                for w in (4, 8)]
+    else:
+        pool = _matmul_pool(kernel, framework, shape)
+    out = [default]
+    for t in pool:
+        if t not in out and misfit(kernel, framework, t, shape) is None:
+            t = fit_stages(t, device, 2) if isinstance(t, MatmulTiles) else t
+            if t not in out:
+                out.append(t)
+    return out[:2] if smoke else out
+
+
+def _matmul_pool(kernel: str, framework: str, shape: dict) -> list[MatmulTiles]:
+    m, k = shape["m"], shape["k"]
+    kmax = max(512, next_pow2(k))
+    if m == 1:  # the decode GEMV: rows per program, chunk length, warps
+        return [MatmulTiles(1, bn, bk, num_warps=w) for bn in (1, 2, 4, 8, 16) for bk in (1024, 2048, 4096)
+                if bk <= kmax for w in (4, 8)]
+    if m <= DOT_MIN_M:
+        bm = next_pow2(m) if framework == "jax" else 16
+        return [MatmulTiles(bm, bn, bk, num_warps=w, num_stages=st) for bn in (16, 32, 64) for bk in (128, 256, 512)
+                for w in (4, 8) for st in (2, 3) if not (framework == "jax" and bm < DOT_MIN_M and bn > 16)]
+    bm = min(64, next_pow2(m))
+    return [MatmulTiles(b, bn, bk, num_warps=w, num_stages=st) for b in sorted({min(32, bm), bm})
+            for bn in (64, 128) for bk in (32, 64) for w in (4, 8) for st in (2, 3)]

@@ -301,7 +301,7 @@ def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items
                 _warn_once(f"tile table {path}: entry {key!r}: {problem}; skipped")
                 continue
             chosen_path = entry.get("path", "fused")
-            if chosen_path == "fused" and tiles is None and kind is not None:
+            if tiles is None and kind is not None:  # a "plain" entry: the kernel's tiles when it is forced
                 tiles = tile_rules.default_tiles(kernel, framework, device, dtype, shape)
             return Choice(chosen_path, tiles, source, key)
     path = tile_rules.default_path(kernel, framework, device, shape)

@@ -164,6 +164,7 @@ def test_jax_kernel_chain_lowers_for_cuda():
     import jax.numpy as jnp
 
     from bench import kernels
+    from common import op_chains
     from common.timing import TimingPlan, jax_chain
     from common.config import PRESETS
 
@@ -172,7 +173,7 @@ def test_jax_kernel_chain_lowers_for_cuda():
     c = kernels.Case("Qwen3-0.6B", PRESETS["Qwen3-0.6B"], "mlp", "decode", 1, 1024)
     s = kernels.Settings(TimingPlan(), min_bytes=0, max_layers=2)
     n = kernels.num_layers(c, s)
-    carry, layers, shared, body_for = kernels._setup(c, n, "jax", None)
+    carry, layers, shared, body_for = op_chains.setup(c, n, "jax", None)
     spec = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)  # noqa: E731
     text = jax_chain(body_for(fused), n).trace(spec(carry), spec(layers), spec(shared),
                                                jax.ShapeDtypeStruct((), jnp.int32)).lower(
@@ -291,3 +292,16 @@ def test_device_seconds_are_cut_into_identical_runs():
     assert _device_seconds_per_run(ev[:5], 2) == [4.75e-6, 4.75e-6]  # uneven: the mean for each
     with pytest.raises(RuntimeError, match="no GPU kernels"):
         _device_seconds_per_run([], 3)
+
+
+def test_decode_with_random_weights_needs_no_checkpoint(tmp_path):
+    """--random-weights: the twins' load_random and transformers from its config, no files written."""
+    out = tmp_path / "r"
+    assert main(["decode", "--smoke", "--random-weights", "--impls", "torch-plain,hf-eager", "--out", str(out),
+                 "--no-plots"]) == 0
+    doc = json.loads((out / report.JSON_NAME).read_text())
+    rows = [r for r in doc["rows"] if r["kind"] == "decode"]
+    assert {r["impl"] for r in rows} == {"torch-plain", "hf-eager"}
+    for r in rows:
+        assert "error" not in r and r["decode_tok_s"] > 0, r
+    assert doc["runs"][0]["settings"]["random_weights"] is True

@@ -1,0 +1,204 @@
+"""Chains of one op over distinct per-layer buffers, the same for both twins (bench and the tuners).
+
+An op is timed as a chain (common/timing.py): n calls, each "layer" with its own weights (or KV
+cache) so every call streams from memory rather than the L2, the output of one call feeding the
+next. `setup(case, n, framework, device)` builds the inputs once and returns
+(carry, layers, shared, body_for) with body_for(ops)(carry, i, layer, shared) -> carry, where
+`ops` is anything with the op as an attribute: a twin's kernels module, its plain module, or a
+namespace of kernels bound to candidate tiles. `time_chain` times it in the framework's way.
+jax and torch are imported inside the functions, never at module level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+
+from common.config import Qwen3Config
+from common.ops import AttentionMeta
+
+E = 2  # bytes per bf16 element
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One op at one shape: `tokens` rows (decode batch or prefill tokens); decode_attention over
+    `ctx` cached positions per sequence in `layout` ("one-block": block b holds sequence b, jax_impl's
+    and the torch runner's layout; "paged": nano-vllm's 256-row blocks); linear_residual with `k`
+    input features (default: o_proj's, Hq * D; the MLP's down projection has the intermediate size)."""
+
+    model: str
+    cfg: Qwen3Config
+    op: str
+    phase: str  # "decode" | "prefill"
+    tokens: int
+    ctx: int = 1024
+    layout: str | None = None
+    k: int | None = None
+
+    @property
+    def label(self) -> str:
+        extra = f" ctx={self.ctx}" if self.op == "decode_attention" else ""
+        extra += f" {self.layout}" if self.layout else ""
+        extra += f" k={self.k}" if self.k else ""
+        return f"{self.op} {self.model} {self.phase} T={self.tokens}{extra}"
+
+    def in_features(self) -> int:
+        return self.k or self.cfg.num_attention_heads * self.cfg.head_dim
+
+
+def layer_bytes(c: Case) -> int:
+    """Bytes of the buffers each layer of the chain owns (weights; the KV cache for attention)."""
+    cfg = c.cfg
+    h, hq, hkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    return {"rmsnorm_qkv": E * (hq + 2 * hkv) * d * h, "mlp": E * 3 * cfg.intermediate_size * h,
+            "linear_residual": E * h * c.in_features(), "decode_attention": E * 2 * c.tokens * c.ctx * hkv * d,
+            "prefill_attention": E * 2 * c.tokens * hkv * d, "rms_norm": E * h}[c.op]
+
+
+def chain_layers(c: Case, min_bytes: int = 256 << 20, max_bytes: int = 6 << 30, min_layers: int = 2,
+                 max_layers: int = 32) -> int:
+    """Layers of a chain: at least `min_bytes` of distinct buffers (far past the L2), at most `max_bytes`."""
+    per = max(1, layer_bytes(c))
+    n = max(min_layers, -(-min_bytes // per))
+    return int(max(min_layers, min(n, max_layers, max_bytes // per)))
+
+
+def paged(ctx: int) -> tuple[int, int]:
+    """(block_size, blocks per sequence) of the paged layout: 256-row blocks as nano-vllm."""
+    bs = min(256, ctx)
+    return bs, -(-ctx // bs)
+
+
+class _Arrays:
+    """Random bf16 inputs and int32 index arrays on the framework's device."""
+
+    def __init__(self, fw: str, label: str, device):
+        self.fw, self.device, self.count = fw, device, 0
+        self.seed = zlib.crc32(label.encode())
+        if fw == "jax":
+            import jax
+            import jax.numpy as jnp
+
+            self.jax, self.jnp, self.base = jax, jnp, jax.random.key(self.seed)
+        else:
+            import torch
+
+            self.torch = torch
+            self.gen = torch.Generator(device=device).manual_seed(self.seed)
+
+    def normal(self, shape, scale=1.0, offset=0.0):
+        self.count += 1
+        if self.fw == "jax":
+            return _jax_normal_fn()(self.jax.random.fold_in(self.base, self.count), tuple(shape), float(scale),
+                                    float(offset))
+        t = self.torch.randn(tuple(shape), generator=self.gen, device=self.device, dtype=self.torch.float32)
+        return (offset + t * scale).to(self.torch.bfloat16)
+
+    def ints(self, values):
+        if self.fw == "jax":
+            return self.jnp.asarray(values, self.jnp.int32)
+        return self.torch.as_tensor(values, dtype=self.torch.int32, device=self.device)
+
+    def rope_table(self, positions: int, d: int, theta: float):
+        if self.fw == "jax":
+            from jax_impl import plain
+
+            return plain.rope_table(positions, d, theta)
+        from torch_impl import plain
+
+        return plain.rope_table(positions, d, theta, device=self.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _jax_normal_fn():
+    import jax
+    import jax.numpy as jnp
+
+    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+    def normal(key, shape, scale, offset):  # bf16 offset + scale * N(0, 1), compiled once per shape
+        return (offset + scale * jax.random.normal(key, shape, jnp.float32)).astype(jnp.bfloat16)
+
+    return normal
+
+
+def default_layout(fw: str) -> str:
+    """jax_impl reads block b per sequence; torch is timed in nano-vllm's paged layout by default."""
+    return "one-block" if fw == "jax" else "paged"
+
+
+def setup(c: Case, n: int, fw: str, device):
+    """(carry, layers, shared, body_for(ops)) of a chain of n layers of case `c` in framework `fw`."""
+    a = _Arrays(fw, c.label, device)
+    cfg, t = c.cfg, c.tokens
+    h, hq, hkv, d, eps = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                          cfg.rms_norm_eps)
+    norm_w = lambda size: a.normal((size,), 0.1, 1.0)  # noqa: E731
+    if c.op == "mlp":
+        i = cfg.intermediate_size
+        layers = [dict(nw=norm_w(h), gu=a.normal((2 * i, h), h ** -0.5), dn=a.normal((h, i), i ** -0.5))
+                  for _ in range(n)]
+        return a.normal((t, h)), layers, {}, lambda ops: (
+            lambda x, _, L, S: ops.mlp(x, L["nw"], L["gu"], L["dn"], x, eps=eps))
+    if c.op == "linear_residual":
+        k = c.in_features()
+        layers = [dict(w=a.normal((h, k), k ** -0.5)) for _ in range(n)]
+        return a.normal((t, h)), layers, dict(x=a.normal((t, k))), lambda ops: (
+            lambda r, _, L, S: ops.linear_residual(S["x"], L["w"], r))
+    if c.op == "rms_norm":
+        layers = [dict(w=norm_w(h)) for _ in range(n)]
+        return a.normal((t, h)), layers, {}, lambda ops: (lambda x, _, L, S: ops.rms_norm(x, L["w"], eps=eps))
+    if c.op == "rmsnorm_qkv":
+        pos = [c.ctx - 1] * t if c.phase == "decode" else list(range(t))
+        shared = dict(cos_sin=a.rope_table(max(c.ctx, t) + 1, d, cfg.rope_theta),
+                      meta=AttentionMeta(positions=a.ints(pos), slots=a.ints(list(range(t)))))
+        layers = [dict(nw=norm_w(h), w=a.normal(((hq + 2 * hkv) * d, h), h ** -0.5), qn=norm_w(d), kn=norm_w(d))
+                  for _ in range(n)]
+        caches = tuple((a.normal((t, 1, hkv, d)), a.normal((t, 1, hkv, d))) for _ in range(n))
+
+        def body_for(ops):
+            def body(carry, i, L, S):
+                x, cs = carry
+                q, kc, vc = ops.rmsnorm_qkv(x, L["nw"], L["w"], L["qn"], L["kn"], S["cos_sin"], cs[i][0], cs[i][1],
+                                            S["meta"], num_heads=hq, num_kv_heads=hkv, eps=eps)
+                # the next layer's input: q's first `hidden` features (a free reshape when Hq*D == hidden)
+                return q.reshape(t, hq * d)[:, :h], cs[:i] + ((kc, vc),) + cs[i + 1:]
+            return body
+
+        return (a.normal((t, h)), caches), layers, shared, body_for
+    if c.op == "decode_attention":
+        layout = c.layout or default_layout(fw)
+        if layout == "one-block":  # block b is sequence b, no table
+            shape, table = (t, c.ctx, hkv, d), None
+        else:
+            bs, nb = paged(c.ctx)
+            shape, table = (t * nb, bs, hkv, d), a.ints([[b * nb + j for j in range(nb)] for b in range(t)])
+        layers = [dict(k=a.normal(shape), v=a.normal(shape)) for _ in range(n)]
+        meta = AttentionMeta(context_lens=a.ints([c.ctx] * t), block_tables=table)
+        return a.normal((t, hq, d)), layers, dict(meta=meta), lambda ops: (
+            lambda q, _, L, S: ops.decode_attention(q, L["k"], L["v"], S["meta"]))
+    if c.op == "prefill_attention":  # one prompt of t tokens in cache block 0 (no cached prefix)
+        layers = [dict(k=a.normal((1, t, hkv, d)), v=a.normal((1, t, hkv, d))) for _ in range(n)]
+        cu = a.ints([0, t])
+        meta = AttentionMeta(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=t, max_seqlen_k=t, is_prefill=True)
+        return a.normal((t, hq, d)), layers, dict(meta=meta), lambda ops: (
+            lambda q, _, L, S: ops.prefill_attention(q, L["k"], L["v"], S["meta"]))
+    raise ValueError(f"unknown op {c.op!r}")
+
+
+def time_chain(fw: str, body, carry, layers, shared, plan, device) -> dict:
+    """common.timing's figures of one chain (jax: one jit; torch: a CUDA graph on a GPU)."""
+    from common.timing import time_jax_chain, time_torch_chain
+
+    if fw == "jax":
+        return time_jax_chain(body, carry, layers, shared, plan)
+    import torch
+
+    state = dict(carry=carry)
+
+    def call(k):
+        state["carry"] = body(state["carry"], k, layers[k], shared)
+
+    with torch.inference_mode():
+        return time_torch_chain(call, len(layers), torch.device(device), plan, state=state)
