@@ -18,6 +18,7 @@ import json
 import re
 import time
 
+from common import buckets
 from common.config import PRESETS, shrink
 
 FUSED = {"plain": False, "auto": "auto", "on": True}
@@ -41,24 +42,28 @@ class JaxProbe:
         self.jax, self.jnp, self.init_caches = jax, jnp, init_caches
         self.runner = load_random(cfg, fused=FUSED[fused])
         self.cfg, self.batch, self.steps = cfg, batch, steps
-        self.rows = -(-(prompt_len + steps) // 128) * 128
-        self.ids = jax.random.randint(jax.random.key(1), (batch, prompt_len), 0, cfg.vocab_size, jnp.int32)
+        self.rows = buckets.cache_bucket(prompt_len + steps + 1, cfg.max_position_embeddings)
+        self.ids = jax.random.randint(jax.random.key(1), (batch, buckets.prompt_bucket(prompt_len, 1 << 20)), 0,
+                                      cfg.vocab_size, jnp.int32)
         self.lengths = jnp.full((batch,), prompt_len, jnp.int32)
-        self.statics = dict(greedy=True, top_k=0, use_top_p=False)
-        self.eos = jnp.asarray([-1], jnp.int32)
-        self.sync_every = decode_loop.steps_per_test(steps)
+        self.statics = dict(greedy=True, k_cap=0, use_top_p=False)
+        self.sample = (jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
+        self.eos = jnp.asarray([-1] * 8, jnp.int32)
+        self.calls = decode_loop.plan_calls(1, steps + 1)
 
     def _decode(self, ds):
         jnp, p = self.jnp, self.runner.programs
-        return p.decode(self.runner.state, ds, jnp.int32(self.steps + 1), jnp.float32(1.0), jnp.float32(1.0),
-                        self.eos, sync_every=self.sync_every, **self.statics)
+        for stop, sync in self.calls:
+            ds = p.decode(self.runner.state, ds, jnp.int32(stop), *self.sample, self.eos, sync_every=sync,
+                          **self.statics)
+        return ds
 
     def _start(self):
         jnp, p = self.jnp, self.runner.programs
         caches = self.init_caches(self.cfg, self.batch, self.rows, jnp.bfloat16)
         return self.jax.block_until_ready(p.prefill(
-            self.runner.state, self.ids, self.lengths, caches, self.jax.random.key(0), jnp.float32(1.0),
-            jnp.float32(1.0), self.eos, max_new=self.steps + 1, **self.statics))
+            self.runner.state, self.ids, self.lengths, jnp.ones((self.batch,), bool), caches, self.jax.random.key(0),
+            *self.sample, self.eos, jnp.int32(self.steps + 1), **self.statics))
 
     def decode_s(self) -> float:
         ds = self._start()

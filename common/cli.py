@@ -95,7 +95,29 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "cannot run), off = plain ops")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
                    help="weights and activations")
+    p.add_argument("--warmup", metavar="BxPxN[,...]", default=None,
+                   help="compile ahead of time for batch B, P prompt tokens, N new tokens (e.g. 1x512x256); "
+                        "its time is reported apart (default: none)")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="jax_impl: do not keep compiled programs on disk (default: kept in "
+                        "~/.cache/qwen3-fused/jax; QWEN3_FUSED_COMPILE_CACHE=0 also turns it off)")
     return p
+
+
+def parse_warmup(text: str) -> list[tuple[int, int, int]]:
+    """"1x512x256,8x128x64" -> [(1, 512, 256), (8, 128, 64)]."""
+    shapes = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            b, l, n = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise CLIError(f"--warmup={text}: {part!r} is not BATCHxPROMPTxNEW (e.g. 1x512x256)") from None
+        if min(b, l, n) < 1:
+            raise CLIError(f"--warmup={text}: {part!r}: every number must be >= 1")
+        shapes.append((b, l, n))
+    if not shapes:
+        raise CLIError(f"--warmup={text!r}: expected BATCHxPROMPTxNEW[,...]")
+    return shapes
 
 
 # ----- input --------------------------------------------------------------------------------------
@@ -317,12 +339,20 @@ def _run(load_fn: Callable, args, out: TextIO, err: TextIO) -> int:
     prompt_ids = encode_prompts(prompts, model_dir, tokenizer, cfg, args, err)
     eos = eos_token_ids(model_dir, tokenizer)
     kw.update(seed=args.seed, eos_token_id=None if args.ignore_eos else (eos or None))
+    extra = {}
+    if args.warmup:  # with the sampling this command uses, so the very programs it runs compile
+        extra["warmup"] = [dict(batch=b, prompt_tokens=l, new_tokens=n, temperature=kw["temperature"],
+                                top_k=kw["top_k"], top_p=kw["top_p"]) for b, l, n in parse_warmup(args.warmup)]
+    if args.no_compile_cache:
+        extra["compile_cache"] = False
     try:
-        runner = load_fn(str(model_dir), dtype=args.dtype, fused=resolve_fused(args.fused))
+        runner = load_fn(str(model_dir), dtype=args.dtype, fused=resolve_fused(args.fused), **extra)
     except (ValueError, NotImplementedError, RuntimeError, ImportError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = " (out of memory loading the weights: see docs/USER_GUIDE.md, Memory)" if is_out_of_memory(e) else ""
         raise CLIError(f"--model {model_dir} (--dtype {args.dtype}, --fused {args.fused}): {first}{hint}") from None
+    if getattr(runner, "warmup_s", 0):
+        err.write(f"warm-up: {len(extra.get('warmup', []))} shape(s) compiled in {runner.warmup_s:.2f} s\n")
     timing = {"start": time.perf_counter()}
     streamed = len(prompt_ids) == 1 and hasattr(runner, "generate_stream")
     try:

@@ -69,6 +69,24 @@ class Runner(abc.ABC):
         ...
 
 
+def warmup_shapes(shapes) -> list[dict]:
+    """load(..., warmup=...)'s shapes as dicts: each (batch, prompt tokens, new tokens), or a dict of
+    those (batch, prompt_tokens, new_tokens) with the sampling to compile for (temperature, top_k,
+    top_p; greedy when absent)."""
+    out = []
+    for spec in shapes:
+        d = dict(spec) if isinstance(spec, dict) else dict(zip(("batch", "prompt_tokens", "new_tokens"), spec))
+        try:
+            b, l, n = int(d["batch"]), int(d["prompt_tokens"]), int(d["new_tokens"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"warmup: {spec!r}: expected (batch, prompt tokens, new tokens)") from None
+        if min(b, l, n) < 1:
+            raise ValueError(f"warmup: {spec!r}: batch, prompt tokens and new tokens must be >= 1")
+        out.append(dict(batch=b, prompt_tokens=l, new_tokens=n, temperature=float(d.get("temperature", 0.0)),
+                        top_k=int(d.get("top_k", 0)), top_p=float(d.get("top_p", 1.0))))
+    return out
+
+
 def eos_set(eos_token_id) -> frozenset[int]:
     if eos_token_id is None:
         return frozenset()

@@ -2,19 +2,22 @@
 
 `Programs(graphdef)` holds the three jitted programs. The whole decode loop is one jit: it stops
 when every sequence has emitted an eos or `stop_step` is reached (a streaming caller advances
-`stop_step` chunk by chunk; a plain generate() runs to the token budget in one call). The model
-state is passed as arguments (never closed over as constants), the caches are donated so XLA
-updates them in place.
+`stop_step` chunk by chunk; a plain generate() runs to the token budget). The model state is passed
+as arguments (never closed over as constants), the caches are donated so XLA updates them in place.
 
-The loop is two loops: an outer `lax.while_loop` that tests "all done or stop reached", around an
-inner `lax.fori_loop` of `sync_every` steps (see `steps_per_test`). A while loop's test is read
-back by the host before every iteration (a device-to-host copy and a wait for the GPU to drain);
-a loop with a static trip count is not, so the host queues the inner steps back to back. Inner
-steps past the stop (or past every eos) are idle: the state is kept, their token goes to a column
-of `out` past the emitted ones, and the one cache row they write is the row the next real step
-writes with the same values (same token, same position). Measured on an H100, Qwen3-0.6B batch
-1, one process: 837.5 us per step testing after every step, 823.9 testing every 16 steps
-(docs/MEASUREMENTS.md).
+Few programs, whatever the lengths: the token budget (`DecodeState.limit`), the stop step and the
+sampling values (temperature, top-p, top-k) are traced; only the shapes (batch, prompt and cache
+buckets, jax_impl.runner), the greedy / top-p switches, top-k's static bound and the inner trip
+count pick a program. The loop is two loops: an outer `lax.while_loop` that tests "all done or stop
+reached", around an inner `lax.fori_loop` of `sync_every` steps. A while loop's test is read back by
+the host before every iteration (a device-to-host copy and a wait for the GPU to drain); a loop
+with a static trip count is not, so the host queues the inner steps back to back. Calls run whole
+blocks of SYNC steps, then the rest one step per test (`plan_calls`): two decode programs cover
+every budget. Inner steps past the stop (or past every eos) are idle: the state is kept, their token
+goes to a column of `out` past the emitted ones, and the one cache row they write is the row the
+next real step writes with the same values (same token, same position). Measured on an H100,
+Qwen3-0.6B batch 1, one process: 837.5 us per step testing after every step, 823.9 testing every 16
+steps (docs/MEASUREMENTS.md).
 """
 
 from __future__ import annotations
@@ -28,17 +31,15 @@ from flax import nnx
 
 from jax_impl.sampling import sample
 
-SYNC_RANGE = (8, 32)  # decode steps per test of the loop condition: fewest and most
+SYNC = 16  # decode steps per test of the loop condition (whole blocks); the rest one at a time
 
 
-def steps_per_test(n: int) -> int:
-    """The inner trip count for a decode call of n steps: a divisor of n in SYNC_RANGE where there
-    is one (no idle step unless every sequence stops early), else the one leaving the fewest idle
-    steps (the larger on a tie); n itself below the range."""
-    lo, hi = SYNC_RANGE
-    if n <= lo:
-        return max(1, n)
-    return min(range(lo, hi + 1), key=lambda d: (-n % d, -d))
+def plan_calls(first: int, stop: int) -> list[tuple[int, int]]:
+    """(stop step, sync_every) of the decode calls that run steps first .. stop - 1 with no idle step:
+    whole blocks of SYNC steps, then the remainder one step per test."""
+    n = max(0, stop - first)
+    calls = [(first + n // SYNC * SYNC, SYNC)] if n >= SYNC else []
+    return calls + ([(stop, 1)] if n % SYNC else [])
 
 
 class Programs:
@@ -53,18 +54,19 @@ class Programs:
     def __init__(self, graphdef):
         self.forward_logits = jax.jit(partial(forward_logits, graphdef))
         self.prefill = jax.jit(partial(prefill, graphdef), donate_argnames=("caches",),
-                               static_argnames=("max_new", "greedy", "top_k", "use_top_p"))
+                               static_argnames=("greedy", "k_cap", "use_top_p"))
         self.decode = jax.jit(partial(decode, graphdef), donate_argnames=("ds",),
-                              static_argnames=("greedy", "top_k", "use_top_p", "sync_every"))
+                              static_argnames=("greedy", "k_cap", "use_top_p", "sync_every"))
 
 
 class DecodeState(NamedTuple):
     step: jax.Array  # () int32: index of the next token to emit in `out`
+    limit: jax.Array  # () int32: the token budget (max_new_tokens), traced
     tokens: jax.Array  # [B] last emitted token
     offset: jax.Array  # [B] position of `tokens` minus `step` (every step moves both by one)
-    done: jax.Array  # [B] bool: emitted an eos
-    out: jax.Array  # [B, max_new + 1] emitted tokens (eos_pad after done); the last column is
-    #                 spare, where an idle step at step == max_new writes
+    done: jax.Array  # [B] bool: emitted an eos (or a padding row of the batch bucket)
+    out: jax.Array  # [B, cache rows + 1] emitted tokens (eos_ids[0] after done); columns past the
+    #                 budget are spare, where idle steps write
     caches: list  # per layer (k, v)
     key: jax.Array
 
@@ -76,26 +78,31 @@ def forward_logits(graphdef, state, ids, lengths, caches):
     return model.logits(h)
 
 
-def prefill(graphdef, state, ids, lengths, caches, key, temperature, top_p, eos_ids, *, max_new: int,
-            greedy: bool, top_k: int, use_top_p: bool) -> DecodeState:
-    """Run the prompts, sample the first new token, and return the decode loop's start state."""
+def prefill(graphdef, state, ids, lengths, active, caches, key, temperature, top_p, top_k, eos_ids, limit, *,
+            greedy: bool, k_cap: int, use_top_p: bool) -> DecodeState:
+    """Run the prompts, sample the first new token, and return the decode loop's start state.
+
+    ids [B, L] right-padded to the prompt bucket, lengths [B] (>= 1), active [B] bool (False: a
+    padding row of the batch bucket, done from the start), limit: the token budget (traced)."""
     model = nnx.merge(graphdef, state)
     b = ids.shape[0]
-    h, caches = model.prefill(ids, lengths, caches, caches[0][0].shape[1])
+    rows = caches[0][0].shape[1]
+    h, caches = model.prefill(ids, lengths, caches, rows)
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, hidden]
-    tok = sample(model.logits(last), jax.random.fold_in(key, 0), temperature, top_p,
-                 greedy=greedy, top_k=top_k, use_top_p=use_top_p)
-    out = jnp.zeros((b, max_new + 1), jnp.int32).at[:, 0].set(tok)
-    done = jnp.isin(tok, eos_ids)
-    return DecodeState(jnp.int32(1), tok, lengths.astype(jnp.int32) - 1, done, out, caches, key)
+    tok = sample(model.logits(last), jax.random.fold_in(key, 0), temperature, top_p, top_k,
+                 greedy=greedy, k_cap=k_cap, use_top_p=use_top_p)
+    out = jnp.zeros((b, rows + 1), jnp.int32).at[:, 0].set(tok)
+    done = jnp.isin(tok, eos_ids) | ~active
+    return DecodeState(jnp.int32(1), jnp.asarray(limit, jnp.int32), tok, lengths.astype(jnp.int32) - 1, done, out,
+                       caches, key)
 
 
-def decode(graphdef, state, ds: DecodeState, stop_step, temperature, top_p, eos_ids, *, greedy: bool,
-           top_k: int, use_top_p: bool, sync_every: int = 16) -> DecodeState:
-    """Decode until every sequence is done or `stop_step` tokens have been emitted, testing that
-    every `sync_every` steps (steps_per_test(stop_step - ds.step) leaves no idle step)."""
+def decode(graphdef, state, ds: DecodeState, stop_step, temperature, top_p, top_k, eos_ids, *, greedy: bool,
+           k_cap: int, use_top_p: bool, sync_every: int = SYNC) -> DecodeState:
+    """Decode until every sequence is done or min(stop_step, the budget) tokens have been emitted,
+    testing that every `sync_every` steps (plan_calls leaves no idle step)."""
     model = nnx.merge(graphdef, state)
-    stop = jnp.minimum(stop_step, ds.out.shape[1] - 1)
+    stop = jnp.minimum(jnp.minimum(stop_step, ds.limit), ds.out.shape[1] - 1)
 
     def cond(s: DecodeState):
         return (s.step < stop) & ~jnp.all(s.done)
@@ -103,13 +110,13 @@ def decode(graphdef, state, ds: DecodeState, stop_step, temperature, top_p, eos_
     def step(_, s: DecodeState):
         active = cond(s)  # () bool: False on the idle tail of an inner loop
         h, caches = model.decode(s.tokens, s.offset + s.step, s.caches)
-        tok = sample(model.logits(h), jax.random.fold_in(s.key, s.step), temperature, top_p,
-                     greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+        tok = sample(model.logits(h), jax.random.fold_in(s.key, s.step), temperature, top_p, top_k,
+                     greedy=greedy, k_cap=k_cap, use_top_p=use_top_p)
         tok = jnp.where(s.done | ~active, jnp.where(active, eos_ids[0], s.tokens), tok)
         # An idle step writes its kept tokens at column `step`: past the emitted ones, overwritten
-        # by the next real step, or the spare last column.
+        # by the next real step, or a spare column past the budget.
         out = jax.lax.dynamic_update_slice(s.out, tok[:, None], (0, s.step))
         done = s.done | (active & jnp.isin(tok, eos_ids))
-        return DecodeState(s.step + active.astype(jnp.int32), tok, s.offset, done, out, caches, s.key)
+        return DecodeState(s.step + active.astype(jnp.int32), s.limit, tok, s.offset, done, out, caches, s.key)
 
     return jax.lax.while_loop(cond, lambda s: jax.lax.fori_loop(0, sync_every, step, s), ds)

@@ -12,40 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from common import harness, sampling
+from common import buckets, harness, sampling
 from common.config import Qwen3Config
 from common.weights import Checkpoint
 from jax_impl import decode_loop
-from jax_impl.ops import choose_ops
+from jax_impl.compilation import compile_seconds, enable_persistent_cache
 from jax_impl.model import Qwen3, init_caches
+from jax_impl.ops import choose_ops
+from jax_impl.sampling import k_cap_for
 
 log = logging.getLogger("jax_impl")
 
-PROMPT_BUCKET = 16  # prompt lengths are padded to a multiple of this (fewer recompilations)
-CACHE_BUCKET = 128  # cache rows per sequence likewise
-
-
-_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                   "/jax/core/compile/backend_compile_duration")
-_compile_seconds = [0.0]  # tracing, lowering and XLA compiles in this process (jax.monitoring events)
-
-
-def _on_duration(event: str, duration: float, **_) -> None:
-    if event in _COMPILE_EVENTS:
-        _compile_seconds[0] += duration
-
-
-jax.monitoring.register_event_duration_secs_listener(_on_duration)
-
-
-def compile_seconds() -> float:
-    """Seconds jax has spent tracing, lowering and compiling since this module was imported."""
-    return _compile_seconds[0]
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
+EOS_SLOTS = 8  # eos ids are padded to a multiple of this (a new eos list compiles nothing)
 
 def load_params(ckpt: Checkpoint, dtype) -> dict:
     """Stream the checkpoint into device arrays following common.weights' packing plan."""
@@ -80,26 +58,44 @@ def random_params(cfg, dtype, seed: int = 0) -> dict:
 class JaxRunner(harness.Runner):
     name = "jax"
 
-    def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto"):
+    def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", warmup=None,
+                 compile_cache: bool = True):
         ckpt = Checkpoint(model_dir)
-        self._setup(ckpt.config, lambda dt: load_params(ckpt, dt), dtype, fused)
+        self._setup(ckpt.config, lambda dt: load_params(ckpt, dt), dtype, fused, warmup, compile_cache)
 
     @classmethod
-    def random(cls, config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0) -> "JaxRunner":
+    def random(cls, config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, warmup=None,
+               compile_cache: bool = True) -> "JaxRunner":
         """A runner over random weights of `config` (a Qwen3Config or a preset name), made on the device."""
         cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
         runner = cls.__new__(cls)
-        runner._setup(cfg, lambda dt: random_params(cfg, dt, seed), dtype, fused)
+        runner._setup(cfg, lambda dt: random_params(cfg, dt, seed), dtype, fused, warmup, compile_cache)
         return runner
 
-    def _setup(self, cfg, params_for, dtype: str, fused) -> None:
+    def _setup(self, cfg, params_for, dtype: str, fused, warmup, compile_cache: bool) -> None:
         self.dtype = harness.check_dtype(dtype)
         self.config = cfg
+        self.compile_cache = enable_persistent_cache(compile_cache)
         ops = choose_ops(cfg, harness.resolve_fused(fused), self.dtype)
         self.model = Qwen3(cfg, params_for(jnp.dtype(dtype)), ops)
         graphdef, self.state = nnx.split(self.model)
         self.programs = decode_loop.Programs(graphdef)
+        self._compiled: set[tuple] = set()
         self.last_stats: dict = {}
+        self.warmup_s = self.warmup(warmup) if warmup else 0.0
+
+    def warmup(self, shapes) -> float:
+        """Compile ahead of time the programs of each shape in `shapes` (common.harness.warmup_shapes:
+        (batch, prompt tokens, new tokens), greedy unless a dict names the sampling); returns seconds."""
+        t0 = time.perf_counter()
+        specs = harness.warmup_shapes(shapes)
+        for s in specs:
+            for _ in self._run([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], s["temperature"],
+                               s["top_k"], s["top_p"], 0, None, chunk=None, warm=True):
+                pass
+        seconds = time.perf_counter() - t0
+        log.info(f"jax_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")
+        return seconds
 
     @property
     def op_paths(self) -> dict[str, str]:
@@ -135,41 +131,60 @@ class JaxRunner(harness.Runner):
                 yield new
 
     # ----- internals ---------------------------------------------------------------------------
-    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, *, chunk):
+    def _note_program(self, kind: str, key: tuple) -> None:
+        """Log each program the first time this runner compiles it (or loads it from the cache)."""
+        if (kind, key) not in self._compiled:
+            self._compiled.add((kind, key))
+            log.info(f"jax_impl: {kind} program for batch {key[0]}, prompt <= {key[1]}, cache {key[2]} rows "
+                     f"({'greedy' if key[3] else f'sampling, top-k <= {key[4]}, top-p {key[5]}'})"
+                     + (f", {key[6]} decode steps per test" if len(key) > 6 else ""))
+
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, *, chunk, warm=False):
         cfg = self.config
         sampling.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                      top_p=top_p, vocab_size=cfg.vocab_size, max_len=cfg.max_position_embeddings)
         b = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
-        l = min(_round_up(int(lengths.max()), PROMPT_BUCKET), cfg.max_position_embeddings)
-        rows = min(_round_up(int(lengths.max()) + max_new_tokens, CACHE_BUCKET), cfg.max_position_embeddings)
-        ids = np.zeros((b, l), np.int32)
+        # the compiled shapes: geometric buckets of the batch, the prompt and the cache (common.buckets)
+        bb = buckets.batch_bucket(b)
+        lb = buckets.prompt_bucket(int(lengths.max()), cfg.max_position_embeddings)
+        rows = buckets.cache_bucket(int(lengths.max()) + max_new_tokens, cfg.max_position_embeddings)
+        ids = np.zeros((bb, lb), np.int32)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = p
+        all_lengths = np.ones(bb, np.int32)
+        all_lengths[:b] = lengths
+        active = np.arange(bb) < b
         eos = sorted(harness.eos_set(eos_token_id)) or [-1]
-        eos_ids = jnp.asarray(eos, jnp.int32)
-        statics = dict(greedy=temperature == 0, top_k=int(top_k) if temperature else 0,
-                       use_top_p=bool(temperature and top_p < 1.0))
-        temp, tp = jnp.float32(temperature or 1.0), jnp.float32(top_p)
-        caches = init_caches(cfg, b, rows, self.model.dtype)
+        eos_ids = jnp.asarray(eos + [-1] * (-len(eos) % EOS_SLOTS), jnp.int32)
+        greedy = temperature == 0
+        statics = dict(greedy=greedy, k_cap=0 if greedy else k_cap_for(int(top_k), cfg.vocab_size),
+                       use_top_p=bool(not greedy and top_p < 1.0))
+        sample_args = (jnp.float32(temperature or 1.0), jnp.float32(top_p), jnp.int32(top_k))
+        key = (bb, lb, rows, greedy, statics["k_cap"], statics["use_top_p"])
+        caches = init_caches(cfg, bb, rows, self.model.dtype)
 
         c0, t0 = compile_seconds(), time.perf_counter()
-        ds = self.programs.prefill(self.state, jnp.asarray(ids), jnp.asarray(lengths), caches,
-                                   jax.random.key(seed), temp, tp, eos_ids, max_new=max_new_tokens, **statics)
+        self._note_program("prefill", key)
+        ds = self.programs.prefill(self.state, jnp.asarray(ids), jnp.asarray(all_lengths), jnp.asarray(active),
+                                   caches, jax.random.key(seed), *sample_args, eos_ids, jnp.int32(max_new_tokens),
+                                   **statics)
         ds.out.block_until_ready()
         c1, t1 = compile_seconds(), time.perf_counter()
-        step = chunk or max_new_tokens
-        # One inner trip count per call shape: a plain generate runs max_new_tokens - 1 steps in
-        # one call, a stream `chunk` steps per call (its last call may idle a few).
-        sync_every = decode_loop.steps_per_test(chunk or max_new_tokens - 1)
-        while True:
-            stop = min(int(ds.step) + step, max_new_tokens) if chunk else max_new_tokens
-            ds = self.programs.decode(self.state, ds, jnp.int32(stop), temp, tp, eos_ids,
-                                      sync_every=sync_every, **statics)
-            outs = _trim(np.asarray(ds.out), int(ds.step), eos)
-            yield outs
-            if int(ds.step) >= max_new_tokens or bool(np.all(np.asarray(ds.done))):
-                break
+        while int(ds.step) < max_new_tokens and not bool(np.all(np.asarray(ds.done))):
+            # a plain generate runs to the budget, a stream `chunk` steps per round; each in whole
+            # blocks of SYNC steps, then the rest one step per test (two programs for any budget)
+            first = int(ds.step)
+            target = min(first + chunk, max_new_tokens) if chunk else max_new_tokens
+            for stop, sync in decode_loop.plan_calls(first, target):
+                self._note_program("decode", key + (sync,))
+                ds = self.programs.decode(self.state, ds, jnp.int32(stop), *sample_args, eos_ids, sync_every=sync,
+                                          **statics)
+            if not warm:
+                yield _trim(np.asarray(ds.out)[:b], int(ds.step), eos)
+        outs = _trim(np.asarray(ds.out)[:b], int(ds.step), eos)
+        if int(ds.step) <= 1 and not warm:
+            yield outs  # the first token ended every sequence (or a budget of one)
         c2, t2 = compile_seconds(), time.perf_counter()
         new = sum(len(o) for o in outs)
         self.last_stats = dict(prompt_tokens=int(lengths.sum()), new_tokens=new, decode_tokens=new - b,
@@ -195,10 +210,14 @@ def _sampling_defaults(kw: dict) -> dict:
                 seed=kw.get("seed", 0), eos_token_id=kw.get("eos_token_id"))
 
 
-def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto") -> JaxRunner:
-    return JaxRunner(model_dir, dtype=dtype, fused=fused)
+def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", warmup=None,
+         compile_cache: bool = True) -> JaxRunner:
+    """warmup: (batch, prompt tokens, new tokens) shapes compiled at load; compile_cache: jax's
+    persistent compilation cache (jax_impl/compilation.py)."""
+    return JaxRunner(model_dir, dtype=dtype, fused=fused, warmup=warmup, compile_cache=compile_cache)
 
 
-def load_random(config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0) -> JaxRunner:
+def load_random(config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, warmup=None,
+                compile_cache: bool = True) -> JaxRunner:
     """A runner over random weights of a preset name or Qwen3Config (benchmarks, tuning: no checkpoint)."""
-    return JaxRunner.random(config, dtype=dtype, fused=fused, seed=seed)
+    return JaxRunner.random(config, dtype=dtype, fused=fused, seed=seed, warmup=warmup, compile_cache=compile_cache)

@@ -17,6 +17,12 @@ def _has_cuda() -> bool:
 
 
 HAS_GPU = _has_cuda()
+# The user's cache directory holds tuned tile tables and jax's compiled programs: tests read and
+# write a fresh one of their own (subprocesses inherit it).
+if "QWEN3_TESTS_KEEP_CACHE_HOME" not in os.environ:
+    import tempfile
+
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="qwen3-tests-cache-")
 if not HAS_GPU:
     # Triton kernels run in the interpreter on CPU; must be set before triton is imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")

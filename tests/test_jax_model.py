@@ -220,19 +220,19 @@ def test_decode_resumes_exactly_after_idle_steps(ckpts, fused):
     cfg, programs, state = runner.config, runner.programs, runner.state
     ids = jnp.asarray([[3, 4, 5, 0], [9, 10, 11, 12]], jnp.int32)
     lengths = jnp.asarray([3, 4], jnp.int32)
-    statics = dict(greedy=True, top_k=0, use_top_p=False, sync_every=8)
-    eos, one = jnp.asarray([-1], jnp.int32), jnp.float32(1.0)
+    statics = dict(greedy=True, k_cap=0, use_top_p=False)
+    eos, one, k0 = jnp.asarray([-1] * 8, jnp.int32), jnp.float32(1.0), jnp.int32(0)
     new = 8 + 3  # past one full inner loop
 
     def start():
         caches = init_caches(cfg, 2, 32, runner.model.dtype)
-        return programs.prefill(state, ids, lengths, caches, jax.random.key(0), one, one, eos,
-                                max_new=new, greedy=True, top_k=0, use_top_p=False)
+        return programs.prefill(state, ids, lengths, jnp.ones((2,), bool), caches, jax.random.key(0), one, one, k0,
+                                eos, jnp.int32(new), **statics)
 
-    whole = programs.decode(state, start(), jnp.int32(new), one, one, eos, **statics)
+    whole = programs.decode(state, start(), jnp.int32(new), one, one, k0, eos, sync_every=8, **statics)
     ds = start()
     for stop in range(2, new + 1):
-        ds = programs.decode(state, ds, jnp.int32(stop), one, one, eos, **statics)
+        ds = programs.decode(state, ds, jnp.int32(stop), one, one, k0, eos, sync_every=8, **statics)
         assert int(ds.step) == stop
     for name in ("step", "tokens", "offset", "done", "out"):
         np.testing.assert_array_equal(np.asarray(getattr(ds, name)), np.asarray(getattr(whole, name)), err_msg=name)
@@ -241,15 +241,34 @@ def test_decode_resumes_exactly_after_idle_steps(ckpts, fused):
         np.testing.assert_array_equal(np.asarray(v1), np.asarray(v2), err_msg=f"layer {layer} v cache")
 
 
-def test_steps_per_test_prefers_no_idle_steps():
-    f = decode_loop.steps_per_test
-    lo, hi = decode_loop.SYNC_RANGE
-    assert [f(n) for n in (0, 1, 5, 8)] == [1, 1, 5, 8]
-    assert f(255) == 17 and f(256) == 32 and f(1023) == 31  # divisors: no idle step
-    assert f(511) == 32  # no divisor in range: one idle step, the largest such count
-    for n in range(lo, 2000):
-        d = f(n)
-        assert lo <= d <= hi and (-n % d) <= min(-n % e for e in range(lo, hi + 1))
+def test_plan_calls_leave_no_idle_step():
+    f, sync = decode_loop.plan_calls, decode_loop.SYNC
+    assert f(1, 1) == [] and f(1, 2) == [(2, 1)] and f(1, 17) == [(17, sync)]
+    assert f(1, 256) == [(241, sync), (256, 1)]
+    for first in (1, 5):
+        for stop in range(first, 300):
+            calls = f(first, stop)
+            assert len(calls) <= 2 and (not calls or calls[-1][0] == stop)
+            start = first
+            for end, s in calls:  # every call runs a whole number of its blocks
+                assert (end - start) % s == 0 and end > start
+                start = end
+
+
+def test_a_new_length_or_budget_in_the_buckets_compiles_nothing(ckpts, fused):
+    """After the first call, another prompt length, token budget or sampling value within the same
+    buckets compiles nothing (the budget, the stop step and the sampling values are traced)."""
+    from jax_impl.compilation import compile_seconds
+
+    runner = _load(ckpts["awkward"], fused)
+    runner.generate([[1, 2, 3, 4, 5]], 40)  # prompt bucket 16, cache 128: both decode programs
+    runner.generate([[1, 2, 3]], 20, temperature=0.5, top_k=20, top_p=0.9, seed=1)
+    before = compile_seconds()
+    runner.generate([[7, 8, 9, 10, 11, 12, 13, 14, 15]], 37)
+    runner.generate([[7, 8]], 90)
+    runner.generate([[4, 5, 6]], 25, temperature=0.9, top_k=9, top_p=0.5, seed=3)
+    assert compile_seconds() == before, "a new length, budget or sampling value inside the buckets compiled"
+    assert runner.last_stats["compile_s"] == 0.0
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -200,14 +200,15 @@ def test_torch_sampler_draws_exactly_the_nucleus(case):
 @pytest.mark.parametrize("case", list(NUCLEUS_CASES))
 def test_jax_sampler_draws_exactly_the_nucleus(case):
     jax = pytest.importorskip("jax")
-    from jax_impl.sampling import sample
+    from jax_impl.sampling import k_cap_for, sample
 
     z, temperature, top_k, top_p, _ = NUCLEUS_CASES[case]
     logits = jax.numpy.asarray(np.tile(z, (DRAWS, 1)), dtype=jax.numpy.float32)
-    # traced as in the decode loop (and compiled once: faster than op-by-op on CPU)
-    jitted = jax.jit(sample, static_argnames=("greedy", "top_k", "use_top_p"))
+    # traced as in the decode loop (and compiled once: faster than op-by-op on CPU); top_k traced too
+    jitted = jax.jit(sample, static_argnames=("greedy", "k_cap", "use_top_p"))
     toks = jitted(logits, jax.random.key(0), jax.numpy.float32(temperature), jax.numpy.float32(top_p),
-                  greedy=False, top_k=top_k, use_top_p=top_p < 1.0)
+                  jax.numpy.int32(top_k), greedy=False, k_cap=k_cap_for(top_k, logits.shape[-1]),
+                  use_top_p=top_p < 1.0)
     _check_nucleus(case, np.asarray(toks))
 
 

@@ -253,3 +253,16 @@ def test_one_block_per_sequence_is_the_default_layout(ckpts):
     assert TorchRunner(ckpts["tiny"], dtype="float32", fused=False, block_size=4).generate(prompts, 6) == out
     with pytest.raises(ValueError, match="block_size=0"):
         TorchRunner(ckpts["tiny"], dtype="float32", fused=False, block_size=0)
+
+
+def test_new_lengths_within_the_buckets_build_nothing(ckpts):
+    """Cache rows in power-of-two buckets (at least 256) and batch buckets: other prompt lengths and
+    budgets inside them reuse the cache and the decode step (on CUDA: its captured graph)."""
+    runner = TorchRunner(ckpts["tiny"], dtype="float32", fused=False)
+    runner.generate([[1, 2, 3]], 40)
+    kv, decoders = runner.kv, dict(runner._decoders)
+    for prompt, new in (([4, 5, 6, 7, 8, 9], 100), ([1], 200), ([2, 3], 7)):
+        runner.generate([prompt], new)
+        assert runner.kv is kv and runner._decoders == decoders, (len(prompt), new)
+    runner.generate([[1] * 10], 400)  # 410 rows: the next bucket, 512
+    assert runner.kv.shape[3] == 512

@@ -3,10 +3,10 @@
 from common.cli import main
 
 
-def _load(model_dir, *, dtype, fused):
+def _load(model_dir, *, dtype, fused, **kwargs):
     from torch_impl import load
 
-    return load(model_dir, dtype=dtype, fused=fused)
+    return load(model_dir, dtype=dtype, fused=fused, **kwargs)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from common import harness, sampling as sampling_spec
+from common import buckets, harness, sampling as sampling_spec
 from common.config import Qwen3Config
 from common.weights import Checkpoint
 from torch_impl import context as ctx_mod
@@ -36,7 +36,7 @@ from torch_impl.sampling import sample
 
 log = logging.getLogger("torch_impl")
 
-ONE_BLOCK_ROUND = 256  # block_size=None: a sequence's one block has a multiple of this many rows
+MIN_BLOCK_ROWS = 256  # block_size=None: a sequence's one block has a power of two rows, at least this
 
 
 def cpu_threads() -> int:
@@ -82,7 +82,8 @@ class TorchRunner(harness.Runner):
     name = "torch"
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", device=None,
-                 block_size: int | None = None, max_cache_tokens: int | None = None, cuda_graphs: bool = True):
+                 block_size: int | None = None, max_cache_tokens: int | None = None, cuda_graphs: bool = True,
+                 warmup=None, compile_cache: bool = True):
         dtype = harness.check_dtype(dtype)
         ckpt = Checkpoint(model_dir)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -94,6 +95,8 @@ class TorchRunner(harness.Runner):
             model.load_params(ckpt.iter_params("pt", concat=lambda parts: torch.cat(parts, dim=0),
                                                convert=lambda t: t.to(device, tdtype)))
         self._setup(model, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs)
+        del compile_cache  # Triton keeps its kernels on disk itself (~/.triton/cache)
+        self.warmup_s = self.warmup(warmup) if warmup else 0.0
 
     @classmethod
     def random(cls, config, *, dtype: str = "bfloat16", fused="auto", device=None, seed: int = 0,
@@ -112,7 +115,11 @@ class TorchRunner(harness.Runner):
                     p.uniform_(1.0, 30.0, generator=g)
                 else:
                     p.uniform_(0.5, 1.5, generator=g)
-        return cls.from_model(model, **kwargs)
+        warmup = kwargs.pop("warmup", None)
+        kwargs.pop("compile_cache", None)  # Triton keeps its kernels on disk itself
+        runner = cls.from_model(model, **kwargs)
+        runner.warmup_s = runner.warmup(warmup) if warmup else 0.0
+        return runner
 
     @classmethod
     def from_model(cls, model: Qwen3ForCausalLM, **kwargs) -> "TorchRunner":
@@ -134,9 +141,22 @@ class TorchRunner(harness.Runner):
         self.block_size = block_size
         self.max_cache_tokens = max_cache_tokens
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.warmup_s = 0.0
         self.kv: torch.Tensor | None = None
         self._decoders: dict[tuple, Decoder] = {}
         self.last_stats: dict = {}
+
+    def warmup(self, shapes) -> float:
+        """Build ahead of time what each shape in `shapes` needs (Triton kernels, the KV cache, the
+        decode step's CUDA graph for its batch bucket): common.harness.warmup_shapes; returns seconds."""
+        t0 = time.perf_counter()
+        specs = harness.warmup_shapes(shapes)
+        for s in specs:
+            self.generate([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], temperature=s["temperature"],
+                          top_k=s["top_k"], top_p=s["top_p"])
+        seconds = time.perf_counter() - t0
+        log.info(f"torch_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")
+        return seconds
 
     # ----- KV cache -----------------------------------------------------------------------------
     def _block_rows(self, rows_per_seq: int, batch: int) -> int:
@@ -147,7 +167,7 @@ class TorchRunner(harness.Runner):
             return self.block_size
         if self.kv is not None and self.kv.shape[3] >= rows_per_seq and self.kv.shape[2] >= batch:
             return self.kv.shape[3]
-        return -(-rows_per_seq // ONE_BLOCK_ROUND) * ONE_BLOCK_ROUND
+        return buckets.cache_bucket(rows_per_seq, self.config.max_position_embeddings, floor=MIN_BLOCK_ROWS)
 
     def _ensure_cache(self, num_blocks: int, bs: int) -> None:
         cfg = self.config

@@ -1,0 +1,65 @@
+"""What jax compiles, and keeping it: the compile-time clock and the persistent compilation cache.
+
+- `compile_seconds()`: seconds jax has spent tracing, lowering and compiling in this process
+  (jax.monitoring events), so a call's report can keep compile time apart from prefill and decode.
+- `enable_persistent_cache()`: XLA's compiled programs kept on disk across processes in
+  `$XDG_CACHE_HOME/qwen3-fused/jax/` (else `~/.cache/qwen3-fused/jax/`), every program however small.
+  Off with `QWEN3_FUSED_COMPILE_CACHE=0` (or `load(..., compile_cache=False)`, `--no-compile-cache`);
+  a cache directory the user configured for jax already is left as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import jax
+
+log = logging.getLogger("jax_impl")
+
+ENV_OFF = "QWEN3_FUSED_COMPILE_CACHE"
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                   "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]
+_state = {"cache": None}
+
+
+def _on_duration(event: str, duration: float, **_) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+
+def compile_seconds() -> float:
+    """Seconds jax has spent tracing, lowering and compiling since this module was imported."""
+    return _compile_seconds[0]
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qwen3-fused" / "jax"
+
+
+def enable_persistent_cache(enabled: bool = True) -> Path | None:
+    """Turn on jax's persistent compilation cache in cache_dir() (once per process); returns the
+    directory in use, or None when it is off."""
+    if not enabled or os.environ.get(ENV_OFF, "1").strip().lower() in ("0", "false", "off", "no"):
+        return None
+    if _state["cache"] is not None:
+        return _state["cache"]
+    configured = jax.config.jax_compilation_cache_dir
+    path = Path(configured) if configured else cache_dir()
+    if not configured:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            log.warning(f"jax_impl: compilation cache off ({path}: {e.strerror})")
+            return None
+        jax.config.update("jax_compilation_cache_dir", str(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _state["cache"] = path
+    return path
