@@ -22,5 +22,10 @@ def prompt_bucket(tokens: int, max_positions: int) -> int:
     return min(pow2_at_least(tokens, MIN_PROMPT), max_positions)
 
 
-def cache_bucket(rows: int, max_positions: int, floor: int = MIN_CACHE_ROWS) -> int:
-    return min(pow2_at_least(rows, floor), max_positions)
+def cache_bucket(rows: int, max_positions: int, floor: int = MIN_CACHE_ROWS, half_steps: bool = False) -> int:
+    """Cache rows per sequence: a power of two (or, with half_steps, also 1.5 times one: 128, 192,
+    256, 384, 512, ...) at least `rows` and `floor`, at most max_positions."""
+    p = pow2_at_least(rows, floor)
+    if half_steps and p // 4 * 3 >= max(rows, floor):
+        p = p // 4 * 3
+    return min(p, max_positions)

@@ -12,10 +12,11 @@ import jax.numpy as jnp
 
 
 def k_cap_for(top_k: int, vocab: int) -> int:
-    """The static bound of a top-k of `top_k` (0 = off): the next power of two, at least 16."""
+    """The static bound of a top-k of `top_k` (0 = off): the next power of two, at least 64 (one
+    program for every usual top-k)."""
     if top_k <= 0:
         return 0
-    return min(vocab, max(16, 1 << (int(top_k) - 1).bit_length()))
+    return min(vocab, max(64, 1 << (int(top_k) - 1).bit_length()))
 
 
 def sample(logits, key, temperature, top_p, top_k, *, greedy: bool, k_cap: int, use_top_p: bool):
