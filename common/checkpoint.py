@@ -19,7 +19,8 @@ import numpy as np
 
 from common import progress
 from common.config import Qwen3Config
-from common.weights import INDEX_FILE, SINGLE_FILE, expected_shapes
+from common.quant import FP8_BLOCK, quantize_fp8
+from common.weights import INDEX_FILE, QUANT_SOURCES, SCALE_SUFFIX, SINGLE_FILE, expected_shapes
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -77,13 +78,18 @@ def iter_random_weights(cfg: Qwen3Config, *, seed: int = 0, std: float = 0.02, e
 
 def write_checkpoint(model_dir: str | Path, cfg: Qwen3Config, weights: dict[str, np.ndarray] | None = None,
                      *, seed: int = 0, dtype: str | None = None, shards: int = 1, tokenizer: bool = False,
-                     eos_token_id: int | None = None, **random_kwargs) -> Path:
+                     eos_token_id: int | None = None, fp8: bool = False, scale_dtype: str = "bfloat16",
+                     **random_kwargs) -> Path:
     """Write a complete checkpoint directory; returns its path.
 
     weights: tensors by Hugging Face name (default: `iter_random_weights(cfg, seed=seed, **random_kwargs)`,
     converted to the storage dtype one tensor at a time).
     dtype: storage dtype (default the config's). shards > 1 writes model-0000k-of-0000n files
     and an index, splitting by tensor in order.
+    fp8: Qwen's FP8 layout - the seven projections of every layer in e4m3 with
+    `<name>_scale_inv` 128x128 block multipliers (in `scale_dtype`), everything else in `dtype`, and
+    `quantization_config` in config.json (real Qwen3 sizes are multiples of 128; transformers infers
+    the block size from the shapes, so test configs should be too).
     """
     from safetensors.numpy import save_file
 
@@ -95,10 +101,17 @@ def write_checkpoint(model_dir: str | Path, cfg: Qwen3Config, weights: dict[str,
     with progress.bar(len(weights) if weights is not None else len(expected_shapes(cfg)), f"writing {path.name}",
                       unit="tensor") as pb:
         for k, v in items:
-            store[k] = np.ascontiguousarray(np.asarray(v).astype(_np_dtype(dtype)))
+            if fp8 and k.split(".", 3)[-1] in QUANT_SOURCES:
+                q, scale = quantize_fp8(v)
+                store[k], store[k + SCALE_SUFFIX] = q, scale.astype(_np_dtype(scale_dtype))
+            else:
+                store[k] = np.ascontiguousarray(np.asarray(v).astype(_np_dtype(dtype)))
             pb.update(1)
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = hf["dtype"] = dtype
+    if fp8:
+        hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                     "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
     if tokenizer:
         eos_token_id = write_tokenizer(path, cfg.vocab_size)
     hf["eos_token_id"] = eos_token_id
@@ -164,6 +177,7 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--realistic-norms", action="store_true", help="q/k-norm weights of tens, as real Qwen3")
     p.add_argument("--tokenizer", action="store_true", help="also write a small byte-level BPE tokenizer")
+    p.add_argument("--fp8", action="store_true", help="Qwen's FP8 layout: e4m3 projections with 128x128 block scales")
     a = p.parse_args(argv)
     import dataclasses
 
@@ -171,7 +185,7 @@ def main(argv=None) -> None:
     if a.layers:
         cfg = dataclasses.replace(cfg, num_hidden_layers=a.layers)
     write_checkpoint(a.out, cfg, seed=a.seed, dtype=a.dtype, shards=a.shards, tokenizer=a.tokenizer,
-                     norm_scale="realistic" if a.realistic_norms else "unit")
+                     norm_scale="realistic" if a.realistic_norms else "unit", fp8=a.fp8)
     print(f"wrote {a.out} ({cfg.num_parameters() / 1e6:.1f}M parameters)")
 
 

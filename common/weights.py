@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import struct
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -26,18 +25,15 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors' num
 
 from common import progress
 from common.config import ConfigError, Qwen3Config
+from common.safetensors_io import (DTYPE_BYTES, FLOAT_DTYPES, INDEX_FILE, SINGLE_FILE, TensorInfo, WeightsError,
+                                   _checkpoint_files, read_header)
+from common.quant import FORMATS, CheckpointQuant, QuantError, check_quantization, fp8_scale_shape, parse_quantization_config
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
-FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1}
-
 # ----- the plan: the one tensor-name map ---------------------------------------------------------
 
-WEIGHT_FORMATS = ("bf16",)  # the checkpoint's floating values in the model dtype (int8 and fp8 come later)
+WEIGHT_FORMATS = FORMATS  # common.quant: "bf16" (the model dtype), "int8", "fp8"
 SHARD_AXES = ("column", "row", "vocab", "replicated")
 
 
@@ -61,6 +57,7 @@ class PlanRow:
     format: str = "bf16"
     shard: str = "replicated"
     layer: bool = True
+    quantizable: bool = False  # a projection: stored int8 or fp8 when the load asks or the checkpoint is
 
     def __post_init__(self):
         if self.format not in WEIGHT_FORMATS or self.shard not in SHARD_AXES:
@@ -75,14 +72,14 @@ PLAN: tuple[PlanRow, ...] = (
     PlanRow("lm_head", ("lm_head.weight",), "lm_head.weight", shard="vocab", layer=False),  # untied only
     PlanRow("input_norm", ("input_layernorm.weight",), "input_layernorm.weight"),
     PlanRow("w_qkv", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-            "self_attn.qkv_proj.weight", ("q", "k", "v"), shard="column"),
+            "self_attn.qkv_proj.weight", ("q", "k", "v"), shard="column", quantizable=True),
     PlanRow("q_norm", ("self_attn.q_norm.weight",), "self_attn.q_norm.weight"),
     PlanRow("k_norm", ("self_attn.k_norm.weight",), "self_attn.k_norm.weight"),
-    PlanRow("w_o", ("self_attn.o_proj.weight",), "self_attn.o_proj.weight", shard="row"),
+    PlanRow("w_o", ("self_attn.o_proj.weight",), "self_attn.o_proj.weight", shard="row", quantizable=True),
     PlanRow("post_norm", ("post_attention_layernorm.weight",), "post_attention_layernorm.weight"),
     PlanRow("w_gate_up", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "mlp.gate_up_proj.weight", (0, 1),
-            shard="column"),
-    PlanRow("w_down", ("mlp.down_proj.weight",), "mlp.down_proj.weight", shard="row"),
+            shard="column", quantizable=True),
+    PlanRow("w_down", ("mlp.down_proj.weight",), "mlp.down_proj.weight", shard="row", quantizable=True),
 )
 ROWS: dict[str, PlanRow] = {row.key: row for row in PLAN}
 
@@ -123,10 +120,6 @@ def pack_layer(weights: dict[str, Any], i: int, concat: Callable[[list[Any]], An
     return out
 
 
-class WeightsError(ValueError):
-    """A checkpoint directory or tensor that does not match the config."""
-
-
 def layer_prefix(i: int) -> str:
     return f"model.layers.{i}."
 
@@ -150,81 +143,15 @@ def expected_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str  # safetensors spelling: BF16, F32, ...
-
-    @property
-    def nbytes(self) -> int:
-        n = DTYPE_BYTES.get(self.dtype, 0)
-        for s in self.shape:
-            n *= s
-        return n
+SCALE_SUFFIX = "_scale_inv"  # Qwen's FP8 checkpoints: <projection>.weight_scale_inv, the block multipliers
+QUANT_SOURCES = frozenset(src for row in PLAN if row.quantizable for src in row.sources)
 
 
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check one safetensors header (no tensor data is read)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise WeightsError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise WeightsError(f"{path}: corrupt or truncated safetensors header (claims {n} bytes, file has {size})")
-            header = json.loads(f.read(n))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot read ({e.strerror})") from None
-    if not isinstance(header, dict):
-        raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_size = size - 8 - n
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = meta["data_offsets"]
-            shape, dtype = tuple(int(s) for s in meta["shape"]), str(meta["dtype"])
-        except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"{path}: corrupt header entry for tensor {name!r}") from None
-        if end > data_size or start > end:
-            raise WeightsError(f"{path}: truncated: tensor {name!r} ends at byte {end} of the data "
-                               f"section, which holds only {data_size} bytes")
-        out[name] = TensorInfo(name, path, shape, dtype)
-    return out
-
-
-def _checkpoint_files(model_dir: Path) -> list[Path]:
-    index = model_dir / INDEX_FILE
-    if index.is_file():
-        try:
-            data = json.loads(index.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise WeightsError(f"{index}: not a valid shard index (invalid JSON: {e})") from None
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise WeightsError(f"{index}: not a valid shard index (expected a JSON object whose "
-                               f"\"weight_map\" maps tensor names to shard file names)")
-        files = []
-        for fname in dict.fromkeys(weight_map.values()):
-            path = model_dir / fname
-            if not path.is_file():
-                raise WeightsError(f"{index}: names shard {fname!r}, which does not exist in {model_dir}")
-            files.append(path)
-        return files
-    single = model_dir / SINGLE_FILE
-    if single.is_file():
-        return [single]
-    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
-        raise WeightsError(f"{model_dir}: only pickle checkpoints (*.bin/*.pt) found; they are never "
-                           f"loaded - convert to safetensors")
-    raise WeightsError(f"{model_dir}: no {SINGLE_FILE} or {INDEX_FILE}")
+def scale_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """The block-scale tensors of an FP8 checkpoint, with their shapes."""
+    shapes = expected_shapes(cfg)
+    return {name + SCALE_SUFFIX: fp8_scale_shape(shape) for name, shape in shapes.items()
+            if name.split(".", 3)[-1] in QUANT_SOURCES}
 
 
 class Checkpoint:
@@ -235,6 +162,13 @@ class Checkpoint:
         if not self.dir.is_dir():
             raise WeightsError(f"{self.dir}: model directory does not exist")
         self.config = config or Qwen3Config.from_pretrained(self.dir)
+        cfg_file = self.dir / "config.json"
+        raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        try:
+            self.quant: CheckpointQuant | None = parse_quantization_config(raw.get("quantization_config"),
+                                                                           str(cfg_file))
+        except QuantError as e:
+            raise WeightsError(str(e)) from None
         self.files = _checkpoint_files(self.dir)
         self.tensors: dict[str, TensorInfo] = {}
         for path in self.files:
@@ -247,6 +181,10 @@ class Checkpoint:
     def validate(self, *, strict: bool = True) -> None:
         want = expected_shapes(self.config)
         cfg_file = self.dir / "config.json"
+        if self.quant is not None:
+            self._validate_fp8(want, cfg_file)
+            want = {k: v for k, v in want.items() if k.split(".", 3)[-1] not in QUANT_SOURCES}
+            want.update(scale_shapes(self.config))
         for name, shape in want.items():
             info = self.tensors.get(name)
             if info is None:
@@ -258,7 +196,7 @@ class Checkpoint:
             if info.dtype not in FLOAT_DTYPES:
                 raise WeightsError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected a "
                                    f"floating dtype ({', '.join(sorted(FLOAT_DTYPES))})")
-        extra = sorted(set(self.tensors) - set(want))
+        extra = sorted(set(self.tensors) - set(want) - (set(expected_shapes(self.config)) if self.quant else set()))
         # A tied checkpoint that still stores lm_head (some exporters do) is harmless: ignore it.
         if self.config.tie_word_embeddings and "lm_head.weight" in extra:
             extra.remove("lm_head.weight")
@@ -269,38 +207,115 @@ class Checkpoint:
                 raise WeightsError(msg)
             log.warning(msg)
 
+    def _validate_fp8(self, want: dict, cfg_file: Path) -> None:
+        """The projections of an FP8 checkpoint: e4m3 values and a block-scale tensor each."""
+        for name, shape in want.items():
+            if name.split(".", 3)[-1] not in QUANT_SOURCES:
+                continue
+            info = self.tensors.get(name)
+            if info is None:
+                raise WeightsError(f"{self.dir}: missing tensor {name!r} (expected shape {list(shape)} from {cfg_file})")
+            if info.shape != shape or info.dtype != "F8_E4M3":
+                raise WeightsError(f"{info.file}: tensor {name!r} is {info.dtype} {list(info.shape)}, expected "
+                                   f"F8_E4M3 {list(shape)} (quantization_config of {cfg_file})")
+            if name + SCALE_SUFFIX not in self.tensors:
+                raise WeightsError(f"{self.dir}: missing tensor {name + SCALE_SUFFIX!r}: the block scales of "
+                                   f"{name!r} (an FP8 checkpoint, {cfg_file})")
+
     # ----- reading ------------------------------------------------------------------------------
     def read(self, name: str, framework: str = "numpy") -> Any:
-        """One tensor through safetensors' reader for `framework` ("numpy", "flax", "pt")."""
+        """One tensor through safetensors' reader for `framework` ("numpy", "flax", "pt"); fp8 tensors
+        as numpy float8_e4m3fn arrays read from the file's bytes (safetensors' numpy reader refuses them)."""
         from safetensors import SafetensorError, safe_open
 
         info = self.tensors.get(name)
         if info is None:
             raise WeightsError(f"{self.dir}: no tensor {name!r}")
+        if info.dtype == "F8_E4M3":
+            return self._read_raw(info)
         try:
             with safe_open(str(info.file), framework=framework) as f:
                 return f.get_tensor(name)
         except SafetensorError as e:
             raise WeightsError(f"{info.file}: cannot read tensor {name!r} ({e})") from None
 
+    def _read_raw(self, info: TensorInfo):
+        import numpy as np
+
+        from common.quant import E4M3
+
+        with open(info.file, "rb") as f:
+            f.seek(info.start)
+            data = f.read(info.nbytes)
+        if len(data) != info.nbytes:
+            raise WeightsError(f"{info.file}: truncated: tensor {info.name!r}")
+        return np.frombuffer(data, dtype=E4M3).reshape(info.shape)
+
+    def read_dense(self, name: str):
+        """A float32 numpy copy of HF tensor `name`, dequantized when the checkpoint stores it as fp8."""
+        import numpy as np
+
+        from common.quant import dequantize
+
+        info = self.tensors[name]
+        if info.dtype == "F8_E4M3":
+            return dequantize(self.read(name), self.read(name + SCALE_SUFFIX), "fp8")
+        return np.asarray(self.read(name), np.float32)
+
     def read_all(self, framework: str = "numpy") -> dict[str, Any]:
         """Every expected tensor by Hugging Face name (for the reference and small models)."""
         names = list(expected_shapes(self.config))
         out = {}
         with progress.bar(sum(self.tensors[n].nbytes for n in names), f"loading {self.dir.name}") as pb:
-            for name in names:
-                out[name] = self.read(name, framework)
+            for name in names:  # an FP8 checkpoint's projections dequantized (weight-only semantics)
+                out[name] = self.read_dense(name) if self.quant else self.read(name, framework)
                 pb.update(self.tensors[name].nbytes)
         return out
 
+    def weight_format(self, quantization=None) -> str:
+        """The format the projections load in: an FP8 checkpoint's own, else `quantization`, else "bf16"."""
+        try:
+            q = check_quantization(quantization)
+        except QuantError as e:
+            raise WeightsError(str(e)) from None
+        if self.quant is not None:
+            if q not in (None, "fp8"):
+                raise WeightsError(f"{self.dir}: an FP8 checkpoint; quantization={q!r} would quantize weights that "
+                                   f"are quantized already (load it as it is: quantization=None or 'fp8')")
+            return "fp8"
+        return q or "bf16"
+
+    def _quantized(self, i: int, sources, fmt: str):
+        """A projection's packed sources as a numpy QWeight in `fmt`: the FP8 checkpoint's blocks as
+        stored (each source a whole number of 128-row blocks), or quantized here from its floats."""
+        import numpy as np
+
+        from common.quant import FP8_BLOCK, QWeight, quantize
+
+        names = [layer_prefix(i) + s for s in sources]
+        if self.quant is None:
+            return QWeight(*quantize(np.concatenate([np.asarray(self.read(n), np.float32) for n in names]), fmt), fmt)
+        if len(names) > 1:
+            for n in names:
+                if self.tensors[n].shape[0] % FP8_BLOCK:
+                    raise WeightsError(f"{self.tensors[n].file}: tensor {n!r} has {self.tensors[n].shape[0]} rows, "
+                                       f"not a multiple of {FP8_BLOCK}: its blocks cannot be packed with {names}")
+        q = np.concatenate([self.read(n) for n in names])
+        scale = np.concatenate([np.asarray(self.read(n + SCALE_SUFFIX), np.float32) for n in names])
+        return QWeight(q, scale, "fp8")
+
     def iter_params(self, framework: str, concat: Callable[[list[Any]], Any],
-                    convert: Callable[[Any], Any] = lambda a: a) -> Iterator[tuple[int | None, str, Any]]:
+                    convert: Callable[[Any], Any] = lambda a: a, *, quantization=None,
+                    convert_quant: Callable[[Any], Any] = lambda w: w) -> Iterator[tuple[int | None, str, Any]]:
         """Yield (layer index or None, parameter key, array) following the packing plan.
 
         `concat` stacks a packed parameter's sources along axis 0; `convert` runs on each result
-        (cast, device placement). Only one layer's sources are alive at a time.
+        (cast, device placement). Only one layer's sources are alive at a time. The projections come
+        as numpy common.quant.QWeight through `convert_quant` when they load int8 or fp8
+        (`weight_format`): quantized here tensor by tensor, or an FP8 checkpoint's as stored.
         """
         cfg = self.config
+        fmt = self.weight_format(quantization)
         total = sum(self.tensors[n].nbytes for n in expected_shapes(cfg))
         with progress.bar(total, f"loading {self.dir.name}") as pb:
             for key, hf in GLOBAL_PLAN.items():
@@ -312,6 +327,11 @@ class Checkpoint:
             for i in range(cfg.num_hidden_layers):
                 for key, sources in LAYER_PLAN.items():
                     names = [layer_prefix(i) + s for s in sources]
+                    if fmt != "bf16" and ROWS[key].quantizable:
+                        arr = convert_quant(self._quantized(i, sources, fmt))
+                        pb.update(sum(self.tensors[n].nbytes for n in names))
+                        yield i, key, arr
+                        continue
                     parts = [self.read(n, framework) for n in names]
                     arr = parts[0] if len(parts) == 1 else concat(parts)
                     del parts

@@ -1,0 +1,134 @@
+"""Weight formats (common.quant) and quantized checkpoints (common.weights, common.checkpoint):
+int8 per channel and fp8 128x128 blocks, Qwen's FP8 layout validated and read, the reference on it
+against transformers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from common import quant
+from common.checkpoint import write_checkpoint
+from common.config import Qwen3Config
+from common.harness import load_reference
+from common.weights import SCALE_SUFFIX, Checkpoint, WeightsError, layer_prefix
+
+# every size a multiple of 128, as real Qwen3's (transformers infers the fp8 block from shapes)
+CFG = Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, dtype="bfloat16", max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def fp8_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("fp8") / "ck", CFG, seed=1, fp8=True)
+
+
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("bf16") / "ck", CFG, seed=1)
+
+
+def test_int8_round_trip_per_channel():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((37, 300)) * rng.uniform(0.01, 10, size=(37, 1))  # rows of very different scales
+    q, s = quant.quantize_int8(w)
+    assert q.dtype == np.int8 and s.shape == (37,) and q.min() >= -127
+    err = np.abs(quant.dequantize(q, s, "int8") - w)
+    assert np.all(err <= s[:, None] / 2 + 1e-6 * np.abs(w))  # half a step of its own row at most
+    assert np.all(np.abs(q).max(axis=1) == 127)  # each row's largest value uses the whole range
+
+
+def test_fp8_round_trip_in_blocks():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((200, 300)).astype(np.float32)
+    w[:128, :128] *= 1000  # one block far larger: the others keep their own scale
+    q, s = quant.quantize_fp8(w)
+    assert q.dtype == quant.E4M3 and s.shape == (2, 3)
+    back = quant.dequantize(q, s, "fp8")
+    rel = np.abs(back - w) / np.maximum(np.abs(w), 1e-3)
+    assert np.median(rel) < 0.05 and np.isfinite(back).all()
+    big = np.float32(3000.0)
+    q, s = quant.quantize_fp8(np.full((4, 4), big))  # clamped before the cast: no NaN past 464
+    assert np.isfinite(quant.dequantize(q, s, "fp8")).all()
+
+
+@pytest.mark.parametrize("cfg, needle", [
+    ({"quant_method": "gptq"}, "quant_method='gptq'"),
+    ({"quant_method": "fp8", "fmt": "e5m2"}, "fmt='e5m2'"),
+    ({"quant_method": "fp8", "weight_block_size": [64, 64]}, "weight_block_size=[64, 64]"),
+    ("fp8", "expected an object"),
+])
+def test_bad_quantization_config_is_one_error(fp8_dir, tmp_path, cfg, needle):
+    import shutil
+
+    d = shutil.copytree(fp8_dir, tmp_path / "c")
+    c = json.loads((d / "config.json").read_text())
+    c["quantization_config"] = cfg
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(WeightsError, match="quantization_config") as e:
+        Checkpoint(d)
+    assert needle in str(e.value) and str(d / "config.json") in str(e.value)
+
+
+def test_fp8_checkpoint_validates_and_reads(fp8_dir):
+    ck = Checkpoint(fp8_dir)
+    assert ck.quant.method == "fp8" and ck.weight_format() == "fp8" and ck.weight_format("fp8") == "fp8"
+    name = layer_prefix(1) + "mlp.down_proj.weight"
+    assert ck.tensors[name].dtype == "F8_E4M3" and ck.tensors[name + SCALE_SUFFIX].shape == (2, 3)
+    assert ck.read(name).dtype == quant.E4M3
+    with pytest.raises(WeightsError, match="quantized already"):
+        ck.weight_format("int8")
+    with pytest.raises(WeightsError, match="quantization='int4'"):
+        ck.weight_format("int4")
+
+
+def _rewrite(src, dst, mutate):
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    d = shutil.copytree(src, dst)
+    ck = Checkpoint(src)
+    store = {n: ck.read(n) for n in ck.tensors}
+    mutate(store)
+    save_file(store, str(d / "model.safetensors"))
+    return d
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda s: s.pop(layer_prefix(0) + "self_attn.k_proj.weight" + SCALE_SUFFIX), "block scales"),
+    (lambda s: s.__setitem__(layer_prefix(0) + "self_attn.k_proj.weight" + SCALE_SUFFIX, np.ones((3, 2), np.float32)),
+     "has shape [3, 2], expected [1, 2]"),
+    (lambda s: s.__setitem__(layer_prefix(1) + "mlp.up_proj.weight", np.ones((384, 256), np.float32)),
+     "expected F8_E4M3"),
+])
+def test_bad_fp8_tensors_are_named(fp8_dir, tmp_path, mutate, needle):
+    d = _rewrite(fp8_dir, tmp_path / "bad", mutate)
+    with pytest.raises(WeightsError) as e:
+        Checkpoint(d)
+    assert needle in str(e.value)
+
+
+def test_quantized_params_follow_the_plan(bf16_dir, fp8_dir):
+    for d, q in ((bf16_dir, "int8"), (bf16_dir, "fp8"), (fp8_dir, None)):
+        ck = Checkpoint(d)
+        got = {(layer, key): v for layer, key, v in ck.iter_params("numpy", np.concatenate, quantization=q)}
+        w = got[(0, "w_qkv")]
+        assert isinstance(w, quant.QWeight) and w.fmt == (q or "fp8") and w.q.shape == (CFG.qkv_size, 256)
+        assert isinstance(got[(0, "q_norm")], np.ndarray) and isinstance(got[(None, "embed")], np.ndarray)
+        dense = np.concatenate([ck.read_dense(layer_prefix(0) + f"self_attn.{p}_proj.weight") for p in "qkv"])
+        back = quant.dequantize(w.q, w.scale, w.fmt)
+        assert np.abs(back - dense).max() <= 0.07 * np.abs(dense).max()
+
+
+def test_reference_on_fp8_equals_transformers(fp8_dir):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")  # transformers loads FP8 checkpoints on CPU only with it
+    ref = load_reference(fp8_dir)
+    model = transformers.Qwen3ForCausalLM.from_pretrained(str(fp8_dir), dtype=torch.float32)
+    ids = [[1, 2, 3, 4, 5]]
+    want = model(torch.tensor(ids)).logits.detach().numpy()
+    np.testing.assert_allclose(ref.logits(ids), want, atol=2e-5, rtol=1e-4)
