@@ -29,6 +29,10 @@ IMPLS = {
     "jax-plain": "jax_impl, plain XLA ops",
     "torch-fused": "torch_impl, fused Triton kernels",
     "torch-plain": "torch_impl, plain torch ops",
+    "jax-int8": "jax_impl, fused, int8 weights",
+    "jax-fp8": "jax_impl, fused, fp8 weights",
+    "torch-int8": "torch_impl, fused, int8 weights",
+    "torch-fp8": "torch_impl, fused, fp8 weights",
     "hf-eager": "transformers eager, dynamic cache",
     "hf-compile": "transformers static cache + torch.compile",
 }
@@ -48,11 +52,20 @@ def kv_bytes_per_position(cfg: Qwen3Config, e: int = 2) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * e
 
 
-def decode_floor_tok_s(cfg: Qwen3Config, batch: int, prompt_len: int, new_tokens: int, copy_GBps: float) -> float:
-    """tok/s if every decode step moved only its weight and KV-cache bytes at the copy bandwidth."""
+def quantization_of(impl: str) -> str | None:
+    """"int8" / "fp8" for the quantized twins' rows (jax-int8, torch-fp8, ...), else None."""
+    kind = impl.split("-")[-1]
+    return kind if kind in ("int8", "fp8") else None
+
+
+def decode_floor_tok_s(cfg: Qwen3Config, batch: int, prompt_len: int, new_tokens: int, copy_GBps: float,
+                       quantization: str | None = None) -> float:
+    """tok/s if every decode step moved only its weight and KV-cache bytes at the copy bandwidth
+    (quantized projections: one byte per weight)."""
     steps = max(1, new_tokens - 1)
     ctx_sum = sum(prompt_len + s for s in range(1, steps + 1))  # step s attends prompt_len + s positions
-    byt = steps * cfg.decode_bytes_per_token() + batch * kv_bytes_per_position(cfg) * ctx_sum
+    weights = cfg.decode_bytes_per_token(projection_bytes=1 if quantization else None)
+    byt = steps * weights + batch * kv_bytes_per_position(cfg) * ctx_sum
     return batch * steps / (byt / (copy_GBps * 1e9))
 
 
@@ -72,9 +85,10 @@ def load_twin(impl: str, path: Path | None, cfg: Qwen3Config):
     framework, kind = impl.split("-")
     fused = False if kind == "plain" else ("auto" if _on_gpu() else True)
     twin = importlib.import_module(f"{framework}_impl")
+    quant = {"quantization": quantization_of(impl)} if quantization_of(impl) else {}
     if path is None:
-        return twin.load_random(cfg, dtype="bfloat16", fused=fused)
-    return twin.load(path, dtype="bfloat16", fused=fused)
+        return twin.load_random(cfg, dtype="bfloat16", fused=fused, **quant)
+    return twin.load(path, dtype="bfloat16", fused=fused, **quant)
 
 
 def _on_gpu() -> bool:
@@ -221,7 +235,8 @@ def free_memory() -> None:
 def base_row(impl: str, model: str, *, prompt_len: int, new_tokens: int, ceilings: dict) -> dict:
     """The fields every decode row of `impl` on `model` carries (add batch and figures or error)."""
     return dict(kind="decode", impl=impl, label=IMPLS[impl], model=model, prompt_len=prompt_len,
-                new_tokens=new_tokens, dtype="bfloat16", ceiling_copy_GBps=ceilings.get("copy_GBps"),
+                new_tokens=new_tokens, dtype="bfloat16", weights=quantization_of(impl) or "bf16",
+                ceiling_copy_GBps=ceilings.get("copy_GBps"),
                 ceiling_matmul_TFLOPs=ceilings.get("matmul_TFLOPs"))
 
 
@@ -295,7 +310,7 @@ def _fill(row: dict, res: list[dict], cfg: Qwen3Config, b: int, prompt_len: int,
                        f"{b * new_tokens}").strip()
     bw, mm = ceilings.get("copy_GBps"), ceilings.get("matmul_TFLOPs")
     if bw:
-        row["bw_floor_tok_s"] = decode_floor_tok_s(cfg, b, prompt_len, new_tokens, bw)
+        row["bw_floor_tok_s"] = decode_floor_tok_s(cfg, b, prompt_len, new_tokens, bw, quantization_of(row["impl"]))
         row["pct_bw_floor"] = 100 * row["decode_tok_s"] / row["bw_floor_tok_s"]
     if bw and mm and row.get("prefill_tok_s"):
         row["prefill_floor_tok_s"] = prefill_floor_tok_s(cfg, b, prompt_len, bw, mm)

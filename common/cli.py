@@ -95,6 +95,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "cannot run), off = plain ops")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
                    help="weights and activations")
+    p.add_argument("--quantization", choices=["none", "int8", "fp8"], default="none",
+                   help="store the projections as int8 (one scale per output channel) or fp8 e4m3 (128x128 "
+                        "blocks), weight-only: about half the weight memory and traffic; an FP8 checkpoint "
+                        "(Qwen's -FP8 releases) loads as fp8 by itself")
     p.add_argument("--warmup", metavar="BxPxN[,...]", default=None,
                    help="compile ahead of time for batch B, P prompt tokens, N new tokens (e.g. 1x512x256); "
                         "its time is reported apart (default: none)")
@@ -345,12 +349,15 @@ def _run(load_fn: Callable, args, out: TextIO, err: TextIO) -> int:
                                 top_k=kw["top_k"], top_p=kw["top_p"]) for b, l, n in parse_warmup(args.warmup)]
     if args.no_compile_cache:
         extra["compile_cache"] = False
+    if args.quantization != "none":
+        extra["quantization"] = args.quantization
     try:
         runner = load_fn(str(model_dir), dtype=args.dtype, fused=resolve_fused(args.fused), **extra)
     except (ValueError, NotImplementedError, RuntimeError, ImportError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = " (out of memory loading the weights: see docs/USER_GUIDE.md, Memory)" if is_out_of_memory(e) else ""
-        raise CLIError(f"--model {model_dir} (--dtype {args.dtype}, --fused {args.fused}): {first}{hint}") from None
+        quant = f", --quantization {args.quantization}" if args.quantization != "none" else ""
+        raise CLIError(f"--model {model_dir} (--dtype {args.dtype}, --fused {args.fused}{quant}): {first}{hint}") from None
     if getattr(runner, "warmup_s", 0):
         err.write(f"warm-up: {len(extra.get('warmup', []))} shape(s) compiled in {runner.warmup_s:.2f} s\n")
     timing = {"start": time.perf_counter()}

@@ -21,7 +21,7 @@ import numpy as np
 
 from common import reference, sampling
 from common.config import Qwen3Config
-from common.weights import Checkpoint
+from common.weights import Checkpoint, round_trip_projections
 
 FUSED_CHOICES = ("auto", True, False)
 DTYPES = ("float32", "bfloat16", "float16")
@@ -100,11 +100,15 @@ class ReferenceRunner(Runner):
 
     name = "reference"
 
-    def __init__(self, model_dir: str | Path, *, dtype=np.float64):
+    def __init__(self, model_dir: str | Path, *, dtype=np.float64, quantization=None):
         ckpt = Checkpoint(model_dir)
         self.config = ckpt.config
         self.dtype = dtype
-        self.weights = {k: np.asarray(v, dtype=dtype) for k, v in ckpt.read_all("numpy").items()}
+        self.weight_format = ckpt.weight_format(quantization)
+        weights = ckpt.read_all("numpy")
+        if ckpt.quant is None and self.weight_format != "bf16":  # what the twins compute with: q * scale
+            weights = round_trip_projections(weights, self.weight_format)
+        self.weights = {k: np.asarray(v, dtype=dtype) for k, v in weights.items()}
 
     def logits(self, token_ids) -> np.ndarray:
         ids = check_token_ids(token_ids, self.config.vocab_size)
@@ -132,8 +136,8 @@ class ReferenceRunner(Runner):
         return out
 
 
-def load_reference(model_dir: str | Path, *, dtype: str = "float64", fused="auto") -> ReferenceRunner:
-    return ReferenceRunner(model_dir, dtype=np.float32 if dtype == "float32" else np.float64)
+def load_reference(model_dir: str | Path, *, dtype: str = "float64", fused="auto", quantization=None) -> ReferenceRunner:
+    return ReferenceRunner(model_dir, dtype=np.float32 if dtype == "float32" else np.float64, quantization=quantization)
 
 
 # name -> "module:function" with the load() signature; imported lazily.

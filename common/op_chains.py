@@ -36,12 +36,14 @@ class Case:
     ctx: int = 1024
     layout: str | None = None
     k: int | None = None
+    fmt: str | None = None  # the projections' weights: None (bf16), "int8" or "fp8" (common.quant)
 
     @property
     def label(self) -> str:
         extra = f" ctx={self.ctx}" if self.op == "decode_attention" else ""
         extra += f" {self.layout}" if self.layout else ""
         extra += f" k={self.k}" if self.k else ""
+        extra += f" {self.fmt}" if self.fmt else ""
         return f"{self.op} {self.model} {self.phase} T={self.tokens}{extra}"
 
     def in_features(self) -> int:
@@ -52,8 +54,9 @@ def layer_bytes(c: Case) -> int:
     """Bytes of the buffers each layer of the chain owns (weights; the KV cache for attention)."""
     cfg = c.cfg
     h, hq, hkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    return {"rmsnorm_qkv": E * (hq + 2 * hkv) * d * h, "mlp": E * 3 * cfg.intermediate_size * h,
-            "linear_residual": E * h * c.in_features(), "decode_attention": E * 2 * c.tokens * c.ctx * hkv * d,
+    w = 1 if c.fmt else E  # quantized weights: one byte each
+    return {"rmsnorm_qkv": w * (hq + 2 * hkv) * d * h, "mlp": w * 3 * cfg.intermediate_size * h,
+            "linear_residual": w * h * c.in_features(), "decode_attention": E * 2 * c.tokens * c.ctx * hkv * d,
             "prefill_attention": E * 2 * c.tokens * hkv * d, "rms_norm": E * h}[c.op]
 
 
@@ -96,6 +99,20 @@ class _Arrays:
         t = self.torch.randn(tuple(shape), generator=self.gen, device=self.device, dtype=self.torch.float32)
         return (offset + t * scale).to(self.torch.bfloat16)
 
+    def weight(self, shape, scale, fmt: str | None):
+        """A bf16 weight N(0, scale^2), or its common.quant QWeight in `fmt` (one scale: speed only)."""
+        if fmt is None:
+            return self.normal(shape, scale)
+        self.count += 1
+        if self.fw == "jax":
+            from jax_impl.arrays import random_qweight
+
+            w = self.jax.random.normal(self.jax.random.fold_in(self.base, self.count), tuple(shape)) * scale
+            return random_qweight(w, fmt)
+        from torch_impl.quant_loading import random_qweight
+
+        return random_qweight(tuple(shape), fmt, self.gen, self.device, scale)
+
     def ints(self, values):
         if self.fw == "jax":
             return self.jnp.asarray(values, self.jnp.int32)
@@ -137,13 +154,13 @@ def setup(c: Case, n: int, fw: str, device):
     norm_w = lambda size: a.normal((size,), 0.1, 1.0)  # noqa: E731
     if c.op == "mlp":
         i = cfg.intermediate_size
-        layers = [dict(nw=norm_w(h), gu=a.normal((2 * i, h), h ** -0.5), dn=a.normal((h, i), i ** -0.5))
+        layers = [dict(nw=norm_w(h), gu=a.weight((2 * i, h), h ** -0.5, c.fmt), dn=a.weight((h, i), i ** -0.5, c.fmt))
                   for _ in range(n)]
         return a.normal((t, h)), layers, {}, lambda ops: (
             lambda x, _, L, S: ops.mlp(x, L["nw"], L["gu"], L["dn"], x, eps=eps))
     if c.op == "linear_residual":
         k = c.in_features()
-        layers = [dict(w=a.normal((h, k), k ** -0.5)) for _ in range(n)]
+        layers = [dict(w=a.weight((h, k), k ** -0.5, c.fmt)) for _ in range(n)]
         return a.normal((t, h)), layers, dict(x=a.normal((t, k))), lambda ops: (
             lambda r, _, L, S: ops.linear_residual(S["x"], L["w"], r))
     if c.op == "rms_norm":
@@ -153,8 +170,8 @@ def setup(c: Case, n: int, fw: str, device):
         pos = [c.ctx - 1] * t if c.phase == "decode" else list(range(t))
         shared = dict(cos_sin=a.rope_table(max(c.ctx, t) + 1, d, cfg.rope_theta),
                       meta=AttentionMeta(positions=a.ints(pos), slots=a.ints(list(range(t)))))
-        layers = [dict(nw=norm_w(h), w=a.normal(((hq + 2 * hkv) * d, h), h ** -0.5), qn=norm_w(d), kn=norm_w(d))
-                  for _ in range(n)]
+        layers = [dict(nw=norm_w(h), w=a.weight(((hq + 2 * hkv) * d, h), h ** -0.5, c.fmt), qn=norm_w(d),
+                       kn=norm_w(d)) for _ in range(n)]
         caches = tuple((a.normal((t, 1, hkv, d)), a.normal((t, 1, hkv, d))) for _ in range(n))
 
         def body_for(ops):

@@ -37,6 +37,10 @@ class QWeight:
     scale: Any
     fmt: str
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.q.shape)
+
 
 class QuantError(ValueError):
     """A quantization setting or quantized checkpoint that cannot be used."""
@@ -80,6 +84,18 @@ def check_quantization(name) -> str | None:
     if name not in QUANTIZATIONS:
         raise QuantError(f"quantization={name!r}: expected one of {', '.join(QUANTIZATIONS)} (or None)")
     return name
+
+
+def check_fp8_sizes(cfg, source: str) -> None:
+    """fp8 weights of a config: each packed projection's parts whole 128-row blocks (a block may not
+    straddle q and k, or gate and up), as in every Qwen3 release."""
+    for name, size in (("num_attention_heads * head_dim", cfg.q_size), ("num_key_value_heads * head_dim",
+                                                                         cfg.kv_size),
+                       ("intermediate_size", cfg.intermediate_size)):
+        if size % FP8_BLOCK:
+            raise QuantError(f"{source}: {name}={size} is not a multiple of {FP8_BLOCK}: fp8 weights are stored in "
+                             f"{FP8_BLOCK}x{FP8_BLOCK} blocks, which may not straddle two packed projections "
+                             f"(use quantization='int8')")
 
 
 def fp8_scale_shape(shape: tuple[int, int]) -> tuple[int, int]:

@@ -18,6 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from common.config import Qwen3Config
+from common.quant import QWeight, dequantize
 
 F64 = np.float64
 
@@ -58,7 +59,7 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, positions, *, num_heads: i
     """
     t = x.shape[0]
     h = rms_norm(x, norm_w, eps, dtype=dtype)
-    qkv = h @ _f(w_qkv, dtype).T
+    qkv = h @ dequantized(w_qkv, dtype).T
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     q = qkv[:, :q_size].reshape(t, num_heads, head_dim)
     k = qkv[:, q_size:q_size + kv_size].reshape(t, num_kv_heads, head_dim)
@@ -125,9 +126,9 @@ def silu(x):
 
 def mlp(x, w_gate_up, w_down, *, dtype=F64):
     """down(silu(gate(x)) * up(x)); w_gate_up [2*I, hidden] = [gate; up], w_down [hidden, I]."""
-    gu = _f(x, dtype) @ _f(w_gate_up, dtype).T
+    gu = _f(x, dtype) @ dequantized(w_gate_up, dtype).T
     inter = gu.shape[-1] // 2
-    return (silu(gu[..., :inter]) * gu[..., inter:]) @ _f(w_down, dtype).T
+    return (silu(gu[..., :inter]) * gu[..., inter:]) @ dequantized(w_down, dtype).T
 
 
 def mlp_block(x, norm_w, w_gate_up, w_down, residual, eps: float, *, dtype=F64):
@@ -136,9 +137,17 @@ def mlp_block(x, norm_w, w_gate_up, w_down, residual, eps: float, *, dtype=F64):
     return out if residual is None else _f(residual, dtype) + out
 
 
+def dequantized(w, dtype=F64) -> np.ndarray:
+    """The float weight a projection stands for: an array as it is, a common.quant.QWeight as
+    q * scale (int8: one scale per output row; fp8: one per 128 x 128 block)."""
+    if isinstance(w, QWeight):
+        return dequantize(np.asarray(w.q), np.asarray(w.scale), w.fmt, dtype)
+    return _f(w, dtype)
+
+
 def linear_residual(x, w, residual, *, dtype=F64):
     """residual + x @ w.T (residual None: the product alone); x [T, K], w [N, K] (o_proj: K = Hq*D)."""
-    out = _f(x, dtype) @ _f(w, dtype).T
+    out = _f(x, dtype) @ dequantized(w, dtype).T
     return out if residual is None else _f(residual, dtype) + out
 
 

@@ -26,11 +26,17 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # ----- fused or plain -----------------------------------------------------------------------------
 
-def default_path(kernel: str, framework: str, device: Device, shape: dict) -> str:
+FP8_MIN_CAPABILITY = (8, 9)  # the first GPUs whose compilers convert e4m3 values (Ada, Hopper)
+
+
+def default_path(kernel: str, framework: str, device: Device, shape: dict, dtype: str = "bfloat16") -> str:
     """torch_impl: every kernel, everywhere its kernels run. jax_impl: attention always; the
     projections at one token per step, rmsnorm_qkv also up to 16 tokens below hidden 4096; plain
     XLA beyond (XLA's matmuls measured faster there: 8B mlp at 8 tokens 320 vs 114 us); the final
-    norm in XLA, which fuses it into the head's product."""
+    norm in XLA, which fuses it into the head's product. fp8 weights (dtype "<activations>-fp8")
+    below compute capability 8.9: plain (the framework dequantizes; the kernels cannot convert e4m3)."""
+    if dtype.endswith("-fp8") and device.is_gpu and device.capability < FP8_MIN_CAPABILITY:
+        return "plain"
     if framework == "torch":
         return "fused"
     if kernel in ("decode_attention", "prefill_attention"):

@@ -304,7 +304,7 @@ def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items
             if tiles is None and kind is not None:  # a "plain" entry: the kernel's tiles when it is forced
                 tiles = tile_rules.default_tiles(kernel, framework, device, dtype, shape)
             return Choice(chosen_path, tiles, source, key)
-    path = tile_rules.default_path(kernel, framework, device, shape)
+    path = tile_rules.default_path(kernel, framework, device, shape, dtype)
     tiles = tile_rules.default_tiles(kernel, framework, device, dtype, shape) if KERNEL_TILES[kernel] else None
     return Choice(path, tiles, "default", key)
 

@@ -46,6 +46,9 @@ def parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=None, help="stop after this many seconds (a rerun resumes)")
     p.add_argument("--out", type=Path, default=None, help="table to write (default: your table for this GPU)")
     p.add_argument("--redo", action="store_true", help="measure entries the table already has")
+    p.add_argument("--quantization", choices=["none", "int8", "fp8"], default="none",
+                   help="tune the projections on int8 or fp8 weights (their own table rows, dtype "
+                        "'bfloat16-int8' / 'bfloat16-fp8')")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in the interpreters (tests)")
     return p
 
@@ -57,19 +60,24 @@ class Job:
     shape: dict  # the lookup's shape of `kernel`
 
 
-def jobs_for(name: str, cfg: Qwen3Config, kernels, batches, contexts, prefill, framework: str) -> list[Job]:
+QUANTIZED_KERNELS = ("linear_residual", "rmsnorm_qkv", "mlp_gate_up")  # the kernels that read the weights
+
+
+def jobs_for(name: str, cfg: Qwen3Config, kernels, batches, contexts, prefill, framework: str,
+             fmt: str | None = None) -> list[Job]:
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     out = []
     for m in batches:
         if "linear_residual" in kernels:  # the MLP's down projection first: mlp's candidates use its best
-            out.append(Job("linear_residual", Case(name, cfg, "linear_residual", "decode", m, k=i), dict(m=m, n=h, k=i)))
-            out.append(Job("linear_residual", Case(name, cfg, "linear_residual", "decode", m),
+            out.append(Job("linear_residual", Case(name, cfg, "linear_residual", "decode", m, k=i, fmt=fmt),
+                           dict(m=m, n=h, k=i)))
+            out.append(Job("linear_residual", Case(name, cfg, "linear_residual", "decode", m, fmt=fmt),
                            dict(m=m, n=h, k=cfg.q_size)))
         if "rmsnorm_qkv" in kernels:
-            out.append(Job("rmsnorm_qkv", Case(name, cfg, "rmsnorm_qkv", "decode", m),
+            out.append(Job("rmsnorm_qkv", Case(name, cfg, "rmsnorm_qkv", "decode", m, fmt=fmt),
                            dict(m=m, n=cfg.qkv_size, k=h, head_dim=d)))
         if "mlp_gate_up" in kernels:
-            out.append(Job("mlp_gate_up", Case(name, cfg, "mlp", "decode", m), dict(m=m, n=2 * i, k=h)))
+            out.append(Job("mlp_gate_up", Case(name, cfg, "mlp", "decode", m, fmt=fmt), dict(m=m, n=2 * i, k=h)))
         if "rms_norm" in kernels:
             out.append(Job("rms_norm", Case(name, cfg, "rms_norm", "decode", m), dict(m=m, n=h)))
         if "decode_attention" in kernels:
@@ -162,6 +170,10 @@ def main(framework: str, argv=None) -> int:
     unknown = [k for k in kernels if k not in KERNEL_OP]
     if unknown:
         raise SystemExit(f"--kernels {unknown[0]}: unknown; expected some of {', '.join(KERNEL_OP)}")
+    fmt = None if a.quantization == "none" else a.quantization
+    if fmt:  # only the projections read the weights
+        kernels = [k for k in kernels if k in QUANTIZED_KERNELS]
+    dtype = "bfloat16" if fmt is None else f"bfloat16-{fmt}"
     lib = importlib.import_module(f"{framework}_impl.kernels._lib")
     if framework == "torch":
         import torch
@@ -182,8 +194,8 @@ def main(framework: str, argv=None) -> int:
     tuner = Tuner(framework, device, info, out, plan, a.smoke)
     done = set() if a.redo else tuner.done()
     todo = [j for name, cfg in cfgs for j in jobs_for(name, cfg, kernels, _ints(a.batch), _ints(a.contexts),
-                                                        _ints(a.prefill), framework)
-            if tiles.shape_key(j.kernel, "bfloat16", j.shape) not in done]
+                                                        _ints(a.prefill), framework, fmt)
+            if tiles.shape_key(j.kernel, dtype, j.shape) not in done]
     deadline = time.monotonic() + a.budget_s if a.budget_s else None
     total = sum(1 + len(tile_rules.candidates(j.kernel, framework, info, j.shape, smoke=a.smoke)) for j in todo)
     progress.note(f"{framework}_impl.tune on {info.name}: {len(todo)} shapes to tune ({len(done)} in {out} already)")
@@ -192,6 +204,6 @@ def main(framework: str, argv=None) -> int:
             if deadline is not None and time.monotonic() > deadline:
                 progress.note("budget spent: rerun the same command to go on")
                 break
-            progress.note(tuner.run(job, "bfloat16", bar, deadline))
+            progress.note(tuner.run(job, dtype, bar, deadline))
     print(out)
     return 0

@@ -27,7 +27,8 @@ from common import progress
 from common.config import ConfigError, Qwen3Config
 from common.safetensors_io import (DTYPE_BYTES, FLOAT_DTYPES, INDEX_FILE, SINGLE_FILE, TensorInfo, WeightsError,
                                    _checkpoint_files, read_header)
-from common.quant import FORMATS, CheckpointQuant, QuantError, check_quantization, fp8_scale_shape, parse_quantization_config
+from common.quant import (FORMATS, CheckpointQuant, QuantError, check_fp8_sizes, check_quantization, fp8_scale_shape,
+                          parse_quantization_config)
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,16 @@ def expected_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
 
 SCALE_SUFFIX = "_scale_inv"  # Qwen's FP8 checkpoints: <projection>.weight_scale_inv, the block multipliers
 QUANT_SOURCES = frozenset(src for row in PLAN if row.quantizable for src in row.sources)
+
+
+def round_trip_projections(weights: dict, fmt: str) -> dict:
+    """HF-named float weights with each projection replaced by its `fmt` quantization, dequantized
+    (float32): what a model loaded with quantization=fmt multiplies by. Per source tensor: int8 rows
+    and fp8 blocks never straddle two sources (packed sizes are whole 128-row blocks)."""
+    from common.quant import dequantize, quantize
+
+    return {k: (dequantize(*quantize(v, fmt), fmt) if k.split(".", 3)[-1] in QUANT_SOURCES else v)
+            for k, v in weights.items()}
 
 
 def scale_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
@@ -282,7 +293,12 @@ class Checkpoint:
             if q not in (None, "fp8"):
                 raise WeightsError(f"{self.dir}: an FP8 checkpoint; quantization={q!r} would quantize weights that "
                                    f"are quantized already (load it as it is: quantization=None or 'fp8')")
-            return "fp8"
+            q = "fp8"
+        if q == "fp8":
+            try:
+                check_fp8_sizes(self.config, str(self.dir / "config.json"))
+            except QuantError as e:
+                raise WeightsError(str(e)) from None
         return q or "bf16"
 
     def _quantized(self, i: int, sources, fmt: str):

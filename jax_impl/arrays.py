@@ -15,3 +15,37 @@ def precision_for(dtype):
     TF32 for them (a float32 model would drift ~1e-3 from transformers'); bf16 operands use the
     tensor cores as they are."""
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+# common.quant.QWeight (a quantized weight: q, scale, fmt) as a pytree: q and scale are leaves.
+from common.quant import FP8_BLOCK, QWeight  # noqa: E402
+
+jax.tree_util.register_dataclass(QWeight, data_fields=["q", "scale"], meta_fields=["fmt"])
+
+
+def dense(w, dtype):
+    """The weight [out, in] in `dtype`: a plain array as it is, a QWeight dequantized (int8: one scale
+    per output row; fp8: one per 128 x 128 block), as common.quant.dequantize."""
+    if not isinstance(w, QWeight):
+        return w
+    q = w.q.astype(jnp.float32)
+    if w.fmt == "int8":
+        return (q * w.scale[:, None]).astype(dtype)
+    s = jnp.repeat(jnp.repeat(w.scale, FP8_BLOCK, axis=0), FP8_BLOCK, axis=1)[:q.shape[0], :q.shape[1]]
+    return (q * s).astype(dtype)
+
+
+def weight_shape(w) -> tuple[int, ...]:
+    return tuple((w.q if isinstance(w, QWeight) else w).shape)
+
+
+def random_qweight(w, fmt: str) -> QWeight:
+    """A QWeight for random float32 values `w` (benchmarks without a checkpoint): one scale for the
+    whole tensor, 4.5 standard deviations at the format's largest value, laid out as common.quant's."""
+    limit = {"int8": 127.0, "fp8": 448.0}[fmt]
+    s = jnp.float32(4.5) * jnp.std(w) / limit
+    q = jnp.clip(w / s, -limit, limit)
+    if fmt == "int8":
+        return QWeight(jnp.rint(q).astype(jnp.int8), jnp.full((w.shape[0],), s, jnp.float32), fmt)
+    blocks = (-(-w.shape[0] // FP8_BLOCK), -(-w.shape[1] // FP8_BLOCK))
+    return QWeight(q.astype(jnp.float8_e4m3fn), jnp.full(blocks, s, jnp.float32), fmt)

@@ -42,14 +42,14 @@ class DecoderLayer(nnx.Module):
 
     def qkv(self, ops: Ops, x, cos_sin, k_cache, v_cache, meta: AttentionMeta):
         cfg = self.cfg
-        return ops.rmsnorm_qkv(x, self.input_norm[...], self.w_qkv[...], self.q_norm[...], self.k_norm[...],
+        return ops.rmsnorm_qkv(x, self.input_norm[...], self.w_qkv.get_value(), self.q_norm[...], self.k_norm[...],
                                cos_sin, k_cache, v_cache, meta, num_heads=cfg.num_attention_heads,
                                num_kv_heads=cfg.num_key_value_heads, eps=cfg.rms_norm_eps)
 
     def finish(self, ops: Ops, attn, x):
         """o_proj + residual, then the MLP block (with its residual)."""
-        x = ops.linear_residual(attn, self.w_o[...], x)
-        return ops.mlp(x, self.post_norm[...], self.w_gate_up[...], self.w_down[...], x, eps=self.cfg.rms_norm_eps)
+        x = ops.linear_residual(attn, self.w_o.get_value(), x)
+        return ops.mlp(x, self.post_norm[...], self.w_gate_up.get_value(), self.w_down.get_value(), x, eps=self.cfg.rms_norm_eps)
 
 
 class Qwen3(nnx.Module):

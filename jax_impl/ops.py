@@ -20,6 +20,7 @@ import jax
 from common import tiles as tiles_mod
 from common.config import Qwen3Config
 from common.ops import OP_NAMES, Ops, kernel_shape
+from common.quant import QWeight
 from jax_impl import plain
 
 log = logging.getLogger("jax_impl")
@@ -53,7 +54,8 @@ def _per_shape(name: str, fused, plain_fn):
 
     def op(*args, **kwargs):
         kernel, shape = kernel_shape(name, args, kwargs)
-        use = choose(kernel, args[0].dtype, **shape).path == "fused"
+        fmt = next((a.fmt for a in args if isinstance(a, QWeight)), None)  # quantized weights: own table rows
+        use = choose(kernel, args[0].dtype, fmt, **shape).path == "fused"
         return (fused if use else plain_fn)(*args, **kwargs)
 
     op.__name__ = op.__qualname__ = name

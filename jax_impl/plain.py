@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jax_impl.arrays import precision_for
+from jax_impl.arrays import dense, precision_for
 
 F32 = jnp.float32
 
@@ -28,7 +28,8 @@ def rms_norm(x, weight, eps: float):
 
 
 def matmul_f32(x, w):
-    """x @ w.T with w in the [out, in] layout, accumulated and returned in float32.
+    """x @ w.T with w in the [out, in] layout (or a quantized QWeight, dequantized to x.dtype: XLA
+    fuses that into the product), accumulated and returned in float32.
 
     A single token row (batch-1 decode) is written as multiply-and-reduce: XLA's row-reduction
     emitter streams the weight faster than its GEMV on the H100 (Qwen3-8B batch-1 decode 171 tok/s
@@ -36,7 +37,8 @@ def matmul_f32(x, w):
     RMSNorm into the same kernel.
     """
     if x.ndim == 2 and x.shape[0] == 1:
-        return jnp.sum(x.astype(F32)[:, None, :] * w.astype(F32)[None], axis=-1)
+        return jnp.sum(x.astype(F32)[:, None, :] * dense(w, F32).astype(F32)[None], axis=-1)
+    w = dense(w, x.dtype)
     return jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision_for(x.dtype),
                                preferred_element_type=F32)
 

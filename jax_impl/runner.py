@@ -14,40 +14,51 @@ from flax import nnx
 
 from common import buckets, harness, sampling
 from common.config import Qwen3Config
+from common.quant import QWeight, check_fp8_sizes, check_quantization
+from common.tile_rules import FP8_MIN_CAPABILITY
 from common.weights import Checkpoint
 from jax_impl import decode_loop
+from jax_impl.arrays import random_qweight
 from jax_impl.compilation import compile_seconds, enable_persistent_cache
 from jax_impl.model import Qwen3, init_caches
-from jax_impl.ops import choose_ops
+from jax_impl.ops import choose_ops, gpu_capability
 from jax_impl.sampling import k_cap_for
 
 log = logging.getLogger("jax_impl")
 
 EOS_SLOTS = 8  # eos ids are padded to a multiple of this (a new eos list compiles nothing)
 
-def load_params(ckpt: Checkpoint, dtype) -> dict:
-    """Stream the checkpoint into device arrays following common.weights' packing plan."""
+def load_params(ckpt: Checkpoint, dtype, quantization=None) -> dict:
+    """Stream the checkpoint into device arrays following common.weights' packing plan; the
+    projections as QWeight (int8 or fp8 values and float32 scales) when they load quantized."""
     params: dict = {"layers": [{} for _ in range(ckpt.config.num_hidden_layers)]}
     convert = lambda a: jnp.asarray(a, dtype=dtype)  # noqa: E731
+    convert_quant = lambda w: QWeight(jnp.asarray(w.q), jnp.asarray(w.scale, jnp.float32), w.fmt)  # noqa: E731
     for layer, key, arr in ckpt.iter_params("flax", concat=lambda parts: jnp.concatenate(parts, axis=0),
-                                            convert=convert):
+                                            convert=convert, quantization=quantization,
+                                            convert_quant=convert_quant):
         (params if layer is None else params["layers"][layer])[key] = arr
     return params
 
 
-def random_params(cfg, dtype, seed: int = 0) -> dict:
+def random_params(cfg, dtype, seed: int = 0, quantization=None) -> dict:
     """Parameters in the plan's packed layout with random values made on the device (no checkpoint):
-    N(0, 0.02) matrices, unit norms, q/k-norm weights of tens (as real Qwen3's)."""
+    N(0, 0.02) matrices, unit norms, q/k-norm weights of tens (as real Qwen3's); with `quantization`,
+    the projections as QWeight of N(0, 0.02) values at one scale (speed, not accuracy)."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     keys = iter(jax.random.split(jax.random.key(seed), 4 * cfg.num_hidden_layers + 2))
+    fmt = check_quantization(quantization)
+    if fmt == "fp8":
+        check_fp8_sizes(cfg, "config")
 
-    def randn(shape):
-        return (jax.random.normal(next(keys), shape, jnp.float32) * 0.02).astype(dtype)
+    def randn(shape, quantizable=False):
+        w = jax.random.normal(next(keys), shape, jnp.float32) * 0.02
+        return random_qweight(w, fmt) if quantizable and fmt else w.astype(dtype)
 
     layers = [dict(input_norm=jnp.ones((h,), dtype), post_norm=jnp.ones((h,), dtype),
                    q_norm=jnp.full((d,), 20.0, dtype), k_norm=jnp.full((d,), 40.0, dtype),
-                   w_qkv=randn((cfg.qkv_size, h)), w_o=randn((h, cfg.q_size)),
-                   w_gate_up=randn((2 * i, h)), w_down=randn((h, i)))
+                   w_qkv=randn((cfg.qkv_size, h), True), w_o=randn((h, cfg.q_size), True),
+                   w_gate_up=randn((2 * i, h), True), w_down=randn((h, i), True))
               for _ in range(cfg.num_hidden_layers)]
     params = dict(embed=randn((cfg.vocab_size, h)), final_norm=jnp.ones((h,), dtype), layers=layers)
     if not cfg.tie_word_embeddings:
@@ -59,22 +70,31 @@ class JaxRunner(harness.Runner):
     name = "jax"
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", warmup=None,
-                 compile_cache: bool = True):
+                 compile_cache: bool = True, quantization=None):
         ckpt = Checkpoint(model_dir)
-        self._setup(ckpt.config, lambda dt: load_params(ckpt, dt), dtype, fused, warmup, compile_cache)
+        self.weight_format = ckpt.weight_format(quantization)
+        self._setup(ckpt.config, lambda dt: load_params(ckpt, dt, quantization), dtype, fused, warmup, compile_cache)
 
     @classmethod
     def random(cls, config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, warmup=None,
-               compile_cache: bool = True) -> "JaxRunner":
+               compile_cache: bool = True, quantization=None) -> "JaxRunner":
         """A runner over random weights of `config` (a Qwen3Config or a preset name), made on the device."""
         cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
         runner = cls.__new__(cls)
-        runner._setup(cfg, lambda dt: random_params(cfg, dt, seed), dtype, fused, warmup, compile_cache)
+        runner.weight_format = check_quantization(quantization) or "bf16"
+        runner._setup(cfg, lambda dt: random_params(cfg, dt, seed, quantization), dtype, fused, warmup,
+                      compile_cache)
         return runner
 
     def _setup(self, cfg, params_for, dtype: str, fused, warmup, compile_cache: bool) -> None:
         self.dtype = harness.check_dtype(dtype)
         self.config = cfg
+        if self.weight_format != "bf16":
+            log.info(f"jax_impl: projections in {self.weight_format} (weight-only; activations {self.dtype})")
+            cc = gpu_capability()
+            if self.weight_format == "fp8" and cc is not None and cc < FP8_MIN_CAPABILITY:
+                log.info(f"jax_impl: compute capability {cc[0]}.{cc[1]} cannot convert e4m3 in kernels: the fp8 "
+                         f"projections dequantize in XLA")
         self.compile_cache = enable_persistent_cache(compile_cache)
         ops = choose_ops(cfg, harness.resolve_fused(fused), self.dtype)
         self.model = Qwen3(cfg, params_for(jnp.dtype(dtype)), ops)
@@ -220,13 +240,16 @@ def _sampling_defaults(kw: dict) -> dict:
 
 
 def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", warmup=None,
-         compile_cache: bool = True) -> JaxRunner:
+         compile_cache: bool = True, quantization=None) -> JaxRunner:
     """warmup: (batch, prompt tokens, new tokens) shapes compiled at load; compile_cache: jax's
-    persistent compilation cache (jax_impl/compilation.py)."""
-    return JaxRunner(model_dir, dtype=dtype, fused=fused, warmup=warmup, compile_cache=compile_cache)
+    persistent compilation cache (jax_impl/compilation.py); quantization: None, "int8" or "fp8"
+    (weight-only, common.quant; an FP8 checkpoint loads as fp8 by itself)."""
+    return JaxRunner(model_dir, dtype=dtype, fused=fused, warmup=warmup, compile_cache=compile_cache,
+                     quantization=quantization)
 
 
 def load_random(config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, warmup=None,
-                compile_cache: bool = True) -> JaxRunner:
+                compile_cache: bool = True, quantization=None) -> JaxRunner:
     """A runner over random weights of a preset name or Qwen3Config (benchmarks, tuning: no checkpoint)."""
-    return JaxRunner.random(config, dtype=dtype, fused=fused, seed=seed, warmup=warmup, compile_cache=compile_cache)
+    return JaxRunner.random(config, dtype=dtype, fused=fused, seed=seed, warmup=warmup, compile_cache=compile_cache,
+                            quantization=quantization)

@@ -79,7 +79,9 @@ def test_smoke_decode_rows(smoke):
         assert r["generated"] == r["batch"] * r["new_tokens"], r
         assert r["bw_floor_tok_s"] > 0 and r["pct_bw_floor"] > 0 and r["prefill_tok_s"] > 0, r
     impls = {r["impl"] for r in _rows(doc, kind="decode")}
-    assert impls == {"jax-fused", "jax-plain", "torch-fused", "torch-plain", "hf-eager", "hf-compile"}, impls
+    assert impls == {"jax-fused", "jax-plain", "torch-fused", "torch-plain", "hf-eager", "hf-compile", "jax-int8",
+                     "jax-fp8", "torch-int8", "torch-fp8"}, impls
+    assert {r["weights"] for r in _rows(doc, kind="decode") if r["impl"].endswith("fp8")} == {"fp8"}
     # The impls --smoke skips by design (SMOKE_SKIP) say so; every other row ran: figures, no error.
     from bench.__main__ import SMOKE_SKIP
 

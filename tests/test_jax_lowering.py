@@ -92,3 +92,33 @@ def test_split_variants_lower_for_cuda():
     assert _lower(fn, *avals, **static, tiles=MatmulTiles(4, 8, 128)).count(TRITON_CALL) == 2
     fn, avals, static = ops["decode_attention"]
     assert TRITON_CALL in _lower(fn, *avals, tiles=AttentionTiles(block_kv=128, num_splits=16))
+
+
+def _qweight(shape, fmt):
+    from common.quant import QWeight, fp8_scale_shape
+
+    if fmt == "int8":
+        return QWeight(S(shape, jnp.int8), S(shape[:1], jnp.float32), fmt)
+    return QWeight(S(shape, jnp.float8_e4m3fn), S(fp8_scale_shape(shape), jnp.float32), fmt)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8"])
+@pytest.mark.parametrize("tokens", TOKENS)
+@pytest.mark.parametrize("preset", ["Qwen3-0.6B", "Qwen3-8B", "Qwen3-32B"])
+def test_quantized_projections_lower_for_cuda(preset, tokens, fmt):
+    """The projections on int8 and fp8 weights (common.quant) lower at the default tiles and at
+    chunks shorter and longer than a 128-column block."""
+    from common.tiles import MatmulTiles
+
+    cfg = PRESETS[preset]
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    ops = _ops(cfg, tokens)
+    quantized = {"rmsnorm_qkv": {2: (cfg.qkv_size, h)}, "mlp": {2: (2 * i, h), 3: (h, i)},
+                 "linear_residual": {1: (h, cfg.q_size)}}
+    m = 1 if tokens == 1 else 16
+    for name, weights in quantized.items():
+        fn, avals, static = ops[name]
+        avals = tuple(_qweight(weights[j], fmt) if j in weights else a for j, a in enumerate(avals))
+        for tiles in (None, MatmulTiles(m, 16, 64), MatmulTiles(m, 16 if m == 1 else 64, 256)):
+            text = _lower(fn, *avals, **static, tiles=tiles)
+            assert TRITON_CALL in text, f"{name} ({preset}, T={tokens}, {fmt}, tiles={tiles}): no Triton kernel"

@@ -93,6 +93,18 @@ def test_jax_default_path_keeps_xla_where_it_measured_faster():
     assert tiles.lookup("mlp_gate_up", "torch", d, dtype="bfloat16", m=4, n=6144, k=1024).path == "fused"
 
 
+def test_quantized_weights_have_their_own_keys_and_fp8_needs_sm89():
+    """Projections on int8/fp8 weights look up "<dtype>-<format>" rows; fp8 runs plain where the
+    compilers cannot convert e4m3 (compute capability < 8.9), in both twins."""
+    key = tiles.lookup("linear_residual", "torch", FAKES[1], dtype="bfloat16-int8", m=1, n=1024, k=2048).key
+    assert key.endswith("/bfloat16-int8")
+    shape = dict(m=1, n=1024, k=2048)
+    for fw in tiles.FRAMEWORKS:
+        assert tiles.lookup("linear_residual", fw, FAKES[0], dtype="bfloat16-fp8", **shape).path == "plain"
+        assert tiles.lookup("linear_residual", fw, FAKES[0], dtype="bfloat16-int8", **shape).path == "fused"
+        assert tiles.lookup("linear_residual", fw, FAKES[1], dtype="bfloat16-fp8", **shape).path == "fused"
+
+
 # ----- tables ---------------------------------------------------------------------------------------
 
 def _write(path, entries, **doc):

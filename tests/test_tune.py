@@ -64,3 +64,13 @@ def test_no_gpu_is_refused_and_help_lists_the_flags(framework):
 def test_smoke_needs_out():
     with pytest.raises(SystemExit, match="--out"):
         main("torch", ["--smoke", "--preset", "Qwen3-0.6B"])
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_smoke_tunes_quantized_projections_in_their_own_rows(framework, tmp_path):
+    pytest.importorskip(framework)
+    out = tmp_path / "table.json"
+    assert main(framework, ["--smoke", "--preset", "Qwen3-0.6B", "--batch", "1", "--quantization", "int8",
+                            "--kernels", "linear_residual,mlp_gate_up,decode_attention", "--out", str(out)]) == 0
+    entries = tiles._read_table(out, framework)
+    assert len(entries) == 3 and all(key.endswith("/bfloat16-int8") for key in entries), entries.keys()

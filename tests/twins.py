@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from common.ops import AttentionMeta
+from common.quant import QWeight
 
 FRAMEWORKS = ("jax", "torch")
 
@@ -73,6 +74,10 @@ class JaxTwin(Twin):
     def copy(self, x):
         return x  # jax arrays are immutable: the ops return new caches
 
+    def qweight(self, q: np.ndarray, scale: np.ndarray, fmt: str):
+        """A common.quant.QWeight on this twin's device from numpy values (int8 or ml_dtypes e4m3)."""
+        return QWeight(self.jnp.asarray(q), self.jnp.asarray(scale, self.jnp.float32), fmt)
+
 
 class TorchTwin(Twin):
     name = "torch"
@@ -107,6 +112,11 @@ class TorchTwin(Twin):
 
     def copy(self, x):
         return x.clone()
+
+    def qweight(self, q: np.ndarray, scale: np.ndarray, fmt: str):
+        t = self.torch
+        values = t.from_numpy(q.view(np.int8)) if fmt == "int8" else t.from_numpy(q.view(np.uint8)).view(t.float8_e4m3fn)
+        return QWeight(values.to(self.device), t.as_tensor(scale, dtype=t.float32, device=self.device), fmt)
 
 
 def make(framework: str, gpu: bool) -> Twin:

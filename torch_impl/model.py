@@ -24,11 +24,12 @@ from torch import nn
 
 from common.config import Qwen3Config
 from common.ops import Ops
+from common.quant import QuantError, QWeight, check_fp8_sizes, fp8_scale_shape
 from common.weights import NANOVLLM_PACKED, PLAN, module_name, source_rows
 from torch_impl import context as context_mod
 from torch_impl import plain
 from torch_impl.ops import choose_ops
-
+from torch_impl.quant_loading import attach_quant_loaders, load_quantized, weight_format_of
 
 
 def as_config(config) -> Qwen3Config:
@@ -73,11 +74,27 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """Weight only ([out, in], the Hugging Face layout the kernels stream); the layer calls the ops."""
+    """Weight only ([out, in], the Hugging Face layout the kernels stream); the layer calls the ops.
 
-    def __init__(self, in_features: int, out_features: int):
+    fmt "int8" or "fp8" (common.quant): `weight` holds the int8 or e4m3 values and `weight_scale_inv`
+    the float32 multipliers ([out], or [out/128, in/128] as Qwen's FP8 checkpoints name and store
+    them, so nano-vllm's loader fills both from such a checkpoint)."""
+
+    def __init__(self, in_features: int, out_features: int, fmt: str = "bf16"):
         super().__init__()
-        self.weight = _param(out_features, in_features)
+        self.fmt = fmt
+        if fmt == "bf16":
+            self.weight = _param(out_features, in_features)
+            return
+        dtype = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}[fmt]
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        scale = (out_features,) if fmt == "int8" else fp8_scale_shape((out_features, in_features))
+        self.weight_scale_inv = nn.Parameter(torch.empty(*scale, dtype=torch.float32), requires_grad=False)
+
+    @property
+    def w(self):
+        """What the ops take: the weight, or a common.quant.QWeight of the values and their scales."""
+        return self.weight if self.fmt == "bf16" else QWeight(self.weight, self.weight_scale_inv, self.fmt)
 
 
 class Attention(nn.Module):
@@ -90,11 +107,11 @@ class Attention(nn.Module):
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    def __init__(self, cfg: Qwen3Config, fmt: str = "bf16"):
         super().__init__()
         self.cfg = cfg
-        self.qkv_proj = Linear(cfg.hidden_size, cfg.qkv_size)
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
+        self.qkv_proj = Linear(cfg.hidden_size, cfg.qkv_size, fmt)
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, fmt)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.attn = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim)
@@ -104,36 +121,36 @@ class Qwen3Attention(nn.Module):
         `scratch`: the (k, v) caches of a cache-free forward, else this layer's own."""
         cfg, t = self.cfg, x.shape[0]
         kc, vc = scratch if scratch is not None else (self.attn.k_cache, self.attn.v_cache)
-        q, kc, vc = ops.rmsnorm_qkv(x, norm_w, self.qkv_proj.weight, self.q_norm.weight, self.k_norm.weight,
+        q, kc, vc = ops.rmsnorm_qkv(x, norm_w, self.qkv_proj.w, self.q_norm.weight, self.k_norm.weight,
                                     cos_sin, kc, vc, meta, num_heads=cfg.num_attention_heads,
                                     num_kv_heads=cfg.num_key_value_heads, eps=cfg.rms_norm_eps)
         attend = ops.prefill_attention if meta.is_prefill else ops.decode_attention
         o = attend(q, kc, vc, meta)
-        return ops.linear_residual(o.view(t, cfg.q_size), self.o_proj.weight, x)
+        return ops.linear_residual(o.view(t, cfg.q_size), self.o_proj.w, x)
 
 
 class Qwen3MLP(nn.Module):
-    def __init__(self, cfg: Qwen3Config):
+    def __init__(self, cfg: Qwen3Config, fmt: str = "bf16"):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, fmt)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, fmt)
 
 
 class OptimizedQwen3DecoderLayer(nn.Module):
     """x -> x + Attn(RMSNorm(x)) -> + MLP(RMSNorm(.)): four op calls, each fused or plain per `ops`."""
 
-    def __init__(self, cfg: Qwen3Config, ops: Ops):
+    def __init__(self, cfg: Qwen3Config, ops: Ops, fmt: str = "bf16"):
         super().__init__()
         self.cfg, self.ops = cfg, ops
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Qwen3Attention(cfg)
+        self.self_attn = Qwen3Attention(cfg, fmt)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = Qwen3MLP(cfg)
+        self.mlp = Qwen3MLP(cfg, fmt)
 
     def forward(self, meta, x: torch.Tensor, cos_sin: torch.Tensor, scratch=None) -> torch.Tensor:
         x = self.self_attn(self.ops, meta, x, self.input_layernorm.weight, cos_sin, scratch)
-        return self.ops.mlp(x, self.post_attention_layernorm.weight, self.mlp.gate_up_proj.weight,
-                            self.mlp.down_proj.weight, x, eps=self.cfg.rms_norm_eps)
+        return self.ops.mlp(x, self.post_attention_layernorm.weight, self.mlp.gate_up_proj.w,
+                            self.mlp.down_proj.w, x, eps=self.cfg.rms_norm_eps)
 
 
 class Embedding(nn.Module):
@@ -151,11 +168,11 @@ class LMHead(Embedding):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, cfg: Qwen3Config, ops: Ops):
+    def __init__(self, cfg: Qwen3Config, ops: Ops, fmt: str = "bf16"):
         super().__init__()
         self.cfg, self.ops = cfg, ops
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([OptimizedQwen3DecoderLayer(cfg, ops) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([OptimizedQwen3DecoderLayer(cfg, ops, fmt) for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # float32 [max_positions, head_dim]: cos | sin, shared by every layer
         self.register_buffer("cos_sin", plain.rope_table(cfg.max_position_embeddings, cfg.head_dim,
@@ -181,11 +198,19 @@ class Qwen3Model(nn.Module):
 class Qwen3ForCausalLM(nn.Module):
     packed_modules_mapping = dict(NANOVLLM_PACKED)
 
-    def __init__(self, config, use_fused_kernels="auto"):
+    def __init__(self, config, use_fused_kernels="auto", quantization=None):
+        """quantization: None, "int8" or "fp8": the projections' storage (common.quant, weight-only);
+        a config with Qwen's FP8 quantization_config is "fp8" by itself."""
         super().__init__()
         cfg = self.config = as_config(config)
+        self.weight_format = weight_format_of(config, quantization)
+        if self.weight_format == "fp8":
+            try:
+                check_fp8_sizes(cfg, f"{type(config).__name__}")
+            except QuantError as e:
+                raise ValueError(str(e)) from None
         self.ops = choose_ops(use_fused_kernels, torch.empty(0).device)
-        self.model = Qwen3Model(cfg, self.ops)
+        self.model = Qwen3Model(cfg, self.ops, self.weight_format)
         self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight.data = self.model.embed_tokens.weight.data
@@ -194,6 +219,8 @@ class Qwen3ForCausalLM(nn.Module):
         shards = {module_name(row.key, i): {sid: (start, n) for sid, start, n in source_rows(row.key, cfg)}
                   for row in PLAN if row.shard_ids for i in range(cfg.num_hidden_layers)}
         _attach_loaders(self, shards)
+        if self.weight_format != "bf16":
+            attach_quant_loaders(self, shards)
 
     def context(self):
         return self.context_source() if self.context_source is not None else context_mod.get_context()
@@ -208,7 +235,13 @@ class Qwen3ForCausalLM(nn.Module):
         return self.lm_head(hidden_states)
 
     def load_params(self, items) -> None:
-        """Fill from common.weights.Checkpoint.iter_params items: (layer or None, plan key, tensor)."""
+        """Fill from common.weights.Checkpoint.iter_params items: (layer or None, plan key, tensor or
+        common.quant.QWeight of tensors)."""
         for layer, key, tensor in items:
-            param = self.get_parameter(module_name(key, layer))
+            name = module_name(key, layer)
+            if isinstance(tensor, QWeight):
+                linear = self.get_submodule(name.removesuffix(".weight"))
+                load_quantized(linear, name, tensor)
+                continue
+            param = self.get_parameter(name)
             param.weight_loader(param, tensor)

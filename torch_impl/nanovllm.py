@@ -25,6 +25,7 @@ import types
 
 from torch_impl import context as ctx_mod
 from torch_impl.model import Qwen3ForCausalLM
+from torch_impl.quant_loading import weight_format_of
 
 _SAVED: dict = {}
 
@@ -48,8 +49,11 @@ def _flash_attn_placeholder() -> bool:
         return True
 
 
-def install(*, use_fused_kernels="auto") -> type:
-    """Make nano-vllm build torch_impl's Qwen3ForCausalLM; returns the class it will build."""
+def install(*, use_fused_kernels="auto", quantization=None) -> type:
+    """Make nano-vllm build torch_impl's Qwen3ForCausalLM; returns the class it will build.
+    quantization: None, "int8" or "fp8" (the projections quantized as nano-vllm's loader hands them
+    over); an FP8 checkpoint's config makes "fp8" by itself and its blocks load as stored."""
+    weight_format_of(None, quantization)  # a bad value fails here, not inside nano-vllm
     placeholder = _flash_attn_placeholder()  # before any nanovllm import: its package imports the attention layer
     try:
         nctx = importlib.import_module("nanovllm.utils.context")
@@ -66,7 +70,7 @@ def install(*, use_fused_kernels="auto") -> type:
         """torch_impl's model with nano-vllm's constructor signature `(hf_config)`."""
 
         def __init__(self, hf_config):
-            super().__init__(hf_config, use_fused_kernels=use_fused_kernels)
+            super().__init__(hf_config, use_fused_kernels=use_fused_kernels, quantization=quantization)
 
     _SAVED.setdefault("models", models.Qwen3ForCausalLM)
     _SAVED.setdefault("runner", runner.Qwen3ForCausalLM)

@@ -21,6 +21,7 @@ import torch
 from common import tiles as tiles_mod
 from common.harness import resolve_fused
 from common.ops import OP_NAMES, Ops, kernel_shape
+from common.quant import QWeight
 from torch_impl import plain
 
 log = logging.getLogger("torch_impl")
@@ -55,7 +56,8 @@ def _per_shape(name: str, fused: Callable, plain_fn: Callable, device: torch.dev
 
     def op(*args, **kwargs):
         kernel, shape = kernel_shape(name, args, kwargs)
-        use = choose(kernel, device, args[0].dtype, **shape).path == "fused"
+        fmt = next((a.fmt for a in args if isinstance(a, QWeight)), None)  # quantized weights: own table rows
+        use = choose(kernel, device, args[0].dtype, fmt, **shape).path == "fused"
         return (fused if use else plain_fn)(*args, **kwargs)
 
     op.__name__ = op.__qualname__ = name

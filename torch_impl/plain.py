@@ -15,7 +15,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from common.quant import FP8_BLOCK, QWeight
+
 F32 = torch.float32
+
+
+def dense(w, dtype: torch.dtype) -> torch.Tensor:
+    """The weight [out, in] in `dtype`: a tensor as it is, a common.quant.QWeight dequantized (int8:
+    one scale per output row; fp8: one per 128 x 128 block), as common.quant.dequantize."""
+    if not isinstance(w, QWeight):
+        return w
+    q = w.q.to(F32)
+    if w.fmt == "int8":
+        return (q * w.scale[:, None]).to(dtype)
+    s = w.scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:q.shape[0], :q.shape[1]]
+    return (q * s).to(dtype)
+
+
+def linear(x: torch.Tensor, w) -> torch.Tensor:
+    """x @ w.T in x's dtype, w a tensor or a QWeight (dequantized first: the plain path's weight-only
+    semantics, as transformers runs an FP8 checkpoint without fp8 matmuls)."""
+    return F.linear(x, dense(w, x.dtype))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -68,7 +88,7 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     k/v written at meta.slots."""
     del tiles
     t, d = x.shape[0], q_norm_w.shape[0]
-    qkv = F.linear(rms_norm(x, norm_w, eps), w_qkv)
+    qkv = linear(rms_norm(x, norm_w, eps), w_qkv)
     q_size, kv_size = num_heads * d, num_kv_heads * d
     q = qkv[:, :q_size].reshape(t, num_heads, d)
     k = qkv[:, q_size:q_size + kv_size].reshape(t, num_kv_heads, d)
@@ -83,7 +103,7 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
 def mlp(x, norm_w, w_gate_up, w_down, residual, *, eps: float, tiles=None, down_tiles=None):
     """residual + down(silu(gate) * up) of RMSNorm(x) (residual None: no add); w_gate_up rows [gate; up]."""
     del tiles, down_tiles
-    gu = F.linear(rms_norm(x, norm_w, eps), w_gate_up)
+    gu = linear(rms_norm(x, norm_w, eps), w_gate_up)
     inter = gu.shape[-1] // 2
     return linear_residual(F.silu(gu[:, :inter]) * gu[:, inter:], w_down, residual)
 
@@ -91,7 +111,7 @@ def mlp(x, norm_w, w_gate_up, w_down, residual, *, eps: float, tiles=None, down_
 def linear_residual(x, w, residual, *, tiles=None):
     """residual + x @ w.T (the projection rounded to the activation dtype, then added; None: no add)."""
     del tiles
-    out = F.linear(x, w)
+    out = linear(x, w)
     return out if residual is None else residual + out
 
 

@@ -27,10 +27,14 @@ import torch
 
 from common import buckets, harness, sampling as sampling_spec
 from common.config import Qwen3Config
+from common.quant import QWeight
+from common.tile_rules import FP8_MIN_CAPABILITY
 from common.weights import Checkpoint
 from torch_impl import context as ctx_mod
 from torch_impl.decode_loop import Decoder, bucket_for
 from torch_impl.model import Qwen3ForCausalLM
+from torch_impl.ops import gpu_capability
+from torch_impl.quant_loading import random_quantized_, to_torch
 from torch_impl.sampling import sample
 
 
@@ -66,13 +70,13 @@ class CacheCapacityError(ValueError):
     """A generate() call needs more KV-cache rows than the runner may allocate."""
 
 
-def build_model(cfg, dtype: torch.dtype, device: torch.device, fused) -> Qwen3ForCausalLM:
+def build_model(cfg, dtype: torch.dtype, device: torch.device, fused, quantization=None) -> Qwen3ForCausalLM:
     """Construct under the default dtype/device, as nano-vllm's runner does."""
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Qwen3ForCausalLM(cfg, use_fused_kernels=fused)
+            model = Qwen3ForCausalLM(cfg, use_fused_kernels=fused, quantization=quantization)
     finally:
         torch.set_default_dtype(prev)
     return model.eval()
@@ -83,32 +87,43 @@ class TorchRunner(harness.Runner):
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", device=None,
                  block_size: int | None = None, max_cache_tokens: int | None = None, cuda_graphs: bool = True,
-                 warmup=None, compile_cache: bool = True):
+                 warmup=None, compile_cache: bool = True, quantization=None):
         dtype = harness.check_dtype(dtype)
         ckpt = Checkpoint(model_dir)
+        fmt = ckpt.weight_format(quantization)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cpu":
             _use_cpu_threads()
         tdtype = getattr(torch, dtype)
-        model = build_model(ckpt.config, tdtype, device, harness.resolve_fused(fused))
+        model = build_model(ckpt.config, tdtype, device, harness.resolve_fused(fused),
+                            None if fmt == "bf16" else fmt)
+        convert_quant = lambda w: QWeight(to_torch(w.q, device), torch.from_numpy(w.scale).to(device), w.fmt)  # noqa: E731
         with torch.inference_mode():
             model.load_params(ckpt.iter_params("pt", concat=lambda parts: torch.cat(parts, dim=0),
-                                               convert=lambda t: t.to(device, tdtype)))
+                                               convert=lambda t: t.to(device, tdtype), quantization=quantization,
+                                               convert_quant=convert_quant))
         self._setup(model, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs)
         del compile_cache  # Triton keeps its kernels on disk itself (~/.triton/cache)
         self.warmup_s = self.warmup(warmup) if warmup else 0.0
 
     @classmethod
     def random(cls, config, *, dtype: str = "bfloat16", fused="auto", device=None, seed: int = 0,
-               **kwargs) -> "TorchRunner":
+               quantization=None, **kwargs) -> "TorchRunner":
         """A runner over random weights of `config` (a Qwen3Config or a preset name), made on the device:
-        N(0, 0.02) matrices, norms in [0.5, 1.5], q/k-norm weights of tens (as real Qwen3's)."""
+        N(0, 0.02) matrices, norms in [0.5, 1.5], q/k-norm weights of tens (as real Qwen3's); with
+        `quantization`, the projections' QWeight of N(0, 0.02) values at one scale."""
         cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = build_model(cfg, getattr(torch, harness.check_dtype(dtype)), device, harness.resolve_fused(fused))
+        model = build_model(cfg, getattr(torch, harness.check_dtype(dtype)), device, harness.resolve_fused(fused),
+                            quantization)
         g = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
+            for module in model.modules():
+                if getattr(module, "fmt", "bf16") != "bf16":
+                    random_quantized_(module, g)
             for name, p in model.named_parameters():
+                if not p.is_floating_point() or p.dtype == torch.float8_e4m3fn or name.endswith("_scale_inv"):
+                    continue  # quantized: filled above
                 if p.dim() == 2:
                     p.normal_(0.0, 0.02, generator=g)
                 elif "q_norm" in name or "k_norm" in name:
@@ -137,6 +152,13 @@ class TorchRunner(harness.Runner):
         self.model, self.config = model, model.config
         self.device = model.lm_head.weight.device
         self.dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        self.weight_format = model.weight_format
+        if self.weight_format != "bf16":
+            log.info(f"torch_impl: projections in {self.weight_format} (weight-only; activations {self.dtype})")
+            cc = gpu_capability(self.device)
+            if self.weight_format == "fp8" and cc is not None and cc < FP8_MIN_CAPABILITY:
+                log.info(f"torch_impl: compute capability {cc[0]}.{cc[1]} cannot convert e4m3 in kernels: the fp8 "
+                         f"projections dequantize in the plain path")
         model.context_source = ctx_mod.own_context
         self.block_size = block_size
         self.max_cache_tokens = max_cache_tokens

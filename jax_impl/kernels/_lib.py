@@ -23,6 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from common import tiles as tiles_mod
+from common.quant import FP8_BLOCK as QBLOCK, QWeight
+from common.tile_rules import FP8_MIN_CAPABILITY
 from jax_impl.arrays import precision_for
 
 F32 = jnp.float32
@@ -73,16 +75,41 @@ def device_info() -> tiles_mod.Device:
     return tiles_mod.Device(str(dev.device_kind), sms, tiles_mod.smem_for(cap), cap)
 
 
-def choose(kernel: str, dtype, **shape) -> tiles_mod.Choice:
+def dtype_key(dtype, fmt: str | None = None) -> str:
+    """The tables' dtype field: the activations' dtype, with the weights' format when quantized."""
+    name = jnp.dtype(dtype).name
+    return name if fmt in (None, "bf16") else f"{name}-{fmt}"
+
+
+def choose(kernel: str, dtype, fmt: str | None = None, **shape) -> tiles_mod.Choice:
     """The path and tiles of `kernel` at this shape (common.tiles.lookup for the jax twin)."""
-    return tiles_mod.lookup(kernel, "jax", device_info(), dtype=jnp.dtype(dtype).name, **shape)
+    return tiles_mod.lookup(kernel, "jax", device_info(), dtype=dtype_key(dtype, fmt), **shape)
 
 
-def tiles_for(kernel: str, op: str, tiles, tile_type, dtype, **shape):
+def tiles_for(kernel: str, op: str, tiles, tile_type, dtype, fmt: str | None = None, **shape):
     """The tiles a launcher runs: the caller's, else the lookup's; checked to be `tile_type`."""
-    tiles = tiles or choose(kernel, dtype, **shape).tiles
+    tiles = tiles or choose(kernel, dtype, fmt, **shape).tiles
     check(isinstance(tiles, tile_type), f"{op}: tiles={tiles!r}, expected a common.tiles.{tile_type.__name__}")
     return tiles
+
+
+def split_weight(name: str, w, dtype):
+    """(values, [scale] inputs, fmt) of a weight argument: a plain array in the activations' dtype, or
+    a common.quant.QWeight (int8 values with [out] scales, e4m3 values with [out/128, in/128] ones)."""
+    if isinstance(w, QWeight):
+        want = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(w.fmt)
+        check(want is not None and w.q.dtype == want, f"{name}: a {w.fmt} QWeight of {w.q.dtype} values")
+        rows, cols = w.q.shape
+        scale_shape = (rows,) if w.fmt == "int8" else (-(-rows // QBLOCK), -(-cols // QBLOCK))
+        check_shape(f"{name} scale", w.scale, scale_shape)
+        cap = device_info().capability
+        if w.fmt == "fp8" and cap is not None and cap < FP8_MIN_CAPABILITY:
+            raise ValueError(f"{name}: fp8 weights need compute capability >= {FP8_MIN_CAPABILITY[0]}."
+                             f"{FP8_MIN_CAPABILITY[1]} for the Pallas kernels, this GPU has {cap[0]}.{cap[1]} "
+                             f"(fused='auto' runs these projections in XLA)")
+        return w.q, [w.scale.astype(F32)], w.fmt
+    check_float(name, w, dtype)
+    return w, [], None
 
 
 def check(cond: bool, message: str) -> None:
@@ -132,18 +159,39 @@ def rms_rstd(x_ref, m0, m: int, k: int, block_m: int, block_k: int, eps: float):
     return lax.rsqrt(ss / k + eps)
 
 
+def _block_scales(wq, start, nmask, k0, block_n: int, block_k: int):
+    """fp8: the multipliers of a [block_n, block_k] weight tile, one per 128 x 128 block, as a tile."""
+    s_ref, _ = wq
+    nkb = max(1, block_k // QBLOCK)
+    rows = (start + jnp.arange(block_n)) // QBLOCK
+    cols = k0 // QBLOCK + jnp.arange(nkb)
+    idx = (jnp.broadcast_to(rows[:, None], (block_n, nkb)), jnp.broadcast_to(cols[None, :], (block_n, nkb)))
+    s = load(s_ref.at[idx], mask=nmask[:, None] & (cols < s_ref.shape[1])[None, :], other=0)  # [block_n, nkb]
+    if nkb == 1:
+        return s
+    return jnp.broadcast_to(s[:, :, None], (block_n, nkb, QBLOCK)).reshape(block_n, block_k)
+
+
+def _row_scales(wq, start, nmask, block_n: int):
+    """int8: the multiplier of each of the tile's output rows [block_n]."""
+    return load(wq[0].at[pl.ds(start, block_n)], mask=nmask, other=0)
+
+
 def project(x_ref, w_ref, w_tiles, *, m0, m: int, k: int, block_m: int, block_n: int, block_k: int,
-            norm=None):
+            norm=None, wq=None):
     """f32 [block_m, block_n] accumulators of h @ W[start:start + block_n].T, one per W tile.
 
     x_ref [m, k]; w_ref [n, k] (HF [out, in]); w_tiles: (start row, row mask [block_n]) pairs;
     norm: None or (norm_w_ref [k], rstd [block_m]): h = norm_w * (x * rstd).astype(x.dtype),
     rounded to x.dtype as Hugging Face's RMSNorm does before the matmul.
+    wq: None (w in the activations' dtype) or (scale_ref, fmt) of a quantized w (common.quant):
+    "int8" rows are dequantized by their scale after the sum over K, "fp8" tiles by their 128 x 128
+    block scales as they are loaded - in registers, never in memory.
     block_m >= DOT_MIN_M: tensor-core dot; smaller: multiply and reduce (one weight pass).
     """
     if block_m < DOT_MIN_M:
         return _project_rows(x_ref, w_ref, w_tiles, m0=m0, m=m, k=k, block_m=block_m, block_n=block_n,
-                             block_k=block_k, norm=norm)
+                             block_k=block_k, norm=norm, wq=wq)
     rmask = (m0 + jnp.arange(block_m)) < m
     dtype = x_ref.dtype
 
@@ -160,15 +208,21 @@ def project(x_ref, w_ref, w_tiles, *, m0, m: int, k: int, block_m: int, block_n:
         out = []
         for acc, (start, nmask) in zip(accs, w_tiles):
             w = load(w_ref.at[pl.ds(start, block_n), pl.ds(k0, block_k)],
-                     mask=nmask[:, None] & cmask[None, :], other=0)  # [block_n, block_k]
+                     mask=nmask[:, None] & cmask[None, :], other=0.0)  # [block_n, block_k]
+            if wq is not None:  # int8 values are exact in bf16; fp8 ones scaled by their blocks first
+                w = w.astype(F32) * _block_scales(wq, start, nmask, k0, block_n, block_k) if wq[1] == "fp8" else w
+                w = w.astype(dtype)
             out.append(acc + dot(x, w, ((1,), (1,))))
         return tuple(out)
 
     init = tuple(jnp.zeros((block_m, block_n), F32) for _ in w_tiles)
-    return lax.fori_loop(0, pl.cdiv(k, block_k), body, init)
+    accs = lax.fori_loop(0, pl.cdiv(k, block_k), body, init)
+    if wq is not None and wq[1] == "int8":
+        accs = tuple(acc * _row_scales(wq, start, nmask, block_n)[None, :] for acc, (start, nmask) in zip(accs, w_tiles))
+    return accs
 
 
-def _project_rows(x_ref, w_ref, w_tiles, *, m0, m, k, block_m, block_n, block_k, norm):
+def _project_rows(x_ref, w_ref, w_tiles, *, m0, m, k, block_m, block_n, block_k, norm, wq=None):
     """The decode form of `project`: each weight tile is loaded once and multiplied and reduced
     against each of the block_m token rows in turn (rows are separate [block_k] vectors)."""
     dtype = x_ref.dtype
@@ -193,12 +247,17 @@ def _project_rows(x_ref, w_ref, w_tiles, *, m0, m, k, block_m, block_n, block_k,
         out = []
         for t, (start, nmask) in enumerate(w_tiles):
             w = load(w_ref.at[pl.ds(start, block_n), pl.ds(k0, block_k)],
-                     mask=nmask[:, None] & cmask[None, :], other=0).astype(F32)  # [block_n, block_k]
+                     mask=nmask[:, None] & cmask[None, :], other=0.0).astype(F32)  # [block_n, block_k]
+            if wq is not None and wq[1] == "fp8":
+                w = w * _block_scales(wq, start, nmask, k0, block_n, block_k)
             out += [accs[t * block_m + r] + jnp.sum(w * xs[r], axis=1) for r in rows]
         return tuple(out)
 
     init = tuple(jnp.zeros((block_n,), F32) for _ in range(len(w_tiles) * block_m))
     accs = lax.fori_loop(0, pl.cdiv(k, block_k), body, init)
+    if wq is not None and wq[1] == "int8":
+        scales = [_row_scales(wq, start, nmask, block_n) for start, nmask in w_tiles]
+        accs = tuple(acc * scales[i // block_m] for i, acc in enumerate(accs))
     # [block_m, block_n] per tile, assembled without concatenation (not lowered by Triton).
     return tuple(sum(jnp.where(ids[:, None] == r, accs[t * block_m + r][None, :], 0.0) for r in rows)
                  for t in range(len(w_tiles)))

@@ -19,14 +19,18 @@ from jax_impl.kernels import _lib as C
 
 def _linear_residual_kernel(x_ref,    # [m, k]
                             w_ref,    # [n, k]
-                            *refs,    # r_ref [m, n] (with a residual), o_ref [m, n]
-                            m: int, n: int, k: int, block_m: int, block_n: int, block_k: int):
-    r_ref, o_ref = refs if len(refs) == 2 else (None, refs[0])
+                            *refs,    # [s_ref: w's scales, when quantized], [r_ref [m, n]], o_ref [m, n]
+                            m: int, n: int, k: int, block_m: int, block_n: int, block_k: int, fmt: str | None,
+                            residual: bool):
+    refs = list(refs)
+    wq = (refs.pop(0), fmt) if fmt else None
+    r_ref = refs.pop(0) if residual else None
+    o_ref = refs[0]
     m0 = C.pl.program_id(0) * block_m
     n0 = C.pl.program_id(1) * block_n
     nmask = (n0 + jnp.arange(block_n)) < n
     (acc,) = C.project(x_ref, w_ref, [(n0, nmask)], m0=m0, m=m, k=k,
-                       block_m=block_m, block_n=block_n, block_k=block_k)
+                       block_m=block_m, block_n=block_n, block_k=block_k, wq=wq)
     mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & nmask[None, :]
     window = (C.pl.ds(m0, block_m), C.pl.ds(n0, block_n))
     if r_ref is None:
@@ -38,20 +42,21 @@ def _linear_residual_kernel(x_ref,    # [m, k]
 
 def linear_residual(x, w, residual, *, tiles: MatmulTiles | None = None, interpret: bool | None = None,
                     name: str = "linear_residual"):
-    """residual + x @ w.T (residual None: x @ w.T); x [T, K], w [N, K], residual [T, N]; x's dtype."""
+    """residual + x @ w.T (residual None: x @ w.T); x [T, K], w [N, K] (or a quantized QWeight),
+    residual [T, N]; x's dtype."""
+    C.check_float(f"{name}: x", x)
+    w, scales, fmt = C.split_weight(f"{name}: w", w, x.dtype)
     C.check(x.ndim == 2 and w.ndim == 2, f"{name}: expected x [T, K] and w [N, K], got {x.shape} and {w.shape}")
     m, k = x.shape
     n = w.shape[0]
     C.check(w.shape[1] == k, f"{name}: w has {w.shape[1]} input features, x has {k}")
-    C.check_float(f"{name}: x", x)
-    C.check_float(f"{name}: w", w, x.dtype)
     if residual is not None:
         C.check_shape(f"{name}: residual", residual, (m, n))
         C.check_float(f"{name}: residual", residual, x.dtype)
-    t = C.tiles_for("linear_residual", name, tiles, MatmulTiles, x.dtype, m=m, n=n, k=k)
+    t = C.tiles_for("linear_residual", name, tiles, MatmulTiles, x.dtype, fmt, m=m, n=n, k=k)
     kernel = functools.partial(_linear_residual_kernel, m=m, n=n, k=k, block_m=t.block_m,
-                               block_n=t.block_n, block_k=t.block_k)
+                               block_n=t.block_n, block_k=t.block_k, fmt=fmt, residual=residual is not None)
     return C.pallas_call(kernel, name=name, grid=(C.pl.cdiv(m, t.block_m), C.pl.cdiv(n, t.block_n)),
                          out_shape=jax.ShapeDtypeStruct((m, n), x.dtype), num_warps=t.num_warps,
                          num_stages=t.num_stages, interpret=interpret)(
-        x, w, *([] if residual is None else [residual]))
+        x, w, *scales, *([] if residual is None else [residual]))

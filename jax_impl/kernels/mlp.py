@@ -24,14 +24,17 @@ from jax_impl.kernels.linear_residual import linear_residual
 def _norm_gate_up_kernel(x_ref,     # [m, k]
                          nw_ref,    # [k]
                          w_ref,     # [2 * inter, k]  rows [gate; up]
-                         o_ref,     # [m, inter]
-                         *, m: int, k: int, inter: int, eps: float, block_m: int, block_n: int, block_k: int):
+                         *refs,     # [s_ref: w's scales, when quantized], o_ref [m, inter]
+                         m: int, k: int, inter: int, eps: float, block_m: int, block_n: int, block_k: int,
+                         fmt: str | None):
+    wq = (refs[0], fmt) if fmt else None
+    o_ref = refs[-1]
     m0 = C.pl.program_id(0) * block_m
     n0 = C.pl.program_id(1) * block_n
     nmask = (n0 + jnp.arange(block_n)) < inter
     rstd = C.rms_rstd(x_ref, m0, m, k, block_m, block_k, eps)
     gate, up = C.project(x_ref, w_ref, [(n0, nmask), (inter + n0, nmask)], m0=m0, m=m, k=k,
-                         block_m=block_m, block_n=block_n, block_k=block_k, norm=(nw_ref, rstd))
+                         block_m=block_m, block_n=block_n, block_k=block_k, norm=(nw_ref, rstd), wq=wq)
     act = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up, f32
     mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & nmask[None, :]
     C.store(o_ref.at[C.pl.ds(m0, block_m), C.pl.ds(n0, block_n)], act.astype(o_ref.dtype), mask=mask)
@@ -42,20 +45,22 @@ def norm_gate_up(x, norm_w, w_gate_up, *, eps: float, tiles: MatmulTiles | None 
     """silu(g) * u with [g | u] = RMSNorm(x) @ w_gate_up.T; x [T, hidden] -> [T, I] in x.dtype."""
     C.check(x.ndim == 2, f"mlp: x: expected [T, hidden], got shape {x.shape}")
     m, k = x.shape
+    C.check_float("mlp: x", x)
+    w_gate_up, scales, fmt = C.split_weight("mlp: w_gate_up", w_gate_up, x.dtype)
     C.check(w_gate_up.ndim == 2 and w_gate_up.shape[1] == k and w_gate_up.shape[0] % 2 == 0,
             f"mlp: w_gate_up: expected [2 * intermediate, {k}], got {w_gate_up.shape}")
     inter = w_gate_up.shape[0] // 2
+    C.check(fmt != "fp8" or inter % C.QBLOCK == 0,
+            f"mlp: an fp8 w_gate_up needs an intermediate size that is a multiple of {C.QBLOCK}, got {inter}")
     C.check_shape("mlp: norm_w", norm_w, (k,))
-    C.check_float("mlp: x", x)
-    C.check_float("mlp: w_gate_up", w_gate_up, x.dtype)
     C.check_float("mlp: norm_w", norm_w)
-    t = C.tiles_for("mlp_gate_up", "mlp", tiles, MatmulTiles, x.dtype, m=m, n=2 * inter, k=k)
+    t = C.tiles_for("mlp_gate_up", "mlp", tiles, MatmulTiles, x.dtype, fmt, m=m, n=2 * inter, k=k)
     kernel = functools.partial(_norm_gate_up_kernel, m=m, k=k, inter=inter, eps=float(eps),
-                               block_m=t.block_m, block_n=t.block_n, block_k=t.block_k)
+                               block_m=t.block_m, block_n=t.block_n, block_k=t.block_k, fmt=fmt)
     return C.pallas_call(kernel, name="mlp_norm_gate_up",
                          grid=(C.pl.cdiv(m, t.block_m), C.pl.cdiv(inter, t.block_n)),
                          out_shape=jax.ShapeDtypeStruct((m, inter), x.dtype), num_warps=t.num_warps,
-                         num_stages=t.num_stages, interpret=interpret)(x, norm_w, w_gate_up)
+                         num_stages=t.num_stages, interpret=interpret)(x, norm_w, w_gate_up, *scales)
 
 
 def mlp(x, norm_w, w_gate_up, w_down, residual, *, eps: float, tiles: MatmulTiles | None = None,
@@ -66,6 +71,6 @@ def mlp(x, norm_w, w_gate_up, w_down, residual, *, eps: float, tiles: MatmulTile
     tiles: of the gate/up kernel; down_tiles: of the down projection (each: common.tiles' choice).
     """
     act = norm_gate_up(x, norm_w, w_gate_up, eps=eps, tiles=tiles, interpret=interpret)
-    C.check(w_down.ndim == 2 and w_down.shape == (x.shape[1], act.shape[1]),
+    C.check(len(w_down.shape) == 2 and tuple(w_down.shape) == (x.shape[1], act.shape[1]),
             f"mlp: w_down: expected [{x.shape[1]}, {act.shape[1]}], got {w_down.shape}")
     return linear_residual(act, w_down, residual, tiles=down_tiles, interpret=interpret, name="mlp_down")

@@ -78,20 +78,20 @@ def _rmsnorm_qkv_kernel(x_ref,      # [m, k]
                         slot_ref,   # [m] int32
                         kc_in,      # [rows, hkv, d] (aliased to kc_ref)
                         vc_in,      # [rows, hkv, d] (aliased to vc_ref)
-                        q_ref,      # [m, hq, d]
-                        kc_ref,     # [rows, hkv, d]
-                        vc_ref,     # [rows, hkv, d]
-                        *, m: int, k: int, hq: int, hkv: int, d: int, eps: float,
-                        block_m: int, block_k: int):
+                        *refs,      # [s_ref: w's scales, when quantized], q_ref [m, hq, d], kc_ref, vc_ref
+                        m: int, k: int, hq: int, hkv: int, d: int, eps: float,
+                        block_m: int, block_k: int, fmt: str | None):
     """Fused: one program per (token block, head) streams the head's rows of w_qkv."""
     del kc_in, vc_in
+    wq = (refs[0], fmt) if fmt else None
+    q_ref, kc_ref, vc_ref = refs[-3:]
     half = d // 2
     m0 = C.pl.program_id(0) * block_m
     j = C.pl.program_id(1)
     all_n = jnp.arange(half) < half
     rstd = C.rms_rstd(x_ref, m0, m, k, block_m, block_k, eps)
     lo, hi = C.project(x_ref, w_ref, [(j * d, all_n), (j * d + half, all_n)], m0=m0, m=m, k=k,
-                       block_m=block_m, block_n=half, block_k=block_k, norm=(nw_ref, rstd))
+                       block_m=block_m, block_n=half, block_k=block_k, norm=(nw_ref, rstd), wq=wq)
     _qkv_epilogue(lo, hi, j=j, m0=m0, qn_ref=qn_ref, kn_ref=kn_ref, cs_ref=cs_ref, pos_ref=pos_ref,
                   slot_ref=slot_ref, q_ref=q_ref, kc_ref=kc_ref, vc_ref=vc_ref, m=m, hq=hq, hkv=hkv, d=d,
                   eps=eps, block_m=block_m)
@@ -100,15 +100,18 @@ def _rmsnorm_qkv_kernel(x_ref,      # [m, k]
 def _norm_linear_kernel(x_ref,   # [m, k]
                         nw_ref,  # [k]
                         w_ref,   # [n, k]
-                        o_ref,   # [m, n] f32
-                        *, m: int, n: int, k: int, eps: float, block_m: int, block_n: int, block_k: int):
+                        *refs,   # [s_ref: w's scales, when quantized], o_ref [m, n] f32
+                        m: int, n: int, k: int, eps: float, block_m: int, block_n: int, block_k: int,
+                        fmt: str | None):
     """Split variant, kernel 1: RMSNorm(x) @ w.T in f32 with small block_n (many programs)."""
+    wq = (refs[0], fmt) if fmt else None
+    o_ref = refs[-1]
     m0 = C.pl.program_id(0) * block_m
     n0 = C.pl.program_id(1) * block_n
     nmask = (n0 + jnp.arange(block_n)) < n
     rstd = C.rms_rstd(x_ref, m0, m, k, block_m, block_k, eps)
     (acc,) = C.project(x_ref, w_ref, [(n0, nmask)], m0=m0, m=m, k=k, block_m=block_m, block_n=block_n,
-                       block_k=block_k, norm=(nw_ref, rstd))
+                       block_k=block_k, norm=(nw_ref, rstd), wq=wq)
     mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & nmask[None, :]
     C.store(o_ref.at[C.pl.ds(m0, block_m), C.pl.ds(n0, block_n)], acc, mask=mask)
 
@@ -135,7 +138,8 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
                 interpret: bool | None = None):
     """-> (q [T, Hq, D] in x.dtype, k_cache, v_cache) with this step's k (normed, roped) and v at slots.
 
-    x [T, hidden]; norm_w [hidden]; w_qkv [(Hq + 2 Hkv) D, hidden] rows [q; k; v];
+    x [T, hidden]; norm_w [hidden]; w_qkv [(Hq + 2 Hkv) D, hidden] rows [q; k; v] (or a quantized
+    common.quant.QWeight of that shape);
     q_norm_w, k_norm_w [D]; cos_sin [max_pos, D] float32 ([:, :D/2] cos, [:, D/2:] sin);
     meta.positions, meta.slots [T] int32 (slot = block * block_size + offset; -1 = not written);
     k_cache, v_cache [num_blocks, block_size, Hkv, D]. tiles.block_n == D: one fused launch;
@@ -143,6 +147,8 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     """
     positions, slots = meta.positions, meta.slots
     C.check(x.ndim == 2, f"rmsnorm_qkv: x: expected [T, hidden], got shape {x.shape}")
+    C.check_float("rmsnorm_qkv: x", x)
+    w_qkv, scales, fmt = C.split_weight("rmsnorm_qkv: w_qkv", w_qkv, x.dtype)
     m, k = x.shape
     C.check(q_norm_w.ndim == 1, f"rmsnorm_qkv: q_norm_w: expected [head_dim], got shape {q_norm_w.shape}")
     d = q_norm_w.shape[0]
@@ -163,11 +169,11 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     C.check(k_cache.ndim == 4 and k_cache.shape[2:] == (hkv, d),
             f"rmsnorm_qkv: k_cache: expected [num_blocks, block_size, {hkv}, {d}], got {k_cache.shape}")
     C.check_shape("rmsnorm_qkv: v_cache", v_cache, k_cache.shape)
-    C.check_float("rmsnorm_qkv: x", x)
-    C.check_float("rmsnorm_qkv: w_qkv", w_qkv, x.dtype)
     C.check_float("rmsnorm_qkv: k_cache", k_cache)
     C.check_float("rmsnorm_qkv: v_cache", v_cache, k_cache.dtype)
-    t = C.tiles_for("rmsnorm_qkv", "rmsnorm_qkv", tiles, MatmulTiles, x.dtype, m=m, n=w_qkv.shape[0], k=k,
+    C.check(fmt != "fp8" or (hq * d) % C.QBLOCK == (hkv * d) % C.QBLOCK == 0,
+            f"rmsnorm_qkv: an fp8 w_qkv needs q and k/v sizes that are multiples of {C.QBLOCK}")
+    t = C.tiles_for("rmsnorm_qkv", "rmsnorm_qkv", tiles, MatmulTiles, x.dtype, fmt, m=m, n=w_qkv.shape[0], k=k,
                     head_dim=d)
     C.check(t.block_n <= d, f"rmsnorm_qkv: tiles.block_n={t.block_n}: expected head_dim={d} "
             f"(fused, one head per program) or less (split: projection kernel + per-head epilogue kernel)")
@@ -181,18 +187,18 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
                  jax.ShapeDtypeStruct(kc.shape, kc.dtype), jax.ShapeDtypeStruct(vc.shape, vc.dtype))
     statics = dict(m=m, hq=hq, hkv=hkv, d=d, eps=float(eps), block_m=t.block_m)
     if t.block_n == d:  # fused: one launch
-        kernel = functools.partial(_rmsnorm_qkv_kernel, k=k, block_k=t.block_k, **statics)
+        kernel = functools.partial(_rmsnorm_qkv_kernel, k=k, block_k=t.block_k, fmt=fmt, **statics)
         q, kc, vc = C.pallas_call(kernel, name="rmsnorm_qkv", grid=grid, out_shape=out_shape,
                                   num_warps=t.num_warps, num_stages=t.num_stages, interpret=interpret,
                                   input_output_aliases={8: 1, 9: 2})(
-            x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, kc, vc)
+            x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, kc, vc, *scales)
     else:  # split: norm + projection with many programs, then the per-head epilogue
         n = heads * d
         lin = functools.partial(_norm_linear_kernel, m=m, n=n, k=k, eps=float(eps), block_m=t.block_m,
-                                block_n=t.block_n, block_k=t.block_k)
+                                block_n=t.block_n, block_k=t.block_k, fmt=fmt)
         qkv = C.pallas_call(lin, name="rmsnorm_qkv_linear", grid=(grid[0], C.pl.cdiv(n, t.block_n)),
                             out_shape=jax.ShapeDtypeStruct((m, n), C.F32), num_warps=t.num_warps,
-                            num_stages=t.num_stages, interpret=interpret)(x, norm_w, w_qkv)
+                            num_stages=t.num_stages, interpret=interpret)(x, norm_w, w_qkv, *scales)
         epi = functools.partial(_qk_norm_rope_kernel, **statics)
         q, kc, vc = C.pallas_call(epi, name="rmsnorm_qkv_epilogue", grid=grid, out_shape=out_shape,
                                   # one token: one warp per head (0.6B: 1.46 vs 1.66 us per layer with 4)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from common.quant import FP8_BLOCK
+
 try:  # programmatic dependent launch (Hopper+); absent from older Triton
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - the launchers then never set PDL
     gdc_launch_dependents = gdc_wait = None
+
+QBLOCK: tl.constexpr = tl.constexpr(FP8_BLOCK)  # fp8 weights' block edge (common.quant)
 
 
 @triton.jit
@@ -86,6 +90,38 @@ def load_rows(w_ptr, rows, r_ok, k0, k_ok, stride_wn, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def load_w(w_ptr, s_ptr, rows, r_ok, k0, k_ok, stride_wn, stride_sn, K, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
+    """Weight chunk [BLOCK_N, BLOCK_K] as stored (QUANT 0: the activations' dtype; 1: int8, scaled
+    after the sum over K), or dequantized to float32 by its 128 x 128 block multipliers (QUANT 2: fp8
+    e4m3, common.quant) - in registers, never in memory."""
+    w = load_rows(w_ptr, rows, r_ok, k0, k_ok, stride_wn, BLOCK_K)
+    if QUANT == 2:
+        if BLOCK_K <= QBLOCK:  # the chunk lies in one block column
+            in_k = (k0 + tl.zeros([BLOCK_N], tl.int32)) < K  # the prefetch past the end reads nothing
+            s = tl.load(s_ptr + (rows // QBLOCK) * stride_sn + k0 // QBLOCK, mask=r_ok & in_k, other=0.0)
+            w = w.to(tl.float32) * s[:, None]
+        else:
+            NB: tl.constexpr = BLOCK_K // QBLOCK
+            cols = k0 // QBLOCK + tl.arange(0, NB)
+            s = tl.load(s_ptr + (rows // QBLOCK)[:, None] * stride_sn + cols[None, :],
+                        mask=r_ok[:, None] & (cols < tl.cdiv(K, QBLOCK))[None, :], other=0.0)  # [BN, NB]
+            w = tl.reshape(tl.reshape(w.to(tl.float32), [BLOCK_N, NB, QBLOCK]) * s[:, :, None], [BLOCK_N, BLOCK_K])
+    return w
+
+
+@triton.jit
+def load_w_as(w_ptr, s_ptr, rows, r_ok, k0, k_ok, stride_wn, stride_sn, K, dtype: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QUANT: tl.constexpr, PRECISION: tl.constexpr):
+    """load_w in `dtype` (a tensor-core operand beside h): int8 values are exact in 16-bit floats,
+    fp8 ones times their scales rounded once."""
+    w = load_w(w_ptr, s_ptr, rows, r_ok, k0, k_ok, stride_wn, stride_sn, K, BLOCK_N, BLOCK_K, QUANT)
+    if QUANT != 0:
+        w = cast(w.to(tl.float32), dtype, PRECISION)
+    return w
+
+
+@triton.jit
 def dot(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b with float32 accumulation. PRECISION "upcast" (Triton's interpreter with 16-bit
     inputs, whose 16-bit dot is wrong on CPU) multiplies the same values in float32: products of
@@ -112,9 +148,27 @@ def _mma(acc, h, w, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
 def project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm, stride_wn, K, eps,
             NORM: tl.constexpr, TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-            PDL: tl.constexpr, SWAP: tl.constexpr = False, ONE_SHOT: tl.constexpr = False):
+            PDL: tl.constexpr, SWAP: tl.constexpr = False, ONE_SHOT: tl.constexpr = False,
+            s_ptr=None, stride_sn=0, QUANT: tl.constexpr = 0):
     """(acc_a, acc_b) [BLOCK_M, BLOCK_N] float32 = h @ W[rows_a].T and h @ W[rows_b].T (TWO), where
-    h = RMSNorm(x) (NORM) or x, for rows offs_m of x [M, K].
+    h = RMSNorm(x) (NORM) or x, for rows offs_m of x [M, K]. A quantized W (QUANT 1 int8, 2 fp8;
+    s_ptr its scales, common.quant): int8 rows scaled after the sum over K, fp8 chunks as loaded."""
+    acc_a, acc_b = _project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm, stride_wn, K, eps,
+                            NORM, TWO, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP, ONE_SHOT,
+                            s_ptr, stride_sn, QUANT)
+    if QUANT == 1:
+        acc_a = acc_a * tl.load(s_ptr + rows_a, mask=r_ok, other=0.0)[None, :]
+        if TWO:
+            acc_b = acc_b * tl.load(s_ptr + rows_b, mask=r_ok, other=0.0)[None, :]
+    return acc_a, acc_b
+
+
+@triton.jit
+def _project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm, stride_wn, K, eps,
+             NORM: tl.constexpr, TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
+             PDL: tl.constexpr, SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, s_ptr, stride_sn, QUANT: tl.constexpr):
+    """project without the int8 row scales.
 
     USE_DOT (16+ token rows): tensor-core dots, loads software-pipelined by Triton (num_stages).
     One token row: a multiply-and-reduce that keeps W's loads in flight: the first chunks are
@@ -137,24 +191,27 @@ def project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm,
                 k_ok = k_mask(k0, K, BLOCK_K, EVEN_K)
                 h_t = tl.trans(load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_ok, stride_xm, rstd, NORM, BLOCK_K,
                                       PRECISION))
-                t_a = dot(load_rows(w_ptr, rows_a, r_ok, k0, k_ok, stride_wn, BLOCK_K), h_t, t_a, PRECISION)
+                t_a = dot(load_w_as(w_ptr, s_ptr, rows_a, r_ok, k0, k_ok, stride_wn, stride_sn, K, h_t.dtype, BLOCK_N, BLOCK_K,
+                                     QUANT, PRECISION), h_t, t_a, PRECISION)
                 if TWO:
-                    t_b = dot(load_rows(w_ptr, rows_b, r_ok, k0, k_ok, stride_wn, BLOCK_K), h_t, t_b, PRECISION)
+                    t_b = dot(load_w_as(w_ptr, s_ptr, rows_b, r_ok, k0, k_ok, stride_wn, stride_sn, K, h_t.dtype, BLOCK_N,
+                                         BLOCK_K, QUANT, PRECISION), h_t, t_b, PRECISION)
             return tl.trans(t_a), tl.trans(t_b)
         for k0 in range(0, K, BLOCK_K):
             k_ok = k_mask(k0, K, BLOCK_K, EVEN_K)
             h = load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_ok, stride_xm, rstd, NORM, BLOCK_K, PRECISION)
-            acc_a = _mma(acc_a, h, load_rows(w_ptr, rows_a, r_ok, k0, k_ok, stride_wn, BLOCK_K), True, PRECISION)
+            acc_a = _mma(acc_a, h, load_w_as(w_ptr, s_ptr, rows_a, r_ok, k0, k_ok, stride_wn, stride_sn, K, h.dtype,
+                                              BLOCK_N, BLOCK_K, QUANT, PRECISION), True, PRECISION)
             if TWO:
-                acc_b = _mma(acc_b, h, load_rows(w_ptr, rows_b, r_ok, k0, k_ok, stride_wn, BLOCK_K), True,
-                             PRECISION)
+                acc_b = _mma(acc_b, h, load_w_as(w_ptr, s_ptr, rows_b, r_ok, k0, k_ok, stride_wn, stride_sn, K, h.dtype,
+                                                  BLOCK_N, BLOCK_K, QUANT, PRECISION), True, PRECISION)
         return acc_a, acc_b
     else:  # one token row (code after a constexpr branch's return is still compiled: keep it in else)
         k_ok = k_mask(0, K, BLOCK_K, EVEN_K)
-        w_a = load_rows(w_ptr, rows_a, r_ok, 0, k_ok, stride_wn, BLOCK_K)  # [BN, BK]
+        w_a = load_w(w_ptr, s_ptr, rows_a, r_ok, 0, k_ok, stride_wn, stride_sn, K, BLOCK_N, BLOCK_K, QUANT)  # [BN, BK]
         w_b = w_a
         if TWO:
-            w_b = load_rows(w_ptr, rows_b, r_ok, 0, k_ok, stride_wn, BLOCK_K)
+            w_b = load_w(w_ptr, s_ptr, rows_b, r_ok, 0, k_ok, stride_wn, stride_sn, K, BLOCK_N, BLOCK_K, QUANT)
         wait_prior(PDL)
         if NORM:
             rstd = row_rstd(x_ptr, offs_m, m_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K, EVEN_K)
@@ -170,11 +227,12 @@ def project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm,
             h = load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_mask(k0, K, BLOCK_K, EVEN_K), stride_xm, rstd, NORM,
                        BLOCK_K, PRECISION)  # [BM, BK]
             nk_ok = (k0 + BLOCK_K + tl.arange(0, BLOCK_K)) < K
-            n_a = load_rows(w_ptr, rows_a, r_ok, k0 + BLOCK_K, nk_ok, stride_wn, BLOCK_K)
+            n_a = load_w(w_ptr, s_ptr, rows_a, r_ok, k0 + BLOCK_K, nk_ok, stride_wn, stride_sn, K, BLOCK_N, BLOCK_K, QUANT)
             acc_a = _mma(acc_a, h, w_a, False, PRECISION)
             w_a = n_a
             if TWO:
-                n_b = load_rows(w_ptr, rows_b, r_ok, k0 + BLOCK_K, nk_ok, stride_wn, BLOCK_K)
+                n_b = load_w(w_ptr, s_ptr, rows_b, r_ok, k0 + BLOCK_K, nk_ok, stride_wn, stride_sn, K, BLOCK_N, BLOCK_K,
+                              QUANT)
                 acc_b = _mma(acc_b, h, w_b, False, PRECISION)
                 w_b = n_b
         return acc_a, acc_b

@@ -9,6 +9,8 @@ import os
 import torch
 
 from common import tiles as tiles_mod
+from common.quant import FP8_BLOCK, QWeight
+from common.tile_rules import FP8_MIN_CAPABILITY
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -33,20 +35,51 @@ def device_info(device: torch.device) -> tiles_mod.Device:
     return _gpu(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def dtype_name(dtype: torch.dtype, fmt: str | None = None) -> str:
+    """The tables' dtype field: the activations' dtype, with the weights' format when quantized."""
+    name = str(dtype).removeprefix("torch.")
+    return name if fmt in (None, "bf16") else f"{name}-{fmt}"
 
 
-def choose(kernel: str, device: torch.device, dtype: torch.dtype, **shape) -> tiles_mod.Choice:
+def choose(kernel: str, device: torch.device, dtype: torch.dtype, fmt: str | None = None, **shape) -> tiles_mod.Choice:
     """The path and tiles of `kernel` at this shape (common.tiles.lookup for the torch twin)."""
-    return tiles_mod.lookup(kernel, "torch", device_info(device), dtype=dtype_name(dtype), **shape)
+    return tiles_mod.lookup(kernel, "torch", device_info(device), dtype=dtype_name(dtype, fmt), **shape)
 
 
-def tiles_for(kernel: str, op: str, tiles, tile_type, device: torch.device, dtype: torch.dtype, **shape):
+def tiles_for(kernel: str, op: str, tiles, tile_type, device: torch.device, dtype: torch.dtype,
+              fmt: str | None = None, **shape):
     """The tiles a launcher runs: the caller's, else the lookup's; checked to be `tile_type`."""
-    tiles = tiles or choose(kernel, device, dtype, **shape).tiles
+    tiles = tiles or choose(kernel, device, dtype, fmt, **shape).tiles
     check(isinstance(tiles, tile_type), f"{op}: tiles={tiles!r}, expected a common.tiles.{tile_type.__name__}")
     return tiles
+
+
+QUANT_CODES = {None: 0, "int8": 1, "fp8": 2}  # the kernels' QUANT constexpr (torch_impl.kernels._jit.load_w)
+
+
+def split_weight(op: str, name: str, w, dtype: torch.dtype | None = None):
+    """(values, scales, scale row stride, fmt) of a weight argument: a float tensor (scales: the
+    values themselves, unread), or a common.quant.QWeight of int8 values with [out] float32 scales
+    or e4m3 values with [out/128, in/128] ones."""
+    if not isinstance(w, QWeight):
+        check(isinstance(w, torch.Tensor), f"{op}: {name} is {type(w).__name__}, expected a tensor or a QWeight")
+        check_float(op, dtype, **{name: w})
+        return w, w, 0, None
+    want = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}.get(w.fmt)
+    check(want is not None and w.q.dtype == want, f"{op}: {name} is a {w.fmt!r} QWeight of {w.q.dtype} values")
+    check(w.q.dim() == 2, f"{op}: {name} has shape {list(w.q.shape)}, expected [out_features, in_features]")
+    rows, cols = w.q.shape
+    want_scale = (rows,) if w.fmt == "int8" else (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+    check(tuple(w.scale.shape) == want_scale and w.scale.dtype == torch.float32 and w.scale.is_contiguous(),
+          f"{op}: {name}'s scale is {w.scale.dtype} {list(w.scale.shape)}, expected contiguous float32 "
+          f"{list(want_scale)} ({w.fmt})")
+    check(w.scale.device == w.q.device, f"{op}: {name}'s scale is on {w.scale.device}, its values on {w.q.device}")
+    cap = device_info(w.q.device).capability
+    if w.fmt == "fp8" and cap is not None and cap < FP8_MIN_CAPABILITY:
+        raise ValueError(f"{op}: fp8 weights need compute capability >= {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} "
+                         f"for the Triton kernels, this GPU has {cap[0]}.{cap[1]} (fused='auto' runs these "
+                         f"projections plain)")
+    return w.q, w.scale, (w.scale.stride(0) if w.fmt == "fp8" else 0), w.fmt
 
 
 def check(cond: bool, msg: str) -> None:

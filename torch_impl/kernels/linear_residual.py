@@ -13,21 +13,22 @@ import triton.language as tl
 
 from common.tiles import MatmulTiles
 from torch_impl.kernels import _jit
-from torch_impl.kernels._lib import (check, check_device, check_float, check_rows, check_shape, matmul_meta,
-                                     precision, tiles_for)
+from torch_impl.kernels._lib import (QUANT_CODES, check, check_device, check_float, check_rows, check_shape,
+                                     matmul_meta, precision, split_weight, tiles_for)
 
 
 @triton.jit
 def _linear_residual_kernel(
     a_ptr,  # [M, K]
     w_ptr,  # [N, K]
+    s_ptr,  # w's scales when quantized (QUANT 1: [N]; 2: [N/128, K/128])
     r_ptr,  # [M, N]
     out_ptr,  # [M, N]
     M, N, K,
-    stride_am, stride_wn, stride_rm, stride_om,
+    stride_am, stride_wn, stride_sn, stride_rm, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -36,7 +37,8 @@ def _linear_residual_kernel(
     m_ok = offs_m < M
     n_ok = offs_n < N
     acc, _ = _jit.project(a_ptr, a_ptr, w_ptr, offs_n, offs_n, n_ok, offs_m, m_ok, stride_am, stride_wn, K, 0.0,
-                          False, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP, ONE_SHOT)
+                          False, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP, ONE_SHOT,
+                          s_ptr, stride_sn, QUANT)
     _jit.release_next(PDL)
     mask = m_ok[:, None] & n_ok[None, :]
     dtype = out_ptr.dtype.element_ty
@@ -48,11 +50,14 @@ def _linear_residual_kernel(
     tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], y, mask=mask)
 
 
-def linear_residual(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | None, *,
+def linear_residual(x: torch.Tensor, w, residual: torch.Tensor | None, *,
                     tiles: MatmulTiles | None = None) -> torch.Tensor:
-    """residual + x @ w.T (residual None: x @ w.T); x [T, K], w [N, K], residual [T, N]; x's dtype."""
+    """residual + x @ w.T (residual None: x @ w.T); x [T, K], w [N, K] (or a quantized
+    common.quant.QWeight), residual [T, N]; x's dtype."""
     op = "linear_residual"
     check(x.dim() == 2, f"{op}: x has shape {list(x.shape)}, expected [T, in_features]")
+    check_float(op, x=x)
+    w, scale, stride_sn, fmt = split_weight(op, "w", w, x.dtype)
     check(w.dim() == 2, f"{op}: w has shape {list(w.shape)}, expected [out_features, in_features]")
     m, k = x.shape
     n = w.shape[0]
@@ -60,17 +65,17 @@ def linear_residual(x: torch.Tensor, w: torch.Tensor, residual: torch.Tensor | N
     tensors = {"x": x, "w": w} | ({} if residual is None else {"residual": residual})
     if residual is not None:
         check_shape(op, "residual", residual, (m, n))
-    check_float(op, **tensors)
+        check_float(op, x.dtype, residual=residual)
     check_device(op, **tensors)
     check_rows(op, **tensors)
-    tiles = tiles_for(op, op, tiles, MatmulTiles, x.device, x.dtype, m=m, n=n, k=k)
+    tiles = tiles_for(op, op, tiles, MatmulTiles, x.device, x.dtype, fmt, m=m, n=n, k=k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     meta = matmul_meta(tiles, m, k, x.device)
     grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, meta["BLOCK_M"]))
     r = out if residual is None else residual
-    _linear_residual_kernel[grid](x, w, r, out, m, n, k, x.stride(0), w.stride(0), r.stride(0), out.stride(0),
-                                  BLOCK_N=tiles.block_n, PRECISION=precision(x.dtype),
-                                  HAS_RESIDUAL=residual is not None, **meta)
+    _linear_residual_kernel[grid](x, w, scale, r, out, m, n, k, x.stride(0), w.stride(0), stride_sn, r.stride(0),
+                                  out.stride(0), BLOCK_N=tiles.block_n, PRECISION=precision(x.dtype),
+                                  HAS_RESIDUAL=residual is not None, QUANT=QUANT_CODES[fmt], **meta)
     return out

@@ -16,8 +16,9 @@ import triton.language as tl
 
 from common.tiles import MatmulTiles
 from torch_impl.kernels import _jit
-from torch_impl.kernels._lib import (check, check_device, check_float, check_rows, check_shape, matmul_meta,
-                                     precision, tiles_for)
+from common.quant import FP8_BLOCK
+from torch_impl.kernels._lib import (QUANT_CODES, check, check_device, check_float, check_rows, check_shape,
+                                     matmul_meta, precision, split_weight, tiles_for)
 from torch_impl.kernels.linear_residual import linear_residual
 
 
@@ -26,13 +27,14 @@ def _norm_gate_up_kernel(
     x_ptr,  # [M, K]
     nw_ptr,  # [K]
     w_ptr,  # [2 I, K]: rows [gate; up]
+    s_ptr,  # w's scales when quantized (QUANT 1: [2 I]; 2: [2 I/128, K/128])
     act_ptr,  # [M, I]
     M, I, K,
-    stride_xm, stride_wn, stride_am,
+    stride_xm, stride_wn, stride_sn, stride_am,
     eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr,
+    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, QUANT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -42,39 +44,43 @@ def _norm_gate_up_kernel(
     n_ok = offs_n < I
     acc_g, acc_u = _jit.project(x_ptr, nw_ptr, w_ptr, offs_n, I + offs_n, n_ok, offs_m, m_ok, stride_xm, stride_wn,
                                 K, eps, True, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP,
-                                ONE_SHOT)
+                                ONE_SHOT, s_ptr, stride_sn, QUANT)
     _jit.release_next(PDL)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(act_ptr + offs_m[:, None] * stride_am + offs_n[None, :],
              _jit.cast(act, act_ptr.dtype.element_ty, PRECISION), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def norm_gate_up(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up: torch.Tensor, *, eps: float,
+def norm_gate_up(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up, *, eps: float,
                  tiles: MatmulTiles | None = None) -> torch.Tensor:
-    """silu(gate) * up of RMSNorm(x): x [T, hidden], w_gate_up [2I, hidden] -> [T, I]."""
+    """silu(gate) * up of RMSNorm(x): x [T, hidden], w_gate_up [2I, hidden] (or a QWeight) -> [T, I]."""
     op = "mlp"
     check(x.dim() == 2, f"{op}: x has shape {list(x.shape)}, expected [T, hidden]")
+    check_float(op, x=x)
+    w_gate_up, scale, stride_sn, fmt = split_weight(op, "w_gate_up", w_gate_up, x.dtype)
     m, k = x.shape
     check(w_gate_up.dim() == 2 and w_gate_up.shape[1] == k and w_gate_up.shape[0] % 2 == 0,
           f"{op}: w_gate_up has shape {list(w_gate_up.shape)}, expected [2 * intermediate, {k}] (rows [gate; up])")
     check_shape(op, "norm_w", norm_w, (k,))
-    check_float(op, x=x, norm_w=norm_w, w_gate_up=w_gate_up)
+    check_float(op, x=x, norm_w=norm_w)
     check_device(op, x=x, norm_w=norm_w, w_gate_up=w_gate_up)
     check_rows(op, x=x, norm_w=norm_w, w_gate_up=w_gate_up)
     inter = w_gate_up.shape[0] // 2
-    tiles = tiles_for("mlp_gate_up", op, tiles, MatmulTiles, x.device, x.dtype, m=m, n=2 * inter, k=k)
+    check(fmt != "fp8" or inter % FP8_BLOCK == 0,
+          f"{op}: an fp8 w_gate_up needs an intermediate size that is a multiple of {FP8_BLOCK}, got {inter}")
+    tiles = tiles_for("mlp_gate_up", op, tiles, MatmulTiles, x.device, x.dtype, fmt, m=m, n=2 * inter, k=k)
     act = torch.empty((m, inter), dtype=x.dtype, device=x.device)
     if m == 0:
         return act
     meta = matmul_meta(tiles, m, k, x.device)
     grid = (triton.cdiv(inter, tiles.block_n), triton.cdiv(m, meta["BLOCK_M"]))
-    _norm_gate_up_kernel[grid](x, norm_w, w_gate_up, act, m, inter, k, x.stride(0), w_gate_up.stride(0),
-                               act.stride(0), float(eps), BLOCK_N=tiles.block_n, PRECISION=precision(x.dtype),
-                               **meta)
+    _norm_gate_up_kernel[grid](x, norm_w, w_gate_up, scale, act, m, inter, k, x.stride(0), w_gate_up.stride(0),
+                               stride_sn, act.stride(0), float(eps), BLOCK_N=tiles.block_n,
+                               PRECISION=precision(x.dtype), QUANT=QUANT_CODES[fmt], **meta)
     return act
 
 
-def mlp(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+def mlp(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up, w_down,
         residual: torch.Tensor | None, *, eps: float, tiles: MatmulTiles | None = None,
         down_tiles: MatmulTiles | None = None) -> torch.Tensor:
     """residual + down(silu(gate) * up) of RMSNorm(x); w_gate_up [2I, hidden] rows [gate; up],
@@ -83,6 +89,6 @@ def mlp(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up: torch.Tensor, w_down: 
     `tiles` applies to the gate/up launch, `down_tiles` to the down launch (each defaults per shape).
     """
     act = norm_gate_up(x, norm_w, w_gate_up, eps=eps, tiles=tiles)
-    check(w_down.dim() == 2 and tuple(w_down.shape) == (x.shape[1], act.shape[1]),
+    check(len(w_down.shape) == 2 and tuple(w_down.shape) == (x.shape[1], act.shape[1]),
           f"mlp: w_down has shape {list(w_down.shape)}, expected [{x.shape[1]}, {act.shape[1]}]")
     return linear_residual(act, w_down, residual, tiles=down_tiles)

@@ -19,10 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
+from common.quant import FP8_BLOCK
 from common.tiles import MatmulTiles, next_pow2
 from torch_impl.kernels import _jit
-from torch_impl.kernels._lib import (check, check_cache, check_device, check_float, check_index, check_rows,
-                                     check_shape, matmul_meta, pdl_meta, precision, tiles_for)
+from torch_impl.kernels._lib import (QUANT_CODES, check, check_cache, check_device, check_float, check_index,
+                                     check_rows, check_shape, matmul_meta, pdl_meta, precision, split_weight,
+                                     tiles_for)
 
 
 @triton.jit
@@ -65,6 +67,7 @@ def _rmsnorm_qkv_kernel(
     x_ptr,  # [M, K]
     nw_ptr,  # [K]
     w_ptr,  # [(HQ + 2 HKV) D, K]
+    s_ptr,  # w's scales when quantized (QUANT 1: [rows]; 2: [rows/128, K/128])
     qn_ptr, kn_ptr,  # [D]
     cs_ptr,  # [max_pos, D] float32 (cos | sin)
     pos_ptr, slot_ptr,  # [M]
@@ -72,12 +75,12 @@ def _rmsnorm_qkv_kernel(
     kc_ptr, vc_ptr,  # [num_slots, HKV, D] (flattened blocks)
     part_ptr,  # [M, HQ + HKV, D] float32 scratch (split heads only)
     M, K, num_slots, max_pos,
-    stride_xm, stride_wn, stride_cs, stride_qm, stride_qh, stride_cslot, stride_ch, stride_pm,
+    stride_xm, stride_wn, stride_sn, stride_cs, stride_qm, stride_qh, stride_cslot, stride_ch, stride_pm,
     eps,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr,
+    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, QUANT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -90,7 +93,7 @@ def _rmsnorm_qkv_kernel(
 
     acc_lo, acc_hi = _jit.project(x_ptr, nw_ptr, w_ptr, rows_lo, rows_lo + HALF, c_ok, offs_m, m_ok, stride_xm,
                                   stride_wn, K, eps, True, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT,
-                                  PRECISION, PDL, SWAP, ONE_SHOT)
+                                  PRECISION, PDL, SWAP, ONE_SHOT, s_ptr, stride_sn, QUANT)
     _jit.release_next(PDL)
 
     pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
@@ -154,6 +157,8 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     op = "rmsnorm_qkv"
     positions, slots = meta.positions, meta.slots
     check(x.dim() == 2, f"{op}: x has shape {list(x.shape)}, expected [T, hidden]")
+    check_float(op, x=x)
+    w_qkv, scale, stride_sn, fmt = split_weight(op, "w_qkv", w_qkv, x.dtype)
     m, k = x.shape
     d = q_norm_w.shape[0] if q_norm_w.dim() == 1 else -1
     check(d > 0 and d % 2 == 0, f"{op}: q_norm_w has shape {list(q_norm_w.shape)}, expected [head_dim] (even)")
@@ -172,11 +177,13 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     check_cache(op, "v_cache", v_cache, num_kv_heads, d)
     check(k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(),
           f"{op}: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape or strides")
-    dtype = check_float(op, x=x, norm_w=norm_w, w_qkv=w_qkv, q_norm_w=q_norm_w, k_norm_w=k_norm_w,
+    check(fmt != "fp8" or (num_heads * d) % FP8_BLOCK == (num_kv_heads * d) % FP8_BLOCK == 0,
+          f"{op}: an fp8 w_qkv needs q and k/v sizes that are multiples of {FP8_BLOCK}")
+    dtype = check_float(op, x=x, norm_w=norm_w, q_norm_w=q_norm_w, k_norm_w=k_norm_w,
                         k_cache=k_cache, v_cache=v_cache)
     check_device(op, x=x, w_qkv=w_qkv, cos_sin=cos_sin, positions=positions, slots=slots, k_cache=k_cache)
     check_rows(op, x=x, w_qkv=w_qkv, cos_sin=cos_sin)
-    tiles = tiles_for(op, op, tiles, MatmulTiles, x.device, dtype, m=m, n=heads * d, k=k, head_dim=d)
+    tiles = tiles_for(op, op, tiles, MatmulTiles, x.device, dtype, fmt, m=m, n=heads * d, k=k, head_dim=d)
     q = torch.empty((m, num_heads, d), dtype=dtype, device=x.device)
     if m == 0:
         return q, k_cache, v_cache
@@ -188,12 +195,12 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     m_tiles = triton.cdiv(m, meta["BLOCK_M"])
     part = torch.empty((m, num_heads + num_kv_heads, d), dtype=torch.float32, device=x.device) if n_tiles > 1 else q
     _rmsnorm_qkv_kernel[(heads * n_tiles, m_tiles)](
-        x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, positions, slots, q, k_cache, v_cache, part,
+        x, norm_w, w_qkv, scale, q_norm_w, k_norm_w, cos_sin, positions, slots, q, k_cache, v_cache, part,
         m, k, k_cache.shape[0] * k_cache.shape[1], cos_sin.shape[0],
-        x.stride(0), w_qkv.stride(0), cos_sin.stride(0), q.stride(0), q.stride(1), k_cache.stride(1),
+        x.stride(0), w_qkv.stride(0), stride_sn, cos_sin.stride(0), q.stride(0), q.stride(1), k_cache.stride(1),
         k_cache.stride(2), (num_heads + num_kv_heads) * d, float(eps),
         HQ=num_heads, HKV=num_kv_heads, D=d, HALF=half, HALF_P=half_p, BLOCK_N=block_n, TILES=n_tiles,
-        PRECISION=precision(dtype), **meta)
+        PRECISION=precision(dtype), QUANT=QUANT_CODES[fmt], **meta)
     if n_tiles > 1:
         _qk_epilogue_kernel[(num_heads + num_kv_heads, m_tiles)](
             part, q_norm_w, k_norm_w, cos_sin, positions, slots, q, k_cache, m, k_cache.shape[0] * k_cache.shape[1],

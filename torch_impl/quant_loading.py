@@ -1,0 +1,123 @@
+"""Quantized projections (common.quant) in torch_impl's model: which format a model is built in, and
+how its int8 / fp8 `Linear`s are filled - from common.weights' items (torch_impl.load) or through
+nano-vllm's weight_loader protocol (Hugging Face tensors by shard: a bf16 checkpoint's are
+quantized as they arrive, an FP8 checkpoint's e4m3 values and `weight_scale_inv` blocks copied)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from common.quant import FP8_BLOCK, QuantError, QWeight, check_quantization, parse_quantization_config, quantize
+
+TORCH_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+def weight_format_of(config, quantization) -> str:
+    """"fp8" for a config carrying Qwen's FP8 quantization_config, else `quantization`, else "bf16"."""
+    raw = getattr(config, "quantization_config", None)
+    if raw is not None and not isinstance(raw, dict):
+        raw = raw.to_dict() if hasattr(raw, "to_dict") else vars(raw)
+    try:
+        ckpt = parse_quantization_config(raw, f"{type(config).__name__}.quantization_config")
+        q = check_quantization(quantization)
+    except QuantError as e:
+        raise ValueError(str(e)) from None
+    if ckpt is not None:
+        if q not in (None, "fp8"):
+            raise ValueError(f"quantization={q!r}: the config is of an FP8 checkpoint, whose weights are quantized "
+                             f"already (load it with quantization=None or 'fp8')")
+        return "fp8"
+    return q or "bf16"
+
+
+def to_torch(values: np.ndarray, device=None) -> torch.Tensor:
+    """numpy int8 or ml_dtypes e4m3 values as a torch tensor of the same bits."""
+    if values.dtype == np.int8:
+        return torch.from_numpy(np.ascontiguousarray(values)).to(device)
+    return torch.from_numpy(np.ascontiguousarray(values).view(np.uint8)).view(torch.float8_e4m3fn).to(device)
+
+
+def load_quantized(linear, name: str, w: QWeight) -> None:
+    """Copy a QWeight (numpy or torch arrays) into a quantized Linear, checking format and shapes."""
+    if linear.fmt != w.fmt:
+        raise ValueError(f"{name}: a {w.fmt} weight for a model built with {linear.fmt} projections")
+    q = w.q if isinstance(w.q, torch.Tensor) else to_torch(w.q)
+    scale = torch.as_tensor(np.asarray(w.scale, np.float32) if not isinstance(w.scale, torch.Tensor) else w.scale)
+    for what, dst, src in (("values", linear.weight, q), ("scales", linear.weight_scale_inv, scale)):
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ValueError(f"{name}: {what} of shape {list(src.shape)}, expected {list(dst.shape)}")
+    linear.weight.data.copy_(q.to(linear.weight.device))
+    linear.weight_scale_inv.data.copy_(scale.to(linear.weight_scale_inv.device, torch.float32))
+
+
+def _scale_rows(fmt: str, start: int, n: int, total: int, name: str) -> tuple[int, int]:
+    """The scale rows of weight rows [start, start + n) of `total`: int8 one per row; fp8 one per
+    128-row block, so a shard must start on a block and fill its blocks unless it ends the tensor."""
+    if fmt == "int8":
+        return start, n
+    if start % FP8_BLOCK or (n % FP8_BLOCK and start + n != total):
+        raise ValueError(f"{name}: a shard of rows [{start}, {start + n}) does not fill whole {FP8_BLOCK}-row "
+                         f"blocks: it cannot be stored in fp8 blocks")
+    return start // FP8_BLOCK, -(-n // FP8_BLOCK)
+
+
+def attach_quant_loaders(model: torch.nn.Module, shards: dict[str, dict]) -> None:
+    """nano-vllm's weight_loader(param, tensor[, shard_id]) on each quantized Linear's two parameters."""
+    for mod_name, linear in model.named_modules():
+        fmt = getattr(linear, "fmt", "bf16")
+        if fmt == "bf16" or not hasattr(linear, "weight_scale_inv"):
+            continue
+        name = f"{mod_name}.weight"
+        rows = shards.get(name)
+
+        def where(shard_id, _name=name, _rows=rows, _linear=linear):
+            if shard_id is None:
+                return 0, _linear.weight.shape[0]
+            if _rows is None or shard_id not in _rows:
+                raise ValueError(f"{_name}: unknown shard id {shard_id!r} (expected one of {sorted(_rows or {}, key=str)})")
+            return _rows[shard_id]
+
+        def weight_loader(param, loaded, shard_id=None, _name=name, _linear=linear, _where=where, _fmt=fmt):
+            start, n = _where(shard_id)
+            if tuple(loaded.shape) != (n, param.shape[1]):
+                raise ValueError(f"{_name}: checkpoint tensor has shape {list(loaded.shape)}, expected "
+                                 f"[{n}, {param.shape[1]}]")
+            s0, sn = _scale_rows(_fmt, start, n, param.shape[0], _name)
+            if loaded.dtype == torch.float8_e4m3fn:  # an FP8 checkpoint's values; their scales load on their own
+                if _fmt != "fp8":
+                    raise ValueError(f"{_name}: fp8 checkpoint values for a model built with {_fmt} projections")
+                param.data.narrow(0, start, n).copy_(loaded)
+                return
+            q, scale = quantize(loaded.float().cpu().numpy(), _fmt)
+            param.data.narrow(0, start, n).copy_(to_torch(q))
+            _linear.weight_scale_inv.data.narrow(0, s0, sn).copy_(torch.from_numpy(scale))
+
+        def scale_loader(param, loaded, shard_id=None, _name=name, _linear=linear, _where=where, _fmt=fmt):
+            if _fmt != "fp8":
+                raise ValueError(f"{_name}_scale_inv: block scales for a model built with {_fmt} projections")
+            s0, sn = _scale_rows(_fmt, *_where(shard_id), _linear.weight.shape[0], _name)
+            if tuple(loaded.shape) != (sn, param.shape[1]):
+                raise ValueError(f"{_name}_scale_inv: checkpoint tensor has shape {list(loaded.shape)}, expected "
+                                 f"[{sn}, {param.shape[1]}]")
+            param.data.narrow(0, s0, sn).copy_(loaded.to(torch.float32))
+
+        linear.weight.weight_loader = weight_loader
+        linear.weight_scale_inv.weight_loader = scale_loader
+
+
+def random_qweight(shape: tuple[int, int], fmt: str, generator: torch.Generator, device, std: float = 0.02) -> QWeight:
+    """The QWeight of N(0, std) values at one scale (benchmarks, tuning: 4.5 standard deviations at the
+    format's largest value, as jax_impl.arrays.random_qweight), laid out as common.quant's."""
+    limit = {"int8": 127.0, "fp8": 448.0}[fmt]
+    s = 4.5 * std / limit
+    q = torch.empty(shape, device=device).normal_(0.0, std, generator=generator).div_(s).clamp_(-limit, limit)
+    q = q.round_().to(torch.int8) if fmt == "int8" else q.to(torch.float8_e4m3fn)
+    scale_shape = (shape[0],) if fmt == "int8" else (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK))
+    return QWeight(q, torch.full(scale_shape, s, dtype=torch.float32, device=device), fmt)
+
+
+def random_quantized_(linear, generator: torch.Generator, std: float = 0.02) -> None:
+    """Fill a quantized Linear with random_qweight values."""
+    load_quantized(linear, "random", random_qweight(tuple(linear.weight.shape), linear.fmt, generator,
+                                                    linear.weight.device, std))
