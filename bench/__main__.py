@@ -75,6 +75,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, help="context length of the decode_attention rows (default 1024)")
     p.add_argument("--hf-batch", help="batch sizes for the transformers peers (default 1: they are slow)")
     p.add_argument("--impls", help=f"decode implementations (default all: {','.join(IMPLS)})")
+    p.add_argument("--tensor-parallel-size", metavar="N[,N...]", default="1",
+                   help="decode: run each twin's rows at these tensor-parallel sizes (GPUs of this machine; "
+                        "transformers' rows at 1); rows carry `tensor_parallel_size`")
+    p.add_argument("--quantization", metavar="none,int8,fp8",
+                   help="decode: run each chosen twin's fused row in these weight formats (none = bf16; e.g. "
+                        "int8 adds jax-int8 for jax-fused); rows carry `quantization`")
     p.add_argument("--ops", help=f"kernel ops (default all: {','.join(OPS)})")
     p.add_argument("--frameworks", default="jax,torch", help="kernel frameworks (default jax,torch)")
     p.add_argument("--new-tokens", type=int, help="decode tokens per run (default 256; --quick 64)")
@@ -174,9 +180,12 @@ def run(a) -> int:
     ops = _choices(a.ops, kernels.OPS, "--ops")
     frameworks = _choices(a.frameworks, kernels.FRAMEWORKS, "--frameworks")
     impls = _choices(a.impls, decode.IMPLS, "--impls")
+    if a.quantization is not None:
+        impls = decode.with_quantization(impls, _choices(a.quantization, ("none", "int8", "fp8"), "--quantization"))
     # --smoke skips by default what costs minutes on CPU and shares its code path with a row that runs
     smoke_skip = {i: SMOKE_SKIP[i] for i in impls if a.smoke and a.impls is None and i in SMOKE_SKIP}
     batches = _ints(a.batch or ("2" if a.smoke else "1,8,32,128"), "--batch")
+    tps = _ints(a.tensor_parallel_size, "--tensor-parallel-size")
     prefill = _ints(a.prefill or ("16" if a.smoke else "512,4096"), "--prefill")
     hf_batches = _ints(a.hf_batch or ("2" if a.smoke else "1"), "--hf-batch")
     ctx = a.ctx or (32 if a.smoke else 1024)
@@ -195,7 +204,7 @@ def run(a) -> int:
     settings = dict(command=a.command, models=list(models), smoke=a.smoke, quick=a.quick, ops=ops,
                     frameworks=frameworks, impls=impls, batches=batches, prefill=prefill, hf_batches=hf_batches,
                     ctx=ctx, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs,
-                    random_weights=a.random_weights,
+                    random_weights=a.random_weights, tensor_parallel_sizes=tps,
                     timing=dataclasses.asdict(plan), min_layer_bytes=ks.min_bytes, budget_s=a.budget_s,
                     isolation="in-process" if a.in_process else "process per job")
     res = report.Results(out, env.collect(smoke=a.smoke, commit=a.commit, argv=a.argv), settings)
@@ -205,7 +214,8 @@ def run(a) -> int:
 
     torch_device = _torch_device(a.smoke)
     n_jobs = 2 + (len(frameworks) if a.command in ("kernels", "all") else 0) \
-        + (len(models) * len(impls) if a.command in ("decode", "all") else 0)
+        + (len(models) * sum(1 if i.startswith("hf") else len(tps) for i in impls)
+           if a.command in ("decode", "all") else 0)
     jobs_bar = bar(n_jobs, f"bench {a.command}", unit="job", delay=0, leave=True)
     ceilings = _ceilings(a)
     jobs_bar.update(2)
@@ -228,13 +238,13 @@ def run(a) -> int:
 
     if a.command in ("decode", "all"):
         with tempfile.TemporaryDirectory(prefix="bench-smoke-ckpt-") as tmp:
-            jobs = [(m, i) for m in models for i in impls]
+            jobs = [(m, i, tp) for m in models for i in impls for tp in (tps if not i.startswith("hf") else [1])]
             paths: dict = {}
-            for k, (m, impl) in enumerate(jobs, start=1):
-                _progress(f"[{k}/{len(jobs)}] decode {impl} {m}")
+            for k, (m, impl, tp) in enumerate(jobs, start=1):
+                _progress(f"[{k}/{len(jobs)}] decode {impl} {m}" + (f" tensor parallel {tp}" if tp > 1 else ""))
                 bs = hf_batches if impl.startswith("hf") else batches
                 expected = [dict(decode.base_row(impl, m, prompt_len=prompt_len, new_tokens=new_tokens,
-                                                 ceilings=ceilings), batch=b) for b in bs]
+                                                 ceilings=ceilings, tensor_parallel_size=tp), batch=b) for b in bs]
                 dev = torch_device if (impl.startswith("hf") or impl.startswith("torch")) else "-"
                 if impl in smoke_skip:
                     why = f"skipped in --smoke: {smoke_skip[impl]} (ask with --impls)"
@@ -254,7 +264,7 @@ def run(a) -> int:
                     continue
                 job = dict(shared, kind="decode", impl=impl, model=m, cfg=dataclasses.asdict(models[m]),
                            path=None if paths[m] is None else str(paths[m]), batches=bs, prompt_len=prompt_len, new_tokens=new_tokens,
-                           runs=runs, warmup=1, torch_device=dev)
+                           runs=runs, warmup=1, torch_device=dev, tensor_parallel_size=tp)
                 isolate.run_job(job, emit=res.add, expected=expected, in_process=a.in_process, progress=_progress)
                 jobs_bar.update(1)
     jobs_bar.close()

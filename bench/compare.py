@@ -19,8 +19,10 @@ METRICS = {"kernel": {"median_s": False}, "decode": {"decode_tok_s": True, "pref
 
 def row_key(r: dict) -> tuple:
     kind = r.get("kind")
-    fields = KERNEL_KEY if kind == "kernel" else DECODE_KEY
-    return (kind,) + tuple(r.get(f) for f in fields)
+    if kind == "kernel":
+        return (kind,) + tuple(r.get(f) for f in KERNEL_KEY)
+    tp = r.get("tensor_parallel_size") or 1  # rows written before tensor parallelism ran on one GPU
+    return (kind,) + tuple(r.get(f) for f in DECODE_KEY) + ((f"TP={tp}",) if tp > 1 else ())
 
 
 def _label(key: tuple) -> str:

@@ -52,6 +52,19 @@ def kv_bytes_per_position(cfg: Qwen3Config, e: int = 2) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * e
 
 
+def with_quantization(impls: list[str], formats: list[str]) -> list[str]:
+    """--quantization: each twin's fused row in every format of `formats` ("none" keeps it bf16),
+    its other quantized rows dropped; rows of other kinds as they are."""
+    out: list[str] = []
+    for impl in impls:
+        framework, kind = impl.split("-", 1)
+        if kind == "fused":
+            out += [impl if q == "none" else f"{framework}-{q}" for q in formats]
+        elif quantization_of(impl) is None:
+            out.append(impl)
+    return list(dict.fromkeys(out))
+
+
 def quantization_of(impl: str) -> str | None:
     """"int8" / "fp8" for the quantized twins' rows (jax-int8, torch-fp8, ...), else None."""
     kind = impl.split("-")[-1]
@@ -79,13 +92,15 @@ def prefill_floor_tok_s(cfg: Qwen3Config, batch: int, prompt_len: int, copy_GBps
 
 # ----- the twins through the Runner interface -------------------------------------------------
 
-def load_twin(impl: str, path: Path | None, cfg: Qwen3Config):
+def load_twin(impl: str, path: Path | None, cfg: Qwen3Config, tensor_parallel_size: int = 1):
     """The twin as a user gets it: "fused" = fused="auto" on a GPU (common.tiles' choice per op and
     shape), fused=True in interpreter mode. path None: random weights made in device memory."""
     framework, kind = impl.split("-")
     fused = False if kind == "plain" else ("auto" if _on_gpu() else True)
     twin = importlib.import_module(f"{framework}_impl")
     quant = {"quantization": quantization_of(impl)} if quantization_of(impl) else {}
+    if tensor_parallel_size != 1:
+        quant["tensor_parallel_size"] = tensor_parallel_size
     if path is None:
         return twin.load_random(cfg, dtype="bfloat16", fused=fused, **quant)
     return twin.load(path, dtype="bfloat16", fused=fused, **quant)
@@ -214,6 +229,27 @@ def hf_compiled(model, device: str, new_tokens: int, prompts, warmup: int, log):
 
 # ----- one implementation on one model ----------------------------------------------------------
 
+def weights_memory(runner) -> dict:
+    """weights_GB: the twin's arrays (Runner.weights_bytes); device_GB_after_load: what its framework
+    holds on the GPU right after loading (weights, and whatever loading left allocated)."""
+    out = dict(weights_GB=runner.weights_bytes() / 1e9)
+    try:
+        if type(runner).__module__.startswith("jax_impl"):
+            import jax
+
+            stats = jax.local_devices()[0].memory_stats() or {}
+            used = stats.get("bytes_in_use")
+        else:
+            import torch
+
+            used = torch.cuda.memory_allocated() if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - a backend without memory statistics
+        used = None
+    if used:
+        out["device_GB_after_load"] = used / 1e9
+    return out
+
+
 def free_memory() -> None:
     gc.collect()
     try:
@@ -232,33 +268,41 @@ def free_memory() -> None:
         pass
 
 
-def base_row(impl: str, model: str, *, prompt_len: int, new_tokens: int, ceilings: dict) -> dict:
+def base_row(impl: str, model: str, *, prompt_len: int, new_tokens: int, ceilings: dict,
+             tensor_parallel_size: int = 1) -> dict:
     """The fields every decode row of `impl` on `model` carries (add batch and figures or error)."""
-    return dict(kind="decode", impl=impl, label=IMPLS[impl], model=model, prompt_len=prompt_len,
+    label = IMPLS[impl] + (f", tensor parallel over {tensor_parallel_size} GPUs" if tensor_parallel_size > 1 else "")
+    return dict(kind="decode", impl=impl, label=label, model=model, tensor_parallel_size=tensor_parallel_size,
+                prompt_len=prompt_len,
                 new_tokens=new_tokens, dtype="bfloat16", weights=quantization_of(impl) or "bf16",
+                quantization=quantization_of(impl),
                 ceiling_copy_GBps=ceilings.get("copy_GBps"),
                 ceiling_matmul_TFLOPs=ceilings.get("matmul_TFLOPs"))
 
 
 def measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches, *, prompt_len: int, new_tokens: int,
-            runs: int, warmup: int, torch_device: str, ceilings: dict, emit, progress, deadline=None) -> None:
+            runs: int, warmup: int, torch_device: str, ceilings: dict, emit, progress, deadline=None,
+            tensor_parallel_size: int = 1) -> None:
     """Load `impl` once, time every batch size, emit one row per batch, free the memory."""
-    base = base_row(impl, model, prompt_len=prompt_len, new_tokens=new_tokens, ceilings=ceilings)
+    base = base_row(impl, model, prompt_len=prompt_len, new_tokens=new_tokens, ceilings=ceilings,
+                    tensor_parallel_size=tensor_parallel_size)
     handle = None
     t0 = time.perf_counter()
     try:
         if impl.startswith("hf"):
             handle = load_hf(path, torch_device, cfg)
         else:
-            handle = load_twin(impl, path, cfg)
+            handle = load_twin(impl, path, cfg, tensor_parallel_size)
         load_err = None
     except Exception as e:  # noqa: BLE001
         load_err = f"{'unavailable' if isinstance(e, (Unavailable, ImportError)) else 'load failed'}: " \
                    f"{type(e).__name__}: {str(e)[:400]}"
     load_s = time.perf_counter() - t0
-    progress(f"    {impl} {model}: " + (f"loaded in {load_s:.1f} s" if not load_err else load_err))
+    memory = {} if load_err or impl.startswith("hf") else weights_memory(handle)
+    progress(f"    {impl} {model}: " + (f"loaded in {load_s:.1f} s" if not load_err else load_err)
+             + (f", weights {memory['weights_GB']:.2f} GB" if memory else ""))
     for b in batches:
-        row = dict(base, batch=b, load_s=load_s)
+        row = dict(base, batch=b, load_s=load_s, **memory)
         if load_err:
             emit(dict(row, error=load_err))
             continue

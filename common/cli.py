@@ -99,6 +99,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="store the projections as int8 (one scale per output channel) or fp8 e4m3 (128x128 "
                         "blocks), weight-only: about half the weight memory and traffic; an FP8 checkpoint "
                         "(Qwen's -FP8 releases) loads as fp8 by itself")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="split the model over N GPUs of this machine (kv heads, the MLP and the projections' "
+                        "weights; one all-reduce after o_proj and down); N must divide the kv heads")
     p.add_argument("--warmup", metavar="BxPxN[,...]", default=None,
                    help="compile ahead of time for batch B, P prompt tokens, N new tokens (e.g. 1x512x256); "
                         "its time is reported apart (default: none)")
@@ -351,15 +354,26 @@ def _run(load_fn: Callable, args, out: TextIO, err: TextIO) -> int:
         extra["compile_cache"] = False
     if args.quantization != "none":
         extra["quantization"] = args.quantization
+    if args.tensor_parallel_size != 1:
+        extra["tensor_parallel_size"] = args.tensor_parallel_size
     try:
         runner = load_fn(str(model_dir), dtype=args.dtype, fused=resolve_fused(args.fused), **extra)
     except (ValueError, NotImplementedError, RuntimeError, ImportError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = " (out of memory loading the weights: see docs/USER_GUIDE.md, Memory)" if is_out_of_memory(e) else ""
         quant = f", --quantization {args.quantization}" if args.quantization != "none" else ""
+        quant += f", --tensor-parallel-size {args.tensor_parallel_size}" if args.tensor_parallel_size != 1 else ""
         raise CLIError(f"--model {model_dir} (--dtype {args.dtype}, --fused {args.fused}{quant}): {first}{hint}") from None
     if getattr(runner, "warmup_s", 0):
         err.write(f"warm-up: {len(extra.get('warmup', []))} shape(s) compiled in {runner.warmup_s:.2f} s\n")
+    try:
+        return _generate(runner, args, prompts, prompt_ids, kw, tokenizer, out, err)
+    finally:
+        if hasattr(runner, "close"):  # torch_impl under tensor parallelism: its worker processes
+            runner.close()
+
+
+def _generate(runner, args, prompts, prompt_ids, kw, tokenizer, out: TextIO, err: TextIO) -> int:
     timing = {"start": time.perf_counter()}
     streamed = len(prompt_ids) == 1 and hasattr(runner, "generate_stream")
     try:

@@ -86,6 +86,13 @@ def check_quantization(name) -> str | None:
     return name
 
 
+def head_format(fmt: str) -> str:
+    """The lm_head's format when the projections load in `fmt`: int8 quantizes it too (one scale per
+    vocabulary row; with tied embeddings a quantized copy of the embedding, the lookup keeps the
+    float table), fp8 keeps it in the model dtype as Qwen's FP8 checkpoints publish it."""
+    return "int8" if fmt == "int8" else "bf16"
+
+
 def check_fp8_sizes(cfg, source: str) -> None:
     """fp8 weights of a config: each packed projection's parts whole 128-row blocks (a block may not
     straddle q and k, or gate and up), as in every Qwen3 release."""

@@ -171,7 +171,9 @@ def decoder_layer(x, lw: Mapping[str, np.ndarray], positions, cfg: Qwen3Config, 
 
 
 def lm_head_weight(weights: Mapping[str, np.ndarray], cfg: Qwen3Config):
-    return weights["model.embed_tokens.weight"] if cfg.tie_word_embeddings else weights["lm_head.weight"]
+    """The head: lm_head.weight when present (untied, or a tied model's quantized head), else the embedding."""
+    return weights.get("lm_head.weight", weights["model.embed_tokens.weight"]) if cfg.tie_word_embeddings \
+        else weights["lm_head.weight"]
 
 
 def forward(weights: Mapping[str, np.ndarray], cfg: Qwen3Config, token_ids, *, dtype=F64):

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors' numpy reader needs it)
+import numpy as np
 
 from common import progress
 from common.config import ConfigError, Qwen3Config
@@ -150,12 +151,17 @@ QUANT_SOURCES = frozenset(src for row in PLAN if row.quantizable for src in row.
 
 def round_trip_projections(weights: dict, fmt: str) -> dict:
     """HF-named float weights with each projection replaced by its `fmt` quantization, dequantized
-    (float32): what a model loaded with quantization=fmt multiplies by. Per source tensor: int8 rows
-    and fp8 blocks never straddle two sources (packed sizes are whole 128-row blocks)."""
-    from common.quant import dequantize, quantize
+    (float32): what a model loaded with quantization=fmt multiplies by, the lm_head as
+    common.quant.head_format says. Per source tensor: int8 rows and fp8 blocks never straddle two
+    sources (packed sizes are whole 128-row blocks)."""
+    from common.quant import dequantize, head_format, quantize
 
-    return {k: (dequantize(*quantize(v, fmt), fmt) if k.split(".", 3)[-1] in QUANT_SOURCES else v)
-            for k, v in weights.items()}
+    out = {k: (dequantize(*quantize(v, fmt), fmt) if k.split(".", 3)[-1] in QUANT_SOURCES else v)
+           for k, v in weights.items()}
+    if head_format(fmt) != "bf16":  # the head too; a tied model's is a quantized copy of the embedding
+        head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+        out["lm_head.weight"] = dequantize(*quantize(np.asarray(head, np.float32), head_format(fmt)), head_format(fmt))
+    return out
 
 
 def scale_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
@@ -251,8 +257,6 @@ class Checkpoint:
             raise WeightsError(f"{info.file}: cannot read tensor {name!r} ({e})") from None
 
     def _read_raw(self, info: TensorInfo):
-        import numpy as np
-
         from common.quant import E4M3
 
         with open(info.file, "rb") as f:
@@ -264,8 +268,6 @@ class Checkpoint:
 
     def read_dense(self, name: str):
         """A float32 numpy copy of HF tensor `name`, dequantized when the checkpoint stores it as fp8."""
-        import numpy as np
-
         from common.quant import dequantize
 
         info = self.tensors[name]
@@ -304,8 +306,6 @@ class Checkpoint:
     def _quantized(self, i: int, sources, fmt: str):
         """A projection's packed sources as a numpy QWeight in `fmt`: the FP8 checkpoint's blocks as
         stored (each source a whole number of 128-row blocks), or quantized here from its floats."""
-        import numpy as np
-
         from common.quant import FP8_BLOCK, QWeight, quantize
 
         names = [layer_prefix(i) + s for s in sources]
@@ -328,13 +328,23 @@ class Checkpoint:
         `concat` stacks a packed parameter's sources along axis 0; `convert` runs on each result
         (cast, device placement). Only one layer's sources are alive at a time. The projections come
         as numpy common.quant.QWeight through `convert_quant` when they load int8 or fp8
-        (`weight_format`): quantized here tensor by tensor, or an FP8 checkpoint's as stored.
+        (`weight_format`): quantized here tensor by tensor, or an FP8 checkpoint's as stored; the
+        lm_head as common.quant.head_format says (int8: quantized, also for a tied model).
         """
+        from common.quant import QWeight, head_format, quantize
+
         cfg = self.config
         fmt = self.weight_format(quantization)
         total = sum(self.tensors[n].nbytes for n in expected_shapes(cfg))
         with progress.bar(total, f"loading {self.dir.name}") as pb:
+            head_fmt = head_format(fmt)
             for key, hf in GLOBAL_PLAN.items():
+                if key == "lm_head" and head_fmt != "bf16":  # tied: a quantized copy of the embedding
+                    name = GLOBAL_PLAN["embed"] if cfg.tie_word_embeddings else hf
+                    w = QWeight(*quantize(np.asarray(self.read_dense(name), np.float32), head_fmt), head_fmt)
+                    pb.update(0 if cfg.tie_word_embeddings else self.tensors[hf].nbytes)
+                    yield None, key, convert_quant(w)
+                    continue
                 if key == "lm_head" and cfg.tie_word_embeddings:
                     continue
                 arr = convert(self.read(hf, framework))

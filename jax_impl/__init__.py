@@ -2,8 +2,8 @@
 
 
 def load(model_dir, *, dtype: str = "bfloat16", fused="auto", **kwargs):
-    """Load a Hugging Face Qwen3 checkpoint directory: see jax_impl.runner.JaxRunner (kwargs: warmup,
-    compile_cache)."""
+    """Load a Hugging Face Qwen3 checkpoint directory: see jax_impl.runner.load (kwargs: warmup,
+    compile_cache, quantization, tensor_parallel_size, lm_head_shard)."""
     from jax_impl.runner import load as _load
 
     return _load(model_dir, dtype=dtype, fused=fused, **kwargs)

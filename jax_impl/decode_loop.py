@@ -18,6 +18,10 @@ goes to a column of `out` past the emitted ones, and the one cache row they writ
 next real step writes with the same values (same token, same position). Measured on an H100,
 Qwen3-0.6B batch 1, one process: 837.5 us per step testing after every step, 823.9 testing every 16
 steps (docs/MEASUREMENTS.md).
+
+Under tensor parallelism (jax_impl/parallel.py) each program's body, the whole loop included, runs
+on every rank of the mesh in one shard_map: the model's collectives are inside it, and the host
+sees one program as on one device.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
+from jax_impl.parallel import CACHE_SPEC
 from jax_impl.sampling import sample
 
 SYNC = 16  # decode steps per test of the loop condition (whole blocks); the rest in blocks of 4, then 1
@@ -57,11 +63,20 @@ class Programs:
     Qwen3-0.6B's graph on the host of the H100 machine), time in which the GPU waits.
     """
 
-    def __init__(self, graphdef):
-        self.forward_logits = jax.jit(partial(forward_logits, graphdef))
-        self.prefill = jax.jit(partial(prefill, graphdef), donate_argnames=("caches",),
-                               static_argnames=("greedy", "k_cap", "use_top_p"))
-        self.decode = jax.jit(partial(decode, graphdef), donate_argnames=("ds",),
+    def __init__(self, graphdef, parallel=None):
+        """parallel: a jax_impl.parallel.TensorParallel to run each program on every rank of its
+        mesh (shard_map): the state split as it places it, the caches on the kv heads, the rest
+        (token ids, sampling values, the decode state's tokens and flags) replicated."""
+        fwd, pre, dec = (partial(f, graphdef) for f in (forward_logits, prefill, decode))
+        if parallel is not None:
+            rep, kv = P(), CACHE_SPEC
+            state = DecodeState(rep, rep, rep, rep, rep, rep, kv, rep)
+            fwd = parallel.program(fwd, (rep, rep, kv), rep)
+            pre = parallel.program(pre, (rep, rep, rep, kv) + (rep,) * 6, state)
+            dec = parallel.program(dec, (state,) + (rep,) * 5, state)
+        self.forward_logits = jax.jit(fwd)
+        self.prefill = jax.jit(pre, donate_argnames=("caches",), static_argnames=("greedy", "k_cap", "use_top_p"))
+        self.decode = jax.jit(dec, donate_argnames=("ds",),
                               static_argnames=("greedy", "k_cap", "use_top_p", "sync_every"))
 
 
@@ -81,7 +96,7 @@ def forward_logits(graphdef, state, ids, lengths, caches):
     """Full causal forward of right-padded ids [B, L] -> float32 logits [B, L, vocab]."""
     model = nnx.merge(graphdef, state)
     h, _ = model.prefill(ids, lengths, caches, caches[0][0].shape[1])
-    return model.logits(h)
+    return model.full_logits(h)
 
 
 def prefill(graphdef, state, ids, lengths, active, caches, key, temperature, top_p, top_k, eos_ids, limit, *,
@@ -95,7 +110,7 @@ def prefill(graphdef, state, ids, lengths, active, caches, key, temperature, top
     rows = caches[0][0].shape[1]
     h, caches = model.prefill(ids, lengths, caches, rows)
     last = jnp.take_along_axis(h, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, hidden]
-    tok = sample(model.logits(last), jax.random.fold_in(key, 0), temperature, top_p, top_k,
+    tok = sample(model.full_logits(last), jax.random.fold_in(key, 0), temperature, top_p, top_k,
                  greedy=greedy, k_cap=k_cap, use_top_p=use_top_p)
     out = jnp.zeros((b, rows + 1), jnp.int32).at[:, 0].set(tok)
     done = jnp.isin(tok, eos_ids) | ~active
@@ -116,7 +131,7 @@ def decode(graphdef, state, ds: DecodeState, stop_step, temperature, top_p, top_
     def step(_, s: DecodeState):
         active = cond(s)  # () bool: False on the idle tail of an inner loop
         h, caches = model.decode(s.tokens, s.offset + s.step, s.caches)
-        tok = sample(model.logits(h), jax.random.fold_in(s.key, s.step), temperature, top_p, top_k,
+        tok = sample(model.full_logits(h), jax.random.fold_in(s.key, s.step), temperature, top_p, top_k,
                      greedy=greedy, k_cap=k_cap, use_top_p=use_top_p)
         tok = jnp.where(s.done | ~active, jnp.where(active, eos_ids[0], s.tokens), tok)
         # An idle step writes its kept tokens at column `step`: past the emitted ones, overwritten

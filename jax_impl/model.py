@@ -29,8 +29,9 @@ class Buffer(nnx.Variable):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Qwen3Config, w: dict[str, jax.Array]):
+    def __init__(self, cfg: Qwen3Config, w: dict[str, jax.Array], reduce=None):
         self.cfg = cfg
+        self.reduce = reduce  # tensor parallel: the all-reduce of a row-parallel partial sum (None: one device)
         self.input_norm = nnx.Param(w["input_norm"])  # [hidden]
         self.w_qkv = nnx.Param(w["w_qkv"])  # [(Hq + 2 Hkv) D, hidden]
         self.q_norm = nnx.Param(w["q_norm"])  # [D]
@@ -48,19 +49,33 @@ class DecoderLayer(nnx.Module):
 
     def finish(self, ops: Ops, attn, x):
         """o_proj + residual, then the MLP block (with its residual)."""
-        x = ops.linear_residual(attn, self.w_o.get_value(), x)
-        return ops.mlp(x, self.post_norm[...], self.w_gate_up.get_value(), self.w_down.get_value(), x, eps=self.cfg.rms_norm_eps)
+        x = self.row_parallel(lambda r: ops.linear_residual(attn, self.w_o.get_value(), r), x)
+        return self.row_parallel(lambda r: ops.mlp(x, self.post_norm[...], self.w_gate_up.get_value(),
+                                                   self.w_down.get_value(), r, eps=self.cfg.rms_norm_eps), x)
+
+    def row_parallel(self, project, residual):
+        """residual + a row-parallel projection: on one device the op adds the residual itself
+        (`project(residual)`); under tensor parallelism each rank's partial sum (`project(None)`,
+        rounded to the activation dtype) is all-reduced, then the residual added once."""
+        if self.reduce is None:
+            return project(residual)
+        return residual + self.reduce(project(None))
 
 
 class Qwen3(nnx.Module):
-    def __init__(self, cfg: Qwen3Config, params: dict, ops: Ops = PLAIN_OPS):
-        """params: {"embed", "final_norm", ["lm_head"], "layers": [per-layer dicts]} (see common.weights)."""
+    def __init__(self, cfg: Qwen3Config, params: dict, ops: Ops = PLAIN_OPS, *, reduce=None, gather_vocab=None):
+        """params: {"embed", "final_norm", ["lm_head"], "layers": [per-layer dicts]} (see common.weights).
+
+        Tensor parallelism (jax_impl.parallel) builds it with one rank's config and shards and two
+        collectives: `reduce` sums the row-parallel partials over the ranks, `gather_vocab` joins a
+        vocab-parallel head's logits; None (one device) runs neither."""
         self.cfg = cfg
         self.ops = ops
+        self.gather_vocab = gather_vocab
         self.embed = nnx.Param(params["embed"])  # [vocab, hidden]
         self.final_norm = nnx.Param(params["final_norm"])
         self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
-        self.layers = nnx.List([DecoderLayer(cfg, w) for w in params["layers"]])
+        self.layers = nnx.List([DecoderLayer(cfg, w, reduce) for w in params["layers"]])
         self.cos_sin = Buffer(plain.rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta))
 
     @property
@@ -71,8 +86,14 @@ class Qwen3(nnx.Module):
         """Final norm and head: h [..., hidden] -> float32 logits [..., vocab]."""
         flat = self.ops.rms_norm(h.reshape(-1, h.shape[-1]), self.final_norm[...], eps=self.cfg.rms_norm_eps)
         h = flat.reshape(h.shape)
-        head = self.embed[...] if self.lm_head is None else self.lm_head[...]  # tied: read, never alias
+        head = self.embed[...] if self.lm_head is None else self.lm_head.get_value()  # tied: read, never alias
+        # (an int8 head, common.quant.head_format, is a QWeight: matmul_f32 dequantizes it in the product)
         return plain.matmul_f32(h, head)
+
+    def full_logits(self, h):
+        """logits(h) over the whole vocabulary: a vocab-parallel head's per-rank slices gathered."""
+        out = self.logits(h)
+        return out if self.gather_vocab is None else self.gather_vocab(out)
 
     def prefill(self, ids, lengths, caches, cache_rows: int):
         """ids [B, L] right-padded, lengths [B]; caches: list of (k, v) [B, cache_rows, Hkv, D].
@@ -115,7 +136,9 @@ class Qwen3(nnx.Module):
         return x, new_caches
 
 
-def init_caches(cfg: Qwen3Config, batch: int, rows: int, dtype) -> list[tuple[jax.Array, jax.Array]]:
-    """Per-layer (k, v) caches [batch, rows, Hkv, D]: one block of `rows` per sequence."""
+def init_caches(cfg: Qwen3Config, batch: int, rows: int, dtype, sharding=None) -> list[tuple[jax.Array, jax.Array]]:
+    """Per-layer (k, v) caches [batch, rows, Hkv, D]: one block of `rows` per sequence; `sharding`
+    places them (tensor parallel: split on the kv-head axis; None: the default device)."""
     shape = (batch, rows, cfg.num_key_value_heads, cfg.head_dim)
-    return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_hidden_layers)]
+    return [(jnp.zeros(shape, dtype, device=sharding), jnp.zeros(shape, dtype, device=sharding))
+            for _ in range(cfg.num_hidden_layers)]

@@ -14,7 +14,7 @@ from flax import nnx
 
 from common import buckets, harness, sampling
 from common.config import Qwen3Config
-from common.quant import QWeight, check_fp8_sizes, check_quantization
+from common.quant import QWeight, check_fp8_sizes, check_quantization, head_format
 from common.tile_rules import FP8_MIN_CAPABILITY
 from common.weights import Checkpoint
 from jax_impl import decode_loop
@@ -22,6 +22,7 @@ from jax_impl.arrays import random_qweight
 from jax_impl.compilation import compile_seconds, enable_persistent_cache
 from jax_impl.model import Qwen3, init_caches
 from jax_impl.ops import choose_ops, gpu_capability
+from jax_impl.parallel import TensorParallel
 from jax_impl.sampling import k_cap_for
 
 log = logging.getLogger("jax_impl")
@@ -44,7 +45,8 @@ def load_params(ckpt: Checkpoint, dtype, quantization=None) -> dict:
 def random_params(cfg, dtype, seed: int = 0, quantization=None) -> dict:
     """Parameters in the plan's packed layout with random values made on the device (no checkpoint):
     N(0, 0.02) matrices, unit norms, q/k-norm weights of tens (as real Qwen3's); with `quantization`,
-    the projections as QWeight of N(0, 0.02) values at one scale (speed, not accuracy)."""
+    the projections (and the head, common.quant.head_format) as QWeight of N(0, 0.02) values at one
+    scale (speed, not accuracy)."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     keys = iter(jax.random.split(jax.random.key(seed), 4 * cfg.num_hidden_layers + 2))
     fmt = check_quantization(quantization)
@@ -61,8 +63,9 @@ def random_params(cfg, dtype, seed: int = 0, quantization=None) -> dict:
                    w_gate_up=randn((2 * i, h), True), w_down=randn((h, i), True))
               for _ in range(cfg.num_hidden_layers)]
     params = dict(embed=randn((cfg.vocab_size, h)), final_norm=jnp.ones((h,), dtype), layers=layers)
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = randn((cfg.vocab_size, h))
+    quantized_head = bool(fmt) and head_format(fmt) != "bf16"
+    if not cfg.tie_word_embeddings or quantized_head:  # tied: a quantized head is a copy (common.quant.head_format)
+        params["lm_head"] = randn((cfg.vocab_size, h), quantized_head)
     return jax.block_until_ready(params)
 
 
@@ -70,25 +73,33 @@ class JaxRunner(harness.Runner):
     name = "jax"
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", warmup=None,
-                 compile_cache: bool = True, quantization=None):
+                 compile_cache: bool = True, quantization=None, tensor_parallel_size: int = 1,
+                 lm_head_shard: str = "vocab"):
         ckpt = Checkpoint(model_dir)
         self.weight_format = ckpt.weight_format(quantization)
-        self._setup(ckpt.config, lambda dt: load_params(ckpt, dt, quantization), dtype, fused, warmup, compile_cache)
+        self._setup(ckpt.config, lambda dt: load_params(ckpt, dt, quantization), dtype, fused, warmup, compile_cache,
+                    tensor_parallel_size, lm_head_shard)
 
     @classmethod
     def random(cls, config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, warmup=None,
-               compile_cache: bool = True, quantization=None) -> "JaxRunner":
+               compile_cache: bool = True, quantization=None, tensor_parallel_size: int = 1,
+               lm_head_shard: str = "vocab") -> "JaxRunner":
         """A runner over random weights of `config` (a Qwen3Config or a preset name), made on the device."""
         cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
         runner = cls.__new__(cls)
         runner.weight_format = check_quantization(quantization) or "bf16"
         runner._setup(cfg, lambda dt: random_params(cfg, dt, seed, quantization), dtype, fused, warmup,
-                      compile_cache)
+                      compile_cache, tensor_parallel_size, lm_head_shard)
         return runner
 
-    def _setup(self, cfg, params_for, dtype: str, fused, warmup, compile_cache: bool) -> None:
+    def _setup(self, cfg, params_for, dtype: str, fused, warmup, compile_cache: bool, tensor_parallel_size: int = 1,
+               lm_head_shard: str = "vocab") -> None:
         self.dtype = harness.check_dtype(dtype)
         self.config = cfg
+        # tensor parallel (jax_impl/parallel.py): checked before any weight is read; None on one device
+        self.parallel = TensorParallel.create(cfg, tensor_parallel_size, fmt=self.weight_format,
+                                              lm_head=lm_head_shard)
+        self.tensor_parallel_size = 1 if self.parallel is None else self.parallel.size
         if self.weight_format != "bf16":
             log.info(f"jax_impl: projections in {self.weight_format} (weight-only; activations {self.dtype})")
             cc = gpu_capability()
@@ -97,9 +108,17 @@ class JaxRunner(harness.Runner):
                          f"projections dequantize in XLA")
         self.compile_cache = enable_persistent_cache(compile_cache)
         ops = choose_ops(cfg, harness.resolve_fused(fused), self.dtype)
-        self.model = Qwen3(cfg, params_for(jnp.dtype(dtype)), ops)
-        graphdef, self.state = nnx.split(self.model)
-        self.programs = decode_loop.Programs(graphdef)
+        if self.parallel is None:
+            self.model = Qwen3(cfg, params_for(jnp.dtype(dtype)), ops)
+            graphdef, self.state = nnx.split(self.model)
+        else:  # one rank's model over parameters stacked on a leading "tp" axis (jax_impl/parallel.py)
+            tp = self.parallel
+            self.model = Qwen3(tp.rank_config, tp.shard_params(params_for(jnp.dtype(dtype))), ops, **tp.collectives())
+            graphdef, state = nnx.split(self.model)
+            self.state = tp.replicate_state(state)
+            log.info(f"jax_impl: tensor parallel over {tp.size} devices ({tp.devices[0].device_kind}), lm_head "
+                     f"{tp.lm_head}")
+        self.programs = decode_loop.Programs(graphdef, self.parallel)
         self._compiled: set[tuple] = set()
         self._decode_ready: set[tuple] = set()
         self.last_stats: dict = {}
@@ -118,6 +137,17 @@ class JaxRunner(harness.Runner):
         log.info(f"jax_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")
         return seconds
 
+    def init_caches(self, batch: int, rows: int) -> list:
+        """Empty per-layer (k, v) caches for the programs: [batch, rows, Hkv, D] in the model dtype,
+        split on the kv heads under tensor parallelism."""
+        sharding = None if self.parallel is None else self.parallel.cache_sharding
+        return init_caches(self.config, batch, rows, self.model.dtype, sharding)
+
+    def weights_bytes(self) -> int:
+        """Bytes of the model's arrays on one device (every weight, quantized ones as stored, and the
+        RoPE table; under tensor parallelism one rank's shards and copies)."""
+        return sum(int(x.addressable_shards[0].data.nbytes) for x in jax.tree.leaves(self.state))
+
     @property
     def op_paths(self) -> dict[str, str]:
         """What runs each op: "fused", "plain", or "per-shape" (fused="auto"'s measured table)."""
@@ -130,7 +160,7 @@ class JaxRunner(harness.Runner):
         if l > self.config.max_position_embeddings:
             raise ValueError(f"token_ids: {l} tokens exceed max_position_embeddings="
                              f"{self.config.max_position_embeddings}")
-        caches = init_caches(self.config, b, l, self.model.dtype)
+        caches = self.init_caches(b, l)
         out = self.programs.forward_logits(self.state, jnp.asarray(ids, jnp.int32),
                                            jnp.full((b,), l, jnp.int32), caches)
         return np.asarray(out, dtype=np.float32)
@@ -186,7 +216,7 @@ class JaxRunner(harness.Runner):
                        use_top_p=bool(not greedy and top_p < 1.0))
         sample_args = (jnp.float32(temperature or 1.0), jnp.float32(top_p), jnp.int32(top_k))
         key = (bb, lb, rows, greedy, statics["k_cap"], statics["use_top_p"])
-        caches = init_caches(cfg, bb, rows, self.model.dtype)
+        caches = self.init_caches(bb, rows)
 
         c0, t0 = compile_seconds(), time.perf_counter()
         self._note_program("prefill", key)
@@ -240,16 +270,22 @@ def _sampling_defaults(kw: dict) -> dict:
 
 
 def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", warmup=None,
-         compile_cache: bool = True, quantization=None) -> JaxRunner:
+         compile_cache: bool = True, quantization=None, tensor_parallel_size: int = 1,
+         lm_head_shard: str = "vocab") -> JaxRunner:
     """warmup: (batch, prompt tokens, new tokens) shapes compiled at load; compile_cache: jax's
     persistent compilation cache (jax_impl/compilation.py); quantization: None, "int8" or "fp8"
-    (weight-only, common.quant; an FP8 checkpoint loads as fp8 by itself)."""
+    (weight-only, common.quant; an FP8 checkpoint loads as fp8 by itself); tensor_parallel_size: the
+    model split over this many local devices (jax_impl/parallel.py), lm_head_shard: its head
+    split by "vocab" rows (the default, as torch_impl's) or "replicated" on every device."""
     return JaxRunner(model_dir, dtype=dtype, fused=fused, warmup=warmup, compile_cache=compile_cache,
-                     quantization=quantization)
+                     quantization=quantization, tensor_parallel_size=tensor_parallel_size,
+                     lm_head_shard=lm_head_shard)
 
 
 def load_random(config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, warmup=None,
-                compile_cache: bool = True, quantization=None) -> JaxRunner:
+                compile_cache: bool = True, quantization=None, tensor_parallel_size: int = 1,
+                lm_head_shard: str = "vocab") -> JaxRunner:
     """A runner over random weights of a preset name or Qwen3Config (benchmarks, tuning: no checkpoint)."""
     return JaxRunner.random(config, dtype=dtype, fused=fused, seed=seed, warmup=warmup, compile_cache=compile_cache,
-                            quantization=quantization)
+                            quantization=quantization, tensor_parallel_size=tensor_parallel_size,
+                            lm_head_shard=lm_head_shard)

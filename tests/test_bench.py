@@ -82,6 +82,11 @@ def test_smoke_decode_rows(smoke):
     assert impls == {"jax-fused", "jax-plain", "torch-fused", "torch-plain", "hf-eager", "hf-compile", "jax-int8",
                      "jax-fp8", "torch-int8", "torch-fp8"}, impls
     assert {r["weights"] for r in _rows(doc, kind="decode") if r["impl"].endswith("fp8")} == {"fp8"}
+    assert {r["quantization"] for r in _rows(doc, kind="decode") if r["impl"].endswith("int8")} == {"int8"}
+    assert {r["quantization"] for r in _rows(doc, kind="decode") if r["impl"].endswith("fused")} == {None}
+    for r in _rows(doc, kind="decode"):
+        if r["impl"].startswith(("jax", "torch")) and "error" not in r:
+            assert r["weights_GB"] > 0, r
     # The impls --smoke skips by design (SMOKE_SKIP) say so; every other row ran: figures, no error.
     from bench.__main__ import SMOKE_SKIP
 
@@ -104,6 +109,14 @@ def _doc(kernel_us: float, decode_tok_s: float, error: str | None = None) -> dic
     if error:
         d = dict(d, decode_tok_s=None, error=error)
     return dict(schema=1, runs=[], rows=[k, d])
+
+
+def test_quantization_flag_picks_the_fused_rows_formats():
+    from bench.decode import with_quantization
+
+    assert with_quantization(["jax-fused", "torch-fused", "hf-compile", "jax-fp8"], ["none", "int8"]) == \
+        ["jax-fused", "jax-int8", "torch-fused", "torch-int8", "hf-compile"]
+    assert with_quantization(["jax-fused", "jax-plain"], ["fp8"]) == ["jax-fp8", "jax-plain"]
 
 
 @pytest.mark.parametrize("new, expected", [

@@ -31,7 +31,9 @@ LOADS = [("bf16", "int8", "int8"), ("bf16", "fp8", "fp8"), ("fp8", None, "fp8")]
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant-models")
     return {"bf16": write_checkpoint(root / "bf16", CFG, seed=5, norm_scale="realistic"),
-            "fp8": write_checkpoint(root / "fp8", CFG, seed=5, norm_scale="realistic", fp8=True)}
+            "fp8": write_checkpoint(root / "fp8", CFG, seed=5, norm_scale="realistic", fp8=True),
+            "tied": write_checkpoint(root / "tied", dataclasses.replace(CFG, tie_word_embeddings=True), seed=6,
+                                     norm_scale="realistic")}
 
 
 def _load(twin: str, path, **kw):
@@ -62,7 +64,27 @@ def test_quantized_weights_are_what_the_reference_uses(dirs):
     assert 1e-4 < diff < 0.05 * np.abs(plain).max()
 
 
-@pytest.mark.parametrize("kind,quantization", [("bf16", "int8"), ("bf16", "fp8"), ("fp8", None)])
+def _head(runner):
+    """The head's format: a QWeight's fmt (jax) or the LMHead's (torch), else "bf16"."""
+    head = runner.model.lm_head
+    if head is None:
+        return "bf16"
+    return getattr(head, "fmt", None) or getattr(head.get_value(), "fmt", "bf16")
+
+
+@pytest.mark.parametrize("kind,quantization,head", [("bf16", "int8", "int8"), ("tied", "int8", "int8"),
+                                                    ("bf16", "fp8", "bf16"), ("fp8", None, "bf16")])
+@pytest.mark.parametrize("twin", TWINS)
+def test_lm_head_format(dirs, twin, kind, quantization, head):
+    """int8 quantizes the head too (a tied model's as a copy: the lookup keeps the float table), fp8
+    keeps it in the model dtype as Qwen's FP8 checkpoints do; the reference multiplies by the same."""
+    runner = _load(twin, dirs[kind], dtype="float32", fused=True, quantization=quantization)
+    assert _head(runner) == head
+    ref = load_reference(dirs[kind], quantization=quantization)
+    assert_close(runner.logits(IDS), ref.logits(IDS), "float32", what=f"{twin} {kind} {quantization} logits")
+
+
+@pytest.mark.parametrize("kind,quantization", [("bf16", "int8"), ("tied", "int8"), ("bf16", "fp8"), ("fp8", None)])
 def test_nanovllm_loader_fills_quantized_projections(dirs, kind, quantization):
     """nano-vllm's loader loop (HF names, packed shards, weight_scale_inv) gives the model of load()."""
     torch = pytest.importorskip("torch")

@@ -7,6 +7,7 @@ import atexit
 import glob
 import importlib.util
 import os
+import pickle
 import sys
 import textwrap
 
@@ -190,7 +191,15 @@ STAND_IN = {
     "nanovllm/layers/__init__.py": "",
     "nanovllm/layers/attention.py": "from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache\n",
     "nanovllm/engine/__init__.py": "",
-    "nanovllm/engine/model_runner.py": "import nanovllm.layers.attention\nfrom nanovllm.models.qwen3 import Qwen3ForCausalLM\n",
+    "nanovllm/engine/model_runner.py": """
+        import nanovllm.layers.attention
+        from nanovllm.models.qwen3 import Qwen3ForCausalLM
+        class ModelRunner:
+            def __init__(self, config, rank, event):
+                self.config, self.rank, self.event = config, rank, event
+                self.model_class = Qwen3ForCausalLM
+    """,
+    "nanovllm/engine/llm_engine.py": "from nanovllm.engine.model_runner import ModelRunner\n",
 }
 
 
@@ -213,6 +222,10 @@ def test_install_swaps_the_model_and_the_context(ckpt, tmp_path, monkeypatch):
         runner_mod = importlib.import_module("nanovllm.engine.model_runner")
         nctx = importlib.import_module("nanovllm.utils.context")
         assert runner_mod.Qwen3ForCausalLM is cls and issubclass(cls, Qwen3ForCausalLM)
+        # the engine's rank target (tensor parallel: what its spawned ranks unpickle) builds this model too
+        target = pickle.loads(pickle.dumps(importlib.import_module("nanovllm.engine.llm_engine").ModelRunner))
+        rank1 = target("config", 1, "event")
+        assert rank1.rank == 1 and issubclass(rank1.model_class, Qwen3ForCausalLM)
         model = build_like_nanovllm_with(cls, ckpt)
         ids = [5, 9, 11]
         cu = torch.tensor([0, 3], **I32)
@@ -224,6 +237,8 @@ def test_install_swaps_the_model_and_the_context(ckpt, tmp_path, monkeypatch):
     finally:
         integration.uninstall()
     assert importlib.import_module("nanovllm.engine.model_runner").Qwen3ForCausalLM is original
+    assert (importlib.import_module("nanovllm.engine.llm_engine").ModelRunner
+            is importlib.import_module("nanovllm.engine.model_runner").ModelRunner)
     assert ctx_mod.get_context() is ctx_mod.own_context()
     for name in [m for m in sys.modules if m == "nanovllm" or m.startswith("nanovllm.")]:
         del sys.modules[name]  # the stand-in's modules; monkeypatch puts back any real ones

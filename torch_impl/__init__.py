@@ -1,6 +1,7 @@
 """Qwen3 in torch with fused Triton kernels: a nano-vllm drop-in model and a standalone Runner.
 
     torch_impl.load(model_dir, *, dtype="bfloat16", fused="auto") -> Runner   (common.harness)
+    torch_impl.load(model_dir, tensor_parallel_size=2)    one process per GPU (torch_impl/workers.py)
     torch_impl.model.Qwen3ForCausalLM(hf_config)                      (nano-vllm's interface)
     torch_impl.nanovllm.install()        makes nano-vllm's engine build this model
 
@@ -9,7 +10,9 @@ nano-vllm is never imported unless `install()` is called.
 
 
 def load(model_dir, *, dtype: str = "bfloat16", fused="auto", **kwargs):
-    """Load a Hugging Face Qwen3 checkpoint directory: see torch_impl.runner.TorchRunner."""
+    """Load a Hugging Face Qwen3 checkpoint directory: see torch_impl.runner.TorchRunner (kwargs: device,
+    block_size, max_cache_tokens, cuda_graphs, warmup, compile_cache, quantization, tensor_parallel_size,
+    lm_head_shard)."""
     from torch_impl.runner import load as _load
 
     return _load(model_dir, dtype=dtype, fused=fused, **kwargs)

@@ -5,7 +5,9 @@ tables and the emitted tokens. A step runs the model on the last tokens; greedy 
 the next tokens and advance the state inside the step (so a captured step needs nothing from
 the host); sampled steps return the logits and `advance()` takes the sampled tokens.
 Padding rows (a bucket larger than the batch) have slot -1 and context length 0: they write
-nothing and read nothing.
+nothing and read nothing. Under tensor parallelism every rank runs the same step on its shard; the
+model's all-reduces and the head's gather (or, greedy, its cross-rank argmax) are NCCL calls
+captured in the graph, so a replay is one launch per rank.
 """
 
 from __future__ import annotations
@@ -42,13 +44,18 @@ class Decoder:
         if graph:
             self._capture()
 
-    def _forward(self) -> torch.Tensor:
+    def _forward(self) -> torch.Tensor | None:
+        """The step's logits [batch, vocab]; greedy: None, the next tokens written into `tokens`."""
         ctx_mod.set_context(False, slot_mapping=self.slots, context_lens=self.context_lens,
                             block_tables=self.block_tables)
         try:
-            return self.model.lm_head(self.model(self.tokens, self.positions))
+            h = self.model(self.tokens, self.positions)
         finally:
             ctx_mod.reset_context()
+        if self.greedy:
+            self.model.lm_head.greedy(h, self.tokens)
+            return None
+        return self.model.lm_head(h)
 
     def _advance(self) -> None:
         """tokens hold the new tokens: record them and move every real row one position on."""
@@ -65,10 +72,9 @@ class Decoder:
         self.context_lens.add_(self.valid.to(torch.int32))
         torch.add(self.slot_base, self.positions, out=self.slots)
 
-    def _body(self) -> torch.Tensor:
+    def _body(self) -> torch.Tensor | None:
         logits = self._forward()
         if self.greedy:
-            torch.argmax(logits, dim=-1, out=self.tokens)
             self._advance()
         return logits
 
@@ -110,8 +116,8 @@ class Decoder:
         self.out.zero_()
         self.out[:b, 0] = first_tokens
 
-    def step(self) -> torch.Tensor:
-        """One decode step; returns the logits [batch, vocab] (greedy steps have advanced already)."""
+    def step(self) -> torch.Tensor | None:
+        """One decode step; returns the logits [batch, vocab] (greedy steps: None, advanced already)."""
         if self.graph is not None:
             self.graph.replay()
             return self.logits

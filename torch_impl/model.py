@@ -14,22 +14,35 @@ Interface (as nano-vllm's `nanovllm/models/qwen3.py`):
 Residual semantics (transformers'): the residual stream is kept in the activation dtype; each
 sub-layer's projection is rounded to that dtype and then added (nano-vllm adds in float32; the
 two differ in the last bit). Decoder layers take and return the residual stream itself.
+
+Tensor parallelism (`tp_group`, torch_impl/parallel.py; default: torch.distributed's default group once
+initialized, as nano-vllm's layers read it): each rank is built with the shapes of
+common.sharding.shard_config - its kv-head groups of the QKV projection and the KV cache, its slice
+of gate/up (column-parallel) and the matching input columns of o_proj and down (row-parallel);
+the row-parallel projections run with residual None, are all-reduced, and the residual is added
+once after the sum (so the partial products are rounded to the activation dtype before the sum).
+The embedding and lm_head hold a vocabulary slice (`lm_head_shard="vocab"`, nano-vllm's layout) or
+the whole table ("replicated"). Every weight_loader takes this rank's part of the whole checkpoint tensor it is
+handed (common.sharding). At size 1 the group's hooks are the single-GPU code itself.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from common.config import Qwen3Config
 from common.ops import Ops
-from common.quant import QuantError, QWeight, check_fp8_sizes, fp8_scale_shape
+from common.quant import QuantError, QWeight, check_fp8_sizes, fp8_scale_shape, head_format
+from common.sharding import check_tensor_parallel, shard_config, take_shard, take_source_shard, vocab_shard
 from common.weights import NANOVLLM_PACKED, PLAN, module_name, source_rows
 from torch_impl import context as context_mod
 from torch_impl import plain
 from torch_impl.ops import choose_ops
-from torch_impl.quant_loading import attach_quant_loaders, load_quantized, weight_format_of
+from torch_impl.parallel import SINGLE, TPGroup, check_lm_head_shard, from_dist
+from torch_impl.quant_loading import attach_quant_loaders, load_quantized, tie_quantized_head, weight_format_of
 
 
 def as_config(config) -> Qwen3Config:
@@ -44,8 +57,13 @@ def _param(*shape: int) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
-def _attach_loaders(model: nn.Module, shards: dict[str, dict]) -> None:
-    """A weight_loader(param, tensor[, shard_id]) on every parameter that checks shapes by name."""
+def _concat(parts):
+    return torch.cat(parts) if isinstance(parts[0], torch.Tensor) else np.concatenate(parts)
+
+
+def _attach_loaders(model: nn.Module, shards: dict[str, dict], cut) -> None:
+    """A weight_loader(param, tensor[, shard_id]) on every parameter: `cut(name, tensor, shard_id)` keeps
+    this rank's part of the whole checkpoint tensor, then shapes are checked by name."""
     for name, p in model.named_parameters():
         def loader(param, loaded, shard_id=None, _name=name, _shards=shards.get(name)):
             target = param.data
@@ -55,6 +73,7 @@ def _attach_loaders(model: nn.Module, shards: dict[str, dict]) -> None:
                                      f"{sorted(_shards or {}, key=str)})")
                 start, size = _shards[shard_id]
                 target = target.narrow(0, start, size)
+            loaded = cut(_name, loaded, shard_id)
             if tuple(loaded.shape) != tuple(target.shape):
                 where = f" shard {shard_id!r}" if shard_id is not None else ""
                 raise ValueError(f"{_name}{where}: checkpoint tensor has shape {list(loaded.shape)}, "
@@ -107,9 +126,9 @@ class Attention(nn.Module):
 
 
 class Qwen3Attention(nn.Module):
-    def __init__(self, cfg: Qwen3Config, fmt: str = "bf16"):
+    def __init__(self, cfg: Qwen3Config, fmt: str = "bf16", tp: TPGroup = SINGLE):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.tp = cfg, tp
         self.qkv_proj = Linear(cfg.hidden_size, cfg.qkv_size, fmt)
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, fmt)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -126,7 +145,7 @@ class Qwen3Attention(nn.Module):
                                     num_kv_heads=cfg.num_key_value_heads, eps=cfg.rms_norm_eps)
         attend = ops.prefill_attention if meta.is_prefill else ops.decode_attention
         o = attend(q, kc, vc, meta)
-        return ops.linear_residual(o.view(t, cfg.q_size), self.o_proj.w, x)
+        return self.tp.row_parallel(ops.linear_residual, o.view(t, cfg.q_size), self.o_proj.w, residual=x)
 
 
 class Qwen3MLP(nn.Module):
@@ -139,40 +158,70 @@ class Qwen3MLP(nn.Module):
 class OptimizedQwen3DecoderLayer(nn.Module):
     """x -> x + Attn(RMSNorm(x)) -> + MLP(RMSNorm(.)): four op calls, each fused or plain per `ops`."""
 
-    def __init__(self, cfg: Qwen3Config, ops: Ops, fmt: str = "bf16"):
+    def __init__(self, cfg: Qwen3Config, ops: Ops, fmt: str = "bf16", tp: TPGroup = SINGLE):
         super().__init__()
-        self.cfg, self.ops = cfg, ops
+        self.cfg, self.ops, self.tp = cfg, ops, tp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Qwen3Attention(cfg, fmt)
+        self.self_attn = Qwen3Attention(cfg, fmt, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = Qwen3MLP(cfg, fmt)
 
     def forward(self, meta, x: torch.Tensor, cos_sin: torch.Tensor, scratch=None) -> torch.Tensor:
         x = self.self_attn(self.ops, meta, x, self.input_layernorm.weight, cos_sin, scratch)
-        return self.ops.mlp(x, self.post_attention_layernorm.weight, self.mlp.gate_up_proj.w,
-                            self.mlp.down_proj.w, x, eps=self.cfg.rms_norm_eps)
+        return self.tp.row_parallel(self.ops.mlp, x, self.post_attention_layernorm.weight, self.mlp.gate_up_proj.w,
+                                    self.mlp.down_proj.w, residual=x, eps=self.cfg.rms_norm_eps)
 
 
 class Embedding(nn.Module):
-    def __init__(self, num: int, dim: int):
+    """The token table: all `num` rows, or under a TPGroup of size N this rank's vocabulary slice
+    (common.sharding.vocab_shard): ids outside it give zeros, and the ranks' rows are summed."""
+
+    def __init__(self, num: int, dim: int, tp: TPGroup = SINGLE):
         super().__init__()
-        self.weight = _param(num, dim)
+        self.tp = tp
+        self.first, rows, self.per = vocab_shard(num, tp.size, tp.rank)
+        self.weight = _param(rows, dim)
 
     def forward(self, ids):
-        return F.embedding(ids, self.weight)
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        mine = (ids >= self.first) & (ids < self.first + self.weight.shape[0])
+        y = F.embedding(torch.where(mine, ids - self.first, 0), self.weight)
+        return self.tp.all_reduce(y.masked_fill_(~mine[:, None], 0))
 
 
-class LMHead(Embedding):
+class LMHead(Linear):
+    """[vocab, hidden]: bf16 through torch's matmul, int8 (common.quant.head_format) through the ops'
+    linear kernel with no residual (the weight streamed at one byte per value)."""
+
+    def __init__(self, num: int, dim: int, fmt: str = "bf16", ops: Ops | None = None, tp: TPGroup = SINGLE):
+        first, rows, per = vocab_shard(num, tp.size, tp.rank)  # under tp: this rank's vocabulary slice
+        super().__init__(dim, rows, fmt)
+        self.ops, self.tp, self.vocab_size, self.first, self.per = ops, tp, num, first, per
+
+    def project(self, h):
+        """This rank's logits [T, rows] (all of them at tensor-parallel size 1)."""
+        return F.linear(h, self.weight) if self.fmt == "bf16" else self.ops.linear_residual(h, self.w, None)
+
     def forward(self, h):
-        return F.linear(h, self.weight)
+        """The logits [T, vocab] (under tp: gathered, on every rank)."""
+        return self.tp.gather_vocab(self.project(h), self.per, self.vocab_size)
+
+    def greedy(self, h, out: torch.Tensor) -> torch.Tensor:
+        """The greedy tokens [T] into `out` (under tp: without gathering the logits)."""
+        return self.tp.argmax_vocab(self.project(h), self.first, out)
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, cfg: Qwen3Config, ops: Ops, fmt: str = "bf16"):
+    """cfg: this rank's shapes (common.sharding.shard_config); vocab_tp: the embedding's group."""
+
+    def __init__(self, cfg: Qwen3Config, ops: Ops, fmt: str = "bf16", tp: TPGroup = SINGLE,
+                 vocab_tp: TPGroup = SINGLE):
         super().__init__()
         self.cfg, self.ops = cfg, ops
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([OptimizedQwen3DecoderLayer(cfg, ops, fmt) for _ in range(cfg.num_hidden_layers)])
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, vocab_tp)
+        self.layers = nn.ModuleList([OptimizedQwen3DecoderLayer(cfg, ops, fmt, tp)
+                                     for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         # float32 [max_positions, head_dim]: cos | sin, shared by every layer
         self.register_buffer("cos_sin", plain.rope_table(cfg.max_position_embeddings, cfg.head_dim,
@@ -198,9 +247,13 @@ class Qwen3Model(nn.Module):
 class Qwen3ForCausalLM(nn.Module):
     packed_modules_mapping = dict(NANOVLLM_PACKED)
 
-    def __init__(self, config, use_fused_kernels="auto", quantization=None):
+    def __init__(self, config, use_fused_kernels="auto", quantization=None, *, tp_group: TPGroup | None = None,
+                 lm_head_shard: str = "vocab"):
         """quantization: None, "int8" or "fp8": the projections' storage (common.quant, weight-only);
-        a config with Qwen's FP8 quantization_config is "fp8" by itself."""
+        a config with Qwen's FP8 quantization_config is "fp8" by itself. tp_group: this rank's
+        tensor-parallel group (None: torch.distributed's default group when initialized, else none);
+        lm_head_shard: "vocab" splits the embedding and lm_head by vocabulary under it, "replicated"
+        keeps them whole on every rank."""
         super().__init__()
         cfg = self.config = as_config(config)
         self.weight_format = weight_format_of(config, quantization)
@@ -209,18 +262,39 @@ class Qwen3ForCausalLM(nn.Module):
                 check_fp8_sizes(cfg, f"{type(config).__name__}")
             except QuantError as e:
                 raise ValueError(str(e)) from None
+        tp = self.tp = tp_group if tp_group is not None else from_dist()
+        if tp.size > 1:
+            check_tensor_parallel(cfg, tp.size, self.weight_format)
+        local = self.shard_config = shard_config(cfg, tp.size)  # this rank's heads and intermediate size
+        vocab_tp = tp if check_lm_head_shard(lm_head_shard) == "vocab" else SINGLE
         self.ops = choose_ops(use_fused_kernels, torch.empty(0).device)
-        self.model = Qwen3Model(cfg, self.ops, self.weight_format)
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size)
-        if cfg.tie_word_embeddings:
+        self.model = Qwen3Model(local, self.ops, self.weight_format, tp, vocab_tp)
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, head_format(self.weight_format), self.ops, vocab_tp)
+        if cfg.tie_word_embeddings and self.lm_head.fmt == "bf16":
             self.lm_head.weight.data = self.model.embed_tokens.weight.data
         self.context_source = None  # None: torch_impl.context.get_context (nano-vllm's once installed)
         # where each source of a packed parameter goes (nano-vllm's shard ids), from common's plan
-        shards = {module_name(row.key, i): {sid: (start, n) for sid, start, n in source_rows(row.key, cfg)}
+        shards = {module_name(row.key, i): {sid: (start, n) for sid, start, n in source_rows(row.key, local)}
                   for row in PLAN if row.shard_ids for i in range(cfg.num_hidden_layers)}
-        _attach_loaders(self, shards)
+        self._plan_keys = {module_name(row.key, i): row.key for row in PLAN
+                           for i in (range(cfg.num_hidden_layers) if row.layer else [None])}
+        _attach_loaders(self, shards, self.shard_of)
         if self.weight_format != "bf16":
-            attach_quant_loaders(self, shards)
+            attach_quant_loaders(self, shards, self.shard_of)
+        if cfg.tie_word_embeddings and self.lm_head.fmt != "bf16":
+            tie_quantized_head(self.model.embed_tokens.weight, self.lm_head.weight)
+
+    def shard_of(self, name: str, w, shard_id=None, *, block: int = 1):
+        """This rank's part of `w`, the whole checkpoint tensor (or common.quant.QWeight) of parameter
+        `name`: a packed parameter's, or with `shard_id` one of its sources as nano-vllm's loader hands
+        them; block=128: an fp8 block-scale tensor. The tensor itself at tensor-parallel size 1."""
+        key = self._plan_keys.get(name.removesuffix("_scale_inv"))
+        tp = self.lm_head.tp if key in ("embed", "lm_head") else self.tp
+        if key is None or tp.size == 1:
+            return w
+        if shard_id is None and block == 1:
+            return take_shard(key, w, self.config, tp.size, tp.rank, _concat)
+        return take_source_shard(key, shard_id, w, self.config, tp.size, tp.rank, block=block)
 
     def context(self):
         return self.context_source() if self.context_source is not None else context_mod.get_context()
@@ -241,7 +315,7 @@ class Qwen3ForCausalLM(nn.Module):
             name = module_name(key, layer)
             if isinstance(tensor, QWeight):
                 linear = self.get_submodule(name.removesuffix(".weight"))
-                load_quantized(linear, name, tensor)
+                load_quantized(linear, name, self.shard_of(name, tensor))
                 continue
             param = self.get_parameter(name)
             param.weight_loader(param, tensor)

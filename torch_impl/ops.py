@@ -76,6 +76,8 @@ def _kernel_ops(device: torch.device, *, auto: bool) -> Ops:
 def choose_ops(fused, device: torch.device | str | None = None) -> Ops:
     """The ops a model on `device` runs, per the rules in the module doc."""
     fused = resolve_fused(fused)
+    if device is not None and torch.device(device).type == "meta":
+        return PLAIN_OPS  # shapes only (random weights' full shapes under tensor parallelism): nothing runs
     if fused is False:
         _log_once("torch_impl: plain torch path (fused=False)")
         return PLAIN_OPS

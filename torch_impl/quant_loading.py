@@ -62,8 +62,12 @@ def _scale_rows(fmt: str, start: int, n: int, total: int, name: str) -> tuple[in
     return start // FP8_BLOCK, -(-n // FP8_BLOCK)
 
 
-def attach_quant_loaders(model: torch.nn.Module, shards: dict[str, dict]) -> None:
-    """nano-vllm's weight_loader(param, tensor[, shard_id]) on each quantized Linear's two parameters."""
+def attach_quant_loaders(model: torch.nn.Module, shards: dict[str, dict], cut=None) -> None:
+    """nano-vllm's weight_loader(param, tensor[, shard_id]) on each quantized Linear's two parameters.
+    `cut(name, w, shard_id, block=1)` keeps this rank's part of a whole checkpoint tensor or QWeight
+    (the model's shard_of; a bf16 tensor is quantized whole first, so a row-parallel int8 shard keeps
+    the scales of the full rows)."""
+    cut = cut or (lambda name, w, shard_id=None, block=1: w)
     for mod_name, linear in model.named_modules():
         fmt = getattr(linear, "fmt", "bf16")
         if fmt == "bf16" or not hasattr(linear, "weight_scale_inv"):
@@ -80,23 +84,28 @@ def attach_quant_loaders(model: torch.nn.Module, shards: dict[str, dict]) -> Non
 
         def weight_loader(param, loaded, shard_id=None, _name=name, _linear=linear, _where=where, _fmt=fmt):
             start, n = _where(shard_id)
-            if tuple(loaded.shape) != (n, param.shape[1]):
-                raise ValueError(f"{_name}: checkpoint tensor has shape {list(loaded.shape)}, expected "
+            fp8_values = loaded.dtype == torch.float8_e4m3fn  # an FP8 checkpoint's; their scales load on their own
+            if fp8_values and _fmt != "fp8":
+                raise ValueError(f"{_name}: fp8 checkpoint values for a model built with {_fmt} projections")
+            w = cut(_name, loaded if fp8_values else QWeight(*quantize(loaded.float().cpu().numpy(), _fmt), _fmt),
+                    shard_id)
+            q = w if fp8_values else w.q
+            if tuple(q.shape) != (n, param.shape[1]):
+                part = " (this rank's part)" if tuple(q.shape) != tuple(loaded.shape) else ""
+                raise ValueError(f"{_name}: checkpoint tensor has shape {list(q.shape)}{part}, expected "
                                  f"[{n}, {param.shape[1]}]")
             s0, sn = _scale_rows(_fmt, start, n, param.shape[0], _name)
-            if loaded.dtype == torch.float8_e4m3fn:  # an FP8 checkpoint's values; their scales load on their own
-                if _fmt != "fp8":
-                    raise ValueError(f"{_name}: fp8 checkpoint values for a model built with {_fmt} projections")
-                param.data.narrow(0, start, n).copy_(loaded)
+            if fp8_values:
+                param.data.narrow(0, start, n).copy_(q)
                 return
-            q, scale = quantize(loaded.float().cpu().numpy(), _fmt)
             param.data.narrow(0, start, n).copy_(to_torch(q))
-            _linear.weight_scale_inv.data.narrow(0, s0, sn).copy_(torch.from_numpy(scale))
+            _linear.weight_scale_inv.data.narrow(0, s0, sn).copy_(torch.from_numpy(np.asarray(w.scale, np.float32)))
 
         def scale_loader(param, loaded, shard_id=None, _name=name, _linear=linear, _where=where, _fmt=fmt):
             if _fmt != "fp8":
                 raise ValueError(f"{_name}_scale_inv: block scales for a model built with {_fmt} projections")
             s0, sn = _scale_rows(_fmt, *_where(shard_id), _linear.weight.shape[0], _name)
+            loaded = cut(_name, loaded, shard_id, block=FP8_BLOCK)
             if tuple(loaded.shape) != (sn, param.shape[1]):
                 raise ValueError(f"{_name}_scale_inv: checkpoint tensor has shape {list(loaded.shape)}, expected "
                                  f"[{sn}, {param.shape[1]}]")
@@ -104,6 +113,18 @@ def attach_quant_loaders(model: torch.nn.Module, shards: dict[str, dict]) -> Non
 
         linear.weight.weight_loader = weight_loader
         linear.weight_scale_inv.weight_loader = scale_loader
+
+
+def tie_quantized_head(embed: torch.nn.Parameter, head: torch.nn.Parameter) -> None:
+    """A tied model's quantized lm_head is filled from the embedding as nano-vllm's loader hands it
+    over (the checkpoint has no lm_head tensor): the embedding's loader quantizes a copy."""
+    load_embed = embed.weight_loader
+
+    def weight_loader(param, loaded, *args):
+        load_embed(param, loaded, *args)
+        head.weight_loader(head, loaded)
+
+    embed.weight_loader = weight_loader
 
 
 def random_qweight(shape: tuple[int, int], fmt: str, generator: torch.Generator, device, std: float = 0.02) -> QWeight:

@@ -12,6 +12,15 @@ embeds, runs every layer, the head, greedy argmax and advances positions/slots/l
 device, so the host only replays and checks for eos every `chunk` steps. Sampling with
 temperature runs the graph for the logits and samples eagerly (seeded torch.Generator,
 common/sampling.py's rules).
+
+`tensor_parallel_size=N` (torch_impl/workers.py): the caller is rank 0 and starts ranks 1..N-1 as
+processes (or, under torchrun, every rank is one); each builds and loads only its shard
+(torch_impl/parallel.py, common.sharding) on cuda:rank with NCCL, or on the CPU with gloo. Every call is a
+command rank 0 broadcasts; all ranks run the same prefill and decode steps (the collectives inside
+the captured graphs), greedy tokens come out equal on every rank and sampled ones are rank 0's,
+broadcast. `lm_head_shard="replicated"` keeps the embedding and lm_head whole on every rank (default "vocab":
+each rank holds ceil(V / N) rows). `close()`
+ends the workers (also done when the runner is collected or the process exits).
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import weakref
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -27,15 +37,17 @@ import torch
 
 from common import buckets, harness, sampling as sampling_spec
 from common.config import Qwen3Config
-from common.quant import QWeight
+from common.quant import QWeight, check_quantization
 from common.tile_rules import FP8_MIN_CAPABILITY
 from common.weights import Checkpoint
 from torch_impl import context as ctx_mod
+from torch_impl import commands, workers
 from torch_impl.decode_loop import Decoder, bucket_for
 from torch_impl.model import Qwen3ForCausalLM
 from torch_impl.ops import gpu_capability
-from torch_impl.quant_loading import random_quantized_, to_torch
+from torch_impl.quant_loading import load_quantized, random_qweight, random_quantized_, to_torch
 from torch_impl.sampling import sample
+from torch_impl.parallel import SINGLE, TPGroup, check_lm_head_shard
 
 
 log = logging.getLogger("torch_impl")
@@ -70,13 +82,15 @@ class CacheCapacityError(ValueError):
     """A generate() call needs more KV-cache rows than the runner may allocate."""
 
 
-def build_model(cfg, dtype: torch.dtype, device: torch.device, fused, quantization=None) -> Qwen3ForCausalLM:
-    """Construct under the default dtype/device, as nano-vllm's runner does."""
+def build_model(cfg, dtype: torch.dtype, device: torch.device, fused, quantization=None, *,
+                tp_group: TPGroup = SINGLE, lm_head_shard: str = "vocab") -> Qwen3ForCausalLM:
+    """Construct under the default dtype/device, as nano-vllm's runner does (tp_group: this rank's)."""
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = Qwen3ForCausalLM(cfg, use_fused_kernels=fused, quantization=quantization)
+            model = Qwen3ForCausalLM(cfg, use_fused_kernels=fused, quantization=quantization, tp_group=tp_group,
+                                     lm_head_shard=lm_head_shard)
     finally:
         torch.set_default_dtype(prev)
     return model.eval()
@@ -87,52 +101,70 @@ class TorchRunner(harness.Runner):
 
     def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", device=None,
                  block_size: int | None = None, max_cache_tokens: int | None = None, cuda_graphs: bool = True,
-                 warmup=None, compile_cache: bool = True, quantization=None):
+                 warmup=None, compile_cache: bool = True, quantization=None, tensor_parallel_size: int = 1,
+                 lm_head_shard: str = "vocab"):
         dtype = harness.check_dtype(dtype)
+        check_lm_head_shard(lm_head_shard)
         ckpt = Checkpoint(model_dir)
         fmt = ckpt.weight_format(quantization)
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        spec = workers.Spec("load", str(model_dir), dict(
+            dtype=dtype, fused=fused, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs,
+            quantization=quantization, tensor_parallel_size=tensor_parallel_size, lm_head_shard=lm_head_shard))
+        session = workers.start(ckpt.config, tensor_parallel_size, device, fmt, spec)
+        device = session.device if session else torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cpu":
             _use_cpu_threads()
         tdtype = getattr(torch, dtype)
-        model = build_model(ckpt.config, tdtype, device, harness.resolve_fused(fused),
-                            None if fmt == "bf16" else fmt)
-        convert_quant = lambda w: QWeight(to_torch(w.q, device), torch.from_numpy(w.scale).to(device), w.fmt)  # noqa: E731
-        with torch.inference_mode():
-            model.load_params(ckpt.iter_params("pt", concat=lambda parts: torch.cat(parts, dim=0),
-                                               convert=lambda t: t.to(device, tdtype), quantization=quantization,
-                                               convert_quant=convert_quant))
-        self._setup(model, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs)
+        try:
+            model = build_model(ckpt.config, tdtype, device, harness.resolve_fused(fused),
+                                None if fmt == "bf16" else fmt, tp_group=session.tp if session else SINGLE,
+                                lm_head_shard=lm_head_shard)
+            convert_quant = lambda w: QWeight(to_torch(w.q, device), torch.from_numpy(w.scale).to(device), w.fmt)  # noqa: E731
+            convert = lambda t: t.to(device, tdtype)  # noqa: E731
+            if session is not None:  # whole tensors stay on the host, one at a time; each loader keeps this rank's part
+                convert = convert_quant = lambda t: t  # noqa: E731
+            with torch.inference_mode():
+                model.load_params(ckpt.iter_params("pt", concat=lambda parts: torch.cat(parts, dim=0), convert=convert,
+                                                   quantization=quantization, convert_quant=convert_quant))
+            self._setup(model, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs,
+                        session=session)
+        except BaseException as e:
+            if session is not None:
+                session.close(abort=True, why=f"{type(e).__name__} while loading")
+            raise
         del compile_cache  # Triton keeps its kernels on disk itself (~/.triton/cache)
         self.warmup_s = self.warmup(warmup) if warmup else 0.0
 
     @classmethod
     def random(cls, config, *, dtype: str = "bfloat16", fused="auto", device=None, seed: int = 0,
-               quantization=None, **kwargs) -> "TorchRunner":
+               quantization=None, tensor_parallel_size: int = 1, lm_head_shard: str = "vocab",
+               **kwargs) -> "TorchRunner":
         """A runner over random weights of `config` (a Qwen3Config or a preset name), made on the device:
         N(0, 0.02) matrices, norms in [0.5, 1.5], q/k-norm weights of tens (as real Qwen3's); with
-        `quantization`, the projections' QWeight of N(0, 0.02) values at one scale."""
+        `quantization`, the projections' QWeight of N(0, 0.02) values at one scale. Every
+        tensor_parallel_size draws the same values (each rank keeps its shard of the whole draws)."""
         cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = build_model(cfg, getattr(torch, harness.check_dtype(dtype)), device, harness.resolve_fused(fused),
-                            quantization)
-        g = torch.Generator(device=device).manual_seed(seed)
-        with torch.no_grad():
-            for module in model.modules():
-                if getattr(module, "fmt", "bf16") != "bf16":
-                    random_quantized_(module, g)
-            for name, p in model.named_parameters():
-                if not p.is_floating_point() or p.dtype == torch.float8_e4m3fn or name.endswith("_scale_inv"):
-                    continue  # quantized: filled above
-                if p.dim() == 2:
-                    p.normal_(0.0, 0.02, generator=g)
-                elif "q_norm" in name or "k_norm" in name:
-                    p.uniform_(1.0, 30.0, generator=g)
-                else:
-                    p.uniform_(0.5, 1.5, generator=g)
+        check_lm_head_shard(lm_head_shard)
         warmup = kwargs.pop("warmup", None)
         kwargs.pop("compile_cache", None)  # Triton keeps its kernels on disk itself
-        runner = cls.from_model(model, **kwargs)
+        session = workers.start(cfg, tensor_parallel_size, device, check_quantization(quantization) or "bf16",
+                                workers.Spec("random", cfg, dict(
+                                    dtype=dtype, fused=fused, seed=seed, quantization=quantization,
+                                    tensor_parallel_size=tensor_parallel_size, lm_head_shard=lm_head_shard, **kwargs)))
+        device = session.device if session else torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            tdtype = getattr(torch, harness.check_dtype(dtype))
+            model = build_model(cfg, tdtype, device, harness.resolve_fused(fused), quantization,
+                                tp_group=session.tp if session else SINGLE, lm_head_shard=lm_head_shard)
+            with torch.no_grad():
+                _fill_random(model, torch.Generator(device=device).manual_seed(seed),
+                             model if session is None else build_model(cfg, tdtype, torch.device("meta"), False,
+                                                                       quantization))
+            runner = cls.from_model(model, session=session, **kwargs)
+        except BaseException as e:
+            if session is not None:
+                session.close(abort=True, why=f"{type(e).__name__} while loading")
+            raise
         runner.warmup_s = runner.warmup(warmup) if warmup else 0.0
         return runner
 
@@ -144,14 +176,14 @@ class TorchRunner(harness.Runner):
         return runner
 
     def _setup(self, model: Qwen3ForCausalLM, *, block_size: int | None = None, max_cache_tokens: int | None = None,
-               cuda_graphs: bool = True) -> None:
+               cuda_graphs: bool = True, session: workers.Session | None = None) -> None:
         if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
                                        or block_size < 1):
             raise ValueError(f"block_size={block_size!r}: expected a positive integer, or None for one block "
                              f"per sequence")
         self.model, self.config = model, model.config
-        self.device = model.lm_head.weight.device
-        self.dtype = str(model.lm_head.weight.dtype).removeprefix("torch.")
+        self.device = model.model.embed_tokens.weight.device
+        self.dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
         self.weight_format = model.weight_format
         if self.weight_format != "bf16":
             log.info(f"torch_impl: projections in {self.weight_format} (weight-only; activations {self.dtype})")
@@ -167,6 +199,17 @@ class TorchRunner(harness.Runner):
         self.kv: torch.Tensor | None = None
         self._decoders: dict[tuple, Decoder] = {}
         self.last_stats: dict = {}
+        self._session, self._stream = session, None
+        self.tensor_parallel_size = session.size if session else 1
+        if session is not None:
+            weakref.finalize(self, session.close)
+            session.ready()
+
+    def close(self) -> None:
+        """End a tensor-parallel runner's workers and process group (nothing to do at size 1)."""
+        if self._session is not None:
+            self._end_stream()
+            self._session.close()
 
     def warmup(self, shapes) -> float:
         """Build ahead of time what each shape in `shapes` needs (Triton kernels, the KV cache, the
@@ -192,7 +235,7 @@ class TorchRunner(harness.Runner):
         return buckets.cache_bucket(rows_per_seq, self.config.max_position_embeddings, floor=MIN_BLOCK_ROWS)
 
     def _ensure_cache(self, num_blocks: int, bs: int) -> None:
-        cfg = self.config
+        cfg = self.model.shard_config  # this rank's kv heads under tensor parallelism
         if self.max_cache_tokens is not None and num_blocks * bs > self.max_cache_tokens:
             raise CacheCapacityError(f"KV cache: this call needs {num_blocks} blocks of {bs} rows "
                                      f"({num_blocks * bs} tokens), more than max_cache_tokens={self.max_cache_tokens}")
@@ -204,10 +247,17 @@ class TorchRunner(harness.Runner):
         if self.max_cache_tokens is not None:
             blocks = max(num_blocks, min(blocks, self.max_cache_tokens // bs))
         self.kv = torch.zeros(2, cfg.num_hidden_layers, blocks, bs, cfg.num_key_value_heads, cfg.head_dim,
-                              dtype=self.model.lm_head.weight.dtype, device=self.device)
+                              dtype=self.model.model.embed_tokens.weight.dtype, device=self.device)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.attn.k_cache = self.kv[0, i]
             layer.self_attn.attn.v_cache = self.kv[1, i]
+
+    def weights_bytes(self) -> int:
+        """Bytes of the model's tensors on the device (every weight, quantized ones as stored, a tied
+        embedding once, and the RoPE table)."""
+        tensors = {t.data_ptr(): t.numel() * t.element_size()
+                   for t in (*self.model.parameters(), *self.model.buffers())}
+        return sum(tensors.values())
 
     @property
     def op_paths(self) -> dict[str, str]:
@@ -215,13 +265,21 @@ class TorchRunner(harness.Runner):
         return dict(self.model.model.ops.paths)
 
     # ----- Runner -------------------------------------------------------------------------------
-    @torch.inference_mode()
     def logits(self, token_ids) -> np.ndarray:
         cfg = self.config
         ids = harness.check_token_ids(token_ids, cfg.vocab_size)
+        if ids.shape[1] > cfg.max_position_embeddings:
+            raise ValueError(f"token_ids: {ids.shape[1]} tokens exceed max_position_embeddings="
+                             f"{cfg.max_position_embeddings}")
+        if self._session is None:
+            return self._logits(ids)
+        self._end_stream()
+        with self._session.command(commands.LOGITS, commands.encode_logits(ids)):
+            return self._logits(ids)
+
+    @torch.inference_mode()
+    def _logits(self, ids: np.ndarray) -> np.ndarray:
         b, l = ids.shape
-        if l > cfg.max_position_embeddings:
-            raise ValueError(f"token_ids: {l} tokens exceed max_position_embeddings={cfg.max_position_embeddings}")
         dev = self.device
         flat = torch.as_tensor(ids.reshape(-1), dtype=torch.int64, device=dev)
         positions = torch.arange(l, device=dev).repeat(b)
@@ -231,7 +289,10 @@ class TorchRunner(harness.Runner):
             out = self.model.lm_head(self.model(flat, positions)).float()
         finally:
             ctx_mod.reset_context()
-        return out.view(b, l, -1).cpu().numpy()
+        out = out.view(b, l, -1).cpu().numpy()
+        if self._session is not None:
+            self._session.check()  # an NCCL collective aborted for a dead rank leaves garbage behind
+        return out
 
     def generate(self, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
                  eos_token_id=None) -> list[list[int]]:
@@ -255,14 +316,46 @@ class TorchRunner(harness.Runner):
             if new:
                 yield new
 
+    def serve(self) -> None:
+        """A worker rank: run rank 0's commands until it closes the runner."""
+        while True:
+            op, payload = self._session.receive()
+            if op == commands.EXIT:
+                return
+            if op == commands.LOGITS:
+                self._logits(commands.decode_logits(payload))
+            elif op == commands.GENERATE:
+                for _ in self._decode(**commands.decode_generate(payload)):
+                    pass
+            else:
+                raise workers.RankFailed(f"unknown command {op} from rank 0")
+
     # ----- internals ----------------------------------------------------------------------------
-    @torch.inference_mode()
     def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, *, chunk: int):
-        cfg, dev = self.config, self.device
+        cfg = self.config
         sampling_spec.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                           top_p=top_p, vocab_size=cfg.vocab_size,
                                           max_len=cfg.max_position_embeddings)
         eos = harness.eos_set(eos_token_id)
+        if self._session is None:
+            yield from self._decode(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, chunk)
+            return
+        self._end_stream()
+        payload = commands.encode_generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, chunk)
+        with self._session.command(commands.GENERATE, payload):
+            self._stream = self._decode(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, chunk)
+            yield from self._stream
+        self._stream = None
+
+    def _end_stream(self) -> None:
+        """Close a stream rank 0's caller left unfinished (its last flag tells the workers to stop)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+    @torch.inference_mode()
+    def _decode(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, chunk: int):
+        dev = self.device
         b = len(prompts)
         lens = [len(p) for p in prompts]
         bs = self._block_rows(max(lens) + max_new_tokens, b)
@@ -289,11 +382,19 @@ class TorchRunner(harness.Runner):
             while steps < stop:
                 logits = dec.step()
                 if not greedy:
-                    dec.advance(sample(logits[:b].float(), temperature, top_k, top_p, gen))
+                    dec.advance(self._sample(logits[:b].float(), temperature, top_k, top_p, gen))
                 steps += 1
             outs = _trim(dec.out[:b, :steps].cpu().tolist(), eos)
-            yield outs
-            if steps >= max_new_tokens or all(o and o[-1] in eos for o in outs):
+            done = steps >= max_new_tokens or all(o and o[-1] in eos for o in outs)
+            if self._session is not None:
+                self._session.check()
+            try:
+                yield outs
+            except GeneratorExit:  # the caller stopped a stream early: the other ranks stop with it
+                if self._session is not None and not done:
+                    self._session.flag(0)
+                raise
+            if done or (self._session is not None and not self._session.flag(1)):
                 break
         t2 = time.perf_counter()
         new = sum(len(o) for o in outs)
@@ -317,7 +418,17 @@ class TorchRunner(harness.Runner):
             logits = self.model.compute_logits(self.model(ids, pos.to(dev)))
         finally:
             ctx_mod.reset_context()
-        return sample(logits.float(), temperature, top_k, top_p, gen)
+        return self._sample(logits.float(), temperature, top_k, top_p, gen)
+
+    def _sample(self, logits: torch.Tensor, temperature, top_k, top_p, gen) -> torch.Tensor:
+        """The next tokens [B]: greedy ones alike on every rank (their logits are); sampled ones rank 0's."""
+        if self._session is None or temperature == 0:
+            return sample(logits, temperature, top_k, top_p, gen)
+        if self._session.rank == 0:
+            tokens = sample(logits, temperature, top_k, top_p, gen)
+        else:
+            tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+        return self._session.tp.broadcast(tokens)
 
 
 def _sync(dev: torch.device) -> None:
@@ -336,6 +447,35 @@ def _trim(rows: list[list[int]], eos) -> list[list[int]]:
 
 def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", **kwargs) -> TorchRunner:
     return TorchRunner(model_dir, dtype=dtype, fused=fused, **kwargs)
+
+
+def _fill_random(model: Qwen3ForCausalLM, g: torch.Generator, whole: Qwen3ForCausalLM) -> None:
+    """TorchRunner.random's values, drawn at the shapes and in the order of `whole` (the model itself,
+    or at tensor-parallel size > 1 a meta-device model of the full shapes): in place, or each draw
+    handed to the parameter's loader, which keeps this rank's part."""
+    dev = model.model.embed_tokens.weight.device
+    local = dict(model.named_modules())
+    for name, module in whole.named_modules():
+        if getattr(module, "fmt", "bf16") == "bf16":
+            continue
+        if whole is model:
+            random_quantized_(module, g)
+        else:
+            qw = random_qweight(tuple(module.weight.shape), module.fmt, g, dev)
+            load_quantized(local[name], f"{name}.weight", model.shard_of(f"{name}.weight", qw))
+    for name, p in whole.named_parameters():
+        if not p.is_floating_point() or p.dtype == torch.float8_e4m3fn or name.endswith("_scale_inv"):
+            continue  # quantized: filled above
+        target = p if whole is model else torch.empty(p.shape, dtype=model.get_parameter(name).dtype, device=dev)
+        if p.dim() == 2:
+            target.normal_(0.0, 0.02, generator=g)
+        elif "q_norm" in name or "k_norm" in name:
+            target.uniform_(1.0, 30.0, generator=g)
+        else:
+            target.uniform_(0.5, 1.5, generator=g)
+        if whole is not model:
+            param = model.get_parameter(name)
+            param.weight_loader(param, target)
 
 
 def load_random(config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, **kwargs) -> TorchRunner:
