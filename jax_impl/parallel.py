@@ -117,9 +117,9 @@ class TensorParallel:
 
     # ----- parameters ------------------------------------------------------------------------------
     def shard_params(self, params: dict) -> dict:
-        """Full parameters (load_params / random_params) -> each stacked over the ranks, rank r's
-        shard on device r. Consumes `params`: each full array is dropped once its shards are out,
-        so the full model is on its device once, one parameter at a time less."""
+        """Full parameters (load_params in host memory, or random_params on the first device) -> each
+        stacked over the ranks, rank r's shard on device r. Consumes `params`: each full array is
+        dropped once its shards are out."""
         out: dict = {"layers": []}
         layers = params.pop("layers")
         embed = params.pop("embed")
@@ -161,8 +161,9 @@ class TensorParallel:
         of them) sharded over "tp", each slice on its rank's device."""
         sharding = NamedSharding(self.mesh, P(AXIS))
 
-        def one(*leaves):
-            shards = [jax.device_put(jnp.asarray(a)[None], d) for a, d in zip(leaves, self.devices)]
+        def one(*leaves):  # numpy leaves (a checkpoint loaded in host memory) go straight to their device
+            shards = [jax.device_put((np.asarray(a) if isinstance(a, np.ndarray) else jnp.asarray(a))[None], d)
+                      for a, d in zip(leaves, self.devices)]
             return jax.make_array_from_single_device_arrays((self.size, *shards[0].shape[1:]), sharding, shards)
 
         return jax.tree.map(one, *parts)
@@ -185,7 +186,7 @@ class TensorParallel:
 
 
 def _concat(parts):
-    return jnp.concatenate(parts, axis=0)
+    return (np if isinstance(parts[0], np.ndarray) else jnp).concatenate(parts, axis=0)
 
 
 def _rows(w, first: int, n: int):
@@ -200,7 +201,8 @@ def _rows(w, first: int, n: int):
 def _pad_rows(w, rows: int):
     """w with zero rows appended up to `rows` (a QWeight's scales alike): the last rank's vocab part."""
     def pad(a, n):
-        return a if a.shape[0] == n else jnp.pad(a, [(0, n - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+        xp = np if isinstance(a, np.ndarray) else jnp
+        return a if a.shape[0] == n else xp.pad(a, [(0, n - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
 
     if isinstance(w, QWeight):
         n_scale = rows if w.fmt == "int8" else -(-rows // FP8_BLOCK)

@@ -29,13 +29,17 @@ log = logging.getLogger("jax_impl")
 
 EOS_SLOTS = 8  # eos ids are padded to a multiple of this (a new eos list compiles nothing)
 
-def load_params(ckpt: Checkpoint, dtype, quantization=None) -> dict:
+def load_params(ckpt: Checkpoint, dtype, quantization=None, *, host: bool = False) -> dict:
     """Stream the checkpoint into device arrays following common.weights' packing plan; the
-    projections as QWeight (int8 or fp8 values and float32 scales) when they load quantized."""
+    projections as QWeight (int8 or fp8 values and float32 scales) when they load quantized.
+    host=True: numpy arrays in host memory instead (tensor parallel: each rank's shard then goes
+    to its own device, and no device holds the whole model)."""
     params: dict = {"layers": [{} for _ in range(ckpt.config.num_hidden_layers)]}
-    convert = lambda a: jnp.asarray(a, dtype=dtype)  # noqa: E731
-    convert_quant = lambda w: QWeight(jnp.asarray(w.q), jnp.asarray(w.scale, jnp.float32), w.fmt)  # noqa: E731
-    for layer, key, arr in ckpt.iter_params("flax", concat=lambda parts: jnp.concatenate(parts, axis=0),
+    xp = np if host else jnp
+    convert = lambda a: xp.asarray(a, dtype=dtype)  # noqa: E731
+    convert_quant = lambda w: QWeight(xp.asarray(w.q), xp.asarray(w.scale, np.float32), w.fmt)  # noqa: E731
+    for layer, key, arr in ckpt.iter_params("numpy" if host else "flax",
+                                            concat=lambda parts: xp.concatenate(parts, axis=0),
                                             convert=convert, quantization=quantization,
                                             convert_quant=convert_quant):
         (params if layer is None else params["layers"][layer])[key] = arr
@@ -77,8 +81,9 @@ class JaxRunner(harness.Runner):
                  lm_head_shard: str = "vocab"):
         ckpt = Checkpoint(model_dir)
         self.weight_format = ckpt.weight_format(quantization)
-        self._setup(ckpt.config, lambda dt: load_params(ckpt, dt, quantization), dtype, fused, warmup, compile_cache,
-                    tensor_parallel_size, lm_head_shard)
+        host = tensor_parallel_size != 1  # tensor parallel: shards go from host memory to their devices
+        self._setup(ckpt.config, lambda dt: load_params(ckpt, dt, quantization, host=host), dtype, fused, warmup,
+                    compile_cache, tensor_parallel_size, lm_head_shard)
 
     @classmethod
     def random(cls, config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, warmup=None,

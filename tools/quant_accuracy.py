@@ -86,13 +86,19 @@ def shipped_losses(model_dir: Path) -> dict:
 
 
 def real_shape(preset: str, prompt_len: int = 32, new_tokens: int = 64) -> dict:
-    """Logits error against bf16 and greedy agreement of int8 / fp8, random weights of `preset`."""
+    """Logits error against bf16 and greedy agreement of int8 / fp8, random weights of `preset`.
+
+    Norm weights near 1: with q/k-norm weights of tens (norm_scale="realistic") a random model is
+    chaotic - on Qwen3-0.6B's shapes cut to 4 layers, 0.3% gaussian noise on the float weights alone
+    gave logits 52% off (relative norm) and 41% top-1 agreement, int8 69% and 16% - so that would
+    measure the random model's sensitivity, not the format's rounding (unit norms: 1.2% and 91% for
+    the noise, 2.7% and 88% for int8)."""
     import jax_impl
 
     cfg = PRESETS[preset]
     prompt = [[(7 * j + 13) % (cfg.vocab_size - 1) + 1 for j in range(prompt_len)]]
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_checkpoint(Path(tmp) / preset, cfg, seed=0, norm_scale="realistic", fast=True)
+        path = write_checkpoint(Path(tmp) / preset, cfg, seed=0, norm_scale="unit", fast=True)
         res, base, base_tokens = {}, None, None
         for q in FORMATS:
             runner = jax_impl.load(path, dtype="float32", fused=False, quantization=q, compile_cache=False)
