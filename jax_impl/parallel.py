@@ -31,8 +31,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from common.config import Qwen3Config
-from common.quant import FP8_BLOCK, QWeight
-from common.sharding import TensorParallelError, check_tensor_parallel, shard_config, shard_ranges, take_shard
+from common.quant import QWeight
+from common.sharding import TensorParallelError, check_tensor_parallel, shard_config, take_shard, vocab_shard
 from jax_impl import arrays  # noqa: F401  (registers QWeight as a pytree)
 
 AXIS = "tp"
@@ -146,15 +146,11 @@ class TensorParallel:
         return jax.tree.map(lambda a: a if a.sharding == stacked else self._stack([a] * self.size), state)
 
     def _vocab_head(self, w):
-        per = -(-self.cfg.vocab_size // self.size)
-        if isinstance(w, QWeight) and w.fmt == "fp8" and per % FP8_BLOCK:
-            raise TensorParallelError(f"lm_head_shard='vocab': an fp8 head splits in whole {FP8_BLOCK}-row blocks, "
-                                      f"but vocab_size={self.cfg.vocab_size} gives {per} rows per rank")
-        parts = []
-        for r in range(self.size):
-            (first, n), = shard_ranges("lm_head", self.cfg, self.size, r)
-            parts.append(_pad_rows(_rows(w, first, n), per))
-        return self._stack(parts)
+        """Each rank's vocabulary rows of the head (common.sharding), the last padded to ceil(V / N).
+        The head is bf16 or int8 (common.quant.head_format): its rows split anywhere."""
+        per = vocab_shard(self.cfg.vocab_size, self.size, 0)[2]
+        return self._stack([_pad_rows(take_shard("lm_head", w, self.cfg, self.size, r, _concat), per)
+                            for r in range(self.size)])
 
     def _stack(self, parts: list):
         """Rank r's array (or QWeight) parts[r], all of one shape -> one [N, ...] array (or QWeight
@@ -189,24 +185,14 @@ def _concat(parts):
     return (np if isinstance(parts[0], np.ndarray) else jnp).concatenate(parts, axis=0)
 
 
-def _rows(w, first: int, n: int):
-    if isinstance(w, QWeight):
-        if w.fmt == "fp8":
-            b = FP8_BLOCK
-            return QWeight(w.q[first:first + n], w.scale[first // b:-(-(first + n) // b)], w.fmt)
-        return QWeight(w.q[first:first + n], w.scale[first:first + n], w.fmt)
-    return w[first:first + n]
-
-
 def _pad_rows(w, rows: int):
     """w with zero rows appended up to `rows` (a QWeight's scales alike): the last rank's vocab part."""
     def pad(a, n):
         xp = np if isinstance(a, np.ndarray) else jnp
         return a if a.shape[0] == n else xp.pad(a, [(0, n - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
 
-    if isinstance(w, QWeight):
-        n_scale = rows if w.fmt == "int8" else -(-rows // FP8_BLOCK)
-        return QWeight(pad(w.q, rows), pad(w.scale, n_scale), w.fmt)
+    if isinstance(w, QWeight):  # int8: one scale per row
+        return QWeight(pad(w.q, rows), pad(w.scale, rows), w.fmt)
     return pad(w, rows)
 
 
