@@ -216,20 +216,20 @@ def test_generation_stops_at_each_eos_id_of_generation_config(twin, eos_dir, tmp
 
 def test_torch_uses_half_the_cores_unless_told(monkeypatch):
     torch = pytest.importorskip("torch")
-    from torch_impl import runner
+    from torch_impl import building
 
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
-        assert runner.cpu_threads() == 3
-        runner._use_cpu_threads()
+        assert building.cpu_threads() == 3
+        building.use_cpu_threads()
         assert torch.get_num_threads() == 3
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-        assert runner.cpu_threads() == 1
+        assert building.cpu_threads() == 1
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         torch.set_num_threads(5)
-        runner._use_cpu_threads()
+        building.use_cpu_threads()
         assert torch.get_num_threads() == 5  # the user's setting stands
     finally:
         torch.set_num_threads(before)

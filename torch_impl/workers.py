@@ -420,4 +420,4 @@ class Session:
             _OWNER = None
 
 
-__all__ = ["RankFailed", "Session", "Spec", "start", "LOGITS", "GENERATE", "EXIT"]
+__all__ = ["RankFailed", "Session", "Spec", "start", "EXIT"]
