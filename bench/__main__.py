@@ -81,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", metavar="none,int8,fp8",
                    help="decode: run each chosen twin's fused row in these weight formats (none = bf16; e.g. "
                         "int8 adds jax-int8 for jax-fused); rows carry `quantization`")
+    p.add_argument("--tiles", metavar="tuned,untuned", default="tuned",
+                   help="decode: run each twin's fused rows with the tile tables (tuned, the default) and/or "
+                        "without them (untuned: the default rule alone, as on a GPU without a table; "
+                        "QWEN3_TILE_TABLES=off); rows carry `tiles`")
     p.add_argument("--ops", help=f"kernel ops (default all: {','.join(OPS)})")
     p.add_argument("--frameworks", default="jax,torch", help="kernel frameworks (default jax,torch)")
     p.add_argument("--new-tokens", type=int, help="decode tokens per run (default 256; --quick 64)")
@@ -163,6 +167,17 @@ def _ceilings(a) -> dict:
     return env.combine_ceilings(by)
 
 
+def _variants(impl: str, tps: list[int], tile_modes: list[str]) -> list[tuple[int, str]]:
+    """The (tensor-parallel size, tiles) jobs of one impl: transformers' at (1, tuned); plain rows
+    have no tiles."""
+    from bench import decode
+
+    if impl.startswith("hf"):
+        return [(1, "tuned")]
+    modes = tile_modes if decode.tiled(impl) else ["tuned"]
+    return [(tp, t) for tp in tps for t in modes]
+
+
 def run(a) -> int:
     from bench import decode, env, isolate, kernels, report
     from common.timing import TimingPlan
@@ -186,6 +201,7 @@ def run(a) -> int:
     smoke_skip = {i: SMOKE_SKIP[i] for i in impls if a.smoke and a.impls is None and i in SMOKE_SKIP}
     batches = _ints(a.batch or ("2" if a.smoke else "1,8,32,128"), "--batch")
     tps = _ints(a.tensor_parallel_size, "--tensor-parallel-size")
+    tile_modes = _choices(a.tiles, ("tuned", "untuned"), "--tiles")
     prefill = _ints(a.prefill or ("16" if a.smoke else "512,4096"), "--prefill")
     hf_batches = _ints(a.hf_batch or ("2" if a.smoke else "1"), "--hf-batch")
     ctx = a.ctx or (32 if a.smoke else 1024)
@@ -204,7 +220,7 @@ def run(a) -> int:
     settings = dict(command=a.command, models=list(models), smoke=a.smoke, quick=a.quick, ops=ops,
                     frameworks=frameworks, impls=impls, batches=batches, prefill=prefill, hf_batches=hf_batches,
                     ctx=ctx, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs,
-                    random_weights=a.random_weights, tensor_parallel_sizes=tps,
+                    random_weights=a.random_weights, tensor_parallel_sizes=tps, tiles=tile_modes,
                     timing=dataclasses.asdict(plan), min_layer_bytes=ks.min_bytes, budget_s=a.budget_s,
                     isolation="in-process" if a.in_process else "process per job")
     res = report.Results(out, env.collect(smoke=a.smoke, commit=a.commit, argv=a.argv), settings)
@@ -214,8 +230,7 @@ def run(a) -> int:
 
     torch_device = _torch_device(a.smoke)
     n_jobs = 2 + (len(frameworks) if a.command in ("kernels", "all") else 0) \
-        + (len(models) * sum(1 if i.startswith("hf") else len(tps) for i in impls)
-           if a.command in ("decode", "all") else 0)
+        + (len(models) * sum(len(_variants(i, tps, tile_modes)) for i in impls) if a.command in ("decode", "all") else 0)
     jobs_bar = bar(n_jobs, f"bench {a.command}", unit="job", delay=0, leave=True)
     ceilings = _ceilings(a)
     jobs_bar.update(2)
@@ -238,13 +253,15 @@ def run(a) -> int:
 
     if a.command in ("decode", "all"):
         with tempfile.TemporaryDirectory(prefix="bench-smoke-ckpt-") as tmp:
-            jobs = [(m, i, tp) for m in models for i in impls for tp in (tps if not i.startswith("hf") else [1])]
+            jobs = [(m, i, tp, t) for m in models for i in impls for tp, t in _variants(i, tps, tile_modes)]
             paths: dict = {}
-            for k, (m, impl, tp) in enumerate(jobs, start=1):
-                _progress(f"[{k}/{len(jobs)}] decode {impl} {m}" + (f" tensor parallel {tp}" if tp > 1 else ""))
+            for k, (m, impl, tp, tiles) in enumerate(jobs, start=1):
+                _progress(f"[{k}/{len(jobs)}] decode {impl} {m}" + (f" tensor parallel {tp}" if tp > 1 else "")
+                          + (" untuned" if tiles == "untuned" else ""))
                 bs = hf_batches if impl.startswith("hf") else batches
                 expected = [dict(decode.base_row(impl, m, prompt_len=prompt_len, new_tokens=new_tokens,
-                                                 ceilings=ceilings, tensor_parallel_size=tp), batch=b) for b in bs]
+                                                 ceilings=ceilings, tensor_parallel_size=tp, tiles=tiles), batch=b)
+                            for b in bs]
                 dev = torch_device if (impl.startswith("hf") or impl.startswith("torch")) else "-"
                 if impl in smoke_skip:
                     why = f"skipped in --smoke: {smoke_skip[impl]} (ask with --impls)"
@@ -264,7 +281,7 @@ def run(a) -> int:
                     continue
                 job = dict(shared, kind="decode", impl=impl, model=m, cfg=dataclasses.asdict(models[m]),
                            path=None if paths[m] is None else str(paths[m]), batches=bs, prompt_len=prompt_len, new_tokens=new_tokens,
-                           runs=runs, warmup=1, torch_device=dev, tensor_parallel_size=tp)
+                           runs=runs, warmup=1, torch_device=dev, tensor_parallel_size=tp, tiles=tiles)
                 isolate.run_job(job, emit=res.add, expected=expected, in_process=a.in_process, progress=_progress)
                 jobs_bar.update(1)
     jobs_bar.close()

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bench.decode import variant
+
 KERNEL_KEY = ("framework", "impl", "op", "model", "phase", "tokens", "ctx")
 DECODE_KEY = ("impl", "model", "batch", "prompt_len", "new_tokens")
 # figure -> True when higher is better
@@ -21,8 +23,9 @@ def row_key(r: dict) -> tuple:
     kind = r.get("kind")
     if kind == "kernel":
         return (kind,) + tuple(r.get(f) for f in KERNEL_KEY)
-    tp = r.get("tensor_parallel_size") or 1  # rows written before tensor parallelism ran on one GPU
-    return (kind,) + tuple(r.get(f) for f in DECODE_KEY) + ((f"TP={tp}",) if tp > 1 else ())
+    tp, tiles = variant(r)
+    return (kind,) + tuple(r.get(f) for f in DECODE_KEY) + ((f"TP={tp}",) if tp > 1 else ()) \
+        + (("untuned",) if tiles == "untuned" else ())
 
 
 def _label(key: tuple) -> str:

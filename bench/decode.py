@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from common.config import Qwen3Config
+from common.tiles import TABLES_ENV
 
 IMPLS = {
     "jax-fused": "jax_impl, fused Pallas kernels",
@@ -268,12 +269,25 @@ def free_memory() -> None:
         pass
 
 
+def tiled(impl: str) -> bool:
+    """Rows whose speed depends on the tile tables: the twins' fused rows, bf16 or quantized."""
+    return impl.startswith(("jax-", "torch-")) and not impl.endswith("-plain")
+
+
+def variant(r: dict) -> tuple[int, str]:
+    """What tells apart the decode rows of one impl on one model and batch besides them: the
+    tensor-parallel size and the tiles ("tuned": the tables as shipped; "untuned": the default rule).
+    Rows from before these fields ran on one GPU, tuned."""
+    return r.get("tensor_parallel_size") or 1, r.get("tiles") or "tuned"
+
+
 def base_row(impl: str, model: str, *, prompt_len: int, new_tokens: int, ceilings: dict,
-             tensor_parallel_size: int = 1) -> dict:
+             tensor_parallel_size: int = 1, tiles: str = "tuned") -> dict:
     """The fields every decode row of `impl` on `model` carries (add batch and figures or error)."""
     label = IMPLS[impl] + (f", tensor parallel over {tensor_parallel_size} GPUs" if tensor_parallel_size > 1 else "")
+    label += ", untuned (the default rule, no tile table)" if tiles == "untuned" else ""
     return dict(kind="decode", impl=impl, label=label, model=model, tensor_parallel_size=tensor_parallel_size,
-                prompt_len=prompt_len,
+                tiles=tiles, prompt_len=prompt_len,
                 new_tokens=new_tokens, dtype="bfloat16", weights=quantization_of(impl) or "bf16",
                 quantization=quantization_of(impl),
                 ceiling_copy_GBps=ceilings.get("copy_GBps"),
@@ -282,10 +296,28 @@ def base_row(impl: str, model: str, *, prompt_len: int, new_tokens: int, ceiling
 
 def measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches, *, prompt_len: int, new_tokens: int,
             runs: int, warmup: int, torch_device: str, ceilings: dict, emit, progress, deadline=None,
-            tensor_parallel_size: int = 1) -> None:
-    """Load `impl` once, time every batch size, emit one row per batch, free the memory."""
+            tensor_parallel_size: int = 1, tiles: str = "tuned") -> None:
+    """Load `impl` once, time every batch size, emit one row per batch, free the memory.
+    tiles="untuned": with QWEN3_TILE_TABLES=off (common.tiles: the default rule alone) meanwhile."""
     base = base_row(impl, model, prompt_len=prompt_len, new_tokens=new_tokens, ceilings=ceilings,
-                    tensor_parallel_size=tensor_parallel_size)
+                    tensor_parallel_size=tensor_parallel_size, tiles=tiles)
+    before = os.environ.get(TABLES_ENV)
+    if tiles == "untuned":
+        os.environ[TABLES_ENV] = "off"
+    try:
+        _measure(impl, model, cfg, path, batches, base, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs,
+                 warmup=warmup, torch_device=torch_device, ceilings=ceilings, emit=emit, progress=progress,
+                 deadline=deadline, tensor_parallel_size=tensor_parallel_size)
+    finally:
+        if before is None:
+            os.environ.pop(TABLES_ENV, None)
+        else:
+            os.environ[TABLES_ENV] = before
+
+
+def _measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches, base: dict, *, prompt_len: int,
+             new_tokens: int, runs: int, warmup: int, torch_device: str, ceilings: dict, emit, progress, deadline,
+             tensor_parallel_size: int) -> None:
     handle = None
     t0 = time.perf_counter()
     try:

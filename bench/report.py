@@ -12,6 +12,8 @@ import json
 import os
 from pathlib import Path
 
+from bench.decode import variant
+
 SCHEMA = 1
 JSON_NAME, MD_NAME = "bench.json", "bench.md"
 DECODE_ORDER = ("jax-fused", "jax-int8", "jax-fp8", "jax-plain", "torch-fused", "torch-int8", "torch-fp8", "torch-plain",
@@ -99,10 +101,10 @@ def decode_table(rows: list[dict]) -> str:
             cells = [_num(floors.get((m, b)), "{:,.0f}") for b in batches]
             lines.append(f"| {m} | bandwidth floor (weights + KV over measured copy bandwidth) | "
                          + " | ".join(cells) + " | - |")
-        impls = sorted({(r["impl"], _tp(r)) for r in rows if r["model"] == m},
+        impls = sorted({(r["impl"], variant(r)) for r in rows if r["model"] == m},
                        key=lambda i: (DECODE_ORDER.index(i[0]) if i[0] in DECODE_ORDER else 99, i[1]))
-        for impl, tp in impls:
-            by_b = {r["batch"]: r for r in rows if r["model"] == m and (r["impl"], _tp(r)) == (impl, tp)}
+        for impl, var in impls:
+            by_b = {r["batch"]: r for r in rows if r["model"] == m and (r["impl"], variant(r)) == (impl, var)}
             cells = []
             for b in batches:
                 r = by_b.get(b)
@@ -118,11 +120,6 @@ def decode_table(rows: list[dict]) -> str:
             pre_cell = f"{pre[1]:,.0f} (batch {pre[0]})" if pre else "-"
             lines.append(f"| {m} | {label} | " + " | ".join(cells) + f" | {pre_cell} |")
     return "\n".join(lines)
-
-
-def _tp(r: dict) -> int:
-    """A decode row's tensor-parallel size (rows from before it existed ran on one GPU)."""
-    return r.get("tensor_parallel_size") or 1
 
 
 def kernel_table(rows: list[dict]) -> str:
@@ -212,17 +209,19 @@ def plots(doc: dict, out_dir: Path) -> list[Path]:
         for ax, m in zip(axes[0], models):
             mr = [r for r in dec if r["model"] == m]
             batches = sorted({r["batch"] for r in mr})
-            impls = [(i, tp) for i in DECODE_ORDER for tp in sorted({_tp(r) for r in mr})
-                     if any((r["impl"], _tp(r)) == (i, tp) for r in mr)]
+            impls = [(i, v) for i in DECODE_ORDER for v in sorted({variant(r) for r in mr})
+                     if any((r["impl"], variant(r)) == (i, v) for r in mr)]
             width = 0.8 / max(1, len(impls))
-            for j, (impl, tp) in enumerate(impls):
+            for j, (impl, (tp, tiles)) in enumerate(impls):
                 xs, ys = [], []
                 for bi, b in enumerate(batches):
-                    r = next((r for r in mr if (r["impl"], _tp(r)) == (impl, tp) and r["batch"] == b), None)
+                    r = next((r for r in mr if (r["impl"], variant(r)) == (impl, (tp, tiles)) and r["batch"] == b),
+                             None)
                     if r:
                         xs.append(bi + (j - (len(impls) - 1) / 2) * width)
                         ys.append(r["decode_tok_s"])
-                ax.bar(xs, ys, width, label=impl + (f" TP={tp}" if tp > 1 else ""))
+                ax.bar(xs, ys, width, label=impl + (f" TP={tp}" if tp > 1 else "")
+                       + (" untuned" if tiles == "untuned" else ""))
             for bi, b in enumerate(batches):
                 fl = next((r.get("bw_floor_tok_s") for r in mr if r["batch"] == b and r.get("bw_floor_tok_s")), None)
                 if fl:

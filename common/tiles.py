@@ -12,6 +12,8 @@ reads, in order:
 2. the table shipped in the package, `common/tile_tables/<framework>/<gpu>.json`;
 3. the default rule (common.tile_rules), which reads the device's properties (SM count, shared
    memory per block, compute capability) - never a constant of one GPU.
+QWEN3_TILE_TABLES=off skips both tables (the default rule alone: what a GPU without a table gets;
+benchmarks' "untuned" rows).
 A table is JSON: {"format": 1, "framework": ..., "device": ..., "entries": {KEY: {"path": "fused" |
 "plain", "tiles": {field: value}}}}; KEY names the kernel, the shape bucket and the dtype
 (`matmul_key`, `attention_key`, `prefill_key`). A table that cannot be read, or an entry with
@@ -239,8 +241,22 @@ def _read_table(path: Path, framework: str) -> dict[str, dict]:
     return good
 
 
+TABLES_ENV = "QWEN3_TILE_TABLES"
+
+
+def tables_on() -> bool:
+    """False when QWEN3_TILE_TABLES=off: the default rule alone answers (tables are read otherwise)."""
+    value = os.environ.get(TABLES_ENV, "on").strip().lower()
+    if value not in ("on", "off", ""):
+        raise ValueError(f"{TABLES_ENV}={os.environ[TABLES_ENV]!r}: expected 'on' (the default) or 'off' "
+                         f"(the default rule alone, no tile table)")
+    return value != "off"
+
+
 def sources(framework: str, device: Device) -> str:
     """Where this device's choices come from, for the one log line of a twin's selection."""
+    if not tables_on():
+        return f"the default rule ({TABLES_ENV}=off)"
     found = [s for s, user in (("your tuned table", True), ("the shipped table", False))
              if table_path(framework, device, user=user).is_file()]
     return " and ".join(found) or "the default rule: no table for this GPU"
@@ -279,16 +295,16 @@ def lookup(kernel: str, framework: str, device: Device, *, dtype: str, **shape) 
     """The path and tiles of `kernel` at this shape on this device (see the module doc)."""
     if framework not in FRAMEWORKS:
         raise ValueError(f"tiles.lookup: framework={framework!r}, expected one of {', '.join(FRAMEWORKS)}")
-    return _lookup(kernel, framework, device, str(dtype), tuple(sorted(shape.items())))
+    return _lookup(kernel, framework, device, str(dtype), tuple(sorted(shape.items())), tables_on())
 
 
 @functools.lru_cache(maxsize=4096)
-def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items: tuple) -> Choice:
+def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items: tuple, tables: bool) -> Choice:
     from common import tile_rules
 
     shape = dict(shape_items)
     key = shape_key(kernel, dtype, shape)
-    if device.is_gpu:
+    if device.is_gpu and tables:
         for source, user in (("user", True), ("shipped", False)):
             path = table_path(framework, device, user=user)
             entry = _read_table(path, framework).get(key)

@@ -320,3 +320,32 @@ def test_decode_with_random_weights_needs_no_checkpoint(tmp_path):
     for r in rows:
         assert "error" not in r and r["decode_tok_s"] > 0, r
     assert doc["runs"][0]["settings"]["random_weights"] is True
+
+
+def test_untuned_rows_run_without_the_tile_tables(tmp_path, monkeypatch):
+    """--tiles tuned,untuned: each twin's fused row twice, the untuned one under QWEN3_TILE_TABLES=off
+    (the default rule alone) and labelled so; plain rows once; the setting is restored after each job."""
+    from bench import decode
+    from common.tiles import TABLES_ENV
+
+    seen = []
+
+    def fake(impl, model, cfg, path, batches, base, **kw):
+        seen.append((impl, base["tiles"], __import__("os").environ.get(TABLES_ENV)))
+        kw["emit"](dict(base, batch=batches[0], decode_tok_s=1.0))
+
+    monkeypatch.setattr(decode, "_measure", fake)
+    monkeypatch.delenv(TABLES_ENV, raising=False)
+    out = tmp_path / "t"
+    assert main(["decode", "--smoke", "--in-process", "--impls", "torch-fused,torch-plain", "--tiles",
+                 "tuned,untuned", "--out", str(out), "--no-plots"]) == 0
+    assert seen == [("torch-fused", "tuned", None), ("torch-fused", "untuned", "off"), ("torch-plain", "tuned", None)]
+    rows = _rows(json.loads((out / report.JSON_NAME).read_text()), kind="decode")
+    assert [(r["impl"], r["tiles"]) for r in rows] == [("torch-fused", "tuned"), ("torch-fused", "untuned"),
+                                                         ("torch-plain", "tuned")]
+    assert "untuned" in rows[1]["label"] and "untuned" not in rows[0]["label"]
+    md = (out / report.MD_NAME).read_text()
+    assert md.count("torch_impl, fused Triton kernels") == 2, md  # the two rows stay apart in the table
+    assert compare.row_key(rows[0]) != compare.row_key(rows[1])
+    with pytest.raises(SystemExit, match="--tiles"):
+        main(["decode", "--smoke", "--tiles", "tuned,sometimes", "--out", str(tmp_path / "x")])

@@ -137,6 +137,25 @@ def test_user_table_then_shipped_then_default(tmp_path, monkeypatch):
     assert tiles.lookup("rmsnorm_qkv", "torch", Device.cpu(), dtype="bfloat16", **SHAPE).source == "default"
 
 
+def test_tables_off_leaves_the_default_rule(tmp_path, monkeypatch):
+    """QWEN3_TILE_TABLES=off: what a GPU without a table gets, tables present or not (bench's untuned rows)."""
+    monkeypatch.setattr(tiles, "SHIPPED_DIR", tmp_path / "shipped")
+    dev = FAKES[1]
+    _write(tiles.table_path("torch", dev, user=False), {KEY: {"path": "plain", "tiles": None}})
+    tiles.write_entry("torch", dev, KEY, "fused", MatmulTiles(1, 2, 1024, num_warps=8))
+    assert tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="bfloat16", **SHAPE).source == "user"
+    monkeypatch.setenv(tiles.TABLES_ENV, "off")
+    c = tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="bfloat16", **SHAPE)
+    default = tile_rules.default_tiles("rmsnorm_qkv", "torch", dev, "bfloat16", SHAPE)
+    assert (c.source, c.tiles) == ("default", default)
+    assert "QWEN3_TILE_TABLES=off" in tiles.sources("torch", dev)
+    monkeypatch.setenv(tiles.TABLES_ENV, "on")
+    assert tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="bfloat16", **SHAPE).source == "user"
+    monkeypatch.setenv(tiles.TABLES_ENV, "maybe")
+    with pytest.raises(ValueError, match="QWEN3_TILE_TABLES='maybe': expected 'on'"):
+        tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="bfloat16", **SHAPE)
+
+
 @pytest.mark.parametrize("content, needle", [
     ("{not json", "cannot be read"),
     (json.dumps({"entries": {}}), "expected"),
