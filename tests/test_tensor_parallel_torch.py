@@ -76,6 +76,22 @@ def test_shipped_model_plain():
         assert tp2.generate(PROMPTS[:1], 4) == tp1.generate(PROMPTS[:1], 4)
     finally:
         tp2.close()
+    with pytest.raises(RankFailed, match="^the tensor-parallel runner is closed"):  # not that a worker died
+        tp2.generate(PROMPTS[:1], 4)
+
+
+def test_input_errors_leave_the_runner_working():
+    """A call past max_cache_tokens fails on rank 0 before any command: the workers and the runner go on."""
+    from torch_impl.runner import CacheCapacityError
+
+    tp2 = torch_impl.load(default_model(), fused=False, tensor_parallel_size=2, max_cache_tokens=512, **CPU)
+    try:
+        with pytest.raises(CacheCapacityError, match="max_cache_tokens=512"):
+            tp2.generate(PROMPTS, 600)
+        tp1 = torch_impl.load(default_model(), fused=False, **CPU)
+        assert tp2.generate(PROMPTS, 4) == tp1.generate(PROMPTS, 4)
+    finally:
+        tp2.close()
 
 
 @pytest.mark.parametrize("fused,lm_head_shard", [(False, "vocab"), (True, "vocab"), (False, "replicated")])
@@ -106,16 +122,18 @@ def test_int8_and_random_weights():
         _same_as_tp1(tp2, tp1, "shipped, int8")
     finally:
         tp2.close()
-    cfg = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=32, tie_word_embeddings=False, dtype="float32",
-                      max_position_embeddings=128)
-    r1 = torch_impl.load_random(cfg, fused=False, seed=3, quantization="int8", **CPU)
-    r2 = torch_impl.load_random(cfg, fused=False, seed=3, quantization="int8", tensor_parallel_size=2, **CPU)
-    try:
-        ids = np.array([PROMPTS[0]])
-        assert_close(r2.logits(ids), r1.logits(ids), "float32", what="load_random at tensor_parallel_size=2")
-    finally:
-        r2.close()
+    for tied in (False, True):  # tied: the int8 head has its own draw at every size (as jax_impl's)
+        cfg = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=tied,
+                          dtype="float32", max_position_embeddings=128)
+        r1 = torch_impl.load_random(cfg, fused=False, seed=3, quantization="int8", **CPU)
+        r2 = torch_impl.load_random(cfg, fused=False, seed=3, quantization="int8", tensor_parallel_size=2, **CPU)
+        try:
+            ids = np.array([PROMPTS[0]])
+            assert_close(r2.logits(ids), r1.logits(ids), "float32",
+                         what=f"load_random at tensor_parallel_size=2, tied={tied}")
+        finally:
+            r2.close()
 
 
 def _ranks(mode, size, tmp_path, *args, env=None):

@@ -136,6 +136,15 @@ def test_kernels_compile_for_sm90():
     assert proc.stdout.count("ok ") >= 20, proc.stdout
 
 
+def test_row_offsets_are_64_bit():
+    """Row * row stride past 2^31 (an int8 lm_head over 14k tokens, a long prefill's MLP): the
+    projection kernels address in 64 bits; see tests/wide_rows_check.py (a crash there fails here)."""
+    script = Path(__file__).with_name("wide_rows_check.py")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"exit status {proc.returncode}: {proc.stdout}{proc.stderr[-2000:]}"
+
+
 def test_advance_updates_the_decode_state():
     from torch_impl.kernels.advance import advance
 

@@ -78,4 +78,5 @@ def fill_random(model: Qwen3ForCausalLM, g: torch.Generator, whole: Qwen3ForCaus
             target.uniform_(0.5, 1.5, generator=g)
         if whole is not model:
             param = model.get_parameter(name)
-            param.weight_loader(param, target)
+            load = param.weight_loader
+            getattr(load, "untied", load)(param, target)  # a tied quantized head keeps its own draw, as at size 1

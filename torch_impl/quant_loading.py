@@ -124,6 +124,7 @@ def tie_quantized_head(embed: torch.nn.Parameter, head: torch.nn.Parameter) -> N
         load_embed(param, loaded, *args)
         head.weight_loader(head, loaded)
 
+    weight_loader.untied = load_embed  # the embedding alone (random weights: the head has its own draw)
     embed.weight_loader = weight_loader
 
 

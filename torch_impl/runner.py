@@ -197,11 +197,20 @@ class TorchRunner(harness.Runner):
             return self.kv.shape[3]
         return buckets.cache_bucket(rows_per_seq, self.config.max_position_embeddings, floor=MIN_BLOCK_ROWS)
 
-    def _ensure_cache(self, num_blocks: int, bs: int) -> None:
-        cfg = self.model.shard_config  # this rank's kv heads under tensor parallelism
+    def _cache_plan(self, prompts, max_new_tokens: int) -> tuple[int, int]:
+        """(rows per block, blocks per sequence) of a call; CacheCapacityError past max_cache_tokens
+        (checked before a tensor-parallel command is sent: every rank would fail alike)."""
+        b, longest = len(prompts), max(len(p) for p in prompts) + max_new_tokens
+        bs = self._block_rows(longest, b)
+        blocks_per_seq = -(-longest // bs)
+        num_blocks = b * blocks_per_seq
         if self.max_cache_tokens is not None and num_blocks * bs > self.max_cache_tokens:
             raise CacheCapacityError(f"KV cache: this call needs {num_blocks} blocks of {bs} rows "
                                      f"({num_blocks * bs} tokens), more than max_cache_tokens={self.max_cache_tokens}")
+        return bs, blocks_per_seq
+
+    def _ensure_cache(self, num_blocks: int, bs: int) -> None:
+        cfg = self.model.shard_config  # this rank's kv heads under tensor parallelism
         if self.kv is not None and self.kv.shape[3] == bs and self.kv.shape[2] >= num_blocks:
             return
         self._decoders.clear()  # captured graphs point at the old cache
@@ -300,6 +309,7 @@ class TorchRunner(harness.Runner):
                                           top_p=top_p, vocab_size=cfg.vocab_size,
                                           max_len=cfg.max_position_embeddings)
         eos = harness.eos_set(eos_token_id)
+        self._cache_plan(prompts, max_new_tokens)
         if self._session is None:
             yield from self._decode(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, chunk)
             return
@@ -321,8 +331,7 @@ class TorchRunner(harness.Runner):
         dev = self.device
         b = len(prompts)
         lens = [len(p) for p in prompts]
-        bs = self._block_rows(max(lens) + max_new_tokens, b)
-        blocks_per_seq = -(-(max(lens) + max_new_tokens) // bs)
+        bs, blocks_per_seq = self._cache_plan(prompts, max_new_tokens)
         self._ensure_cache(b * blocks_per_seq, bs)
         gen = torch.Generator(device=dev).manual_seed(int(seed))
         t0 = time.perf_counter()

@@ -71,7 +71,7 @@ class Spec:
 
 
 _WORKER: "Session | None" = None  # in a spawned worker: its session (start() returns it)
-_OWNER: "Session | None" = None  # in rank 0: the standalone session holding this process's group
+_OWNER: "Session | None" = None  # the session that made this process's group (standalone rank 0, or torchrun's)
 
 
 def start(cfg, size, device, fmt: str, spec: Spec) -> "Session | None":
@@ -161,6 +161,7 @@ def _spawn(size: int, dev_type: str, spec: Spec) -> "Session":
 
 def _join(size: int, dev_type: str) -> "Session":
     """SPMD: this process is one rank of a group torchrun (or the caller) set up."""
+    global _OWNER
     dist = _dist()
     if dist.is_initialized():
         world, rank, owns = dist.get_world_size(), dist.get_rank(), False
@@ -174,6 +175,8 @@ def _join(size: int, dev_type: str) -> "Session":
         _check_count(local + 1, f"LOCAL_RANK={local}")
     session = Session(size, rank, dev_type, local=local, spmd=True, owns=owns)
     session.init_groups(init_method="env://" if owns else None)
+    if owns:  # this runner made the group and destroys it at close(): no second runner may share it
+        _OWNER = session
     if dev_type == "cuda":
         _check_kinds(session.gather_names(torch.cuda.get_device_name(session.device)))
     return session
@@ -314,13 +317,13 @@ class Session:
 
     # -- failures
     def check(self) -> None:
-        """Raise RankFailed when a worker has ended (rank 0, standalone) or the session is closed."""
+        """Raise RankFailed when the session is closed or a worker has ended (rank 0, standalone)."""
+        if self.closed:  # first: a closed session's workers were ended by it, not by a failure of theirs
+            raise RankFailed(f"the tensor-parallel runner is closed ({self.closed})")
         msg = self.dead_rank()
         if msg:
             self.close(abort=True, why=msg)
             raise RankFailed(f"{msg}; the tensor-parallel runner is closed")
-        if self.closed:
-            raise RankFailed(f"the tensor-parallel runner is closed ({self.closed})")
 
     def dead_rank(self, wait: float = 0.0) -> str | None:
         """A message naming the first worker that has ended, waiting up to `wait` seconds for one."""

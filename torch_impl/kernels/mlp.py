@@ -38,7 +38,7 @@ def _norm_gate_up_kernel(
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]; 64-bit: rows * stride can pass 2^31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of gate; up rows are I + offs_n
     m_ok = offs_m < M
     n_ok = offs_n < I

@@ -52,7 +52,8 @@ def _prefill_attention_kernel(
     m_ok = offs_m < len_q
     d_ok = offs_d < D
     qpos = len_k - len_q + offs_m  # absolute positions
-    q = tl.load(q_ptr + (q0 + offs_m)[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+    tok = (q0 + offs_m).to(tl.int64)  # token rows; 64-bit: rows * stride can pass 2^31
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, D_P]
     m_i = tl.full([BLOCK_M], NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -85,7 +86,7 @@ def _prefill_attention_kernel(
         m_i = m_new
     _jit.release_next(PDL)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + (q0 + offs_m)[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+    tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              _jit.cast(o, out_ptr.dtype.element_ty, PRECISION), mask=m_ok[:, None] & d_ok[None, :])
 
 

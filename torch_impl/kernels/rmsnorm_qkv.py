@@ -88,7 +88,7 @@ def _rmsnorm_qkv_kernel(
     offs_c = (pid % TILES) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] columns within the half head
     c_ok = offs_c < HALF
     rows_lo = head * D + offs_c
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]; 64-bit: rows * stride can pass 2^31
     m_ok = offs_m < M
 
     acc_lo, acc_hi = _jit.project(x_ptr, nw_ptr, w_ptr, rows_lo, rows_lo + HALF, c_ok, offs_m, m_ok, stride_xm,
@@ -128,7 +128,7 @@ def _qk_epilogue_kernel(
 ):
     """Split variant, second launch: q/k-norm, RoPE and the store of one head for BLOCK_M tokens."""
     head = tl.program_id(0)
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_ok = offs_m < M
     offs_d = tl.arange(0, HALF_P)
     d_ok = offs_d < HALF
