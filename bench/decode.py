@@ -275,9 +275,9 @@ def tiled(impl: str) -> bool:
 
 
 def variant(r: dict) -> tuple[int, str]:
-    """What tells apart the decode rows of one impl on one model and batch besides them: the
-    tensor-parallel size and the tiles ("tuned": the tables as shipped; "untuned": the default rule).
-    Rows from before these fields ran on one GPU, tuned."""
+    """Besides impl, model and batch, what tells decode rows apart: the tensor-parallel size and the
+    tiles ("tuned": the tile tables as found; "untuned": the default rule alone). Rows written before
+    these fields existed ran on one GPU with the tables."""
     return r.get("tensor_parallel_size") or 1, r.get("tiles") or "tuned"
 
 
