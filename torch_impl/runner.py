@@ -121,8 +121,8 @@ class TorchRunner(harness.Runner):
                                 tp_group=session.tp if session else SINGLE, lm_head_shard=lm_head_shard)
             with torch.no_grad():
                 fill_random(model, torch.Generator(device=device).manual_seed(seed),
-                             model if session is None else build_model(cfg, tdtype, torch.device("meta"), False,
-                                                                       quantization))
+                            model if session is None else build_model(cfg, tdtype, torch.device("meta"), False,
+                                                                      quantization))
             runner = cls.from_model(model, session=session, **kwargs)
         except BaseException as e:
             if session is not None:
