@@ -173,7 +173,8 @@ def test_nanovllm_loader_protocol_at_tp2(odd, tmp_path):
 
 def test_under_torchrun(tmp_path):
     """Every rank a process of its own with torchrun's environment: the same calls on every rank, a call
-    with other arguments on one refused on all (and the runner goes on)."""
+    with other arguments on one refused on all (and the runner goes on); a second runner refused while
+    the first holds the group it made."""
     env = dict(WORLD_SIZE="2", RANK="{rank}", LOCAL_RANK="{rank}", MASTER_ADDR="127.0.0.1", MASTER_PORT="{port}")
     got = _ranks("torchrun", 2, tmp_path, default_model(), env=env)
     tp1 = torch_impl.load(default_model(), fused=False, **CPU)
@@ -182,6 +183,7 @@ def test_under_torchrun(tmp_path):
         assert got[rank]["greedy"].tolist() == tp1.generate(PROMPTS[:1] * 2, 6)
         assert got[rank]["after"].tolist() == tp1.generate(PROMPTS[:1], 4)
         assert "rank(s) [1] were called with other arguments" in (tmp_path / f"rank{rank}.txt").read_text()
+        assert "another tensor-parallel runner" in (tmp_path / f"rank{rank}.second.txt").read_text()
 
 
 def test_bad_input(odd, monkeypatch):

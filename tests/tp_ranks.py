@@ -4,7 +4,8 @@
         its model construction (hf_config, default dtype) and loader loop on each checkpoint, bf16 and
         int8, then a prefill into a cache sharded as nano-vllm allocates it and a decode step
     python tests/tp_ranks.py torchrun RANK SIZE PORT OUT CKPT      torch_impl.load(tensor_parallel_size=SIZE)
-        as under torchrun (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT set by the caller)
+        as under torchrun (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT set by the caller); a second
+        runner in the same processes is refused
     python tests/tp_ranks.py orphan 0 2 0 OUT CKPT                 a standalone TP runner whose process then dies
 
 Each writes OUT/rank{RANK}.npz (and .txt for messages). Interpreter mode and the like come from the
@@ -80,6 +81,13 @@ def torchrun(rank: int, out: Path, ckpt: str) -> None:
 
     runner = torch_impl.load(ckpt, dtype="float32", fused=False, tensor_parallel_size=int(os.environ["WORLD_SIZE"]),
                              device="cpu")
+    try:  # the first runner made the group and destroys it at close(): a second one may not share it
+        torch_impl.load(ckpt, dtype="float32", fused=False, tensor_parallel_size=int(os.environ["WORLD_SIZE"]),
+                        device="cpu")
+        second = "a second runner loaded"
+    except TensorParallelError as e:
+        second = str(e)
+    (out / f"rank{rank}.second.txt").write_text(second)
     res = dict(logits=runner.logits(PROMPTS[:1]), greedy=np.array(runner.generate(PROMPTS[:1] * 2, 6)))
     try:  # every rank must make the same calls: one with other arguments is refused on every rank
         runner.generate(PROMPTS[:1], 3 + rank)
