@@ -4,8 +4,8 @@ Its inputs are the kernel, the framework, the shape and the device's properties 
 shared memory per block, compute capability), never the name of one GPU. The rules were measured
 on an H100 (docs/MEASUREMENTS.md has each figure) and are written in terms of what they do:
 - one-token projections (the decode GEMV) stream the weight once; they want many programs, each a
-  few output rows wide, and long reduction chunks (the jax rule below; torch's projections, tiled
-  differently, take 16-32 rows per program and 512-element chunks);
+  few output rows wide, and long reduction chunks (one rule for both twins; torch_impl's kernels on
+  int8 / fp8 weights take other widths at K >= 4096, `_torch_gemv_one_byte`);
 - tensor-core tiles (16+ tokens) keep block_m x block_k + block_n x block_k per stage in shared
   memory: the stage count is cut until they fit the device's shared memory;
 - decode attention splits the context (flash-decoding) until the (sequence, kv head) programs
@@ -22,6 +22,7 @@ from common.tiles import AttentionTiles, Device, MatmulTiles, PrefillTiles, next
 DOT_MIN_M = 16  # token rows from which projections use tensor-core dots
 MIN_SPLIT_POSITIONS = 256  # decode attention: fewest cache positions per split
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+ONE_BYTE = ("-int8", "-fp8")  # dtype suffixes of one-byte weights (tiles.lookup's "<activations>-<format>")
 
 
 # ----- fused or plain -----------------------------------------------------------------------------
@@ -64,7 +65,8 @@ def default_tiles(kernel: str, framework: str, device: Device, dtype: str, shape
         else:
             tiles = _jax_matmul(m, n, k, device, pair=kernel == "mlp_gate_up")
     elif m == 1:  # the decode GEMV streams W the same way in both twins (tuned torch tables agree)
-        tiles = _jax_matmul(m, n, k, device, pair=kernel == "mlp_gate_up")
+        tiles = (_torch_gemv_one_byte(kernel, n, k) if dtype.endswith(ONE_BYTE) else None) or \
+            _jax_matmul(m, n, k, device, pair=kernel == "mlp_gate_up")
     else:
         tiles = _torch_matmul(m, n, k)
     return fit_stages(tiles, device, BYTES.get(dtype, 2))
@@ -97,6 +99,21 @@ def _torch_matmul(m: int, n: int, k: int) -> MatmulTiles:
                            block_k=min(512, next_pow2(k)), num_warps=4, num_stages=2)
     return MatmulTiles(block_m=min(64, next_pow2(m)), block_n=64, block_k=min(64, next_pow2(k)),
                        num_warps=4, num_stages=3)
+
+
+def _torch_gemv_one_byte(kernel: str, n: int, k: int) -> MatmulTiles | None:
+    """torch_impl's decode GEMV on int8 / fp8 weights at K >= 4096: o_proj and down (N <= K) 8 rows
+    x 1024-element chunks, rmsnorm_qkv and the gate/up pair one row (pair) over the whole row, 4
+    warps - the H100's tuned int8 and fp8 rows at Qwen3-8B's shapes (Qwen3-8B batch-1 int8 decode
+    272 tok/s with them, 212 with the bf16 rule). None (the bf16 rule) below K 4096 and for the
+    lm_head (N > K): not measured."""
+    if k < 4096:
+        return None
+    if kernel == "linear_residual" and n <= k:
+        return MatmulTiles(1, 8, 1024, num_warps=4, num_stages=2)
+    if kernel in ("rmsnorm_qkv", "mlp_gate_up"):
+        return MatmulTiles(1, 1, _chunk(k, 4096), num_warps=4, num_stages=2)
+    return None
 
 
 def _chunk(k: int, cap: int) -> int:

@@ -334,7 +334,7 @@ def write_entry(framework: str, device: Device, key: str, path: str, tiles, *, u
         try:
             old = json.loads(target.read_text(encoding="utf-8"))
             if isinstance(old, dict) and isinstance(old.get("entries"), dict):
-                doc["entries"] = old["entries"]
+                doc = {**old, **{k: doc[k] for k in ("format", "framework", "device")}}  # keeps a "note"
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             _warn_once(f"tile table {target}: unreadable; starting it anew")
     entry: dict = {"path": path, "tiles": dataclasses.asdict(tiles) if tiles is not None else None}

@@ -105,6 +105,32 @@ def test_quantized_weights_have_their_own_keys_and_fp8_needs_sm89():
         assert tiles.lookup("linear_residual", fw, FAKES[1], dtype="bfloat16-fp8", **shape).path == "fused"
 
 
+def test_torch_one_byte_gemv_rule_gives_the_tuned_8b_tiles():
+    """torch_impl's decode GEMV on int8 / fp8 weights at Qwen3-8B's shapes: the H100's tuned tiles
+    (shipped table rows) from the default rule, on any device; bf16, small K and the lm_head as before."""
+    cfg = PRESETS["Qwen3-8B"]
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    table = json.loads((tiles.SHIPPED_DIR / "torch" / "NVIDIA_H100_80GB_HBM3.json").read_text())["entries"]
+    shapes = {"linear_residual": [dict(m=1, n=h, k=i), dict(m=1, n=h, k=cfg.q_size)],
+              "rmsnorm_qkv": [dict(m=1, n=cfg.qkv_size, k=h, head_dim=cfg.head_dim)],
+              "mlp_gate_up": [dict(m=1, n=2 * i, k=h)]}
+    for kernel, kernel_shapes in shapes.items():
+        for shape in kernel_shapes:
+            key = tiles.shape_key(kernel, "bfloat16-int8", shape)
+            want = MatmulTiles(**table[key]["tiles"])
+            for dev in FAKES:
+                got = tile_rules.default_tiles(kernel, "torch", dev, "bfloat16-int8", shape)
+                assert got == want, (key, dev.name)
+                assert tile_rules.default_tiles(kernel, "torch", dev, "bfloat16-fp8", shape) == want
+                assert tile_rules.default_tiles(kernel, "torch", dev, "bfloat16", shape) == \
+                    tile_rules.default_tiles(kernel, "jax", dev, "bfloat16", shape)
+    lm_head = dict(m=1, n=cfg.vocab_size, k=h)
+    small = dict(m=1, n=1024, k=3072)  # 0.6B's down projection
+    for shape in (lm_head, small):
+        assert tile_rules.default_tiles("linear_residual", "torch", FAKES[1], "bfloat16-int8", shape) == \
+            tile_rules.default_tiles("linear_residual", "torch", FAKES[1], "bfloat16", shape)
+
+
 # ----- tables ---------------------------------------------------------------------------------------
 
 def _write(path, entries, **doc):
@@ -130,6 +156,12 @@ def test_user_table_then_shipped_then_default(tmp_path, monkeypatch):
     c = tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="bfloat16", **SHAPE)
     assert (c.source, c.tiles) == ("user", MatmulTiles(1, 2, 1024, num_warps=8))
     assert json.loads(written.read_text())["entries"][KEY]["us"] == 4.5
+    # a second entry keeps the first and the table's own note
+    doc = json.loads(written.read_text())
+    written.write_text(json.dumps({**doc, "note": "tuned by hand"}))
+    tiles.write_entry("torch", dev, "rmsnorm_qkv/m2/n1/k1/bfloat16", "plain", None)
+    doc = json.loads(written.read_text())
+    assert doc["note"] == "tuned by hand" and set(doc["entries"]) == {KEY, "rmsnorm_qkv/m2/n1/k1/bfloat16"}
     # other shapes and dtypes still fall through
     assert tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="float32", **SHAPE).source == "default"
     assert tiles.lookup("rmsnorm_qkv", "jax", dev, dtype="bfloat16", **SHAPE).source == "default"
