@@ -47,7 +47,8 @@ STATS_KEYS = {
     "decode_tokens": "new tokens made by decode steps (new_tokens less each sequence's first token)",
     "decode_steps": "decode steps run (jax: until every sequence is done; torch: to the end of the chunk)",
     "first_token_s": "from the call to the first tokens, compile included (time to first token)",
-    "compile_s": "compile and warm-up time (jax: XLA compiles; torch: CUDA-graph captures), all of it",
+    "compile_s": "compile and warm-up time (jax: XLA compiles, each new decode program's first run; "
+                 "torch: CUDA-graph captures), all of it",
     "compile_first_s": "the part of compile_s spent before the first token",
     "prefill_s": "prefill, compile excluded",
     "decode_s": "decode steps, compile excluded: decode_tokens / decode_s is the steady rate",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import time
 
 import numpy as np
 import pytest
@@ -269,6 +270,26 @@ def test_a_new_length_or_budget_in_the_buckets_compiles_nothing(ckpts, fused):
     runner.generate([[4, 5, 6]], 25, temperature=0.9, top_k=9, top_p=0.5, seed=3)
     assert compile_seconds() == before, "a new length, budget or sampling value inside the buckets compiled"
     assert runner.last_stats["compile_s"] == 0.0
+
+
+def test_first_runs_of_new_decode_programs_count_as_warm_up(ckpts, fused):
+    """A new bucket's decode programs run once before decoding (loading them onto the device): that
+    time is reported in compile_s, never in decode_s (the CLI's decode rate)."""
+    runner = jax_impl.load(ckpts["awkward"], dtype="float32", fused=fused)  # its own: no bucket ready yet
+    decode, delay = runner.programs.decode, 0.4
+
+    def slow_first_runs(state, ds, stop, *args, **kw):
+        if int(stop) <= int(ds.step):  # the warm-up runs: no step
+            time.sleep(delay)
+        return decode(state, ds, stop, *args, **kw)
+
+    runner.programs.decode = slow_first_runs
+    runner.generate([[1, 2, 3, 4, 5]], 12)
+    stats = runner.last_stats
+    assert stats["decode_s"] < delay, stats
+    assert stats["compile_s"] - stats["compile_first_s"] >= 3 * delay, stats
+    runner.generate([[1, 2, 3]], 12)  # the same bucket: no warm-up
+    assert runner.last_stats["compile_s"] == 0.0 and runner.last_stats["decode_s"] < delay
 
 
 @pytest.mark.parametrize("bad, match", [
