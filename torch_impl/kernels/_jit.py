@@ -89,6 +89,21 @@ def load_rows(w_ptr, rows, r_ok, k0, k_ok, stride_wn, BLOCK_K: tl.constexpr):
                    other=0.0)
 
 
+INT8_BITS: tl.constexpr = tl.constexpr(0x4B000080)  # float32 2^23 + 128 as bits
+INT8_MAGIC: tl.constexpr = tl.constexpr(8388736.0)  # and as a value
+
+
+@triton.jit
+def to_f32(w):
+    """float32 values of a weight chunk. int8: q + 0x4B000080 as float32 bits is 2^23 + 128 + q (q
+    lands in the low mantissa bits), less 2^23 + 128 is q: exact, integer and float adds where the
+    compiler's conversion is an integer-to-float instruction per weight (a quarter of the
+    arithmetic rate). Other dtypes: a plain conversion."""
+    if w.dtype == tl.int8:
+        return (w.to(tl.int32) + INT8_BITS).to(tl.float32, bitcast=True) - INT8_MAGIC
+    return w.to(tl.float32)
+
+
 @triton.jit
 def load_w(w_ptr, s_ptr, rows, r_ok, k0, k_ok, stride_wn, stride_sn, K, BLOCK_N: tl.constexpr,
            BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
@@ -117,7 +132,7 @@ def load_w_as(w_ptr, s_ptr, rows, r_ok, k0, k_ok, stride_wn, stride_sn, K, dtype
     fp8 ones times their scales rounded once."""
     w = load_w(w_ptr, s_ptr, rows, r_ok, k0, k_ok, stride_wn, stride_sn, K, BLOCK_N, BLOCK_K, QUANT)
     if QUANT != 0:
-        w = cast(w.to(tl.float32), dtype, PRECISION)
+        w = cast(to_f32(w), dtype, PRECISION)
     return w
 
 
@@ -140,7 +155,7 @@ def _mma(acc, h, w, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     if USE_DOT:
         acc = dot(h, tl.trans(w), acc, PRECISION)
     else:  # one row (BM == 1): a 2-D product [BN, BK] reduced over K, no 3-D broadcast
-        acc = acc + tl.sum(w.to(tl.float32) * h.to(tl.float32), axis=1)[None, :]
+        acc = acc + tl.sum(to_f32(w) * h.to(tl.float32), axis=1)[None, :]
     return acc
 
 
