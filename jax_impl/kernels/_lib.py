@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from common import tiles as tiles_mod
-from common.quant import FP8_BLOCK as QBLOCK, QWeight
+from common.quant import FP8_BLOCK as QBLOCK, INT8_F32_BITS, INT8_F32_OFFSET, QWeight
 from common.tile_rules import FP8_MIN_CAPABILITY
 from jax_impl.arrays import precision_for
 
@@ -159,16 +159,12 @@ def rms_rstd(x_ref, m0, m: int, k: int, block_m: int, block_k: int, eps: float):
     return lax.rsqrt(ss / k + eps)
 
 
-INT8_BITS, INT8_MAGIC = 0x4B000080, 8388736.0  # float32 2^23 + 128 as bits and as a value
-
-
 def to_f32(w):
-    """float32 values of a weight tile. int8: q + 0x4B000080 as float32 bits is 2^23 + 128 + q (q
-    lands in the low mantissa bits), less 2^23 + 128 is q: exact, integer and float adds where the
-    compiler's conversion is an integer-to-float instruction per weight (a quarter of the
-    arithmetic rate). Other dtypes: a plain conversion."""
+    """float32 values of a weight tile. int8 from its bits (common.quant.INT8_F32_BITS: exact; an
+    integer and a float add where the compiler's conversion is an integer-to-float instruction per
+    weight, at a quarter of the arithmetic rate). Other dtypes: a plain conversion."""
     if w.dtype == jnp.int8:
-        return lax.bitcast_convert_type(w.astype(jnp.int32) + jnp.int32(INT8_BITS), F32) - F32(INT8_MAGIC)
+        return lax.bitcast_convert_type(w.astype(jnp.int32) + jnp.int32(INT8_F32_BITS), F32) - F32(INT8_F32_OFFSET)
     return w.astype(F32)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from common.quant import FP8_BLOCK
+from common.quant import FP8_BLOCK, INT8_F32_BITS, INT8_F32_OFFSET
 
 try:  # programmatic dependent launch (Hopper+); absent from older Triton
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -89,18 +89,17 @@ def load_rows(w_ptr, rows, r_ok, k0, k_ok, stride_wn, BLOCK_K: tl.constexpr):
                    other=0.0)
 
 
-INT8_BITS: tl.constexpr = tl.constexpr(0x4B000080)  # float32 2^23 + 128 as bits
-INT8_MAGIC: tl.constexpr = tl.constexpr(8388736.0)  # and as a value
+INT8_BITS: tl.constexpr = tl.constexpr(INT8_F32_BITS)
+INT8_OFFSET: tl.constexpr = tl.constexpr(INT8_F32_OFFSET)
 
 
 @triton.jit
 def to_f32(w):
-    """float32 values of a weight chunk. int8: q + 0x4B000080 as float32 bits is 2^23 + 128 + q (q
-    lands in the low mantissa bits), less 2^23 + 128 is q: exact, integer and float adds where the
-    compiler's conversion is an integer-to-float instruction per weight (a quarter of the
-    arithmetic rate). Other dtypes: a plain conversion."""
+    """float32 values of a weight chunk. int8 from its bits (common.quant.INT8_F32_BITS: exact; an
+    integer and a float add where the compiler's conversion is an integer-to-float instruction per
+    weight, at a quarter of the arithmetic rate). Other dtypes: a plain conversion."""
     if w.dtype == tl.int8:
-        return (w.to(tl.int32) + INT8_BITS).to(tl.float32, bitcast=True) - INT8_MAGIC
+        return (w.to(tl.int32) + INT8_BITS).to(tl.float32, bitcast=True) - INT8_OFFSET
     return w.to(tl.float32)
 
 
