@@ -1,7 +1,8 @@
 """What jax compiles, and keeping it: the compile-time clock and the persistent compilation cache.
 
-- `compile_seconds()`: seconds jax has spent tracing, lowering and compiling in this process
-  (jax.monitoring events), so a call's report can keep compile time apart from prefill and decode.
+- `compile_seconds()`: seconds jax has spent tracing, lowering and compiling in the calling thread
+  (`all_threads=True`: in the process; jax.monitoring events), so a call's report can keep compile
+  time apart from prefill and decode while other threads compile its next programs.
 - `enable_persistent_cache()`: XLA's compiled programs kept on disk across processes in
   `$XDG_CACHE_HOME/qwen3-fused/jax/` (else `~/.cache/qwen3-fused/jax/`), every program however small.
   Off with `QWEN3_FUSED_COMPILE_CACHE=0` (or `load(..., compile_cache=False)`, `--no-compile-cache`);
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import jax
@@ -21,21 +23,25 @@ log = logging.getLogger("jax_impl")
 ENV_OFF = "QWEN3_FUSED_COMPILE_CACHE"
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
-_compile_seconds = [0.0]
+_compile_seconds: dict[int, float] = {}  # per thread (jax reports an event in the thread that did the work)
 _state = {"cache": None}
 
 
 def _on_duration(event: str, duration: float, **_) -> None:
     if event in _COMPILE_EVENTS:
-        _compile_seconds[0] += duration
+        t = threading.get_ident()
+        _compile_seconds[t] = _compile_seconds.get(t, 0.0) + duration
 
 
 jax.monitoring.register_event_duration_secs_listener(_on_duration)
 
 
-def compile_seconds() -> float:
-    """Seconds jax has spent tracing, lowering and compiling since this module was imported."""
-    return _compile_seconds[0]
+def compile_seconds(all_threads: bool = False) -> float:
+    """Seconds jax has spent tracing, lowering and compiling since this module was imported, in the
+    calling thread (all_threads: in every thread)."""
+    if all_threads:
+        return sum(list(_compile_seconds.values()))
+    return _compile_seconds.get(threading.get_ident(), 0.0)
 
 
 def cache_dir() -> Path:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -224,22 +226,25 @@ class JaxRunner(harness.Runner):
         caches = self.init_caches(bb, rows)
 
         c0, t0 = compile_seconds(), time.perf_counter()
+        prefill_args = (self.state, jnp.asarray(ids), jnp.asarray(all_lengths), jnp.asarray(active), caches,
+                        jax.random.key(seed), *sample_args, eos_ids, jnp.int32(max_new_tokens))
+        new_bucket = key not in self._decode_ready
+        decode_compiled = self._compile_decode(key, prefill_args, sample_args, eos_ids, statics) if new_bucket else None
         self._note_program("prefill", key)
-        ds = self.programs.prefill(self.state, jnp.asarray(ids), jnp.asarray(all_lengths), jnp.asarray(active),
-                                   caches, jax.random.key(seed), *sample_args, eos_ids, jnp.int32(max_new_tokens),
-                                   **statics)
+        ds = self.programs.prefill(*prefill_args, **statics)
         ds.out.block_until_ready()
         c1, t1 = compile_seconds(), time.perf_counter()
-        first_token_s, warmup_s = t1 - t0, 0.0
-        if key not in self._decode_ready:  # the bucket's three decode programs together: later budgets compile nothing
-            for sync in decode_loop.SYNC_SIZES:  # stop == step: compiled, and no step runs
-                self._note_program("decode", key + (sync,))
+        first_token_s, setup_s = t1 - t0, 0.0
+        if new_bucket:  # the bucket's three decode programs together: later budgets compile nothing
+            decode_compiled()
+            for sync in decode_loop.SYNC_SIZES:  # stop == step: no step runs
                 ds = self.programs.decode(self.state, ds, jnp.int32(1), *sample_args, eos_ids, sync_every=sync,
                                           **statics)
             self._decode_ready.add(key)
-            # their first runs (each program loaded onto the device) are warm-up, not decode time
+            # waiting for their compiles and their first runs (each program loaded onto the device):
+            # compile and warm-up, not decode time (compiles in this thread are counted by c2 - c1)
             ds.step.block_until_ready()
-            warmup_s = max(0.0, (time.perf_counter() - t1) - (compile_seconds() - c1))
+            setup_s = max(0.0, (time.perf_counter() - t1) - (compile_seconds() - c1))
         while int(ds.step) < max_new_tokens and not bool(np.all(np.asarray(ds.done))):
             # a plain generate runs to the budget, a stream `chunk` steps per round; each in whole
             # blocks of SYNC steps, then the rest one step per test (two programs for any budget)
@@ -257,9 +262,39 @@ class JaxRunner(harness.Runner):
         new = sum(len(o) for o in outs)
         self.last_stats = dict(prompt_tokens=int(lengths.sum()), new_tokens=new, decode_tokens=new - b,
                                decode_steps=int(ds.step) - 1,
-                               first_token_s=first_token_s, compile_s=c2 - c0 + warmup_s, compile_first_s=c1 - c0,
+                               first_token_s=first_token_s, compile_s=c2 - c0 + setup_s, compile_first_s=c1 - c0,
                                prefill_s=max(0.0, first_token_s - (c1 - c0)),
-                               decode_s=max(0.0, (t2 - t1) - (c2 - c1) - warmup_s))
+                               decode_s=max(0.0, (t2 - t1) - (c2 - c1) - setup_s))
+
+    def _compile_decode(self, key: tuple, prefill_args: tuple, sample_args: tuple, eos_ids, statics: dict):
+        """Start compiling a new bucket's decode programs (one per decode_loop.SYNC_SIZES), each in a
+        thread of its own, while the calling thread compiles and runs the prefill: XLA compiles
+        outside Python's lock, so a first call waits for its longest program, not for the sum of
+        four. Returns the wait: it joins the threads and raises the first error one of them met.
+        The threads are daemons: a Ctrl-C need not wait for XLA to finish."""
+        ds = jax.eval_shape(functools.partial(self.programs.prefill, **statics), *prefill_args)
+        errors: list[BaseException] = []
+
+        def compile_one(sync: int) -> None:
+            try:
+                self.programs.decode.lower(self.state, ds, jnp.int32(1), *sample_args, eos_ids, sync_every=sync,
+                                           **statics).compile()
+            except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+                errors.append(e)
+
+        threads = []
+        for sync in decode_loop.SYNC_SIZES:
+            self._note_program("decode", key + (sync,))
+            threads.append(threading.Thread(target=compile_one, args=(sync,), daemon=True,
+                                            name=f"jax_impl decode compile ({sync} steps per test)"))
+            threads[-1].start()
+
+        def wait() -> None:
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+        return wait
 
 
 def _trim(out: np.ndarray, steps: int, eos: list[int]) -> list[list[int]]:
