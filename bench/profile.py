@@ -3,9 +3,12 @@
 A random-weight model of each preset made on the device (`load_random`: no checkpoint), a prompt of
 `--prompt-len` tokens, `--steps` greedy tokens (best of 3 after a warm-up), then one more decode
 under the framework's profiler: device time per step by kernel (XLA's numbered fusions grouped by
-name), and the sum against the wall time per step (the difference is launch gaps). jax times its
-compiled decode loop alone (jax_impl.decode_loop, prefill excluded); torch its Runner's decode
-(CUDA-graph replays).
+name), the GPU's idle time before each kernel group's launches (from the previous kernel's end to
+this one's start; kernels that overlap under programmatic dependent launch count none), and the
+sum against the wall time per step (the difference is launch gaps). jax times its compiled decode
+loop alone (jax_impl.decode_loop, prefill excluded); torch its Runner's decode (CUDA-graph
+replays; its profile holds the prefill too). `--trace DIR` keeps every kernel of each profile
+(start and duration in ns, name) as JSON for a timeline.
 
     python -m bench.profile --framework jax --presets Qwen3-0.6B,Qwen3-8B --fused plain,auto --batch 1
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
 import time
 
@@ -71,13 +75,12 @@ class JaxProbe:
         self.jax.block_until_ready(self._decode(ds).out)
         return time.perf_counter() - t0
 
-    def kernels(self) -> list[tuple[str, float]]:
-        """(name, ns) of each kernel of one decode loop."""
+    def kernels(self) -> list[tuple[float, float, str]]:
+        """(start ns, duration ns, name) of each kernel of one decode loop, in start order."""
         from common.timing import gpu_kernel_events
 
         ds = self._start()
-        return [(name, dur) for _, dur, name in gpu_kernel_events(
-            lambda: self.jax.block_until_ready(self._decode(ds).out))]
+        return gpu_kernel_events(lambda: self.jax.block_until_ready(self._decode(ds).out))
 
 
 class TorchProbe:
@@ -96,25 +99,40 @@ class TorchProbe:
         self.runner.generate(self.prompts, self.steps + 1)
         return self.runner.last_stats["decode_s"]
 
-    def kernels(self) -> list[tuple[str, float]]:
+    def kernels(self) -> list[tuple[float, float, str]]:
+        """(start ns, duration ns, name) of each kernel of one generate call, in start order."""
         torch = self.torch
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             self.runner.generate(self.prompts, self.steps + 1)
             torch.cuda.synchronize()
-        return [(ev.name, ev.device_time * 1e3) for ev in prof.events()
-                if ev.device_type == torch.autograd.DeviceType.CUDA]
+        return sorted((ev.time_range.start * 1e3, ev.device_time * 1e3, ev.name) for ev in prof.events()
+                      if ev.device_type == torch.autograd.DeviceType.CUDA)
 
 
-def per_step(events: list[tuple[str, float]], steps: int) -> dict[str, tuple[float, float]]:
-    """{kernel group: (us per step, launches per step)}, the longest first."""
-    time_ns, count = collections.defaultdict(float), collections.defaultdict(int)
-    for name, ns in events:
-        time_ns[_group(name)] += ns
-        count[_group(name)] += 1
-    rows = {g: (t / steps / 1e3, count[g] / steps) for g, t in time_ns.items()}
+def per_step(events: list[tuple[float, float, str]], steps: int) -> dict[str, tuple[float, float, float]]:
+    """{kernel group: (us per step, launches per step, idle us per step before its launches)}, the
+    longest first. Idle before a launch: from the latest end of the kernels before it to its start,
+    none when it starts before they end."""
+    time_ns, idle_ns, count = collections.defaultdict(float), collections.defaultdict(float), collections.Counter()
+    end = None
+    for start, ns, name in sorted(events):
+        g = _group(name)
+        time_ns[g] += ns
+        count[g] += 1
+        if end is not None:
+            idle_ns[g] += max(0.0, start - end)
+        end = start + ns if end is None else max(end, start + ns)
+    rows = {g: (t / steps / 1e3, count[g] / steps, idle_ns[g] / steps / 1e3) for g, t in time_ns.items()}
     return dict(sorted(rows.items(), key=lambda kv: -kv[1][0]))
+
+
+def write_trace(path, events: list[tuple[float, float, str]]) -> None:
+    """The kernels of one profile as JSON rows [start ns from the first kernel, duration ns, name]."""
+    t0 = min((e[0] for e in events), default=0.0)
+    with open(path, "w") as f:
+        json.dump([[round(s - t0, 1), round(d, 1), n] for s, d, n in sorted(events)], f)
 
 
 def main(argv=None) -> int:
@@ -129,6 +147,8 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=25, help="kernel groups listed per profile")
     p.add_argument("--smoke", action="store_true", help="two layers of each preset (any backend)")
     p.add_argument("--json", default=None)
+    p.add_argument("--trace", default=None, metavar="DIR", help="write each profile's kernels (start, duration, "
+                   "name) to DIR/<framework>-<preset>-<fused>-b<batch>.json")
     a = p.parse_args(argv)
     probe_cls = JaxProbe if a.framework == "jax" else TorchProbe
     rows = []
@@ -144,14 +164,20 @@ def main(argv=None) -> int:
                 print(f"{a.framework:5} {preset:11} {fused:5} b{b:<4} {row['tok_s']:9.1f} tok/s  "
                       f"{row['us_per_step']:8.1f} us/step", flush=True)
                 if not a.no_profile:
-                    prof = per_step(probe.kernels(), a.steps)
-                    busy = sum(t for t, _ in prof.values())
-                    row.update(kernel_us_per_step=busy, launches_per_step=sum(c for _, c in prof.values()),
-                               kernels=prof)
-                    print(f"    kernel time {busy:.1f} us/step over {row['launches_per_step']:.0f} launches/step "
-                          f"(wall {row['us_per_step']:.1f}: gaps {row['us_per_step'] - busy:.1f})")
-                    for g, (t, c) in list(prof.items())[:a.top]:
-                        print(f"      {t:8.2f} us {c:6.1f}x  {g}")
+                    events = probe.kernels()
+                    if a.trace:
+                        os.makedirs(a.trace, exist_ok=True)
+                        write_trace(os.path.join(a.trace, f"{a.framework}-{preset}-{fused}-b{b}.json"), events)
+                    prof = per_step(events, a.steps)
+                    busy = sum(t for t, _, _ in prof.values())
+                    idle = sum(i for _, _, i in prof.values())
+                    row.update(kernel_us_per_step=busy, launches_per_step=sum(c for _, c, _ in prof.values()),
+                               idle_us_per_step=idle, kernels=prof)
+                    print(f"    kernel time {busy:.1f} us/step over {row['launches_per_step']:.0f} launches/step, "
+                          f"GPU idle between kernels {idle:.1f} (wall {row['us_per_step']:.1f}: gaps "
+                          f"{row['us_per_step'] - busy:.1f})")
+                    for g, (t, c, i) in list(prof.items())[:a.top]:
+                        print(f"      {t:8.2f} us {c:6.1f}x  idle before {i:7.2f} us  {g}")
                 rows.append(row)
                 del probe
     if a.json:

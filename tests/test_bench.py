@@ -205,10 +205,28 @@ def test_decode_profile_smoke(tmp_path, framework):
 
     out = tmp_path / "profile.json"
     assert profile.main(["--framework", framework, "--smoke", "--presets", "Qwen3-0.6B", "--fused", "plain",
-                         "--steps", "4", "--json", str(out)] + (["--no-profile"] if framework == "torch" else [])) == 0
+                         "--steps", "4", "--json", str(out)]
+                        + (["--no-profile"] if framework == "torch" else ["--trace", str(tmp_path / "trace")])) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["preset"] == "Qwen3-0.6B" and row["fused"] == "plain" and row["batch"] == 1
     assert row["tok_s"] > 0 and row["us_per_step"] > 0 and ("kernels" in row or framework == "torch")
+    if framework == "jax":  # no GPU kernels here: an empty trace
+        assert json.loads((tmp_path / "trace" / "jax-Qwen3-0.6B-plain-b1.json").read_text()) == []
+
+
+def test_decode_profile_counts_idle_time_before_each_kernel(tmp_path):
+    """Idle before a launch runs from the latest end of the kernels before it; overlapping kernels
+    (programmatic dependent launch) count none; the trace keeps every kernel from the first start."""
+    from bench import profile
+
+    events = [(1000.0, 500.0, "a_1"), (1600.0, 300.0, "b"), (1800.0, 400.0, "a_2"), (2700.0, 100.0, "b"),
+              (2750.0, 50.0, "c")]  # ns; a_2 overlaps b by 100 ns; c starts inside the second b
+    prof = profile.per_step(events, steps=1)
+    assert prof["a"] == (0.9, 2, 0.0) and prof["b"] == pytest.approx((0.4, 2, 0.1 + 0.5)) and prof["c"][2] == 0.0
+    assert list(prof) == ["a", "b", "c"]  # the longest first
+    profile.write_trace(tmp_path / "t.json", events[::-1])
+    rows = json.loads((tmp_path / "t.json").read_text())
+    assert rows[0] == [0.0, 500.0, "a_1"] and rows[-1] == [1750.0, 50.0, "c"]
 
 
 # ----- every job in a process of its own (bench/isolate.py) ---------------------------------------
