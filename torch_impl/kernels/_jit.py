@@ -98,9 +98,11 @@ def to_f32(w):
     """float32 values of a weight chunk. int8 from its bits (common.quant.INT8_F32_BITS: exact; an
     integer and a float add where the compiler's conversion is an integer-to-float instruction per
     weight, at a quarter of the arithmetic rate). Other dtypes: a plain conversion."""
-    if w.dtype == tl.int8:
-        return (w.to(tl.int32) + INT8_BITS).to(tl.float32, bitcast=True) - INT8_OFFSET
-    return w.to(tl.float32)
+    if w.dtype == tl.int8:  # one return, after the branch: code after a constexpr branch's return is still compiled
+        f = (w.to(tl.int32) + INT8_BITS).to(tl.float32, bitcast=True) - INT8_OFFSET
+    else:
+        f = w.to(tl.float32)
+    return f
 
 
 @triton.jit
