@@ -309,10 +309,10 @@ class TorchRunner(harness.Runner):
                                           top_p=top_p, vocab_size=cfg.vocab_size,
                                           max_len=cfg.max_position_embeddings)
         eos = harness.eos_set(eos_token_id)
-        self._cache_plan(prompts, max_new_tokens)
         if self._session is None:
             yield from self._decode(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, chunk)
             return
+        self._cache_plan(prompts, max_new_tokens)  # a call past max_cache_tokens fails here, before the command
         self._end_stream()
         payload = commands.encode_generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, chunk)
         with self._session.command(commands.GENERATE, payload):
