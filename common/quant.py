@@ -25,9 +25,6 @@ QUANTIZATIONS = ("int8", "fp8")
 FP8_BLOCK = 128
 FP8_MAX = 448.0
 INT8_MAX = 127
-# int8 -> float32 by its bits, as the kernels do it: q + INT8_F32_BITS read as a float32 is
-# 2^23 + 128 + q (q in the low mantissa bits), and less INT8_F32_OFFSET (2^23 + 128) exactly q
-INT8_F32_BITS, INT8_F32_OFFSET = 0x4B000080, 8388736.0
 E4M3 = ml_dtypes.float8_e4m3fn
 
 

@@ -23,7 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from common import tiles as tiles_mod
-from common.quant import FP8_BLOCK as QBLOCK, INT8_F32_BITS, INT8_F32_OFFSET, QWeight
+from common.quant import FP8_BLOCK as QBLOCK, QWeight
 from common.tile_rules import FP8_MIN_CAPABILITY
 from jax_impl.arrays import precision_for
 
@@ -159,15 +159,6 @@ def rms_rstd(x_ref, m0, m: int, k: int, block_m: int, block_k: int, eps: float):
     return lax.rsqrt(ss / k + eps)
 
 
-def to_f32(w):
-    """float32 values of a weight tile. int8 from its bits (common.quant.INT8_F32_BITS: exact; an
-    integer and a float add where the compiler's conversion is an integer-to-float instruction per
-    weight, at a quarter of the arithmetic rate). Other dtypes: a plain conversion."""
-    if w.dtype == jnp.int8:
-        return lax.bitcast_convert_type(w.astype(jnp.int32) + jnp.int32(INT8_F32_BITS), F32) - F32(INT8_F32_OFFSET)
-    return w.astype(F32)
-
-
 def _block_scales(wq, start, nmask, k0, block_n: int, block_k: int):
     """fp8: the multipliers of a [block_n, block_k] weight tile, one per 128 x 128 block, as a tile."""
     s_ref, _ = wq
@@ -219,7 +210,7 @@ def project(x_ref, w_ref, w_tiles, *, m0, m: int, k: int, block_m: int, block_n:
             w = load(w_ref.at[pl.ds(start, block_n), pl.ds(k0, block_k)],
                      mask=nmask[:, None] & cmask[None, :], other=0.0)  # [block_n, block_k]
             if wq is not None:  # int8 values are exact in bf16; fp8 ones scaled by their blocks first
-                w = to_f32(w) * _block_scales(wq, start, nmask, k0, block_n, block_k) if wq[1] == "fp8" else to_f32(w)
+                w = w.astype(F32) * _block_scales(wq, start, nmask, k0, block_n, block_k) if wq[1] == "fp8" else w
                 w = w.astype(dtype)
             out.append(acc + dot(x, w, ((1,), (1,))))
         return tuple(out)
@@ -255,8 +246,8 @@ def _project_rows(x_ref, w_ref, w_tiles, *, m0, m, k, block_m, block_n, block_k,
             xs.append(x.astype(F32)[None, :])
         out = []
         for t, (start, nmask) in enumerate(w_tiles):
-            w = to_f32(load(w_ref.at[pl.ds(start, block_n), pl.ds(k0, block_k)],
-                            mask=nmask[:, None] & cmask[None, :], other=0.0))  # [block_n, block_k]
+            w = load(w_ref.at[pl.ds(start, block_n), pl.ds(k0, block_k)],
+                     mask=nmask[:, None] & cmask[None, :], other=0.0).astype(F32)  # [block_n, block_k]
             if wq is not None and wq[1] == "fp8":
                 w = w * _block_scales(wq, start, nmask, k0, block_n, block_k)
             out += [accs[t * block_m + r] + jnp.sum(w * xs[r], axis=1) for r in rows]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from common.quant import FP8_BLOCK, INT8_F32_BITS, INT8_F32_OFFSET
+from common.quant import FP8_BLOCK
 
 try:  # programmatic dependent launch (Hopper+); absent from older Triton
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -89,22 +89,6 @@ def load_rows(w_ptr, rows, r_ok, k0, k_ok, stride_wn, BLOCK_K: tl.constexpr):
                    other=0.0)
 
 
-INT8_BITS: tl.constexpr = tl.constexpr(INT8_F32_BITS)
-INT8_OFFSET: tl.constexpr = tl.constexpr(INT8_F32_OFFSET)
-
-
-@triton.jit
-def to_f32(w):
-    """float32 values of a weight chunk. int8 from its bits (common.quant.INT8_F32_BITS: exact; an
-    integer and a float add where the compiler's conversion is an integer-to-float instruction per
-    weight, at a quarter of the arithmetic rate). Other dtypes: a plain conversion."""
-    if w.dtype == tl.int8:  # one return, after the branch: code after a constexpr branch's return is still compiled
-        f = (w.to(tl.int32) + INT8_BITS).to(tl.float32, bitcast=True) - INT8_OFFSET
-    else:
-        f = w.to(tl.float32)
-    return f
-
-
 @triton.jit
 def load_w(w_ptr, s_ptr, rows, r_ok, k0, k_ok, stride_wn, stride_sn, K, BLOCK_N: tl.constexpr,
            BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
@@ -133,7 +117,7 @@ def load_w_as(w_ptr, s_ptr, rows, r_ok, k0, k_ok, stride_wn, stride_sn, K, dtype
     fp8 ones times their scales rounded once."""
     w = load_w(w_ptr, s_ptr, rows, r_ok, k0, k_ok, stride_wn, stride_sn, K, BLOCK_N, BLOCK_K, QUANT)
     if QUANT != 0:
-        w = cast(to_f32(w), dtype, PRECISION)
+        w = cast(w.to(tl.float32), dtype, PRECISION)
     return w
 
 
@@ -156,7 +140,7 @@ def _mma(acc, h, w, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
     if USE_DOT:
         acc = dot(h, tl.trans(w), acc, PRECISION)
     else:  # one row (BM == 1): a 2-D product [BN, BK] reduced over K, no 3-D broadcast
-        acc = acc + tl.sum(to_f32(w) * h.to(tl.float32), axis=1)[None, :]
+        acc = acc + tl.sum(w.to(tl.float32) * h.to(tl.float32), axis=1)[None, :]
     return acc
 
 
