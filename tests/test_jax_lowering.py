@@ -122,3 +122,20 @@ def test_quantized_projections_lower_for_cuda(preset, tokens, fmt):
         for tiles in (None, MatmulTiles(m, 16, 64), MatmulTiles(m, 16 if m == 1 else 64, 256)):
             text = _lower(fn, *avals, **static, tiles=tiles)
             assert TRITON_CALL in text, f"{name} ({preset}, T={tokens}, {fmt}, tiles={tiles}): no Triton kernel"
+
+
+def test_a_launch_is_lowered_once_per_program():
+    """The same kernel launch in every layer: one Triton call in the module, called from each layer
+    (jax_impl.kernels._lib.pallas_call jits each launch: a program is traced and lowered in a
+    fraction of the time it took with a pallas_call per layer)."""
+    cfg = PRESETS["Qwen3-0.6B"]
+
+    def layers(x, w, r):
+        for _ in range(4):
+            r = K.linear_residual(x, w, r, interpret=False)
+        return r
+
+    text = jax.jit(layers).trace(S((1, cfg.q_size), BF16), S((cfg.hidden_size, cfg.q_size), BF16),
+                                 S((1, cfg.hidden_size), BF16)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count(TRITON_CALL) == 1
+    assert text.count("call @linear_residual(") == 4
