@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from common.quant import QWeight
+from common.quant import FP8_BLOCK, QWeight
 from jax_impl.arrays import dense, precision_for
 
 F32 = jnp.float32
@@ -36,7 +36,9 @@ def matmul_f32(x, w):
     scale multiplies the float32 result: `dot(x, convert(q))` is the product XLA fuses the convert
     into, where a dequantized `q * scale` operand is formed in memory first (Qwen3-0.6B batch-32
     int8 decode ran at 62% of bf16's speed on an H100 that way). fp8's 128 x 128 block scales vary
-    along the reduction: dequantized to x.dtype first.
+    along the reduction, so they scale the activations instead (`_fp8_blocks`); the weight enters
+    the product as its e4m3 values (Qwen3-0.6B batch-32 fp8 decode on an H100: 21,088 tok/s, against
+    14,410 with a dequantized operand; bf16 21,598).
 
     A single token row (batch-1 decode) is written as multiply-and-reduce: XLA's row-reduction
     emitter streams the weight faster than its GEMV on the H100 (Qwen3-8B batch-1 decode 171 tok/s
@@ -46,6 +48,8 @@ def matmul_f32(x, w):
     scale = None
     if isinstance(w, QWeight) and w.fmt == "int8":
         w, scale = w.q, w.scale
+    if x.ndim == 2 and x.shape[0] > 1 and isinstance(w, QWeight) and w.fmt == "fp8" and _whole_blocks(w):
+        return _fp8_blocks(x, w)
     if x.ndim == 2 and x.shape[0] == 1:
         out = jnp.sum(x.astype(F32)[:, None, :] * dense(w, F32).astype(F32)[None], axis=-1)
     else:
@@ -53,6 +57,23 @@ def matmul_f32(x, w):
         out = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision_for(x.dtype),
                                   preferred_element_type=F32)
     return out if scale is None else out * scale
+
+
+def _whole_blocks(w: QWeight) -> bool:
+    return all(d % FP8_BLOCK == 0 for d in w.q.shape)
+
+
+def _fp8_blocks(x, w: QWeight):
+    """x [M, K] @ dequantize(w).T in float32 for fp8 weights of whole 128 x 128 blocks: output block
+    b is (x scaled per K-block by the scales of b's row of blocks, rounded to x.dtype) @ q[b].T, one
+    batched product over the output blocks, the e4m3 values converted inside it."""
+    m, k = x.shape
+    nb, kb = w.scale.shape
+    xs = (x.astype(F32).reshape(m, 1, kb, FP8_BLOCK) * w.scale[None, :, :, None]).astype(x.dtype)
+    q = w.q.reshape(nb, FP8_BLOCK, k).astype(x.dtype)
+    out = jax.lax.dot_general(xs.reshape(m, nb, k), q, (((2,), (2,)), ((1,), (0,))),
+                              precision=precision_for(x.dtype), preferred_element_type=F32)  # [nb, m, 128]
+    return out.transpose(1, 0, 2).reshape(m, nb * FP8_BLOCK)
 
 
 def linear(x, w):
