@@ -25,7 +25,10 @@ def wait_prior(PDL: tl.constexpr):
 
 @triton.jit
 def release_next(PDL: tl.constexpr):
-    """Let the next kernel start launching (it still waits for this one before reading its output)."""
+    """Let the next kernel start launching (it still waits for this one before reading its output).
+    Every kernel calls it first: the next kernel's programs are placed and request their weights
+    while this one runs. Where it is called changes no result: a kernel's `wait_prior` waits for
+    the whole previous grid to finish."""
     if PDL:
         gdc_launch_dependents()
 

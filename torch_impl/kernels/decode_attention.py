@@ -53,6 +53,7 @@ def _decode_attention_kernel(
     PRECISION: tl.constexpr, W: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    _jit.release_next(PDL)  # first: the next kernel launches and streams its weights meanwhile
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -115,7 +116,6 @@ def _decode_attention_kernel(
         acc = _jit.dot(_jit.cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
 
-    _jit.release_next(PDL)
     out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     o_mask = g_ok[:, None] & d_ok[None, :]
     if SPLITS == 1:

@@ -20,6 +20,7 @@ def _rms_norm_kernel(
     N, stride_xm, stride_om, eps,
     BLOCK: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    _jit.release_next(PDL)  # first: the next kernel launches and streams its weights meanwhile
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < N
@@ -28,7 +29,6 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_xm + offs, mask=ok, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
     normed = _jit.cast(x * rstd, out_ptr.dtype.element_ty, PRECISION).to(tl.float32)
-    _jit.release_next(PDL)
     tl.store(out_ptr + row * stride_om + offs, _jit.cast(normed * w, out_ptr.dtype.element_ty, PRECISION), mask=ok)
 
 

@@ -82,6 +82,7 @@ def _rmsnorm_qkv_kernel(
     EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
     SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, QUANT: tl.constexpr,
 ):
+    _jit.release_next(PDL)  # first: the next kernel launches and streams its weights meanwhile
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     head = pid // TILES
@@ -94,7 +95,6 @@ def _rmsnorm_qkv_kernel(
     acc_lo, acc_hi = _jit.project(x_ptr, nw_ptr, w_ptr, rows_lo, rows_lo + HALF, c_ok, offs_m, m_ok, stride_xm,
                                   stride_wn, K, eps, True, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT,
                                   PRECISION, PDL, SWAP, ONE_SHOT, s_ptr, stride_sn, QUANT)
-    _jit.release_next(PDL)
 
     pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
     pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)  # never read outside the RoPE table
@@ -126,6 +126,7 @@ def _qk_epilogue_kernel(
     HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    _jit.release_next(PDL)  # first: the next kernel launches and streams its weights meanwhile
     """Split variant, second launch: q/k-norm, RoPE and the store of one head for BLOCK_M tokens."""
     head = tl.program_id(0)
     offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -144,7 +145,6 @@ def _qk_epilogue_kernel(
     _jit.wait_prior(PDL)  # the projection's rows
     lo = tl.load(part, mask=f_mask, other=0.0)
     hi = tl.load(part + HALF, mask=f_mask, other=0.0)
-    _jit.release_next(PDL)
     _finish_head(lo, hi, head, offs_m, m_ok, slot, s_ok, offs_d, d_ok, w_lo, w_hi, cos, sin, q_ptr, kc_ptr,
                  stride_qm, stride_qh, stride_cslot, stride_ch, eps, HQ, D, HALF, PRECISION)
 
