@@ -212,8 +212,9 @@ def candidates(kernel: str, framework: str, device: Device, shape: dict, *, smok
 def _matmul_pool(kernel: str, framework: str, shape: dict) -> list[MatmulTiles]:
     m, k = shape["m"], shape["k"]
     kmax = max(512, next_pow2(k))
-    if m == 1:  # the decode GEMV: rows per program, chunk length, warps
-        return [MatmulTiles(1, bn, bk, num_warps=w) for bn in (1, 2, 4, 8, 16) for bk in (1024, 2048, 4096)
+    if m == 1:  # the decode GEMV: rows per program, chunk length, warps (short chunks of many rows: one
+        #         load of the activation chunk serves more weight bytes, which one-byte weights need)
+        return [MatmulTiles(1, bn, bk, num_warps=w) for bn in (1, 2, 4, 8, 16) for bk in (512, 1024, 2048, 4096)
                 if bk <= kmax for w in (4, 8)]
     if m <= DOT_MIN_M:
         bm = next_pow2(m) if framework == "jax" else 16
