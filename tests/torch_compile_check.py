@@ -6,7 +6,8 @@ The interpreter checks none of Triton's compile-time rules (power-of-two blocks,
 across branches, constexpr globals, dot shapes): this runs each launcher at real preset shapes with
 the launch replaced by a full `triton.compile` (Triton IR -> PTX -> cubin with the bundled ptxas)
 of the kernel it would have launched, with programmatic dependent launch on as on an H100.
-Prints one line per kernel; exit status 1 on any failure.
+Prints one line per kernel, and checks that the projections do not specialize on the token count
+(a new prompt length compiles nothing); exit status 1 on any failure.
 """
 
 from __future__ import annotations
@@ -127,6 +128,15 @@ def main() -> int:
                 failed += 1
                 print(f"FAIL {what}: {type(e).__name__}: {e}")
         LAUNCHES.clear()
+    # a new prompt length compiles nothing: the projections' token count is a plain runtime integer
+    for mod, name in (("linear_residual", "_linear_residual_kernel"), ("mlp", "_norm_gate_up_kernel"),
+                      ("rmsnorm_qkv", "_rmsnorm_qkv_kernel"), ("rmsnorm_qkv", "_qk_epilogue_kernel")):
+        fn = getattr(importlib.import_module(f"torch_impl.kernels.{mod}"), name)
+        if next(p for p in fn.params if p.name == "M").do_not_specialize:
+            print(f"ok   {name}: the token count M is not specialized")
+        else:
+            failed += 1
+            print(f"FAIL {name}: the token count M is specialized (a variant per prompt length class)")
     return 1 if failed else 0
 
 

@@ -15,6 +15,12 @@ except ImportError:  # pragma: no cover - the launchers then never set PDL
 QBLOCK: tl.constexpr = tl.constexpr(FP8_BLOCK)  # fp8 weights' block edge (common.quant)
 
 
+# The token count M of the projection kernels varies with every prompt length: not specialized (Triton
+# compiles a variant per integer argument that is 1 or a multiple of 16 otherwise), so a new prompt
+# length compiles nothing; the tiles (per power-of-two token bucket) pick the kernel.
+TOKEN_COUNT = ["M"]
+
+
 @triton.jit
 def wait_prior(PDL: tl.constexpr):
     """With programmatic dependent launch, block until the previous kernel's writes are visible.

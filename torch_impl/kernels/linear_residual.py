@@ -17,7 +17,7 @@ from torch_impl.kernels._lib import (QUANT_CODES, check, check_device, check_flo
                                      matmul_meta, precision, split_weight, tiles_for)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_jit.TOKEN_COUNT)
 def _linear_residual_kernel(
     a_ptr,  # [M, K]
     w_ptr,  # [N, K]

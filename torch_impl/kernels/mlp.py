@@ -22,7 +22,7 @@ from torch_impl.kernels._lib import (QUANT_CODES, check, check_device, check_flo
 from torch_impl.kernels.linear_residual import linear_residual
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_jit.TOKEN_COUNT)
 def _norm_gate_up_kernel(
     x_ptr,  # [M, K]
     nw_ptr,  # [K]

@@ -62,7 +62,7 @@ def _finish_head(lo, hi, head, offs_m, m_ok, slot, s_ok, offs_d, d_ok, w_lo, w_h
     tl.store(dst + HALF, _jit.cast(o_hi, dst.dtype.element_ty, PRECISION), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_jit.TOKEN_COUNT)
 def _rmsnorm_qkv_kernel(
     x_ptr,  # [M, K]
     nw_ptr,  # [K]
@@ -116,7 +116,7 @@ def _rmsnorm_qkv_kernel(
         tl.store(part + HALF + offs_c[None, :], acc_hi, mask=p_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_jit.TOKEN_COUNT)
 def _qk_epilogue_kernel(
     part_ptr,  # [M, HQ + HKV, D] float32: the q and k heads' projections
     qn_ptr, kn_ptr, cs_ptr, pos_ptr, slot_ptr, q_ptr, kc_ptr,
