@@ -244,3 +244,38 @@ def test_bad_arguments_name_the_argument(prompts, max_new, over, needle):
         check_generate_args(prompts, max_new, **{**GOOD, **over})
     assert needle in str(e.value)
     assert isinstance(e.value, ValueError)
+
+
+# ----- jax_impl: top-p on top-k's candidates, the vocabulary sort only past k_cap ties ----------
+
+def _jax_kept(z, temperature, top_k, top_p):
+    jax = pytest.importorskip("jax")
+    from jax_impl.sampling import filtered, k_cap_for
+
+    f = jax.jit(filtered, static_argnames=("k_cap", "use_top_p"))
+    out = f(jax.numpy.asarray(z, jax.numpy.float32), jax.numpy.float32(temperature), jax.numpy.float32(top_p),
+            jax.numpy.int32(top_k), k_cap=k_cap_for(top_k, z.shape[-1]), use_top_p=top_p < 1.0)
+    return np.isfinite(np.asarray(out))
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, 0.9), (20, 0.95), (40, 0.7), (64, 0.5), (100, 0.9)])
+def test_jax_top_p_on_candidates_keeps_the_spec_set(top_k, top_p):
+    """Logits rounded to bfloat16 (many ties, as a bf16 lm_head gives) over 2,000 tokens: the kept set
+    is common.sampling's, on the candidates' path (a random row has few ties at the k-th value)."""
+    rng = np.random.default_rng(top_k)
+    z = rng.standard_normal((6, 2000)).astype(np.float32) * 3
+    z = np.asarray(__import__("ml_dtypes").bfloat16(z)).astype(np.float32)
+    for temperature in (0.7, 1.0):
+        want = allowed_mask(z, temperature, top_k, top_p)
+        np.testing.assert_array_equal(_jax_kept(z, temperature, top_k, top_p), want)
+
+
+def test_jax_top_p_with_more_ties_at_the_kth_value_than_candidates():
+    """100 tokens tie at the top, top_k=40 (64 candidates): top-k keeps all 100, so the nucleus comes
+    from the vocabulary sort; top_p=0.3 keeps the 30 lowest ids of the tie."""
+    z = np.zeros((2, 500), np.float32)
+    z[:, 100:200] = 5.0
+    z[1, 7] = 6.0  # a second row with one token above the tie: still 101 kept by top-k
+    want = allowed_mask(z, 1.0, 40, 0.3)
+    assert want[0].sum() == 30 and want[0, 100:130].all()
+    np.testing.assert_array_equal(_jax_kept(z, 1.0, 40, 0.3), want)
