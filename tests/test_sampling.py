@@ -279,3 +279,37 @@ def test_jax_top_p_with_more_ties_at_the_kth_value_than_candidates():
     want = allowed_mask(z, 1.0, 40, 0.3)
     assert want[0].sum() == 30 and want[0, 100:130].all()
     np.testing.assert_array_equal(_jax_kept(z, 1.0, 40, 0.3), want)
+
+
+# ----- torch_impl: top-k then top-p from top-k's candidates, ties at the k-th value counted -------
+
+def _torch_kept(z, temperature, top_k, top_p):
+    torch = pytest.importorskip("torch")
+    from torch_impl.sampling import top_k_nucleus
+
+    t = torch.as_tensor(z, dtype=torch.float32) / temperature
+    return top_k_nucleus(t, min(top_k, z.shape[-1]), top_p).numpy()
+
+
+@pytest.mark.parametrize("top_k,top_p", [(1, 0.9), (20, 0.95), (40, 0.7), (64, 0.5), (100, 0.9)])
+def test_torch_top_k_nucleus_keeps_the_spec_set(top_k, top_p):
+    """As the jax test above: bf16-rounded logits (ties among the kept tokens and at the k-th value)."""
+    rng = np.random.default_rng(top_k)
+    z = rng.standard_normal((6, 2000)).astype(np.float32) * 3
+    z = np.asarray(__import__("ml_dtypes").bfloat16(z)).astype(np.float32)
+    for temperature in (0.7, 1.0):
+        np.testing.assert_array_equal(_torch_kept(z, temperature, top_k, top_p),
+                                      allowed_mask(z, temperature, top_k, top_p))
+
+
+@pytest.mark.parametrize("top_p", [0.305, 0.955])
+def test_torch_top_k_nucleus_with_ties_past_the_candidates(top_p):
+    """100 tokens tie at the k-th value (top_k=40): top-k keeps all of them, top-p the lowest ids
+    among them that fit, after the tokens above the tie (top_p clear of float32 rounding: each tied
+    token has 1/100 in the first row)."""
+    z = np.zeros((2, 500), np.float32)
+    z[:, 100:200] = 5.0
+    z[1, [7, 450]] = 6.0
+    want = allowed_mask(z, 1.0, 40, top_p)
+    assert want[0].sum() == (31 if top_p < 0.5 else 96)
+    np.testing.assert_array_equal(_torch_kept(z, 1.0, 40, top_p), want)
