@@ -4,7 +4,7 @@
            presets' shapes: decode batches (--batch) and prefill token counts (--prefill);
            decode_attention at a context of --ctx tokens, prefill_attention over one prompt of
            each --prefill token count
-  decode   end-to-end greedy decode tok/s and prefill tok/s: jax_impl and torch_impl fused/plain,
+  decode   end-to-end decode tok/s (greedy, or --sampling) and prefill tok/s: jax_impl and torch_impl fused/plain,
            transformers eager and static cache + torch.compile (batch 1 only unless --hf-batch)
   all      both (the default when no command is given)
   compare  flag regressions over 5% between two results files (exit 1 when any)
@@ -61,6 +61,23 @@ def _ints(text: str, flag: str) -> list[int]:
     return vals
 
 
+def _sampling(text: str | None) -> dict | None:
+    """--sampling T,K,P -> generate()'s temperature, top_k, top_p (checked as generate checks them)."""
+    if text is None:
+        return None
+    why = f"python -m bench: --sampling={text!r}: expected TEMPERATURE,TOP_K,TOP_P (e.g. 0.7,40,0.95)"
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise SystemExit(why)
+    try:
+        out = dict(temperature=float(parts[0]), top_k=int(parts[1]), top_p=float(parts[2]))
+    except ValueError:
+        raise SystemExit(why) from None
+    if not (out["temperature"] > 0 and out["top_k"] >= 0 and 0 < out["top_p"] <= 1):
+        raise SystemExit(why + ", with temperature > 0, top_k >= 0 and 0 < top_p <= 1")
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     from bench.decode import IMPLS
     from bench.kernels import OPS
@@ -85,6 +102,9 @@ def parser() -> argparse.ArgumentParser:
                    help="decode: run each twin's fused rows with the tile tables (tuned, the default) and/or "
                         "without them (untuned: the default rule alone, as on a GPU without a table; "
                         "QWEN3_TILE_TABLES=off); rows carry `tiles`")
+    p.add_argument("--sampling", metavar="T,K,P",
+                   help="decode: sample with temperature T, top-k K and top-p P (e.g. 0.7,40,0.95, seed 0) "
+                        "instead of greedy decoding; rows carry `sampling`")
     p.add_argument("--ops", help=f"kernel ops (default all: {','.join(OPS)})")
     p.add_argument("--frameworks", default="jax,torch", help="kernel frameworks (default jax,torch)")
     p.add_argument("--new-tokens", type=int, help="decode tokens per run (default 256; --quick 64)")
@@ -206,6 +226,7 @@ def run(a) -> int:
     hf_batches = _ints(a.hf_batch or ("2" if a.smoke else "1"), "--hf-batch")
     ctx = a.ctx or (32 if a.smoke else 1024)
     new_tokens = a.new_tokens or (4 if a.smoke else 64 if a.quick else 256)
+    sampling = _sampling(a.sampling)
     prompt_len = 8 if a.smoke else 16
     runs = 1 if a.smoke else 2 if a.quick else 3
     # wall clock, not time.monotonic(): the jobs' processes compare against it
@@ -219,7 +240,7 @@ def run(a) -> int:
     out = a.out or REPO / "bench" / "results" / env.slug(gpu_name)
     settings = dict(command=a.command, models=list(models), smoke=a.smoke, quick=a.quick, ops=ops,
                     frameworks=frameworks, impls=impls, batches=batches, prefill=prefill, hf_batches=hf_batches,
-                    ctx=ctx, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs,
+                    ctx=ctx, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs, sampling=sampling,
                     random_weights=a.random_weights, tensor_parallel_sizes=tps, tiles=tile_modes,
                     timing=dataclasses.asdict(plan), min_layer_bytes=ks.min_bytes, budget_s=a.budget_s,
                     isolation="in-process" if a.in_process else "process per job")
@@ -260,7 +281,8 @@ def run(a) -> int:
                           + (" untuned" if tiles == "untuned" else ""))
                 bs = hf_batches if impl.startswith("hf") else batches
                 expected = [dict(decode.base_row(impl, m, prompt_len=prompt_len, new_tokens=new_tokens,
-                                                 ceilings=ceilings, tensor_parallel_size=tp, tiles=tiles), batch=b)
+                                                 ceilings=ceilings, tensor_parallel_size=tp, tiles=tiles,
+                                                 sampling=sampling), batch=b)
                             for b in bs]
                 dev = torch_device if (impl.startswith("hf") or impl.startswith("torch")) else "-"
                 if impl in smoke_skip:
@@ -281,7 +303,8 @@ def run(a) -> int:
                     continue
                 job = dict(shared, kind="decode", impl=impl, model=m, cfg=dataclasses.asdict(models[m]),
                            path=None if paths[m] is None else str(paths[m]), batches=bs, prompt_len=prompt_len, new_tokens=new_tokens,
-                           runs=runs, warmup=1, torch_device=dev, tensor_parallel_size=tp, tiles=tiles)
+                           runs=runs, warmup=1, torch_device=dev, tensor_parallel_size=tp, tiles=tiles,
+                           sampling=sampling)
                 isolate.run_job(job, emit=res.add, expected=expected, in_process=a.in_process, progress=_progress)
                 jobs_bar.update(1)
     jobs_bar.close()

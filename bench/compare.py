@@ -24,8 +24,10 @@ def row_key(r: dict) -> tuple:
     if kind == "kernel":
         return (kind,) + tuple(r.get(f) for f in KERNEL_KEY)
     tp, tiles = variant(r)
+    sp = r.get("sampling")
     return (kind,) + tuple(r.get(f) for f in DECODE_KEY) + ((f"TP={tp}",) if tp > 1 else ()) \
-        + (("untuned",) if tiles == "untuned" else ())
+        + (("untuned",) if tiles == "untuned" else ()) \
+        + ((f"sampled T={sp['temperature']} k={sp['top_k']} p={sp['top_p']}",) if sp else ())
 
 
 def _label(key: tuple) -> str:

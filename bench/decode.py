@@ -1,8 +1,9 @@
-"""End-to-end greedy decode: the twins fused and plain, and the transformers peers.
+"""End-to-end decode: the twins fused and plain, and the transformers peers.
 
 Every implementation runs the same random-weight checkpoint (timing does not depend on the
-weight values), the same prompts (`prompt_len` tokens per sequence) and `new_tokens` greedy
-tokens with no eos, `runs` times after `warmup` runs; the best run is reported.
+weight values), the same prompts (`prompt_len` tokens per sequence) and `new_tokens` tokens with
+no eos, greedy or (`sampling`: temperature, top_k, top_p, seed 0) sampled, `runs` times after
+`warmup` runs; the best run is reported.
 - decode tok/s = batch * (new_tokens - 1) / decode time (the first new token comes from prefill);
 - prefill tok/s = batch * prompt_len / prefill time (prompt through the first sampled token).
 The twins report these times themselves (Runner.last_stats); for transformers a logits
@@ -111,9 +112,9 @@ def _on_gpu() -> bool:
     return os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("JAX_PLATFORMS") != "cpu"
 
 
-def run_twin(runner, prompts, new_tokens: int) -> dict:
+def run_twin(runner, prompts, new_tokens: int, sampling: dict | None = None) -> dict:
     t0 = time.perf_counter()
-    outs = runner.generate(prompts, new_tokens)
+    outs = runner.generate(prompts, new_tokens, **(sampling or {}))
     wall = time.perf_counter() - t0
     st = runner.last_stats  # decode_s and prefill_s without compile time (compile_s apart)
     return dict(generated=sum(len(o) for o in outs), wall_s=wall, prefill_s=st["prefill_s"], decode_s=st["decode_s"],
@@ -152,11 +153,14 @@ def _sync(device: str):
 class HFGenerate:
     """model.generate with a fixed GenerationConfig, timing prefill through a logits processor."""
 
-    def __init__(self, model, device: str, new_tokens: int, static: bool, compile_mode: str | None):
+    def __init__(self, model, device: str, new_tokens: int, static: bool, compile_mode: str | None,
+                 sampling: dict | None = None):
         from transformers import GenerationConfig
 
         self.model, self.device = model, device
         kw = dict(max_new_tokens=new_tokens, do_sample=False, num_beams=1, pad_token_id=0, eos_token_id=None)
+        if sampling:
+            kw.update(do_sample=True, **sampling)
         if static:
             kw["cache_implementation"] = "static"
         if compile_mode in ("auto", "auto-partial"):
@@ -194,7 +198,7 @@ class HFGenerate:
                     prefill_s=t1 - t0, decode_s=t2 - t1)
 
 
-def hf_compiled(model, device: str, new_tokens: int, prompts, warmup: int, log):
+def hf_compiled(model, device: str, new_tokens: int, prompts, warmup: int, log, sampling: dict | None = None):
     """A warmed-up HFGenerate with static cache + torch.compile: transformers' own auto-compile
     (generation_config.compile_config, fullgraph), else model.forward = torch.compile(...), else
     auto-compile without fullgraph. Returns (generate, how)."""
@@ -210,7 +214,7 @@ def hf_compiled(model, device: str, new_tokens: int, prompts, warmup: int, log):
                 del model._compiled_call
             if mode == "manual":
                 model.forward = torch.compile(orig_forward, mode="reduce-overhead", fullgraph=True)
-            gen = HFGenerate(model, device, new_tokens, static=True, compile_mode=mode)
+            gen = HFGenerate(model, device, new_tokens, static=True, compile_mode=mode, sampling=sampling)
             for _ in range(warmup):
                 gen(prompts)
             if mode.startswith("auto") and not hasattr(model, "_compiled_call"):
@@ -282,12 +286,12 @@ def variant(r: dict) -> tuple[int, str]:
 
 
 def base_row(impl: str, model: str, *, prompt_len: int, new_tokens: int, ceilings: dict,
-             tensor_parallel_size: int = 1, tiles: str = "tuned") -> dict:
+             tensor_parallel_size: int = 1, tiles: str = "tuned", sampling: dict | None = None) -> dict:
     """The fields every decode row of `impl` on `model` carries (add batch and figures or error)."""
     label = IMPLS[impl] + (f", tensor parallel over {tensor_parallel_size} GPUs" if tensor_parallel_size > 1 else "")
     label += ", untuned (the default rule, no tile table)" if tiles == "untuned" else ""
     return dict(kind="decode", impl=impl, label=label, model=model, tensor_parallel_size=tensor_parallel_size,
-                tiles=tiles, prompt_len=prompt_len,
+                tiles=tiles, sampling=sampling, prompt_len=prompt_len,
                 new_tokens=new_tokens, dtype="bfloat16", weights=quantization_of(impl) or "bf16",
                 quantization=quantization_of(impl),
                 ceiling_copy_GBps=ceilings.get("copy_GBps"),
@@ -296,18 +300,19 @@ def base_row(impl: str, model: str, *, prompt_len: int, new_tokens: int, ceiling
 
 def measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches, *, prompt_len: int, new_tokens: int,
             runs: int, warmup: int, torch_device: str, ceilings: dict, emit, progress, deadline=None,
-            tensor_parallel_size: int = 1, tiles: str = "tuned") -> None:
+            tensor_parallel_size: int = 1, tiles: str = "tuned", sampling: dict | None = None) -> None:
     """Load `impl` once, time every batch size, emit one row per batch, free the memory.
-    tiles="untuned": with QWEN3_TILE_TABLES=off (common.tiles: the default rule alone) meanwhile."""
+    tiles="untuned": with QWEN3_TILE_TABLES=off (common.tiles: the default rule alone) meanwhile.
+    sampling: generate()'s temperature, top_k and top_p (None: greedy)."""
     base = base_row(impl, model, prompt_len=prompt_len, new_tokens=new_tokens, ceilings=ceilings,
-                    tensor_parallel_size=tensor_parallel_size, tiles=tiles)
+                    tensor_parallel_size=tensor_parallel_size, tiles=tiles, sampling=sampling)
     before = os.environ.get(TABLES_ENV)
     if tiles == "untuned":
         os.environ[TABLES_ENV] = "off"
     try:
         _measure(impl, model, cfg, path, batches, base, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs,
                  warmup=warmup, torch_device=torch_device, ceilings=ceilings, emit=emit, progress=progress,
-                 deadline=deadline, tensor_parallel_size=tensor_parallel_size)
+                 deadline=deadline, tensor_parallel_size=tensor_parallel_size, sampling=sampling)
     finally:
         if before is None:
             os.environ.pop(TABLES_ENV, None)
@@ -317,7 +322,7 @@ def measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches,
 
 def _measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches, base: dict, *, prompt_len: int,
              new_tokens: int, runs: int, warmup: int, torch_device: str, ceilings: dict, emit, progress, deadline,
-             tensor_parallel_size: int) -> None:
+             tensor_parallel_size: int, sampling: dict | None) -> None:
     handle = None
     t0 = time.perf_counter()
     try:
@@ -345,15 +350,15 @@ def _measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches
         try:
             prompts = prompts_for(b, prompt_len, cfg.vocab_size)
             if impl == "hf-compile":
-                fn, how = hf_compiled(handle, torch_device, new_tokens, prompts, max(2, warmup), progress)
+                fn, how = hf_compiled(handle, torch_device, new_tokens, prompts, max(2, warmup), progress, sampling)
                 row["note"] = how
             elif impl == "hf-eager":
-                fn = HFGenerate(handle, torch_device, new_tokens, static=False, compile_mode=None)
+                fn = HFGenerate(handle, torch_device, new_tokens, static=False, compile_mode=None, sampling=sampling)
                 for _ in range(warmup):
                     fn(prompts)
             else:
                 def fn(p, _r=handle):
-                    return run_twin(_r, p, new_tokens)
+                    return run_twin(_r, p, new_tokens, sampling)
                 for _ in range(warmup):
                     fn(prompts)
             row["warmup_s"] = time.perf_counter() - t1

@@ -75,7 +75,8 @@ def execute(job: dict, emit, progress=_progress) -> None:
                        prompt_len=job["prompt_len"], new_tokens=job["new_tokens"], runs=job["runs"],
                        warmup=job["warmup"], torch_device=job["torch_device"], ceilings=job["ceilings"],
                        emit=emit, progress=progress, deadline=deadline,
-                       tensor_parallel_size=job.get("tensor_parallel_size", 1), tiles=job.get("tiles", "tuned"))
+                       tensor_parallel_size=job.get("tensor_parallel_size", 1), tiles=job.get("tiles", "tuned"),
+                       sampling=job.get("sampling"))
     else:
         raise ValueError(f"job kind {kind!r}: expected 'ceilings', 'kernels' or 'decode'")
 

@@ -180,7 +180,10 @@ def markdown(doc: dict) -> str:
         hf = sorted({r["batch"] for r in doc["rows"] if r.get("kind") == "decode" and str(r.get("impl")).startswith("hf")})
         note = (f"\n\nThe transformers peers ran at batch {', '.join(map(str, hf))} only (they are slow; "
                 f"--hf-batch adds more)." if hf else "")
-        parts.append(f"### Greedy decode ({s.get('prompt_len')}-token prompt, {s.get('new_tokens')} new tokens, "
+        sp = s.get("sampling")
+        how = (f"Sampled decode (temperature {sp['temperature']}, top-k {sp['top_k']}, top-p {sp['top_p']}; "
+               if sp else "Greedy decode (")
+        parts.append(f"### {how}{s.get('prompt_len')}-token prompt, {s.get('new_tokens')} new tokens, "
                      f"best run; % of the bandwidth floor in brackets)\n\n{dec}{note}")
     if ker:
         parts.append("### Fused kernels vs the plain ops of the same framework (median per call)\n\n" + ker)

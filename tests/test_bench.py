@@ -370,3 +370,28 @@ def test_untuned_rows_run_without_the_tile_tables(tmp_path, monkeypatch):
     assert compare.row_key(rows[0]) != compare.row_key(rows[1])
     with pytest.raises(SystemExit, match="--tiles"):
         main(["decode", "--smoke", "--tiles", "tuned,sometimes", "--out", str(tmp_path / "x")])
+
+
+def test_sampled_decode_rows(tmp_path):
+    """--sampling T,K,P: the twins sample (no eos: every token generated), rows carry the settings,
+    the report says so, and compare keeps sampled and greedy rows apart."""
+    from bench.compare import row_key
+
+    out = tmp_path / "sampled"
+    assert main(["decode", "--smoke", "--impls", "jax-plain,torch-plain", "--sampling", "0.7,40,0.95",
+                 "--out", str(out), "--no-plots"]) == 0
+    doc = json.loads((out / report.JSON_NAME).read_text())
+    rows = _rows(doc, kind="decode")
+    assert {r["impl"] for r in rows} == {"jax-plain", "torch-plain"}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["sampling"] == dict(temperature=0.7, top_k=40, top_p=0.95), r
+        assert r["generated"] == r["batch"] * r["new_tokens"] and r["decode_tok_s"] > 0, r
+        assert row_key(r) != row_key(dict(r, sampling=None))
+    assert "### Sampled decode (temperature 0.7, top-k 40, top-p 0.95;" in (out / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("value", ["0.7,40", "0,40,0.9", "0.7,x,0.9", "0.7,40,1.5"])
+def test_bad_sampling_is_one_line(value, tmp_path):
+    with pytest.raises(SystemExit, match="--sampling=.*expected TEMPERATURE,TOP_K,TOP_P"):
+        main(["decode", "--smoke", "--impls", "jax-plain", "--sampling", value, "--out", str(tmp_path)])
