@@ -63,6 +63,8 @@ def _ints(text: str, flag: str) -> list[int]:
 
 def _sampling(text: str | None) -> dict | None:
     """--sampling T,K,P -> generate()'s temperature, top_k, top_p (checked as generate checks them)."""
+    from common.sampling import GenerationArgsError, check_generate_args
+
     if text is None:
         return None
     why = f"python -m bench: --sampling={text!r}: expected TEMPERATURE,TOP_K,TOP_P (e.g. 0.7,40,0.95)"
@@ -71,10 +73,11 @@ def _sampling(text: str | None) -> dict | None:
         raise SystemExit(why)
     try:
         out = dict(temperature=float(parts[0]), top_k=int(parts[1]), top_p=float(parts[2]))
-    except ValueError:
-        raise SystemExit(why) from None
-    if not (out["temperature"] > 0 and out["top_k"] >= 0 and 0 < out["top_p"] <= 1):
-        raise SystemExit(why + ", with temperature > 0, top_k >= 0 and 0 < top_p <= 1")
+        check_generate_args([[0]], 1, **out, vocab_size=1)
+    except ValueError as e:  # GenerationArgsError included
+        raise SystemExit(why + (f": {e}" if isinstance(e, GenerationArgsError) else "")) from None
+    if out["temperature"] == 0:
+        raise SystemExit(why + ": temperature 0 is greedy decoding (leave --sampling out)")
     return out
 
 
