@@ -1,9 +1,12 @@
 """One decode step for a padded batch, on static buffers, optionally captured in a CUDA graph.
 
 State lives on the device: the last tokens, positions, cache slots, context lengths, the block
-tables and the emitted tokens. A step runs the model on the last tokens; greedy steps also pick
-the next tokens and advance the state inside the step (so a captured step needs nothing from
-the host); sampled steps return the logits and `advance()` takes the sampled tokens.
+tables and the emitted tokens. A step runs the model on the last tokens, picks the next tokens and
+advances the state inside the step, so a captured step needs nothing from the host: greedy steps
+take the argmax, sampled steps (`sampling=(temperature, top_k, top_p)`) draw with torch_impl.sampling
+and the decoder's own generator (`gen`, registered with the graph, so a replay draws what an eager
+step would). With `sampling=None` and a temperature, steps return the logits and `advance()` takes
+tokens sampled outside (tensor parallelism: rank 0 samples and broadcasts).
 Padding rows (a bucket larger than the batch) have slot -1 and context length 0: they write
 nothing and read nothing. Under tensor parallelism every rank runs the same step on its shard; the
 model's all-reduces and the head's gather (or, greedy, its cross-rank argmax) are NCCL calls
@@ -12,11 +15,15 @@ captured in the graph, so a replay is one launch per rank.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from torch_impl import context as ctx_mod
+from torch_impl.sampling import sample
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+log = logging.getLogger("torch_impl")
 PAD_SLOT = -(1 << 40)  # slot_base of padding rows: slot = base + position stays negative
 
 
@@ -26,8 +33,13 @@ def bucket_for(batch: int) -> int:
 
 class Decoder:
     def __init__(self, model, batch: int, blocks_per_seq: int, block_size: int, greedy: bool,
-                 device: torch.device, *, graph: bool):
-        self.model, self.greedy = model, greedy
+                 device: torch.device, *, graph: bool, sampling: tuple[float, int, float] | None = None):
+        self.model, self.greedy, self.sampling = model, greedy, None if greedy else sampling
+        if self.sampling is not None and graph and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+            _log_once("this torch cannot register a generator with a CUDA graph: sampled decode steps "
+                      "replay for the logits and sample outside the graph")
+            self.sampling = None
+        self.gen = torch.Generator(device=device)  # the in-step sampler's; seed it before each run
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
         self.tokens = torch.zeros(batch, **i64)
@@ -74,7 +86,13 @@ class Decoder:
 
     def _body(self) -> torch.Tensor | None:
         logits = self._forward()
-        if self.greedy:
+        if self.sampling is not None:
+            # padding rows (valid 0) hold no sequence: their logits are replaced by zeros, so the
+            # sampler never sees what an empty attention may leave there
+            z = torch.where(self.valid[:, None] > 0, logits.float(), 0.0)
+            self.tokens.copy_(sample(z, *self.sampling, self.gen))
+            logits = None
+        if logits is None:
             self._advance()
         return logits
 
@@ -85,8 +103,12 @@ class Decoder:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._forward()
+            if self.sampling is not None:  # the sampler's ops too (the neutral state advances nothing)
+                self._body()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
+        if self.sampling is not None:
+            self.graph.register_generator_state(self.gen)
         with torch.cuda.graph(self.graph):
             self.logits = self._body()
         torch.cuda.synchronize()
@@ -117,7 +139,8 @@ class Decoder:
         self.out[:b, 0] = first_tokens
 
     def step(self) -> torch.Tensor | None:
-        """One decode step; returns the logits [batch, vocab] (greedy steps: None, advanced already)."""
+        """One decode step; returns the logits [batch, vocab] to sample outside, or None: the step
+        picked its tokens and advanced already (greedy, or sampled in the step)."""
         if self.graph is not None:
             self.graph.replay()
             return self.logits
@@ -127,3 +150,12 @@ class Decoder:
         """After a sampled step: next_tokens [B <= batch] become the last tokens."""
         self.tokens[:next_tokens.shape[0]] = next_tokens
         self._advance()
+
+
+_LOGGED: set[str] = set()
+
+
+def _log_once(msg: str) -> None:
+    if msg not in _LOGGED:
+        _LOGGED.add(msg)
+        log.warning(msg)

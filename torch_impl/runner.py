@@ -10,8 +10,8 @@ its keys at affine addresses (Qwen3-0.6B batch 1 on the H100: 1,151 against 1,10
 decode step is one CUDA-graph replay per batch bucket (1, 2, 4, ... sequences, padded): the graph
 embeds, runs every layer, the head, greedy argmax and advances positions/slots/lengths on the
 device, so the host only replays and checks for eos every `chunk` steps. Sampling with
-temperature runs the graph for the logits and samples eagerly (seeded torch.Generator,
-common/sampling.py's rules).
+temperature draws inside the step too (torch_impl.sampling, common/sampling.py's rules, a seeded
+torch.Generator registered with the graph); under tensor parallelism rank 0 samples eagerly.
 
 `tensor_parallel_size=N` (torch_impl/workers.py): the caller is rank 0 and starts ranks 1..N-1 as
 processes (or, under torchrun, every rank is one); each builds and loads only its shard
@@ -333,18 +333,24 @@ class TorchRunner(harness.Runner):
         lens = [len(p) for p in prompts]
         bs, blocks_per_seq = self._cache_plan(prompts, max_new_tokens)
         self._ensure_cache(b * blocks_per_seq, bs)
-        gen = torch.Generator(device=dev).manual_seed(int(seed))
-        t0 = time.perf_counter()
-        first = self._prefill(prompts, lens, blocks_per_seq, bs, temperature, top_k, top_p, gen)
-        _sync(dev)
-        t_first = time.perf_counter()
-        bp = bucket_for(b) if self.use_graphs else b
         greedy = temperature == 0
-        key = (bp, blocks_per_seq, greedy)
+        # sampled decode steps draw inside the step (inside its CUDA graph) with the decoder's own
+        # generator, which the prefill's draw shares; tensor parallel: rank 0 samples outside
+        sampling = None if greedy or self._session is not None else (temperature, top_k, top_p)
+        bp = bucket_for(b) if self.use_graphs else b
+        t0 = time.perf_counter()
+        key = (bp, blocks_per_seq, greedy, sampling)
         dec = self._decoders.get(key)
         if dec is None:
             dec = self._decoders[key] = Decoder(self.model, bp, blocks_per_seq, bs, greedy, dev,
-                                                graph=self.use_graphs)
+                                                graph=self.use_graphs, sampling=sampling)
+        _sync(dev)
+        t_built = time.perf_counter()
+        gen = dec.gen if dec.sampling is not None else torch.Generator(device=dev)
+        gen.manual_seed(int(seed))
+        first = self._prefill(prompts, lens, blocks_per_seq, bs, temperature, top_k, top_p, gen)
+        _sync(dev)
+        t_first = time.perf_counter()
         dec.start(first, lens, blocks_per_seq)
         _sync(dev)
         t1 = time.perf_counter()
@@ -353,7 +359,7 @@ class TorchRunner(harness.Runner):
             stop = min(steps + chunk, max_new_tokens)
             while steps < stop:
                 logits = dec.step()
-                if not greedy:
+                if logits is not None:
                     dec.advance(self._sample(logits[:b].float(), temperature, top_k, top_p, gen))
                 steps += 1
             outs = _trim(dec.out[:b, :steps].cpu().tolist(), eos)
@@ -370,12 +376,12 @@ class TorchRunner(harness.Runner):
                 break
         t2 = time.perf_counter()
         new = sum(len(o) for o in outs)
-        # compile_s: building (CUDA graphs: capturing) the decode step for this batch bucket; Triton's
-        # first builds of the prefill kernels fall in prefill_s.
+        # compile_s: building (CUDA graphs: capturing) the decode step for this batch bucket, before the
+        # prefill; Triton's first builds of the prefill kernels fall in prefill_s.
         self.last_stats = dict(prompt_tokens=sum(lens), new_tokens=new, decode_tokens=new - b,
                                decode_steps=steps - 1,
-                               first_token_s=t_first - t0, compile_s=t1 - t_first, compile_first_s=0.0,
-                               prefill_s=t_first - t0, decode_s=t2 - t1)
+                               first_token_s=t_first - t_built, compile_s=t_built - t0, compile_first_s=0.0,
+                               prefill_s=t_first - t_built, decode_s=t2 - t1)
 
     def _prefill(self, prompts, lens, blocks_per_seq, bs, temperature, top_k, top_p, gen) -> torch.Tensor:
         """Run every prompt (varlen), write its cache rows, sample and return the first new tokens [B]."""
