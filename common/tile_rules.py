@@ -222,6 +222,8 @@ def _matmul_pool(kernel: str, framework: str, shape: dict) -> list[MatmulTiles]:
                 for w in (4, 8) for st in (2, 3) if not (framework == "jax" and bm < DOT_MIN_M and bn > 16)]
     bm = min(64, next_pow2(m))
     # narrow row blocks too: at 32 tokens Qwen3-0.6B's gate/up with 64-row blocks is 48 programs, and
-    # took 33.7 us on an H200 for 12.6 MB
+    # took 33.7 us on an H200 for 12.6 MB; longer chunks too (fewer steps over a short K: at 8 tokens
+    # the H100's best tiles took 128-256)
     return [MatmulTiles(b, bn, bk, num_warps=w, num_stages=st) for b in sorted({min(32, bm), bm})
-            for bn in (16, 32, 64, 128) for bk in (32, 64) for w in (4, 8) for st in (2, 3)]
+            for bn in (16, 32, 64, 128) for bk, stages in ((64, (2, 3)), (128, (3,)), (256, (3,)))
+            for w in (4, 8) for st in stages]
