@@ -99,7 +99,7 @@ def launch_all(preset: str, m: int, dtype=torch.bfloat16) -> None:
 
 def main() -> int:
     JITFunction.run = _record
-    pdl = lambda device: {"PDL": True, "launch_pdl": True}  # noqa: E731 - as on an H100
+    pdl = lambda device, early=False: {"PDL": 2 if early else 1, "launch_pdl": True}  # noqa: E731 - as on an H100
     importlib.import_module("torch_impl.kernels._lib").pdl_meta = pdl
     for name in ("linear_residual", "mlp", "rmsnorm_qkv", "decode_attention", "prefill_attention", "store_kv", "rms_norm",
                  "advance"):

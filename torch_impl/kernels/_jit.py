@@ -23,19 +23,28 @@ TOKEN_COUNT = ["M"]
 
 @triton.jit
 def wait_prior(PDL: tl.constexpr):
-    """With programmatic dependent launch, block until the previous kernel's writes are visible.
-    Everything before this call may only read data no earlier kernel writes (the weights)."""
-    if PDL:
+    """With programmatic dependent launch (PDL 1 or 2), block until the previous kernel's writes are
+    visible. Everything before this call may only read data no earlier kernel writes (the weights)."""
+    if PDL != 0:
         gdc_wait()
 
 
 @triton.jit
-def release_next(PDL: tl.constexpr):
-    """Let the next kernel start launching (it still waits for this one before reading its output).
-    Every kernel calls it first: the next kernel's programs are placed and request their weights
-    while this one runs. Where it is called changes no result: a kernel's `wait_prior` waits for
-    the whole previous grid to finish."""
-    if PDL:
+def release_first(PDL: tl.constexpr):
+    """PDL 2 (launches of one token row): let the next kernel launch now, before this one's loads,
+    so its programs are placed and request their weights while this one runs (Qwen3-0.6B batch 1 on
+    an H100: 1,362 against 1,228 tok/s releasing after the loads). Where the release happens changes
+    no result: a kernel's `wait_prior` waits for the whole previous grid to finish."""
+    if PDL == 2:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def release_after(PDL: tl.constexpr):
+    """PDL 1 (tensor-core tiles, several token rows): let the next kernel launch once this one's
+    loads are done (Qwen3-0.6B / 8B batch 32 on an H100: 14,308 / 3,113 tok/s, against 13,799 /
+    2,960 releasing first)."""
+    if PDL == 1:
         gdc_launch_dependents()
 
 

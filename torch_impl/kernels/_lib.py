@@ -146,12 +146,13 @@ def precision(dtype: torch.dtype) -> str:
 _PDL: dict = {}
 
 
-def pdl_meta(device: torch.device) -> dict:
+def pdl_meta(device: torch.device, early: bool = False) -> dict:
     """Programmatic dependent launch (a kernel starts while the previous one drains, waiting in-kernel
     before it reads that kernel's output) on CUDA GPUs of compute capability >= 9.0 when this Triton
-    supports it; TORCH_IMPL_PDL=0 turns it off."""
+    supports it; TORCH_IMPL_PDL=0 turns it off. PDL 2 (`early`: launches of one token row) lets the
+    next kernel launch before this one's loads, PDL 1 after them (_jit.release_first/_after)."""
     if device.type != "cuda":
-        return {"PDL": False}
+        return {"PDL": 0}
     key = device.index if device.index is not None else torch.cuda.current_device()
     if key not in _PDL:
         ok = os.environ.get("TORCH_IMPL_PDL", "1") != "0" and torch.cuda.get_device_capability(key) >= (9, 0)
@@ -164,7 +165,7 @@ def pdl_meta(device: torch.device) -> dict:
 
             ok = _jit.gdc_wait is not None and "launch_pdl" in {f.name for f in dataclasses.fields(CUDAOptions)}
         _PDL[key] = ok
-    return {"PDL": True, "launch_pdl": True} if _PDL[key] else {"PDL": False}
+    return {"PDL": 2 if early else 1, "launch_pdl": True} if _PDL[key] else {"PDL": 0}
 
 
 def matmul_meta(tiles, m: int, k: int, device: torch.device) -> dict:
@@ -175,8 +176,10 @@ def matmul_meta(tiles, m: int, k: int, device: torch.device) -> dict:
                                               f"(block_m={tiles.block_m} > 1) needs block_n >= 16")
     block_m = max(16, tiles.block_m) if use_dot else 1
     block_k = min(tiles.block_k, max(16, 1 << max(0, (k - 1).bit_length())))
-    # a few token rows against >= 64 weight rows: W is the left operand (warpgroup MMA, pipelined loads)
-    swap = use_dot and block_m <= 16 and tiles.block_n >= 64
+    # up to 32 token rows against >= 64 weight rows: W is the left operand (warpgroup MMA, pipelined
+    # loads; Qwen3-0.6B / 8B batch 32 on an H100: 13,781 / 2,959 tok/s against 12,267 / 2,381 with
+    # the tokens on the left)
+    swap = use_dot and block_m <= 32 and tiles.block_n >= 64
     return dict(BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=k % block_k == 0, USE_DOT=use_dot, SWAP=swap,
                 ONE_SHOT=not use_dot and k <= block_k,
-                num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_meta(device))
+                num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_meta(device, early=not use_dot))

@@ -53,7 +53,7 @@ def _decode_attention_kernel(
     PRECISION: tl.constexpr, W: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    _jit.release_next(PDL)  # first: the next kernel launches and streams its weights meanwhile
+    _jit.release_first(PDL)  # PDL 2: the next kernel launches and streams its weights meanwhile
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -116,6 +116,7 @@ def _decode_attention_kernel(
         acc = _jit.dot(_jit.cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
 
+    _jit.release_after(PDL)  # PDL 1: the loads are done
     out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     o_mask = g_ok[:, None] & d_ok[None, :]
     if SPLITS == 1:
@@ -215,5 +216,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         MIN_SPLIT_BLOCKS=MIN_SPLIT_BLOCKS, ALIGNED=bs % tiles.block_kv == 0, ONE_BLOCK=max_blocks == 1,
         NO_TABLE=no_table, W=d_p + 2,
         PRECISION=precision(q.dtype), num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-        **pdl_meta(q.device))
+        **pdl_meta(q.device, early=b == 1))
     return out

@@ -30,7 +30,7 @@ def _linear_residual_kernel(
     EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
     SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr,
 ):
-    _jit.release_next(PDL)  # first: the next kernel launches and streams its weights meanwhile
+    _jit.release_first(PDL)  # PDL 2: the next kernel launches and streams its weights meanwhile
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]; 64-bit: rows * stride can pass 2^31
@@ -40,6 +40,7 @@ def _linear_residual_kernel(
     acc, _ = _jit.project(a_ptr, a_ptr, w_ptr, offs_n, offs_n, n_ok, offs_m, m_ok, stride_am, stride_wn, K, 0.0,
                           False, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP, ONE_SHOT,
                           s_ptr, stride_sn, QUANT)
+    _jit.release_after(PDL)  # PDL 1: the loads are done
     mask = m_ok[:, None] & n_ok[None, :]
     dtype = out_ptr.dtype.element_ty
     if HAS_RESIDUAL:

@@ -36,7 +36,7 @@ def _norm_gate_up_kernel(
     EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
     SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, QUANT: tl.constexpr,
 ):
-    _jit.release_next(PDL)  # first: the next kernel launches and streams its weights meanwhile
+    _jit.release_first(PDL)  # PDL 2: the next kernel launches and streams its weights meanwhile
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]; 64-bit: rows * stride can pass 2^31
@@ -46,6 +46,7 @@ def _norm_gate_up_kernel(
     acc_g, acc_u = _jit.project(x_ptr, nw_ptr, w_ptr, offs_n, I + offs_n, n_ok, offs_m, m_ok, stride_xm, stride_wn,
                                 K, eps, True, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP,
                                 ONE_SHOT, s_ptr, stride_sn, QUANT)
+    _jit.release_after(PDL)  # PDL 1: the loads are done
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(act_ptr + offs_m[:, None] * stride_am + offs_n[None, :],
              _jit.cast(act, act_ptr.dtype.element_ty, PRECISION), mask=m_ok[:, None] & n_ok[None, :])

@@ -38,7 +38,7 @@ def _prefill_attention_kernel(
     G: tl.constexpr, D: tl.constexpr, D_P: tl.constexpr, PAGED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
-    _jit.release_next(PDL)  # first: the next kernel launches and streams its weights meanwhile
+    _jit.release_first(PDL)  # PDL 2: the next kernel launches and streams its weights meanwhile
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -85,6 +85,7 @@ def _prefill_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = _jit.dot(_jit.cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
         m_i = m_new
+    _jit.release_after(PDL)  # PDL 1: the loads are done
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
              _jit.cast(o, out_ptr.dtype.element_ty, PRECISION), mask=m_ok[:, None] & d_ok[None, :])

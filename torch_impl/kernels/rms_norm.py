@@ -20,7 +20,7 @@ def _rms_norm_kernel(
     N, stride_xm, stride_om, eps,
     BLOCK: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
-    _jit.release_next(PDL)  # first: the next kernel launches and streams its weights meanwhile
+    _jit.release_first(PDL)  # PDL 2: the next kernel launches and streams its weights meanwhile
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < N
@@ -29,6 +29,7 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + row * stride_xm + offs, mask=ok, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, axis=0) / N + eps)
     normed = _jit.cast(x * rstd, out_ptr.dtype.element_ty, PRECISION).to(tl.float32)
+    _jit.release_after(PDL)  # PDL 1: the loads are done
     tl.store(out_ptr + row * stride_om + offs, _jit.cast(normed * w, out_ptr.dtype.element_ty, PRECISION), mask=ok)
 
 
@@ -45,5 +46,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float) -> torch.Tens
     if m:
         block = next_pow2(n)
         _rms_norm_kernel[(m,)](x, weight, out, n, x.stride(0), out.stride(0), float(eps), BLOCK=block,
-                               PRECISION=precision(x.dtype), num_warps=4 if block <= 2048 else 8, **pdl_meta(x.device))
+                               PRECISION=precision(x.dtype), num_warps=4 if block <= 2048 else 8,
+                               **pdl_meta(x.device, early=m == 1))
     return out

@@ -82,7 +82,7 @@ def _rmsnorm_qkv_kernel(
     EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
     SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, QUANT: tl.constexpr,
 ):
-    _jit.release_next(PDL)  # first: the next kernel launches and streams its weights meanwhile
+    _jit.release_first(PDL)  # PDL 2: the next kernel launches and streams its weights meanwhile
     pid = tl.program_id(0)
     pid_m = tl.program_id(1)
     head = pid // TILES
@@ -95,6 +95,7 @@ def _rmsnorm_qkv_kernel(
     acc_lo, acc_hi = _jit.project(x_ptr, nw_ptr, w_ptr, rows_lo, rows_lo + HALF, c_ok, offs_m, m_ok, stride_xm,
                                   stride_wn, K, eps, True, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT,
                                   PRECISION, PDL, SWAP, ONE_SHOT, s_ptr, stride_sn, QUANT)
+    _jit.release_after(PDL)  # PDL 1: the loads are done
 
     pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
     pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)  # never read outside the RoPE table
@@ -126,7 +127,7 @@ def _qk_epilogue_kernel(
     HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
-    _jit.release_next(PDL)  # first: the next kernel launches and streams its weights meanwhile
+    _jit.release_first(PDL)  # PDL 2: the next kernel launches and streams its weights meanwhile
     """Split variant, second launch: q/k-norm, RoPE and the store of one head for BLOCK_M tokens."""
     head = tl.program_id(0)
     offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -145,6 +146,7 @@ def _qk_epilogue_kernel(
     _jit.wait_prior(PDL)  # the projection's rows
     lo = tl.load(part, mask=f_mask, other=0.0)
     hi = tl.load(part + HALF, mask=f_mask, other=0.0)
+    _jit.release_after(PDL)  # PDL 1: the loads are done
     _finish_head(lo, hi, head, offs_m, m_ok, slot, s_ok, offs_d, d_ok, w_lo, w_hi, cos, sin, q_ptr, kc_ptr,
                  stride_qm, stride_qh, stride_cslot, stride_ch, eps, HQ, D, HALF, PRECISION)
 
@@ -206,5 +208,6 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
             part, q_norm_w, k_norm_w, cos_sin, positions, slots, q, k_cache, m, k_cache.shape[0] * k_cache.shape[1],
             cos_sin.shape[0], part.stride(0), cos_sin.stride(0), q.stride(0), q.stride(1), k_cache.stride(1),
             k_cache.stride(2), float(eps), HQ=num_heads, D=d, HALF=half, HALF_P=half_p, BLOCK_M=meta["BLOCK_M"],
-            PRECISION=precision(dtype), num_warps=4, num_stages=1, **pdl_meta(x.device))
+            PRECISION=precision(dtype), num_warps=4, num_stages=1,
+            **pdl_meta(x.device, early=m == 1))
     return q, k_cache, v_cache
