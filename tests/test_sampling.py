@@ -313,3 +313,23 @@ def test_torch_top_k_nucleus_with_ties_past_the_candidates(top_p):
     want = allowed_mask(z, 1.0, 40, top_p)
     assert want[0].sum() == (31 if top_p < 0.5 else 96)
     np.testing.assert_array_equal(_torch_kept(z, 1.0, 40, top_p), want)
+
+
+@pytest.mark.parametrize("top_p", [0.305, 0.955, 1.0])
+def test_torch_sampler_draws_tied_tokens_past_the_candidates(top_p):
+    """The sampler draws the tied group as one outcome, then one of its kept tokens uniformly: every
+    kept token is drawn, nothing else, and each tied one about equally often."""
+    torch = pytest.importorskip("torch")
+    from torch_impl.sampling import sample
+
+    z = np.zeros(500, np.float32)
+    z[100:200] = 5.0
+    z[[7, 450]] = 6.0
+    want = allowed_mask(z[None], 1.0, 40, top_p)[0]
+    draws = 20000
+    gen = torch.Generator().manual_seed(3)
+    got = sample(torch.as_tensor(np.tile(z, (draws, 1))), 1.0, 40, top_p, gen).numpy()
+    assert set(got.tolist()) == set(np.flatnonzero(want).tolist())
+    p = np.where(want, np.exp(z - z.max()), 0.0)
+    freq = np.bincount(got, minlength=z.size) / draws
+    np.testing.assert_allclose(freq, p / p.sum(), atol=0.01)

@@ -1,4 +1,11 @@
-"""common/sampling.py's semantics in torch (greedy, temperature, top-k, top-p, seeded generator)."""
+"""common/sampling.py's semantics in torch (greedy, temperature, top-k, top-p, seeded generator).
+
+With top-k on (as in Qwen3's generation configs) nothing passes over the vocabulary more than a few
+times: top-k runs per chunk of the vocabulary and then over the chunks' winners, top-p works on the
+k candidates, and the draw is among them. Every token above the k-th value is a candidate; the
+tokens at the k-th value (any number of them, candidates or not) share one probability, count in id
+order for top-p, and enter the draw as one outcome, resolved to one of the kept ones uniformly.
+"""
 
 from __future__ import annotations
 
@@ -11,42 +18,76 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     if temperature == 0:
         return torch.argmax(logits, dim=-1)  # the first (lowest) id on ties
     z = logits.float() / temperature
-    if top_k > 0 and top_p < 1.0:
-        return _draw(z.masked_fill(~top_k_nucleus(z, min(top_k, z.shape[-1]), top_p), float("-inf")), generator)
     if top_k > 0:
-        kth = torch.topk(z, min(top_k, z.shape[-1]), dim=-1).values[:, -1:]
-        z = z.masked_fill(z < kth, float("-inf"))  # ties at the k-th value are kept
+        return _draw_top_k(z, _Candidates(z, min(top_k, z.shape[-1]), top_p), generator)
     if top_p < 1.0:
         order = torch.argsort(-z, dim=-1, stable=True)  # descending probability, ties by id
         p = torch.softmax(torch.gather(z, -1, order), dim=-1)
         before = torch.cumsum(p, dim=-1) - p  # mass strictly before each token
         keep = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, order, before < top_p)
         z = z.masked_fill(~keep, float("-inf"))
-    return _draw(z, generator)
-
-
-def _draw(z: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)[:, 0]
 
 
+def top_k(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, ids) [B, k] of the k largest of z [B, V], values descending (the order among equal
+    values unspecified). Over up to 128 equal chunks of the vocabulary first, then over their
+    winners: one row of 151,936 is a single program's work in torch.topk, 128 chunks are not."""
+    b, v = z.shape
+    chunks = next((c for c in (128, 64, 32, 16, 8, 4, 2) if v % c == 0 and v // c >= k), 1)
+    if chunks == 1:
+        return torch.topk(z, k, dim=-1)
+    width = v // chunks
+    cv, ci = torch.topk(z.view(b, chunks, width), k, dim=-1)  # each chunk's k largest
+    ci = ci + torch.arange(0, v, width, device=z.device)[None, :, None]
+    vals, pos = torch.topk(cv.reshape(b, chunks * k), k, dim=-1)
+    return vals, ci.reshape(b, chunks * k).gather(-1, pos)
+
+
+class _Candidates:
+    """What top-k then top-p keep of z [B, V], from top-k's k candidates: those above the k-th value
+    (`ids`, `keep` [B, k], descending value then lower id, with their unnormalized probabilities
+    `e`), and of the tokens tied at the k-th value (`tie` [B, V]) the first `n_tie_kept` [B, 1] in
+    id order, each with probability `e_tie` [B, 1] (unnormalized as `e`)."""
+
+    def __init__(self, z: torch.Tensor, k: int, top_p: float):
+        vals, ids = top_k(z, k)
+        kth = vals[:, -1:]
+        by_id = torch.argsort(ids, dim=-1)  # then a stable sort by value: descending value, lower id first
+        vals, ids = vals.gather(-1, by_id), ids.gather(-1, by_id)
+        by_value = torch.sort(vals, dim=-1, descending=True, stable=True).indices
+        vals, self.ids = vals.gather(-1, by_value), ids.gather(-1, by_value)
+        above = vals > kth
+        self.e = torch.where(above, torch.exp(vals - vals[:, :1]), 0.0)
+        self.tie = z == kth
+        n_tie = self.tie.sum(-1, keepdim=True)
+        self.e_tie = torch.exp(kth - vals[:, :1])
+        total = self.e.sum(-1, keepdim=True) + n_tie * self.e_tie
+        p_above, p_tie = self.e / total, self.e_tie / total
+        before = torch.cumsum(p_above, dim=-1) - p_above  # mass strictly before each token above the tie
+        self.keep = above & (before < top_p)
+        # the r-th tied token (r = 0, 1, ... in id order) is kept while the mass before it is < top_p
+        rank = torch.arange(z.shape[-1], device=z.device)[None, :]
+        fits = (p_above.sum(-1, keepdim=True) + rank * p_tie < top_p) & (rank < n_tie)
+        self.n_tie_kept = fits.sum(-1, keepdim=True)
+
+
 def top_k_nucleus(z: torch.Tensor, k: int, top_p: float) -> torch.Tensor:
-    """The tokens top-k then top-p keep [B, V] bool, from top-k's k candidates and no sort of the
-    vocabulary. Every token above the k-th value is a candidate; the tokens at the k-th value (any
-    number, candidates or not) share one probability and come after them in id order, so the mass
-    before the r-th of them is the mass above plus r times theirs."""
-    vals, ids = torch.topk(z, k, dim=-1)  # descending; the order among equal values is unspecified
-    kth = vals[:, -1:]
-    by_id = torch.argsort(ids, dim=-1)  # then a stable sort by value: descending value, lower id first
-    vals, ids = vals.gather(-1, by_id), ids.gather(-1, by_id)
-    by_value = torch.sort(vals, dim=-1, descending=True, stable=True).indices
-    vals, ids = vals.gather(-1, by_value), ids.gather(-1, by_value)
-    above = vals > kth
-    e_above = torch.where(above, torch.exp(vals - vals[:, :1]), 0.0)
-    tie = z == kth
-    e_tie = torch.exp(kth - vals[:, :1])
-    total = e_above.sum(-1, keepdim=True) + tie.sum(-1, keepdim=True) * e_tie
-    p_above, p_tie = e_above / total, e_tie / total
-    before = torch.cumsum(p_above, dim=-1) - p_above  # mass strictly before each token above the tie
-    keep = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, ids, above & (before < top_p))
-    rank = torch.cumsum(tie.to(torch.int32), dim=-1) - 1  # each tied token's place among them, by id
-    return keep | (tie & (p_above.sum(-1, keepdim=True) + rank * p_tie < top_p))
+    """The tokens top-k then top-p keep [B, V] bool (what `sample` draws from)."""
+    c = _Candidates(z, k, top_p)
+    keep = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, c.ids, c.keep)
+    rank = torch.cumsum(c.tie.to(torch.int64), dim=-1) - 1  # each tied token's place among them, by id
+    return keep | (c.tie & (rank < c.n_tie_kept))
+
+
+def _draw_top_k(z: torch.Tensor, c: _Candidates, generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row among the kept candidates: the ones above the k-th value, or the tied group
+    as one outcome of its kept tokens' total weight, then one of them uniformly."""
+    weights = torch.cat([torch.where(c.keep, c.e, 0.0), c.n_tie_kept * c.e_tie], dim=-1)  # [B, k + 1]
+    j = torch.multinomial(weights, 1, generator=generator)  # [B, 1]
+    above = c.ids.gather(-1, j.clamp(max=c.ids.shape[-1] - 1))[:, 0]
+    u = torch.rand(z.shape[0], 1, generator=generator, device=z.device)
+    t = (u * c.n_tie_kept).long().clamp(max=c.n_tie_kept - 1)  # the t-th kept tied token, by id
+    rank = torch.cumsum(c.tie.to(torch.int32), dim=-1)
+    tied = torch.argmax((rank > t).to(torch.int32), dim=-1)  # the first id with t + 1 ties up to it
+    return torch.where(j[:, 0] < c.ids.shape[-1], above, tied)
