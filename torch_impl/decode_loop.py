@@ -15,15 +15,13 @@ captured in the graph, so a replay is one launch per rank.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from torch_impl import context as ctx_mod
+from torch_impl.ops import _log_once
 from torch_impl.sampling import sample
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-log = logging.getLogger("torch_impl")
 PAD_SLOT = -(1 << 40)  # slot_base of padding rows: slot = base + position stays negative
 
 
@@ -150,12 +148,3 @@ class Decoder:
         """After a sampled step: next_tokens [B <= batch] become the last tokens."""
         self.tokens[:next_tokens.shape[0]] = next_tokens
         self._advance()
-
-
-_LOGGED: set[str] = set()
-
-
-def _log_once(msg: str) -> None:
-    if msg not in _LOGGED:
-        _LOGGED.add(msg)
-        log.warning(msg)
