@@ -127,8 +127,8 @@ def _qk_epilogue_kernel(
     HQ: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr, BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
-    _jit.release_first(PDL)  # PDL 2: the next kernel launches and streams its weights meanwhile
     """Split variant, second launch: q/k-norm, RoPE and the store of one head for BLOCK_M tokens."""
+    _jit.release_first(PDL)  # PDL 2: the next kernel launches and streams its weights meanwhile
     head = tl.program_id(0)
     offs_m = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_ok = offs_m < M
