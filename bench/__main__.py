@@ -37,6 +37,7 @@ SMOKE_SKIP = {
     "jax-fused": "the Pallas interpreter inside the decode loop takes minutes on CPU; same code path as jax-plain",
     "torch-fused": "the Triton interpreter takes seconds per token on CPU; same code path as torch-plain",
     "hf-compile": "torch.compile takes minutes on CPU",
+    "nanovllm": "nano-vllm's engine runs on a CUDA GPU",
 }
 
 
@@ -164,17 +165,19 @@ def _torch_device(smoke: bool) -> str | None:
         return None
 
 
-def _checkpoint(name: str, cfg, a, tmp: Path) -> Path:
+def _checkpoint(name: str, cfg, a, tmp: Path, *, tokenizer: bool = False) -> Path:
+    from bench.checkpoints import DEFAULT_DIR, random_checkpoint
+
     if a.smoke:
-        from common.checkpoint import write_checkpoint
+        from common.checkpoint import write_checkpoint, write_tokenizer
 
         path = tmp / name
         if not (path / "config.json").is_file():
             write_checkpoint(path, cfg, dtype="bfloat16", fast=True)
+        if tokenizer and not (path / "tokenizer.json").is_file():
+            write_tokenizer(path, cfg.vocab_size)
         return path
-    from bench.checkpoints import DEFAULT_DIR, random_checkpoint
-
-    return random_checkpoint(name, root=a.ckpt_dir or DEFAULT_DIR)
+    return random_checkpoint(name, root=a.ckpt_dir or DEFAULT_DIR, tokenizer=tokenizer)
 
 
 def _ceilings(a) -> dict:
@@ -287,25 +290,28 @@ def run(a) -> int:
                                                  ceilings=ceilings, tensor_parallel_size=tp, tiles=tiles,
                                                  sampling=sampling), batch=b)
                             for b in bs]
-                dev = torch_device if (impl.startswith("hf") or impl.startswith("torch")) else "-"
+                dev = torch_device if impl.startswith(("hf", "torch", "nanovllm")) else "-"
                 if impl in smoke_skip:
                     why = f"skipped in --smoke: {smoke_skip[impl]} (ask with --impls)"
                 elif dev is None:
                     why = "unavailable: torch sees no CUDA GPU"
                 else:  # the checkpoint (written here, once per model) or why there is none
-                    if m not in paths:
+                    files = impl == "nanovllm"  # nano-vllm loads a checkpoint (with a tokenizer) even with --random-weights
+                    key = (m, files)
+                    if key not in paths:
                         try:
-                            paths[m] = None if a.random_weights else _checkpoint(m, models[m], a, Path(tmp)).resolve()
+                            paths[key] = None if a.random_weights and not files else \
+                                _checkpoint(m, models[m], a, Path(tmp), tokenizer=files).resolve()
                         except Exception as e:  # noqa: BLE001
-                            paths[m] = f"checkpoint: {type(e).__name__}: {e}"
-                    why = paths[m] if isinstance(paths[m], str) else None  # None: written, or --random-weights
+                            paths[key] = f"checkpoint: {type(e).__name__}: {e}"
+                    why = paths[key] if isinstance(paths[key], str) else None  # None: written, or --random-weights
                 if why is not None:
                     for r in expected:
                         res.add(dict(r, error=why))
                     jobs_bar.update(1)
                     continue
                 job = dict(shared, kind="decode", impl=impl, model=m, cfg=dataclasses.asdict(models[m]),
-                           path=None if paths[m] is None else str(paths[m]), batches=bs, prompt_len=prompt_len, new_tokens=new_tokens,
+                           path=None if paths[key] is None else str(paths[key]), batches=bs, prompt_len=prompt_len, new_tokens=new_tokens,
                            runs=runs, warmup=1, torch_device=dev, tensor_parallel_size=tp, tiles=tiles,
                            sampling=sampling)
                 isolate.run_job(job, emit=res.add, expected=expected, in_process=a.in_process, progress=_progress)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ IMPLS = {
     "torch-fp8": "torch_impl, fused, fp8 weights",
     "hf-eager": "transformers eager, dynamic cache",
     "hf-compile": "transformers static cache + torch.compile",
+    "nanovllm": "nano-vllm's engine running torch_impl's model",
 }
 
 
@@ -232,6 +234,60 @@ def hf_compiled(model, device: str, new_tokens: int, prompts, warmup: int, log, 
     raise RuntimeError("torch.compile failed every way: " + " | ".join(errors))
 
 
+# ----- nano-vllm's engine -------------------------------------------------------------------------
+
+NANOVLLM_GREEDY_TEMPERATURE = 1e-5  # nano-vllm refuses temperature 0; its sampler does the same work at any value
+
+
+class NanoVllm:
+    """nano-vllm's LLM (loader, scheduler, CUDA graphs, sampler) on torch_impl's model
+    (torch_impl.nanovllm.install()), sized for the largest batch. A call generates for `prompts`
+    twice, `new_tokens` and then one token, each a fresh request set: the decode time is the
+    difference (nano-vllm reports no prefill time of its own)."""
+
+    def __init__(self, path: Path | None, batches, prompt_len: int, new_tokens: int, sampling: dict | None):
+        if path is None:
+            raise Unavailable("nano-vllm reads its weights from a checkpoint directory, not --random-weights")
+        if importlib.util.find_spec("nanovllm") is None:
+            raise Unavailable("nano-vllm is not installed (pip install it beside torch to get this row)")
+        if sampling and (sampling.get("top_k") or sampling.get("top_p") not in (None, 1.0)):
+            raise Unavailable(f"nano-vllm samples with a temperature only, not {sampling}")
+        import atexit
+
+        import torch_impl.nanovllm as integration
+        from nanovllm import LLM, SamplingParams
+
+        integration.install(use_fused_kernels="auto")
+        self._integration, self._params = integration, SamplingParams
+        self.temperature = (sampling or {}).get("temperature") or NANOVLLM_GREEDY_TEMPERATURE
+        self.new_tokens = new_tokens
+        block = 256
+        model_len = -(-(prompt_len + new_tokens) // block) * block
+        self.llm = LLM(str(path), enforce_eager=False, max_model_len=model_len, max_num_seqs=max(batches),
+                       max_num_batched_tokens=max(model_len, max(batches) * prompt_len),
+                       gpu_memory_utilization=0.5, kvcache_block_size=block)
+        atexit.unregister(self.llm.exit)
+
+    def _generate(self, prompts, tokens: int) -> tuple[float, int]:
+        params = self._params(temperature=self.temperature, max_tokens=tokens, ignore_eos=True)
+        _sync("cuda")
+        t0 = time.perf_counter()
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        _sync("cuda")
+        return time.perf_counter() - t0, sum(len(o["token_ids"]) for o in outs)
+
+    def __call__(self, prompts) -> dict:
+        wall, generated = self._generate(prompts, self.new_tokens)
+        first, _ = self._generate(prompts, 1)
+        return dict(generated=generated, wall_s=wall, prefill_s=first, decode_s=max(wall - first, 1e-9))
+
+    def close(self) -> None:
+        try:
+            self.llm.exit()
+        finally:
+            self._integration.uninstall()
+
+
 # ----- one implementation on one model ----------------------------------------------------------
 
 def weights_memory(runner) -> dict:
@@ -328,6 +384,8 @@ def _measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches
     try:
         if impl.startswith("hf"):
             handle = load_hf(path, torch_device, cfg)
+        elif impl == "nanovllm":
+            handle = NanoVllm(path, batches, prompt_len, new_tokens, sampling)
         else:
             handle = load_twin(impl, path, cfg, tensor_parallel_size)
         load_err = None
@@ -335,7 +393,7 @@ def _measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches
         load_err = f"{'unavailable' if isinstance(e, (Unavailable, ImportError)) else 'load failed'}: " \
                    f"{type(e).__name__}: {str(e)[:400]}"
     load_s = time.perf_counter() - t0
-    memory = {} if load_err or impl.startswith("hf") else weights_memory(handle)
+    memory = {} if load_err or impl.startswith("hf") or impl == "nanovllm" else weights_memory(handle)
     progress(f"    {impl} {model}: " + (f"loaded in {load_s:.1f} s" if not load_err else load_err)
              + (f", weights {memory['weights_GB']:.2f} GB" if memory else ""))
     for b in batches:
@@ -352,6 +410,12 @@ def _measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches
             if impl == "hf-compile":
                 fn, how = hf_compiled(handle, torch_device, new_tokens, prompts, max(2, warmup), progress, sampling)
                 row["note"] = how
+            elif impl == "nanovllm":
+                fn = handle
+                for _ in range(warmup):
+                    fn(prompts)
+                if handle.temperature == NANOVLLM_GREEDY_TEMPERATURE:
+                    row["note"] = f"temperature {NANOVLLM_GREEDY_TEMPERATURE:g} for greedy (nano-vllm has no greedy path)"
             elif impl == "hf-eager":
                 fn = HFGenerate(handle, torch_device, new_tokens, static=False, compile_mode=None, sampling=sampling)
                 for _ in range(warmup):
@@ -370,6 +434,8 @@ def _measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches
         progress(f"    batch {b}: " + (f"{row['decode_tok_s']:.1f} tok/s decode, {row.get('prefill_tok_s') or 0:.0f} "
                                       f"tok/s prefill ({time.perf_counter() - t1:.1f} s)"
                                       if row.get("decode_tok_s") else row.get("error", "?")))
+    if isinstance(handle, NanoVllm):
+        handle.close()
     handle = None
     free_memory()
 

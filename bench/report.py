@@ -17,7 +17,7 @@ from bench.decode import variant
 SCHEMA = 1
 JSON_NAME, MD_NAME = "bench.json", "bench.md"
 DECODE_ORDER = ("jax-fused", "jax-int8", "jax-fp8", "jax-plain", "torch-fused", "torch-int8", "torch-fp8", "torch-plain",
-                "hf-eager", "hf-compile")
+                "nanovllm", "hf-eager", "hf-compile")
 
 
 class Results:

@@ -80,7 +80,7 @@ def test_smoke_decode_rows(smoke):
         assert r["bw_floor_tok_s"] > 0 and r["pct_bw_floor"] > 0 and r["prefill_tok_s"] > 0, r
     impls = {r["impl"] for r in _rows(doc, kind="decode")}
     assert impls == {"jax-fused", "jax-plain", "torch-fused", "torch-plain", "hf-eager", "hf-compile", "jax-int8",
-                     "jax-fp8", "torch-int8", "torch-fp8"}, impls
+                     "jax-fp8", "torch-int8", "torch-fp8", "nanovllm"}, impls
     assert {r["weights"] for r in _rows(doc, kind="decode") if r["impl"].endswith("fp8")} == {"fp8"}
     assert {r["quantization"] for r in _rows(doc, kind="decode") if r["impl"].endswith("int8")} == {"int8"}
     assert {r["quantization"] for r in _rows(doc, kind="decode") if r["impl"].endswith("fused")} == {None}
@@ -395,3 +395,59 @@ def test_sampled_decode_rows(tmp_path):
 def test_bad_sampling_is_one_line(value, tmp_path):
     with pytest.raises(SystemExit, match="--sampling=.*expected TEMPERATURE,TOP_K,TOP_P"):
         main(["decode", "--smoke", "--impls", "jax-plain", "--sampling", value, "--out", str(tmp_path)])
+
+
+def test_nanovllm_row_times_decode_as_the_difference_of_two_generates(tmp_path, monkeypatch):
+    """The nano-vllm row: one engine for the largest batch, greedy as its smallest temperature, decode
+    time = generating new_tokens less generating one (the prefill), the engine shut down after."""
+    import importlib.machinery
+    import sys
+    import types
+
+    import torch_impl.nanovllm as integration
+    from bench import decode
+
+    calls = []
+
+    class FakeLLM:
+        def __init__(self, path, **kw):
+            calls.append(("init", path, kw))
+
+        def generate(self, prompts, params, use_tqdm=True):
+            calls.append(("generate", len(prompts), params.max_tokens, params.temperature))
+            time.sleep(0.02 * params.max_tokens)
+            return [{"token_ids": [1] * params.max_tokens} for _ in prompts]
+
+        def exit(self):
+            calls.append(("exit",))
+
+    class FakeParams:
+        def __init__(self, temperature, max_tokens, ignore_eos):
+            assert temperature > 1e-10 and ignore_eos
+            self.temperature, self.max_tokens = temperature, max_tokens
+
+    fake = types.ModuleType("nanovllm")
+    fake.LLM, fake.SamplingParams = FakeLLM, FakeParams
+    fake.__spec__ = importlib.machinery.ModuleSpec("nanovllm", None)
+    monkeypatch.setitem(sys.modules, "nanovllm", fake)
+    monkeypatch.setattr(integration, "install", lambda **kw: calls.append(("install", kw)))
+    monkeypatch.setattr(integration, "uninstall", lambda: calls.append(("uninstall",)))
+    monkeypatch.setattr(decode, "_sync", lambda device: None)
+    cfg = decode.Qwen3Config.preset("Qwen3-0.6B")
+    rows = []
+    decode.measure("nanovllm", "Qwen3-0.6B", cfg, tmp_path, [1, 4], prompt_len=16, new_tokens=5, runs=1, warmup=0,
+                   torch_device="cuda", ceilings={}, emit=rows.append, progress=lambda m: None)
+    assert calls[0] == ("install", {"use_fused_kernels": "auto"})
+    assert calls[1][0] == "init" and calls[1][2]["max_num_seqs"] == 4 and calls[1][2]["max_model_len"] == 256
+    assert calls[-2:] == [("exit",), ("uninstall",)]
+    gens = [c for c in calls if c[0] == "generate"]
+    assert [(c[1], c[2]) for c in gens] == [(1, 5), (1, 1), (4, 5), (4, 1)]
+    assert {c[3] for c in gens} == {decode.NANOVLLM_GREEDY_TEMPERATURE}
+    assert [r["batch"] for r in rows] == [1, 4] and all("error" not in r for r in rows), rows
+    for r in rows:
+        assert r["generated"] == r["batch"] * 5 and "no greedy path" in r["note"], r
+        assert 0.06 < r["decode_s"] < 0.5 and 0.015 < r["prefill_s"] < r["decode_s"], r
+    rows.clear()
+    decode.measure("nanovllm", "Qwen3-0.6B", cfg, None, [1], prompt_len=16, new_tokens=5, runs=1, warmup=0,
+                   torch_device="cuda", ceilings={}, emit=rows.append, progress=lambda m: None)
+    assert rows[0]["error"].startswith("unavailable") and "checkpoint directory" in rows[0]["error"], rows
