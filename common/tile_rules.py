@@ -21,6 +21,7 @@ from common.tiles import AttentionTiles, Device, MatmulTiles, PrefillTiles, next
 
 DOT_MIN_M = 16  # token rows from which projections use tensor-core dots
 MIN_SPLIT_POSITIONS = 256  # decode attention: fewest cache positions per split
+MAX_SPLIT_K = 16  # torch_impl projections: most programs sharing one output tile's reduction
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ONE_BYTE = ("-int8", "-fp8")  # dtype suffixes of one-byte weights (tiles.lookup's "<activations>-<format>")
 
@@ -178,6 +179,14 @@ def misfit(kernel: str, framework: str, tiles, shape: dict) -> str | None:
         return f"block_n={tiles.block_n}: expected at most head_dim={shape['head_dim']}"
     if framework == "torch" and tiles.block_m > 1 and tiles.block_n < 16:
         return f"block_n={tiles.block_n}: the tensor-core path (block_m={tiles.block_m} > 1) needs >= 16"
+    if tiles.split_k > 1:
+        if framework == "jax":
+            return f"split_k={tiles.split_k}: jax_impl's projections sum each tile in one program (split_k 1)"
+        if tiles.block_m == 1:
+            return f"split_k={tiles.split_k}: only the tensor-core path (block_m > 1) splits the reduction"
+        if tiles.split_k > MAX_SPLIT_K or tiles.split_k * tiles.block_k > max(shape["k"], tiles.block_k):
+            return (f"split_k={tiles.split_k}: expected at most {MAX_SPLIT_K} and at most one part per "
+                    f"block_k={tiles.block_k} chunk of k={shape['k']}")
     if tiles.block_m > 1 and tiles.block_m < next_pow2(min(shape["m"], DOT_MIN_M)) and framework == "jax":
         return f"block_m={tiles.block_m}: fewer rows than the {shape['m']} tokens of this bucket"
     return None
@@ -219,11 +228,23 @@ def _matmul_pool(kernel: str, framework: str, shape: dict) -> list[MatmulTiles]:
     if m <= DOT_MIN_M:
         bm = next_pow2(m) if framework == "jax" else 16
         return [MatmulTiles(bm, bn, bk, num_warps=w, num_stages=st) for bn in (16, 32, 64) for bk in (128, 256, 512)
-                for w in (4, 8) for st in (2, 3) if not (framework == "jax" and bm < DOT_MIN_M and bn > 16)]
+                for w in (4, 8) for st in (2, 3) if not (framework == "jax" and bm < DOT_MIN_M and bn > 16)] + \
+            _split_pool(kernel, framework, shape, [16])
     bm = min(64, next_pow2(m))
     # narrow row blocks too: at 32 tokens Qwen3-0.6B's gate/up with 64-row blocks is 48 programs, and
     # took 33.7 us on an H200 for 12.6 MB; longer chunks too (fewer steps over a short K: at 8 tokens
     # the H100's best tiles took 128-256)
-    return [MatmulTiles(b, bn, bk, num_warps=w, num_stages=st) for b in sorted({min(32, bm), bm})
+    pool = [MatmulTiles(b, bn, bk, num_warps=w, num_stages=st) for b in sorted({min(32, bm), bm})
             for bn in (16, 32, 64, 128) for bk, stages in ((64, (2, 3)), (128, (3,)), (256, (3,)))
             for w in (4, 8) for st in stages]
+    return pool + _split_pool(kernel, framework, shape, [min(32, bm)])
+
+
+def _split_pool(kernel: str, framework: str, shape: dict, row_blocks) -> list[MatmulTiles]:
+    """torch_impl's tensor-core tiles with the reduction split over 2-8 programs (split_k): more
+    programs stream W where the output tiles alone are fewer than the SMs (Qwen3-0.6B's o_proj at
+    32 tokens: 1,024 outputs are 16-64 tiles)."""
+    if framework != "torch":
+        return []
+    return [MatmulTiles(b, bn, bk, num_warps=4, num_stages=3, split_k=sk) for b in row_blocks
+            for bn in (16, 32, 64) for bk in (64, 128) for sk in (2, 4, 8) if sk * bk <= shape["k"]]

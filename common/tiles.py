@@ -60,13 +60,17 @@ class MatmulTiles:
 
     block_m: token rows per program (below 16: multiply and reduce, one weight pass per row;
     16 and more: tensor-core dots); block_n: output features per program (rmsnorm_qkv: a head's
-    width fuses the q/k epilogue into the projection, less splits it); block_k: reduction chunk."""
+    width fuses the q/k epilogue into the projection, less splits it); block_k: reduction chunk;
+    split_k: programs sharing one output tile's reduction (torch_impl's tensor-core path: each
+    sums a contiguous run of chunks, the last to finish adds the parts in order and applies the
+    epilogue; more programs stream W when the output tiles alone leave SMs idle)."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    split_k: int = 1
 
     def __post_init__(self):
         _check_pow2(self)

@@ -43,4 +43,4 @@ def tiles_id(tiles) -> str:
         return f"kv{tiles.block_kv}x{tiles.num_splits}"
     if isinstance(tiles, PrefillTiles):
         return f"pm{tiles.block_m}n{tiles.block_n}"
-    return f"m{tiles.block_m}n{tiles.block_n}k{tiles.block_k}"
+    return f"m{tiles.block_m}n{tiles.block_n}k{tiles.block_k}" + (f"s{tiles.split_k}" if tiles.split_k > 1 else "")

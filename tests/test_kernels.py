@@ -41,6 +41,15 @@ def _check(tw, actual, expected, plain, dtype: str, what: str) -> None:
     assert_lowp_close(actual, plain, expected, what=f"{tw.name} kernel {what}")
 
 
+def _assert_counters_reset(device) -> None:
+    """torch_impl's split counters (decode attention's splits, the projections' split_k) are all
+    zero after a launch: the program that finishes a tile resets its counter."""
+    from torch_impl.kernels import _lib
+
+    counters = _lib._COUNTERS.get(device)
+    assert counters is None or int(counters.abs().sum()) == 0, "split counters must be reset to zero"
+
+
 def _x(rng, t: int, hidden: int) -> np.ndarray:
     """Activations N(0, 1) with every fourth row scaled to SMALL_ROW."""
     x = rng.standard_normal((t, hidden))
@@ -152,6 +161,8 @@ class KernelTests:
             keep = np.setdiff1d(np.arange(got_rows.shape[0]), rows)
             np.testing.assert_array_equal(got_rows[keep], old_rows[keep],
                                           err_msg=f"{tw.name} {name}: rows not in slots must be unchanged")
+        if tw.name == "torch":
+            _assert_counters_reset(x.device)
 
     # ----- mlp, linear_residual, rms_norm -----------------------------------------------------------
     def _mlp_inputs(self, tw, shape, t, dtype):
@@ -170,6 +181,8 @@ class KernelTests:
         assert tuple(out.shape) == (t, shape.hidden) and out.dtype == a["x"].dtype
         want = R.mlp_block(f["x"], f["norm_w"], f["w_gate_up"], f["w_down"], f["x"], EPS)
         _check(tw, out, want, plain, dtype, "mlp")
+        if tw.name == "torch":
+            _assert_counters_reset(out.device)
 
     def test_linear_residual(self, tw, mm_case):
         shape, t, dtype, tiles = mm_case
@@ -183,6 +196,8 @@ class KernelTests:
         assert tuple(out.shape) == (t, h) and out.dtype == res.dtype
         _check(tw, out, R.linear_residual(tw.np(x), tw.np(w_o), tw.np(res)),
                tw.plain("linear_residual")(x, w_o, res), dtype, "linear_residual")
+        if tw.name == "torch":
+            _assert_counters_reset(out.device)
 
     def test_rms_norm(self, tw, mm_case):
         shape, t, dtype, _ = mm_case
@@ -237,8 +252,7 @@ class KernelTests:
         assert tuple(out.shape) == (b, shape.hq, d) and out.dtype == q.dtype
         _check(tw, out, R.decode_attention(tw.np(q), k_seq, v_seq, lens), plain, dtype, "decode_attention")
         if tw.name == "torch":
-            counters = __import__("torch_impl.kernels.decode_attention", fromlist=["_COUNTERS"])._COUNTERS.get(q.device)
-            assert counters is None or int(counters.sum()) == 0, "split counters must be reset to zero"
+            _assert_counters_reset(q.device)
 
     def test_decode_attention_one_block_per_sequence(self, tw, attn_case):
         """block_tables None (block b holds sequence b, the jax model's layout) and one-block tables."""
@@ -318,11 +332,15 @@ class TestInterpret(KernelTests):
                  (_A, 3, BF16, MatmulTiles(4, 16, 64)),   # split heads: projection + epilogue
                  (_A, 19, BF16, MatmulTiles(16, 32, 32)),  # split, with the dot
                  (_A, 19, BF16, MatmulTiles(16, 64, 64), ("torch",)),  # torch: whole half-heads per program
-                 (_A, 3, BF16, MatmulTiles(2, 128, 32), ("jax",))]  # jax: fused GEMV, 2 rows per program
+                 (_A, 3, BF16, MatmulTiles(2, 128, 32), ("jax",)),  # jax: fused GEMV, 2 rows per program
+                 (_A, 19, BF16, MatmulTiles(16, 32, 32, split_k=3), ("torch",)),  # split heads, K in 3 parts
+                 (_B, 19, F32, MatmulTiles(16, 64, 64, split_k=2), ("torch",))]  # whole half-heads, K in 2
     MM_CASES = [(s, t, F32, None) for s in CPU_SHAPES for t in (1, 19)] + [
         (s, 3, BF16, None) for s in CPU_SHAPES] + [
         (_E, 19, BF16, None), (_E, 3, BF16, MatmulTiles(2, 16, 32)), (_D, 19, BF16, MatmulTiles(16, 32, 32)),
-        (_C, 19, F32, MatmulTiles(64, 64, 64)), (_B, 5, BF16, MatmulTiles(16, 64, 32), ("torch",))]
+        (_C, 19, F32, MatmulTiles(64, 64, 64)), (_B, 5, BF16, MatmulTiles(16, 64, 32), ("torch",)),
+        (_A, 19, BF16, MatmulTiles(16, 32, 32, split_k=4), ("torch",)),  # K of 128 / 384 in 4 parts
+        (_D, 19, F32, MatmulTiles(16, 16, 32, split_k=3), ("torch",))]  # K 111 / 97: a part ends in a tail
     ATTN_CASES = [(_A, 1, F32, None), (_B, 3, BF16, None), (_C, 3, F32, AttentionTiles(16, num_splits=4)),
                   (_D, 3, BF16, AttentionTiles(16, num_splits=2)), (_E, 3, BF16, AttentionTiles(32)),
                   (_E, 1, F32, AttentionTiles(16, num_splits=2))]
@@ -341,11 +359,15 @@ class TestGPU(KernelTests):
     _T = [MatmulTiles(1, 128, 128, num_warps=8), MatmulTiles(1, 16, 512), MatmulTiles(16, 32, 128),
           MatmulTiles(4, 16, 64, num_warps=8)]
     QKV_CASES = [(s, t, BF16, None) for s in GPU_SHAPES for t in (1, 3, 16, 67)] + [
-        (GPU_SHAPES[3], t, BF16, tl) for t, tl in zip((1, 1, 16, 3), _T)]
+        (GPU_SHAPES[3], t, BF16, tl) for t, tl in zip((1, 1, 16, 3), _T)] + [
+        (GPU_SHAPES[i], t, BF16, MatmulTiles(32, bn, 64, num_stages=3, split_k=sk), ("torch",))
+        for i, t, bn, sk in ((0, 32, 64, 4), (3, 19, 32, 8))]
     MM_CASES = [(s, t, BF16, None) for s in GPU_SHAPES for t in (1, 3, 16, 67)] + [
         (GPU_SHAPES[2], t, BF16, tl) for t, tl in
         ((1, MatmulTiles(1, 8, 1024)), (3, MatmulTiles(4, 16, 128)), (300, MatmulTiles(64, 64, 64)),
-         (16, MatmulTiles(16, 64, 128, num_stages=3)))]
+         (16, MatmulTiles(16, 64, 128, num_stages=3)))] + [
+        (GPU_SHAPES[i], t, BF16, MatmulTiles(bm, bn, 64, num_stages=3, split_k=sk), ("torch",))
+        for i, t, bm, bn, sk in ((0, 32, 32, 64, 4), (3, 67, 64, 32, 8), (5, 16, 16, 16, 3))]
     ATTN_CASES = [(s, b, BF16, None) for s in GPU_SHAPES for b in (1, 16)] + [
         (GPU_SHAPES[0], 3, BF16, AttentionTiles(32, num_splits=8))]
     PREFILL_CASES = [(s, layout, BF16, None) for s in GPU_SHAPES for layout in ("one-block", "paged")] + [
@@ -396,6 +418,9 @@ def test_bad_inputs_name_the_tensor(framework):
         k("prefill_attention")(z(3, 2, 16), cache, cache, tw.meta(cu_seqlens_q=[0, 3], cu_seqlens_k=[0, 3],
                                                                  block_tables=np.zeros((2, 1)), max_seqlen_q=3,
                                                                  is_prefill=True))
+    if framework == "jax":  # split_k is torch_impl's: jax_impl sums each tile in one program
+        with pytest.raises(ValueError, match="split_k=2"):
+            k("linear_residual")(z(16, 64), z(32, 64), z(16, 32), tiles=MatmulTiles(16, 16, 32, split_k=2))
     if framework == "jax":  # one program per head cannot hold more than head_dim rows
         with pytest.raises(ValueError, match="block_n"):
             k("rmsnorm_qkv")(*qkv, tw.meta(positions=[0, 0], slots=[0, 0]), num_heads=2, num_kv_heads=1, eps=EPS,

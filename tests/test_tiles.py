@@ -256,3 +256,28 @@ def test_tile_dataclasses_check_their_fields():
         PrefillTiles(block_m=8)
     with pytest.raises(ValueError, match="positive integer"):
         MatmulTiles(1, 2, 0)
+
+
+def test_split_k_is_torch_tensor_core_tiles_only(tmp_path, monkeypatch):
+    """split_k fits torch_impl's tensor-core tiles (at most one part per chunk of K); jax_impl and
+    the one-row GEMV take none; the tuner tries it where it fits; a table entry with it is read."""
+    shape = dict(m=32, n=1024, k=2048)
+    split = MatmulTiles(32, 64, 64, split_k=4)
+    assert tile_rules.misfit("linear_residual", "torch", split, shape) is None
+    assert "jax_impl" in tile_rules.misfit("linear_residual", "jax", split, shape)
+    assert "tensor-core" in tile_rules.misfit("linear_residual", "torch", MatmulTiles(1, 4, 512, split_k=2),
+                                              dict(shape, m=1))
+    assert "one part per" in tile_rules.misfit("linear_residual", "torch", MatmulTiles(32, 64, 1024, split_k=4),
+                                               shape)
+    torch_pool = tile_rules.candidates("linear_residual", "torch", H100, shape)
+    assert any(t.split_k > 1 for t in torch_pool)
+    assert all(t.split_k * t.block_k <= shape["k"] for t in torch_pool)
+    assert all(t.split_k == 1 for t in tile_rules.candidates("linear_residual", "jax", H100, shape))
+    assert all(t.split_k == 1 for t in tile_rules.candidates("linear_residual", "torch", H100, dict(shape, m=1)))
+    for kernel, s in _shapes(PRESETS["Qwen3-8B"]):  # the default rule splits nothing: the tuner picks split_k
+        t = tile_rules.default_tiles(kernel, "torch", FAKES[1], "bfloat16", s)
+        assert not isinstance(t, MatmulTiles) or t.split_k == 1, (kernel, s, t)
+    key = tiles.matmul_key("linear_residual", 32, 1024, 2048, "bfloat16")
+    tiles.write_entry("torch", FAKES[1], key, "fused", split)
+    tiles.clear_cache()
+    assert tiles.lookup("linear_residual", "torch", FAKES[1], dtype="bfloat16", **shape).tiles == split

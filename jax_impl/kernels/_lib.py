@@ -120,6 +120,8 @@ def tiles_for(kernel: str, op: str, tiles, tile_type, dtype, fmt: str | None = N
     """The tiles a launcher runs: the caller's, else the lookup's; checked to be `tile_type`."""
     tiles = tiles or choose(kernel, dtype, fmt, **shape).tiles
     check(isinstance(tiles, tile_type), f"{op}: tiles={tiles!r}, expected a common.tiles.{tile_type.__name__}")
+    check(getattr(tiles, "split_k", 1) == 1, f"{op}: tiles.split_k={getattr(tiles, 'split_k', 1)}: jax_impl's "
+                                             f"projections sum each output tile in one program (split_k 1)")
     return tiles
 
 

@@ -167,13 +167,15 @@ def project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm,
             NORM: tl.constexpr, TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
             PDL: tl.constexpr, SWAP: tl.constexpr = False, ONE_SHOT: tl.constexpr = False,
-            s_ptr=None, stride_sn=0, QUANT: tl.constexpr = 0):
+            s_ptr=None, stride_sn=0, QUANT: tl.constexpr = 0, SPLIT: tl.constexpr = 1):
     """(acc_a, acc_b) [BLOCK_M, BLOCK_N] float32 = h @ W[rows_a].T and h @ W[rows_b].T (TWO), where
     h = RMSNorm(x) (NORM) or x, for rows offs_m of x [M, K]. A quantized W (QUANT 1 int8, 2 fp8;
-    s_ptr its scales, common.quant): int8 rows scaled after the sum over K, fp8 chunks as loaded."""
+    s_ptr its scales, common.quant): int8 rows scaled after the sum over K, fp8 chunks as loaded.
+    SPLIT > 1 (tensor-core tiles): the sum over this program's run of K chunks (`split_range`);
+    `split_sum` adds the runs."""
     acc_a, acc_b = _project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm, stride_wn, K, eps,
                             NORM, TWO, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP, ONE_SHOT,
-                            s_ptr, stride_sn, QUANT)
+                            s_ptr, stride_sn, QUANT, SPLIT)
     if QUANT == 1:
         acc_a = acc_a * tl.load(s_ptr + rows_a, mask=r_ok, other=0.0)[None, :]
         if TWO:
@@ -185,7 +187,8 @@ def project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm,
 def _project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm, stride_wn, K, eps,
              NORM: tl.constexpr, TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-             PDL: tl.constexpr, SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, s_ptr, stride_sn, QUANT: tl.constexpr):
+             PDL: tl.constexpr, SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, s_ptr, stride_sn, QUANT: tl.constexpr,
+             SPLIT: tl.constexpr):
     """project without the int8 row scales.
 
     USE_DOT (16+ token rows): tensor-core dots, loads software-pipelined by Triton (num_stages).
@@ -198,14 +201,15 @@ def _project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm
     acc_b = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if USE_DOT:  # loads pipelined by Triton (num_stages)
         wait_prior(PDL)
-        if NORM:
+        if NORM:  # the whole row's statistic, whatever part of K this program sums
             rstd = row_rstd(x_ptr, offs_m, m_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K, EVEN_K)
         else:
             rstd = tl.zeros([BLOCK_M], tl.float32)
+        k_lo, k_hi = split_range(K, BLOCK_K, SPLIT)
         if SWAP:  # W as the left operand: [BN, BK] @ [BK, BM], BN >= 64 rows per warpgroup MMA
             t_a = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
             t_b = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for k0 in range(0, K, BLOCK_K):
+            for k0 in range(k_lo, k_hi, BLOCK_K):
                 k_ok = k_mask(k0, K, BLOCK_K, EVEN_K)
                 h_t = tl.trans(load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_ok, stride_xm, rstd, NORM, BLOCK_K,
                                       PRECISION))
@@ -215,7 +219,7 @@ def _project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm
                     t_b = dot(load_w_as(w_ptr, s_ptr, rows_b, r_ok, k0, k_ok, stride_wn, stride_sn, K, h_t.dtype, BLOCK_N,
                                          BLOCK_K, QUANT, PRECISION), h_t, t_b, PRECISION)
             return tl.trans(t_a), tl.trans(t_b)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_lo, k_hi, BLOCK_K):
             k_ok = k_mask(k0, K, BLOCK_K, EVEN_K)
             h = load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_ok, stride_xm, rstd, NORM, BLOCK_K, PRECISION)
             acc_a = _mma(acc_a, h, load_w_as(w_ptr, s_ptr, rows_a, r_ok, k0, k_ok, stride_wn, stride_sn, K, h.dtype,
@@ -254,3 +258,44 @@ def _project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm
                 acc_b = _mma(acc_b, h, w_b, False, PRECISION)
                 w_b = n_b
         return acc_a, acc_b
+
+
+@triton.jit
+def split_range(K, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+    """[k_lo, k_hi) of this program's reduction: with SPLIT > 1, program_id(2)'s contiguous run of
+    ceil(chunks / SPLIT) chunks of BLOCK_K (the last runs may be shorter or empty), else all of K."""
+    if SPLIT == 1:
+        return 0, K
+    run = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+    k_lo = tl.program_id(2) * run
+    return k_lo, tl.minimum(K, k_lo + run)
+
+
+@triton.jit
+def split_sum(acc_a, acc_b, TWO: tl.constexpr, ws_ptr, cnt_ptr, rows_a, rows_b, r_ok, offs_m, m_ok,
+              stride_ws, stride_wm, SPLIT: tl.constexpr):
+    """split_k's finish: this program's partial sums (acc_a, acc_b [BLOCK_M, BLOCK_N], columns W's
+    rows_a / rows_b) go to the float32 workspace ws [SPLIT, M, rows] at program_id(2); the last of
+    the tile's SPLIT programs to arrive (counted in cnt[tile], tile = the program's place in grid
+    axes 0 and 1) adds all parts in split order - the same sum whichever program is last - and
+    resets the counter. Returns (acc_a, acc_b, m_ok): m_ok all false but in the last program, so
+    the epilogue, masked by it, stores (and loads) nothing elsewhere."""
+    tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    mask = m_ok[:, None] & r_ok[None, :]
+    ws_a = ws_ptr + offs_m[:, None] * stride_wm + rows_a[None, :]
+    ws_b = ws_ptr + offs_m[:, None] * stride_wm + rows_b[None, :]
+    tl.store(ws_a + tl.program_id(2) * stride_ws, acc_a, mask=mask)
+    if TWO:
+        tl.store(ws_b + tl.program_id(2) * stride_ws, acc_b, mask=mask)
+    tl.debug_barrier()  # every thread's partials are stored before the release below
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    last = arrived == SPLIT - 1
+    mine = tl.where(last, mask, False)  # the others load nothing
+    acc_a = tl.zeros_like(acc_a)
+    acc_b = tl.zeros_like(acc_b)
+    for s in tl.static_range(SPLIT):
+        acc_a += tl.load(ws_a + s * stride_ws, mask=mine, other=0.0, cache_modifier=".cg")
+        if TWO:
+            acc_b += tl.load(ws_b + s * stride_ws, mask=mine, other=0.0, cache_modifier=".cg")
+    tl.atomic_xchg(cnt_ptr + tile, 0, mask=last)
+    return acc_a, acc_b, tl.where(last, m_ok, False)

@@ -146,6 +146,23 @@ def precision(dtype: torch.dtype) -> str:
 _PDL: dict = {}
 
 
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MAX_COUNTERS = 1 << 16
+
+
+def split_counters(op: str, device: torch.device, n: int, what: str, fix: str) -> torch.Tensor:
+    """The device's arrival counters of kernels whose programs split one output's work and the last
+    to arrive finishes it (decode attention's splits, the projections' split_k): int32 zeros, each
+    reset by the program that finishes. One buffer per device serves every such kernel: a kernel
+    touches them only after its wait for the previous kernel (PDL or stream order), so two never
+    count at once on one stream."""
+    check(n <= MAX_COUNTERS, f"{op}: {n} {what} need split counters, more than {MAX_COUNTERS}; {fix}")
+    buf = _COUNTERS.get(device)
+    if buf is None:
+        buf = _COUNTERS[device] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
+    return buf
+
+
 def pdl_meta(device: torch.device, early: bool = False) -> dict:
     """Programmatic dependent launch (a kernel starts while the previous one drains, waiting in-kernel
     before it reads that kernel's output) on CUDA GPUs of compute capability >= 9.0 when this Triton
@@ -180,6 +197,20 @@ def matmul_meta(tiles, m: int, k: int, device: torch.device) -> dict:
     # loads; Qwen3-0.6B / 8B batch 32 on an H100: 13,781 / 2,959 tok/s against 12,267 / 2,381 with
     # the tokens on the left)
     swap = use_dot and block_m <= 32 and tiles.block_n >= 64
+    # split_k: tensor-core tiles only, at most one program per reduction chunk
+    split = min(tiles.split_k, -(-k // block_k)) if use_dot else 1
     return dict(BLOCK_M=block_m, BLOCK_K=block_k, EVEN_K=k % block_k == 0, USE_DOT=use_dot, SWAP=swap,
-                ONE_SHOT=not use_dot and k <= block_k,
+                ONE_SHOT=not use_dot and k <= block_k, SPLIT=split,
                 num_warps=tiles.num_warps, num_stages=tiles.num_stages, **pdl_meta(device, early=not use_dot))
+
+
+def split_buffers(op: str, meta: dict, m: int, rows: int, tiles_n: int, x: torch.Tensor):
+    """(workspace, counters, workspace strides) of a split_k launch: float32 partial sums
+    [SPLIT, m, rows] (rows: W's rows) and one counter per output tile; with SPLIT 1 placeholders
+    the kernel never reads."""
+    if meta["SPLIT"] == 1:
+        return x, x, 0, 0
+    tiles = tiles_n * -(-m // meta["BLOCK_M"])
+    ws = torch.empty((meta["SPLIT"], m, rows), dtype=torch.float32, device=x.device)
+    cnt = split_counters(op, x.device, tiles, "output tiles", "use split_k=1 or larger tiles")
+    return ws, cnt, ws.stride(0), ws.stride(1)

@@ -27,10 +27,8 @@ import triton.language as tl
 from common.tiles import AttentionTiles, next_pow2
 from torch_impl.kernels import _jit
 from torch_impl.kernels._lib import (check, check_cache, check_device, check_float, check_index, check_rows,
-                                     pdl_meta, precision, tiles_for)
+                                     pdl_meta, precision, split_counters, tiles_for)
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_MAX_COUNTERS = 1 << 16
 MIN_SPLIT_BLOCKS = 2  # a split covers at least this many blocks of keys: shorter contexts use fewer splits
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile never produces NaN
 
@@ -151,15 +149,6 @@ def _decode_attention_kernel(
             tl.atomic_xchg(count_ptr + b * HKV + kvh, 0)
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor:
-    check(n <= _MAX_COUNTERS, f"decode_attention: {n} (sequence, kv head) pairs need split counters, more than "
-                              f"{_MAX_COUNTERS}; use num_splits=1")
-    buf = _COUNTERS.get(device)
-    if buf is None:
-        buf = _COUNTERS[device] = torch.zeros(_MAX_COUNTERS, dtype=torch.int32, device=device)
-    return buf
-
-
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta, *,
                      tiles: AttentionTiles | None = None) -> torch.Tensor:
     """[B, Hq, D] attention of each sequence's query over its first meta.context_lens[b] cached keys
@@ -204,7 +193,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     splits = tiles.num_splits
     if splits > 1:
         part = torch.empty((b * hkv * splits, g_pad, d_p + 2), dtype=torch.float32, device=q.device)
-        counters = _counters(q.device, b * hkv)
+        counters = split_counters("decode_attention", q.device, b * hkv, "(sequence, kv head) pairs",
+                                  "use num_splits=1")
     else:
         part = counters = out  # unused
     _decode_attention_kernel[(b, hkv, splits)](

@@ -14,7 +14,7 @@ import triton.language as tl
 from common.tiles import MatmulTiles
 from torch_impl.kernels import _jit
 from torch_impl.kernels._lib import (QUANT_CODES, check, check_device, check_float, check_rows, check_shape,
-                                     matmul_meta, precision, split_weight, tiles_for)
+                                     matmul_meta, precision, split_buffers, split_weight, tiles_for)
 
 
 @triton.jit(do_not_specialize=_jit.TOKEN_COUNT)
@@ -24,11 +24,13 @@ def _linear_residual_kernel(
     s_ptr,  # w's scales when quantized (QUANT 1: [N]; 2: [N/128, K/128])
     r_ptr,  # [M, N]
     out_ptr,  # [M, N]
+    ws_ptr, cnt_ptr,  # split_k (SPLIT > 1): float32 partial sums [SPLIT, M, N], the tiles' arrival counters
     M, N, K,
-    stride_am, stride_wn, stride_sn, stride_rm, stride_om,
+    stride_am, stride_wn, stride_sn, stride_rm, stride_om, stride_ws, stride_wm,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
     SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, HAS_RESIDUAL: tl.constexpr, QUANT: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
     _jit.release_first(PDL)  # PDL 2: the next kernel launches and streams its weights meanwhile
     pid_n = tl.program_id(0)
@@ -39,8 +41,11 @@ def _linear_residual_kernel(
     n_ok = offs_n < N
     acc, _ = _jit.project(a_ptr, a_ptr, w_ptr, offs_n, offs_n, n_ok, offs_m, m_ok, stride_am, stride_wn, K, 0.0,
                           False, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP, ONE_SHOT,
-                          s_ptr, stride_sn, QUANT)
+                          s_ptr, stride_sn, QUANT, SPLIT)
     _jit.release_after(PDL)  # PDL 1: the loads are done
+    if SPLIT > 1:  # the tile's last program to finish stores it
+        acc, _, m_ok = _jit.split_sum(acc, acc, False, ws_ptr, cnt_ptr, offs_n, offs_n, n_ok, offs_m, m_ok,
+                                      stride_ws, stride_wm, SPLIT)
     mask = m_ok[:, None] & n_ok[None, :]
     dtype = out_ptr.dtype.element_ty
     if HAS_RESIDUAL:
@@ -74,9 +79,11 @@ def linear_residual(x: torch.Tensor, w, residual: torch.Tensor | None, *,
     if m == 0:
         return out
     meta = matmul_meta(tiles, m, k, x.device)
-    grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, meta["BLOCK_M"]))
+    grid = (triton.cdiv(n, tiles.block_n), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT"])
+    ws, cnt, stride_ws, stride_wm = split_buffers(op, meta, m, n, grid[0], x)
     r = out if residual is None else residual
-    _linear_residual_kernel[grid](x, w, scale, r, out, m, n, k, x.stride(0), w.stride(0), stride_sn, r.stride(0),
-                                  out.stride(0), BLOCK_N=tiles.block_n, PRECISION=precision(x.dtype),
+    _linear_residual_kernel[grid](x, w, scale, r, out, ws, cnt, m, n, k, x.stride(0), w.stride(0), stride_sn,
+                                  r.stride(0), out.stride(0), stride_ws, stride_wm, BLOCK_N=tiles.block_n,
+                                  PRECISION=precision(x.dtype),
                                   HAS_RESIDUAL=residual is not None, QUANT=QUANT_CODES[fmt], **meta)
     return out

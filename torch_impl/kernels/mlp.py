@@ -18,7 +18,7 @@ from common.tiles import MatmulTiles
 from torch_impl.kernels import _jit
 from common.quant import FP8_BLOCK
 from torch_impl.kernels._lib import (QUANT_CODES, check, check_device, check_float, check_rows, check_shape,
-                                     matmul_meta, precision, split_weight, tiles_for)
+                                     matmul_meta, precision, split_buffers, split_weight, tiles_for)
 from torch_impl.kernels.linear_residual import linear_residual
 
 
@@ -29,12 +29,13 @@ def _norm_gate_up_kernel(
     w_ptr,  # [2 I, K]: rows [gate; up]
     s_ptr,  # w's scales when quantized (QUANT 1: [2 I]; 2: [2 I/128, K/128])
     act_ptr,  # [M, I]
+    ws_ptr, cnt_ptr,  # split_k (SPLIT > 1): float32 partial sums [SPLIT, M, 2 I], the tiles' arrival counters
     M, I, K,
-    stride_xm, stride_wn, stride_sn, stride_am,
+    stride_xm, stride_wn, stride_sn, stride_am, stride_ws, stride_wm,
     eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, QUANT: tl.constexpr,
+    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, QUANT: tl.constexpr, SPLIT: tl.constexpr,
 ):
     _jit.release_first(PDL)  # PDL 2: the next kernel launches and streams its weights meanwhile
     pid_n = tl.program_id(0)
@@ -45,8 +46,11 @@ def _norm_gate_up_kernel(
     n_ok = offs_n < I
     acc_g, acc_u = _jit.project(x_ptr, nw_ptr, w_ptr, offs_n, I + offs_n, n_ok, offs_m, m_ok, stride_xm, stride_wn,
                                 K, eps, True, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP,
-                                ONE_SHOT, s_ptr, stride_sn, QUANT)
+                                ONE_SHOT, s_ptr, stride_sn, QUANT, SPLIT)
     _jit.release_after(PDL)  # PDL 1: the loads are done
+    if SPLIT > 1:  # the tile's last program to finish stores it
+        acc_g, acc_u, m_ok = _jit.split_sum(acc_g, acc_u, True, ws_ptr, cnt_ptr, offs_n, I + offs_n, n_ok, offs_m,
+                                            m_ok, stride_ws, stride_wm, SPLIT)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(act_ptr + offs_m[:, None] * stride_am + offs_n[None, :],
              _jit.cast(act, act_ptr.dtype.element_ty, PRECISION), mask=m_ok[:, None] & n_ok[None, :])
@@ -74,9 +78,11 @@ def norm_gate_up(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up, *, eps: float
     if m == 0:
         return act
     meta = matmul_meta(tiles, m, k, x.device)
-    grid = (triton.cdiv(inter, tiles.block_n), triton.cdiv(m, meta["BLOCK_M"]))
-    _norm_gate_up_kernel[grid](x, norm_w, w_gate_up, scale, act, m, inter, k, x.stride(0), w_gate_up.stride(0),
-                               stride_sn, act.stride(0), float(eps), BLOCK_N=tiles.block_n,
+    grid = (triton.cdiv(inter, tiles.block_n), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT"])
+    ws, cnt, stride_ws, stride_wm = split_buffers(op, meta, m, 2 * inter, grid[0], x)
+    _norm_gate_up_kernel[grid](x, norm_w, w_gate_up, scale, act, ws, cnt, m, inter, k, x.stride(0),
+                               w_gate_up.stride(0), stride_sn, act.stride(0), stride_ws, stride_wm, float(eps),
+                               BLOCK_N=tiles.block_n,
                                PRECISION=precision(x.dtype), QUANT=QUANT_CODES[fmt], **meta)
     return act
 

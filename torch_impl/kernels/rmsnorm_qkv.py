@@ -23,8 +23,8 @@ from common.quant import FP8_BLOCK
 from common.tiles import MatmulTiles, next_pow2
 from torch_impl.kernels import _jit
 from torch_impl.kernels._lib import (QUANT_CODES, check, check_cache, check_device, check_float, check_index,
-                                     check_rows, check_shape, matmul_meta, pdl_meta, precision, split_weight,
-                                     tiles_for)
+                                     check_rows, check_shape, matmul_meta, pdl_meta, precision, split_buffers,
+                                     split_weight, tiles_for)
 
 
 @triton.jit
@@ -74,13 +74,15 @@ def _rmsnorm_qkv_kernel(
     q_ptr,  # [M, HQ, D]
     kc_ptr, vc_ptr,  # [num_slots, HKV, D] (flattened blocks)
     part_ptr,  # [M, HQ + HKV, D] float32 scratch (split heads only)
+    ws_ptr, cnt_ptr,  # split_k (SPLIT > 1): float32 partial sums [SPLIT, M, (HQ + 2 HKV) D], arrival counters
     M, K, num_slots, max_pos,
     stride_xm, stride_wn, stride_sn, stride_cs, stride_qm, stride_qh, stride_cslot, stride_ch, stride_pm,
+    stride_ws, stride_wm,
     eps,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, HALF_P: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr,
-    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, QUANT: tl.constexpr,
+    SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, QUANT: tl.constexpr, SPLIT: tl.constexpr,
 ):
     _jit.release_first(PDL)  # PDL 2: the next kernel launches and streams its weights meanwhile
     pid = tl.program_id(0)
@@ -94,8 +96,11 @@ def _rmsnorm_qkv_kernel(
 
     acc_lo, acc_hi = _jit.project(x_ptr, nw_ptr, w_ptr, rows_lo, rows_lo + HALF, c_ok, offs_m, m_ok, stride_xm,
                                   stride_wn, K, eps, True, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT,
-                                  PRECISION, PDL, SWAP, ONE_SHOT, s_ptr, stride_sn, QUANT)
+                                  PRECISION, PDL, SWAP, ONE_SHOT, s_ptr, stride_sn, QUANT, SPLIT)
     _jit.release_after(PDL)  # PDL 1: the loads are done
+    if SPLIT > 1:  # the tile's last program to finish stores it
+        acc_lo, acc_hi, m_ok = _jit.split_sum(acc_lo, acc_hi, True, ws_ptr, cnt_ptr, rows_lo, rows_lo + HALF, c_ok,
+                                              offs_m, m_ok, stride_ws, stride_wm, SPLIT)
 
     pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
     pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)  # never read outside the RoPE table
@@ -196,11 +201,12 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     meta["SWAP"] = meta["SWAP"] and block_n >= 64
     m_tiles = triton.cdiv(m, meta["BLOCK_M"])
     part = torch.empty((m, num_heads + num_kv_heads, d), dtype=torch.float32, device=x.device) if n_tiles > 1 else q
-    _rmsnorm_qkv_kernel[(heads * n_tiles, m_tiles)](
-        x, norm_w, w_qkv, scale, q_norm_w, k_norm_w, cos_sin, positions, slots, q, k_cache, v_cache, part,
+    ws, cnt, stride_ws, stride_wm = split_buffers(op, meta, m, heads * d, heads * n_tiles, x)
+    _rmsnorm_qkv_kernel[(heads * n_tiles, m_tiles, meta["SPLIT"])](
+        x, norm_w, w_qkv, scale, q_norm_w, k_norm_w, cos_sin, positions, slots, q, k_cache, v_cache, part, ws, cnt,
         m, k, k_cache.shape[0] * k_cache.shape[1], cos_sin.shape[0],
         x.stride(0), w_qkv.stride(0), stride_sn, cos_sin.stride(0), q.stride(0), q.stride(1), k_cache.stride(1),
-        k_cache.stride(2), (num_heads + num_kv_heads) * d, float(eps),
+        k_cache.stride(2), (num_heads + num_kv_heads) * d, stride_ws, stride_wm, float(eps),
         HQ=num_heads, HKV=num_kv_heads, D=d, HALF=half, HALF_P=half_p, BLOCK_N=block_n, TILES=n_tiles,
         PRECISION=precision(dtype), QUANT=QUANT_CODES[fmt], **meta)
     if n_tiles > 1:
