@@ -5,7 +5,9 @@
 The interpreter checks none of Triton's compile-time rules (power-of-two blocks, consistent types
 across branches, constexpr globals, dot shapes): this runs each launcher at real preset shapes with
 the launch replaced by a full `triton.compile` (Triton IR -> PTX -> cubin with the bundled ptxas)
-of the kernel it would have launched, with programmatic dependent launch on as on an H100.
+of the kernel it would have launched, with programmatic dependent launch on as on an H100: one
+token, 16-67 tokens (tensor cores, W on the left, the reduction split over programs), bf16, int8
+and fp8 weights.
 Prints one line per kernel, and checks that the projections do not specialize on the token count
 (a new prompt length compiles nothing); exit status 1 on any failure.
 """
@@ -32,7 +34,7 @@ from common.tiles import AttentionTiles, MatmulTiles  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*i32",
-           torch.int64: "*i64"}
+           torch.int64: "*i64", torch.int8: "*i8", torch.float8_e4m3fn: "*fp8e4nv"}
 LAUNCHES: list = []
 
 
@@ -88,6 +90,23 @@ def launch_all(preset: str, m: int, dtype=torch.bfloat16) -> None:
         K.rmsnorm_qkv(x, z(h), z(cfg.qkv_size, h), z(d), z(d), torch.empty(64, d), cache, cache,
                       AttentionMeta(positions=i32(m), slots=i32(m)), num_heads=hq, num_kv_heads=hkv, eps=1e-6,
                       tiles=MatmulTiles(16, 16, 128))
+    if m > 16:  # tensor-core tiles with W on the left (block_n 64) or not, the reduction split (split_k)
+        for t in (MatmulTiles(32, 64, 64, num_stages=3, split_k=4), MatmulTiles(32, 16, 128, num_stages=3, split_k=2)):
+            K.rmsnorm_qkv(x, z(h), z(cfg.qkv_size, h), z(d), z(d), torch.empty(64, d), cache, cache, qkv_meta,
+                          num_heads=hq, num_kv_heads=hkv, eps=1e-6, tiles=t)
+            K.mlp(x, z(h), z(2 * i, h), z(h, i), x, eps=1e-6, tiles=t, down_tiles=t)
+    if dtype == torch.bfloat16:  # int8 and fp8 weights (scaled after the sum / dequantized as loaded)
+        from common.quant import FP8_BLOCK, QWeight
+
+        for fmt, wdt in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
+            def qw(n, k):
+                scale = torch.ones(n) if fmt == "int8" else torch.ones(-(-n // FP8_BLOCK), -(-k // FP8_BLOCK))
+                return QWeight(torch.zeros(n, k, dtype=wdt), scale, fmt)
+            K.rmsnorm_qkv(x, z(h), qw(cfg.qkv_size, h), z(d), z(d), torch.empty(64, d), cache, cache, qkv_meta,
+                          num_heads=hq, num_kv_heads=hkv, eps=1e-6)
+            K.mlp(x, z(h), qw(2 * i, h), qw(h, i), x, eps=1e-6)
+            if m > 16:
+                K.linear_residual(z(m, hq * d), qw(h, hq * d), x, tiles=MatmulTiles(32, 64, 64, num_stages=3, split_k=4))
     store_kv(z(m, hkv, d), cache, i32(m))
     K.rms_norm(x, z(h), eps=1e-6)
     if m == 1:
@@ -108,7 +127,7 @@ def main() -> int:
         if hasattr(mod, "pdl_meta"):
             mod.pdl_meta = pdl
     cases = [("Qwen3-0.6B", 1, torch.bfloat16), ("Qwen3-8B", 16, torch.bfloat16), ("Qwen3-4B", 67, torch.bfloat16),
-             ("Qwen3-0.6B", 19, torch.float32)]
+             ("Qwen3-0.6B", 32, torch.bfloat16), ("Qwen3-8B", 1, torch.bfloat16), ("Qwen3-0.6B", 19, torch.float32)]
     failed = 0
     seen = set()
     for preset, m, dtype in cases:
