@@ -161,3 +161,33 @@ def test_advance_updates_the_decode_state():
     assert positions.tolist() == [6, 10, 0] and ctx.tolist() == [7, 11, 0]
     assert slots.tolist() == [106, 210, -(1 << 40)]
     assert out[0, 2] == 7 and out[1, 4] == 8 and int(out.count_nonzero()) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_is_torch_argmax(dtype):
+    """The greedy argmax kernel (chunks of a row, the last program to finish picks among them) gives
+    torch.argmax's index: the first maximum on ties within and across chunks, the first NaN, a row
+    of -inf, vocabularies above, at and below one chunk; its counters are left at zero."""
+    from torch_impl.kernels import _lib
+    from torch_impl.kernels.argmax import CHUNK, argmax
+
+    g = torch.Generator().manual_seed(0)
+    for v in (7, CHUNK, 3 * CHUNK + 5):
+        x = torch.randn(6, v, generator=g).to(dtype)
+        x[1, :] = 1.0  # all tied: index 0
+        x[2, v - 1] = x[2].max() + 1  # the last index
+        if v > CHUNK:
+            x[3, [5, CHUNK + 2, 2 * CHUNK]] = 100.0  # tied across chunks: the first
+        x[4, :] = float("-inf")
+        x[5, v // 2] = float("nan")
+        got = argmax(x.to(DEV))
+        assert got.dtype == torch.int64
+        assert got.cpu().tolist() == torch.argmax(x, dim=-1).tolist(), v
+        out = torch.full((6,), -1, dtype=torch.int64, device=DEV)
+        assert argmax(x.to(DEV), out) is out and out.cpu().tolist() == got.cpu().tolist()
+    counters = _lib._COUNTERS.get(torch.device(DEV))
+    assert counters is None or int(counters.abs().sum()) == 0
+    with pytest.raises(ValueError, match="logits"):
+        argmax(torch.zeros(3, dtype=dtype))
+    with pytest.raises(ValueError, match="out"):
+        argmax(torch.zeros(2, 5, dtype=dtype), torch.zeros(3, dtype=torch.int64))

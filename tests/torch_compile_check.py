@@ -109,6 +109,9 @@ def launch_all(preset: str, m: int, dtype=torch.bfloat16) -> None:
                 K.linear_residual(z(m, hq * d), qw(h, hq * d), x, tiles=MatmulTiles(32, 64, 64, num_stages=3, split_k=4))
     store_kv(z(m, hkv, d), cache, i32(m))
     K.rms_norm(x, z(h), eps=1e-6)
+    from torch_impl.kernels.argmax import argmax
+
+    argmax(z(m, cfg.vocab_size))
     if m == 1:
         from torch_impl.kernels.advance import advance
 
@@ -121,7 +124,7 @@ def main() -> int:
     pdl = lambda device, early=False: {"PDL": 2 if early else 1, "launch_pdl": True}  # noqa: E731 - as on an H100
     importlib.import_module("torch_impl.kernels._lib").pdl_meta = pdl
     for name in ("linear_residual", "mlp", "rmsnorm_qkv", "decode_attention", "prefill_attention", "store_kv", "rms_norm",
-                 "advance"):
+                 "advance", "argmax"):
         mod = importlib.import_module(f"torch_impl.kernels.{name}")
         mod.check_device = lambda *a, **k: None
         if hasattr(mod, "pdl_meta"):

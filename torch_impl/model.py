@@ -208,8 +208,14 @@ class LMHead(Linear):
         return self.tp.gather_vocab(self.project(h), self.per, self.vocab_size)
 
     def greedy(self, h, out: torch.Tensor) -> torch.Tensor:
-        """The greedy tokens [T] into `out` (under tp: without gathering the logits)."""
-        return self.tp.argmax_vocab(self.project(h), self.first, out)
+        """The greedy tokens [T] into `out` (under tp: without gathering the logits); with the fused
+        ops on a GPU the argmax is torch_impl.kernels.argmax (one launch of many programs per step)."""
+        fn = None
+        if h.is_cuda and self.ops is not None and self.ops.any_fused:
+            from torch_impl.kernels.argmax import argmax  # noqa: PLC0415 - triton only with the fused ops
+
+            fn = argmax
+        return self.tp.argmax_vocab(self.project(h), self.first, out, fn)
 
 
 class Qwen3Model(nn.Module):

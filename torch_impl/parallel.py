@@ -58,11 +58,15 @@ class TPGroup:
         _all_gather(out, logits.contiguous(), self.group)
         return out.view(self.size, t, per).permute(1, 0, 2).reshape(t, self.size * per)[:, :vocab_size]
 
-    def argmax_vocab(self, logits: torch.Tensor, first: int, out: torch.Tensor) -> torch.Tensor:
-        """Greedy ids [T] into `out` from this rank's slice [T, rows] of the logits starting at id `first`."""
+    def argmax_vocab(self, logits: torch.Tensor, first: int, out: torch.Tensor, argmax=None) -> torch.Tensor:
+        """Greedy ids [T] into `out` from this rank's slice [T, rows] of the logits starting at id `first`;
+        `argmax(logits, out)`: the row argmax to use (None: torch.argmax)."""
+        if argmax is None:
+            def argmax(x, out=None):
+                return torch.argmax(x, dim=-1, out=out)
         if self.size == 1:
-            return torch.argmax(logits, dim=-1, out=out)
-        idx = torch.argmax(logits, dim=-1)
+            return argmax(logits, out)
+        idx = argmax(logits)
         best = torch.stack([logits.gather(1, idx[:, None])[:, 0].float(), (idx + first).float()], dim=-1)
         every = best.new_empty(self.size * best.shape[0], 2)  # float32 ids: exact below 2**24
         _all_gather(every, best, self.group)
