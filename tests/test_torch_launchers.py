@@ -191,3 +191,45 @@ def test_argmax_is_torch_argmax(dtype):
         argmax(torch.zeros(3, dtype=dtype))
     with pytest.raises(ValueError, match="out"):
         argmax(torch.zeros(2, 5, dtype=dtype), torch.zeros(3, dtype=torch.int64))
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="the interpreter's program order is what this test reverses (CPU only)")
+def test_the_last_program_to_arrive_gives_the_same_result_in_any_order(monkeypatch):
+    """Kernels whose last-arriving program finishes a tile (the projections' split_k, decode
+    attention's splits, the argmax) sum their parts in a fixed order: with Triton's interpreter
+    running the programs in reverse order, every output is bitwise the same as in order, and the
+    counters end at zero."""
+    import triton.runtime.interpreter as interp
+
+    from common.tiles import AttentionTiles, MatmulTiles
+    from torch_impl.kernels import _lib
+    from torch_impl.kernels.argmax import argmax
+
+    g = torch.Generator().manual_seed(3)
+    x, w, r = torch.randn(19, 96, generator=g), torch.randn(40, 96, generator=g) / 10, torch.randn(19, 40, generator=g)
+    nw, gu, dn = torch.rand(96, generator=g) + 0.5, torch.randn(64, 96, generator=g) / 10, torch.randn(96, 32, generator=g)
+    q = torch.randn(3, 4, 16, generator=g)
+    kc, vc = torch.randn(6, 16, 2, 16, generator=g), torch.randn(6, 16, 2, 16, generator=g)
+    meta = AttentionMeta(context_lens=_i32(30, 5, 17), block_tables=_i32(0, 1, 4, 2, 3, 5).view(3, 2))
+    logits = torch.randn(2, 9000, generator=g)
+    logits[1, [10, 4100, 8999]] = 50.0  # tied across chunks
+    tiles = MatmulTiles(16, 16, 16, split_k=5)
+
+    def outputs():
+        return [K.linear_residual(x, w, r, tiles=tiles),
+                K.mlp(x, nw, gu, dn, x, eps=EPS, tiles=tiles, down_tiles=tiles),
+                K.decode_attention(q, kc, vc, meta, tiles=AttentionTiles(16, num_splits=2)),
+                argmax(logits)]
+
+    forward = outputs()
+    builder = interp.interpreter_builder
+    set_idx = builder.set_grid_idx
+    monkeypatch.setattr(builder, "set_grid_idx", lambda i, j, k: set_idx(*(d - 1 - v for d, v in
+                                                                            zip(builder.grid_dim, (i, j, k)))))
+    backward = outputs()
+    for a, b in zip(forward, backward):
+        assert torch.equal(a, b)
+    assert torch.allclose(forward[0], r + x @ w.T, atol=1e-5)
+    assert forward[3].tolist() == torch.argmax(logits, dim=-1).tolist()
+    counters = _lib._COUNTERS.get(torch.device("cpu"))
+    assert counters is not None and int(counters.abs().sum()) == 0
