@@ -117,17 +117,12 @@ class Decoder:
         with torch.cuda.graph(self.graph):
             self.logits = self._body()
         if self.picks_tokens and self.graph_steps > 1:  # the same step, graph_steps times in one graph
-            many = torch.cuda.CUDAGraph()
-            try:
-                if self.sampling is not None:
-                    many.register_generator_state(self.gen)
-                with torch.cuda.graph(many, pool=self.graph.pool()):  # replayed one at a time
-                    for _ in range(self.graph_steps):
-                        self._body()
-                self.graph_many = many
-            except RuntimeError as e:  # the one-step graph still serves every step
-                _log_once(f"torch_impl: decode steps replay one per CUDA graph ({self.graph_steps} steps in one "
-                          f"graph could not be captured: {str(e).splitlines()[0][:200]})")
+            self.graph_many = torch.cuda.CUDAGraph()
+            if self.sampling is not None:
+                self.graph_many.register_generator_state(self.gen)
+            with torch.cuda.graph(self.graph_many, pool=self.graph.pool()):  # replayed one at a time
+                for _ in range(self.graph_steps):
+                    self._body()
         torch.cuda.synchronize()
 
     @property
