@@ -182,25 +182,6 @@ def test_sampling_inside_the_cuda_graph(ckpts, batch):
             assert allowed_mask(logits, 0.8, 20, 0.9)[tok], (prompt, i, tok)
 
 
-@pytest.mark.gpu
-def test_several_steps_per_graph_replay_equal_eager(ckpts):
-    """Greedy and sampled-in-step decoding replay GRAPH_STEPS steps per launch of the many-step graph
-    and the rest of a chunk one by one: the tokens equal the eager loop's for budgets that are and
-    are not multiples of it, streamed or not."""
-    from torch_impl.decode_loop import GRAPH_STEPS
-
-    assert GRAPH_STEPS > 1
-    graphed = torch_impl.load(ckpts["tiny"], dtype="float32", device="cuda")
-    eager = torch_impl.load(ckpts["tiny"], dtype="float32", device="cuda", cuda_graphs=False)
-    prompts = [[5, 17, 3], [9, 1]]
-    for kw in (dict(), dict(temperature=0.8, top_k=20, top_p=0.9, seed=3)):
-        for new in (2 * GRAPH_STEPS + 1, 37):
-            assert graphed.generate(prompts, new, **kw) == eager.generate(prompts, new, **kw), (kw, new)
-        streamed = [t for c in graphed.generate_stream([4, 8, 15], 13, chunk=5, **kw) for t in c]
-        assert streamed == eager.generate([[4, 8, 15]], 13, **kw)[0], kw
-    assert all(dec.graph_many is not None for dec in graphed._decoders.values())
-
-
 def test_eos_stops_a_sequence(ckpts):
     runner = torch_impl.load(ckpts["peaked"], dtype="float32", fused=False)
     prompts = [[5, 17, 3], [9, 1, 200]]

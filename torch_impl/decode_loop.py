@@ -7,10 +7,6 @@ take the argmax, sampled steps (`sampling=(temperature, top_k, top_p)`) draw wit
 and the decoder's own generator (`gen`, registered with the graph, so a replay draws what an eager
 step would). With `sampling=None` and a temperature, steps return the logits and `advance()` takes
 tokens sampled outside (tensor parallelism: rank 0 samples and broadcasts).
-Steps that pick their own tokens are also captured `graph_steps` at a time in a second graph, so
-one replay runs several steps: the GPU idles between two replays (Qwen3-0.6B batch 1 on an H100:
-20.3 us before each step's first kernel, of an 810 us step, in `bench.profile`), and inside one
-graph the steps follow each other as its kernels do.
 Padding rows (a bucket larger than the batch) have slot -1 and context length 0: they write
 nothing and read nothing. Under tensor parallelism every rank runs the same step on its shard; the
 model's all-reduces and the head's gather (or, greedy, its cross-rank argmax) are NCCL calls
@@ -26,7 +22,6 @@ from torch_impl.ops import _log_once
 from torch_impl.sampling import sample
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-GRAPH_STEPS = 4  # decode steps per replay of the many-step graph (a chunk's rest runs a step per replay)
 PAD_SLOT = -(1 << 40)  # slot_base of padding rows: slot = base + position stays negative
 
 
@@ -36,10 +31,8 @@ def bucket_for(batch: int) -> int:
 
 class Decoder:
     def __init__(self, model, batch: int, blocks_per_seq: int, block_size: int, greedy: bool,
-                 device: torch.device, *, graph: bool, sampling: tuple[float, int, float] | None = None,
-                 graph_steps: int = GRAPH_STEPS):
+                 device: torch.device, *, graph: bool, sampling: tuple[float, int, float] | None = None):
         self.model, self.greedy, self.sampling = model, greedy, None if greedy else sampling
-        self.graph_steps = max(1, int(graph_steps))
         if self.sampling is not None and graph and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
             _log_once("this torch cannot register a generator with a CUDA graph: sampled decode steps "
                       "replay for the logits and sample outside the graph")
@@ -57,7 +50,7 @@ class Decoder:
         self.block_tables = torch.zeros(batch, blocks_per_seq, **i32)
         self.out = torch.zeros(batch, blocks_per_seq * block_size, **i64)  # emitted tokens
         self.logits = None
-        self.graph = self.graph_many = None
+        self.graph = None
         if graph:
             self._capture()
 
@@ -116,19 +109,7 @@ class Decoder:
             self.graph.register_generator_state(self.gen)
         with torch.cuda.graph(self.graph):
             self.logits = self._body()
-        if self.picks_tokens and self.graph_steps > 1:  # the same step, graph_steps times in one graph
-            self.graph_many = torch.cuda.CUDAGraph()
-            if self.sampling is not None:
-                self.graph_many.register_generator_state(self.gen)
-            with torch.cuda.graph(self.graph_many, pool=self.graph.pool()):  # replayed one at a time
-                for _ in range(self.graph_steps):
-                    self._body()
         torch.cuda.synchronize()
-
-    @property
-    def picks_tokens(self) -> bool:
-        """True when a step picks its tokens itself (greedy, or sampled in the step): `run` applies."""
-        return self.greedy or self.sampling is not None
 
     def start(self, first_tokens: torch.Tensor, lens: list[int], blocks_per_seq: int) -> None:
         """Fill the state for a batch whose prompts (lens) are prefilled and whose first new tokens are
@@ -162,18 +143,6 @@ class Decoder:
             self.graph.replay()
             return self.logits
         return self._body()
-
-    def run(self, steps: int) -> None:
-        """`steps` decode steps that pick their own tokens: graph_steps per replay of the many-step
-        graph, the rest one by one."""
-        if not self.picks_tokens:
-            raise RuntimeError("Decoder.run: these steps return logits to sample outside; call step()")
-        if self.graph_many is not None:
-            while steps >= self.graph_steps:
-                self.graph_many.replay()
-                steps -= self.graph_steps
-        for _ in range(steps):
-            self.step()
 
     def advance(self, next_tokens: torch.Tensor) -> None:
         """After a sampled step: next_tokens [B <= batch] become the last tokens."""

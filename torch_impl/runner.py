@@ -357,11 +357,10 @@ class TorchRunner(harness.Runner):
         steps = 1
         while True:
             stop = min(steps + chunk, max_new_tokens)
-            if dec.picks_tokens:  # the steps pick their tokens on the device: several per graph replay
-                dec.run(stop - steps)
-                steps = stop
             while steps < stop:
-                dec.advance(self._sample(dec.step()[:b].float(), temperature, top_k, top_p, gen))
+                logits = dec.step()
+                if logits is not None:
+                    dec.advance(self._sample(logits[:b].float(), temperature, top_k, top_p, gen))
                 steps += 1
             outs = _trim(dec.out[:b, :steps].cpu().tolist(), eos)
             done = steps >= max_new_tokens or all(o and o[-1] in eos for o in outs)
