@@ -9,7 +9,9 @@ on an H100 (docs/MEASUREMENTS.md has each figure) and are written in terms of wh
 - tensor-core tiles (16+ tokens) keep block_m x block_k + block_n x block_k per stage in shared
   memory: the stage count is cut until they fit the device's shared memory;
 - decode attention splits the context (flash-decoding) until the (sequence, kv head) programs
-  cover the device's SMs, as long as each split keeps >= 256 positions of the capacity.
+  cover the device's SMs, as long as each split keeps >= 256 positions of the capacity;
+- torch_impl's projections at 17-32 tokens split the reduction (split_k) until the programs are
+  twice the SMs, as long as each part keeps >= 512 of K (`_torch_split`).
 `misfit` says why a tile does not fit a shape (tables are checked with it).
 """
 
@@ -22,6 +24,8 @@ from common.tiles import AttentionTiles, Device, MatmulTiles, PrefillTiles, next
 DOT_MIN_M = 16  # token rows from which projections use tensor-core dots
 MIN_SPLIT_POSITIONS = 256  # decode attention: fewest cache positions per split
 MAX_SPLIT_K = 16  # torch_impl projections: most programs sharing one output tile's reduction
+SPLIT_MAX_M = 32  # the default rule splits K at 17-32 tokens (measured there; not above)
+MIN_SPLIT_K = 512  # the default rule: fewest K elements per part
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ONE_BYTE = ("-int8", "-fp8")  # dtype suffixes of one-byte weights (tiles.lookup's "<activations>-<format>")
 
@@ -68,6 +72,8 @@ def default_tiles(kernel: str, framework: str, device: Device, dtype: str, shape
     elif m == 1:  # the decode GEMV streams W the same way in both twins (tuned torch tables agree)
         tiles = (_torch_gemv_one_byte(kernel, n, k) if dtype.endswith(ONE_BYTE) else None) or \
             _jax_matmul(m, n, k, device, pair=kernel == "mlp_gate_up")
+    elif DOT_MIN_M < m <= SPLIT_MAX_M:
+        tiles = _torch_split(kernel, n, k, device)
     else:
         tiles = _torch_matmul(m, n, k)
     return fit_stages(tiles, device, BYTES.get(dtype, 2))
@@ -100,6 +106,24 @@ def _torch_matmul(m: int, n: int, k: int) -> MatmulTiles:
                            block_k=min(512, next_pow2(k)), num_warps=4, num_stages=2)
     return MatmulTiles(block_m=min(64, next_pow2(m)), block_n=64, block_k=min(64, next_pow2(k)),
                        num_warps=4, num_stages=3)
+
+
+def _torch_split(kernel: str, n: int, k: int, device: Device) -> MatmulTiles:
+    """torch_impl's tensor-core tiles at 17-32 tokens: 32 rows x 128-element chunks x 3 stages;
+    block_n 16 for linear_residual (one W row per output column), 32 for rmsnorm_qkv and the
+    gate/up pair (each program takes 2 x block_n rows: both rotary halves, gate and up); then
+    the reduction in 2, 4, 8 parts until the programs are at least twice the SMs, each part
+    keeping >= 512 of K. On an H100 (132 SMs) this gives the tuned 32-token tiles of Qwen3-0.6B
+    (o_proj and down: 16 columns in 4 parts, 5.90 / 6.88 us against 12.54 / 18.87 with 64 x 64 x
+    64 unsplit; qkv and gate/up: 32 in 2 parts) and Qwen3-8B's gate/up (unsplit); at 8B's qkv
+    and down it gives the tuned program counts (384, 512) with other widths."""
+    pair = kernel != "linear_residual"
+    block_n = 32 if pair else 16
+    programs = -(-n // (2 * block_n if pair else block_n))
+    split = 1
+    while split < 8 and programs * split < 2 * device.sm_count and k // (2 * split) >= MIN_SPLIT_K:
+        split *= 2
+    return MatmulTiles(32, block_n, 128, num_warps=4, num_stages=3, split_k=split)
 
 
 def _torch_gemv_one_byte(kernel: str, n: int, k: int) -> MatmulTiles | None:
@@ -229,7 +253,7 @@ def _matmul_pool(kernel: str, framework: str, shape: dict) -> list[MatmulTiles]:
         bm = next_pow2(m) if framework == "jax" else 16
         return [MatmulTiles(bm, bn, bk, num_warps=w, num_stages=st) for bn in (16, 32, 64) for bk in (128, 256, 512)
                 for w in (4, 8) for st in (2, 3) if not (framework == "jax" and bm < DOT_MIN_M and bn > 16)] + \
-            _split_pool(kernel, framework, shape, [16])
+            _split_pool(framework, shape, [16])
     bm = min(64, next_pow2(m))
     # narrow row blocks too: at 32 tokens Qwen3-0.6B's gate/up with 64-row blocks is 48 programs, and
     # took 33.7 us on an H200 for 12.6 MB; longer chunks too (fewer steps over a short K: at 8 tokens
@@ -237,10 +261,10 @@ def _matmul_pool(kernel: str, framework: str, shape: dict) -> list[MatmulTiles]:
     pool = [MatmulTiles(b, bn, bk, num_warps=w, num_stages=st) for b in sorted({min(32, bm), bm})
             for bn in (16, 32, 64, 128) for bk, stages in ((64, (2, 3)), (128, (3,)), (256, (3,)))
             for w in (4, 8) for st in stages]
-    return pool + _split_pool(kernel, framework, shape, [min(32, bm)])
+    return pool + _split_pool(framework, shape, [min(32, bm)])
 
 
-def _split_pool(kernel: str, framework: str, shape: dict, row_blocks) -> list[MatmulTiles]:
+def _split_pool(framework: str, shape: dict, row_blocks) -> list[MatmulTiles]:
     """torch_impl's tensor-core tiles with the reduction split over 2-8 programs (split_k): more
     programs stream W where the output tiles alone are fewer than the SMs (Qwen3-0.6B's o_proj at
     32 tokens: 1,024 outputs are 16-64 tiles)."""

@@ -29,7 +29,7 @@ def isolated(tmp_path, monkeypatch):
 
 def _shapes(cfg):
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    for m in (1, 3, 16, 67, 512):
+    for m in (1, 3, 16, 32, 67, 512):
         yield "rmsnorm_qkv", dict(m=m, n=cfg.qkv_size, k=h, head_dim=d)
         yield "mlp_gate_up", dict(m=m, n=2 * i, k=h)
         yield "linear_residual", dict(m=m, n=h, k=cfg.q_size)
@@ -72,6 +72,29 @@ def test_decode_attention_splits_follow_the_sm_count():
     short = tiles.lookup("decode_attention", "torch", FAKES[2], dtype="bfloat16",
                          **dict(shape, max_context=511)).tiles.num_splits
     assert short == 1  # each split keeps >= 256 positions of the capacity
+
+
+def test_default_split_k_follows_the_sm_count():
+    """torch_impl at 32 tokens: the reduction split until the programs are twice the SMs, each part
+    keeping >= 512 of K; Qwen3-0.6B on an H100 gets its tuned tiles (o_proj / down: 16 columns in
+    4 parts; qkv, gate/up: 32 in 2 parts); Qwen3-8B's gate/up (768 tiles) is not split."""
+    cfg = PRESETS["Qwen3-0.6B"]
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    rule = lambda kernel, n, k, dev=H100, m=32: tile_rules.default_tiles(  # noqa: E731
+        kernel, "torch", dev, "bfloat16", dict(m=m, n=n, k=k, head_dim=cfg.head_dim))
+    assert rule("linear_residual", h, cfg.q_size) == MatmulTiles(32, 16, 128, num_stages=3, split_k=4)
+    assert rule("linear_residual", h, i) == MatmulTiles(32, 16, 128, num_stages=3, split_k=4)
+    assert rule("rmsnorm_qkv", cfg.qkv_size, h) == MatmulTiles(32, 32, 128, num_stages=3, split_k=2)
+    assert rule("mlp_gate_up", 2 * i, h) == MatmulTiles(32, 32, 128, num_stages=3, split_k=2)
+    big = PRESETS["Qwen3-8B"]
+    assert rule("mlp_gate_up", 2 * big.intermediate_size, big.hidden_size).split_k == 1
+    few = Device("fake 16 SMs", 16, 227 * 1024, (9, 0))
+    assert rule("linear_residual", h, i, few).split_k == 1  # 64 programs already cover 2 x 16 SMs
+    for n, k in ((h, cfg.q_size), (h, i), (big.hidden_size, big.intermediate_size), (1024, 1000)):
+        splits = [rule("linear_residual", n, k, d).split_k for d in sorted(FAKES, key=lambda d: d.sm_count)]
+        assert splits == sorted(splits), (n, k, splits)
+        assert all(k // s >= tile_rules.MIN_SPLIT_K or s == 1 for s in splits), (n, k, splits)
+    assert rule("linear_residual", h, i, m=16).split_k == rule("linear_residual", h, i, m=64).split_k == 1
 
 
 def test_stages_are_cut_to_the_shared_memory():
@@ -274,9 +297,9 @@ def test_split_k_is_torch_tensor_core_tiles_only(tmp_path, monkeypatch):
     assert all(t.split_k * t.block_k <= shape["k"] for t in torch_pool)
     assert all(t.split_k == 1 for t in tile_rules.candidates("linear_residual", "jax", H100, shape))
     assert all(t.split_k == 1 for t in tile_rules.candidates("linear_residual", "torch", H100, dict(shape, m=1)))
-    for kernel, s in _shapes(PRESETS["Qwen3-8B"]):  # the default rule splits nothing: the tuner picks split_k
+    for kernel, s in _shapes(PRESETS["Qwen3-8B"]):  # the default rule splits at 17-32 tokens only
         t = tile_rules.default_tiles(kernel, "torch", FAKES[1], "bfloat16", s)
-        assert not isinstance(t, MatmulTiles) or t.split_k == 1, (kernel, s, t)
+        assert not isinstance(t, MatmulTiles) or t.split_k == 1 or 16 < s["m"] <= 32, (kernel, s, t)
     key = tiles.matmul_key("linear_residual", 32, 1024, 2048, "bfloat16")
     tiles.write_entry("torch", FAKES[1], key, "fused", split)
     tiles.clear_cache()
