@@ -358,11 +358,11 @@ class TestGPU(KernelTests):
     GPU = True
     _T = [MatmulTiles(1, 128, 128, num_warps=8), MatmulTiles(1, 16, 512), MatmulTiles(16, 32, 128),
           MatmulTiles(4, 16, 64, num_warps=8)]
-    QKV_CASES = [(s, t, BF16, None) for s in GPU_SHAPES for t in (1, 3, 16, 67)] + [
+    QKV_CASES = [(s, t, BF16, None) for s in GPU_SHAPES for t in (1, 3, 16, 32, 67)] + [
         (GPU_SHAPES[3], t, BF16, tl) for t, tl in zip((1, 1, 16, 3), _T)] + [
         (GPU_SHAPES[i], t, BF16, MatmulTiles(32, bn, 64, num_stages=3, split_k=sk), ("torch",))
         for i, t, bn, sk in ((0, 32, 64, 4), (3, 19, 32, 8))]
-    MM_CASES = [(s, t, BF16, None) for s in GPU_SHAPES for t in (1, 3, 16, 67)] + [
+    MM_CASES = [(s, t, BF16, None) for s in GPU_SHAPES for t in (1, 3, 16, 32, 67)] + [  # 32: default split_k
         (GPU_SHAPES[2], t, BF16, tl) for t, tl in
         ((1, MatmulTiles(1, 8, 1024)), (3, MatmulTiles(4, 16, 128)), (300, MatmulTiles(64, 64, 64)),
          (16, MatmulTiles(16, 64, 128, num_stages=3)))] + [
