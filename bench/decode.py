@@ -263,9 +263,13 @@ class NanoVllm:
         self.new_tokens = new_tokens
         block = 256
         model_len = -(-(prompt_len + new_tokens) // block) * block
-        self.llm = LLM(str(path), enforce_eager=False, max_model_len=model_len, max_num_seqs=max(batches),
-                       max_num_batched_tokens=max(model_len, max(batches) * prompt_len),
-                       gpu_memory_utilization=0.5, kvcache_block_size=block)
+        try:
+            self.llm = LLM(str(path), enforce_eager=False, max_model_len=model_len, max_num_seqs=max(batches),
+                           max_num_batched_tokens=max(model_len, max(batches) * prompt_len),
+                           gpu_memory_utilization=0.5, kvcache_block_size=block)
+        except BaseException:
+            integration.uninstall()  # later rows of this process run torch_impl's own context again
+            raise
         atexit.unregister(self.llm.exit)
 
     def _generate(self, prompts, tokens: int) -> tuple[float, int]:

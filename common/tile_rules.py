@@ -25,6 +25,7 @@ DOT_MIN_M = 16  # token rows from which projections use tensor-core dots
 MIN_SPLIT_POSITIONS = 256  # decode attention: fewest cache positions per split
 MAX_SPLIT_K = 16  # torch_impl projections: most programs sharing one output tile's reduction
 SPLIT_MAX_M = 32  # the default rule splits K at 17-32 tokens (measured there; not above)
+MAX_SPLIT_TOKENS = 64  # split_k tiles fit up to 64 tokens: the workspace grows with the tokens (prefill)
 MIN_SPLIT_K = 512  # the default rule: fewest K elements per part
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ONE_BYTE = ("-int8", "-fp8")  # dtype suffixes of one-byte weights (tiles.lookup's "<activations>-<format>")
@@ -208,6 +209,9 @@ def misfit(kernel: str, framework: str, tiles, shape: dict) -> str | None:
             return f"split_k={tiles.split_k}: jax_impl's projections sum each tile in one program (split_k 1)"
         if tiles.block_m == 1:
             return f"split_k={tiles.split_k}: only the tensor-core path (block_m > 1) splits the reduction"
+        if shape["m"] > MAX_SPLIT_TOKENS:
+            return (f"split_k={tiles.split_k}: split tiles fit up to {MAX_SPLIT_TOKENS} tokens, not {shape['m']} "
+                    f"(their float32 workspace grows with the tokens)")
         if tiles.split_k > MAX_SPLIT_K or tiles.split_k * tiles.block_k > max(shape["k"], tiles.block_k):
             return (f"split_k={tiles.split_k}: expected at most {MAX_SPLIT_K} and at most one part per "
                     f"block_k={tiles.block_k} chunk of k={shape['k']}")
@@ -268,7 +272,7 @@ def _split_pool(framework: str, shape: dict, row_blocks) -> list[MatmulTiles]:
     """torch_impl's tensor-core tiles with the reduction split over 2-8 programs (split_k): more
     programs stream W where the output tiles alone are fewer than the SMs (Qwen3-0.6B's o_proj at
     32 tokens: 1,024 outputs are 16-64 tiles)."""
-    if framework != "torch":
+    if framework != "torch" or shape["m"] > MAX_SPLIT_TOKENS:
         return []
     return [MatmulTiles(b, bn, bk, num_warps=4, num_stages=3, split_k=sk) for b in row_blocks
             for bn in (16, 32, 64) for bk in (64, 128) for sk in (2, 4, 8) if sk * bk <= shape["k"]]

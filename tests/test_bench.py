@@ -451,3 +451,14 @@ def test_nanovllm_row_times_decode_as_the_difference_of_two_generates(tmp_path, 
     decode.measure("nanovllm", "Qwen3-0.6B", cfg, None, [1], prompt_len=16, new_tokens=5, runs=1, warmup=0,
                    torch_device="cuda", ceilings={}, emit=rows.append, progress=lambda m: None)
     assert rows[0]["error"].startswith("unavailable") and "checkpoint directory" in rows[0]["error"], rows
+    # an engine that fails to start leaves torch_impl's own context installed again
+    calls.clear()
+    rows.clear()
+
+    def refuse(self, path, **kw):
+        raise RuntimeError("no GPU memory left")
+
+    monkeypatch.setattr(FakeLLM, "__init__", refuse)
+    decode.measure("nanovllm", "Qwen3-0.6B", cfg, tmp_path, [1], prompt_len=16, new_tokens=5, runs=1, warmup=0,
+                   torch_device="cuda", ceilings={}, emit=rows.append, progress=lambda m: None)
+    assert calls[-1] == ("uninstall",) and "no GPU memory left" in rows[0]["error"], (calls, rows)

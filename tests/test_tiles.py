@@ -297,6 +297,9 @@ def test_split_k_is_torch_tensor_core_tiles_only(tmp_path, monkeypatch):
     assert all(t.split_k * t.block_k <= shape["k"] for t in torch_pool)
     assert all(t.split_k == 1 for t in tile_rules.candidates("linear_residual", "jax", H100, shape))
     assert all(t.split_k == 1 for t in tile_rules.candidates("linear_residual", "torch", H100, dict(shape, m=1)))
+    # the 128-token bucket also serves prefill: no split tiles there (the workspace grows with the tokens)
+    assert all(t.split_k == 1 for t in tile_rules.candidates("linear_residual", "torch", H100, dict(shape, m=128)))
+    assert "up to 64 tokens" in tile_rules.misfit("linear_residual", "torch", split, dict(shape, m=4096))
     for kernel, s in _shapes(PRESETS["Qwen3-8B"]):  # the default rule splits at 17-32 tokens only
         t = tile_rules.default_tiles(kernel, "torch", FAKES[1], "bfloat16", s)
         assert not isinstance(t, MatmulTiles) or t.split_k == 1 or 16 < s["m"] <= 32, (kernel, s, t)

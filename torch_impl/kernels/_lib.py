@@ -211,6 +211,6 @@ def split_buffers(op: str, meta: dict, m: int, rows: int, tiles_n: int, x: torch
     if meta["SPLIT"] == 1:
         return x, x, 0, 0
     tiles = tiles_n * -(-m // meta["BLOCK_M"])
-    ws = torch.empty((meta["SPLIT"], m, rows), dtype=torch.float32, device=x.device)
     cnt = split_counters(op, x.device, tiles, "output tiles", "use split_k=1 or larger tiles")
+    ws = torch.empty((meta["SPLIT"], m, rows), dtype=torch.float32, device=x.device)
     return ws, cnt, ws.stride(0), ws.stride(1)
