@@ -59,7 +59,7 @@ def argmax(logits: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     if out is None:
         out = torch.empty(t, dtype=torch.int64, device=logits.device)
     check(tuple(out.shape) == (t,) and out.dtype in (torch.int64, torch.int32),
-          f"{op}: out is {out.dtype} {list(out.shape)}, expected int64 [{t}]")
+          f"{op}: out is {out.dtype} {list(out.shape)}, expected int64 or int32 [{t}]")
     check_device(op, logits=logits, out=out)
     if t == 0:
         return out
