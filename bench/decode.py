@@ -255,15 +255,17 @@ class NanoVllm:
         import atexit
 
         import torch_impl.nanovllm as integration
-        from nanovllm import LLM, SamplingParams
 
+        # install first: without flash_attn, nano-vllm's package imports only after the placeholder
         integration.install(use_fused_kernels="auto")
-        self._integration, self._params = integration, SamplingParams
         self.temperature = (sampling or {}).get("temperature") or NANOVLLM_GREEDY_TEMPERATURE
         self.new_tokens = new_tokens
         block = 256
         model_len = -(-(prompt_len + new_tokens) // block) * block
         try:
+            from nanovllm import LLM, SamplingParams
+
+            self._integration, self._params = integration, SamplingParams
             self.llm = LLM(str(path), enforce_eager=False, max_model_len=model_len, max_num_seqs=max(batches),
                            max_num_batched_tokens=max(model_len, max(batches) * prompt_len),
                            gpu_memory_utilization=0.5, kvcache_block_size=block)

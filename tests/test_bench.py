@@ -427,10 +427,14 @@ def test_nanovllm_row_times_decode_as_the_difference_of_two_generates(tmp_path, 
             self.temperature, self.max_tokens = temperature, max_tokens
 
     fake = types.ModuleType("nanovllm")
-    fake.LLM, fake.SamplingParams = FakeLLM, FakeParams
     fake.__spec__ = importlib.machinery.ModuleSpec("nanovllm", None)
     monkeypatch.setitem(sys.modules, "nanovllm", fake)
-    monkeypatch.setattr(integration, "install", lambda **kw: calls.append(("install", kw)))
+
+    def install(**kw):  # nano-vllm imports only once installed (its flash_attn placeholder, when missing)
+        calls.append(("install", kw))
+        fake.LLM, fake.SamplingParams = FakeLLM, FakeParams
+
+    monkeypatch.setattr(integration, "install", install)
     monkeypatch.setattr(integration, "uninstall", lambda: calls.append(("uninstall",)))
     monkeypatch.setattr(decode, "_sync", lambda device: None)
     cfg = decode.Qwen3Config.preset("Qwen3-0.6B")
