@@ -233,3 +233,55 @@ def test_the_last_program_to_arrive_gives_the_same_result_in_any_order(monkeypat
     assert forward[3].tolist() == torch.argmax(logits, dim=-1).tolist()
     counters = _lib._COUNTERS.get(torch.device("cpu"))
     assert counters is not None and int(counters.abs().sum()) == 0
+
+
+def _draw_cases():
+    """(z [B, V] float32, k, top_p) rows: bf16-rounded logits (ties among and at the k-th value), a
+    vocabulary over two passes of the kernel, 100 tokens tied at the k-th value past the
+    candidates, an all-equal row, a single candidate."""
+    from torch_impl.kernels.draw import BLOCK
+
+    g = torch.Generator().manual_seed(5)
+    wide = (torch.randn(8, 2 * BLOCK + 77, generator=g) * 3).to(torch.bfloat16).float()
+    tied = torch.zeros(6, 500)
+    tied[:, 100:200] = 5.0
+    tied[::2, [7, 450]] = 6.0
+    flat = torch.zeros(3, 300)
+    return [(wide, 40, 0.95), (wide, 20, 0.5), (wide, 1, 0.9), (wide, 64, 1.0), (tied, 40, 0.305),
+            (tied, 40, 0.955), (tied, 40, 1.0), (flat, 20, 0.9), (flat, 300, 0.5)]
+
+
+def test_draw_is_the_torch_samplers_draw():
+    """The draw kernel picks the token torch_impl.sampling's torch ops pick from the same candidates
+    and uniforms: top-p over the candidates, the tied group at the k-th value (the t-th kept tied
+    token, found by a second pass), the inverse of the cumulative weights."""
+    from torch_impl import sampling
+    from torch_impl.kernels.draw import draw_top_k
+
+    g = torch.Generator().manual_seed(6)
+    for z, k, top_p in _draw_cases():
+        for _ in range(3):
+            u = torch.rand(z.shape[0], 2, generator=g)
+            vals, ids = sampling.candidates(z, k)
+            want = sampling._draw_top_k(z, sampling._Candidates(z, vals, ids, top_p), u)
+            got = draw_top_k(z.to(DEV), vals.contiguous().to(DEV), ids.contiguous().to(DEV), u.to(DEV), top_p)
+            assert got.dtype == torch.int64
+            assert got.cpu().tolist() == want.tolist(), (z.shape, k, top_p)
+            kept = sampling.top_k_nucleus(z, k, top_p)
+            assert kept.gather(-1, want[:, None]).all(), (z.shape, k, top_p)  # never outside the nucleus
+    z = torch.zeros(2, 50)
+    with pytest.raises(ValueError, match="vals"):
+        draw_top_k(z, torch.zeros(2, 51), torch.zeros(2, 51, dtype=torch.int64), torch.zeros(2, 2), 0.9)
+    with pytest.raises(ValueError, match="top_p"):
+        draw_top_k(z, torch.zeros(2, 5), torch.zeros(2, 5, dtype=torch.int64), torch.zeros(2, 2), 0.0)
+
+
+def test_fused_sampling_draws_the_same_tokens():
+    """sample(fused=True) (the draw kernel) and the torch ops draw the same tokens from one seed."""
+    from torch_impl.sampling import sample
+
+    z = (torch.randn(5, 3000, generator=torch.Generator().manual_seed(1)) * 2).to(DEV)
+    for top_k, top_p in ((40, 0.95), (20, 1.0), (5, 0.6)):
+        a = sample(z, 0.7, top_k, top_p, torch.Generator(device=DEV).manual_seed(9))
+        b = sample(z, 0.7, top_k, top_p, torch.Generator(device=DEV).manual_seed(9), fused=True)
+        assert a.tolist() == b.tolist(), (top_k, top_p)

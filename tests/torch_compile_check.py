@@ -112,6 +112,10 @@ def launch_all(preset: str, m: int, dtype=torch.bfloat16) -> None:
     from torch_impl.kernels.argmax import argmax
 
     argmax(z(m, cfg.vocab_size))
+    from torch_impl.kernels.draw import draw_top_k
+
+    f32 = lambda *s: torch.zeros(*s, dtype=torch.float32)  # noqa: E731
+    draw_top_k(f32(m, cfg.vocab_size), f32(m, 40), torch.zeros(m, 40, dtype=torch.int64), f32(m, 2), 0.95)
     if m == 1:
         from torch_impl.kernels.advance import advance
 
@@ -124,7 +128,7 @@ def main() -> int:
     pdl = lambda device, early=False: {"PDL": 2 if early else 1, "launch_pdl": True}  # noqa: E731 - as on an H100
     importlib.import_module("torch_impl.kernels._lib").pdl_meta = pdl
     for name in ("linear_residual", "mlp", "rmsnorm_qkv", "decode_attention", "prefill_attention", "store_kv", "rms_norm",
-                 "advance", "argmax"):
+                 "advance", "argmax", "draw"):
         mod = importlib.import_module(f"torch_impl.kernels.{name}")
         mod.check_device = lambda *a, **k: None
         if hasattr(mod, "pdl_meta"):

@@ -88,7 +88,7 @@ class Decoder:
             # padding rows (valid 0) hold no sequence: their logits are replaced by zeros, so the
             # sampler never sees what an empty attention may leave there
             z = torch.where(self.valid[:, None] > 0, logits.float(), 0.0)
-            self.tokens.copy_(sample(z, *self.sampling, self.gen))
+            self.tokens.copy_(sample(z, *self.sampling, self.gen, fused=z.is_cuda and self.model.lm_head.fused))
             logits = None
         if logits is None:
             self._advance()

@@ -199,6 +199,11 @@ class LMHead(Linear):
         super().__init__(dim, rows, fmt)
         self.ops, self.tp, self.vocab_size, self.first, self.per = ops, tp, num, first, per
 
+    @property
+    def fused(self) -> bool:
+        """The fused ops are on: the step's argmax and sampling draw run torch_impl's kernels on a GPU."""
+        return self.ops is not None and self.ops.any_fused
+
     def project(self, h):
         """This rank's logits [T, rows] (all of them at tensor-parallel size 1)."""
         return F.linear(h, self.weight) if self.fmt == "bf16" else self.ops.linear_residual(h, self.w, None)
@@ -211,7 +216,7 @@ class LMHead(Linear):
         """The greedy tokens [T] into `out` (under tp: without gathering the logits); with the fused
         ops on a GPU the argmax is torch_impl.kernels.argmax (one launch of many programs per step)."""
         fn = None
-        if h.is_cuda and self.ops is not None and self.ops.any_fused:
+        if h.is_cuda and self.fused:
             from torch_impl.kernels.argmax import argmax  # noqa: PLC0415 - triton only with the fused ops
 
             fn = argmax

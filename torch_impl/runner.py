@@ -400,10 +400,11 @@ class TorchRunner(harness.Runner):
 
     def _sample(self, logits: torch.Tensor, temperature, top_k, top_p, gen) -> torch.Tensor:
         """The next tokens [B]: greedy ones alike on every rank (their logits are); sampled ones rank 0's."""
+        fused = logits.is_cuda and self.model.lm_head.fused
         if self._session is None or temperature == 0:
-            return sample(logits, temperature, top_k, top_p, gen)
+            return sample(logits, temperature, top_k, top_p, gen, fused=fused)
         if self._session.rank == 0:
-            tokens = sample(logits, temperature, top_k, top_p, gen)
+            tokens = sample(logits, temperature, top_k, top_p, gen, fused=fused)
         else:
             tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         return self._session.tp.broadcast(tokens)

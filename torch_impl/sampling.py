@@ -13,13 +13,21 @@ import torch
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-           generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] float32 -> token ids [B] int64."""
+           generator: torch.Generator | None, *, fused: bool = False) -> torch.Tensor:
+    """logits [B, V] float32 -> token ids [B] int64. `fused` (CUDA, with the fused ops): top-k's
+    candidates go to torch_impl.kernels.draw, one launch for what follows top-k (the same draws
+    from the same uniforms, up to float32 rounding at a boundary)."""
     if temperature == 0:
         return torch.argmax(logits, dim=-1)  # the first (lowest) id on ties
     z = logits.float() / temperature
     if top_k > 0:
-        return _draw_top_k(z, _Candidates(z, min(top_k, z.shape[-1]), top_p), generator)
+        vals, ids = candidates(z, min(top_k, z.shape[-1]))
+        u = torch.rand(z.shape[0], 2, generator=generator, device=z.device)  # the draw's, the tied token's
+        if fused:
+            from torch_impl.kernels.draw import draw_top_k  # noqa: PLC0415 - triton only with the fused ops
+
+            return draw_top_k(z, vals.contiguous(), ids.contiguous(), u, top_p)
+        return _draw_top_k(z, _Candidates(z, vals, ids, top_p), u)
     if top_p < 1.0:
         order = torch.argsort(-z, dim=-1, stable=True)  # descending probability, ties by id
         p = torch.softmax(torch.gather(z, -1, order), dim=-1)
@@ -29,7 +37,7 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return torch.multinomial(torch.softmax(z, dim=-1), 1, generator=generator)[:, 0]
 
 
-def top_k(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def candidates(z: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, ids) [B, k] of the k largest of z [B, V], values descending (the order among equal
     values unspecified). Over up to 128 equal chunks of the vocabulary first, then over their
     winners: one row of 151,936 is a single program's work in torch.topk, 128 chunks are not."""
@@ -50,8 +58,7 @@ class _Candidates:
     `e`), and of the tokens tied at the k-th value (`tie` [B, V]) the first `n_tie_kept` [B, 1] in
     id order, each with probability `e_tie` [B, 1] (unnormalized as `e`)."""
 
-    def __init__(self, z: torch.Tensor, k: int, top_p: float):
-        vals, ids = top_k(z, k)
+    def __init__(self, z: torch.Tensor, vals: torch.Tensor, ids: torch.Tensor, top_p: float):
         kth = vals[:, -1:]
         by_id = torch.argsort(ids, dim=-1)  # then a stable sort by value: descending value, lower id first
         vals, ids = vals.gather(-1, by_id), ids.gather(-1, by_id)
@@ -74,20 +81,25 @@ class _Candidates:
 
 def top_k_nucleus(z: torch.Tensor, k: int, top_p: float) -> torch.Tensor:
     """The tokens top-k then top-p keep [B, V] bool (what `sample` draws from)."""
-    c = _Candidates(z, k, top_p)
+    c = _Candidates(z, *candidates(z, k), top_p)
     keep = torch.zeros_like(z, dtype=torch.bool).scatter_(-1, c.ids, c.keep)
     rank = torch.cumsum(c.tie.to(torch.int64), dim=-1) - 1  # each tied token's place among them, by id
     return keep | (c.tie & (rank < c.n_tie_kept))
 
 
-def _draw_top_k(z: torch.Tensor, c: _Candidates, generator: torch.Generator | None) -> torch.Tensor:
-    """One token per row among the kept candidates: the ones above the k-th value, or the tied group
-    as one outcome of its kept tokens' total weight, then one of them uniformly."""
-    weights = torch.cat([torch.where(c.keep, c.e, 0.0), c.n_tie_kept * c.e_tie], dim=-1)  # [B, k + 1]
-    j = torch.multinomial(weights, 1, generator=generator)  # [B, 1]
-    above = c.ids.gather(-1, j.clamp(max=c.ids.shape[-1] - 1))[:, 0]
-    u = torch.rand(z.shape[0], 1, generator=generator, device=z.device)
-    t = (u * c.n_tie_kept).long().clamp(max=c.n_tie_kept - 1)  # the t-th kept tied token, by id
+def _draw_top_k(z: torch.Tensor, c: _Candidates, u: torch.Tensor) -> torch.Tensor:
+    """One token per row among the kept candidates, by the inverse of their cumulative weights at
+    u[:, 0] (the candidates in rank order, then the tied group as one outcome of its kept tokens'
+    total weight), a tied token by u[:, 1]: the t-th kept one in id order."""
+    w = torch.where(c.keep, c.e, 0.0)  # [B, k]
+    cw = torch.cumsum(w, dim=-1)
+    w_tie = c.n_tie_kept * c.e_tie  # [B, 1]
+    target = u[:, :1] * (w.sum(-1, keepdim=True) + w_tie)
+    j = (cw <= target).sum(-1)  # outcomes passed before the draw's
+    tie_group = (j >= w.shape[-1]) & (w_tie[:, 0] > 0)
+    j = torch.minimum(j, c.keep.sum(-1) - 1).clamp(min=0)  # past the last weight by rounding: the last kept
+    above = c.ids.gather(-1, j[:, None])[:, 0]
+    t = (u[:, 1:] * c.n_tie_kept).long().clamp(max=c.n_tie_kept - 1).clamp(min=0)  # [B, 1]
     rank = torch.cumsum(c.tie.to(torch.int32), dim=-1)
     tied = torch.argmax((rank > t).to(torch.int32), dim=-1)  # the first id with t + 1 ties up to it
-    return torch.where(j[:, 0] < c.ids.shape[-1], above, tied)
+    return torch.where(tie_group, tied, above)
