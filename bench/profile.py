@@ -1,7 +1,8 @@
 """Where a decode step spends its time on the GPU, in either twin: tok/s and a per-kernel breakdown.
 
 A random-weight model of each preset made on the device (`load_random`: no checkpoint), a prompt of
-`--prompt-len` tokens, `--steps` greedy tokens (best of 3 after a warm-up), then one more decode
+`--prompt-len` tokens, `--steps` greedy tokens (`--sampling T,K,P`: sampled, as `bench decode`'s;
+best of 3 after a warm-up), then one more decode
 under the framework's profiler: device time per step by kernel (XLA's numbered fusions grouped by
 name), the GPU's idle time before each kernel group's launches (from the previous kernel's end to
 this one's start; kernels that overlap under programmatic dependent launch count none), and the
@@ -36,7 +37,7 @@ def _group(name: str) -> str:
 class JaxProbe:
     """jax_impl's compiled programs over random weights: decode_s() and profile() of one loop."""
 
-    def __init__(self, cfg, fused: str, batch: int, prompt_len: int, steps: int):
+    def __init__(self, cfg, fused: str, batch: int, prompt_len: int, steps: int, sampling: dict | None = None):
         import jax
         import jax.numpy as jnp
 
@@ -50,8 +51,16 @@ class JaxProbe:
         self.ids = jax.random.randint(jax.random.key(1), (batch, buckets.prompt_bucket(prompt_len, 1 << 20)), 0,
                                       cfg.vocab_size, jnp.int32)
         self.lengths = jnp.full((batch,), prompt_len, jnp.int32)
-        self.statics = dict(greedy=True, k_cap=0, use_top_p=False)
-        self.sample = (jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
+        if sampling:  # as jax_impl.runner sets them for a sampled generate
+            from jax_impl.sampling import k_cap_for
+
+            self.statics = dict(greedy=False, k_cap=k_cap_for(sampling["top_k"], cfg.vocab_size),
+                                use_top_p=sampling["top_p"] < 1.0)
+            self.sample = (jnp.float32(sampling["temperature"]), jnp.float32(sampling["top_p"]),
+                           jnp.int32(sampling["top_k"]))
+        else:
+            self.statics = dict(greedy=True, k_cap=0, use_top_p=False)
+            self.sample = (jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0))
         self.eos = jnp.asarray([-1] * 8, jnp.int32)
         self.calls = decode_loop.plan_calls(1, steps + 1)
 
@@ -86,17 +95,17 @@ class JaxProbe:
 class TorchProbe:
     """torch_impl's Runner over random weights: decode_s() from its stats, profile() of one generate."""
 
-    def __init__(self, cfg, fused: str, batch: int, prompt_len: int, steps: int):
+    def __init__(self, cfg, fused: str, batch: int, prompt_len: int, steps: int, sampling: dict | None = None):
         import torch
 
         from torch_impl import load_random
 
-        self.torch, self.steps = torch, steps
+        self.torch, self.steps, self.sampling = torch, steps, sampling or {}
         self.runner = load_random(cfg, fused=FUSED[fused])
         self.prompts = torch.randint(0, cfg.vocab_size, (batch, prompt_len)).tolist()
 
     def decode_s(self) -> float:
-        self.runner.generate(self.prompts, self.steps + 1)
+        self.runner.generate(self.prompts, self.steps + 1, **self.sampling)
         return self.runner.last_stats["decode_s"]
 
     def kernels(self) -> list[tuple[float, float, str]]:
@@ -105,7 +114,7 @@ class TorchProbe:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            self.runner.generate(self.prompts, self.steps + 1)
+            self.runner.generate(self.prompts, self.steps + 1, **self.sampling)
             torch.cuda.synchronize()
         return sorted((ev.time_range.start * 1e3, ev.device_time * 1e3, ev.name) for ev in prof.events()
                       if ev.device_type == torch.autograd.DeviceType.CUDA)
@@ -143,6 +152,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", default="1")
     p.add_argument("--steps", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--sampling", metavar="T,K,P", default=None,
+                   help="sampled decode: temperature, top_k, top_p (e.g. 0.7,40,0.95); greedy without it")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--top", type=int, default=25, help="kernel groups listed per profile")
     p.add_argument("--smoke", action="store_true", help="two layers of each preset (any backend)")
@@ -150,17 +161,20 @@ def main(argv=None) -> int:
     p.add_argument("--trace", default=None, metavar="DIR", help="write each profile's kernels (start, duration, "
                    "name) to DIR/<framework>-<preset>-<fused>-b<batch>.json")
     a = p.parse_args(argv)
+    from bench.__main__ import _sampling
+
+    sampling = _sampling(a.sampling)
     probe_cls = JaxProbe if a.framework == "jax" else TorchProbe
     rows = []
     for preset in a.presets.split(","):
         cfg = shrink(PRESETS[preset], layers=2) if a.smoke else PRESETS[preset]
         for fused in a.fused.split(","):
             for b in map(int, a.batch.split(",")):
-                probe = probe_cls(cfg, fused, b, a.prompt_len, a.steps)
+                probe = probe_cls(cfg, fused, b, a.prompt_len, a.steps, sampling)
                 probe.decode_s()  # compile (capture) and warm up
                 best = min(probe.decode_s() for _ in range(3))
                 row = dict(framework=a.framework, preset=preset, fused=fused, batch=b, tok_s=b * a.steps / best,
-                           us_per_step=best / a.steps * 1e6)
+                           us_per_step=best / a.steps * 1e6, sampling=sampling)
                 print(f"{a.framework:5} {preset:11} {fused:5} b{b:<4} {row['tok_s']:9.1f} tok/s  "
                       f"{row['us_per_step']:8.1f} us/step", flush=True)
                 if not a.no_profile:

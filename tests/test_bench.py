@@ -215,6 +215,13 @@ def test_decode_profile_smoke(tmp_path, framework):
     assert row["tok_s"] > 0 and row["us_per_step"] > 0 and ("kernels" in row or framework == "torch")
     if framework == "jax":  # no GPU kernels here: an empty trace
         assert json.loads((tmp_path / "trace" / "jax-Qwen3-0.6B-plain-b1.json").read_text()) == []
+    assert row["sampling"] is None
+    assert profile.main(["--framework", framework, "--smoke", "--presets", "Qwen3-0.6B", "--fused", "plain",
+                         "--steps", "4", "--json", str(out), "--no-profile", "--sampling", "0.7,40,0.95"]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["sampling"] == dict(temperature=0.7, top_k=40, top_p=0.95) and row["tok_s"] > 0
+    with pytest.raises(SystemExit, match="--sampling"):
+        profile.main(["--framework", framework, "--smoke", "--sampling", "0.7,40"])
 
 
 def test_decode_profile_counts_idle_time_before_each_kernel(tmp_path):
