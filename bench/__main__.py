@@ -62,26 +62,6 @@ def _ints(text: str, flag: str) -> list[int]:
     return vals
 
 
-def _sampling(text: str | None) -> dict | None:
-    """--sampling T,K,P -> generate()'s temperature, top_k, top_p (checked as generate checks them)."""
-    from common.sampling import GenerationArgsError, check_generate_args
-
-    if text is None:
-        return None
-    why = f"python -m bench: --sampling={text!r}: expected TEMPERATURE,TOP_K,TOP_P (e.g. 0.7,40,0.95)"
-    parts = text.split(",")
-    if len(parts) != 3:
-        raise SystemExit(why)
-    try:
-        out = dict(temperature=float(parts[0]), top_k=int(parts[1]), top_p=float(parts[2]))
-        check_generate_args([[0]], 1, **out, vocab_size=1)
-    except ValueError as e:  # GenerationArgsError included
-        raise SystemExit(why + (f": {e}" if isinstance(e, GenerationArgsError) else "")) from None
-    if out["temperature"] == 0:
-        raise SystemExit(why + ": temperature 0 is greedy decoding (leave --sampling out)")
-    return out
-
-
 def parser() -> argparse.ArgumentParser:
     from bench.decode import IMPLS
     from bench.kernels import OPS
@@ -232,7 +212,7 @@ def run(a) -> int:
     hf_batches = _ints(a.hf_batch or ("2" if a.smoke else "1"), "--hf-batch")
     ctx = a.ctx or (32 if a.smoke else 1024)
     new_tokens = a.new_tokens or (4 if a.smoke else 64 if a.quick else 256)
-    sampling = _sampling(a.sampling)
+    sampling = decode.parse_sampling(a.sampling)
     prompt_len = 8 if a.smoke else 16
     runs = 1 if a.smoke else 2 if a.quick else 3
     # wall clock, not time.monotonic(): the jobs' processes compare against it

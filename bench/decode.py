@@ -114,6 +114,27 @@ def _on_gpu() -> bool:
     return os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("JAX_PLATFORMS") != "cpu"
 
 
+def parse_sampling(text: str | None) -> dict | None:
+    """--sampling T,K,P (bench decode, bench.profile) -> generate()'s temperature, top_k, top_p (checked
+    as generate checks them)."""
+    from common.sampling import GenerationArgsError, check_generate_args
+
+    if text is None:
+        return None
+    why = f"python -m bench: --sampling={text!r}: expected TEMPERATURE,TOP_K,TOP_P (e.g. 0.7,40,0.95)"
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise SystemExit(why)
+    try:
+        out = dict(temperature=float(parts[0]), top_k=int(parts[1]), top_p=float(parts[2]))
+        check_generate_args([[0]], 1, **out, vocab_size=1)
+    except ValueError as e:  # GenerationArgsError included
+        raise SystemExit(why + (f": {e}" if isinstance(e, GenerationArgsError) else "")) from None
+    if out["temperature"] == 0:
+        raise SystemExit(why + ": temperature 0 is greedy decoding (leave --sampling out)")
+    return out
+
+
 def run_twin(runner, prompts, new_tokens: int, sampling: dict | None = None) -> dict:
     t0 = time.perf_counter()
     outs = runner.generate(prompts, new_tokens, **(sampling or {}))

@@ -161,9 +161,9 @@ def main(argv=None) -> int:
     p.add_argument("--trace", default=None, metavar="DIR", help="write each profile's kernels (start, duration, "
                    "name) to DIR/<framework>-<preset>-<fused>-b<batch>.json")
     a = p.parse_args(argv)
-    from bench.__main__ import _sampling
+    from bench.decode import parse_sampling
 
-    sampling = _sampling(a.sampling)
+    sampling = parse_sampling(a.sampling)
     probe_cls = JaxProbe if a.framework == "jax" else TorchProbe
     rows = []
     for preset in a.presets.split(","):
