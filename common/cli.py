@@ -1,7 +1,10 @@
 """The generate command line, shared by `python -m jax_impl.generate` and `python -m torch_impl.generate`.
 
     from common.cli import main
-    main(load, prog="python -m jax_impl.generate")
+    main(load, prog="python -m jax_impl.generate")   # or interrupt.main(lambda: run(load, prog=...))
+
+(The twins' entry modules import this module inside interrupt.main, so that a Ctrl-C while numpy
+and the tokenizer load exits 130 as well.)
 
 `load(model_dir, *, dtype, fused) -> Runner` is the twin's loader (common.harness interface).
 For one prompt the text streams as it is produced when the runner has

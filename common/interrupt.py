@@ -16,6 +16,10 @@ so far and returns EXIT_INTERRUPTED. Two cases Python alone gets wrong are handl
 - A Ctrl-C that lands in a callback Python cannot raise from (a garbage-collection callback such
   as jax's, a __del__) is "ignored" with a traceback on stderr: the unraisable hook drops it
   quietly and the watchdog ends the process.
+- A Ctrl-C while an entry module's own imports run, outside any try (numpy, jax and torch take
+  a second or more to import on a busy machine): Python would print a traceback and end by
+  SIGINT. After install() the uncaught KeyboardInterrupt ends the process with 130 instead, and
+  the entry modules install before importing anything heavy (tests/test_first_run.py checks it).
 """
 
 from __future__ import annotations
@@ -74,6 +78,20 @@ def _quiet_unraisable(previous):
     return hook
 
 
+def _quiet_uncaught(previous):
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, KeyboardInterrupt):
+            _state["interrupted"] = True
+            _flush()
+            try:
+                os.write(2, b"\ninterrupted\n")
+            except OSError:
+                pass
+            exit_now(EXIT_INTERRUPTED)
+        previous(exc_type, exc, tb)
+    return hook
+
+
 def install() -> None:
     """Route SIGINT to KeyboardInterrupt plus the watchdog. Call from the main thread, once."""
     if _state["installed"] or threading.current_thread() is not threading.main_thread():
@@ -85,6 +103,7 @@ def install() -> None:
     signal.signal(signal.SIGINT, _on_sigint)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     sys.unraisablehook = _quiet_unraisable(sys.unraisablehook)
+    sys.excepthook = _quiet_uncaught(sys.excepthook)
     threading.Thread(target=_watchdog, args=(read_fd,), name="sigint-watchdog", daemon=True).start()
     _state["installed"] = True
 

@@ -26,6 +26,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+if __name__ == "__main__":  # before numpy and the harness import: a Ctrl-C while they do exits 130 too
+    from common import interrupt
+
+    interrupt.install()
+
 import numpy as np
 
 from common.harness import get_loader, resolve_fused
@@ -194,6 +199,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from common import interrupt
-
     interrupt.main(main)

@@ -1,6 +1,6 @@
 """`python -m jax_impl.generate`: generate text with the jax model (flags: --help)."""
 
-from common.cli import main
+from common import interrupt
 
 
 def _load(model_dir, *, dtype, fused, **kwargs):
@@ -9,5 +9,11 @@ def _load(model_dir, *, dtype, fused, **kwargs):
     return load(model_dir, dtype=dtype, fused=fused, **kwargs)
 
 
+def _main() -> int:
+    from common.cli import run  # after interrupt.install(): a Ctrl-C while numpy and the rest import exits 130
+
+    return run(_load, prog="python -m jax_impl.generate")
+
+
 if __name__ == "__main__":
-    main(_load, prog="python -m jax_impl.generate")
+    interrupt.main(_main)

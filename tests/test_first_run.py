@@ -149,6 +149,35 @@ def test_interrupt_in_a_callback_prints_no_traceback(tmp_path):
     assert "Traceback" not in p.stderr and "interrupted" in p.stderr
 
 
+def test_interrupt_while_a_module_imports(tmp_path):
+    """A Ctrl-C while an entry module's imports run (outside any try, once install() ran) ends with
+    130 and one line, not Python's traceback and death by SIGINT."""
+    script = tmp_path / "importing.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from common import interrupt
+        interrupt.install()
+        print("before the import", flush=False)
+        raise KeyboardInterrupt  # where a Ctrl-C during `import numpy` surfaces
+        """))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=_env())
+    assert p.returncode == interrupt.EXIT_INTERRUPTED, p.stderr
+    assert p.stdout == "before the import\n" and "interrupted" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_entry_modules_install_the_handler_before_heavy_imports():
+    """What runs before interrupt.install() cannot exit 130 on a Ctrl-C: the entry modules import
+    only the standard library and common.interrupt at module level (numpy alone takes a second to
+    import on a busy machine)."""
+    code = ("import sys\n"
+            "import jax_impl.generate, torch_impl.generate, jax_impl.tune, torch_impl.tune, bench.__main__, bench.isolate\n"
+            "print(sorted(m for m in ('numpy', 'jax', 'torch', 'tokenizers', 'safetensors', 'ml_dtypes') if m in sys.modules))")
+    p = _run("-c", code)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", f"imported before the Ctrl-C handler: {p.stdout.strip()}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [1.0, 2.0, 3.0, 4.5, 6.0])
 def test_ctrl_c_at_any_moment_of_jax_generate(delay):

@@ -2,7 +2,13 @@
 shapes on this GPU and write the winners to your tile table (common/tune.py has the flags)."""
 
 from common import interrupt
-from common.tune import main
+
+
+def _main() -> int:
+    from common.tune import main  # after interrupt.install(): a Ctrl-C while the imports run exits 130
+
+    return main("torch")
+
 
 if __name__ == "__main__":
-    interrupt.main(lambda: main("torch"))
+    interrupt.main(_main)
