@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import argparsing
+
 RUN_COMMANDS = ("kernels", "decode", "all")
 DEFAULT_MODELS = "Qwen3-0.6B,Qwen3-8B"
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +68,7 @@ def parser() -> argparse.ArgumentParser:
     from bench.decode import IMPLS
     from bench.kernels import OPS
 
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
+    p = argparsing.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("command", choices=RUN_COMMANDS)
     p.add_argument("--out", type=Path, help="results folder (default bench/results/<gpu-slug>/)")
@@ -310,7 +312,7 @@ def run(a) -> int:
 def report_main(argv: list[str]) -> int:
     from bench import report
 
-    p = argparse.ArgumentParser(prog="python -m bench report", description="merge results and redraw")
+    p = argparsing.ArgumentParser(prog="python -m bench report", description="merge results and redraw")
     p.add_argument("results", nargs="+", help="bench.json files or folders holding one")
     p.add_argument("--out", type=Path, required=True, help="folder for the merged bench.json, bench.md, plots")
     p.add_argument("--no-plots", action="store_true")

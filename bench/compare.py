@@ -8,10 +8,11 @@ and fails in NEW is a regression too; rows only in one file are listed, not flag
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from bench.decode import variant
+
+from common import argparsing
 
 KERNEL_KEY = ("framework", "impl", "op", "model", "phase", "tokens", "ctx")
 DECODE_KEY = ("impl", "model", "batch", "prompt_len", "new_tokens")
@@ -64,7 +65,7 @@ def compare(old: dict, new: dict, threshold_pct: float = 5.0) -> tuple[list[dict
 def main(argv=None) -> int:
     from bench import report
 
-    p = argparse.ArgumentParser(prog="python -m bench compare", description=__doc__.splitlines()[0])
+    p = argparsing.ArgumentParser(prog="python -m bench compare", description=__doc__.splitlines()[0])
     p.add_argument("old", help="results JSON (or folder holding bench.json) of the earlier run")
     p.add_argument("new", help="results JSON (or folder) of the later run")
     p.add_argument("--threshold", type=float, default=5.0, help="percent worse that counts as a regression")

@@ -16,14 +16,13 @@ replays; its profile holds the prefill too). `--trace DIR` keeps every kernel of
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
 import re
 import time
 
-from common import buckets
+from common import argparsing, buckets
 from common.config import PRESETS, shrink
 
 FUSED = {"plain": False, "auto": "auto", "on": True}
@@ -145,7 +144,7 @@ def write_trace(path, events: list[tuple[float, float, str]]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparsing.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("--framework", default="jax", choices=["jax", "torch"])
     p.add_argument("--presets", default="Qwen3-0.6B,Qwen3-8B")
     p.add_argument("--fused", default="plain,auto", help="comma list of plain, auto, on")

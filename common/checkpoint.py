@@ -11,13 +11,12 @@ to about 96) and layer norms around 1, which amplify rounding bugs that N(0, 0.0
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 
-from common import progress
+from common import argparsing, progress
 from common.config import Qwen3Config
 from common.quant import FP8_BLOCK, quantize_fp8
 from common.weights import INDEX_FILE, QUANT_SOURCES, SCALE_SUFFIX, SINGLE_FILE, expected_shapes
@@ -168,7 +167,7 @@ def write_tokenizer(model_dir: str | Path, vocab_size: int, text: str | None = N
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="Write a random-weight Qwen3 checkpoint in the Hugging Face layout.")
+    p = argparsing.ArgumentParser(prog="python -m common.checkpoint", description="Write a random-weight Qwen3 checkpoint in the Hugging Face layout.")
     p.add_argument("out", help="output directory")
     p.add_argument("--preset", default="Qwen3-0.6B", help="one of the six dense Qwen3 presets")
     p.add_argument("--layers", type=int, help="override num_hidden_layers")

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from common import interrupt, logs
+from common import argparsing, interrupt, logs
 from common.config import ConfigError, Qwen3Config
 from common.harness import resolve_fused
 from common.textgen import (StreamDecoder, TextError, chat_template, eos_token_ids, load_tokenizer, read_json,
@@ -73,7 +73,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Generate text with a Qwen3 checkpoint.",
+    p = argparsing.ArgumentParser(prog=prog, description="Generate text with a Qwen3 checkpoint.",
                                 formatter_class=_HelpFormatter)
     p.add_argument("--model", metavar="DIR",
                    help="Hugging Face checkpoint directory (default: the shipped tiny model)")
@@ -328,7 +328,7 @@ def run(load_fn: Callable, argv=None, *, prog: str | None = None, out: TextIO | 
     logs.show_project_logs(err)  # the twins' one fused-or-plain line; never other libraries' INFO lines
     try:
         args = build_parser(prog).parse_args(argv)
-    except SystemExit as e:  # usage errors (exit 2) and --help (exit 0), already printed by argparse
+    except SystemExit as e:  # usage errors (exit 2, one line: common.argparsing) and --help (exit 0), printed
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     try:
         return _run(load_fn, args, out, err)

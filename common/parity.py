@@ -33,6 +33,7 @@ if __name__ == "__main__":  # before numpy and the harness import: a Ctrl-C whil
 
 import numpy as np
 
+from common import argparsing
 from common.harness import get_loader, resolve_fused
 from common.logs import show_project_logs
 from common.progress import note
@@ -149,7 +150,7 @@ def _positive(text: str) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m common.parity", description=__doc__.split("\n\n")[0])
+    p = argparsing.ArgumentParser(prog="python -m common.parity", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
     p.add_argument("--runners", default="reference,hf",
                    help="comma-separated: reference, hf, jax, torch; jax:on / jax:off pick the fused path")

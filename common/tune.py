@@ -24,7 +24,7 @@ import time
 import types
 from pathlib import Path
 
-from common import progress, tile_rules, tiles
+from common import argparsing, progress, tile_rules, tiles
 from common.config import PRESETS, Qwen3Config, shrink
 from common.op_chains import Case, chain_layers, setup, time_chain
 from common.timing import TimingPlan
@@ -34,7 +34,7 @@ KERNEL_OP = {"rmsnorm_qkv": "rmsnorm_qkv", "mlp_gate_up": "mlp", "linear_residua
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+    p = argparsing.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", action="append", default=[], metavar="DIR", help="checkpoint directory (its config)")
     p.add_argument("--preset", action="append", default=[], metavar="NAME",

@@ -356,12 +356,15 @@ def test_missing_model_dir(invoke, tmp_path):
     assert rc == 2 and err.strip() == f"error: --model: directory {tmp_path / 'nowhere'} does not exist"
 
 
-@pytest.mark.parametrize("args", [["--fused", "maybe"], ["--dtype", "float64"], ["--max-new-tokens", "ten"]])
+@pytest.mark.parametrize("args", [["--fused", "maybe"], ["--dtype", "float64"], ["--max-new-tokens", "ten"],
+                                  ["--quantization", "int4"], ["--no-such-flag"]])
 def test_argparse_rejects_bad_choices(invoke, capsys, args):
+    """One `error:` line naming the flag and --help, not argparse's usage block (common.argparsing)."""
     rc, _, _, calls, _ = invoke("--prompt", "x", *args)
-    err = capsys.readouterr().err  # argparse writes usage and the error to sys.stderr
+    err = capsys.readouterr().err  # argparse writes the error to sys.stderr
     assert rc == 2 and not calls
-    assert args[0] in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+    assert args[0] in err and "--help" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("error, needle", [

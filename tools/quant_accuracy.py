@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import progress
+from common import argparsing, progress
 from common.checkpoint import write_checkpoint
 from common.config import PRESETS
 from common.harness import load_reference
@@ -117,7 +117,7 @@ def real_shape(preset: str, prompt_len: int = 32, new_tokens: int = 64) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tools.quant_accuracy", description=__doc__.split("\n\n")[0],
+    p = argparsing.ArgumentParser(prog="python -m tools.quant_accuracy", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="default: the shipped model")
     p.add_argument("--shapes", default="", help="comma-separated presets for the real-shape checks (e.g. Qwen3-0.6B)")

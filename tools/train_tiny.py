@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import argparsing
 from common.config import Qwen3Config
 from tools import tiny_corpus, tiny_export
 
@@ -195,7 +196,7 @@ def train(a) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tools.train_tiny", description=__doc__.split("\n")[0])
+    p = argparsing.ArgumentParser(prog="python -m tools.train_tiny", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=1500)
