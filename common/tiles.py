@@ -329,18 +329,38 @@ def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items
     return Choice(path, tiles, "default", key)
 
 
+def _doc_to_extend(framework: str, device: Device, target: Path) -> dict:
+    """The table document write_entry adds to: `target`'s own (its "note" kept), else a new one.
+    Refuses a table of the other framework: its entries would be read by neither twin."""
+    doc = {"format": FORMAT, "framework": framework, "device": device.name, "entries": {}}
+    if not target.is_file():
+        return doc
+    try:
+        old = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        _warn_once(f"tile table {target}: unreadable; starting it anew")
+        return doc
+    if not isinstance(old, dict) or not isinstance(old.get("entries"), dict):
+        return doc
+    if old.get("framework", framework) != framework:
+        raise ValueError(f"tile table {target}: its framework is {old['framework']!r}, not {framework!r}; "
+                         f"refusing to add {framework} entries to it (write them to another file)")
+    return {**old, **{k: doc[k] for k in ("format", "framework", "device")}}
+
+
+def check_writable(framework: str, target: Path) -> None:
+    """Raise ValueError where write_entry would refuse `target` (before a sweep starts)."""
+    _doc_to_extend(framework, Device.cpu(), target)
+
+
 def write_entry(framework: str, device: Device, key: str, path: str, tiles, *, us: float | None = None,
                 note: str | None = None, table: Path | None = None) -> Path:
-    """Add or replace one entry of the user's table (what the tuners call after each measurement)."""
+    """Add or replace one entry of the user's table (what the tuners call after each measurement).
+
+    The file is replaced whole (a temporary file renamed over it): an interrupted write leaves the
+    previous table, and no temporary file."""
     target = table or table_path(framework, device, user=True)
-    doc = {"format": FORMAT, "framework": framework, "device": device.name, "entries": {}}
-    if target.is_file():
-        try:
-            old = json.loads(target.read_text(encoding="utf-8"))
-            if isinstance(old, dict) and isinstance(old.get("entries"), dict):
-                doc = {**old, **{k: doc[k] for k in ("format", "framework", "device")}}  # keeps a "note"
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            _warn_once(f"tile table {target}: unreadable; starting it anew")
+    doc = _doc_to_extend(framework, device, target)
     entry: dict = {"path": path, "tiles": dataclasses.asdict(tiles) if tiles is not None else None}
     if us is not None:
         entry["us"] = round(float(us), 3)
@@ -352,7 +372,10 @@ def write_entry(framework: str, device: Device, key: str, path: str, tiles, *, u
     doc["entries"][key] = entry
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    tmp.replace(target)
+    try:
+        tmp.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)  # a write interrupted before the rename
     clear_cache()
     return target

@@ -19,13 +19,14 @@ import argparse
 import dataclasses
 import functools
 import importlib
+import os
 import sys
 import time
 import types
 from pathlib import Path
 
 from common import argparsing, progress, tile_rules, tiles
-from common.config import PRESETS, Qwen3Config, shrink
+from common.config import PRESETS, ConfigError, Qwen3Config, shrink
 from common.op_chains import Case, chain_layers, setup, time_chain
 from common.timing import TimingPlan
 
@@ -33,17 +34,69 @@ KERNEL_OP = {"rmsnorm_qkv": "rmsnorm_qkv", "mlp_gate_up": "mlp", "linear_residua
              "decode_attention": "decode_attention", "prefill_attention": "prefill_attention", "rms_norm": "rms_norm"}
 
 
+def _sizes(text: str, *, empty_ok: bool = False) -> list[int]:
+    """argparse type of --batch, --contexts, --prefill: comma-separated positive integers."""
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) < len(parts) or any(v < 1 for v in values) or not (values or empty_ok):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers such as 1,8,32")
+    return values
+
+
+def _lengths(text: str) -> list[int]:
+    return _sizes(text, empty_ok=True)
+
+
+def _seconds(text: str) -> float:
+    """argparse type of --budget-s: a positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive number of seconds")
+    return value
+
+
+def _kernels(text: str) -> list[str]:
+    """argparse type of --kernels: some of KERNEL_OP, comma-separated."""
+    names = [k.strip() for k in text.split(",") if k.strip()]
+    bad = [k for k in names if k not in KERNEL_OP] or ([] if names else [text])
+    if bad:
+        raise argparse.ArgumentTypeError(f"{bad[0]!r}: unknown; expected some of {', '.join(KERNEL_OP)}")
+    return names
+
+
+def _preset(name: str) -> tuple[str, Qwen3Config]:
+    if name not in PRESETS:
+        raise argparse.ArgumentTypeError(f"{name!r}: unknown preset; expected one of {', '.join(PRESETS)}")
+    return name, PRESETS[name]
+
+
+def _model(directory: str) -> tuple[str, Qwen3Config]:
+    """argparse type of --model: a checkpoint directory's name and config (its config.json read now)."""
+    try:
+        return Path(directory).name, Qwen3Config.from_pretrained(directory)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parser(prog: str) -> argparse.ArgumentParser:
     p = argparsing.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", action="append", default=[], metavar="DIR", help="checkpoint directory (its config)")
-    p.add_argument("--preset", action="append", default=[], metavar="NAME",
+    p.add_argument("--model", action="append", default=[], type=_model, metavar="DIR",
+                   help="checkpoint directory (its config.json)")
+    p.add_argument("--preset", action="append", default=[], type=_preset, metavar="NAME",
                    help=f"a preset, no checkpoint needed: {', '.join(PRESETS)}")
-    p.add_argument("--batch", default="1,8,32,128", help="decode batch sizes (token rows) to tune")
-    p.add_argument("--contexts", default="512,4096", help="decode-attention cache capacities to tune")
-    p.add_argument("--prefill", default="", help="prefill prompt lengths to tune (prefill attention)")
-    p.add_argument("--kernels", default=",".join(KERNEL_OP), help="kernels to tune")
-    p.add_argument("--budget-s", type=float, default=None, help="stop after this many seconds (a rerun resumes)")
+    p.add_argument("--batch", type=_sizes, default="1,8,32,128", help="decode batch sizes (token rows) to tune")
+    p.add_argument("--contexts", type=_sizes, default="512,4096", help="decode-attention cache capacities to tune")
+    p.add_argument("--prefill", type=_lengths, default="",
+                   help="prefill prompt lengths to tune (prefill attention is tuned only with these)")
+    p.add_argument("--kernels", type=_kernels, default=",".join(KERNEL_OP), help="kernels to tune")
+    p.add_argument("--budget-s", type=_seconds, default=None, help="stop after this many seconds (a rerun resumes)")
     p.add_argument("--out", type=Path, default=None, help="table to write (default: your table for this GPU)")
     p.add_argument("--redo", action="store_true", help="measure entries the table already has")
     p.add_argument("--quantization", choices=["none", "int8", "fp8"], default="none",
@@ -93,6 +146,17 @@ def jobs_for(name: str, cfg: Qwen3Config, kernels, batches, contexts, prefill, f
     return out
 
 
+@dataclasses.dataclass
+class Budget:
+    """--budget-s: a sweep stops between measurements once it is spent (None: no limit)."""
+
+    seconds: float | None
+    start: float = dataclasses.field(default_factory=lambda: time.monotonic())
+
+    def spent(self) -> bool:
+        return self.seconds is not None and time.monotonic() - self.start > self.seconds
+
+
 class Tuner:
     def __init__(self, framework: str, device, info: tiles.Device, out: Path, plan: TimingPlan, smoke: bool):
         self.fw, self.device, self.info, self.out, self.plan, self.smoke = framework, device, info, out, plan, smoke
@@ -114,7 +178,9 @@ class Tuner:
             fn = functools.partial(fn, tiles=t)
         return types.SimpleNamespace(**{op: fn})
 
-    def run(self, job: Job, dtype: str, bar, deadline: float | None) -> str:
+    def run(self, job: Job, dtype: str, bar, budget: Budget) -> str:
+        """Time `job`'s candidates and write the fastest: "written", "failed" (no candidate ran)
+        or "stopped" (the budget ran out first; nothing written)."""
         key = tiles.shape_key(job.kernel, dtype, job.shape)
         if job.kernel == "mlp_gate_up":  # the down projection's best tiles, from this run or the tables
             i, h = job.case.cfg.intermediate_size, job.case.cfg.hidden_size
@@ -124,8 +190,10 @@ class Tuner:
         n = 2 if self.smoke else chain_layers(job.case)
         carry, layers, shared, body_for = setup(job.case, n, self.fw, self.device)
         results: list[tuple[float, str, object]] = []
+        stopped = False
         for path, t in [("plain", None)] + [("fused", c) for c in cands]:
-            if deadline is not None and time.monotonic() > deadline:
+            stopped = budget.spent()
+            if stopped:
                 break
             try:
                 ops = self.P if path == "plain" else self._ops(job.kernel, t)
@@ -135,75 +203,112 @@ class Tuner:
                 progress.note(f"  {key} {t}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
             bar.update(1)
         fused = [r for r in results if r[1] == "fused"]
-        if not fused or (deadline is not None and time.monotonic() > deadline):
-            return f"{key}: stopped (budget)" if fused else f"{key}: no candidate ran"
+        if stopped or not fused:
+            progress.note(f"{key}: stopped (budget)" if stopped else f"{key}: no candidate ran")
+            return "stopped" if stopped else "failed"
         best = min(results, key=lambda r: r[0])
         best_fused = min(fused, key=lambda r: r[0])
         plain_s = next((r[0] for r in results if r[1] == "plain"), None)
         note = f"plain {plain_s * 1e6:.2f} us" if plain_s else None
         tiles.write_entry(self.fw, self.info, key, best[1], best_fused[2], us=best[0] * 1e6, note=note, table=self.out)
-        return f"{key}: {best[1]} {best[0] * 1e6:.2f} us ({best_fused[2]})"
+        progress.note(f"{key}: {best[1]} {best[0] * 1e6:.2f} us ({best_fused[2]})")
+        return "written"
 
 
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
-
-
-def configs(a) -> list[tuple[str, Qwen3Config]]:
-    out = [(name, PRESETS[name]) for name in a.preset if name in PRESETS]
-    bad = [name for name in a.preset if name not in PRESETS]
-    if bad:
-        raise SystemExit(f"--preset {bad[0]}: unknown; expected one of {', '.join(PRESETS)}")
-    for d in a.model:
-        out.append((Path(d).name, Qwen3Config.from_pretrained(d)))
+def _configs(p: argparse.ArgumentParser, a) -> list[tuple[str, Qwen3Config]]:
+    out = a.preset + a.model
     if not out:
-        raise SystemExit("give --preset NAME or --model DIR (repeatable)")
+        p.error("give --preset NAME or --model DIR (repeatable)")
     if a.smoke:
         out = [(n, shrink(c, layers=1, width=8, vocab=256)) for n, c in out]
     return out
 
 
-def main(framework: str, argv=None) -> int:
-    a = parser(f"python -m {framework}_impl.tune").parse_args(argv)
-    cfgs = configs(a)
-    kernels = [k.strip() for k in a.kernels.split(",") if k.strip()]
-    unknown = [k for k in kernels if k not in KERNEL_OP]
-    if unknown:
-        raise SystemExit(f"--kernels {unknown[0]}: unknown; expected some of {', '.join(KERNEL_OP)}")
-    fmt = None if a.quantization == "none" else a.quantization
-    if fmt:  # only the projections read the weights
-        kernels = [k for k in kernels if k in QUANTIZED_KERNELS]
-    dtype = "bfloat16" if fmt is None else f"bfloat16-{fmt}"
-    lib = importlib.import_module(f"{framework}_impl.kernels._lib")
-    if framework == "torch":
-        import torch
+def _jobs(p: argparse.ArgumentParser, a, framework: str, fmt: str | None) -> list[Job]:
+    """Every job the flags name; a usage error when they name none."""
+    kernels = [k for k in a.kernels if k in QUANTIZED_KERNELS] if fmt else a.kernels  # only these read weights
+    if not kernels:
+        p.error(f"--quantization {fmt} tunes only {', '.join(QUANTIZED_KERNELS)}; --kernels names none of them")
+    jobs = [j for name, cfg in _configs(p, a) for j in jobs_for(name, cfg, kernels, a.batch, a.contexts, a.prefill,
+                                                                 framework, fmt)]
+    if not jobs:
+        p.error("--kernels prefill_attention needs --prefill LENGTHS (the prompt lengths to tune)")
+    return jobs
 
-        device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
-        info = lib.device_info(device)
-    else:
-        device, info = None, lib.device_info()
+
+def _device(framework: str, smoke: bool):
+    """The device to time on and what the tables read of it."""
+    lib = importlib.import_module(f"{framework}_impl.kernels._lib")
+    if framework == "jax":
+        return None, lib.device_info()
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    return device, lib.device_info(device)
+
+
+def _out(p: argparse.ArgumentParser, a, framework: str, info: tiles.Device) -> Path:
+    """The table to write: --out, else the user's table of this GPU; not another framework's table."""
+    out = a.out or tiles.table_path(framework, info, user=True)
+    try:
+        tiles.check_writable(framework, out)
+    except ValueError as e:
+        p.error(f"--out: {e}")
+    return out
+
+
+def _sweep(tuner: Tuner, todo: list[Job], dtype: str, budget: Budget, total: int) -> dict[str, int]:
+    """Run the jobs in order until the budget is spent; how many ended in each status."""
+    counts = {"written": 0, "failed": 0, "stopped": 0}
+    with progress.bar(total, f"tune {tuner.fw}", unit="run", delay=0, leave=True) as bar:
+        for job in todo:
+            if budget.spent():
+                break
+            counts[tuner.run(job, dtype, bar, budget)] += 1
+    return counts
+
+
+def main(framework: str, argv=None) -> int:
+    """The tuner's command line: 0 when it wrote entries (or had none left to write), 1 when it
+    measured nothing, 2 on bad input or without a GPU (--smoke aside)."""
+    prog = f"python -m {framework}_impl.tune"
+    p = parser(prog)
+    a = p.parse_args(argv)
+    if a.smoke and a.out is None:
+        p.error("--smoke writes to --out FILE (never to your table)")
+    fmt = None if a.quantization == "none" else a.quantization
+    jobs = _jobs(p, a, framework, fmt)
+    if a.smoke and framework == "torch":
+        os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors run the kernels in Triton's interpreter: on before import
+    device, info = _device(framework, a.smoke)
     if not info.is_gpu and not a.smoke:
-        print(f"python -m {framework}_impl.tune: no CUDA GPU here ({info.name}); tuning needs one "
+        print(f"error: {prog}: no CUDA GPU here ({info.name}); tuning needs one "
               f"(--smoke runs tiny shapes in the interpreters)", file=sys.stderr)
         return 2
-    if a.smoke and a.out is None:
-        raise SystemExit("--smoke writes to --out FILE (never to your table)")
-    out = a.out or tiles.table_path(framework, info, user=True)
+    out = _out(p, a, framework, info)
     plan = TimingPlan(repeats=1, target_s=0.0, max_iters=1, warmup=1) if a.smoke else \
         TimingPlan(repeats=5, target_s=0.01, warmup=2)
     tuner = Tuner(framework, device, info, out, plan, a.smoke)
     done = set() if a.redo else tuner.done()
-    todo = [j for name, cfg in cfgs for j in jobs_for(name, cfg, kernels, _ints(a.batch), _ints(a.contexts),
-                                                        _ints(a.prefill), framework, fmt)
-            if tiles.shape_key(j.kernel, dtype, j.shape) not in done]
-    deadline = time.monotonic() + a.budget_s if a.budget_s else None
+    dtype = "bfloat16" if fmt is None else f"bfloat16-{fmt}"
+    todo = [j for j in jobs if tiles.shape_key(j.kernel, dtype, j.shape) not in done]
     total = sum(1 + len(tile_rules.candidates(j.kernel, framework, info, j.shape, smoke=a.smoke)) for j in todo)
     progress.note(f"{framework}_impl.tune on {info.name}: {len(todo)} shapes to tune ({len(done)} in {out} already)")
-    with progress.bar(total, f"tune {framework}", unit="run", delay=0, leave=True) as bar:
-        for job in todo:
-            if deadline is not None and time.monotonic() > deadline:
-                progress.note("budget spent: rerun the same command to go on")
-                break
-            progress.note(tuner.run(job, dtype, bar, deadline))
+    counts = _sweep(tuner, todo, dtype, Budget(a.budget_s), total)
+    return _report(prog, a, out, len(todo), counts)
+
+
+def _report(prog: str, a, out: Path, todo: int, counts: dict[str, int]) -> int:
+    left = todo - counts["written"] - counts["failed"]
+    if left:
+        progress.note(f"budget spent (--budget-s {a.budget_s:g}): {left} of {todo} shapes left; "
+                      f"rerun the same command to go on")
+    if todo and not counts["written"]:
+        why = "the budget ran out before the first shape was measured" if left else \
+            f"no candidate ran at any of the {todo} shapes (the lines above say why)"
+        print(f"error: {prog}: nothing measured: {why}; no entry written to {out}", file=sys.stderr)
+        return 1
+    if counts["failed"]:
+        progress.note(f"{counts['failed']} of {todo} shapes had no candidate that ran (the lines above say why)")
     print(out)
     return 0

@@ -1,5 +1,6 @@
 """The tuners (`python -m jax_impl.tune`, `python -m torch_impl.tune`): --smoke on CPU writes a table
-the lookup accepts, a rerun resumes, no GPU is refused."""
+the lookup accepts (from a plain shell too), a rerun resumes, an interrupted or budget-stopped sweep
+leaves a valid table, a run that measured nothing fails, bad input and no GPU are one `error:` line."""
 
 from __future__ import annotations
 
@@ -7,14 +8,41 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 
+import common.tune
 from common import tiles
 from common.tune import main
 
 ROOT = Path(__file__).resolve().parents[1]
+WRITE_ENTRY = tiles.write_entry
+# four shapes (o_proj and down at batch 1 and 2), fast to set up on CPU
+FOUR_SHAPES = ["--smoke", "--preset", "Qwen3-0.6B", "--kernels", "linear_residual", "--batch", "1,2"]
+
+
+def _fake_timing(monkeypatch, us: float, interrupt_after: int | None = None, on_write=None) -> list[str]:
+    """Time every candidate as `us` microseconds without running it (a KeyboardInterrupt once
+    `interrupt_after` entries are written); the keys written, in order."""
+    written: list[str] = []
+
+    def write_entry(*args, **kwargs):
+        path = WRITE_ENTRY(*args, **kwargs)
+        written.append(args[2])
+        if on_write:
+            on_write()
+        return path
+
+    def time_chain(*args):
+        if interrupt_after is not None and len(written) >= interrupt_after:
+            raise KeyboardInterrupt
+        return {"median_s": us * 1e-6}
+
+    monkeypatch.setattr(tiles, "write_entry", write_entry)
+    monkeypatch.setattr(common.tune, "time_chain", time_chain)
+    return written
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
@@ -38,12 +66,140 @@ def test_smoke_writes_a_valid_table_and_resumes(framework, tmp_path, capsys):
     assert json.loads(out.read_text()) == doc
 
 
-def test_budget_stops_between_measurements_leaving_a_valid_table(tmp_path):
+def test_budget_stops_between_measurements_leaving_a_valid_table(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     out = tmp_path / "table.json"
-    assert main("torch", ["--smoke", "--preset", "Qwen3-0.6B", "--batch", "1,2", "--kernels", "linear_residual",
-                          "--budget-s", "0.000001", "--out", str(out)]) == 0
-    assert not out.exists() or tiles._read_table(out, "torch") == json.loads(out.read_text())["entries"]
+    now = [0.0]  # the clock jumps past the budget once the first entry is written
+
+    def jump():
+        now[0] += 100.0
+
+    monkeypatch.setattr(common.tune, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    written = _fake_timing(monkeypatch, us=1.0, on_write=jump)
+    assert main("torch", FOUR_SHAPES + ["--budget-s", "10", "--out", str(out)]) == 0
+    assert "budget spent (--budget-s 10): 3 of 4 shapes left" in capsys.readouterr().err
+    entries = tiles._read_table(out, "torch")
+    assert list(entries) == written and len(written) == 1
+    assert entries == json.loads(out.read_text())["entries"]
+
+
+def test_budget_spent_before_any_entry_is_nothing_measured(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(common.tune, "time", types.SimpleNamespace(monotonic=iter(range(0, 10**6, 100)).__next__))
+    _fake_timing(monkeypatch, us=1.0)
+    out = tmp_path / "table.json"
+    assert main("torch", FOUR_SHAPES + ["--budget-s", "10", "--out", str(out)]) == 1
+    assert "nothing measured: the budget ran out" in capsys.readouterr().err and not out.exists()
+
+
+def test_interrupted_sweep_leaves_a_valid_table_and_a_rerun_resumes(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "table.json"
+    first = _fake_timing(monkeypatch, us=1.0, interrupt_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        main("torch", FOUR_SHAPES + ["--out", str(out)])
+    entries = tiles._read_table(out, "torch")
+    assert sorted(entries) == sorted(first) and len(first) == 2
+    assert entries == json.loads(out.read_text())["entries"]
+    assert not list(tmp_path.glob("*.tmp")), list(tmp_path.iterdir())
+    capsys.readouterr()
+    second = _fake_timing(monkeypatch, us=2.0)
+    assert main("torch", FOUR_SHAPES + ["--out", str(out)]) == 0
+    assert "2 shapes to tune (2 in" in capsys.readouterr().err
+    assert len(second) == 2 and not set(second) & set(first)
+    after = tiles._read_table(out, "torch")
+    assert {k: after[k] for k in first} == entries  # the earlier entries were not measured again
+    assert sorted(after) == sorted(first + second)
+
+
+def test_a_write_interrupted_before_the_rename_keeps_the_table(tmp_path, monkeypatch):
+    out = tmp_path / "table.json"
+    tiles.write_entry("torch", tiles.Device.cpu(), "rms_norm/m1/n16/bfloat16", "plain", None, table=out)
+    before = out.read_text()
+
+    def interrupted(self, target):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiles.write_entry("torch", tiles.Device.cpu(), "rms_norm/m2/n16/bfloat16", "plain", None, table=out)
+    monkeypatch.undo()
+    assert out.read_text() == before and not list(tmp_path.glob("*.tmp")), list(tmp_path.iterdir())
+
+
+def test_nothing_measured_says_so_and_fails(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+
+    def broken(*args):
+        raise RuntimeError("no kernel today")
+
+    monkeypatch.setattr(common.tune, "time_chain", broken)
+    out = tmp_path / "table.json"
+    assert main("torch", FOUR_SHAPES + ["--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "error: python -m torch_impl.tune: nothing measured: no candidate ran at any of the 4 shapes" in captured.err
+    assert str(out) in captured.err and captured.out == "" and not out.exists()
+
+
+def test_torch_smoke_runs_from_a_plain_shell(tmp_path):
+    """No TRITON_INTERPRET in the environment: --smoke turns Triton's interpreter on itself."""
+    pytest.importorskip("torch")
+    out = tmp_path / "table.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([sys.executable, "-m", "torch_impl.tune", "--smoke", "--preset", "Qwen3-0.6B", "--batch", "1",
+                        "--kernels", "linear_residual", "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == str(out) and out.is_file(), p.stderr[-2000:]
+    assert len(tiles._read_table(out, "torch")) == 2  # o_proj and down
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--batch", "abc"], "argument --batch: 'abc': expected comma-separated positive integers"),
+    (["--batch", "0"], "argument --batch: '0': expected comma-separated positive integers"),
+    (["--batch", "-1"], "argument --batch: '-1': expected comma-separated positive integers"),
+    (["--budget-s", "0"], "argument --budget-s: '0': expected a positive number of seconds"),
+    (["--model", "/nonexistent"], "argument --model: /nonexistent: model directory does not exist"),
+    (["--model", "EMPTY_DIR"], "argument --model: EMPTY_DIR/config.json: missing config.json"),
+    (["--preset", "Qwen3-9B"], "argument --preset: 'Qwen3-9B': unknown preset; expected one of Qwen3-0.6B"),
+    (["--kernels", "lm_head"], "argument --kernels: 'lm_head': unknown; expected some of rmsnorm_qkv"),
+    (["--kernels", "prefill_attention"], "--kernels prefill_attention needs --prefill LENGTHS"),
+    (["--kernels", "rms_norm", "--quantization", "int8"], "--quantization int8 tunes only linear_residual"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_input_is_one_error_line(args, expected, tmp_path, capsys):
+    args = [a.replace("EMPTY_DIR", str(tmp_path)) for a in args]
+    with pytest.raises(SystemExit) as e:
+        main("torch", ["--preset", "Qwen3-0.6B", "--out", str(tmp_path / "t.json")] + args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: " + expected.replace("EMPTY_DIR", str(tmp_path))), err
+    assert err.rstrip().endswith("see python -m torch_impl.tune --help"), err
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_bad_model_from_the_shell_is_one_error_line(framework):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "-m", f"{framework}_impl.tune", "--model", "/nonexistent"], cwd=ROOT,
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and p.stdout == "", p.stderr
+    assert p.stderr.startswith("error: argument --model: /nonexistent: ") and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_a_table_of_the_other_framework_is_refused(tmp_path, capsys):
+    out = tmp_path / "jax.json"
+    tiles.write_entry("jax", tiles.Device.cpu(), "rms_norm/m1/n16/bfloat16", "plain", None, table=out)
+    before = out.read_text()
+    with pytest.raises(ValueError) as e:
+        tiles.write_entry("torch", tiles.Device.cpu(), "rms_norm/m2/n16/bfloat16", "plain", None, table=out)
+    assert str(out) in str(e.value) and "'jax'" in str(e.value) and "'torch'" in str(e.value), e.value
+    assert out.read_text() == before
+    pytest.importorskip("torch")
+    with pytest.raises(SystemExit) as e:
+        main("torch", FOUR_SHAPES + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: --out: tile table {out}: its framework is 'jax'"), err
+    assert out.read_text() == before
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
@@ -61,9 +217,10 @@ def test_no_gpu_is_refused_and_help_lists_the_flags(framework):
         assert flag in h.stdout
 
 
-def test_smoke_needs_out():
-    with pytest.raises(SystemExit, match="--out"):
+def test_smoke_needs_out(capsys):
+    with pytest.raises(SystemExit) as e:
         main("torch", ["--smoke", "--preset", "Qwen3-0.6B"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --smoke writes to --out FILE")
 
 
 @pytest.mark.parametrize("framework", ["jax", "torch"])
