@@ -36,6 +36,16 @@ ONE_BYTE = ("-int8", "-fp8")  # dtype suffixes of one-byte weights (tiles.lookup
 FP8_MIN_CAPABILITY = (8, 9)  # the first GPUs whose compilers convert e4m3 values (Ada, Hopper)
 
 
+def fp8_kernels_problem(fmt: str, capability: tuple[int, int] | None) -> str | None:
+    """Why fp8 weights cannot run in the fused kernels of a GPU of this compute capability (8.0-8.8:
+    the kernels run, their compilers cannot convert e4m3), or None. Below 8.0 no kernel runs at all,
+    which the twins' choose_ops already say."""
+    if fmt != "fp8" or capability is None or not (8, 0) <= tuple(capability) < FP8_MIN_CAPABILITY:
+        return None
+    return (f"fp8 weights: the fused kernels convert e4m3 only on compute capability >= {FP8_MIN_CAPABILITY[0]}."
+            f"{FP8_MIN_CAPABILITY[1]}, this GPU has {capability[0]}.{capability[1]}")
+
+
 def default_path(kernel: str, framework: str, device: Device, shape: dict, dtype: str = "bfloat16") -> str:
     """torch_impl: every kernel, everywhere its kernels run. jax_impl: attention always; the
     projections at one token per step, rmsnorm_qkv also up to 16 tokens below hidden 4096; plain

@@ -17,8 +17,10 @@ import logging
 
 import jax
 
+from common import tile_rules
 from common import tiles as tiles_mod
 from common.config import Qwen3Config
+from common.harness import resolve_fused
 from common.ops import OP_NAMES, Ops, kernel_shape
 from common.quant import QWeight
 from jax_impl import plain
@@ -74,6 +76,20 @@ def _kernel_ops(*, auto: bool) -> Ops:
 @functools.lru_cache(maxsize=None)
 def _log_once(message: str) -> None:
     log.info(message)
+
+
+def check_weight_format(fused, fmt: str) -> None:
+    """At load, before a weight is read (common.tile_rules.fp8_kernels_problem): fused=True refuses
+    fp8 weights the kernels cannot convert; "auto" logs once that their projections dequantize in XLA."""
+    fused = resolve_fused(fused)
+    problem = tile_rules.fp8_kernels_problem(fmt, gpu_capability())
+    if problem is None or fused is False:
+        return
+    if fused is True:
+        raise FusedUnavailable(f"fused=True (--fused on) with {problem}; use fused='auto' (--fused auto: the fp8 "
+                               f"projections then dequantize in XLA) or int8 weights (quantization='int8' on the "
+                               f"bf16 checkpoint)")
+    _log_once(f"jax_impl: fp8 projections dequantize in XLA (fused='auto'; {problem})")
 
 
 def choose_ops(cfg: Qwen3Config, fused, dtype: str) -> Ops:

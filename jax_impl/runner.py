@@ -17,13 +17,12 @@ from flax import nnx
 from common import buckets, harness, sampling
 from common.config import Qwen3Config
 from common.quant import QWeight, check_fp8_sizes, check_quantization, head_format
-from common.tile_rules import FP8_MIN_CAPABILITY
 from common.weights import Checkpoint
 from jax_impl import decode_loop
 from jax_impl.arrays import random_qweight
 from jax_impl.compilation import compile_seconds, enable_persistent_cache
 from jax_impl.model import Qwen3, init_caches
-from jax_impl.ops import choose_ops, gpu_capability
+from jax_impl.ops import check_weight_format, choose_ops
 from jax_impl.parallel import TensorParallel
 from jax_impl.sampling import k_cap_for
 
@@ -109,11 +108,8 @@ class JaxRunner(harness.Runner):
         self.tensor_parallel_size = 1 if self.parallel is None else self.parallel.size
         if self.weight_format != "bf16":
             log.info(f"jax_impl: projections in {self.weight_format} (weight-only; activations {self.dtype})")
-            cc = gpu_capability()
-            if self.weight_format == "fp8" and cc is not None and cc < FP8_MIN_CAPABILITY:
-                log.info(f"jax_impl: compute capability {cc[0]}.{cc[1]} cannot convert e4m3 in kernels: the fp8 "
-                         f"projections dequantize in XLA")
         self.compile_cache = enable_persistent_cache(compile_cache)
+        check_weight_format(fused, self.weight_format)  # before a weight is read
         ops = choose_ops(cfg, harness.resolve_fused(fused), self.dtype)
         if self.parallel is None:
             self.model = Qwen3(cfg, params_for(jnp.dtype(dtype)), ops)

@@ -84,6 +84,50 @@ def test_fp8_checkpoint_validates_and_reads(fp8_dir):
         ck.weight_format("int4")
 
 
+SCALE_DTYPES = {"float32": ("F32", 0.0), "float16": ("F16", 2.0 ** -11), "bfloat16": ("BF16", 2.0 ** -8)}  # stored
+# dtype, and a scale's relative rounding in it (round to nearest: half of 2^-10 and 2^-7)
+
+
+@pytest.fixture(scope="module")
+def fp8_scale_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8-scales")
+    return {dt: write_checkpoint(root / dt, CFG, seed=1, fp8=True, scale_dtype=dt) for dt in SCALE_DTYPES}
+
+
+def test_fp8_block_scales_in_any_float_dtype_load_alike(fp8_scale_dirs):
+    """FP8 checkpoints whose weight_scale_inv is float32 (Qwen's), float16 or bfloat16 (other exports):
+    each loads its scales as float32 equal to the stored values, the packed projections dequantize to
+    the reference's weights (read_dense), and those are the float32-scale checkpoint's within the
+    scale dtype's rounding (the e4m3 values are the same bytes)."""
+    names = [layer_prefix(i) + f"{m}.{p}_proj.weight" for i in range(CFG.num_hidden_layers)
+             for m, ps in (("self_attn", "qkvo"), ("mlp", ("gate", "up", "down"))) for p in ps]
+    dense, values = {}, {}
+    for dt, d in fp8_scale_dirs.items():
+        ck = Checkpoint(d)
+        stored, _ = SCALE_DTYPES[dt]
+        assert all(ck.tensors[n + SCALE_SUFFIX].dtype == stored for n in names), dt
+        got = {(layer, key): v for layer, key, v in ck.iter_params("numpy", np.concatenate)}
+        w = got[(0, "w_qkv")]
+        assert w.fmt == "fp8" and w.scale.dtype == np.float32, (dt, w.scale.dtype)
+        sources = [layer_prefix(0) + f"self_attn.{p}_proj.weight" for p in "qkv"]
+        want_scale = np.concatenate([np.asarray(ck.read(n + SCALE_SUFFIX), np.float32) for n in sources])
+        np.testing.assert_array_equal(w.scale, want_scale, err_msg=f"{dt}: scales as loaded")
+        np.testing.assert_array_equal(quant.dequantize(w.q, w.scale, "fp8"),
+                                      np.concatenate([ck.read_dense(n) for n in sources]), err_msg=dt)
+        ref = load_reference(d).weights
+        dense[dt] = {n: np.asarray(ref[n], np.float64) for n in names}
+        values[dt] = {n: ck.read(n).view(np.uint8) for n in names}
+    for dt, (_, rounding) in SCALE_DTYPES.items():
+        for n in names:
+            np.testing.assert_array_equal(values[dt][n], values["float32"][n], err_msg=f"{dt}: {n} e4m3 bytes")
+            a, b = dense[dt][n], dense["float32"][n]
+            bad = np.abs(a - b) > rounding * np.abs(b) * (1 + 1e-6)
+            assert not bad.any(), (f"{dt}: {n}: {bad.sum()} weights beyond the scale's rounding {rounding:g}, "
+                                   f"first at {np.argwhere(bad)[0].tolist()}")
+        if dt != "float32":  # the scales were rounded: the test would not see a loader that ignored them
+            assert any(not np.array_equal(dense[dt][n], dense["float32"][n]) for n in names), dt
+
+
 def _rewrite(src, dst, mutate):
     import shutil
 

@@ -6,6 +6,7 @@ weights, and their errors."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -160,3 +161,56 @@ def test_parity_harness_on_an_fp8_checkpoint(tmp_path):
                         reference_dtype="float64", prompt_len=12, batch=2, new_tokens=4, seed=0, progress=False)
     for row in report["rows"]:
         assert row["max_rel_err"] < 1e-4 and row["greedy_matched"] == row["greedy_total"], row
+
+
+def _fake_gpu(monkeypatch, twin: str, cc: tuple[int, int]):
+    """A CUDA GPU of compute capability `cc` as the twin sees it: its load-time capability query
+    (ops.gpu_capability) and the properties its kernels' lookup and launchers read (_lib.device_info).
+    The ops still run on the CPU (Pallas and Triton in their interpreters). Returns the twin's ops module."""
+    from common.tiles import Device, smem_for
+
+    fake = Device(f"fake sm{cc[0]}{cc[1]}", 108, smem_for(cc), cc)
+    if twin == "jax":
+        pytest.importorskip("jax")
+        from jax_impl import ops
+        from jax_impl.kernels import _lib
+        monkeypatch.setattr(ops, "gpu_capability", lambda: cc)
+        monkeypatch.setattr(_lib, "device_info", lambda: fake)
+    else:
+        pytest.importorskip("torch")
+        pytest.importorskip("triton")
+        from torch_impl import ops
+        from torch_impl.kernels import _lib
+        monkeypatch.setattr(ops, "gpu_capability", lambda device=None: cc)
+        monkeypatch.setattr(_lib, "device_info", lambda device: fake)
+    ops._log_once.cache_clear()  # "logs once" counts from here
+    return ops
+
+
+@pytest.mark.parametrize("twin", TWINS)
+def test_fp8_below_capability_8_9_refuses_fused_true_at_load(dirs, twin, monkeypatch, caplog):
+    """fp8 weights on a GPU of compute capability 8.0 (an A100: no e4m3 conversion in its kernels'
+    compiler): fused=True is one error at load naming the flag, the format and the capability, not
+    a kernel's error at the first generate; fused='auto' loads, logs the fallback once, and its fp8
+    projections run plain (the kernels' own check would raise otherwise) to the reference's logits;
+    int8 weights with fused=True still load there."""
+    ops = _fake_gpu(monkeypatch, twin, (8, 0))
+    with pytest.raises(ops.FusedUnavailable) as e:
+        _load(twin, dirs["fp8"], dtype="float32", fused=True)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for needle in ("fused=True", "--fused on", "fp8", "compute capability >= 8.9", "this GPU has 8.0",
+                   "fused='auto'", "int8"):
+        assert needle in msg, f"{needle!r} not in {msg!r}"
+    with pytest.raises(ops.FusedUnavailable, match="this GPU has 8.0"):
+        _load(twin, dirs["bf16"], dtype="float32", fused=True, quantization="fp8")
+    assert _load(twin, dirs["bf16"], dtype="float32", fused=True, quantization="int8").weight_format == "int8"
+
+    caplog.set_level(logging.INFO, logger=f"{twin}_impl")
+    runner = _load(twin, dirs["fp8"], dtype="float32", fused="auto")
+    _load(twin, dirs["fp8"], dtype="float32", fused="auto")
+    lines = [r.getMessage() for r in caplog.records if "fp8 projections dequantize" in r.getMessage()]
+    assert len(lines) == 1 and "fused='auto'" in lines[0] and "8.0" in lines[0], lines
+    assert runner.weight_format == "fp8"
+    assert_close(runner.logits(IDS[:1]), load_reference(dirs["fp8"]).logits(IDS[:1]), "float32",
+                 what=f"{twin} fp8 fused='auto' on a capability-8.0 GPU")

@@ -203,14 +203,23 @@ STAND_IN = {
 }
 
 
-def test_install_swaps_the_model_and_the_context(ckpt, tmp_path, monkeypatch):
-    """install() against a stand-in with nano-vllm's module layout (the real one needs flash-attn and a GPU)."""
+@pytest.fixture
+def stand_in(tmp_path, monkeypatch):
+    """A stand-in with nano-vllm's module layout (the real one needs flash-attn and a GPU) importable
+    for one test; its modules are dropped after it (monkeypatch puts back any real ones)."""
     for rel, text in STAND_IN.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_text(textwrap.dedent(text))
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in [m for m in sys.modules if m == "nanovllm" or m.startswith("nanovllm.")]:
         monkeypatch.delitem(sys.modules, name)
+    yield
+    for name in [m for m in sys.modules if m == "nanovllm" or m.startswith("nanovllm.")]:
+        del sys.modules[name]
+
+
+def test_install_swaps_the_model_and_the_context(ckpt, stand_in):
+    """install() against the stand-in of nano-vllm."""
     import torch_impl.nanovllm as integration
 
     original = importlib.import_module("nanovllm.models.qwen3").Qwen3ForCausalLM
@@ -240,8 +249,20 @@ def test_install_swaps_the_model_and_the_context(ckpt, tmp_path, monkeypatch):
     assert (importlib.import_module("nanovllm.engine.llm_engine").ModelRunner
             is importlib.import_module("nanovllm.engine.model_runner").ModelRunner)
     assert ctx_mod.get_context() is ctx_mod.own_context()
-    for name in [m for m in sys.modules if m == "nanovllm" or m.startswith("nanovllm.")]:
-        del sys.modules[name]  # the stand-in's modules; monkeypatch puts back any real ones
+
+
+def test_install_with_a_bad_quantization_is_one_error(stand_in):
+    """install(quantization="int4") is one line naming the value and the formats, raised before
+    nano-vllm is touched: its model, engine and context stay its own."""
+    import torch_impl.nanovllm as integration
+
+    models = importlib.import_module("nanovllm.models.qwen3")  # (its engine imports need install's flash_attn)
+    original = models.Qwen3ForCausalLM
+    with pytest.raises(ValueError) as e:
+        integration.install(quantization="int4")
+    assert str(e.value) == "quantization='int4': expected one of int8, fp8 (or None)"
+    assert models.Qwen3ForCausalLM is original and "nanovllm.engine.model_runner" not in sys.modules
+    assert ctx_mod.get_context() is ctx_mod.own_context()
 
 
 def build_like_nanovllm_with(cls, path):

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from common import tile_rules
 from common import tiles as tiles_mod
 from common.harness import resolve_fused
 from common.ops import OP_NAMES, Ops, kernel_shape
@@ -71,6 +72,20 @@ def _kernel_ops(device: torch.device, *, auto: bool) -> Ops:
         return Ops.of({n: getattr(kernels, n) for n in OP_NAMES}, {n: "fused" for n in OP_NAMES})
     impls = {n: _per_shape(n, getattr(kernels, n), getattr(plain, n), device) for n in OP_NAMES}
     return Ops.of(impls, {n: "per-shape" for n in OP_NAMES})
+
+
+def check_weight_format(fused, fmt: str, device: torch.device | str | None = None) -> None:
+    """At load, before a weight is read (common.tile_rules.fp8_kernels_problem): fused=True refuses
+    fp8 weights the kernels cannot convert; "auto" logs once that their projections dequantize in the plain path."""
+    fused = resolve_fused(fused)
+    problem = tile_rules.fp8_kernels_problem(fmt, gpu_capability(device))
+    if problem is None or fused is False:
+        return
+    if fused is True:
+        raise FusedUnavailable(f"fused=True (--fused on) with {problem}; use fused='auto' (--fused auto: the fp8 "
+                               f"projections then dequantize in the plain path) or int8 weights (quantization='int8' on the "
+                               f"bf16 checkpoint)")
+    _log_once(f"torch_impl: fp8 projections dequantize in the plain path (fused='auto'; {problem})")
 
 
 def choose_ops(fused, device: torch.device | str | None = None) -> Ops:

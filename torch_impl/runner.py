@@ -37,14 +37,13 @@ import torch
 from common import buckets, harness, sampling as sampling_spec
 from common.config import Qwen3Config
 from common.quant import QWeight, check_quantization
-from common.tile_rules import FP8_MIN_CAPABILITY
 from common.weights import Checkpoint
 from torch_impl import context as ctx_mod
 from torch_impl import commands, workers
 from torch_impl.building import build_model, fill_random, use_cpu_threads
 from torch_impl.decode_loop import Decoder, bucket_for
 from torch_impl.model import Qwen3ForCausalLM
-from torch_impl.ops import gpu_capability
+from torch_impl.ops import check_weight_format
 from torch_impl.quant_loading import to_torch
 from torch_impl.sampling import sample
 from torch_impl.parallel import SINGLE, check_lm_head_shard
@@ -70,6 +69,7 @@ class TorchRunner(harness.Runner):
         check_lm_head_shard(lm_head_shard)
         ckpt = Checkpoint(model_dir)
         fmt = ckpt.weight_format(quantization)
+        check_weight_format(fused, fmt, device)  # before a weight is read, or a rank is started
         spec = workers.Spec("load", str(model_dir), dict(
             dtype=dtype, fused=fused, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs,
             quantization=quantization, tensor_parallel_size=tensor_parallel_size, lm_head_shard=lm_head_shard))
@@ -110,7 +110,9 @@ class TorchRunner(harness.Runner):
         check_lm_head_shard(lm_head_shard)
         warmup = kwargs.pop("warmup", None)
         kwargs.pop("compile_cache", None)  # Triton keeps its kernels on disk itself
-        session = workers.start(cfg, tensor_parallel_size, device, check_quantization(quantization) or "bf16",
+        fmt = check_quantization(quantization) or "bf16"
+        check_weight_format(fused, fmt, device)
+        session = workers.start(cfg, tensor_parallel_size, device, fmt,
                                 workers.Spec("random", cfg, dict(
                                     dtype=dtype, fused=fused, seed=seed, quantization=quantization,
                                     tensor_parallel_size=tensor_parallel_size, lm_head_shard=lm_head_shard, **kwargs)))
@@ -150,10 +152,6 @@ class TorchRunner(harness.Runner):
         self.weight_format = model.weight_format
         if self.weight_format != "bf16":
             log.info(f"torch_impl: projections in {self.weight_format} (weight-only; activations {self.dtype})")
-            cc = gpu_capability(self.device)
-            if self.weight_format == "fp8" and cc is not None and cc < FP8_MIN_CAPABILITY:
-                log.info(f"torch_impl: compute capability {cc[0]}.{cc[1]} cannot convert e4m3 in kernels: the fp8 "
-                         f"projections dequantize in the plain path")
         model.context_source = ctx_mod.own_context
         self.block_size = block_size
         self.max_cache_tokens = max_cache_tokens
