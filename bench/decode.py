@@ -7,7 +7,10 @@ no eos, greedy or (`sampling`: temperature, top_k, top_p, seed 0) sampled, `runs
 - decode tok/s = batch * (new_tokens - 1) / decode time (the first new token comes from prefill);
 - prefill tok/s = batch * prompt_len / prefill time (prompt through the first sampled token).
 The twins report these times themselves (Runner.last_stats); for transformers a logits
-processor marks the end of prefill (one device sync, on its first call only).
+processor marks the end of prefill (one device sync, on its first call only). A twin's row also
+keeps its first call at that batch (the first warm-up run), whose shapes are new: compile time
+apart as `first_call_compile_s` and the time to its first tokens, compile included, as
+`first_call_first_token_s` (last_stats' compile_s and first_token_s, common.cli.STATS_KEYS).
 
 Bandwidth floor of decode: every step reads all weights once (Qwen3Config.decode_bytes_per_token)
 plus each sequence's K and V of its whole context; over the copy bandwidth measured in the
@@ -141,7 +144,7 @@ def run_twin(runner, prompts, new_tokens: int, sampling: dict | None = None) -> 
     wall = time.perf_counter() - t0
     st = runner.last_stats  # decode_s and prefill_s without compile time (compile_s apart)
     return dict(generated=sum(len(o) for o in outs), wall_s=wall, prefill_s=st["prefill_s"], decode_s=st["decode_s"],
-                compile_s=st.get("compile_s"))
+                compile_s=st.get("compile_s"), first_token_s=st.get("first_token_s"))
 
 
 # ----- transformers ---------------------------------------------------------------------------
@@ -434,6 +437,7 @@ def _measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches
         t1 = time.perf_counter()
         try:
             prompts = prompts_for(b, prompt_len, cfg.vocab_size)
+            first_calls = None  # the twins' warm-up results (Runner.last_stats)
             if impl == "hf-compile":
                 fn, how = hf_compiled(handle, torch_device, new_tokens, prompts, max(2, warmup), progress, sampling)
                 row["note"] = how
@@ -450,10 +454,12 @@ def _measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches
             else:
                 def fn(p, _r=handle):
                     return run_twin(_r, p, new_tokens, sampling)
-                for _ in range(warmup):
-                    fn(prompts)
+                first_calls = [fn(prompts) for _ in range(warmup)]
             row["warmup_s"] = time.perf_counter() - t1
             res = [fn(prompts) for _ in range(runs)]
+            if first_calls is not None:  # a twin's first call at this batch: its new shapes compile
+                first = (first_calls or res)[0]
+                row.update(first_call_compile_s=first["compile_s"], first_call_first_token_s=first["first_token_s"])
             _fill(row, res, cfg, b, prompt_len, new_tokens, ceilings)
         except Exception as e:  # noqa: BLE001 - recorded in the row, the suite goes on
             row["error"] = f"{type(e).__name__}: {str(e)[:500]}"

@@ -99,6 +99,14 @@ def test_smoke_decode_rows(smoke):
             assert r.get("decode_tok_s", 0) > 0 and r.get("prefill_tok_s", 0) > 0, r
             assert r["generated"] == r["batch"] * r["new_tokens"], r
     assert {r["impl"] for r in _rows(doc, kind="decode") if "error" not in r} == impls - set(SMOKE_SKIP)
+    # The twins' rows keep their first call apart (bench.decode: last_stats' compile_s and
+    # first_token_s of the first warm-up run); a fresh jax runner's first call compiles its programs.
+    for r in _rows(doc, kind="decode"):
+        if r["impl"].startswith(("jax-", "torch-")) and "error" not in r:
+            assert r["first_call_compile_s"] >= 0 and r["first_call_first_token_s"] > 0, r
+            assert r["warmup_s"] >= r["first_call_first_token_s"], r
+            if r["impl"].startswith("jax-"):
+                assert r["first_call_compile_s"] > 0, r
 
 
 def _doc(kernel_us: float, decode_tok_s: float, error: str | None = None) -> dict:

@@ -608,3 +608,65 @@ def test_out_of_memory_is_one_line(invoke, error):
 def test_other_runtime_errors_are_not_hidden(invoke):
     with pytest.raises(RuntimeError, match="a bug"):
         invoke("--prompt", "x", fail=RuntimeError("a bug"))
+
+
+# ----- --warmup and --no-compile-cache -------------------------------------------------------------
+
+def _run_recording_load(model_dir, tok, *args, warmup_s=0.0):
+    """cli.run with a loader that takes the twins' extra keywords: (rc, err, load kwargs, calls)."""
+    reply = tok.encode(REPLY).ids + [tok.token_to_id("<|im_end|>")]
+    loads, calls = [], []
+
+    def load(d, **kw):
+        loads.append(kw)
+        runner = FakeRunner(d, reply, calls)
+        runner.warmup_s = warmup_s
+        return runner
+
+    err = io.StringIO()
+    rc = cli.run(load, ["--model", str(model_dir), *args], prog="gen", out=io.StringIO(), err=err)
+    return rc, err.getvalue(), loads, calls
+
+
+def test_parse_warmup():
+    assert cli.parse_warmup("1x512x256, 8X128x64,") == [(1, 512, 256), (8, 128, 64)]
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("1x512", "'1x512' is not BATCHxPROMPTxNEW"),
+    ("1x512x256x2", "'1x512x256x2' is not BATCHxPROMPTxNEW"),
+    ("axbxc", "'axbxc' is not BATCHxPROMPTxNEW"),
+    ("1x512x256,0x16x8", "'0x16x8': every number must be >= 1"),
+    (",", "expected BATCHxPROMPTxNEW[,...]"),
+])
+def test_bad_warmup_is_one_line(model_dir, tok, value, needle):
+    rc, err, loads, calls = _run_recording_load(model_dir, tok, "--prompt", "x", "--warmup", value)
+    assert rc == 2 and err.startswith("error: --warmup=") and len(err.strip().splitlines()) == 1, err
+    assert value in err and needle in err and "Traceback" not in err, err
+    assert not loads and not calls  # refused before loading the model
+
+
+def test_warmup_compiles_with_the_commands_sampling(model_dir, tok):
+    """--warmup's shapes reach load() with the sampling this command generates with, so the programs
+    it warms are the ones it runs; the warm-up time is reported on a line of its own."""
+    rc, err, loads, calls = _run_recording_load(
+        model_dir, tok, "--prompt", "x", "--temperature", "0.6", "--top-k", "7", "--top-p", "0.8",
+        "--warmup", "1x16x8,2x32x4", warmup_s=1.25)
+    assert rc == 0, err
+    sampling = dict(temperature=0.6, top_k=7, top_p=0.8)
+    assert loads[0]["warmup"] == [dict(batch=1, prompt_tokens=16, new_tokens=8, **sampling),
+                                  dict(batch=2, prompt_tokens=32, new_tokens=4, **sampling)], loads
+    assert {k: calls[0][3][k] for k in sampling} == sampling
+    assert "warm-up: 2 shape(s) compiled in 1.25 s\n" in err, err
+    rc, err, loads, _ = _run_recording_load(model_dir, tok, "--prompt", "x", "--warmup", "1x16x8")
+    assert rc == 0 and loads[0]["warmup"] == [dict(batch=1, prompt_tokens=16, new_tokens=8, temperature=0.0,
+                                                   top_k=0, top_p=1.0)], loads  # greedy: no generation_config sampling
+    rc, err, loads, _ = _run_recording_load(model_dir, tok, "--prompt", "x")
+    assert rc == 0 and "warmup" not in loads[0] and "warm-up" not in err, (loads, err)
+
+
+def test_no_compile_cache_reaches_the_loader(model_dir, tok):
+    rc, _, loads, _ = _run_recording_load(model_dir, tok, "--prompt", "x", "--no-compile-cache")
+    assert rc == 0 and loads[0]["compile_cache"] is False, loads
+    rc, _, loads, _ = _run_recording_load(model_dir, tok, "--prompt", "x")
+    assert rc == 0 and "compile_cache" not in loads[0], loads  # the twins' default: the cache on

@@ -309,6 +309,26 @@ def test_a_new_buckets_decode_programs_compile_beside_the_prefill(ckpts, fused):
     assert out == _load(ckpts["awkward"], fused).generate([[3, 1, 4, 1, 5, 9, 2, 6]], 23)
 
 
+def test_warmup_at_load_compiles_the_buckets_of_later_calls():
+    """load(..., warmup=[...]) compiles each shape's programs at load (a dict shape with the sampling
+    to compile for, as the CLI passes it), its time in runner.warmup_s: later calls inside those
+    buckets, other lengths and sampling values, compile nothing and report compile_s 0 (a fresh
+    runner's first call compiles: see the test above)."""
+    from jax_impl.compilation import compile_seconds
+
+    cfg = dataclasses.replace(SHAPES["awkward"], num_hidden_layers=1)
+    runner = jax_impl.load_random(cfg, dtype="float32", fused=False, warmup=[
+        dict(batch=2, prompt_tokens=20, new_tokens=12, temperature=0.7, top_k=20, top_p=0.9)])
+    assert runner.warmup_s > 0, runner.warmup_s
+    before = compile_seconds(all_threads=True)
+    for prompts, new, kw in [([[1, 2, 3, 4, 5] * 5, [6, 7]], 9, dict(temperature=0.7, top_k=20, top_p=0.9)),
+                             ([[3, 1, 4] * 6, [5, 9]], 50, dict(temperature=0.5, top_k=9, top_p=0.5, seed=2))]:
+        runner.generate(prompts, new, **kw)  # as warmed: batch bucket 2, prompt bucket 32, 128 cache rows
+        assert runner.last_stats["compile_s"] == 0.0, (len(prompts), new, kw, runner.last_stats)
+        assert runner.last_stats["first_token_s"] > 0.0, runner.last_stats
+    assert compile_seconds(all_threads=True) == before, "a call inside the warmed buckets compiled"
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(top_p=1.5, temperature=1.0), "top_p"),

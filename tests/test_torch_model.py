@@ -287,3 +287,19 @@ def test_new_lengths_within_the_buckets_build_nothing(ckpts):
         assert runner.kv is kv and runner._decoders == decoders, (len(prompt), new)
     runner.generate([[1] * 10], 400)  # 410 rows: the next bucket, 512
     assert runner.kv.shape[3] == 512
+
+
+def test_warmup_at_load_builds_what_later_calls_use():
+    """load(..., warmup=[...]) runs each shape once at load, its time in runner.warmup_s: the KV cache
+    and each shape's decode step (per batch bucket and sampling; on CUDA its captured graph) are
+    built then, so later calls inside them, other lengths and budgets, build nothing."""
+    sampled = dict(temperature=0.7, top_k=20, top_p=0.9)
+    runner = torch_impl.load_random(SHAPES["tiny"], dtype="float32", fused=False, device=DEV, warmup=[
+        (2, 20, 12), dict(batch=1, prompt_tokens=5, new_tokens=30, **sampled)])
+    assert runner.warmup_s > 0, runner.warmup_s
+    assert runner.kv is not None and len(runner._decoders) == 2, runner._decoders.keys()
+    kv, decoders = runner.kv, dict(runner._decoders)
+    for prompts, new, kw in [([[1] * 30, [2, 3]], 40, {}), ([[3, 1, 4]], 100, dict(sampled, seed=3))]:
+        runner.generate(prompts, new, **kw)
+        same_cache = runner.kv is kv
+        assert same_cache and runner._decoders == decoders, (len(prompts), new, kw, same_cache, runner._decoders.keys())
