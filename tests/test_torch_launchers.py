@@ -3,6 +3,7 @@ the interpreter, the decode-state update, and every kernel compiles for an H100 
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -15,6 +16,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 from common.ops import AttentionMeta  # noqa: E402
+import torch_impl  # noqa: E402
 from torch_impl import kernels as K  # noqa: E402
 from torch_impl import plain as P  # noqa: E402
 
@@ -285,3 +287,162 @@ def test_fused_sampling_draws_the_same_tokens():
         a = sample(z, 0.7, top_k, top_p, torch.Generator(device=DEV).manual_seed(9))
         b = sample(z, 0.7, top_k, top_p, torch.Generator(device=DEV).manual_seed(9), fused=True)
         assert a.tolist() == b.tolist(), (top_k, top_p)
+
+
+# ----- programmatic dependent launch (PDL) ----------------------------------------------------
+# On CPU the launchers always pick PDL 0; these tests force the modes an H100 runs (1: release after
+# the loads, 2: release first), with the device calls as interpreter no-ops that log who called them.
+
+def _force_pdl(monkeypatch, mode):
+    """Every launcher's PDL meta-parameters forced (mode 1 or 2; None: as on an H100, 2 for one token
+    row); returns the log of launches [(kernel, grid, PDL)] and of gdc calls [(launch, program, call)]."""
+    import importlib
+    import pkgutil
+
+    import triton.runtime.interpreter as interp
+
+    from torch_impl.kernels import _jit
+
+    picked = []  # the PDL of the next launch (0: a kernel without PDL)
+
+    def meta(device, early=False):
+        picked[:] = [mode or (2 if early else 1)]
+        return {"PDL": picked[0], "launch_pdl": True}
+
+    for info in pkgutil.iter_modules(K.__path__):
+        mod = importlib.import_module(f"torch_impl.kernels.{info.name}")
+        if hasattr(mod, "pdl_meta"):  # _lib (matmul_meta) and the launchers that import it
+            monkeypatch.setattr(mod, "pdl_meta", meta)
+    launches, calls = [], []
+    builder = interp.interpreter_builder
+
+    def log(call):
+        return lambda: calls.append((len(launches) - 1, tuple(builder.grid_idx), call))
+
+    # the interpreter has no gdc_wait / gdc_launch_dependents (it asks for a jit context)
+    monkeypatch.setattr(_jit, "gdc_wait", log("wait"))
+    monkeypatch.setattr(_jit, "gdc_launch_dependents", log("release"))
+    run = interp.GridExecutor.__call__
+
+    def logged_run(self, *args, **kwargs):
+        launches.append([self.fn.__name__, None, picked.pop() if picked else 0])
+        run(self, *args, **kwargs)
+        launches[-1][1] = tuple(builder.grid_dim)
+
+    monkeypatch.setattr(interp.GridExecutor, "__call__", logged_run)
+    return launches, calls
+
+
+def _check_gdc_calls(launches, calls):
+    """Each program of each PDL launch waits for the previous kernel and releases the next exactly
+    once: before its first wait in mode 2, after its last in mode 1; launches without PDL call neither."""
+    for i, (name, grid, mode) in enumerate(launches):
+        for program in itertools.product(*map(range, grid)):
+            seq = [c for j, p, c in calls if j == i and p == program]
+            where = f"{name} program {program} (PDL {mode}): {seq}"
+            if mode == 0:
+                assert not seq, where
+                continue
+            assert "wait" in seq and seq.count("release") == 1, where
+            r = seq.index("release")
+            assert (r == 0) if mode == 2 else (r == len(seq) - 1), where
+
+
+def _decode_step_outputs(m, qkv_tiles, tiles, attn_tiles):
+    """The fused ops of one decode step (Qwen3-0.6B shrunk, bf16, m sequences of ~40 cached tokens)."""
+    from kernel_shapes import CPU_SHAPES
+
+    s = CPU_SHAPES[0]
+    g = torch.Generator().manual_seed(11 + m)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+
+    x, nw = rnd(m, s.hidden), 1 + rnd(s.hidden, scale=0.1)
+    w_qkv, w_o = rnd((s.hq + 2 * s.hkv) * s.d, s.hidden, scale=0.1), rnd(s.hidden, s.hq * s.d, scale=0.1)
+    gu, dn = rnd(2 * s.inter, s.hidden, scale=0.1), rnd(s.hidden, s.inter, scale=0.1)
+    bs = 64  # one block per sequence
+    ctx = torch.tensor([37 + 3 * i for i in range(m)], dtype=torch.int32)
+    tables = torch.arange(m, dtype=torch.int32)[:, None]
+    qkv_meta = AttentionMeta(positions=(ctx - 1).long(), slots=(tables[:, 0] * bs + ctx - 1).long())
+    q, kc, vc = K.rmsnorm_qkv(x, nw, w_qkv, 1 + rnd(s.d, scale=0.1), 1 + rnd(s.d, scale=0.1),
+                              P.rope_table(128, s.d, THETA), rnd(m, bs, s.hkv, s.d), rnd(m, bs, s.hkv, s.d),
+                              qkv_meta, num_heads=s.hq, num_kv_heads=s.hkv, eps=EPS, tiles=qkv_tiles)
+    attn = K.decode_attention(q, kc, vc, AttentionMeta(context_lens=ctx, block_tables=tables), tiles=attn_tiles)
+    h = K.linear_residual(attn.reshape(m, -1), w_o, x, tiles=tiles)
+    out = K.mlp(h, nw, gu, dn, h, eps=EPS, tiles=tiles, down_tiles=tiles)
+    return {"q": q, "k_cache": kc, "v_cache": vc, "decode_attention": attn, "linear_residual": h, "mlp": out,
+            "rms_norm": K.rms_norm(out, nw, eps=EPS)}
+
+
+# (tokens, qkv tiles, other projections' tiles, attention tiles (block_kv, splits)): one row
+# (multiply-and-reduce, PDL 2 on an H100) and 5 rows on tensor-core tiles with K in 2 parts; qkv's
+# block_n 32 < head_dim / 2 splits the heads (the qk epilogue)
+PDL_CASES = [(1, (1, 32, 64, 1), (1, 64, 128, 1), (16, 2)), (5, (16, 32, 64, 2), (16, 64, 64, 2), (16, 2))]
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="forces the interpreter's PDL path (CPU only)")
+@pytest.mark.parametrize("m,qkv,mm,attn", PDL_CASES, ids=["m1", "m5-split_k"])
+def test_pdl_modes_change_no_output(monkeypatch, m, qkv, mm, attn):
+    """Forced PDL 1 and 2 (as on an H100; CI never runs them): every fused op of the decode step
+    gives bitwise the outputs of PDL 0, and every program waits and releases once."""
+    from common.tiles import AttentionTiles, MatmulTiles
+
+    tiles = [MatmulTiles(*t[:3], split_k=t[3]) if t else None for t in (qkv, mm)]
+    args = (m, *tiles, AttentionTiles(attn[0], num_splits=attn[1]))
+    want = _decode_step_outputs(*args)
+    for mode in (1, 2):
+        with monkeypatch.context() as patch:
+            launches, calls = _force_pdl(patch, mode)
+            got = _decode_step_outputs(*args)
+        assert {"_rmsnorm_qkv_kernel", "_qk_epilogue_kernel", "_decode_attention_kernel", "_linear_residual_kernel",
+                "_norm_gate_up_kernel", "_rms_norm_kernel"} <= {name for name, _, _ in launches}, launches
+        assert {pdl for _, _, pdl in launches} == {mode}, launches
+        _check_gdc_calls(launches, calls)
+        for name, a in want.items():
+            bad = (got[name].view(torch.int16) != a.view(torch.int16)).nonzero().tolist()
+            assert not bad, f"{name}: {len(bad)} of {a.numel()} values differ with PDL {mode}, first at {bad[:3]}"
+
+
+@pytest.mark.skipif(DEV == "cuda", reason="forces the interpreter's PDL path (CPU only)")
+def test_greedy_decode_with_pdl_is_the_same(monkeypatch):
+    """A tiny model's greedy decode (a prefill of 5 tokens, then one-row decode steps) picks the same
+    tokens with PDL forced on as on an H100 (2 for one token row, else 1) as with PDL 0."""
+    from common.config import Qwen3Config
+
+    cfg = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+                      dtype="float32", max_position_embeddings=512)
+
+    def generate():
+        return torch_impl.load_random(cfg, dtype="float32", fused=True, seed=1).generate([[9, 1, 200, 44, 7]], 4)
+
+    want = generate()
+    assert len(set(want[0])) > 1, want  # not a fixed point: a wrong step would show
+    launches, calls = _force_pdl(monkeypatch, None)
+    assert generate() == want
+    assert {(name, pdl) for name, _, pdl in launches} >= {("_rmsnorm_qkv_kernel", 1), ("_rmsnorm_qkv_kernel", 2),
+                                                          ("_decode_attention_kernel", 2)}, launches
+    _check_gdc_calls(launches, calls)
+
+
+@pytest.mark.parametrize("env,cap,on", [(None, (8, 9), False), (None, (9, 0), True), (None, (10, 0), True),
+                                        ("0", (9, 0), False), ("1", (9, 0), True)])
+def test_pdl_decision(monkeypatch, env, cap, on):
+    """PDL runs on CUDA GPUs of compute capability >= 9.0 unless TORCH_IMPL_PDL=0; never on the CPU.
+    One token row (the multiply-and-reduce tiles) gets PDL 2, tensor-core tiles PDL 1."""
+    from common.tiles import MatmulTiles
+    from torch_impl.kernels import _lib
+
+    monkeypatch.setattr(_lib, "_PDL", {})  # the per-device decision is cached
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: cap)
+    if env is None:
+        monkeypatch.delenv("TORCH_IMPL_PDL", raising=False)
+    else:
+        monkeypatch.setenv("TORCH_IMPL_PDL", env)
+    gpu = torch.device("cuda", 0)
+    assert _lib.pdl_meta(gpu) == ({"PDL": 1, "launch_pdl": True} if on else {"PDL": 0})
+    assert _lib.pdl_meta(gpu, early=True) == ({"PDL": 2, "launch_pdl": True} if on else {"PDL": 0})
+    assert _lib.matmul_meta(MatmulTiles(1, 64, 128), 1, 256, gpu)["PDL"] == (2 if on else 0)
+    assert _lib.matmul_meta(MatmulTiles(16, 64, 64), 19, 256, gpu)["PDL"] == (1 if on else 0)
+    assert _lib.pdl_meta(torch.device("cpu"), early=True) == {"PDL": 0}
