@@ -19,6 +19,7 @@ from common.weights import WeightsError  # noqa: E402
 import torch_impl  # noqa: E402
 from torch_impl import context as ctx_mod  # noqa: E402
 from torch_impl.ops import FusedUnavailable, choose_ops  # noqa: E402
+from torch_impl.decode_loop import bucket_for  # noqa: E402
 from torch_impl.runner import CacheCapacityError, TorchRunner  # noqa: E402
 
 SHAPES = {
@@ -303,3 +304,17 @@ def test_warmup_at_load_builds_what_later_calls_use():
         runner.generate(prompts, new, **kw)
         same_cache = runner.kv is kv
         assert same_cache and runner._decoders == decoders, (len(prompts), new, kw, same_cache, runner._decoders.keys())
+
+
+@pytest.mark.parametrize("shapes", [[(1, 5, 30), (2, 20, 12)], [(2, 4, 4), (1, 5, 60), (2, 20, 12)]])
+def test_warmup_builds_one_cache_for_every_shape(shapes):
+    """Warm-up shapes in any order: a later shape needing a larger KV cache (more rows or more
+    sequences) must not replace the cache, dropping the decode steps built for the earlier ones."""
+    runner = torch_impl.load_random(SHAPES["tiny"], dtype="float32", fused=False, device=DEV, warmup=shapes)
+    kv, decoders = runner.kv, dict(runner._decoders)
+    rows = {bucket_for(b) if runner.use_graphs else b for b, _, _ in shapes}  # the decode steps' batch sizes
+    assert {key[0] for key in decoders} >= rows, decoders.keys()
+    for b, prompt, new in shapes:
+        runner.generate([[1] * prompt] * b, new)
+        assert runner.kv is kv and runner._decoders == decoders, (b, prompt, new, runner._decoders.keys())
+

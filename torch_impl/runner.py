@@ -177,12 +177,30 @@ class TorchRunner(harness.Runner):
         decode step's CUDA graph for its batch bucket): common.harness.warmup_shapes; returns seconds."""
         t0 = time.perf_counter()
         specs = harness.warmup_shapes(shapes)
-        for s in specs:
+        for s in self._largest_cache_first(specs):
             self.generate([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], temperature=s["temperature"],
                           top_k=s["top_k"], top_p=s["top_p"])
         seconds = time.perf_counter() - t0
         log.info(f"torch_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")
         return seconds
+
+    def _largest_cache_first(self, specs: list[dict]) -> list[dict]:
+        """The warm-up shapes, after sizing the KV cache once for all of them (the largest batch at
+        the longest sequence, within max_cache_tokens): shape by shape, one needing a larger cache
+        than those before it would replace the cache, and with it the decode steps (CUDA graphs)
+        built for them. Under tensor parallelism each rank sizes its own cache per call: there the
+        shapes run largest batch first, then longest, which serves whenever one shape is both."""
+        order = sorted(specs, key=lambda s: (s["batch"], s["prompt_tokens"] + s["new_tokens"]), reverse=True)
+        if self._session is not None:
+            return order
+        longest = max(s["prompt_tokens"] + s["new_tokens"] for s in specs)
+        batch = order[0]["batch"]
+        try:
+            bs, blocks_per_seq = self._cache_plan([[0] * (longest - 1)] * batch, 1)
+        except CacheCapacityError:
+            return order
+        self._ensure_cache(batch * blocks_per_seq, bs)
+        return specs
 
     # ----- KV cache -----------------------------------------------------------------------------
     def _block_rows(self, rows_per_seq: int, batch: int) -> int:
