@@ -205,6 +205,10 @@ def test_fp8_below_capability_8_9_refuses_fused_true_at_load(dirs, twin, monkeyp
     with pytest.raises(ops.FusedUnavailable, match="this GPU has 8.0"):
         _load(twin, dirs["bf16"], dtype="float32", fused=True, quantization="fp8")
     assert _load(twin, dirs["bf16"], dtype="float32", fused=True, quantization="int8").weight_format == "int8"
+    if twin == "torch":  # nano-vllm builds the model class itself (torch_impl.nanovllm.install)
+        from torch_impl.model import Qwen3ForCausalLM
+        with pytest.raises(ops.FusedUnavailable, match="this GPU has 8.0"):
+            Qwen3ForCausalLM(Qwen3Config.from_pretrained(dirs["bf16"]), use_fused_kernels=True, quantization="fp8")
 
     caplog.set_level(logging.INFO, logger=f"{twin}_impl")
     runner = _load(twin, dirs["fp8"], dtype="float32", fused="auto")

@@ -40,7 +40,7 @@ from common.sharding import check_tensor_parallel, shard_config, take_shard, tak
 from common.weights import NANOVLLM_PACKED, PLAN, module_name, source_rows
 from torch_impl import context as context_mod
 from torch_impl import plain
-from torch_impl.ops import choose_ops
+from torch_impl.ops import check_weight_format, choose_ops
 from torch_impl.parallel import SINGLE, TPGroup, check_lm_head_shard, from_dist
 from torch_impl.quant_loading import attach_quant_loaders, load_quantized, tie_quantized_head, weight_format_of
 
@@ -278,6 +278,7 @@ class Qwen3ForCausalLM(nn.Module):
             check_tensor_parallel(cfg, tp.size, self.weight_format)
         local = self.shard_config = shard_config(cfg, tp.size)  # this rank's heads and intermediate size
         vocab_tp = tp if check_lm_head_shard(lm_head_shard) == "vocab" else SINGLE
+        check_weight_format(use_fused_kernels, self.weight_format, torch.empty(0).device)  # under nano-vllm too
         self.ops = choose_ops(use_fused_kernels, torch.empty(0).device)
         self.model = Qwen3Model(local, self.ops, self.weight_format, tp, vocab_tp)
         self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, head_format(self.weight_format), self.ops, vocab_tp)
