@@ -127,7 +127,7 @@ def parse_warmup(text: str) -> list[tuple[int, int, int]]:
             raise CLIError(f"--warmup={text}: {part!r}: every number must be >= 1")
         shapes.append((b, l, n))
     if not shapes:
-        raise CLIError(f"--warmup={text!r}: expected BATCHxPROMPTxNEW[,...]")
+        raise CLIError(f"--warmup={text}: expected BATCHxPROMPTxNEW[,...] (e.g. 1x512x256)")
     return shapes
 
 
@@ -351,7 +351,7 @@ def _run(load_fn: Callable, args, out: TextIO, err: TextIO) -> int:
     eos = eos_token_ids(model_dir, tokenizer)
     kw.update(seed=args.seed, eos_token_id=None if args.ignore_eos else (eos or None))
     extra = {}
-    if args.warmup:  # with the sampling this command uses, so the very programs it runs compile
+    if args.warmup is not None:  # with the sampling this command uses, so the very programs it runs compile
         extra["warmup"] = [dict(batch=b, prompt_tokens=l, new_tokens=n, temperature=kw["temperature"],
                                 top_k=kw["top_k"], top_p=kw["top_p"]) for b, l, n in parse_warmup(args.warmup)]
     if args.no_compile_cache:

@@ -638,6 +638,7 @@ def test_parse_warmup():
     ("axbxc", "'axbxc' is not BATCHxPROMPTxNEW"),
     ("1x512x256,0x16x8", "'0x16x8': every number must be >= 1"),
     (",", "expected BATCHxPROMPTxNEW[,...]"),
+    ("", "expected BATCHxPROMPTxNEW[,...]"),  # an empty value is an error, not "no warm-up"
 ])
 def test_bad_warmup_is_one_line(model_dir, tok, value, needle):
     rc, err, loads, calls = _run_recording_load(model_dir, tok, "--prompt", "x", "--warmup", value)
