@@ -8,8 +8,10 @@ name), the GPU's idle time before each kernel group's launches (from the previou
 this one's start; kernels that overlap under programmatic dependent launch count none), and the
 sum against the wall time per step (the difference is launch gaps). jax times its compiled decode
 loop alone (jax_impl.decode_loop, prefill excluded); torch its Runner's decode (CUDA-graph
-replays; its profile holds the prefill too). `--trace DIR` keeps every kernel of each profile
-(start and duration in ns, name) as JSON for a timeline.
+replays; its profile holds the prefill too). Kernel groups whose names say what they read (the
+twins' projection and attention kernels: ROLES) also get the bytes one step must read through
+them (weights once; K and V rows at the decode's mean context) and the GB/s that makes. `--trace
+DIR` keeps every kernel of each profile (start and duration in ns, name) as JSON for a timeline.
 
     python -m bench.profile --framework jax --presets Qwen3-0.6B,Qwen3-8B --fused plain,auto --batch 1
 """
@@ -136,6 +138,45 @@ def per_step(events: list[tuple[float, float, str]], steps: int) -> dict[str, tu
     return dict(sorted(rows.items(), key=lambda kv: -kv[1][0]))
 
 
+# Kernel groups whose bytes are known, by name (both twins' kernels; torch's linear_residual serves
+# o_proj and down, jax's o_proj alone beside its mlp_down): the weights and caches they must read.
+ROLES = [(re.compile(p), roles) for p, roles in (
+    (r"^_?rmsnorm_qkv(_linear|_kernel)$", ("qkv",)),
+    (r"^_?(mlp_)?norm_gate_up(_kernel)?$", ("gate_up",)),
+    (r"^mlp_down$", ("down",)),
+    (r"^linear_residual$", ("o_proj",)),
+    (r"^_linear_residual_kernel$", ("o_proj", "down")),
+    (r"^_?decode_attention(_kernel)?$", ("attention",)),
+)]
+
+
+def role_bytes(cfg, batch: int, context: float, weight_bytes: int = 2, cache_bytes: int = 2) -> dict[str, float]:
+    """Bytes one decode step must read per role: each projection's weights once (per layer, all
+    layers) and, for attention, every sequence's K and V rows of its `context` tokens."""
+    h, l = cfg.hidden_size, cfg.num_hidden_layers
+    return {"qkv": l * weight_bytes * h * cfg.qkv_size, "o_proj": l * weight_bytes * cfg.q_size * h,
+            "gate_up": l * weight_bytes * 2 * h * cfg.intermediate_size,
+            "down": l * weight_bytes * cfg.intermediate_size * h,
+            "attention": l * batch * context * 2 * cfg.num_key_value_heads * cfg.head_dim * cache_bytes}
+
+
+def group_bytes(group: str, roles: dict[str, float]) -> float | None:
+    """The bytes per step a kernel group must read (ROLES), None when its name says nothing."""
+    for pattern, names in ROLES:
+        if pattern.match(group):
+            return sum(roles[n] for n in names)
+    return None
+
+
+def with_bandwidth(prof: dict, roles: dict[str, float]) -> dict[str, tuple]:
+    """per_step's rows plus (bytes per step, GB/s) where the group's bytes are known, else (None, None)."""
+    out = {}
+    for g, (t, c, i) in prof.items():
+        b = group_bytes(g, roles)
+        out[g] = (t, c, i, b, b / t / 1e3 if b is not None and t > 0 else None)
+    return out
+
+
 def write_trace(path, events: list[tuple[float, float, str]]) -> None:
     """The kernels of one profile as JSON rows [start ns from the first kernel, duration ns, name]."""
     t0 = min((e[0] for e in events), default=0.0)
@@ -181,16 +222,18 @@ def main(argv=None) -> int:
                     if a.trace:
                         os.makedirs(a.trace, exist_ok=True)
                         write_trace(os.path.join(a.trace, f"{a.framework}-{preset}-{fused}-b{b}.json"), events)
-                    prof = per_step(events, a.steps)
-                    busy = sum(t for t, _, _ in prof.values())
-                    idle = sum(i for _, _, i in prof.values())
-                    row.update(kernel_us_per_step=busy, launches_per_step=sum(c for _, c, _ in prof.values()),
+                    roles = role_bytes(cfg, b, a.prompt_len + a.steps / 2)  # the mean context of the decode
+                    prof = with_bandwidth(per_step(events, a.steps), roles)
+                    busy = sum(r[0] for r in prof.values())
+                    idle = sum(r[2] for r in prof.values())
+                    row.update(kernel_us_per_step=busy, launches_per_step=sum(r[1] for r in prof.values()),
                                idle_us_per_step=idle, kernels=prof)
                     print(f"    kernel time {busy:.1f} us/step over {row['launches_per_step']:.0f} launches/step, "
                           f"GPU idle between kernels {idle:.1f} (wall {row['us_per_step']:.1f}: gaps "
                           f"{row['us_per_step'] - busy:.1f})")
-                    for g, (t, c, i) in list(prof.items())[:a.top]:
-                        print(f"      {t:8.2f} us {c:6.1f}x  idle before {i:7.2f} us  {g}")
+                    for g, (t, c, i, nbytes, gbs) in list(prof.items())[:a.top]:
+                        rate = f"{nbytes / 1e6:8.1f} MB {gbs:7.0f} GB/s" if nbytes is not None else " " * 24
+                        print(f"      {t:8.2f} us {c:6.1f}x  idle before {i:7.2f} us {rate}  {g}")
                 rows.append(row)
                 del probe
     if a.json:

@@ -481,3 +481,29 @@ def test_nanovllm_row_times_decode_as_the_difference_of_two_generates(tmp_path, 
     decode.measure("nanovllm", "Qwen3-0.6B", cfg, tmp_path, [1], prompt_len=16, new_tokens=5, runs=1, warmup=0,
                    torch_device="cuda", ceilings={}, emit=rows.append, progress=lambda m: None)
     assert calls[-1] == ("uninstall",) and "no GPU memory left" in rows[0]["error"], (calls, rows)
+
+
+def test_profile_bytes_per_kernel_group():
+    """bench.profile names the bytes a step must read through each twin's projection and attention
+    kernels: the four projections of either twin add up to the projections' weights once per step
+    (Qwen3Config.decode_bytes_per_token less the norms, embedding row and lm_head), attention to each
+    sequence's K and V rows; kernels whose names say nothing (cuBLAS, XLA fusions) get none."""
+    from bench import profile
+    from common.config import PRESETS
+
+    cfg = PRESETS["Qwen3-8B"]
+    roles = profile.role_bytes(cfg, batch=4, context=100)
+    h, l = cfg.hidden_size, cfg.num_hidden_layers
+    projections = cfg.decode_bytes_per_token() - 2 * (l * (2 * h + 2 * cfg.head_dim) + h + cfg.vocab_size * h)
+    twins = {"torch": ["_rmsnorm_qkv_kernel", "_linear_residual_kernel", "_norm_gate_up_kernel"],
+             "jax": ["rmsnorm_qkv_linear", "linear_residual", "mlp_norm_gate_up", "mlp_down"]}
+    for twin, names in twins.items():
+        assert sum(profile.group_bytes(n, roles) for n in names) == projections, twin
+    kv = l * 4 * 100 * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
+    assert profile.group_bytes("_decode_attention_kernel", roles) == profile.group_bytes("decode_attention", roles) == kv
+    for other in ("nvjet_sm90_tst_384x8_64x4_2x1_v_bz_TNT", "loop_add_fusion", "_qk_epilogue_kernel",
+                  "rmsnorm_qkv_epilogue", "input_reduce_fusion"):
+        assert profile.group_bytes(other, roles) is None, other
+    rows = profile.with_bandwidth({"mlp_down": (100.0, 36.0, 0.0), "loop_add_fusion": (1.0, 3.0, 0.5)}, roles)
+    assert rows["mlp_down"] == (100.0, 36.0, 0.0, roles["down"], roles["down"] / 100.0 / 1e3)
+    assert rows["loop_add_fusion"] == (1.0, 3.0, 0.5, None, None)
