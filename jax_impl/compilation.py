@@ -5,7 +5,8 @@
   time apart from prefill and decode while other threads compile its next programs.
 - `enable_persistent_cache()`: XLA's compiled programs kept on disk across processes in
   `$XDG_CACHE_HOME/qwen3-fused/jax/` (else `~/.cache/qwen3-fused/jax/`), every program however small.
-  Off with `QWEN3_FUSED_COMPILE_CACHE=0` (or `load(..., compile_cache=False)`, `--no-compile-cache`);
+  Off with `QWEN3_FUSED_COMPILE_CACHE=0` (or `load(..., compile_cache=False)`, `--no-compile-cache`)
+  before the process's first load (jax cannot turn it off again);
   a cache directory the user configured for jax already is left as it is.
 """
 
@@ -51,11 +52,17 @@ def cache_dir() -> Path:
 
 def enable_persistent_cache(enabled: bool = True) -> Path | None:
     """Turn on jax's persistent compilation cache in cache_dir() (once per process); returns the
-    directory in use, or None when it is off."""
-    if not enabled or os.environ.get(ENV_OFF, "1").strip().lower() in ("0", "false", "off", "no"):
-        return None
+    directory in use, or None when it is off. jax cannot turn the cache off again once on: asked to
+    after an earlier load turned it on, this says so (logged once) and returns the directory."""
+    off = not enabled or os.environ.get(ENV_OFF, "1").strip().lower() in ("0", "false", "off", "no")
     if _state["cache"] is not None:
+        if off and not _state.get("said_on"):
+            _state["said_on"] = True
+            log.info(f"jax_impl: the compilation cache stays on in this process ({_state['cache']}): an earlier "
+                     f"load turned it on, and jax cannot turn it off again")
         return _state["cache"]
+    if off:
+        return None
     configured = jax.config.jax_compilation_cache_dir
     path = Path(configured) if configured else cache_dir()
     if not configured:

@@ -53,3 +53,21 @@ def test_the_cache_can_be_turned_off(tmp_path, how):
     out = _run(tmp_path, cache=how != "argument", **({"QWEN3_FUSED_COMPILE_CACHE": "0"} if how == "environment"
                                                        else {}))
     assert out["cache"] == "None" and not (tmp_path / "cache" / "qwen3-fused").exists()
+
+
+def test_turning_it_off_after_a_load_turned_it_on_says_so(monkeypatch, caplog):
+    """jax cannot turn its cache off again: a later compile_cache=False (or the variable set late)
+    reports the cache as on, where it is, and logs why once - not None while programs are cached."""
+    import logging
+
+    from jax_impl import compilation
+
+    monkeypatch.setitem(compilation._state, "cache", Path("/cache/in/use"))
+    monkeypatch.setitem(compilation._state, "said_on", False)
+    monkeypatch.setenv(compilation.ENV_OFF, "1")
+    with caplog.at_level(logging.INFO, logger="jax_impl"):
+        assert compilation.enable_persistent_cache(False) == Path("/cache/in/use")
+        monkeypatch.setenv(compilation.ENV_OFF, "0")
+        assert compilation.enable_persistent_cache(True) == Path("/cache/in/use")
+    said = [r.getMessage() for r in caplog.records if "stays on" in r.getMessage()]
+    assert len(said) == 1 and "/cache/in/use" in said[0], said
