@@ -18,6 +18,7 @@ on an H100 (docs/MEASUREMENTS.md has each figure) and are written in terms of wh
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 from common.tiles import AttentionTiles, Device, MatmulTiles, PrefillTiles, next_pow2
 
@@ -36,14 +37,20 @@ ONE_BYTE = ("-int8", "-fp8")  # dtype suffixes of one-byte weights (tiles.lookup
 FP8_MIN_CAPABILITY = (8, 9)  # the first GPUs whose compilers convert e4m3 values (Ada, Hopper)
 
 
-def fp8_kernels_problem(fmt: str, capability: tuple[int, int] | None) -> str | None:
-    """Why fp8 weights cannot run in the fused kernels of a GPU of this compute capability (8.0-8.8:
-    the kernels run, their compilers cannot convert e4m3), or None. Below 8.0 no kernel runs at all,
-    which the twins' choose_ops already say."""
-    if fmt != "fp8" or capability is None or not (8, 0) <= tuple(capability) < FP8_MIN_CAPABILITY:
-        return None
-    return (f"fp8 weights: the fused kernels convert e4m3 only on compute capability >= {FP8_MIN_CAPABILITY[0]}."
-            f"{FP8_MIN_CAPABILITY[1]}, this GPU has {capability[0]}.{capability[1]}")
+def check_fp8_kernels(fused, fmt: str, capability: tuple[int, int] | None, *, plain: str, error: type,
+                      note: Callable[[str], None]) -> None:
+    """At load, both twins: fp8 weights on a GPU whose kernels run but whose compilers cannot convert
+    e4m3 (compute capability 8.0-8.8; below 8.0 no kernel runs, as choose_ops says). fused=True
+    raises `error` naming the flag and what to use instead; "auto" passes `note` the fallback (the
+    fp8 projections dequantize `plain`, as default_path picks). fused is resolved (True/False/"auto")."""
+    if fmt != "fp8" or fused is False or capability is None or not (8, 0) <= tuple(capability) < FP8_MIN_CAPABILITY:
+        return
+    problem = (f"fp8 weights: the fused kernels convert e4m3 only on compute capability >= {FP8_MIN_CAPABILITY[0]}."
+               f"{FP8_MIN_CAPABILITY[1]}, this GPU has {capability[0]}.{capability[1]}")
+    if fused is True:
+        raise error(f"fused=True (--fused on) with {problem}; use fused='auto' (--fused auto: the fp8 projections "
+                    f"then dequantize {plain}) or int8 weights (quantization='int8' on the bf16 checkpoint)")
+    note(f"fp8 projections dequantize {plain} (fused='auto'; {problem})")
 
 
 def default_path(kernel: str, framework: str, device: Device, shape: dict, dtype: str = "bfloat16") -> str:

@@ -75,17 +75,10 @@ def _kernel_ops(device: torch.device, *, auto: bool) -> Ops:
 
 
 def check_weight_format(fused, fmt: str, device: torch.device | str | None = None) -> None:
-    """At load, before a weight is read (common.tile_rules.fp8_kernels_problem): fused=True refuses
-    fp8 weights the kernels cannot convert; "auto" logs once that their projections dequantize in the plain path."""
-    fused = resolve_fused(fused)
-    problem = tile_rules.fp8_kernels_problem(fmt, gpu_capability(device))
-    if problem is None or fused is False:
-        return
-    if fused is True:
-        raise FusedUnavailable(f"fused=True (--fused on) with {problem}; use fused='auto' (--fused auto: the fp8 "
-                               f"projections then dequantize in the plain path) or int8 weights (quantization='int8' on the "
-                               f"bf16 checkpoint)")
-    _log_once(f"torch_impl: fp8 projections dequantize in the plain path (fused='auto'; {problem})")
+    """At load, before a weight is read: fp8 weights this GPU's kernels cannot convert are refused
+    with fused=True, logged once with "auto" (common.tile_rules.check_fp8_kernels)."""
+    tile_rules.check_fp8_kernels(resolve_fused(fused), fmt, gpu_capability(device), plain="in the plain path", error=FusedUnavailable,
+                                 note=lambda message: _log_once(f"torch_impl: {message}"))
 
 
 def choose_ops(fused, device: torch.device | str | None = None) -> Ops:
