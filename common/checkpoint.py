@@ -11,13 +11,23 @@ to about 96) and layer norms around 1, which amplify rounding bugs that N(0, 0.0
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
+import secrets
+import shutil
+import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # before numpy imports: a Ctrl-C while it does exits 130 too
+    from common import interrupt
+
+    interrupt.install()
 
 import numpy as np
 
 from common import argparsing, progress
-from common.config import Qwen3Config
+from common.config import PRESETS, Qwen3Config
 from common.quant import FP8_BLOCK, quantize_fp8
 from common.weights import INDEX_FILE, QUANT_SOURCES, SCALE_SUFFIX, SINGLE_FILE, expected_shapes
 
@@ -166,13 +176,58 @@ def write_tokenizer(model_dir: str | Path, vocab_size: int, text: str | None = N
     return eos
 
 
-def main(argv=None) -> None:
+def write_new_checkpoint(model_dir: str | Path, cfg: Qwen3Config, **kwargs) -> Path:
+    """write_checkpoint into a directory that does not exist yet or is empty; returns its path.
+
+    Refuses (FileExistsError) a file or a non-empty directory at `model_dir`: nothing is ever
+    overwritten. The files are written into a hidden `.<name>.<random>.partial` directory beside
+    it, renamed into place once complete, so an interrupted write leaves no directory that looks
+    like a checkpoint (and the partial one is removed unless the process is killed outright).
+    """
+    path = Path(model_dir)
+    _check_new_dir(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.partial"
+    tmp.mkdir()
+    try:
+        write_checkpoint(tmp, cfg, **kwargs)
+        _check_new_dir(path)  # again: something may have appeared there while the weights were written
+        # rename(2) replaces an empty directory and fails on a non-empty one or a file: never an overwrite
+        os.rename(tmp, path)
+    except BaseException:  # a Ctrl-C or an error: no partial checkpoint stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _check_new_dir(path: Path) -> None:
+    if path.is_dir():
+        if any(path.iterdir()):
+            raise FileExistsError(f"{path}: the directory exists and is not empty; "
+                                  "choose a new directory or remove this one")
+    elif path.exists() or path.is_symlink():
+        raise FileExistsError(f"{path}: a file of that name exists; choose a new directory")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
+def main(argv=None) -> int:
     p = argparsing.ArgumentParser(prog="python -m common.checkpoint", description="Write a random-weight Qwen3 checkpoint in the Hugging Face layout.")
-    p.add_argument("out", help="output directory")
-    p.add_argument("--preset", default="Qwen3-0.6B", help="one of the six dense Qwen3 presets")
-    p.add_argument("--layers", type=int, help="override num_hidden_layers")
+    p.add_argument("out", help="output directory: new, or an empty existing one (never overwritten)")
+    p.add_argument("--preset", default="Qwen3-0.6B", choices=list(PRESETS), metavar="PRESET",
+                   help=f"one of the six dense Qwen3 presets: {', '.join(PRESETS)} (default %(default)s)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="number of decoder layers, 1 to the preset's count (default: all of the preset's)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--shards", type=_positive, default=1, help="number of safetensors files (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--realistic-norms", action="store_true", help="q/k-norm weights of tens, as real Qwen3")
     p.add_argument("--tokenizer", action="store_true", help="also write a small byte-level BPE tokenizer")
@@ -181,12 +236,25 @@ def main(argv=None) -> None:
     import dataclasses
 
     cfg = Qwen3Config.preset(a.preset)
-    if a.layers:
+    if a.layers is not None:
+        if not 1 <= a.layers <= cfg.num_hidden_layers:
+            p.error(f"argument --layers: {a.layers}: expected 1 to {cfg.num_hidden_layers} "
+                    f"({a.preset} has {cfg.num_hidden_layers} layers)")
         cfg = dataclasses.replace(cfg, num_hidden_layers=a.layers)
-    write_checkpoint(a.out, cfg, seed=a.seed, dtype=a.dtype, shards=a.shards, tokenizer=a.tokenizer,
-                     norm_scale="realistic" if a.realistic_norms else "unit", fp8=a.fp8)
+    tensors = sum(2 if a.fp8 and k.split(".", 3)[-1] in QUANT_SOURCES else 1 for k in expected_shapes(cfg))
+    if a.shards > tensors:
+        p.error(f"argument --shards: {a.shards}: expected 1 to {tensors} (the checkpoint has {tensors} tensors)")
+    try:
+        write_new_checkpoint(a.out, cfg, seed=a.seed, dtype=a.dtype, shards=a.shards, tokenizer=a.tokenizer,
+                             norm_scale="realistic" if a.realistic_norms else "unit", fp8=a.fp8)
+    except OSError as e:  # FileExistsError among them: an existing output, a parent that is a file, a full disk
+        where = f" ({e.filename})" if e.filename and e.filename != a.out else ""
+        msg = str(e) if e.errno is None else f"{a.out}: cannot write the checkpoint: {e.strerror}{where}"
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
     print(f"wrote {a.out} ({cfg.num_parameters() / 1e6:.1f}M parameters)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    interrupt.main(main)

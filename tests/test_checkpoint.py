@@ -126,3 +126,63 @@ def test_command_line(tmp_path, monkeypatch, capsys):
     assert ck.config.num_hidden_layers == 1 and ck.config.dtype == "bfloat16" and len(ck.files) == 2
     assert (tmp_path / "m" / "tokenizer.json").is_file()
     assert np.asarray(ck.read("model.layers.0.self_attn.k_norm.weight"), np.float32).max() == 96.0
+
+
+def _tiny_presets(monkeypatch):
+    """Every preset name gives CFG (2 layers), so the command line writes a small checkpoint."""
+    monkeypatch.setattr(Qwen3Config, "preset", classmethod(lambda cls, name: CFG))
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--preset", "Qwen3-7B"], ["argument --preset", "'Qwen3-7B'", "Qwen3-0.6B", "Qwen3-32B"]),
+    (["--layers", "-2"], ["argument --layers: -2:", "expected 1 to 2"]),
+    (["--layers", "0"], ["argument --layers: 0:", "expected 1 to 2"]),  # not "all layers": N means N
+    (["--layers", "3"], ["argument --layers: 3:", "expected 1 to 2"]),
+    (["--shards", "0"], ["argument --shards", "got 0"]),
+    (["--shards", "99"], ["argument --shards: 99:", "expected 1 to 24"]),
+])
+def test_command_line_refuses_bad_values(tmp_path, monkeypatch, capsys, argv, needles):
+    _tiny_presets(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        checkpoint.main([str(tmp_path / "m"), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    assert not (tmp_path / "m").exists()
+
+
+def test_command_line_never_overwrites(tmp_path, monkeypatch, capsys):
+    _tiny_presets(monkeypatch)
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "config.json").write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    for out, needle in [(full, "not empty"), (a_file, "a file of that name exists"),
+                        (a_file / "sub", "cannot write")]:
+        assert checkpoint.main([str(out), "--layers", "1"]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and err.startswith(f"error: {out}: ") and needle in err, err
+    assert (full / "config.json").read_text() == "mine" and [p.name for p in full.iterdir()] == ["config.json"]
+    assert a_file.read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert checkpoint.main([str(empty), "--layers", "1"]) == 0  # an empty directory is fine
+    assert Checkpoint(empty).config.num_hidden_layers == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "empty", "full"]  # no partial directory left
+
+
+def test_interrupted_write_leaves_no_checkpoint(tmp_path, monkeypatch):
+    import safetensors.numpy
+
+    _tiny_presets(monkeypatch)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.main([str(tmp_path / "m"), "--layers", "1"])
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint (config.json, no weights) nor a partial one
