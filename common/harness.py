@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import importlib.util
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -147,6 +148,48 @@ RUNNERS: dict[str, str] = {
     "jax": "jax_impl:load",
     "torch": "torch_impl:load",
 }
+
+
+# What each runner needs, checked by `check_runner` before any model loads: the dtypes it computes in
+# (the reference: float64 or float32 only; transformers also float64) and the packages it imports.
+RUNNER_DTYPES: dict[str, tuple[str, ...]] = {
+    "reference": ("float64", "float32"),
+    "hf": ("float64", *DTYPES),
+    "jax": DTYPES,
+    "torch": DTYPES,
+}
+RUNNER_PACKAGES: dict[str, tuple[str, ...]] = {
+    "reference": (),
+    "hf": ("torch", "transformers"),
+    "jax": ("jax", "flax"),
+    "torch": ("torch",),
+}
+
+
+def check_runner(name: str, *, dtype: str | None = None, fused="auto", weight_format: str = "bf16",
+                 label: str | None = None) -> None:
+    """Whether runner `name` can run here, without loading a model: a known name, its packages
+    installed, `dtype` one it computes in, and with fused=True the twin's own check that its kernels
+    run on this machine (the GPU, or the interpreter) for `weight_format`. ValueError naming the
+    runner (as `label`, e.g. "torch:on", when given)."""
+    get_loader(name)
+    label = label or name
+    missing = [m for m in RUNNER_PACKAGES[name] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"runner {label!r} is not available: {', '.join(missing)} not installed")
+    if dtype is not None and dtype not in RUNNER_DTYPES[name]:
+        raise ValueError(f"runner {label!r}: dtype={dtype!r}: expected one of {', '.join(RUNNER_DTYPES[name])}")
+    if resolve_fused(fused) is not True or name not in ("jax", "torch"):
+        return  # "auto" falls back to the plain path where the kernels cannot run; False runs it
+    ops = importlib.import_module(f"{name}_impl.ops")
+    try:
+        if name == "jax":
+            ops.choose_ops(None, True, dtype)
+        else:
+            ops.choose_ops(True)  # the device the runner takes by default
+        ops.check_weight_format(True, weight_format)
+    except RuntimeError as e:  # the twin's FusedUnavailable
+        raise ValueError(f"runner {label!r}: {e}") from None
 
 
 def get_loader(name: str) -> Callable[..., Runner]:

@@ -18,10 +18,10 @@ from typing import Sequence
 import numpy as np
 
 from common import sampling
-from common.harness import Runner, check_token_ids, eos_set, resolve_fused
+from common.harness import RUNNER_DTYPES, Runner, check_token_ids, eos_set, resolve_fused
 from common.weights import Checkpoint
 
-HF_DTYPES = ("float64", "float32", "bfloat16", "float16")
+HF_DTYPES = RUNNER_DTYPES["hf"]
 
 
 class HFRunner(Runner):

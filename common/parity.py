@@ -15,12 +15,20 @@ A runner name may carry the fused flag after a colon (`jax:on`, `jax:off`, `torc
 the fused and plain paths of one twin compare in one table; without it the runner's default
 ("auto") applies. `--dtype` is the precision of the runners under test; the numpy reference
 runs in `--reference-dtype` (float64 by default: it is the truth the others are measured against).
+float64 is transformers' only (`hf`); the twins compute in float32, bfloat16 or float16.
+
+Nothing runs before everything is checked (`check_parity`): the model directory, each runner's
+name, packages, dtype and fused path on this machine, and the prompt length against the model's
+max_position_embeddings and this machine's memory; a problem is one `error:` line, exit 2. A
+runner that fails anyway once the comparison runs does not lose the finished rows: the table
+shows them, one `error:` line names the runner, exit 1. `--json` never overwrites a file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,9 +42,11 @@ if __name__ == "__main__":  # before numpy and the harness import: a Ctrl-C whil
 import numpy as np
 
 from common import argparsing
-from common.harness import get_loader, resolve_fused
+from common.config import Qwen3Config
+from common.harness import RUNNER_DTYPES, check_runner, get_loader, resolve_fused
 from common.logs import show_project_logs
 from common.progress import note
+from common.weights import Checkpoint
 
 
 def compare_logits(logits, baseline) -> dict:
@@ -83,49 +93,122 @@ def parse_runner(spec: str) -> tuple[str, dict]:
         raise ValueError(f"runner {spec!r}: the part after ':' must be auto, on or off") from None
 
 
+def host_memory_bytes() -> int | None:
+    """This machine's physical memory, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def min_host_bytes(cfg: Qwen3Config, runners: Sequence[str], *, reference_dtype: str, batch: int,
+                   prompt_len: int) -> int:
+    """A lower bound of the host memory a comparison takes: the float32 logits kept for every runner,
+    and the numpy reference's weights and attention scores ([heads, seq, seq], two alive at once)."""
+    need = len(runners) * batch * prompt_len * cfg.vocab_size * 4
+    if "reference" in {parse_runner(r)[0] for r in runners}:
+        item = 8 if reference_dtype == "float64" else 4
+        need += item * (cfg.num_parameters() + 2 * cfg.num_attention_heads * prompt_len ** 2
+                        + prompt_len * cfg.vocab_size)
+    return need
+
+
+def check_parity(model_dir: str | Path, runners: Sequence[str], *, dtype: str = "float32",
+                 baseline: str = "reference", reference_dtype: str = "float64", prompt_len: int = 16,
+                 batch: int = 2, new_tokens: int = 8, loaders=None) -> Qwen3Config:
+    """Everything a comparison needs, checked before any runner loads: the model directory and its
+    checkpoint, each runner's name, packages, dtype and fused path on this machine, the prompt
+    length against the model's context and this machine's memory. Returns the model's config;
+    raises ValueError naming the flag (or the file) at fault."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ValueError(f"--model: {model_dir} is a file, expected a checkpoint directory" if path.exists()
+                         else f"--model: directory {model_dir} does not exist")
+    ckpt = Checkpoint(path)  # ConfigError / WeightsError name the file
+    cfg, fmt = ckpt.config, ckpt.weight_format()
+    for spec in dict.fromkeys([baseline, *runners]):
+        base, extra = parse_runner(spec)
+        if loaders and base in loaders:
+            continue  # a test's runner: nothing known to check
+        check_runner(base, fused=extra.get("fused", "auto"), weight_format=fmt, label=spec)
+        flag, run_dtype = ("--reference-dtype", reference_dtype) if base == "reference" else ("--dtype", dtype)
+        if run_dtype not in RUNNER_DTYPES[base]:
+            raise ValueError(f"{flag} {run_dtype}: runner {spec!r} computes in "
+                             f"{', '.join(RUNNER_DTYPES[base])} only")
+    if prompt_len + new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds the model's "
+                         f"max_position_embeddings {cfg.max_position_embeddings} ({path / 'config.json'})")
+    have = host_memory_bytes()
+    need = min_host_bytes(cfg, list(dict.fromkeys([baseline, *runners])), reference_dtype=reference_dtype,
+                          batch=batch, prompt_len=prompt_len)
+    if have is not None and need > have:
+        raise ValueError(f"--prompt-len {prompt_len}: comparing {batch} prompts of that length takes at least "
+                         f"{_size(need)} of host memory, this machine has {_size(have)}; "
+                         f"use a shorter --prompt-len or a smaller --batch")
+    return cfg
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if isinstance(e, (ValueError, RuntimeError, OSError)) else f"{type(e).__name__}: {text}"
+
+
 def run_parity(model_dir: str | Path, runners: Sequence[str], *, dtype: str = "float32",
                baseline: str = "reference", reference_dtype: str = "float64", prompt_len: int = 16,
                batch: int = 2, new_tokens: int = 8, seed: int = 0, loaders=None, progress: bool = False) -> dict:
-    """Load every runner, run the same inputs, compare with the baseline; returns the report dict.
+    """Check everything (`check_parity`, ValueError before any runner loads), then load every runner,
+    run the same inputs, compare with the baseline; returns the report dict.
 
-    `loaders` (name -> load function) overrides the registry, for tests; `progress` prints a line
-    per runner on stderr. A runner that cannot load raises ValueError naming it.
+    The baseline runs first. A runner that fails while loading or running does not end the
+    comparison: the report's "failed" lists it with its error, the other rows stay (nothing is
+    compared when the baseline fails: the others are not run). `loaders` (name -> load function)
+    overrides the registry, for tests; `progress` prints a line per runner on stderr.
     """
-    if baseline not in runners:
-        runners = [baseline, *runners]
-    rows, results = [], {}
-    ids = None
-    for name in runners:
+    cfg = check_parity(model_dir, runners, dtype=dtype, baseline=baseline, reference_dtype=reference_dtype,
+                       prompt_len=prompt_len, batch=batch, new_tokens=new_tokens, loaders=loaders)
+    specs = list(dict.fromkeys([baseline, *runners]))  # the table's order: the baseline first unless listed
+    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=(batch, prompt_len), dtype=np.int64)
+    rows, results, failed = [], {}, []
+    for name in [baseline, *(s for s in specs if s != baseline)]:
         base, extra = parse_runner(name)
         load = (loaders or {}).get(base) or get_loader(base)
         run_dtype = reference_dtype if base == "reference" else dtype
-        t0 = time.perf_counter()
         try:
+            t0 = time.perf_counter()
             runner = load(model_dir, dtype=run_dtype, **extra)
-        except (RuntimeError, NotImplementedError, OSError, ImportError) as e:  # FusedUnavailable among them
-            raise ValueError(f"runner {name!r}: {e}") from None
-        t1 = time.perf_counter()
-        if ids is None:
-            vocab = runner.config.vocab_size
-            ids = np.random.default_rng(seed).integers(0, vocab, size=(batch, prompt_len), dtype=np.int64)
-        logits = runner.logits(ids)
-        t2 = time.perf_counter()
-        gens = runner.generate([list(map(int, row)) for row in ids], new_tokens, temperature=0.0)
-        t3 = time.perf_counter()
+            t1 = time.perf_counter()
+            logits = runner.logits(ids)
+            t2 = time.perf_counter()
+            gens = runner.generate([list(map(int, row)) for row in ids], new_tokens, temperature=0.0)
+            t3 = time.perf_counter()
+        except Exception as e:  # noqa: BLE001 - reported with the runner's name; the finished rows stay
+            failed.append({"runner": name, "error": _one_line(e)})
+            if progress:
+                note(f"{name}: failed")
+            if name == baseline:
+                break
+            continue
+        finally:
+            runner = None  # free the model before the next one loads
         results[name] = (logits, gens)
         if progress:
             note(f"{name}: loaded in {t1 - t0:.2f} s, logits {t2 - t1:.3f} s, generate {t3 - t2:.3f} s")
         rows.append({"runner": name, "dtype": run_dtype, "load_s": t1 - t0, "logits_s": t2 - t1,
                      "generate_s": t3 - t2, "generated": [list(map(int, g)) for g in gens]})
-        del runner
-    base_logits, base_gens = results[baseline]
-    for row in rows:
-        logits, gens = results[row["runner"]]
-        row.update(compare_logits(logits, base_logits))
-        row.update(compare_generations(gens, base_gens))
+    rows.sort(key=lambda r: specs.index(r["runner"]))
+    if baseline in results:
+        base_logits, base_gens = results[baseline]
+        for row in rows:
+            logits, gens = results[row["runner"]]
+            row.update(compare_logits(logits, base_logits))
+            row.update(compare_generations(gens, base_gens))
     return {"model": str(model_dir), "baseline": baseline, "dtype": dtype, "reference_dtype": reference_dtype,
             "seed": seed, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "token_ids": ids.tolist(), "rows": rows}
+            "token_ids": ids.tolist(), "rows": rows, "failed": failed}
 
 
 def markdown_table(report: dict) -> str:
@@ -156,7 +239,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated: reference, hf, jax, torch; jax:on / jax:off pick the fused path")
     p.add_argument("--baseline", default="reference", help="runner the others are compared against")
     p.add_argument("--dtype", default="float32", choices=["float64", "float32", "bfloat16", "float16"],
-                   help="dtype of the runners under test")
+                   help="dtype of the runners under test: float32, bfloat16 or float16 for every runner, "
+                        "float64 for hf only (the reference runs in --reference-dtype)")
     p.add_argument("--reference-dtype", default="float64", choices=["float64", "float32"],
                    help="precision of the numpy reference runner")
     p.add_argument("--prompt-len", type=_positive, default=16)
@@ -176,27 +260,37 @@ def main(argv=None) -> int:
     if not runners:
         print("error: --runners: expected a comma-separated list of runner names", file=sys.stderr)
         return 2
+    if a.json and (Path(a.json).exists() or Path(a.json).is_symlink()):
+        print(f"error: --json {a.json}: the file exists (never overwritten); choose a new name", file=sys.stderr)
+        return 2
     try:
-        for name in dict.fromkeys([a.baseline, *runners]):
-            get_loader(parse_runner(name)[0])  # unknown or unavailable runners fail before any model is loaded
-        if not Path(a.model).is_dir():
-            raise ValueError(f"--model: directory {a.model} does not exist")
         report = run_parity(a.model, runners, dtype=a.dtype, baseline=a.baseline,
                             reference_dtype=a.reference_dtype, prompt_len=a.prompt_len, batch=a.batch,
                             new_tokens=a.new_tokens, seed=a.seed, progress=True)
-    except (ValueError, ImportError, NotImplementedError) as e:  # incl. ConfigError, WeightsError
+    except (ValueError, ImportError, NotImplementedError) as e:  # incl. ConfigError, WeightsError: nothing ran
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(markdown_table(report))
+    if report["rows"]:
+        print(markdown_table(report))
     if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2))
-    if a.max_rel_err is not None:
+        try:
+            with open(a.json, "x") as f:  # "x": created here, never an existing file overwritten
+                json.dump(report, f, indent=2)
+        except OSError as e:
+            print(f"error: --json {a.json}: {e.strerror}", file=sys.stderr)
+            return 2
+    status = 0
+    for f in report["failed"]:
+        what = "the baseline failed, nothing compared" if f["runner"] == a.baseline else "failed"
+        print(f"error: runner {f['runner']!r} {what}: {f['error']}", file=sys.stderr)
+        status = 1
+    if a.max_rel_err is not None and report["rows"]:
         worst = max(r["max_rel_err"] for r in report["rows"])
         if not worst <= a.max_rel_err:
             print(f"FAIL: max relative logits error {worst:.3g} exceeds --max-rel-err {a.max_rel_err:g}",
                   file=sys.stderr)
-            return 1
-    return 0
+            status = 1
+    return status
 
 
 if __name__ == "__main__":

@@ -78,6 +78,102 @@ def test_missing_or_bad_model(tmp_path, capsys):
     assert "--model" in capsys.readouterr().err
 
 
+# ----- everything is checked before any runner runs ----------------------------------------------
+
+def _one_error_line(err: str) -> str:
+    """stderr of a command refused before anything ran: one error line (no runner's progress line)."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("runners", ["reference,jax", "reference,hf,torch:off"])
+def test_a_dtype_a_runner_cannot_compute_in_is_refused_up_front(model_dir, capsys, runners):
+    rc = parity.main(["--model", str(model_dir), "--runners", runners, "--dtype", "float64"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2
+    twin = runners.rsplit(",", 1)[-1]
+    assert f"--dtype float64: runner '{twin}'" in line and "float32, bfloat16, float16" in line
+
+
+def test_help_says_which_runners_take_float64(capsys):
+    with pytest.raises(SystemExit):
+        parity.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "float64 for hf only" in out
+
+
+def test_a_prompt_past_the_context_is_refused_up_front(model_dir, capsys):
+    rc = parity.main(["--model", str(model_dir), "--prompt-len", "100000"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2
+    assert "--prompt-len 100000 + --new-tokens 8 exceeds the model's max_position_embeddings 4096" in line
+
+
+def test_a_prompt_past_this_machines_memory_is_refused_up_front(model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(parity, "host_memory_bytes", lambda: 2 ** 20)  # a machine of 1 MiB
+    rc = parity.main(["--model", str(model_dir), "--prompt-len", "16"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2
+    assert "--prompt-len 16: comparing 2 prompts of that length takes at least" in line
+    assert "this machine has 1.0 MiB" in line and "--batch" in line
+
+
+def test_memory_lower_bound_of_a_real_model():
+    cfg = Qwen3Config.preset("Qwen3-0.6B")
+    need = parity.min_host_bytes(cfg, ["reference", "hf"], reference_dtype="float64", batch=2, prompt_len=100_000)
+    assert need > 2 * 2 ** 40  # scores of 16 heads x 100000^2 in float64, twice: 2.3 TiB
+    small = parity.min_host_bytes(cfg, ["reference", "hf"], reference_dtype="float64", batch=2, prompt_len=16)
+    assert small < 5 * 2 ** 30  # the weights in float64: the default comparison is not refused
+    assert parity.min_host_bytes(cfg, ["hf", "jax"], reference_dtype="float64", batch=2, prompt_len=16) < 2 ** 30
+
+
+def test_a_runner_that_cannot_run_here_is_refused_before_the_others_run(model_dir, capsys, monkeypatch):
+    torch_ops = pytest.importorskip("torch_impl.ops")
+    from common import harness
+
+    if torch_ops.gpu_capability() is not None:
+        pytest.skip("a GPU: torch's fused kernels run here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # on CPU they run only in Triton's interpreter
+    rc = parity.main(["--model", str(model_dir), "--runners", "reference,hf,torch:on"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2
+    assert line.startswith("error: runner 'torch:on': ") and "TRITON_INTERPRET=1" in line
+    monkeypatch.setitem(harness.RUNNER_PACKAGES, "hf", ("no_such_package_here",))
+    rc = parity.main(["--model", str(model_dir), "--runners", "reference,hf"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and "runner 'hf' is not available: no_such_package_here not installed" in line
+
+
+def test_a_runner_failing_midway_keeps_the_finished_rows(model_dir, tmp_path, capsys, monkeypatch):
+    from common import hf_runner
+
+    def fails(self, *args, **kwargs):
+        raise MemoryError("Unable to allocate 1.16 TiB for an array")
+
+    monkeypatch.setattr(hf_runner.HFRunner, "generate", fails)
+    out = tmp_path / "parity.json"
+    rc = parity.main(["--model", str(model_dir), "--runners", "reference,hf", "--prompt-len", "4",
+                      "--new-tokens", "2", "--json", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "| reference | float64 | 0 | 0 | 100.0% |" in captured.out and "| hf |" not in captured.out
+    errors = [ln for ln in captured.err.splitlines() if ln.startswith("error:")]
+    assert errors == ["error: runner 'hf' failed: MemoryError: Unable to allocate 1.16 TiB for an array"]
+    assert "Traceback" not in captured.err
+    report = json.loads(out.read_text())
+    assert [r["runner"] for r in report["rows"]] == ["reference"]
+    assert report["failed"] == [{"runner": "hf", "error": "MemoryError: Unable to allocate 1.16 TiB for an array"}]
+
+
+def test_json_never_overwrites(model_dir, tmp_path, capsys):
+    out = tmp_path / "parity.json"
+    out.write_text("mine")
+    rc = parity.main(["--model", str(model_dir), "--json", str(out)])
+    line = _one_error_line(capsys.readouterr().err)
+    assert rc == 2 and f"--json {out}" in line and out.read_text() == "mine"
+
+
 # ----- the comparison maths ----------------------------------------------------------------------
 
 def test_compare_logits():
