@@ -1,5 +1,5 @@
 """tools/quant_accuracy.py: its held-out token ids, its loss, and issue 21's accuracy limits on the
-shipped model (validation loss of int8 weights at most 1% above bf16's, fp8 at most 1.5%).
+shipped model (project-sources loss of int8 weights at most 1% above bf16's, fp8 at most 1.5%).
 
 The tool's figures use all 76,032 held-out tokens (minutes per format on two CPU cores); the limits
 are checked here on a slice, the first SLICE_WINDOWS windows (512 tokens, about 2 s per format).
@@ -19,7 +19,7 @@ from common.harness import load_reference
 from tools import quant_accuracy as qa
 
 SLICE_WINDOWS = 2
-LIMIT_PCT = {"int8": 1.0, "fp8": 1.5}  # issue 21: the validation-loss increase each format may cost
+LIMIT_PCT = {"int8": 1.0, "fp8": 1.5}  # the project-sources loss increase each format may cost
 MODEL = Path(common.default_model())
 
 
@@ -31,7 +31,7 @@ def ids():
 @pytest.fixture(scope="module")
 def losses(ids):
     part = ids[:SLICE_WINDOWS * qa.WINDOW + 1]
-    return {q or "bf16": qa.validation_loss(MODEL, part, q) for q in qa.FORMATS}
+    return {q or "bf16": qa.sources_loss(MODEL, part, q) for q in qa.FORMATS}
 
 
 def test_heldout_ids_are_token_ids_of_the_shipped_model(ids):
@@ -51,7 +51,7 @@ def test_missing_heldout_file_is_one_error(tmp_path):
         qa.read_heldout(tmp_path / "none.safetensors")
 
 
-def test_validation_loss_is_the_next_token_cross_entropy(ids):
+def test_sources_loss_is_the_next_token_cross_entropy(ids):
     """One window against the float64 reference's logits, the log-softmax taken here: the loss
     predicts token t+1 from tokens up to t (an off-by-one would score the wrong targets)."""
     w = ids[:qa.WINDOW + 1]
@@ -59,7 +59,7 @@ def test_validation_loss_is_the_next_token_cross_entropy(ids):
     m = logits.max(-1, keepdims=True)
     logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
     want = -logp[np.arange(qa.WINDOW), w[1:]].mean()
-    got = qa.validation_loss(MODEL, w, None)
+    got = qa.sources_loss(MODEL, w, None)
     assert abs(got - want) <= 1e-4 * want, (got, want)
 
 
@@ -70,5 +70,5 @@ def test_quantized_loss_stays_within_the_issue_limits(losses):
     for fmt, limit in LIMIT_PCT.items():
         assert losses[fmt] != base, f"{fmt}: the same loss as bf16, so the weights were not quantized"
         pct = 100 * (losses[fmt] / base - 1)
-        assert pct <= limit, f"{fmt}: validation loss {losses[fmt]:.4f} is {pct:+.3f}% from bf16's {base:.4f} " \
-                             f"(limit +{limit}%) on {SLICE_WINDOWS * qa.WINDOW} held-out tokens"
+        assert pct <= limit, f"{fmt}: project-sources loss {losses[fmt]:.4f} is {pct:+.3f}% from bf16's {base:.4f} " \
+                             f"(limit +{limit}%) on {SLICE_WINDOWS * qa.WINDOW} project-sources tokens"

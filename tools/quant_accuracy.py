@@ -1,10 +1,10 @@
 """What int8 and fp8 weights (common.quant) cost in accuracy.
 
-    python -m tools.quant_accuracy                      # the shipped model's validation loss per format
+    python -m tools.quant_accuracy                      # the shipped model's project-sources loss per format
     python -m tools.quant_accuracy --shapes Qwen3-0.6B  # + logits error and greedy agreement at real shapes
-    python -m tools.quant_accuracy --build-heldout      # (re)write the held-out token ids
+    python -m tools.quant_accuracy --build-heldout      # (re)write the project-sources token ids
 
-- Validation loss of the shipped model on held-out token ids (`tools/data/heldout.safetensors`:
+- Project-sources loss: the shipped model's loss on the project-sources set (`tools/data/heldout.safetensors`:
   this project's own sources at one commit, tokenized with the shipped tokenizer - text the model
   never saw, fixed in the repo because the training corpus comes from the running Python's standard
   library and differs between Python versions). The loss is the float32 reference's
@@ -60,7 +60,7 @@ def read_heldout(path: Path = HELDOUT) -> np.ndarray:
     return load_file(str(path))["ids"].astype(np.int64)
 
 
-def validation_loss(model_dir: Path, ids: np.ndarray, quantization, batch: int = 8) -> float:
+def sources_loss(model_dir: Path, ids: np.ndarray, quantization, batch: int = 8) -> float:
     """Mean next-token cross-entropy over non-overlapping WINDOW-token windows (float32 reference)."""
     from common import reference
 
@@ -80,7 +80,7 @@ def validation_loss(model_dir: Path, ids: np.ndarray, quantization, batch: int =
 
 def shipped_losses(model_dir: Path) -> dict:
     ids = read_heldout()
-    out = {(q or "bf16"): validation_loss(model_dir, ids, q) for q in FORMATS}
+    out = {(q or "bf16"): sources_loss(model_dir, ids, q) for q in FORMATS}
     return {"tokens": int((ids.size - 1) // WINDOW * WINDOW), "loss": out,
             "increase_pct": {k: 100 * (v / out["bf16"] - 1) for k, v in out.items()}}
 
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         return 0
     t0 = time.perf_counter()
     doc = {"model": str(model_dir), "shipped": shipped_losses(model_dir), "real_shapes": {}}
-    print(f"validation loss over {doc['shipped']['tokens']:,} held-out tokens (float32 reference):")
+    print(f"project-sources loss over {doc['shipped']['tokens']:,} tokens of the project-sources set (float32 reference):")
     for k, v in doc["shipped"]["loss"].items():
         print(f"  {k:5s} {v:.4f}  ({doc['shipped']['increase_pct'][k]:+.2f}%)")
     for preset in filter(None, (s.strip() for s in a.shapes.split(","))):
