@@ -349,7 +349,8 @@ def _doc_to_extend(framework: str, device: Device, target: Path) -> dict:
         raise ValueError(f"{target}: not a tile table; {expected}")
     if old.get("framework", framework) != framework:
         raise ValueError(f"tile table {target}: its framework is {old['framework']!r}, not {framework!r}; "
-                         f"refusing to add {framework} entries to it (write them to another file)")
+                         f"refusing to add {framework} entries to it (expected a tile table of {framework} or a "
+                         f"new file)")
     return {**old, **{k: doc[k] for k in ("format", "framework", "device")}}
 
 
