@@ -341,6 +341,8 @@ def _doc_to_extend(framework: str, device: Device, target: Path) -> dict:
                f"\"entries\": {{...}}}}) or a new file; refusing to overwrite it"
     if target.is_dir():
         raise ValueError(f"{target}: a directory; expected a tile table file of {framework}")
+    if not target.is_file():  # a pipe or a device: reading it may never end
+        raise ValueError(f"{target}: not a regular file; {expected}")
     try:
         old = json.loads(target.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -90,7 +90,8 @@ def _model(directory: str) -> tuple[str, Qwen3Config]:
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
-    """The tuners' flags; each help text says its default (None or [] stand for what it says)."""
+    """The tuners' flags; each help text states its default in words (--batch and --contexts: None
+    until `_setup` picks the sizes of a sweep or of --smoke)."""
     p = argparsing.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", default=[], type=_model, metavar="DIR",
                    help="checkpoint directory (its config.json); repeatable")
@@ -116,9 +117,9 @@ def parser(prog: str) -> argparse.ArgumentParser:
                    help="tune the projections on int8 or fp8 weights (their own table rows, dtype "
                         "'bfloat16-int8' / 'bfloat16-fp8') (default: none)")
     p.add_argument("--smoke", action="store_true",
-                   help=f"tiny shapes on CPU in the interpreters (tests), two candidate tiles per kernel, batch "
-                        f"{SMOKE_BATCH} and context {SMOKE_CONTEXTS} unless --batch/--contexts say otherwise; "
-                        f"needs --out")
+                   help=f"tiny shapes on CPU in the interpreters (tests), at most two candidate tiles per "
+                        f"kernel, batch {SMOKE_BATCH} and context {SMOKE_CONTEXTS} unless --batch/--contexts say "
+                        f"otherwise; needs --out")
     return p
 
 
@@ -249,8 +250,8 @@ def _jobs(p: argparse.ArgumentParser, a, framework: str, fmt: str | None) -> lis
     kernels = [k for k in a.kernels if k in QUANTIZED_KERNELS] if fmt else a.kernels  # only these read weights
     if not kernels:
         p.error(f"--quantization {fmt} tunes only {', '.join(QUANTIZED_KERNELS)}; --kernels names none of them")
-    jobs = [j for name, cfg in _configs(p, a, fmt) for j in jobs_for(name, cfg, kernels, a.batch, a.contexts, a.prefill,
-                                                                 framework, fmt)]
+    jobs = [j for name, cfg in _configs(p, a, fmt)
+            for j in jobs_for(name, cfg, kernels, a.batch, a.contexts, a.prefill, framework, fmt)]
     if not jobs:
         p.error("--kernels prefill_attention needs --prefill LENGTHS (the prompt lengths to tune)")
     return jobs

@@ -347,3 +347,10 @@ def test_help_states_each_default_once(framework):
     assert "(default: 512,4096; with --smoke: 64)" in options["--contexts"], h.stdout
     assert "(default: your table for this GPU)" in options["--out"], h.stdout
     assert "(default: no limit)" in options["--budget-s"], h.stdout
+
+
+def test_out_naming_a_pipe_is_refused_without_reading_it(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "fifo"
+    os.mkfifo(out)
+    assert "not a regular file" in _refused("torch", out, monkeypatch, capsys)
