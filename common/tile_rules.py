@@ -241,7 +241,8 @@ def misfit(kernel: str, framework: str, tiles, shape: dict) -> str | None:
 
 def candidates(kernel: str, framework: str, device: Device, shape: dict, *, smoke: bool = False) -> list:
     """The tiles a tuner times for `kernel` at `shape` (the default rule's first), each fitting the
-    shape (`misfit`) and the device's shared memory; `smoke`: two, for the CPU interpreters."""
+    shape (`misfit`) and the device's shared memory; `smoke`: two, for the CPU interpreters - the
+    default and the one of fewest interpreted steps (`_steps`: the interpreters run programs one by one)."""
     if kernel == "rms_norm":
         return [None]
     default = default_tiles(kernel, framework, device, "bfloat16", shape)
@@ -260,7 +261,19 @@ def candidates(kernel: str, framework: str, device: Device, shape: dict, *, smok
             t = fit_stages(t, device, 2) if isinstance(t, MatmulTiles) else t
             if t not in out:
                 out.append(t)
-    return out[:2] if smoke else out
+    return out[:1] + sorted(out[1:], key=lambda t: _steps(t, shape))[:1] if smoke else out
+
+
+def _steps(tiles, shape: dict) -> int:
+    """Programs times loop steps of `tiles` at `shape`: what a run in an interpreter costs."""
+    if isinstance(tiles, MatmulTiles):
+        return (-(-shape["m"] // tiles.block_m) * -(-shape["n"] // tiles.block_n) * tiles.split_k *
+                -(-shape["k"] // (tiles.block_k * tiles.split_k)))
+    if isinstance(tiles, AttentionTiles):
+        return shape["batch"] * tiles.num_splits * -(-shape["max_context"] // (tiles.block_kv * tiles.num_splits))
+    if isinstance(tiles, PrefillTiles):
+        return -(-shape["max_seqlen_q"] // tiles.block_m) * -(-shape["max_seqlen_q"] // tiles.block_n)
+    return 1
 
 
 def _matmul_pool(kernel: str, framework: str, shape: dict) -> list[MatmulTiles]:

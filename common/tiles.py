@@ -331,26 +331,47 @@ def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items
 
 def _doc_to_extend(framework: str, device: Device, target: Path) -> dict:
     """The table document write_entry adds to: `target`'s own (its "note" kept), else a new one.
-    Refuses a table of the other framework: its entries would be read by neither twin."""
+    Refuses (ValueError) any existing `target` but a tile table of `framework`: a directory, a file
+    that is not JSON, other JSON, the other framework's table (read by neither twin) - never
+    overwritten."""
     doc = {"format": FORMAT, "framework": framework, "device": device.name, "entries": {}}
-    if not target.is_file():
+    if not os.path.lexists(target):
         return doc
+    expected = f"expected a tile table of {framework} ({{\"format\": {FORMAT}, \"framework\": \"{framework}\", " \
+               f"\"entries\": {{...}}}}) or a new file; refusing to overwrite it"
+    if target.is_dir():
+        raise ValueError(f"{target}: a directory; expected a tile table file of {framework}")
+    if not target.is_file():  # a pipe or a device: reading it may never end
+        raise ValueError(f"{target}: not a regular file; {expected}")
     try:
         old = json.loads(target.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        _warn_once(f"tile table {target}: unreadable; starting it anew")
-        return doc
-    if not isinstance(old, dict) or not isinstance(old.get("entries"), dict):
-        return doc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{target}: cannot be read as JSON ({type(e).__name__}: {e}); {expected}") from None
+    if not isinstance(old, dict) or old.get("format") != FORMAT or not isinstance(old.get("entries"), dict):
+        raise ValueError(f"{target}: not a tile table; {expected}")
     if old.get("framework", framework) != framework:
         raise ValueError(f"tile table {target}: its framework is {old['framework']!r}, not {framework!r}; "
-                         f"refusing to add {framework} entries to it (write them to another file)")
+                         f"refusing to add {framework} entries to it (expected a tile table of {framework} or a "
+                         f"new file)")
     return {**old, **{k: doc[k] for k in ("format", "framework", "device")}}
 
 
-def check_writable(framework: str, target: Path) -> None:
-    """Raise ValueError where write_entry would refuse `target` (before a sweep starts)."""
+def check_writable(framework: str, target: Path, *, make_folders: bool = False) -> None:
+    """Raise ValueError where writing `target` would fail or destroy something (before a sweep
+    starts): an existing path that is not a tile table of `framework` (`_doc_to_extend`), a folder
+    that is missing (`make_folders`: write_entry makes them; the nearest existing one is checked)
+    or not writable."""
     _doc_to_extend(framework, Device.cpu(), target)
+    folder = target.parent
+    while make_folders and not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not os.path.lexists(folder):
+        raise ValueError(f"{target}: its folder {folder} does not exist; expected a file in an existing, "
+                         f"writable folder")
+    if not folder.is_dir():
+        raise ValueError(f"{target}: {folder} is not a folder; expected a file in a writable folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{target}: its folder {folder} is not writable; expected a file in a writable folder")
 
 
 def write_entry(framework: str, device: Device, key: str, path: str, tiles, *, us: float | None = None,

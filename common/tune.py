@@ -10,7 +10,8 @@ replay, jax with its profiler's kernel time. The fastest becomes the table entry
 the plain op wins: that is the fused-or-plain choice), written at once to the user's table
 (common.tiles.write_entry) - so a sweep can span several commands of ten minutes: a rerun skips
 every entry the table already has (`--redo` measures them again). `--smoke` runs tiny shapes on
-CPU in the interpreters (tests), writing to `--out`.
+CPU in the interpreters (tests), writing to `--out`: one batch, one context, two candidate tiles
+per kernel unless the flags name more (`plan` lists what a command would measure).
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ from pathlib import Path
 from common import argparsing, progress, tile_rules, tiles
 from common.config import PRESETS, ConfigError, Qwen3Config, shrink
 from common.op_chains import Case, chain_layers, setup, time_chain
+from common.quant import FP8_BLOCK
 from common.timing import TimingPlan
 
+DEFAULT_BATCH, SMOKE_BATCH = "1,8,32,128", "1"
+DEFAULT_CONTEXTS, SMOKE_CONTEXTS = "512,4096", "64"
+SMOKE_SIZE = 16  # --smoke: hidden, intermediate and head_dim of the tiny shapes (smoke_config)
 KERNEL_OP = {"rmsnorm_qkv": "rmsnorm_qkv", "mlp_gate_up": "mlp", "linear_residual": "linear_residual",
              "decode_attention": "decode_attention", "prefill_attention": "prefill_attention", "rms_norm": "rms_norm"}
 
@@ -85,24 +90,36 @@ def _model(directory: str) -> tuple[str, Qwen3Config]:
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
-    p = argparsing.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    """The tuners' flags; each help text states its default in words (--batch and --contexts: None
+    until `_setup` picks the sizes of a sweep or of --smoke)."""
+    p = argparsing.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", action="append", default=[], type=_model, metavar="DIR",
-                   help="checkpoint directory (its config.json)")
+                   help="checkpoint directory (its config.json); repeatable")
     p.add_argument("--preset", action="append", default=[], type=_preset, metavar="NAME",
-                   help=f"a preset, no checkpoint needed: {', '.join(PRESETS)}")
-    p.add_argument("--batch", type=_sizes, default="1,8,32,128", help="decode batch sizes (token rows) to tune")
-    p.add_argument("--contexts", type=_sizes, default="512,4096", help="decode-attention cache capacities to tune")
-    p.add_argument("--prefill", type=_lengths, default="",
-                   help="prefill prompt lengths to tune (prefill attention is tuned only with these)")
-    p.add_argument("--kernels", type=_kernels, default=",".join(KERNEL_OP), help="kernels to tune")
-    p.add_argument("--budget-s", type=_seconds, default=None, help="stop after this many seconds (a rerun resumes)")
-    p.add_argument("--out", type=Path, default=None, help="table to write (default: your table for this GPU)")
+                   help=f"a preset, no checkpoint needed: {', '.join(PRESETS)}; repeatable")
+    p.add_argument("--batch", type=_sizes, default=None, metavar="SIZES",
+                   help=f"decode batch sizes (token rows) to tune (default: {DEFAULT_BATCH}; with --smoke: "
+                        f"{SMOKE_BATCH})")
+    p.add_argument("--contexts", type=_sizes, default=None, metavar="SIZES",
+                   help=f"decode-attention cache capacities to tune (default: {DEFAULT_CONTEXTS}; with --smoke: "
+                        f"{SMOKE_CONTEXTS})")
+    p.add_argument("--prefill", type=_lengths, default=[], metavar="LENGTHS",
+                   help="prefill prompt lengths to tune (default: none; prefill attention is tuned only at these)")
+    p.add_argument("--kernels", type=_kernels, default=list(KERNEL_OP), metavar="NAMES",
+                   help=f"kernels to tune, comma-separated, some of {', '.join(KERNEL_OP)} (default: all)")
+    p.add_argument("--budget-s", type=_seconds, default=None, metavar="SECONDS",
+                   help="stop after this many seconds; a rerun resumes (default: no limit)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE",
+                   help="table to write: a new file or a tile table of this framework, extended (default: your "
+                        "table for this GPU)")
     p.add_argument("--redo", action="store_true", help="measure entries the table already has")
     p.add_argument("--quantization", choices=["none", "int8", "fp8"], default="none",
                    help="tune the projections on int8 or fp8 weights (their own table rows, dtype "
-                        "'bfloat16-int8' / 'bfloat16-fp8')")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in the interpreters (tests)")
+                        "'bfloat16-int8' / 'bfloat16-fp8') (default: none)")
+    p.add_argument("--smoke", action="store_true",
+                   help=f"tiny shapes on CPU in the interpreters (tests), at most two candidate tiles per "
+                        f"kernel, batch {SMOKE_BATCH} and context {SMOKE_CONTEXTS} unless --batch/--contexts say "
+                        f"otherwise; needs --out")
     return p
 
 
@@ -111,6 +128,7 @@ class Job:
     kernel: str
     case: Case
     shape: dict  # the lookup's shape of `kernel`
+    candidates: tuple = ()  # the tiles to time (common.tile_rules.candidates; `plan` fills them in)
 
 
 QUANTIZED_KERNELS = ("linear_residual", "rmsnorm_qkv", "mlp_gate_up")  # the kernels that read the weights
@@ -163,9 +181,6 @@ class Tuner:
         self.K = importlib.import_module(f"{framework}_impl.kernels")
         self.P = importlib.import_module(f"{framework}_impl.plain")
 
-    def done(self) -> set[str]:
-        return set(tiles._read_table(self.out, self.fw)) if self.out.is_file() else set()
-
     def _ops(self, kernel: str, t):
         """The op of `kernel` bound to candidate tiles (mlp: gate/up tiles, the down shape's best)."""
         op = KERNEL_OP[kernel]
@@ -186,8 +201,8 @@ class Tuner:
             i, h = job.case.cfg.intermediate_size, job.case.cfg.hidden_size
             self._down = tiles.lookup("linear_residual", self.fw, self.info, dtype=dtype, m=job.case.tokens, n=h,
                                       k=i).tiles
-        cands = tile_rules.candidates(job.kernel, self.fw, self.info, job.shape, smoke=self.smoke)
-        n = 2 if self.smoke else chain_layers(job.case)
+        cands = job.candidates
+        n = 1 if self.smoke else chain_layers(job.case)
         carry, layers, shared, body_for = setup(job.case, n, self.fw, self.device)
         results: list[tuple[float, str, object]] = []
         stopped = False
@@ -215,22 +230,28 @@ class Tuner:
         return "written"
 
 
-def _configs(p: argparse.ArgumentParser, a) -> list[tuple[str, Qwen3Config]]:
+def smoke_config(cfg: Qwen3Config, fmt: str | None) -> Qwen3Config:
+    """--smoke's shapes of `cfg`: the smallest with its GQA ratio - hidden and intermediate 16, one kv
+    head of head_dim 16 (fp8: head_dim and intermediate one 128-block, as its weights need)."""
+    small = shrink(cfg, layers=1, width=cfg.hidden_size, vocab=256)
+    block = FP8_BLOCK if fmt == "fp8" else SMOKE_SIZE
+    return dataclasses.replace(small, head_dim=block, intermediate_size=block)
+
+
+def _configs(p: argparse.ArgumentParser, a, fmt: str | None) -> list[tuple[str, Qwen3Config]]:
     out = a.preset + a.model
     if not out:
         p.error("give --preset NAME or --model DIR (repeatable)")
-    if a.smoke:
-        out = [(n, shrink(c, layers=1, width=8, vocab=256)) for n, c in out]
-    return out
+    return [(n, smoke_config(c, fmt)) for n, c in out] if a.smoke else out
 
 
 def _jobs(p: argparse.ArgumentParser, a, framework: str, fmt: str | None) -> list[Job]:
-    """Every job the flags name; a usage error when they name none."""
+    """Every job the flags name, each shape once; a usage error when they name none."""
     kernels = [k for k in a.kernels if k in QUANTIZED_KERNELS] if fmt else a.kernels  # only these read weights
     if not kernels:
         p.error(f"--quantization {fmt} tunes only {', '.join(QUANTIZED_KERNELS)}; --kernels names none of them")
-    jobs = [j for name, cfg in _configs(p, a) for j in jobs_for(name, cfg, kernels, a.batch, a.contexts, a.prefill,
-                                                                 framework, fmt)]
+    jobs = [j for name, cfg in _configs(p, a, fmt)
+            for j in jobs_for(name, cfg, kernels, a.batch, a.contexts, a.prefill, framework, fmt)]
     if not jobs:
         p.error("--kernels prefill_attention needs --prefill LENGTHS (the prompt lengths to tune)")
     return jobs
@@ -248,12 +269,13 @@ def _device(framework: str, smoke: bool):
 
 
 def _out(p: argparse.ArgumentParser, a, framework: str, info: tiles.Device) -> Path:
-    """The table to write: --out, else the user's table of this GPU; not another framework's table."""
+    """The table to write: --out, else the user's table of this GPU - checked before anything is
+    measured: a new file in a writable folder, or a tile table of this framework (extended)."""
     out = a.out or tiles.table_path(framework, info, user=True)
     try:
-        tiles.check_writable(framework, out)
+        tiles.check_writable(framework, out, make_folders=a.out is None)
     except ValueError as e:
-        p.error(f"--out: {e}")
+        p.error(f"{'--out' if a.out is not None else 'your tile table'}: {e}")
     return out
 
 
@@ -268,14 +290,16 @@ def _sweep(tuner: Tuner, todo: list[Job], dtype: str, budget: Budget, total: int
     return counts
 
 
-def main(framework: str, argv=None) -> int:
-    """The tuner's command line: 0 when it wrote entries (or had none left to write), 1 when it
-    measured nothing, 2 on bad input or without a GPU (--smoke aside)."""
+def _setup(framework: str, argv):
+    """Parse the flags and check them, the table and the device: a namespace of what `main` runs,
+    or None when there is no GPU (said on stderr). Nothing is measured."""
     prog = f"python -m {framework}_impl.tune"
     p = parser(prog)
     a = p.parse_args(argv)
     if a.smoke and a.out is None:
         p.error("--smoke writes to --out FILE (never to your table)")
+    a.batch = a.batch or _sizes(SMOKE_BATCH if a.smoke else DEFAULT_BATCH)
+    a.contexts = a.contexts or _sizes(SMOKE_CONTEXTS if a.smoke else DEFAULT_CONTEXTS)
     fmt = None if a.quantization == "none" else a.quantization
     jobs = _jobs(p, a, framework, fmt)
     if a.smoke and framework == "torch":
@@ -284,18 +308,41 @@ def main(framework: str, argv=None) -> int:
     if not info.is_gpu and not a.smoke:
         print(f"error: {prog}: no CUDA GPU here ({info.name}); tuning needs one "
               f"(--smoke runs tiny shapes in the interpreters)", file=sys.stderr)
-        return 2
+        return None
     out = _out(p, a, framework, info)
-    plan = TimingPlan(repeats=1, target_s=0.0, max_iters=1, warmup=1) if a.smoke else \
-        TimingPlan(repeats=5, target_s=0.01, warmup=2)
-    tuner = Tuner(framework, device, info, out, plan, a.smoke)
-    done = set() if a.redo else tuner.done()
+    done = set() if a.redo else set(tiles._read_table(out, framework))
     dtype = "bfloat16" if fmt is None else f"bfloat16-{fmt}"
-    todo = [j for j in jobs if tiles.shape_key(j.kernel, dtype, j.shape) not in done]
-    total = sum(1 + len(tile_rules.candidates(j.kernel, framework, info, j.shape, smoke=a.smoke)) for j in todo)
-    progress.note(f"{framework}_impl.tune on {info.name}: {len(todo)} shapes to tune ({len(done)} in {out} already)")
-    counts = _sweep(tuner, todo, dtype, Budget(a.budget_s), total)
-    return _report(prog, a, out, len(todo), counts)
+    todo: dict[str, Job] = {}  # each shape key once (two models, or a model whose o_proj is its down)
+    for j in jobs:
+        key = tiles.shape_key(j.kernel, dtype, j.shape)
+        if key not in done and key not in todo:
+            todo[key] = dataclasses.replace(j, candidates=tuple(
+                tile_rules.candidates(j.kernel, framework, info, j.shape, smoke=a.smoke)))
+    return types.SimpleNamespace(prog=prog, a=a, device=device, info=info, out=out, done=done, dtype=dtype,
+                                 todo=list(todo.values()))
+
+
+def plan(framework: str, argv=None) -> list[Job]:
+    """What `main(framework, argv)` would measure, in order, each job with its candidate tiles (the
+    plain op is timed too); nothing is timed. Usage errors exit as in `main`; [] without a GPU."""
+    s = _setup(framework, argv)
+    return s.todo if s else []
+
+
+def main(framework: str, argv=None) -> int:
+    """The tuner's command line: 0 when it wrote entries (or had none left to write), 1 when it
+    measured nothing, 2 on bad input or without a GPU (--smoke aside)."""
+    s = _setup(framework, argv)
+    if s is None:
+        return 2
+    plan_ = TimingPlan(repeats=1, target_s=0.0, max_iters=1, warmup=1) if s.a.smoke else \
+        TimingPlan(repeats=5, target_s=0.01, warmup=2)
+    tuner = Tuner(framework, s.device, s.info, s.out, plan_, s.a.smoke)
+    total = sum(1 + len(j.candidates) for j in s.todo)
+    progress.note(f"{framework}_impl.tune on {s.info.name}: {len(s.todo)} shapes to tune "
+                  f"({len(s.done)} in {s.out} already)")
+    counts = _sweep(tuner, s.todo, s.dtype, Budget(s.a.budget_s), total)
+    return _report(s.prog, s.a, s.out, len(s.todo), counts)
 
 
 def _report(prog: str, a, out: Path, todo: int, counts: dict[str, int]) -> int:

@@ -231,3 +231,126 @@ def test_smoke_tunes_quantized_projections_in_their_own_rows(framework, tmp_path
                             "--kernels", "linear_residual,mlp_gate_up,decode_attention", "--out", str(out)]) == 0
     entries = tiles._read_table(out, framework)
     assert len(entries) == 3 and all(key.endswith("/bfloat16-int8") for key in entries), entries.keys()
+
+
+def _not_a_table_of(framework: str):
+    other = "jax" if framework == "torch" else "torch"
+    return {
+        "other JSON": lambda p: p.write_text('{"architectures": ["Qwen3ForCausalLM"], "hidden_size": 1024}\n'),
+        "JSON with entries but no format": lambda p: p.write_text('{"entries": {}}\n'),
+        "text": lambda p: p.write_text("notes I keep\n"),
+        "bytes": lambda p: p.write_bytes(b"\xff\xfe\x00garbage"),
+        "the other framework's table": lambda p: tiles.write_entry(other, tiles.Device.cpu(),
+                                                                   "rms_norm/m1/n16/bfloat16", "plain", None, table=p),
+    }
+
+
+def _refused(framework, out, monkeypatch, capsys) -> str:
+    """main with --out `out`: exit 2 before anything is timed, one `error: --out: <out>` line; that line."""
+    timed = []
+    monkeypatch.setattr(common.tune, "time_chain", lambda *args: timed.append(args) or {"median_s": 1e-6})
+    with pytest.raises(SystemExit) as e:
+        main(framework, FOUR_SHAPES + ["--out", str(out)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and not timed, err
+    assert err.startswith("error: --out: ") and f"{out}: " in err and "expected" in err, err
+    assert err.rstrip().endswith(f"see python -m {framework}_impl.tune --help"), err
+    return err
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+@pytest.mark.parametrize("kind", list(_not_a_table_of("torch")))
+def test_out_naming_a_file_that_is_not_a_table_of_this_framework_is_refused_untouched(framework, kind, tmp_path,
+                                                                                       monkeypatch, capsys):
+    pytest.importorskip(framework)
+    out = tmp_path / "config.json"
+    _not_a_table_of(framework)[kind](out)
+    before = out.read_bytes()
+    _refused(framework, out, monkeypatch, capsys)
+    assert out.read_bytes() == before and sorted(tmp_path.iterdir()) == [out]
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_out_naming_a_directory_or_an_unwritable_place_is_refused_before_measuring(framework, tmp_path, monkeypatch,
+                                                                                    capsys):
+    pytest.importorskip(framework)
+    (tmp_path / "outdir").mkdir()
+    assert "a directory" in _refused(framework, tmp_path / "outdir", monkeypatch, capsys)
+    assert "does not exist" in _refused(framework, tmp_path / "missing" / "t.json", monkeypatch, capsys)
+    (tmp_path / "file").write_text("x\n")
+    assert "is not a folder" in _refused(framework, tmp_path / "file" / "t.json", monkeypatch, capsys)
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path / "outdir")  # root writes anywhere
+    assert "is not writable" in _refused(framework, tmp_path / "outdir" / "t.json", monkeypatch, capsys)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["file", "outdir"]
+
+
+def test_default_table_folders_are_made_but_an_unwritable_one_is_refused(tmp_path, monkeypatch, capsys):
+    """Without --out the user's table folders are made as needed; the nearest existing one must be writable."""
+    pytest.importorskip("torch")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    p = common.tune.parser("tune")
+    a = p.parse_args(["--preset", "Qwen3-0.6B"])
+    assert common.tune._out(p, a, "torch", tiles.Device.cpu()) == tiles.table_path("torch", tiles.Device.cpu(),
+                                                                                   user=True)
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(SystemExit) as e:
+        common.tune._out(p, a, "torch", tiles.Device.cpu())
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: your tile table: ") and f"{tmp_path} is not writable" in err
+
+
+# --smoke's plan with no other flags, at every preset: a bound on what it times (not on how long it takes)
+SMOKE_MAX_SHAPES, SMOKE_MAX_RUNS, SMOKE_MAX_CANDIDATES, SMOKE_MAX_DIM, SMOKE_MAX_STEPS = 8, 24, 2, 256, 256
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_smoke_plan_is_small(framework, tmp_path):
+    pytest.importorskip(framework)
+    from common import tile_rules
+    from common.config import PRESETS
+
+    for preset in PRESETS:
+        plan = common.tune.plan(framework, ["--smoke", "--preset", preset, "--out", str(tmp_path / "t.json")])
+        rows = [(j.kernel, j.shape, j.case.tokens, j.case.ctx if j.kernel == "decode_attention" else None,
+                 j.candidates) for j in plan]
+        assert {r[0] for r in rows} == {"linear_residual", "rmsnorm_qkv", "mlp_gate_up", "rms_norm",
+                                        "decode_attention"}, rows
+        assert len(rows) <= SMOKE_MAX_SHAPES and sum(1 + len(r[4]) for r in rows) <= SMOKE_MAX_RUNS, rows
+        assert {r[2] for r in rows} == {1} and {r[3] for r in rows} - {None} == {64}, rows
+        assert all(1 <= len(r[4]) <= SMOKE_MAX_CANDIDATES for r in rows), rows
+        assert all(v <= SMOKE_MAX_DIM for r in rows for k, v in r[1].items() if k in ("n", "k")), rows
+        assert sum(tile_rules._steps(t, r[1]) for r in rows for t in r[4]) <= SMOKE_MAX_STEPS, rows
+        keys = [tiles.shape_key(r[0], "bfloat16", r[1]) for r in rows]
+        assert len(set(keys)) == len(keys), keys
+
+
+def test_smoke_takes_the_flags_sizes_and_measures_each_shape_once(tmp_path):
+    """--batch/--contexts name more than smoke's one each; a model given twice is measured once."""
+    pytest.importorskip("torch")
+    plan = common.tune.plan("torch", ["--smoke", "--preset", "Qwen3-0.6B", "--preset", "Qwen3-0.6B", "--batch", "1,8",
+                                      "--contexts", "64,128", "--kernels", "decode_attention",
+                                      "--out", str(tmp_path / "t.json")])
+    assert sorted((j.case.tokens, j.case.ctx) for j in plan) == [(b, c) for b in (1, 8) for c in (64, 64, 128, 128)]
+
+
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_help_states_each_default_once(framework):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="400")
+    h = subprocess.run([sys.executable, "-m", f"{framework}_impl.tune", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, env=env, timeout=300)
+    assert h.returncode == 0, h.stderr
+    options = {line.split()[0]: line for line in h.stdout.splitlines() if line.lstrip().startswith("--")}
+    for bad in ("(default: [])", "(default: None)", "(default: )", "(default: False)"):
+        assert bad not in h.stdout, h.stdout
+    assert all(line.count("default") <= 1 for line in options.values()), h.stdout
+    assert "(default: 1,8,32,128; with --smoke: 1)" in options["--batch"], h.stdout
+    assert "(default: 512,4096; with --smoke: 64)" in options["--contexts"], h.stdout
+    assert "(default: your table for this GPU)" in options["--out"], h.stdout
+    assert "(default: no limit)" in options["--budget-s"], h.stdout
+
+
+def test_out_naming_a_pipe_is_refused_without_reading_it(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "fifo"
+    os.mkfifo(out)
+    assert "not a regular file" in _refused("torch", out, monkeypatch, capsys)
