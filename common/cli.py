@@ -21,6 +21,8 @@ when it has one (STATS_KEYS), else from the wall-clock time of the call.
 Defaults: --temperature/--top-k/--top-p from generation_config.json when it samples, else
 greedy; eos from generation_config.json (int or list), else tokenizer_config.json's eos_token.
 Bad input is a one-line `error:` on stderr naming the flag or file (exit 2); Ctrl-C exits 130.
+A closed stdout pipe (`... | head -2`) stops generation and exits 0 without a word: the reader has
+what it asked for (status 0 rather than a shell's 141, so `set -o pipefail` scripts do not fail).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from common.textgen import (StreamDecoder, TextError, chat_template, eos_token_i
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = interrupt.EXIT_INTERRUPTED
+EXIT_PIPE_CLOSED = 0  # stdout's reader closed the pipe (`... | head`): not an error, the command stops quietly
 
 # Runner.last_stats, as both twins fill it after each generate call (seconds, token counts):
 STATS_KEYS = {
@@ -251,15 +254,20 @@ def _echo_prompt(prompt: str, chat: bool, out: TextIO) -> None:
 def _stream(runner, ids: list[int], max_new: int, kw: dict, tokenizer, out: TextIO, timing: dict) -> list[int]:
     dec = StreamDecoder(tokenizer)
     timing["first"] = None
+    reader_gone = False
     try:
         for chunk in runner.generate_stream(ids, max_new, **kw):
             if timing["first"] is None:
                 timing["first"] = (time.perf_counter(), len(chunk))
             out.write(dec.push(chunk))
             out.flush()
+    except BrokenPipeError:  # stdout's reader closed the pipe: the stream stops, nothing more to print
+        reader_gone = True
+        raise
     finally:  # on Ctrl-C too: print what was produced
-        out.write(dec.finish() + "\n")
-        out.flush()
+        if not reader_gone:
+            out.write(dec.finish() + "\n")
+            out.flush()
     return dec.ids
 
 
@@ -323,7 +331,8 @@ def report(runner, prompt_ids: list[list[int]], new_ids: list[list[int]], total_
 
 def run(load_fn: Callable, argv=None, *, prog: str | None = None, out: TextIO | None = None,
         err: TextIO | None = None) -> int:
-    """The whole command; returns the exit status (0, 2 bad input, 130 interrupted)."""
+    """The whole command; returns the exit status (0, also when stdout's reader closed the pipe; 2 bad
+    input; 130 interrupted)."""
     out, err = out or sys.stdout, err or sys.stderr
     logs.show_project_logs(err)  # the twins' one fused-or-plain line; never other libraries' INFO lines
     try:
@@ -332,6 +341,9 @@ def run(load_fn: Callable, argv=None, *, prog: str | None = None, out: TextIO | 
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     try:
         return _run(load_fn, args, out, err)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted; generation stops, quietly
+        _discard_output(out)
+        return EXIT_PIPE_CLOSED
     except (CLIError, TextError, ConfigError) as e:
         err.write(f"error: {e}\n")
         return EXIT_BAD_INPUT
@@ -399,6 +411,20 @@ def _generate(runner, args, prompts, prompt_ids, kw, tokenizer, out: TextIO, err
         _print_batch(prompts, new_ids, tokenizer, out)
     report(runner, prompt_ids, new_ids, timing["end"] - timing["start"], timing, err)
     return 0
+
+
+def _discard_output(out: TextIO) -> None:
+    """After a closed pipe: point stdout's file descriptor at os.devnull (the Python documentation's
+    recipe for SIGPIPE), so that the text still buffered goes nowhere instead of failing again at exit."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's StringIO)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def main(load_fn: Callable, prog: str | None = None, argv=None) -> None:

@@ -671,3 +671,80 @@ def test_no_compile_cache_reaches_the_loader(model_dir, tok):
     assert rc == 0 and loads[0]["compile_cache"] is False, loads
     rc, _, loads, _ = _run_recording_load(model_dir, tok, "--prompt", "x")
     assert rc == 0 and "compile_cache" not in loads[0], loads  # the twins' default: the cache on
+
+
+# ----- a closed stdout pipe ------------------------------------------------------------------------
+
+ENDLESS = """
+import sys
+sys.path.insert(0, {root!r})
+from common.cli import main
+from common.config import Qwen3Config
+
+class Runner:  # streams until stdout's reader goes away
+    def __init__(self, d):
+        self.config = Qwen3Config.from_pretrained(d)
+    def generate_stream(self, ids, max_new_tokens, **kw):
+        for i in range(10 ** 7):  # past any budget: only a closed pipe ends it early
+            yield [40 + i % 20]
+        sys.stderr.write("generated all\\n")
+
+main(lambda d, *, dtype, fused: Runner(d), prog="fakegen")
+"""
+
+
+def _closed_pipe_run(argv: list[str], read_first: bool) -> subprocess.CompletedProcess:
+    """Run argv with stdout a real pipe whose reader goes away: after the first 8 bytes of text
+    (`| head -c 8`), or before anything is written (read_first=False)."""
+    import os
+
+    r, w = os.pipe()
+    if not read_first:
+        os.close(r)
+    p = subprocess.Popen(argv, stdout=w, stderr=subprocess.PIPE, text=True)
+    os.close(w)
+    if read_first:
+        with os.fdopen(r, "rb") as reader:
+            reader.read(8)  # what `head -c 8` takes; it then closes the pipe
+    err = p.communicate(timeout=300)[1]
+    return subprocess.CompletedProcess(argv, p.returncode, "", err)
+
+
+@pytest.mark.parametrize("read_first", [True, False])
+def test_a_closed_stdout_pipe_stops_generation_quietly(model_dir, tmp_path, read_first):
+    """`... | head -c 8`: no BrokenPipeError traceback, generation stops, exit status 0 (cli.EXIT_PIPE_CLOSED)."""
+    script = tmp_path / "endless.py"
+    script.write_text(ENDLESS.format(root=str(cli.Path(cli.__file__).resolve().parents[1])))
+    p = _closed_pipe_run([sys.executable, str(script), "--model", str(model_dir), "--prompt", "x",
+                          "--max-new-tokens", "200"], read_first)
+    assert p.returncode == cli.EXIT_PIPE_CLOSED == 0, p.stderr
+    assert "Traceback" not in p.stderr and "Broken pipe" not in p.stderr and "error" not in p.stderr, p.stderr
+    assert "generated all" not in p.stderr  # stopped at the closed pipe, not after 10M tokens
+
+
+def test_a_closed_pipe_in_a_batch_is_quiet_too(model_dir):
+    class ClosedPipe(Recorder):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    load = lambda d, *, dtype, fused: FakeRunner(d, [40, 41], [])  # noqa: E731
+    err = io.StringIO()
+    rc = cli.run(load, ["--model", str(model_dir), "--prompt", "a", "--prompt", "b"], out=ClosedPipe(), err=err)
+    assert rc == 0 and err.getvalue() == ""
+
+
+@pytest.mark.parametrize("twin", ["jax_impl", "torch_impl"])
+def test_the_twins_stop_at_a_closed_pipe(twin):
+    """The README's `python -m torch_impl.generate --prompt "def main():" --max-new-tokens 300 | head -2`."""
+    import os
+
+    root = cli.Path(cli.__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first token: the first write fails
+    p = subprocess.Popen([sys.executable, "-m", f"{twin}.generate", "--prompt", "def main():", "--max-new-tokens",
+                          "300"], stdout=w, stderr=subprocess.PIPE, text=True, cwd=root, env=env)
+    os.close(w)
+    err = p.communicate(timeout=600)[1]
+    assert p.returncode == 0, err
+    assert "Traceback" not in err and "Broken pipe" not in err and "tok/s" not in err, err
