@@ -39,6 +39,7 @@ from typing import Callable, TextIO
 from common import argparsing, interrupt, logs
 from common.config import ConfigError, Qwen3Config
 from common.harness import resolve_fused
+from common.sampling import SEED_MAX
 from common.textgen import (StreamDecoder, TextError, chat_template, eos_token_ids, load_tokenizer, read_json,
                             render_chat, sampling_defaults)
 
@@ -88,7 +89,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation_config.json's, else 0)")
     p.add_argument("--top-p", type=float, default=None,
                    help="in (0, 1] (default: generation_config.json's, else 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (greedy ignores it)")
+    p.add_argument("--seed", type=seed_value, default=0,
+                   help="sampling seed, an integer in [0, 2**63 - 1] (greedy ignores it)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="generate all --max-new-tokens past any eos (benchmarks)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
@@ -116,6 +118,17 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="jax_impl: do not keep compiled programs on disk (default: kept in "
                         "~/.cache/qwen3-fused/jax; QWEN3_FUSED_COMPILE_CACHE=0 also turns it off)")
     return p
+
+
+def seed_value(text: str) -> int:
+    """--seed's type: an integer in [0, common.sampling.SEED_MAX], the range both twins' generators take."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (expected 0 .. 2**63 - 1)") from None
+    if not 0 <= seed <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 2**63 - 1]")
+    return seed
 
 
 def parse_warmup(text: str) -> list[tuple[int, int, int]]:

@@ -196,7 +196,8 @@ class JaxRunner(harness.Runner):
     def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, *, chunk, warm=False):
         cfg = self.config
         sampling.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, vocab_size=cfg.vocab_size, max_len=cfg.max_position_embeddings)
+                                     top_p=top_p, vocab_size=cfg.vocab_size, max_len=cfg.max_position_embeddings,
+                                     seed=seed)
         b = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         # the compiled shapes: geometric buckets of the batch, the prompt and the cache (common.buckets)

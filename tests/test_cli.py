@@ -357,7 +357,9 @@ def test_missing_model_dir(invoke, tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--fused", "maybe"], ["--dtype", "float64"], ["--max-new-tokens", "ten"],
-                                  ["--quantization", "int4"], ["--no-such-flag"]])
+                                  ["--quantization", "int4"], ["--no-such-flag"],
+                                  ["--seed", "1180591620717411303424"], ["--seed", str(2 ** 63)], ["--seed", "-1"],
+                                  ["--seed", "0.5"]])
 def test_argparse_rejects_bad_choices(invoke, capsys, args):
     """One `error:` line naming the flag and --help, not argparse's usage block (common.argparsing)."""
     rc, _, _, calls, _ = invoke("--prompt", "x", *args)
@@ -748,3 +750,42 @@ def test_the_twins_stop_at_a_closed_pipe(twin):
     err = p.communicate(timeout=600)[1]
     assert p.returncode == 0, err
     assert "Traceback" not in err and "Broken pipe" not in err and "tok/s" not in err, err
+
+
+# ----- --seed's range ------------------------------------------------------------------------------
+
+def test_seed_range_is_what_both_twins_take(invoke):
+    from common.sampling import SEED_MAX
+
+    assert SEED_MAX == 2 ** 63 - 1
+    rc, _, err, calls, _ = invoke("--prompt", "x", "--seed", str(SEED_MAX), "--temperature", "1")
+    assert rc == 0 and calls[0][3]["seed"] == SEED_MAX, err
+    assert "[0, 2**63 - 1]" in cli.build_parser("gen").format_help()
+
+
+@pytest.fixture(scope="module")
+def twins(model_dir):
+    """Both twins over the small checkpoint, float32, plain ops."""
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")
+    import jax_impl
+    import torch_impl
+
+    return {"jax": jax_impl.load(model_dir, dtype="float32", fused=False),
+            "torch": torch_impl.load(model_dir, dtype="float32", fused=False)}
+
+
+@pytest.mark.parametrize("twin", ["jax", "torch"])
+@pytest.mark.parametrize("seed", [1180591620717411303424, 2 ** 63, -1, 1.5, True])
+def test_the_twins_name_a_bad_seed(twins, twin, seed):
+    for call in (lambda r: r.generate([[1, 2]], 2, temperature=1.0, seed=seed),
+                 lambda r: list(r.generate_stream([1, 2], 2, temperature=1.0, seed=seed))):
+        with pytest.raises(GenerationArgsError) as e:
+            call(twins[twin])
+        assert str(e.value) == f"seed={seed!r}: expected an integer in [0, 2**63 - 1]"
+
+
+@pytest.mark.parametrize("twin", ["jax", "torch"])
+def test_the_twins_take_the_largest_seed(twins, twin):
+    out = twins[twin].generate([[1, 2]], 3, temperature=1.0, seed=2 ** 63 - 1)
+    assert len(out[0]) == 3

@@ -323,7 +323,7 @@ class TorchRunner(harness.Runner):
         cfg = self.config
         sampling_spec.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                           top_p=top_p, vocab_size=cfg.vocab_size,
-                                          max_len=cfg.max_position_embeddings)
+                                          max_len=cfg.max_position_embeddings, seed=seed)
         eos = harness.eos_set(eos_token_id)
         if self._session is None:
             yield from self._decode(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, chunk)
