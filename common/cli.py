@@ -112,8 +112,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="split the model over N GPUs of this machine (kv heads, the MLP and the projections' "
                         "weights; one all-reduce after o_proj and down); N must divide the kv heads")
     p.add_argument("--warmup", metavar="BxPxN[,...]", default=None,
-                   help="compile ahead of time for batch B, P prompt tokens, N new tokens (e.g. 1x512x256); "
-                        "its time is reported apart (default: none)")
+                   help="compile ahead of time for batch B, prompts of up to P tokens and up to N new tokens "
+                        "(e.g. 1x512x256): a later call of B's batch bucket (1, 2, 4, 8, ...) with a shorter "
+                        "prompt or budget compiles nothing (torch_impl: captures no CUDA graph); its time is "
+                        "reported apart (default: none)")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="jax_impl: do not keep compiled programs on disk (default: kept in "
                         "~/.cache/qwen3-fused/jax; QWEN3_FUSED_COMPILE_CACHE=0 also turns it off)")
@@ -131,8 +133,9 @@ def seed_value(text: str) -> int:
     return seed
 
 
-def parse_warmup(text: str) -> list[tuple[int, int, int]]:
-    """"1x512x256,8x128x64" -> [(1, 512, 256), (8, 128, 64)]."""
+def parse_warmup(text: str, max_positions: int | None = None) -> list[tuple[int, int, int]]:
+    """"1x512x256,8x128x64" -> [(1, 512, 256), (8, 128, 64)]; each shape's prompt and new tokens
+    together at most max_positions (the model's max_position_embeddings) when given."""
     shapes = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         try:
@@ -141,6 +144,9 @@ def parse_warmup(text: str) -> list[tuple[int, int, int]]:
             raise CLIError(f"--warmup={text}: {part!r} is not BATCHxPROMPTxNEW (e.g. 1x512x256)") from None
         if min(b, l, n) < 1:
             raise CLIError(f"--warmup={text}: {part!r}: every number must be >= 1")
+        if max_positions is not None and l + n > max_positions:
+            raise CLIError(f"--warmup={text}: {part!r}: {l} prompt tokens + {n} new tokens exceed the model's "
+                           f"max_position_embeddings={max_positions}")
         shapes.append((b, l, n))
     if not shapes:
         raise CLIError(f"--warmup={text}: expected BATCHxPROMPTxNEW[,...] (e.g. 1x512x256)")
@@ -378,7 +384,8 @@ def _run(load_fn: Callable, args, out: TextIO, err: TextIO) -> int:
     extra = {}
     if args.warmup is not None:  # with the sampling this command uses, so the very programs it runs compile
         extra["warmup"] = [dict(batch=b, prompt_tokens=l, new_tokens=n, temperature=kw["temperature"],
-                                top_k=kw["top_k"], top_p=kw["top_p"]) for b, l, n in parse_warmup(args.warmup)]
+                                top_k=kw["top_k"], top_p=kw["top_p"])
+                          for b, l, n in parse_warmup(args.warmup, cfg.max_position_embeddings)]
     if args.no_compile_cache:
         extra["compile_cache"] = False
     if args.quantization != "none":

@@ -638,9 +638,12 @@ def test_parse_warmup():
     ("1x512", "'1x512' is not BATCHxPROMPTxNEW"),
     ("1x512x256x2", "'1x512x256x2' is not BATCHxPROMPTxNEW"),
     ("axbxc", "'axbxc' is not BATCHxPROMPTxNEW"),
-    ("1x512x256,0x16x8", "'0x16x8': every number must be >= 1"),
+    ("1x64x32,0x16x8", "'0x16x8': every number must be >= 1"),
     (",", "expected BATCHxPROMPTxNEW[,...]"),
     ("", "expected BATCHxPROMPTxNEW[,...]"),  # an empty value is an error, not "no warm-up"
+    ("1x100000x10", "'1x100000x10': 100000 prompt tokens + 10 new tokens exceed the model's "
+                    "max_position_embeddings=256"),
+    ("1x16x8,2x250x7", "'2x250x7': 250 prompt tokens + 7 new tokens exceed"),
 ])
 def test_bad_warmup_is_one_line(model_dir, tok, value, needle):
     rc, err, loads, calls = _run_recording_load(model_dir, tok, "--prompt", "x", "--warmup", value)
@@ -789,3 +792,19 @@ def test_the_twins_name_a_bad_seed(twins, twin, seed):
 def test_the_twins_take_the_largest_seed(twins, twin):
     out = twins[twin].generate([[1, 2]], 3, temperature=1.0, seed=2 ** 63 - 1)
     assert len(out[0]) == 3
+
+
+# ----- --warmup with the twins -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("twin", ["jax_impl", "torch_impl"])
+def test_the_warmup_is_reported_once(model_dir, twin):
+    import importlib
+
+    pytest.importorskip(twin.split("_")[0])
+    load = importlib.import_module(f"{twin}.generate")._load
+    err = io.StringIO()
+    rc = cli.run(load, ["--model", str(model_dir), "--prompt", "x", "--max-new-tokens", "4", "--fused", "off",
+                        "--dtype", "float32", "--no-compile-cache", "--warmup", "1x16x8"], out=io.StringIO(), err=err)
+    assert rc == 0, err.getvalue()
+    said = [line for line in err.getvalue().splitlines() if "warm-up" in line.lower() or "warmup" in line.lower()]
+    assert len(said) == 1 and said[0].startswith("warm-up: 1 shape(s) "), err.getvalue()

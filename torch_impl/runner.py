@@ -181,7 +181,7 @@ class TorchRunner(harness.Runner):
             self.generate([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], temperature=s["temperature"],
                           top_k=s["top_k"], top_p=s["top_p"])
         seconds = time.perf_counter() - t0
-        log.info(f"torch_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")
+        log.debug(f"torch_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")  # the CLI reports it
         return seconds
 
     def _largest_cache_first(self, specs: list[dict]) -> list[dict]:
