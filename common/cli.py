@@ -38,6 +38,7 @@ from typing import Callable, TextIO
 
 from common import argparsing, interrupt, logs
 from common.config import ConfigError, Qwen3Config
+from common.environment import check_environment
 from common.harness import resolve_fused
 from common.sampling import SEED_MAX
 from common.textgen import (StreamDecoder, TextError, chat_template, eos_token_ids, load_tokenizer, read_json,
@@ -117,8 +118,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "prompt or budget compiles nothing (torch_impl: captures no CUDA graph); its time is "
                         "reported apart (default: none)")
     p.add_argument("--no-compile-cache", action="store_true",
-                   help="jax_impl: do not keep compiled programs on disk (default: kept in "
-                        "~/.cache/qwen3-fused/jax; QWEN3_FUSED_COMPILE_CACHE=0 also turns it off)")
+                   help="compile afresh and keep nothing on disk (default: compiled programs kept: jax_impl's "
+                        "in ~/.cache/qwen3-fused/jax, torch_impl's Triton kernels in Triton's cache, "
+                        "~/.triton/cache); QWEN3_FUSED_COMPILE_CACHE=0 also turns it off")
     return p
 
 
@@ -373,6 +375,10 @@ def run(load_fn: Callable, argv=None, *, prog: str | None = None, out: TextIO | 
 
 
 def _run(load_fn: Callable, args, out: TextIO, err: TextIO) -> int:
+    try:
+        check_environment()  # QWEN3_FUSED_COMPILE_CACHE, QWEN3_TILE_TABLES: on every backend
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     model_dir = resolve_model_dir(args.model)
     cfg = Qwen3Config.from_pretrained(model_dir)
     prompts = read_prompts(args)

@@ -67,6 +67,7 @@ class TorchRunner(harness.Runner):
                  lm_head_shard: str = "vocab"):
         dtype = harness.check_dtype(dtype)
         check_lm_head_shard(lm_head_shard)
+        self.compile_cache = use_compile_cache(compile_cache)
         ckpt = Checkpoint(model_dir)
         fmt = ckpt.weight_format(quantization)
         check_weight_format(fused, fmt, device)  # before a weight is read, or a rank is started
@@ -95,7 +96,6 @@ class TorchRunner(harness.Runner):
             if session is not None:
                 session.close(abort=True, why=f"{type(e).__name__} while loading")
             raise
-        del compile_cache  # Triton keeps its kernels on disk itself (~/.triton/cache)
         self.warmup_s = self.warmup(warmup) if warmup else 0.0
 
     @classmethod
@@ -109,7 +109,7 @@ class TorchRunner(harness.Runner):
         cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
         check_lm_head_shard(lm_head_shard)
         warmup = kwargs.pop("warmup", None)
-        kwargs.pop("compile_cache", None)  # Triton keeps its kernels on disk itself
+        compile_cache = use_compile_cache(kwargs.pop("compile_cache", True))
         fmt = check_quantization(quantization) or "bf16"
         check_weight_format(fused, fmt, device)
         session = workers.start(cfg, tensor_parallel_size, device, fmt,
@@ -130,6 +130,7 @@ class TorchRunner(harness.Runner):
             if session is not None:
                 session.close(abort=True, why=f"{type(e).__name__} while loading")
             raise
+        runner.compile_cache = compile_cache
         runner.warmup_s = runner.warmup(warmup) if warmup else 0.0
         return runner
 
@@ -424,6 +425,37 @@ class TorchRunner(harness.Runner):
         else:
             tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         return self._session.tp.broadcast(tokens)
+
+
+def use_compile_cache(enabled: bool = True) -> str | None:
+    """Triton's kernel cache on disk (its own, ~/.triton/cache or TRITON_CACHE_DIR), or, with
+    enabled=False or QWEN3_FUSED_COMPILE_CACHE=0 (common.environment), a temporary directory of this
+    process removed at exit: kernels compile afresh and nothing is kept. Returns the directory in
+    use; for the rest of the process once turned off (as jax_impl's cache stays on once on)."""
+    import os
+    import shutil
+    import tempfile
+
+    from common import interrupt
+    from common.environment import check_environment, env_enabled
+
+    check_environment()
+    if not _cache_state.get("temporary") and (not enabled or not env_enabled()):
+        path = tempfile.mkdtemp(prefix="qwen3-fused-triton-")
+        interrupt.at_exit(lambda: shutil.rmtree(path, ignore_errors=True))
+        os.environ["TRITON_CACHE_DIR"] = path  # Triton reads it at each compile; tensor-parallel ranks inherit it
+        _cache_state["temporary"] = path
+    try:
+        import triton
+    except ImportError:  # no Triton: nothing is compiled
+        return None
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and _cache_state.get("temporary"):
+        knobs.cache.dir = _cache_state["temporary"]
+    return knobs.cache.dir if knobs is not None else os.environ.get("TRITON_CACHE_DIR")
+
+
+_cache_state: dict = {}
 
 
 def _sync(dev: torch.device) -> None:
