@@ -42,7 +42,8 @@ def load_params(ckpt: Checkpoint, dtype, quantization=None, *, host: bool = Fals
     for layer, key, arr in ckpt.iter_params("numpy" if host else "flax",
                                             concat=lambda parts: xp.concatenate(parts, axis=0),
                                             convert=convert, quantization=quantization,
-                                            convert_quant=convert_quant):
+                                            convert_quant=convert_quant,
+                                            all_finite=lambda a: xp.isfinite(a).all()):  # NaN/inf: WeightsError
         (params if layer is None else params["layers"][layer])[key] = arr
     return params
 

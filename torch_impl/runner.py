@@ -89,7 +89,8 @@ class TorchRunner(harness.Runner):
                 convert = convert_quant = lambda t: t  # noqa: E731
             with torch.inference_mode():
                 model.load_params(ckpt.iter_params("pt", concat=lambda parts: torch.cat(parts, dim=0), convert=convert,
-                                                   quantization=quantization, convert_quant=convert_quant))
+                                                   quantization=quantization, convert_quant=convert_quant,
+                                                   all_finite=lambda t: torch.isfinite(t).all()))  # NaN/inf: WeightsError
             self._setup(model, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs,
                         session=session)
         except BaseException as e:
