@@ -21,6 +21,8 @@ when it has one (STATS_KEYS), else from the wall-clock time of the call.
 Defaults: --temperature/--top-k/--top-p from generation_config.json when it samples, else
 greedy; eos from generation_config.json (int or list), else tokenizer_config.json's eos_token.
 Bad input is a one-line `error:` on stderr naming the flag or file (exit 2); Ctrl-C exits 130.
+A closed stdout pipe (`... | head -2`) stops generation and exits 0 without a word: the reader has
+what it asked for (status 0 rather than a shell's 141, so `set -o pipefail` scripts do not fail).
 """
 
 from __future__ import annotations
@@ -36,12 +38,15 @@ from typing import Callable, TextIO
 
 from common import argparsing, interrupt, logs
 from common.config import ConfigError, Qwen3Config
+from common.environment import check_environment
 from common.harness import resolve_fused
+from common.sampling import SEED_MAX
 from common.textgen import (StreamDecoder, TextError, chat_template, eos_token_ids, load_tokenizer, read_json,
                             render_chat, sampling_defaults)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = interrupt.EXIT_INTERRUPTED
+EXIT_PIPE_CLOSED = 0  # stdout's reader closed the pipe (`... | head`): not an error, the command stops quietly
 
 # Runner.last_stats, as both twins fill it after each generate call (seconds, token counts):
 STATS_KEYS = {
@@ -85,7 +90,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="0 = off (default: generation_config.json's, else 0)")
     p.add_argument("--top-p", type=float, default=None,
                    help="in (0, 1] (default: generation_config.json's, else 1)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (greedy ignores it)")
+    p.add_argument("--seed", type=seed_value, default=0,
+                   help="sampling seed, an integer in [0, 2**63 - 1] (greedy ignores it)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="generate all --max-new-tokens past any eos (benchmarks)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat template")
@@ -107,16 +113,31 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="split the model over N GPUs of this machine (kv heads, the MLP and the projections' "
                         "weights; one all-reduce after o_proj and down); N must divide the kv heads")
     p.add_argument("--warmup", metavar="BxPxN[,...]", default=None,
-                   help="compile ahead of time for batch B, P prompt tokens, N new tokens (e.g. 1x512x256); "
-                        "its time is reported apart (default: none)")
+                   help="compile ahead of time for batch B, prompts of up to P tokens and up to N new tokens "
+                        "(e.g. 1x512x256): a later call of B's batch bucket (1, 2, 4, 8, ...) with a shorter "
+                        "prompt or budget compiles nothing (torch_impl: captures no CUDA graph); its time is "
+                        "reported apart (default: none)")
     p.add_argument("--no-compile-cache", action="store_true",
-                   help="jax_impl: do not keep compiled programs on disk (default: kept in "
-                        "~/.cache/qwen3-fused/jax; QWEN3_FUSED_COMPILE_CACHE=0 also turns it off)")
+                   help="compile afresh and keep nothing on disk (default: compiled programs kept: jax_impl's "
+                        "in ~/.cache/qwen3-fused/jax, torch_impl's Triton kernels in Triton's cache, "
+                        "~/.triton/cache); QWEN3_FUSED_COMPILE_CACHE=0 also turns it off")
     return p
 
 
-def parse_warmup(text: str) -> list[tuple[int, int, int]]:
-    """"1x512x256,8x128x64" -> [(1, 512, 256), (8, 128, 64)]."""
+def seed_value(text: str) -> int:
+    """--seed's type: an integer in [0, common.sampling.SEED_MAX], the range both twins' generators take."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer (expected 0 .. 2**63 - 1)") from None
+    if not 0 <= seed <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 2**63 - 1]")
+    return seed
+
+
+def parse_warmup(text: str, max_positions: int | None = None) -> list[tuple[int, int, int]]:
+    """"1x512x256,8x128x64" -> [(1, 512, 256), (8, 128, 64)]; each shape's prompt and new tokens
+    together at most max_positions (the model's max_position_embeddings) when given."""
     shapes = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
         try:
@@ -125,6 +146,9 @@ def parse_warmup(text: str) -> list[tuple[int, int, int]]:
             raise CLIError(f"--warmup={text}: {part!r} is not BATCHxPROMPTxNEW (e.g. 1x512x256)") from None
         if min(b, l, n) < 1:
             raise CLIError(f"--warmup={text}: {part!r}: every number must be >= 1")
+        if max_positions is not None and l + n > max_positions:
+            raise CLIError(f"--warmup={text}: {part!r}: {l} prompt tokens + {n} new tokens exceed the model's "
+                           f"max_position_embeddings={max_positions}")
         shapes.append((b, l, n))
     if not shapes:
         raise CLIError(f"--warmup={text}: expected BATCHxPROMPTxNEW[,...] (e.g. 1x512x256)")
@@ -251,15 +275,20 @@ def _echo_prompt(prompt: str, chat: bool, out: TextIO) -> None:
 def _stream(runner, ids: list[int], max_new: int, kw: dict, tokenizer, out: TextIO, timing: dict) -> list[int]:
     dec = StreamDecoder(tokenizer)
     timing["first"] = None
+    reader_gone = False
     try:
         for chunk in runner.generate_stream(ids, max_new, **kw):
             if timing["first"] is None:
                 timing["first"] = (time.perf_counter(), len(chunk))
             out.write(dec.push(chunk))
             out.flush()
+    except BrokenPipeError:  # stdout's reader closed the pipe: the stream stops, nothing more to print
+        reader_gone = True
+        raise
     finally:  # on Ctrl-C too: print what was produced
-        out.write(dec.finish() + "\n")
-        out.flush()
+        if not reader_gone:
+            out.write(dec.finish() + "\n")
+            out.flush()
     return dec.ids
 
 
@@ -323,7 +352,8 @@ def report(runner, prompt_ids: list[list[int]], new_ids: list[list[int]], total_
 
 def run(load_fn: Callable, argv=None, *, prog: str | None = None, out: TextIO | None = None,
         err: TextIO | None = None) -> int:
-    """The whole command; returns the exit status (0, 2 bad input, 130 interrupted)."""
+    """The whole command; returns the exit status (0, also when stdout's reader closed the pipe; 2 bad
+    input; 130 interrupted)."""
     out, err = out or sys.stdout, err or sys.stderr
     logs.show_project_logs(err)  # the twins' one fused-or-plain line; never other libraries' INFO lines
     try:
@@ -332,6 +362,9 @@ def run(load_fn: Callable, argv=None, *, prog: str | None = None, out: TextIO | 
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     try:
         return _run(load_fn, args, out, err)
+    except BrokenPipeError:  # `... | head`: the reader has what it wanted; generation stops, quietly
+        _discard_output(out)
+        return EXIT_PIPE_CLOSED
     except (CLIError, TextError, ConfigError) as e:
         err.write(f"error: {e}\n")
         return EXIT_BAD_INPUT
@@ -342,6 +375,10 @@ def run(load_fn: Callable, argv=None, *, prog: str | None = None, out: TextIO | 
 
 
 def _run(load_fn: Callable, args, out: TextIO, err: TextIO) -> int:
+    try:
+        check_environment()  # QWEN3_FUSED_COMPILE_CACHE, QWEN3_TILE_TABLES: on every backend
+    except ValueError as e:
+        raise CLIError(str(e)) from None
     model_dir = resolve_model_dir(args.model)
     cfg = Qwen3Config.from_pretrained(model_dir)
     prompts = read_prompts(args)
@@ -353,7 +390,8 @@ def _run(load_fn: Callable, args, out: TextIO, err: TextIO) -> int:
     extra = {}
     if args.warmup is not None:  # with the sampling this command uses, so the very programs it runs compile
         extra["warmup"] = [dict(batch=b, prompt_tokens=l, new_tokens=n, temperature=kw["temperature"],
-                                top_k=kw["top_k"], top_p=kw["top_p"]) for b, l, n in parse_warmup(args.warmup)]
+                                top_k=kw["top_k"], top_p=kw["top_p"])
+                          for b, l, n in parse_warmup(args.warmup, cfg.max_position_embeddings)]
     if args.no_compile_cache:
         extra["compile_cache"] = False
     if args.quantization != "none":
@@ -399,6 +437,20 @@ def _generate(runner, args, prompts, prompt_ids, kw, tokenizer, out: TextIO, err
         _print_batch(prompts, new_ids, tokenizer, out)
     report(runner, prompt_ids, new_ids, timing["end"] - timing["start"], timing, err)
     return 0
+
+
+def _discard_output(out: TextIO) -> None:
+    """After a closed pipe: point stdout's file descriptor at os.devnull (the Python documentation's
+    recipe for SIGPIPE), so that the text still buffered goes nowhere instead of failing again at exit."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's StringIO)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def main(load_fn: Callable, prog: str | None = None, argv=None) -> None:

@@ -35,6 +35,16 @@ EXIT_INTERRUPTED = 130
 GRACE_S = 1.0  # how long the main thread may take to unwind after a Ctrl-C
 
 _state = {"interrupted": False, "installed": False}
+_cleanups: list[Callable[[], None]] = []
+
+
+def at_exit(fn: Callable[[], None]) -> None:
+    """Run fn (pure Python: removing a temporary directory) when exit_now ends the process, which
+    skips atexit's functions; also registered with atexit for a process that ends as usual."""
+    import atexit
+
+    _cleanups.append(fn)
+    atexit.register(fn)
 
 
 def _on_sigint(signum, frame):
@@ -116,6 +126,11 @@ def interrupted() -> bool:
 def exit_now(code: int) -> NoReturn:
     """Flush and end the process without interpreter shutdown; 130 if a Ctrl-C arrived."""
     _flush()
+    for fn in _cleanups:
+        try:
+            fn()
+        except Exception:  # a cleanup that fails leaves a temporary file behind, no more
+            pass
     os._exit(EXIT_INTERRUPTED if _state["interrupted"] else int(code))
 
 

@@ -22,6 +22,9 @@ from typing import Sequence
 import numpy as np
 
 
+SEED_MAX = 2 ** 63 - 1  # seeds are 0 .. SEED_MAX: what jax's PRNG keys and torch.Generator both take
+
+
 class GenerationArgsError(ValueError):
     """An argument of generate() out of its range."""
 
@@ -51,8 +54,9 @@ def allowed_mask(logits, temperature: float, top_k: int = 0, top_p: float = 1.0)
 
 
 def check_generate_args(prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float,
-                        top_k: int, top_p: float, vocab_size: int, max_len: int | None = None) -> None:
-    """Raise GenerationArgsError naming the argument that is out of range."""
+                        top_k: int, top_p: float, vocab_size: int, max_len: int | None = None,
+                        seed: int | None = None) -> None:
+    """Raise GenerationArgsError naming the argument that is out of range (seed: when given)."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise GenerationArgsError("prompts: expected a non-empty list of token-id lists")
     for i, p in enumerate(prompts):
@@ -72,6 +76,9 @@ def check_generate_args(prompts: Sequence[Sequence[int]], max_new_tokens: int, *
         raise GenerationArgsError(f"top_k={top_k!r}: expected an integer >= 0 (0 = off)")
     if not 0.0 < top_p <= 1.0:
         raise GenerationArgsError(f"top_p={top_p!r}: expected a value in (0, 1]")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or not 0 <= seed <= SEED_MAX):
+        raise GenerationArgsError(f"seed={seed!r}: expected an integer in [0, 2**63 - 1]")
 
 
 def sample_numpy(logits, temperature: float, top_k: int, top_p: float, rng: np.random.Generator) -> int:

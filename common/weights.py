@@ -322,8 +322,14 @@ class Checkpoint:
 
     def iter_params(self, framework: str, concat: Callable[[list[Any]], Any],
                     convert: Callable[[Any], Any] = lambda a: a, *, quantization=None,
-                    convert_quant: Callable[[Any], Any] = lambda w: w) -> Iterator[tuple[int | None, str, Any]]:
+                    convert_quant: Callable[[Any], Any] = lambda w: w,
+                    all_finite: Callable[[Any], Any] | None = None) -> Iterator[tuple[int | None, str, Any]]:
         """Yield (layer index or None, parameter key, array) following the packing plan.
+
+        `all_finite(array)` (the twin's, on the array `convert` made: on the device, without a sync)
+        returns a flag read once after the last parameter; a false one raises WeightsError naming the
+        file and the tensor with NaN or inf values (a quantized projection: its scales). With
+        all_finite None nothing is checked.
 
         `concat` stacks a packed parameter's sources along axis 0; `convert` runs on each result
         (cast, device placement). Only one layer's sources are alive at a time. The projections come
@@ -331,6 +337,37 @@ class Checkpoint:
         (`weight_format`): quantized here tensor by tensor, or an FP8 checkpoint's as stored; the
         lm_head as common.quant.head_format says (int8: quantized, also for a tied model).
         """
+        items = self._iter_params(framework, concat, convert, quantization, convert_quant)
+        if all_finite is None:
+            yield from items
+            return
+        from common.quant import QWeight
+
+        flags = []
+        for layer, key, arr in items:
+            flags.append((layer, key, all_finite(arr.scale if isinstance(arr, QWeight) else arr)))
+            yield layer, key, arr
+        for layer, key, flag in flags:
+            if not bool(flag):
+                self._name_nonfinite(layer, key)
+
+    def _name_nonfinite(self, layer: int | None, key: str) -> None:
+        """Raise WeightsError naming the source tensor of parameter `key` that holds NaN or inf (read
+        again from the file: only when the load found one)."""
+        sources = [GLOBAL_PLAN[key]] if layer is None else [layer_prefix(layer) + s for s in LAYER_PLAN[key]]
+        if key == "lm_head" and self.config.tie_word_embeddings:
+            sources = [GLOBAL_PLAN["embed"]]
+        for name in sources:
+            values = self.read_dense(name)
+            bad = ~np.isfinite(values)
+            if bad.any():
+                first = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise WeightsError(f"{self.tensors[name].file}: tensor {name!r} has {int(bad.sum())} non-finite "
+                                   f"value(s) (NaN or inf; the first at {list(first)})")
+        raise WeightsError(f"{self.dir}: parameter {key!r}{'' if layer is None else f' of layer {layer}'} "
+                           f"({', '.join(sources)}) became non-finite when loaded (out of the load dtype's range)")
+
+    def _iter_params(self, framework, concat, convert, quantization, convert_quant):
         from common.quant import QWeight, head_format, quantize
 
         cfg = self.config

@@ -5,7 +5,7 @@
   time apart from prefill and decode while other threads compile its next programs.
 - `enable_persistent_cache()`: XLA's compiled programs kept on disk across processes in
   `$XDG_CACHE_HOME/qwen3-fused/jax/` (else `~/.cache/qwen3-fused/jax/`), every program however small.
-  Off with `QWEN3_FUSED_COMPILE_CACHE=0` (or `load(..., compile_cache=False)`, `--no-compile-cache`)
+  Off with `QWEN3_FUSED_COMPILE_CACHE=0` (values: common.environment) (or `load(..., compile_cache=False)`, `--no-compile-cache`)
   before the process's first load (jax cannot turn it off again);
   a cache directory the user configured for jax already is left as it is.
 """
@@ -19,9 +19,11 @@ from pathlib import Path
 
 import jax
 
+from common.environment import ENV, check_environment, env_enabled
+
 log = logging.getLogger("jax_impl")
 
-ENV_OFF = "QWEN3_FUSED_COMPILE_CACHE"
+ENV_OFF = ENV  # QWEN3_FUSED_COMPILE_CACHE
 _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                    "/jax/core/compile/backend_compile_duration")
 _compile_seconds: dict[int, float] = {}  # per thread (jax reports an event in the thread that did the work)
@@ -54,7 +56,8 @@ def enable_persistent_cache(enabled: bool = True) -> Path | None:
     """Turn on jax's persistent compilation cache in cache_dir() (once per process); returns the
     directory in use, or None when it is off. jax cannot turn the cache off again once on: asked to
     after an earlier load turned it on, this says so (logged once) and returns the directory."""
-    off = not enabled or os.environ.get(ENV_OFF, "1").strip().lower() in ("0", "false", "off", "no")
+    check_environment()  # QWEN3_FUSED_COMPILE_CACHE and QWEN3_TILE_TABLES take only their values
+    off = not enabled or not env_enabled()
     if _state["cache"] is not None:
         if off and not _state.get("said_on"):
             _state["said_on"] = True

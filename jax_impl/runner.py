@@ -42,7 +42,8 @@ def load_params(ckpt: Checkpoint, dtype, quantization=None, *, host: bool = Fals
     for layer, key, arr in ckpt.iter_params("numpy" if host else "flax",
                                             concat=lambda parts: xp.concatenate(parts, axis=0),
                                             convert=convert, quantization=quantization,
-                                            convert_quant=convert_quant):
+                                            convert_quant=convert_quant,
+                                            all_finite=lambda a: xp.isfinite(a).all()):  # NaN/inf: WeightsError
         (params if layer is None else params["layers"][layer])[key] = arr
     return params
 
@@ -124,6 +125,7 @@ class JaxRunner(harness.Runner):
         self.programs = decode_loop.Programs(graphdef, self.parallel)
         self._compiled: set[tuple] = set()
         self._decode_ready: set[tuple] = set()
+        self._warmed: set[tuple] = set()  # buckets compiled by warm-up: they serve shorter prompts and budgets
         self.last_stats: dict = {}
         self.warmup_s = self.warmup(warmup) if warmup else 0.0
 
@@ -137,7 +139,7 @@ class JaxRunner(harness.Runner):
                                s["top_k"], s["top_p"], 0, None, chunk=None, warm=True):
                 pass
         seconds = time.perf_counter() - t0
-        log.info(f"jax_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")
+        log.debug(f"jax_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")  # the CLI reports it
         return seconds
 
     def init_caches(self, batch: int, rows: int) -> list:
@@ -193,19 +195,37 @@ class JaxRunner(harness.Runner):
                      f"({'greedy' if key[3] else f'sampling, top-k <= {key[4]}, top-p {key[5]}'})"
                      + (f", {key[6]} decode steps per test" if len(key) > 6 else ""))
 
+    def _covering(self, key: tuple) -> tuple:
+        """The compiled shape a call of bucket `key` runs in: its own when compiled already, else the
+        smallest warmed-up one of its batch bucket and sampling that holds its prompt and cache rows
+        (a warm-up at P prompt tokens and N new tokens covers every shorter prompt and budget), else
+        its own (compiled now)."""
+        if key in self._decode_ready:
+            return key
+        fits = [w for w in self._warmed if w[0] == key[0] and w[3:] == key[3:] and w[1] >= key[1] and w[2] >= key[2]]
+        return min(fits, key=lambda w: (w[2], w[1])) if fits else key
+
     def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, *, chunk, warm=False):
         cfg = self.config
         sampling.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, vocab_size=cfg.vocab_size, max_len=cfg.max_position_embeddings)
+                                     top_p=top_p, vocab_size=cfg.vocab_size, max_len=cfg.max_position_embeddings,
+                                     seed=seed)
         b = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
+        greedy = temperature == 0
+        statics = dict(greedy=greedy, k_cap=0 if greedy else k_cap_for(int(top_k), cfg.vocab_size),
+                       use_top_p=bool(not greedy and top_p < 1.0))
         # the compiled shapes: geometric buckets of the batch, the prompt and the cache (common.buckets)
-        bb = buckets.batch_bucket(b)
-        lb = buckets.prompt_bucket(int(lengths.max()), cfg.max_position_embeddings)
         # half steps: a 16-token prompt and 256 new tokens keep 384 rows (at 512 decode attention
         # splits the context in two at batch 1: Qwen3-0.6B on an H200 1,291 vs 1,345-1,358 tok/s)
-        rows = buckets.cache_bucket(int(lengths.max()) + max_new_tokens, cfg.max_position_embeddings,
-                                    half_steps=True)
+        key = (buckets.batch_bucket(b), buckets.prompt_bucket(int(lengths.max()), cfg.max_position_embeddings),
+               buckets.cache_bucket(int(lengths.max()) + max_new_tokens, cfg.max_position_embeddings, half_steps=True),
+               greedy, statics["k_cap"], statics["use_top_p"])
+        if warm:
+            self._warmed.add(key)
+        else:
+            key = self._covering(key)
+        bb, lb, rows = key[:3]
         ids = np.zeros((bb, lb), np.int32)
         for i, p in enumerate(prompts):
             ids[i, :len(p)] = p
@@ -214,11 +234,7 @@ class JaxRunner(harness.Runner):
         active = np.arange(bb) < b
         eos = sorted(harness.eos_set(eos_token_id)) or [-1]
         eos_ids = jnp.asarray(eos + [-1] * (-len(eos) % EOS_SLOTS), jnp.int32)
-        greedy = temperature == 0
-        statics = dict(greedy=greedy, k_cap=0 if greedy else k_cap_for(int(top_k), cfg.vocab_size),
-                       use_top_p=bool(not greedy and top_p < 1.0))
         sample_args = (jnp.float32(temperature or 1.0), jnp.float32(top_p), jnp.int32(top_k))
-        key = (bb, lb, rows, greedy, statics["k_cap"], statics["use_top_p"])
         caches = self.init_caches(bb, rows)
 
         c0, t0 = compile_seconds(), time.perf_counter()
@@ -313,7 +329,8 @@ def _sampling_defaults(kw: dict) -> dict:
 def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", warmup=None,
          compile_cache: bool = True, quantization=None, tensor_parallel_size: int = 1,
          lm_head_shard: str = "vocab") -> JaxRunner:
-    """warmup: (batch, prompt tokens, new tokens) shapes compiled at load; compile_cache: jax's
+    """warmup: (batch, prompt tokens, new tokens) shapes compiled at load, each covering the calls of
+    its batch bucket with at most that many prompt and new tokens; compile_cache: jax's
     persistent compilation cache (jax_impl/compilation.py); quantization: None, "int8" or "fp8"
     (weight-only, common.quant; an FP8 checkpoint loads as fp8 by itself); tensor_parallel_size: the
     model split over this many local devices (jax_impl/parallel.py), lm_head_shard: its head

@@ -79,3 +79,72 @@ def test_floors_and_the_cap_below_them():
     assert cache_bucket(1, MAX, floor=256, half_steps=True) == 256  # 192 is under the floor
     # a model shorter than the floor: the cap wins (at most max_positions)
     assert prompt_bucket(3, 8) == 8 and cache_bucket(10, 64) == 64 and cache_bucket(10, 100, half_steps=True) == 100
+
+
+# ----- a warm-up covers shorter prompts and budgets (both twins) -----------------------------------
+
+WARM = (1, 100, 100)  # batch, prompt tokens, new tokens: prompt bucket 128, cache bucket 256
+SHORTER = [(4, 10), (4, 100), (100, 10), (57, 33)]  # (prompt tokens, new tokens), each at most WARM's
+
+
+@pytest.fixture(scope="module")
+def small_dir(tmp_path_factory):
+    import dataclasses
+
+    from common.checkpoint import write_checkpoint
+    from common.config import Qwen3Config, shrink
+
+    cfg = dataclasses.replace(shrink(Qwen3Config.preset("Qwen3-0.6B"), layers=1, width=16, vocab=1024),
+                              dtype="float32", max_position_embeddings=512)
+    return write_checkpoint(tmp_path_factory.mktemp("warm") / "ckpt", cfg, seed=0)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.8, top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampled"])
+def test_jax_warmup_covers_every_shorter_prompt_and_budget(small_dir, sampling):
+    """After load(warmup=[BxPxN]) a call of at most P prompt tokens and N new tokens compiles nothing
+    (counted: XLA's backend compiles, in any thread)."""
+    pytest.importorskip("jax")
+    import jax
+
+    import jax_impl
+
+    runner = jax_impl.load(small_dir, dtype="float32", fused=False, compile_cache=False,
+                           warmup=[dict(zip(("batch", "prompt_tokens", "new_tokens"), WARM), **sampling)])
+    compiles = []
+
+    def count(event, duration, **_):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        for prompt, new in SHORTER:
+            runner.generate([[1] * prompt], new, **sampling)
+            assert not compiles, f"a {prompt}-token prompt with {new} new tokens compiled after warm-up {WARM}"
+            assert runner.last_stats["compile_s"] == 0.0
+            assert len(list(runner.generate_stream([1] * prompt, new, **sampling))) >= 1
+            assert not compiles, f"streaming {prompt} + {new} tokens compiled after warm-up {WARM}"
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0.0), dict(temperature=0.8, top_k=20, top_p=0.9)],
+                         ids=["greedy", "sampled"])
+def test_torch_warmup_covers_every_shorter_prompt_and_budget(small_dir, sampling, monkeypatch):
+    """After load(warmup=[BxPxN]) a call of at most P prompt tokens and N new tokens builds no new
+    decode step (on CUDA: captures no CUDA graph) and keeps the KV cache."""
+    pytest.importorskip("torch")
+    import torch_impl
+    from torch_impl import runner as runner_mod
+
+    runner = torch_impl.load(small_dir, dtype="float32", fused=False,
+                             warmup=[dict(zip(("batch", "prompt_tokens", "new_tokens"), WARM), **sampling)])
+    built = []
+    real = runner_mod.Decoder
+    monkeypatch.setattr(runner_mod, "Decoder", lambda *a, **k: built.append(a) or real(*a, **k))
+    cache = runner.kv
+    for prompt, new in SHORTER:
+        runner.generate([[1] * prompt], new, **sampling)
+        assert len(list(runner.generate_stream([1] * prompt, new, **sampling))) >= 1
+        assert not built and runner.kv is cache, f"{prompt} + {new} tokens built a decode step after warm-up {WARM}"

@@ -357,7 +357,9 @@ def test_missing_model_dir(invoke, tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--fused", "maybe"], ["--dtype", "float64"], ["--max-new-tokens", "ten"],
-                                  ["--quantization", "int4"], ["--no-such-flag"]])
+                                  ["--quantization", "int4"], ["--no-such-flag"],
+                                  ["--seed", "1180591620717411303424"], ["--seed", str(2 ** 63)], ["--seed", "-1"],
+                                  ["--seed", "0.5"]])
 def test_argparse_rejects_bad_choices(invoke, capsys, args):
     """One `error:` line naming the flag and --help, not argparse's usage block (common.argparsing)."""
     rc, _, _, calls, _ = invoke("--prompt", "x", *args)
@@ -636,9 +638,12 @@ def test_parse_warmup():
     ("1x512", "'1x512' is not BATCHxPROMPTxNEW"),
     ("1x512x256x2", "'1x512x256x2' is not BATCHxPROMPTxNEW"),
     ("axbxc", "'axbxc' is not BATCHxPROMPTxNEW"),
-    ("1x512x256,0x16x8", "'0x16x8': every number must be >= 1"),
+    ("1x64x32,0x16x8", "'0x16x8': every number must be >= 1"),
     (",", "expected BATCHxPROMPTxNEW[,...]"),
     ("", "expected BATCHxPROMPTxNEW[,...]"),  # an empty value is an error, not "no warm-up"
+    ("1x100000x10", "'1x100000x10': 100000 prompt tokens + 10 new tokens exceed the model's "
+                    "max_position_embeddings=256"),
+    ("1x16x8,2x250x7", "'2x250x7': 250 prompt tokens + 7 new tokens exceed"),
 ])
 def test_bad_warmup_is_one_line(model_dir, tok, value, needle):
     rc, err, loads, calls = _run_recording_load(model_dir, tok, "--prompt", "x", "--warmup", value)
@@ -671,3 +676,135 @@ def test_no_compile_cache_reaches_the_loader(model_dir, tok):
     assert rc == 0 and loads[0]["compile_cache"] is False, loads
     rc, _, loads, _ = _run_recording_load(model_dir, tok, "--prompt", "x")
     assert rc == 0 and "compile_cache" not in loads[0], loads  # the twins' default: the cache on
+
+
+# ----- a closed stdout pipe ------------------------------------------------------------------------
+
+ENDLESS = """
+import sys
+sys.path.insert(0, {root!r})
+from common.cli import main
+from common.config import Qwen3Config
+
+class Runner:  # streams until stdout's reader goes away
+    def __init__(self, d):
+        self.config = Qwen3Config.from_pretrained(d)
+    def generate_stream(self, ids, max_new_tokens, **kw):
+        for i in range(10 ** 7):  # past any budget: only a closed pipe ends it early
+            yield [40 + i % 20]
+        sys.stderr.write("generated all\\n")
+
+main(lambda d, *, dtype, fused: Runner(d), prog="fakegen")
+"""
+
+
+def _closed_pipe_run(argv: list[str], read_first: bool) -> subprocess.CompletedProcess:
+    """Run argv with stdout a real pipe whose reader goes away: after the first 8 bytes of text
+    (`| head -c 8`), or before anything is written (read_first=False)."""
+    import os
+
+    r, w = os.pipe()
+    if not read_first:
+        os.close(r)
+    p = subprocess.Popen(argv, stdout=w, stderr=subprocess.PIPE, text=True)
+    os.close(w)
+    if read_first:
+        with os.fdopen(r, "rb") as reader:
+            reader.read(8)  # what `head -c 8` takes; it then closes the pipe
+    err = p.communicate(timeout=300)[1]
+    return subprocess.CompletedProcess(argv, p.returncode, "", err)
+
+
+@pytest.mark.parametrize("read_first", [True, False])
+def test_a_closed_stdout_pipe_stops_generation_quietly(model_dir, tmp_path, read_first):
+    """`... | head -c 8`: no BrokenPipeError traceback, generation stops, exit status 0 (cli.EXIT_PIPE_CLOSED)."""
+    script = tmp_path / "endless.py"
+    script.write_text(ENDLESS.format(root=str(cli.Path(cli.__file__).resolve().parents[1])))
+    p = _closed_pipe_run([sys.executable, str(script), "--model", str(model_dir), "--prompt", "x",
+                          "--max-new-tokens", "200"], read_first)
+    assert p.returncode == cli.EXIT_PIPE_CLOSED == 0, p.stderr
+    assert "Traceback" not in p.stderr and "Broken pipe" not in p.stderr and "error" not in p.stderr, p.stderr
+    assert "generated all" not in p.stderr  # stopped at the closed pipe, not after 10M tokens
+
+
+def test_a_closed_pipe_in_a_batch_is_quiet_too(model_dir):
+    class ClosedPipe(Recorder):
+        def write(self, s):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    load = lambda d, *, dtype, fused: FakeRunner(d, [40, 41], [])  # noqa: E731
+    err = io.StringIO()
+    rc = cli.run(load, ["--model", str(model_dir), "--prompt", "a", "--prompt", "b"], out=ClosedPipe(), err=err)
+    assert rc == 0 and err.getvalue() == ""
+
+
+@pytest.mark.parametrize("twin", ["jax_impl", "torch_impl"])
+def test_the_twins_stop_at_a_closed_pipe(twin):
+    """The README's `python -m torch_impl.generate --prompt "def main():" --max-new-tokens 300 | head -2`."""
+    import os
+
+    root = cli.Path(cli.__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first token: the first write fails
+    p = subprocess.Popen([sys.executable, "-m", f"{twin}.generate", "--prompt", "def main():", "--max-new-tokens",
+                          "300"], stdout=w, stderr=subprocess.PIPE, text=True, cwd=root, env=env)
+    os.close(w)
+    err = p.communicate(timeout=600)[1]
+    assert p.returncode == 0, err
+    assert "Traceback" not in err and "Broken pipe" not in err and "tok/s" not in err, err
+
+
+# ----- --seed's range ------------------------------------------------------------------------------
+
+def test_seed_range_is_what_both_twins_take(invoke):
+    from common.sampling import SEED_MAX
+
+    assert SEED_MAX == 2 ** 63 - 1
+    rc, _, err, calls, _ = invoke("--prompt", "x", "--seed", str(SEED_MAX), "--temperature", "1")
+    assert rc == 0 and calls[0][3]["seed"] == SEED_MAX, err
+    assert "[0, 2**63 - 1]" in cli.build_parser("gen").format_help()
+
+
+@pytest.fixture(scope="module")
+def twins(model_dir):
+    """Both twins over the small checkpoint, float32, plain ops."""
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")
+    import jax_impl
+    import torch_impl
+
+    return {"jax": jax_impl.load(model_dir, dtype="float32", fused=False),
+            "torch": torch_impl.load(model_dir, dtype="float32", fused=False)}
+
+
+@pytest.mark.parametrize("twin", ["jax", "torch"])
+@pytest.mark.parametrize("seed", [1180591620717411303424, 2 ** 63, -1, 1.5, True])
+def test_the_twins_name_a_bad_seed(twins, twin, seed):
+    for call in (lambda r: r.generate([[1, 2]], 2, temperature=1.0, seed=seed),
+                 lambda r: list(r.generate_stream([1, 2], 2, temperature=1.0, seed=seed))):
+        with pytest.raises(GenerationArgsError) as e:
+            call(twins[twin])
+        assert str(e.value) == f"seed={seed!r}: expected an integer in [0, 2**63 - 1]"
+
+
+@pytest.mark.parametrize("twin", ["jax", "torch"])
+def test_the_twins_take_the_largest_seed(twins, twin):
+    out = twins[twin].generate([[1, 2]], 3, temperature=1.0, seed=2 ** 63 - 1)
+    assert len(out[0]) == 3
+
+
+# ----- --warmup with the twins -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("twin", ["jax_impl", "torch_impl"])
+def test_the_warmup_is_reported_once(model_dir, twin):
+    import importlib
+
+    pytest.importorskip(twin.split("_")[0])
+    load = importlib.import_module(f"{twin}.generate")._load
+    err = io.StringIO()
+    rc = cli.run(load, ["--model", str(model_dir), "--prompt", "x", "--max-new-tokens", "4", "--fused", "off",
+                        "--dtype", "float32", "--no-compile-cache", "--warmup", "1x16x8"], out=io.StringIO(), err=err)
+    assert rc == 0, err.getvalue()
+    said = [line for line in err.getvalue().splitlines() if "warm-up" in line.lower() or "warmup" in line.lower()]
+    assert len(said) == 1 and said[0].startswith("warm-up: 1 shape(s) "), err.getvalue()

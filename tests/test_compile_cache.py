@@ -71,3 +71,81 @@ def test_turning_it_off_after_a_load_turned_it_on_says_so(monkeypatch, caplog):
         assert compilation.enable_persistent_cache(True) == Path("/cache/in/use")
     said = [r.getMessage() for r in caplog.records if "stays on" in r.getMessage()]
     assert len(said) == 1 and "/cache/in/use" in said[0], said
+
+
+# ----- torch_impl: the same switch, over Triton's kernel cache --------------------------------------
+
+TORCH_SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    sys.path.insert(0, {root!r})
+    import torch_impl
+    r = torch_impl.load({model!r}, dtype="float32", compile_cache={cache})
+    import triton
+    d = triton.knobs.cache.dir
+    print(json.dumps(dict(cache=r.compile_cache, knob=d, env=os.environ.get("TRITON_CACHE_DIR"),
+                          exists=os.path.isdir(d))))
+    """)
+
+
+@pytest.mark.parametrize("how", ["argument", "environment", "default"])
+def test_torch_no_compile_cache_keeps_nothing(tmp_path, how):
+    """compile_cache=False (--no-compile-cache) or QWEN3_FUSED_COMPILE_CACHE=0: Triton compiles into a
+    temporary directory of the process, removed at exit; by default Triton's own cache is left alone."""
+    pytest.importorskip("triton")
+    script = tmp_path / "torch_gen.py"
+    script.write_text(TORCH_SCRIPT.format(root=str(ROOT), model=str(common.default_model()),
+                                          cache=how != "argument"))
+    env = dict(os.environ, TMPDIR=str(tmp_path / "tmp"), TRITON_HOME=str(tmp_path / "home"))
+    env.pop("TRITON_CACHE_DIR", None)
+    if how == "environment":
+        env["QWEN3_FUSED_COMPILE_CACHE"] = "off"
+    (tmp_path / "tmp").mkdir()
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    if how == "default":
+        assert out["cache"] == out["knob"] == str(tmp_path / "home" / ".triton" / "cache") and out["env"] is None
+        return
+    assert out["cache"] == out["knob"] == out["env"] and out["exists"], out
+    assert Path(out["cache"]).parent == tmp_path / "tmp"
+    assert not Path(out["cache"]).exists(), "the temporary kernel cache outlived the process"
+
+
+def test_torch_generate_no_compile_cache_leaves_no_directory(tmp_path):
+    """The command ends through os._exit (common.interrupt): the temporary cache is removed there too."""
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path / "tmp"))
+    p = subprocess.run([sys.executable, "-m", "torch_impl.generate", "--no-compile-cache", "--prompt", "x",
+                        "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not list((tmp_path / "tmp").glob("qwen3-fused-triton-*"))
+
+
+# ----- the environment variables take only their values ------------------------------------------------
+
+BAD_ENV = [("QWEN3_FUSED_COMPILE_CACHE", "maybe",
+            "QWEN3_FUSED_COMPILE_CACHE='maybe': expected 1, true, on, yes (the cache on, the default) or 0, "
+            "false, off, no (off)"),
+           ("QWEN3_TILE_TABLES", "bogus", "QWEN3_TILE_TABLES='bogus': expected 'on' (the default) or 'off'")]
+
+
+@pytest.mark.parametrize("twin", ["jax_impl", "torch_impl"])
+@pytest.mark.parametrize("name, value, message", BAD_ENV)
+def test_a_bad_environment_value_is_one_error_line(twin, name, value, message):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **{name: value})
+    p = subprocess.run([sys.executable, "-m", f"{twin}.generate", "--prompt", "x", "--max-new-tokens", "2"],
+                       capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert p.stderr.startswith(f"error: {message}") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.parametrize("twin", ["jax_impl", "torch_impl"])
+@pytest.mark.parametrize("name, value, message", BAD_ENV)
+def test_load_checks_the_environment(twin, name, value, message, monkeypatch):
+    import importlib
+
+    pytest.importorskip(twin.split("_")[0])
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError) as e:
+        importlib.import_module(twin).load(common.default_model(), dtype="float32", fused=False)
+    assert str(e.value).startswith(message)

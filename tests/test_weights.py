@@ -279,3 +279,54 @@ def test_transformers_save_pretrained_loads_and_matches(tmp_path, tied, shard):
     got = load_reference(tmp_path).logits(ids)
     rel = np.abs(got - want).max() / np.abs(want).max()
     assert rel < 1e-5, rel
+
+
+# ----- non-finite values: one error naming the file and the tensor, in both twins -------------------
+
+def _load_twin(twin: str, d, **kw):
+    if twin == "jax":
+        pytest.importorskip("jax")
+        import jax_impl
+
+        return jax_impl.load(d, dtype="float32", fused=False, compile_cache=False, **kw)
+    pytest.importorskip("torch")
+    import torch_impl
+
+    return torch_impl.load(d, dtype="float32", fused=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory, ckpts):
+    """{tensor name: checkpoint directory (3 shards) where that tensor holds a NaN or an inf}."""
+    out = {}
+    for i, (name, value) in enumerate([("model.layers.1.self_attn.k_proj.weight", np.nan),  # packed into qkv
+                                       ("model.embed_tokens.weight", np.nan),
+                                       ("model.norm.weight", np.inf),
+                                       ("model.layers.0.mlp.down_proj.weight", -np.inf)]):
+        d = shutil.copytree(ckpts["sharded"], tmp_path_factory.mktemp("nan") / f"c{i}")
+        for f in sorted(d.glob("*.safetensors")):
+            tensors = load_file(f)
+            if name in tensors:
+                tensors[name] = tensors[name].copy()
+                tensors[name].flat[7] = value
+                save_file(tensors, f)
+                out[name] = (d, f)
+    return out
+
+
+@pytest.mark.parametrize("twin", ["jax", "torch"])
+@pytest.mark.parametrize("name", ["model.layers.1.self_attn.k_proj.weight", "model.embed_tokens.weight",
+                                  "model.norm.weight", "model.layers.0.mlp.down_proj.weight"])
+def test_non_finite_weights_are_named(poisoned, twin, name):
+    d, f = poisoned[name]
+    with pytest.raises(WeightsError) as e:
+        _load_twin(twin, d)
+    assert str(e.value).startswith(f"{f}: tensor {name!r} has 1 non-finite value(s) (NaN or inf; the first at ")
+
+
+@pytest.mark.parametrize("twin", ["jax", "torch"])
+def test_non_finite_weights_are_named_when_quantized(poisoned, twin):
+    name = "model.layers.0.mlp.down_proj.weight"
+    d, f = poisoned[name]
+    with pytest.raises(WeightsError, match=f"tensor {name!r} has 1 non-finite value"):
+        _load_twin(twin, d, quantization="int8")

@@ -67,6 +67,7 @@ class TorchRunner(harness.Runner):
                  lm_head_shard: str = "vocab"):
         dtype = harness.check_dtype(dtype)
         check_lm_head_shard(lm_head_shard)
+        self.compile_cache = use_compile_cache(compile_cache)
         ckpt = Checkpoint(model_dir)
         fmt = ckpt.weight_format(quantization)
         check_weight_format(fused, fmt, device)  # before a weight is read, or a rank is started
@@ -88,14 +89,14 @@ class TorchRunner(harness.Runner):
                 convert = convert_quant = lambda t: t  # noqa: E731
             with torch.inference_mode():
                 model.load_params(ckpt.iter_params("pt", concat=lambda parts: torch.cat(parts, dim=0), convert=convert,
-                                                   quantization=quantization, convert_quant=convert_quant))
+                                                   quantization=quantization, convert_quant=convert_quant,
+                                                   all_finite=lambda t: torch.isfinite(t).all()))  # NaN/inf: WeightsError
             self._setup(model, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs,
                         session=session)
         except BaseException as e:
             if session is not None:
                 session.close(abort=True, why=f"{type(e).__name__} while loading")
             raise
-        del compile_cache  # Triton keeps its kernels on disk itself (~/.triton/cache)
         self.warmup_s = self.warmup(warmup) if warmup else 0.0
 
     @classmethod
@@ -109,7 +110,7 @@ class TorchRunner(harness.Runner):
         cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
         check_lm_head_shard(lm_head_shard)
         warmup = kwargs.pop("warmup", None)
-        kwargs.pop("compile_cache", None)  # Triton keeps its kernels on disk itself
+        compile_cache = use_compile_cache(kwargs.pop("compile_cache", True))
         fmt = check_quantization(quantization) or "bf16"
         check_weight_format(fused, fmt, device)
         session = workers.start(cfg, tensor_parallel_size, device, fmt,
@@ -130,6 +131,7 @@ class TorchRunner(harness.Runner):
             if session is not None:
                 session.close(abort=True, why=f"{type(e).__name__} while loading")
             raise
+        runner.compile_cache = compile_cache
         runner.warmup_s = runner.warmup(warmup) if warmup else 0.0
         return runner
 
@@ -181,7 +183,7 @@ class TorchRunner(harness.Runner):
             self.generate([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], temperature=s["temperature"],
                           top_k=s["top_k"], top_p=s["top_p"])
         seconds = time.perf_counter() - t0
-        log.info(f"torch_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")
+        log.debug(f"torch_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")  # the CLI reports it
         return seconds
 
     def _largest_cache_first(self, specs: list[dict]) -> list[dict]:
@@ -323,7 +325,7 @@ class TorchRunner(harness.Runner):
         cfg = self.config
         sampling_spec.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
                                           top_p=top_p, vocab_size=cfg.vocab_size,
-                                          max_len=cfg.max_position_embeddings)
+                                          max_len=cfg.max_position_embeddings, seed=seed)
         eos = harness.eos_set(eos_token_id)
         if self._session is None:
             yield from self._decode(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, chunk)
@@ -424,6 +426,37 @@ class TorchRunner(harness.Runner):
         else:
             tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
         return self._session.tp.broadcast(tokens)
+
+
+def use_compile_cache(enabled: bool = True) -> str | None:
+    """Triton's kernel cache on disk (its own, ~/.triton/cache or TRITON_CACHE_DIR), or, with
+    enabled=False or QWEN3_FUSED_COMPILE_CACHE=0 (common.environment), a temporary directory of this
+    process removed at exit: kernels compile afresh and nothing is kept. Returns the directory in
+    use; for the rest of the process once turned off (as jax_impl's cache stays on once on)."""
+    import os
+    import shutil
+    import tempfile
+
+    from common import interrupt
+    from common.environment import check_environment, env_enabled
+
+    check_environment()
+    if not _cache_state.get("temporary") and (not enabled or not env_enabled()):
+        path = tempfile.mkdtemp(prefix="qwen3-fused-triton-")
+        interrupt.at_exit(lambda: shutil.rmtree(path, ignore_errors=True))
+        os.environ["TRITON_CACHE_DIR"] = path  # Triton reads it at each compile; tensor-parallel ranks inherit it
+        _cache_state["temporary"] = path
+    try:
+        import triton
+    except ImportError:  # no Triton: nothing is compiled
+        return None
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and _cache_state.get("temporary"):
+        knobs.cache.dir = _cache_state["temporary"]
+    return knobs.cache.dir if knobs is not None else os.environ.get("TRITON_CACHE_DIR")
+
+
+_cache_state: dict = {}
 
 
 def _sync(dev: torch.device) -> None:
