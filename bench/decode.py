@@ -382,7 +382,8 @@ def base_row(impl: str, model: str, *, prompt_len: int, new_tokens: int, ceiling
     kernels = None
     if tiled(impl):  # the twins' fused rows: compiled on a GPU, in the kernel interpreters on CPU
         kernels = "compiled" if _on_gpu() else "interpreter"
-        label += ", in the Pallas / Triton interpreter on CPU" if kernels == "interpreter" else ""
+        if kernels == "interpreter":
+            label += f", in the {'Pallas' if impl.startswith('jax') else 'Triton'} interpreter on CPU"
     return dict(kind="decode", impl=impl, label=label, model=model, kernels=kernels,
                 tensor_parallel_size=tensor_parallel_size,
                 tiles=tiles, sampling=sampling, prompt_len=prompt_len,

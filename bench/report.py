@@ -160,8 +160,8 @@ def kernel_table(rows: list[dict]) -> str:
         lines.append(
             f"| {fw} | {k[1]}{ctx} | {k[2]} | {k[3]} | {k[4]} | {us(f)} | {us(p)} | "
             f"{_num(f.get('speedup_vs_plain'), '{:.2f}x')} | "
-            f"{_num(f.get('GBps'), '{:,.0f}')} ({_num(f.get('pct_copy_bw'), '{:.0f}')}%) | "
-            f"{_num(f.get('TFLOPs'), '{:,.1f}')} ({_num(f.get('pct_matmul'), '{:.0f}')}%) | "
+            f"{figure(f.get('GBps'))} ({_num(f.get('pct_copy_bw'), '{:.0f}')}%) | "
+            f"{figure(f.get('TFLOPs'))} ({_num(f.get('pct_matmul'), '{:.0f}')}%) | "
             f"{_num(f.get('pct_roofline'), '{:.0f}')}% |")
     return "\n".join(lines)
 

@@ -71,6 +71,7 @@ def test_smoke_kernel_rows(smoke):
     assert {r["kernels"] for r in _rows(doc, kind="kernel", impl="plain")} == {None}
     md = (smoke[1] / report.MD_NAME).read_text()
     assert "| jax (fused: interpreter) | mlp |" in md and "| torch (fused: interpreter) | mlp |" in md, md
+    assert "| 0 (" not in md and "| 0.0 (" not in md, md  # a CPU's small GB/s and TFLOP/s keep their digits
     for r in _rows(doc, kind="kernel"):
         assert "error" not in r, f"kernel row failed: {r}"
         assert r.get("median_s", 0) > 0 and r.get("GBps", 0) > 0, f"kernel row without figures: {r}"
@@ -104,6 +105,8 @@ def test_smoke_decode_rows(smoke):
         fused = r["impl"].startswith(("jax-", "torch-")) and not r["impl"].endswith("plain")
         assert r["kernels"] == ("interpreter" if fused else None), r
         assert ("interpreter" in r["label"]) == fused, r
+        if fused:
+            assert f"{'Pallas' if r['impl'].startswith('jax') else 'Triton'} interpreter on CPU" in r["label"], r
     for r in _rows(doc, kind="decode"):
         if r["impl"].startswith(("jax", "torch")) and "error" not in r:
             assert r["weights_GB"] > 0, r
