@@ -1,4 +1,4 @@
-"""python -m bench {kernels,decode,all} [options] | compare OLD NEW | report RESULTS... --out DIR
+"""python -m bench {kernels,decode,all} [options] | compare OLD NEW | report RESULTS... --out DIR | check | headline
 
   kernels  each fused kernel of both twins vs the plain op of the same framework, at the chosen
            presets' shapes: decode batches (--batch) and prefill token counts (--prefill);
@@ -9,15 +9,26 @@
   all      both (the default when no command is given)
   compare  flag regressions over 5% between two results files (exit 1 when any)
   report   merge results of several runs (say one per model) into one folder: JSON, table, plots
+  check    the standard GPU check of a commit (a subset of the GPU tests and decode at Qwen3-0.6B and
+           Qwen3-8B, batch 1 and 32, both twins; within 8 minutes on an H100): bench/check.py;
+           --dry-run prints its plan on any machine
+  headline rewrite README.md's headline table (between its bench-headline markers) from one
+           bench.json: bench/headline.py
 
 Every run also measures the two ceilings (device-to-device copy, bf16 matmul) and records the
 GPU, driver, library versions, date and git commit. The ceilings of each framework, every decode
 job (one implementation on one model) and the kernel rows of each framework run in a Python
 process of their own (bench/isolate.py says why; --in-process runs them all in this one). Needs
-a CUDA GPU, except with --smoke (tiny shapes in interpreter mode on CPU, a few repeats: keeps the
-code alive in CI). Results go to --out (default bench/results/<gpu>/): bench.json, bench.md,
-decode.png, kernels_bw.png; the JSON is rewritten after every row, so a run cut short keeps what
-it measured.
+a CUDA GPU, except with --smoke (each preset shrunk to 2 layers, 1/8 of its width and a 512-token
+vocabulary, the fused kernels in their interpreters on CPU, a few repeats: keeps the code alive in
+CI; rows name the shrunk model as such). Results go to --out (default ./bench-results/<gpu>/ under
+the current directory): bench.json, bench.md, decode.png, kernels_bw.png; a folder that already
+holds results is refused, never overwritten. The JSON is rewritten after every row, so a run cut
+short keeps what it measured.
+
+Decode rows carry two speeds: decode tok/s (decode time only: batch * (new tokens - 1) over the
+time after the first new token) and end-to-end tok/s (all new tokens over the wall time of the
+implementation's public generate() call: prefill and host overhead included).
 """
 
 from __future__ import annotations
@@ -35,6 +46,9 @@ from common import argparsing
 RUN_COMMANDS = ("kernels", "decode", "all")
 DEFAULT_MODELS = "Qwen3-0.6B,Qwen3-8B"
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = Path("bench-results")  # under the current directory, never inside the source tree
+SMOKE_SHRINK = dict(layers=2, width=8, vocab=512)  # common.config.shrink's arguments under --smoke
+OUTPUT_NAMES = ("bench.json", "bench.md", "decode.png", "kernels_bw.png")  # what a run writes to --out
 SMOKE_SKIP = {
     "jax-fused": "the Pallas interpreter inside the decode loop takes minutes on CPU; same code path as jax-plain",
     "torch-fused": "the Triton interpreter takes seconds per token on CPU; same code path as torch-plain",
@@ -58,10 +72,37 @@ def _ints(text: str, flag: str) -> list[int]:
     try:
         vals = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise SystemExit(f"python -m bench: {flag}={text!r}: expected comma-separated positive integers") from None
+        raise SystemExit(f"error: {flag}={text!r}: expected comma-separated positive integers") from None
     if not vals or min(vals) < 1:
-        raise SystemExit(f"python -m bench: {flag}={text!r}: expected comma-separated positive integers")
+        raise SystemExit(f"error: {flag}={text!r}: expected comma-separated positive integers")
     return vals
+
+
+def _positive_int(text: str) -> int:
+    """argparse type of the one-number flags: a usage error (one line, exit 2) unless a positive integer."""
+    try:
+        val = int(text)
+    except ValueError:
+        val = 0
+    if val < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
+    return val
+
+
+def refuse_existing(out: Path, names=OUTPUT_NAMES, flag: str = "--out") -> None:
+    """One error line when `out` already holds any of the result files a run writes: never overwritten."""
+    found = [n for n in names if (Path(out) / n).exists()]
+    if found:
+        raise SystemExit(f"error: {flag} {out}: already holds {', '.join(found)}; results are never overwritten "
+                         f"- choose another folder or move those away")
+
+
+def model_label(preset: str, smoke: bool) -> str:
+    """What rows call a model: the preset's name, or under --smoke what was run instead of it."""
+    if not smoke:
+        return preset
+    return (f"{preset} shrunk ({SMOKE_SHRINK['layers']} layers, 1/{SMOKE_SHRINK['width']} width, "
+            f"vocab {SMOKE_SHRINK['vocab']})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -71,11 +112,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparsing.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("command", choices=RUN_COMMANDS)
-    p.add_argument("--out", type=Path, help="results folder (default bench/results/<gpu-slug>/)")
-    p.add_argument("--models", help=f"comma-separated presets (default {DEFAULT_MODELS}; --smoke: Qwen3-0.6B)")
+    p.add_argument("--out", type=Path, help=f"results folder (default ./{DEFAULT_OUT}/<gpu-slug>/ under the current "
+                                              "directory); one that already holds results is refused")
+    p.add_argument("--models", help=f"comma-separated presets, any of {', '.join(_preset_names())} "
+                                    f"(default {DEFAULT_MODELS}; --smoke: Qwen3-0.6B, shrunk)")
     p.add_argument("--batch", help="decode batch sizes (default 1,8,32,128; --smoke: 2)")
     p.add_argument("--prefill", help="prefill token counts of the kernel rows (default 512,4096; --smoke: 16)")
-    p.add_argument("--ctx", type=int, help="context length of the decode_attention rows (default 1024)")
+    p.add_argument("--ctx", type=_positive_int, help="context length of the decode_attention rows (default 1024)")
     p.add_argument("--hf-batch", help="batch sizes for the transformers peers (default 1: they are slow)")
     p.add_argument("--impls", help=f"decode implementations (default all: {','.join(IMPLS)})")
     p.add_argument("--tensor-parallel-size", metavar="N[,N...]", default="1",
@@ -93,7 +136,9 @@ def parser() -> argparse.ArgumentParser:
                         "instead of greedy decoding; rows carry `sampling`")
     p.add_argument("--ops", help=f"kernel ops (default all: {','.join(OPS)})")
     p.add_argument("--frameworks", default="jax,torch", help="kernel frameworks (default jax,torch)")
-    p.add_argument("--new-tokens", type=int, help="decode tokens per run (default 256; --quick 64)")
+    p.add_argument("--new-tokens", type=_positive_int, help="decode tokens per run (default 256; --quick 64)")
+    p.add_argument("--prompt-len", type=_positive_int, metavar="N",
+                   help="decode: prompt tokens per sequence (default 16; --smoke 8)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpreter mode, CPU: checks the code runs")
     p.add_argument("--quick", action="store_true", help="fewer repeats and 64 new tokens")
     p.add_argument("--budget-s", type=float, help="skip what is left after this many seconds (rows say so)")
@@ -108,6 +153,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _preset_names() -> list[str]:
+    from common.config import PRESETS
+
+    return list(PRESETS)
+
+
 def _progress(msg: str) -> None:
     from common.progress import note
 
@@ -120,9 +171,9 @@ def _models(a) -> dict:
     names = [m.strip() for m in (a.models or ("Qwen3-0.6B" if a.smoke else DEFAULT_MODELS)).split(",") if m.strip()]
     bad = [m for m in names if m not in PRESETS]
     if bad or not names:
-        raise SystemExit(f"python -m bench: --models {a.models!r}: unknown preset(s) {', '.join(bad)}; "
+        raise SystemExit(f"error: --models {a.models!r}: unknown preset(s) {', '.join(bad)}; "
                          f"expected some of {', '.join(PRESETS)}")
-    return {m: shrink(PRESETS[m], layers=2, width=8, vocab=512) if a.smoke else PRESETS[m] for m in names}
+    return {model_label(m, a.smoke): shrink(PRESETS[m], **SMOKE_SHRINK) if a.smoke else PRESETS[m] for m in names}
 
 
 def _choices(text: str | None, allowed, flag: str) -> list[str]:
@@ -131,7 +182,7 @@ def _choices(text: str | None, allowed, flag: str) -> list[str]:
     vals = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in vals if v not in allowed]
     if bad or not vals:
-        raise SystemExit(f"python -m bench: {flag}={text!r}: unknown {', '.join(bad)}; expected some of "
+        raise SystemExit(f"error: {flag}={text!r}: unknown {', '.join(bad)}; expected some of "
                          f"{', '.join(allowed)}")
     return vals
 
@@ -148,12 +199,13 @@ def _torch_device(smoke: bool) -> str | None:
 
 
 def _checkpoint(name: str, cfg, a, tmp: Path, *, tokenizer: bool = False) -> Path:
+    from bench import env
     from bench.checkpoints import DEFAULT_DIR, random_checkpoint
 
     if a.smoke:
         from common.checkpoint import write_checkpoint, write_tokenizer
 
-        path = tmp / name
+        path = tmp / env.slug(name)
         if not (path / "config.json").is_file():
             write_checkpoint(path, cfg, dtype="bfloat16", fast=True)
         if tokenizer and not (path / "tokenizer.json").is_file():
@@ -196,7 +248,7 @@ def run(a) -> int:
     else:
         ok, gpu_name = env.has_gpu()
         if not ok:
-            print(f"python -m bench: no CUDA GPU here ({gpu_name}); the benchmarks need one - "
+            print(f"error: no CUDA GPU here ({gpu_name}); the benchmarks need one - "
                   f"run with --smoke for the CPU smoke test", file=sys.stderr)
             return 2
     models = _models(a)
@@ -215,7 +267,12 @@ def run(a) -> int:
     ctx = a.ctx or (32 if a.smoke else 1024)
     new_tokens = a.new_tokens or (4 if a.smoke else 64 if a.quick else 256)
     sampling = decode.parse_sampling(a.sampling)
-    prompt_len = 8 if a.smoke else 16
+    prompt_len = a.prompt_len or (8 if a.smoke else 16)
+    if a.command in ("decode", "all"):
+        room = min(c.max_position_embeddings for c in models.values())
+        if prompt_len + new_tokens > room:
+            raise SystemExit(f"error: --prompt-len {prompt_len} + --new-tokens {new_tokens}: more than the "
+                             f"{room} positions the chosen models hold")
     runs = 1 if a.smoke else 2 if a.quick else 3
     # wall clock, not time.monotonic(): the jobs' processes compare against it
     deadline_unix = t_start_unix + a.budget_s if a.budget_s else None
@@ -225,7 +282,8 @@ def run(a) -> int:
     else:
         plan = TimingPlan(repeats=5, target_s=0.01, warmup=2) if a.quick else TimingPlan(repeats=15, target_s=0.02)
         ks = kernels.Settings(plan)
-    out = a.out or REPO / "bench" / "results" / env.slug(gpu_name)
+    out = a.out or Path.cwd() / DEFAULT_OUT / env.slug(gpu_name)
+    refuse_existing(out)
     settings = dict(command=a.command, models=list(models), smoke=a.smoke, quick=a.quick, ops=ops,
                     frameworks=frameworks, impls=impls, batches=batches, prefill=prefill, hf_batches=hf_batches,
                     ctx=ctx, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs, sampling=sampling,
@@ -244,8 +302,9 @@ def run(a) -> int:
     ceilings = _ceilings(a)
     jobs_bar.update(2)
     res.set_ceilings(ceilings)
-    _progress(f"ceilings: copy {ceilings.get('copy_GBps') or 0:,.0f} GB/s, bf16 matmul "
-              f"{ceilings.get('matmul_TFLOPs') or 0:,.1f} TFLOP/s")
+    _progress(("CPU ceilings (--smoke: no GPU)" if a.smoke else "ceilings")
+              + f": copy {report.figure(ceilings.get('copy_GBps'))} GB/s, "
+                f"bf16 matmul {report.figure(ceilings.get('matmul_TFLOPs'))} TFLOP/s")
     shared = dict(ceilings=ceilings, torch_device=torch_device, deadline_unix=deadline_unix)
 
     if a.command in ("kernels", "all"):
@@ -314,9 +373,11 @@ def report_main(argv: list[str]) -> int:
 
     p = argparsing.ArgumentParser(prog="python -m bench report", description="merge results and redraw")
     p.add_argument("results", nargs="+", help="bench.json files or folders holding one")
-    p.add_argument("--out", type=Path, required=True, help="folder for the merged bench.json, bench.md, plots")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for the merged bench.json, bench.md, plots (one holding results is refused)")
     p.add_argument("--no-plots", action="store_true")
     a = p.parse_args(argv)
+    refuse_existing(a.out)
     try:
         docs = [report.load(r) for r in a.results]
     except (FileNotFoundError, ValueError) as e:
@@ -334,6 +395,14 @@ def main(argv: list[str] | None = None) -> int:
         return compare.main(argv[1:])
     if argv and argv[0] == "report":
         return report_main(argv[1:])
+    if argv and argv[0] == "check":
+        from bench import check
+
+        return check.main(argv[1:])
+    if argv and argv[0] == "headline":
+        from bench import headline
+
+        return headline.main(argv[1:])
     if not argv or argv[0] not in RUN_COMMANDS and argv[0] not in ("-h", "--help"):
         argv = ["all"] + argv
     _early_env(argv)

@@ -2,7 +2,7 @@
 
 Rows are matched by what they measure (kernel: framework, impl, op, model, phase, tokens, ctx;
 decode: impl, model, batch, prompt and new-token counts). Compared figures: a kernel's median
-time (lower is better), decode and prefill tok/s (higher is better). A row that measured in OLD
+time (lower is better), decode, end-to-end and prefill tok/s (higher is better). A row that measured in OLD
 and fails in NEW is a regression too; rows only in one file are listed, not flagged.
 """
 
@@ -17,7 +17,8 @@ from common import argparsing
 KERNEL_KEY = ("framework", "impl", "op", "model", "phase", "tokens", "ctx")
 DECODE_KEY = ("impl", "model", "batch", "prompt_len", "new_tokens")
 # figure -> True when higher is better
-METRICS = {"kernel": {"median_s": False}, "decode": {"decode_tok_s": True, "prefill_tok_s": True}}
+METRICS = {"kernel": {"median_s": False},
+           "decode": {"decode_tok_s": True, "end_to_end_tok_s": True, "prefill_tok_s": True}}
 
 
 def row_key(r: dict) -> tuple:

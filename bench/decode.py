@@ -5,7 +5,10 @@ weight values), the same prompts (`prompt_len` tokens per sequence) and `new_tok
 no eos, greedy or (`sampling`: temperature, top_k, top_p, seed 0) sampled, `runs` times after
 `warmup` runs; the best run is reported.
 - decode tok/s = batch * (new_tokens - 1) / decode time (the first new token comes from prefill);
-- prefill tok/s = batch * prompt_len / prefill time (prompt through the first sampled token).
+- prefill tok/s = batch * prompt_len / prefill time (prompt through the first sampled token);
+- end-to-end tok/s = batch * new_tokens / wall time of the implementation's public generate() call
+  (the twins' `runner.generate()`, transformers' `model.generate()`, nano-vllm's `LLM.generate()`):
+  prefill, sampling and host overhead included, what a caller of generate() gets.
 The twins report these times themselves (Runner.last_stats); for transformers a logits
 processor marks the end of prefill (one device sync, on its first call only). A twin's row also
 keeps its first call at that batch (the first warm-up run), whose shapes are new: compile time
@@ -376,7 +379,13 @@ def base_row(impl: str, model: str, *, prompt_len: int, new_tokens: int, ceiling
     """The fields every decode row of `impl` on `model` carries (add batch and figures or error)."""
     label = IMPLS[impl] + (f", tensor parallel over {tensor_parallel_size} GPUs" if tensor_parallel_size > 1 else "")
     label += ", untuned (the default rule, no tile table)" if tiles == "untuned" else ""
-    return dict(kind="decode", impl=impl, label=label, model=model, tensor_parallel_size=tensor_parallel_size,
+    kernels = None
+    if tiled(impl):  # the twins' fused rows: compiled on a GPU, in the kernel interpreters on CPU
+        kernels = "compiled" if _on_gpu() else "interpreter"
+        if kernels == "interpreter":
+            label += f", in the {'Pallas' if impl.startswith('jax') else 'Triton'} interpreter on CPU"
+    return dict(kind="decode", impl=impl, label=label, model=model, kernels=kernels,
+                tensor_parallel_size=tensor_parallel_size,
                 tiles=tiles, sampling=sampling, prompt_len=prompt_len,
                 new_tokens=new_tokens, dtype="bfloat16", weights=quantization_of(impl) or "bf16",
                 quantization=quantization_of(impl),
@@ -464,7 +473,8 @@ def _measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches
         except Exception as e:  # noqa: BLE001 - recorded in the row, the suite goes on
             row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
         emit(row)
-        progress(f"    batch {b}: " + (f"{row['decode_tok_s']:.1f} tok/s decode, {row.get('prefill_tok_s') or 0:.0f} "
+        progress(f"    batch {b}: " + (f"{row['decode_tok_s']:.1f} tok/s decode, {row.get('end_to_end_tok_s') or 0:.1f} "
+                                      f"end-to-end, {row.get('prefill_tok_s') or 0:.0f} "
                                       f"tok/s prefill ({time.perf_counter() - t1:.1f} s)"
                                       if row.get("decode_tok_s") else row.get("error", "?")))
     if isinstance(handle, NanoVllm):
@@ -482,6 +492,9 @@ def _fill(row: dict, res: list[dict], cfg: Qwen3Config, b: int, prompt_len: int,
                prefill_s=best["prefill_s"], generated=best["generated"])
     if best.get("note"):
         row["note"] = best["note"]
+    e2e = [r["generated"] / r["wall_s"] for r in res if r.get("wall_s")]
+    if e2e:  # new tokens over the wall time of the whole generate() call, best run
+        row.update(end_to_end_tok_s=max(e2e), end_to_end_tok_s_runs=e2e)
     pre = [r["prefill_s"] for r in res if r.get("prefill_s")]
     if pre:
         row["prefill_tok_s"] = b * prompt_len / min(pre)

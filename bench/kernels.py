@@ -138,7 +138,13 @@ def case_rows(fw: str, c: Case, res: dict[str, dict], ceilings: dict) -> list[di
     """The fused and plain rows of case `c` in framework `fw` from their figures (or errors)."""
     base = dict(kind="kernel", framework=fw, op=c.op, model=c.model, phase=c.phase, tokens=c.tokens,
                 ctx=c.ctx if c.op == "decode_attention" else None, dtype="bfloat16")
-    rows = {p: _finish(dict(base, impl=p, **res[p]), c, ceilings) for p in PROVIDERS}
+    from bench.decode import _on_gpu
+
+    # the fused rows' kernels run compiled on a GPU and in their interpreters on CPU (--smoke); the
+    # plain rows are the framework's own ops (XLA, torch) either way
+    mode = "compiled" if _on_gpu() else "interpreter"
+    rows = {p: _finish(dict(base, impl=p, kernels=mode if p == "fused" else None, **res[p]), c, ceilings)
+            for p in PROVIDERS}
     if rows["fused"].get("median_s") and rows["plain"].get("median_s"):
         rows["fused"]["speedup_vs_plain"] = rows["plain"]["median_s"] / rows["fused"]["median_s"]
     return [rows[p] for p in PROVIDERS]

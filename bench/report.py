@@ -84,12 +84,27 @@ def _num(v, fmt="{:,.1f}") -> str:
     return "-" if v is None else fmt.format(v)
 
 
+def figure(v) -> str:
+    """A measured figure with the digits it needs: 3,012 / 41.5 / 0.012 (a CPU's TFLOP/s), "-" if none."""
+    if v is None:
+        return "-"
+    if abs(v) >= 100:
+        return f"{v:,.0f}"
+    return f"{v:.1f}" if abs(v) >= 1 else f"{v:.2g}"
+
+
+DECODE_NOTE = ("decode tok/s: decode time only (the first new token comes from prefill); end-to-end tok/s: all new "
+               "tokens over the wall time of the implementation's generate() call (the twins' runner.generate(): "
+               "prefill and host overhead included).")
+
+
 def decode_table(rows: list[dict]) -> str:
     rows = [r for r in rows if r.get("kind") == "decode"]
     if not rows:
         return ""
     batches = sorted({r["batch"] for r in rows})
-    lines = ["| model | implementation | " + " | ".join(f"batch {b}: tok/s (% of floor)" for b in batches)
+    lines = ["| model | implementation | "
+             + " | ".join(f"batch {b}: decode tok/s (% of floor) / end-to-end tok/s" for b in batches)
              + " | prefill tok/s |", "|---|---|" + "---|" * (len(batches) + 1)]
     floors = {}
     for r in rows:
@@ -111,7 +126,8 @@ def decode_table(rows: list[dict]) -> str:
                 if r is None:
                     cells.append("not run")
                 elif r.get("decode_tok_s"):
-                    cells.append(f"{r['decode_tok_s']:,.1f} ({_num(r.get('pct_bw_floor'), '{:.0f}')}%)")
+                    cells.append(f"{r['decode_tok_s']:,.1f} ({_num(r.get('pct_bw_floor'), '{:.0f}')}%) / "
+                                 f"{_num(r.get('end_to_end_tok_s'))}")
                 else:
                     cells.append("error" if not str(r.get("error", "")).startswith(("unavailable", "skipped"))
                                  else r["error"].split(":")[0])
@@ -139,12 +155,13 @@ def kernel_table(rows: list[dict]) -> str:
         pair = {r["impl"]: r for r in rows if (r["framework"], r["op"], r["model"], r["phase"], r["tokens"]) == k}
         f, p = pair.get("fused", {}), pair.get("plain", {})
         ctx = f" (ctx {f.get('ctx') or p.get('ctx')})" if k[1] == "decode_attention" else ""
+        fw = k[0] + (" (fused: interpreter)" if f.get("kernels") == "interpreter" else "")
         us = lambda r: _num(r.get("us"), "{:,.1f}") if r.get("us") else ("n/a" if r.get("error") else "-")  # noqa: E731
         lines.append(
-            f"| {k[0]} | {k[1]}{ctx} | {k[2]} | {k[3]} | {k[4]} | {us(f)} | {us(p)} | "
+            f"| {fw} | {k[1]}{ctx} | {k[2]} | {k[3]} | {k[4]} | {us(f)} | {us(p)} | "
             f"{_num(f.get('speedup_vs_plain'), '{:.2f}x')} | "
-            f"{_num(f.get('GBps'), '{:,.0f}')} ({_num(f.get('pct_copy_bw'), '{:.0f}')}%) | "
-            f"{_num(f.get('TFLOPs'), '{:,.1f}')} ({_num(f.get('pct_matmul'), '{:.0f}')}%) | "
+            f"{figure(f.get('GBps'))} ({_num(f.get('pct_copy_bw'), '{:.0f}')}%) | "
+            f"{figure(f.get('TFLOPs'))} ({_num(f.get('pct_matmul'), '{:.0f}')}%) | "
             f"{_num(f.get('pct_roofline'), '{:.0f}')}% |")
     return "\n".join(lines)
 
@@ -169,11 +186,17 @@ def markdown(doc: dict) -> str:
     for run in doc.get("runs", [])[:4]:
         env, c = run.get("env", {}), run.get("ceilings", {})
         v = env.get("versions", {})
-        parts.append(f"Run {env.get('date', '?')} on {env.get('gpu', '?')} (driver {env.get('driver', '?')}), commit "
+        if env.get("smoke"):  # no GPU: say what ran and that its ceilings are the CPU's
+            where = (f"on CPU ({env.get('cpu') or '?'}; --smoke: shrunk models, fused kernels in their "
+                     f"interpreters)")
+            ceil = "CPU ceilings measured in the run (no GPU)"
+        else:
+            where = f"on {env.get('gpu', '?')} (driver {env.get('driver', '?')})"
+            ceil = "Ceilings measured in the run"
+        parts.append(f"Run {env.get('date', '?')} {where}, commit "
                      f"{env.get('commit', '?')}; jax {v.get('jax', '-')}, torch {v.get('torch', '-')}, triton "
-                     f"{v.get('triton', '-')}, transformers {v.get('transformers', '-')}. Ceilings measured in the "
-                     f"run: copy {_num(c.get('copy_GBps'), '{:,.0f}')} GB/s, bf16 matmul "
-                     f"{_num(c.get('matmul_TFLOPs'), '{:,.0f}')} TFLOP/s.")
+                     f"{v.get('triton', '-')}, transformers {v.get('transformers', '-')}. {ceil}: copy "
+                     f"{figure(c.get('copy_GBps'))} GB/s, bf16 matmul {figure(c.get('matmul_TFLOPs'))} TFLOP/s.")
     dec, ker, err = decode_table(doc["rows"]), kernel_table(doc["rows"]), errors_list(doc["rows"])
     if dec:
         s = next((r for r in doc["rows"] if r.get("kind") == "decode"), {})
@@ -184,7 +207,7 @@ def markdown(doc: dict) -> str:
         how = (f"Sampled decode (temperature {sp['temperature']}, top-k {sp['top_k']}, top-p {sp['top_p']}; "
                if sp else "Greedy decode (")
         parts.append(f"### {how}{s.get('prompt_len')}-token prompt, {s.get('new_tokens')} new tokens, "
-                     f"best run; % of the bandwidth floor in brackets)\n\n{dec}{note}")
+                     f"best run; % of the bandwidth floor in brackets)\n\n{dec}\n\n{DECODE_NOTE}{note}")
     if ker:
         parts.append("### Fused kernels vs the plain ops of the same framework (median per call)\n\n" + ker)
     if err:
@@ -216,15 +239,20 @@ def plots(doc: dict, out_dir: Path) -> list[Path]:
                      if any((r["impl"], variant(r)) == (i, v) for r in mr)]
             width = 0.8 / max(1, len(impls))
             for j, (impl, (tp, tiles)) in enumerate(impls):
-                xs, ys = [], []
+                xs, ys, e2e = [], [], []
                 for bi, b in enumerate(batches):
                     r = next((r for r in mr if (r["impl"], variant(r)) == (impl, (tp, tiles)) and r["batch"] == b),
                              None)
                     if r:
                         xs.append(bi + (j - (len(impls) - 1) / 2) * width)
                         ys.append(r["decode_tok_s"])
-                ax.bar(xs, ys, width, label=impl + (f" TP={tp}" if tp > 1 else "")
-                       + (" untuned" if tiles == "untuned" else ""))
+                        if r.get("end_to_end_tok_s"):
+                            e2e.append((xs[-1], r["end_to_end_tok_s"]))
+                bars = ax.bar(xs, ys, width, label=impl + (f" TP={tp}" if tp > 1 else "")
+                              + (" untuned" if tiles == "untuned" else ""))
+                if e2e:  # end-to-end generate() tok/s: a marker on its decode bar
+                    ax.plot(*zip(*e2e), "v", color=bars.patches[0].get_facecolor(), markeredgecolor="black",
+                            linestyle="none", label="end-to-end generate()" if j == 0 else None)
             for bi, b in enumerate(batches):
                 fl = next((r.get("bw_floor_tok_s") for r in mr if r["batch"] == b and r.get("bw_floor_tok_s")), None)
                 if fl:

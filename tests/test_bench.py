@@ -43,6 +43,9 @@ def test_smoke_writes_env_ceilings_and_files(smoke):
     assert run["settings"]["isolation"] == "process per job"
     md = (out / report.MD_NAME).read_text()
     assert "| model | implementation |" in md and "| framework | op |" in md
+    # on CPU the report says so: no "on none", no GPU ceilings rounded to 0
+    assert " on CPU (" in md and "CPU ceilings measured in the run (no GPU)" in md and " on none" not in md, md
+    assert " 0 TFLOP/s" not in md and " 0 GB/s" not in md, md
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -63,6 +66,12 @@ def test_smoke_kernel_rows(smoke):
     for fw in ("jax", "torch"):
         for impl in ("fused", "plain"):
             assert {r["op"] for r in _rows(doc, kind="kernel", framework=fw, impl=impl)} == set(KERNEL_OPS), (fw, impl)
+    # the fused rows ran in the kernel interpreters: the rows and the table say so
+    assert {r["kernels"] for r in _rows(doc, kind="kernel", impl="fused")} == {"interpreter"}
+    assert {r["kernels"] for r in _rows(doc, kind="kernel", impl="plain")} == {None}
+    md = (smoke[1] / report.MD_NAME).read_text()
+    assert "| jax (fused: interpreter) | mlp |" in md and "| torch (fused: interpreter) | mlp |" in md, md
+    assert "| 0 (" not in md and "| 0.0 (" not in md, md  # a CPU's small GB/s and TFLOP/s keep their digits
     for r in _rows(doc, kind="kernel"):
         assert "error" not in r, f"kernel row failed: {r}"
         assert r.get("median_s", 0) > 0 and r.get("GBps", 0) > 0, f"kernel row without figures: {r}"
@@ -84,6 +93,20 @@ def test_smoke_decode_rows(smoke):
     assert {r["weights"] for r in _rows(doc, kind="decode") if r["impl"].endswith("fp8")} == {"fp8"}
     assert {r["quantization"] for r in _rows(doc, kind="decode") if r["impl"].endswith("int8")} == {"int8"}
     assert {r["quantization"] for r in _rows(doc, kind="decode") if r["impl"].endswith("fused")} == {None}
+    # the shrunk model is named as what it is, in every row and in the report
+    from bench.__main__ import model_label
+
+    shrunk = model_label("Qwen3-0.6B", smoke=True)
+    assert shrunk.startswith("Qwen3-0.6B shrunk (2 layers") and shrunk != "Qwen3-0.6B"
+    assert {r["model"] for r in doc["rows"]} == {shrunk}
+    assert f"| {shrunk} |" in (smoke[1] / report.MD_NAME).read_text()
+    # the twins' fused rows ran in the kernel interpreters; plain rows are the frameworks' own ops
+    for r in _rows(doc, kind="decode"):
+        fused = r["impl"].startswith(("jax-", "torch-")) and not r["impl"].endswith("plain")
+        assert r["kernels"] == ("interpreter" if fused else None), r
+        assert ("interpreter" in r["label"]) == fused, r
+        if fused:
+            assert f"{'Pallas' if r['impl'].startswith('jax') else 'Triton'} interpreter on CPU" in r["label"], r
     for r in _rows(doc, kind="decode"):
         if r["impl"].startswith(("jax", "torch")) and "error" not in r:
             assert r["weights_GB"] > 0, r
@@ -98,6 +121,8 @@ def test_smoke_decode_rows(smoke):
             assert "error" not in r, f"decode row {r['impl']} failed: {r}"
             assert r.get("decode_tok_s", 0) > 0 and r.get("prefill_tok_s", 0) > 0, r
             assert r["generated"] == r["batch"] * r["new_tokens"], r
+            # generate()'s own wall time gives the end-to-end figure, beside decode tok/s
+            assert r["end_to_end_tok_s"] > 0 and r["end_to_end_tok_s"] == max(r["end_to_end_tok_s_runs"]), r
     assert {r["impl"] for r in _rows(doc, kind="decode") if "error" not in r} == impls - set(SMOKE_SKIP)
     # The twins' rows keep their first call apart (bench.decode: last_stats' compile_s and
     # first_token_s of the first warm-up run); a fresh jax runner's first call compiles its programs.
@@ -173,7 +198,7 @@ def test_without_gpu_and_without_smoke_exits_nonzero(tmp_path, capsys):
 
 
 def test_unknown_preset_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="unknown preset.*Qwen3-9B"):
+    with pytest.raises(SystemExit, match="^error: --models.*unknown preset.*Qwen3-9B"):
         main(["kernels", "--smoke", "--models", "Qwen3-9B", "--out", str(tmp_path)])
 
 
@@ -258,7 +283,7 @@ def row(**r):
 if job["kind"] == "ceilings":
     row(by_framework={job["framework"]: dict(copy_GBps=10.0, matmul_TFLOPs=1.0)})
 elif job.get("impl") == "jax-plain" or job["kind"] == "test":
-    row(kind="decode", impl="jax-plain", model="Qwen3-0.6B", batch=1, prompt_len=8, new_tokens=4,
+    row(kind="decode", impl="jax-plain", model=job.get("model", "Qwen3-0.6B"), batch=1, prompt_len=8, new_tokens=4,
         decode_tok_s=123.0)
     print("boom: a simulated crash", file=sys.stderr, flush=True)
     if job.get("how") == "sleep":
@@ -507,3 +532,259 @@ def test_profile_bytes_per_kernel_group():
     rows = profile.with_bandwidth({"mlp_down": (100.0, 36.0, 0.0), "loop_add_fusion": (1.0, 3.0, 0.5)}, roles)
     assert rows["mlp_down"] == (100.0, 36.0, 0.0, roles["down"], roles["down"] / 100.0 / 1e3)
     assert rows["loop_add_fusion"] == (1.0, 3.0, 0.5, None, None)
+
+
+# ----- where results go, the prompt length, the presets ---------------------------------------------
+
+def test_default_out_is_under_the_current_directory_and_never_overwritten(fake_worker, tmp_path, monkeypatch, capsys):
+    """Without --out a run writes ./bench-results/<gpu-slug>/ under the current directory, not the
+    source tree; a second run into a folder holding results is refused with one error line."""
+    from bench.__main__ import REPO
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["decode", "--smoke", "--impls", "jax-plain", "--batch", "1", "--no-plots"]
+    assert main(argv) == 0
+    out = tmp_path / "bench-results" / "cpu-smoke"
+    first = (out / report.JSON_NAME).read_text()
+    assert json.loads(first)["rows"] and not (REPO / "bench" / "results" / "cpu-smoke").exists()
+    with pytest.raises(SystemExit, match=r"^error: --out .*cpu-smoke: already holds bench.json.*never overwritten"):
+        main(argv)
+    assert (out / report.JSON_NAME).read_text() == first
+    with pytest.raises(SystemExit, match="^error: --out .*already holds bench.json"):
+        main(["report", str(out), "--out", str(out)])
+
+
+@pytest.mark.parametrize("value, why", [("0", "expected a positive integer"), ("x", "expected a positive integer"),
+                                        ("5000", "more than the 4096 positions")])
+def test_bad_prompt_len_is_one_error_line(value, why, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["decode", "--smoke", "--impls", "jax-plain", "--prompt-len", value, "--out", str(tmp_path / "o")])
+    err = str(e.value.code) if not isinstance(e.value.code, int) else capsys.readouterr().err
+    assert e.value.code == 2 or err.startswith("error: "), (e.value.code, err)
+    assert "--prompt-len" in err and why in err and "\n" not in err.strip(), err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prompt_len_and_every_preset_reach_the_decode_jobs(tmp_path, monkeypatch):
+    """--prompt-len N is the prompt of every decode job and row; --models takes Qwen3-1.7B and Qwen3-4B
+    (every preset of common.config)."""
+    from bench import decode
+    from bench.__main__ import model_label, parser
+    from common.config import PRESETS
+
+    seen = []
+
+    def fake(impl, model, cfg, path, batches, base, **kw):
+        seen.append((model, kw["prompt_len"], cfg.num_hidden_layers))
+        kw["emit"](dict(base, batch=batches[0], decode_tok_s=1.0))
+
+    monkeypatch.setattr(decode, "_measure", fake)
+    out = tmp_path / "p"
+    assert main(["decode", "--smoke", "--in-process", "--impls", "jax-plain", "--prompt-len", "12", "--models",
+                 "Qwen3-1.7B,Qwen3-4B", "--out", str(out), "--no-plots"]) == 0
+    assert seen == [(model_label("Qwen3-1.7B", True), 12, 2), (model_label("Qwen3-4B", True), 12, 2)]
+    doc = json.loads((out / report.JSON_NAME).read_text())
+    assert {r["prompt_len"] for r in _rows(doc, kind="decode")} == {12} and doc["runs"][0]["settings"]["prompt_len"] == 12
+    assert all(m in parser().format_help() for m in PRESETS)
+
+
+def test_bench_and_tools_are_packaged():
+    """pip install -e . makes python -m bench and python -m tools.* work from any directory; the
+    measured results stay in the source tree."""
+    import tomllib
+
+    import setuptools
+
+    from bench.__main__ import REPO
+
+    find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    pkgs = set(setuptools.find_namespace_packages(str(REPO), include=find["include"], exclude=find.get("exclude", [])))
+    assert {"bench", "tools", "common", "jax_impl", "torch_impl"} <= pkgs, pkgs
+    assert not [p for p in pkgs if p.startswith(("bench.results", "tests"))], pkgs
+
+
+# ----- decode tok/s and end-to-end tok/s --------------------------------------------------------------
+
+def test_rows_carry_end_to_end_tok_s_beside_decode_tok_s():
+    """end-to-end tok/s = all new tokens over generate()'s wall time (prefill and host overhead in);
+    decode tok/s = batch * (new - 1) over the decode time. The table shows both, named."""
+    from bench import decode
+
+    cfg = decode.Qwen3Config.preset("Qwen3-0.6B")
+    row = decode.base_row("torch-fused", "Qwen3-0.6B", prompt_len=16, new_tokens=256, ceilings={})
+    row["batch"] = 1
+    res = [dict(generated=256, wall_s=0.25, prefill_s=0.02, decode_s=0.2),
+           dict(generated=256, wall_s=0.2, prefill_s=0.02, decode_s=0.17)]
+    decode._fill(row, res, cfg, 1, 16, 256, {"copy_GBps": 3000.0, "matmul_TFLOPs": 700.0})
+    assert row["decode_tok_s"] == pytest.approx(255 / 0.17) and row["end_to_end_tok_s"] == pytest.approx(256 / 0.2)
+    assert row["end_to_end_tok_s_runs"] == [pytest.approx(1024.0), pytest.approx(1280.0)]
+    md = report.markdown(dict(runs=[], rows=[row]))
+    assert "batch 1: decode tok/s (% of floor) / end-to-end tok/s" in md
+    assert f"{255 / 0.17:,.1f} ({row['pct_bw_floor']:.0f}%) / 1,280.0" in md and report.DECODE_NOTE in md
+    # a slower generate() is a regression even when the decode time holds
+    worse = dict(row, end_to_end_tok_s=1000.0)
+    findings, _ = compare.compare(dict(rows=[row]), dict(rows=[worse]))
+    assert [f["metric"] for f in findings if f["regression"]] == ["end_to_end_tok_s"]
+
+
+# ----- python -m bench check --------------------------------------------------------------------------
+
+def test_check_plan_names_the_jobs_and_where_results_go():
+    from bench import check
+    from bench.__main__ import REPO, parser
+
+    plan = check.make_plan("NVIDIA H100 80GB HBM3", "abc1234")
+    assert plan.out == REPO / "bench" / "results" / "nvidia-h100-80gb-hbm3" / "abc1234"
+    assert plan.budget_s == 480 and plan.tests_budget_s < plan.budget_s
+    cmd = list(plan.test_command)
+    assert cmd[1:5] == ["-m", "pytest", "-m", "gpu"] and cmd[-1] == f"--junitxml={plan.out / 'tests.xml'}"
+    assert all((REPO / f).is_file() for f in check.TEST_FILES)
+    a = parser().parse_args(list(plan.bench_argv))  # flags python -m bench takes
+    assert a.command == "decode" and a.models == "Qwen3-0.6B,Qwen3-8B" and a.batch == "1,32"
+    assert a.impls == "jax-fused,torch-fused" and a.random_weights and a.quick and a.new_tokens == 256
+    assert a.sampling is None and a.out == plan.out and a.budget_s is None  # the budget is added when run
+    text = check.describe(plan)
+    assert "budget: 8 minutes on an H100" in text and str(plan.out) in text and "-m gpu" in text
+    assert check.make_plan(None, "abc1234").out.parent.name == check.NO_GPU_SLUG
+
+
+def test_check_dry_run_prints_the_plan_and_without_a_gpu_refuses(tmp_path, capsys):
+    from bench import check
+    from bench.env import has_gpu
+
+    assert main(["check", "--dry-run", "--commit", "abc1234", "--out", str(tmp_path / "c")]) == 0
+    text = capsys.readouterr().out
+    assert "commit abc1234" in text and f"results: {tmp_path / 'c'}/" in text and "budget: 8 minutes" in text
+    assert "python -m bench decode --models Qwen3-0.6B,Qwen3-8B --batch 1,32" in text
+    assert not (tmp_path / "c").exists()
+    if has_gpu()[0]:
+        pytest.skip("checks the refusal on a machine without a GPU")
+    with pytest.raises(SystemExit, match="^error: python -m bench check needs a CUDA GPU .*--dry-run"):
+        check.main(["--commit", "abc1234", "--out", str(tmp_path / "c")])
+    assert not (tmp_path / "c").exists()
+
+
+def test_check_test_selection_is_collected():
+    """The listed GPU tests exist: pytest collects the 0.6B kernel cases of both twins, the quantized
+    kernels and the model GPU tests (collection only: they run on a GPU)."""
+    import subprocess
+
+    from bench import check
+    from bench.__main__ import REPO
+
+    plan = check.make_plan("gpu", "abc1234")
+    cmd = [c for c in plan.test_command if not c.startswith("--junitxml")] + ["--collect-only"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600).stdout
+    ids = [line for line in out.splitlines() if "::" in line]
+    assert 30 <= len(ids) <= 80, out[-2000:]
+    for want in ("test_kernels.py::TestGPU::test_mlp[jax-Qwen3-0.6B-1-", "test_kernels.py::TestGPU::test_mlp[torch-"
+                 "Qwen3-0.6B-32-", "test_kernels.py::TestGPU::test_decode_attention[torch-Qwen3-0.6B-",
+                 "test_quant_kernels.py::TestGPU::test_mlp[jax-int8-Qwen3-0.6B-t1-",
+                 "test_torch_model.py::test_sampling_inside_the_cuda_graph"):
+        assert any(want in i for i in ids), (want, ids)
+    assert not any("Float32" in i or "Qwen3-8B" in i for i in ids), ids
+
+
+def test_check_runs_tests_then_decode_and_keeps_what_it_found(tmp_path, monkeypatch):
+    """With a GPU: the tests, then decode with what is left of the budget, check.json; rerunning into
+    the same folder is refused."""
+    from bench import check, env
+
+    monkeypatch.setattr(env, "has_gpu", lambda: (True, "NVIDIA H100 80GB HBM3"))
+    calls = []
+
+    def tests(plan, log):
+        calls.append("tests")
+        (plan.out / "tests.log").write_text("1 passed\n")
+        return dict(returncode=0, stopped=False, seconds=1.0, tests=1, failures=0, errors=0, skipped=0)
+
+    def decode(plan, budget_s):
+        calls.append(("decode", budget_s <= plan.budget_s))
+        (plan.out / "bench.json").write_text("{}")
+        return dict(returncode=0, rows=8, measured=8, not_measured=[])
+
+    monkeypatch.setattr(check, "run_tests", tests)
+    monkeypatch.setattr(check, "run_decode", decode)
+    out = tmp_path / "c"
+    assert main(["check", "--commit", "abc1234", "--out", str(out)]) == 0
+    assert calls == ["tests", ("decode", True)]
+    summary = json.loads((out / "check.json").read_text())
+    assert summary["ok"] and summary["gpu"] == "NVIDIA H100 80GB HBM3" and summary["commit"] == "abc1234"
+    with pytest.raises(SystemExit, match="already holds bench.json, tests.log, check.json"):
+        main(["check", "--commit", "abc1234", "--out", str(out)])
+
+
+def test_junit_counts(tmp_path):
+    from bench import check
+
+    p = tmp_path / "t.xml"
+    p.write_text('<testsuites><testsuite tests="5" failures="1" errors="0" skipped="2"/></testsuites>')
+    assert check.junit_counts(p) == dict(tests=5, failures=1, errors=0, skipped=2)
+    assert check.junit_counts(tmp_path / "none.xml") == dict(junit="missing")
+
+
+# ----- python -m bench headline -------------------------------------------------------------------------
+
+def _check_doc() -> dict:
+    rows = []
+    for m, b, d, e in (("Qwen3-0.6B", 1, 1381.5, 1212.0), ("Qwen3-0.6B", 32, 19618.5, 15000.0),
+                       ("Qwen3-8B", 1, 177.4, 170.2), ("Qwen3-8B", 32, 4065.1, 3900.0)):
+        for impl in ("jax-fused", "torch-fused"):
+            rows.append(dict(kind="decode", impl=impl, label=f"{impl} label", model=m, batch=b, prompt_len=16,
+                             new_tokens=256, decode_tok_s=d, end_to_end_tok_s=e, pct_bw_floor=55.4,
+                             tensor_parallel_size=1, tiles="tuned", sampling=None))
+    rows.append(dict(rows[0], tiles="untuned", decode_tok_s=1.0))  # not in the headline
+    env = dict(gpu="NVIDIA H100 80GB HBM3", commit="0123456789abcdef0123456789abcdef01234567",
+               command="python -m bench decode --models Qwen3-0.6B,Qwen3-8B", smoke=False)
+    return dict(schema=1, runs=[dict(env=env, ceilings=dict(copy_GBps=3012.0), settings=dict(runs=2))], rows=rows)
+
+
+def test_headline_renders_one_run(tmp_path):
+    from bench import headline
+
+    text = headline.render(_check_doc(), "bench/results/x/0123456/bench.json")
+    assert text.startswith("Measured on NVIDIA H100 80GB HBM3 (commit 0123456; `python -m bench decode --models")
+    assert "`python -m bench headline bench/results/x/0123456/bench.json`" in text and "3,012 GB/s" in text
+    assert "| model | implementation | batch 1 decode tok/s | batch 1 end-to-end tok/s | batch 32 decode tok/s |" in text
+    assert "| Qwen3-0.6B | jax-fused label | 1,381.5 (55%) | 1,212.0 | 19,618.5 (55%) | 15,000.0 |" in text
+    assert text.count("| Qwen3-") == 4  # the untuned row stays out
+    with pytest.raises(headline.HeadlineError, match="--smoke"):
+        doc = _check_doc()
+        doc["runs"][0]["env"]["smoke"] = True
+        headline.render(doc, "x")
+
+
+def test_headline_rewrites_between_the_markers_and_checks(tmp_path, capsys):
+    from bench import headline
+
+    res = tmp_path / "results" / "bench.json"
+    res.parent.mkdir()
+    res.write_text(json.dumps(_check_doc()))
+    readme = tmp_path / "README.md"
+    readme.write_text("# t\n\nbefore\n\n<!-- bench-headline:begin -->\nhand-written\n<!-- bench-headline:end -->\n\nafter\n")
+    assert headline.parse(readme.read_text()) == (None, "hand-written\n")
+    assert headline.check(readme.read_text(), tmp_path)  # not written by the command: a difference
+    assert main(["headline", str(res), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert text.startswith("# t\n\nbefore\n\n<!-- bench-headline:begin source=results/bench.json -->\nMeasured on")
+    assert text.endswith("<!-- bench-headline:end -->\n\nafter\n") and "hand-written" not in text
+    assert headline.check(text, tmp_path) == []
+    assert main(["headline", str(res), "--readme", str(readme), "--check"]) == 0
+    doc = _check_doc()
+    doc["rows"][0]["decode_tok_s"] = 1400.0
+    res.write_text(json.dumps(doc))
+    diff = headline.check(text, tmp_path)
+    assert len(diff) == 1 and "1,381.5" in diff[0] and "1,400.0" in diff[0], diff
+    assert main(["headline", str(res), "--readme", str(readme), "--check"]) == 1
+    assert readme.read_text() == text  # --check rewrites nothing
+    readme.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="^error: expected one '<!-- bench-headline:begin"):
+        main(["headline", str(res), "--readme", str(readme)])
+
+
+def test_readme_has_the_headline_markers():
+    from bench import headline
+    from bench.__main__ import REPO
+
+    source, block = headline.parse((REPO / "README.md").read_text())
+    assert block.strip() and (source is None or (REPO / source).is_file())
