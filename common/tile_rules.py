@@ -12,7 +12,9 @@ on an H100 (docs/MEASUREMENTS.md has each figure) and are written in terms of wh
   cover the device's SMs, as long as each split keeps >= 256 positions of the capacity;
 - torch_impl's projections at 17-32 tokens split the reduction (split_k) until the programs are
   twice the SMs, as long as each part keeps >= 512 of K (`_torch_split`).
-`misfit` says why a tile does not fit a shape (tables are checked with it).
+`misfit` says why a tile does not fit a shape (tables are checked with it). `default_plain_form`
+says how jax_impl's plain path writes a one-token projection: multiply-and-reduce on CUDA GPUs,
+the dot elsewhere.
 """
 
 from __future__ import annotations
@@ -71,6 +73,20 @@ def default_path(kernel: str, framework: str, device: Device, shape: dict, dtype
     if m == 1:
         return "fused"
     return "fused" if kernel == "rmsnorm_qkv" and m <= DOT_MIN_M and shape["k"] < 4096 else "plain"
+
+
+PROJECTIONS = ("rmsnorm_qkv", "mlp_gate_up", "linear_residual")
+
+
+def default_plain_form(kernel: str, framework: str, device: Device, shape: dict) -> str:
+    """How jax_impl's plain path writes a projection at one token per step: "reduce" (multiply and
+    sum over K) on CUDA GPUs, where XLA's row reduction streams the weight faster than its GEMV and
+    takes the producing RMSNorm into the same kernel; "dot" (XLA's product) elsewhere - on a CPU
+    backend the reduction runs as a loop far slower than the dot's GEMV (docs/MEASUREMENTS.md has
+    both). Every other shape, kernel and framework: "dot"."""
+    if framework == "jax" and kernel in PROJECTIONS and shape.get("m") == 1 and device.is_gpu:
+        return "reduce"
+    return "dot"
 
 
 # ----- tiles --------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@
     choice.path   # "fused" | "plain"
     choice.tiles  # MatmulTiles(...) for the fused kernel
     choice.source # "user" | "shipped" | "default"
+    choice.plain_form  # "reduce" | "dot": how the plain path writes a one-token projection
 
 Every tile choice and every fused-or-plain choice of both twins goes through `lookup`, which
 reads, in order:
@@ -15,8 +16,8 @@ reads, in order:
 QWEN3_TILE_TABLES=off skips both tables (the default rule alone: what a GPU without a table gets;
 benchmarks' "untuned" rows).
 A table is JSON: {"format": 1, "framework": ..., "device": ..., "entries": {KEY: {"path": "fused" |
-"plain", "tiles": {field: value}}}}; KEY names the kernel, the shape bucket and the dtype
-(`matmul_key`, `attention_key`, `prefill_key`). A table that cannot be read, or an entry with
+"plain", "tiles": {field: value}[, "plain_form": "reduce" | "dot"]}}}; KEY names the kernel, the
+shape bucket and the dtype (`matmul_key`, `attention_key`, `prefill_key`). A table that cannot be read, or an entry with
 unknown fields or tiles that do not fit its shape, is reported once (a warning naming the file and
 key) and skipped - the next source answers. All block sizes are powers of two (the Triton
 lowering needs them; ragged edges are masked).
@@ -39,6 +40,7 @@ FORMAT = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "tile_tables"
 FRAMEWORKS = ("jax", "torch")
 PATHS = ("fused", "plain")
+PLAIN_FORMS = ("reduce", "dot")  # a one-token projection of the plain path: multiply-and-reduce, or the dot
 
 
 def next_pow2(n: int) -> int:
@@ -196,11 +198,13 @@ def _entry_problem(key: str, entry: Any) -> str | None:
     """Why a table entry cannot be used, or None."""
     if not isinstance(entry, dict):
         return "expected an object with 'path' and 'tiles'"
-    unknown = set(entry) - {"path", "tiles", "us", "note"}
+    unknown = set(entry) - {"path", "tiles", "plain_form", "us", "note"}
     if unknown:
         return f"unknown field(s) {', '.join(sorted(unknown))}"
     if entry.get("path", "fused") not in PATHS:
         return f"path={entry.get('path')!r}, expected 'fused' or 'plain'"
+    if entry.get("plain_form", "dot") not in PLAIN_FORMS:
+        return f"plain_form={entry.get('plain_form')!r}, expected 'reduce' or 'dot'"
     kind = KERNEL_TILES.get(key.split("/", 1)[0], "unknown")
     if kind == "unknown":
         return f"unknown kernel {key.split('/', 1)[0]!r}"
@@ -281,6 +285,9 @@ class Choice:
     tiles: Any  # the kernel's tiles (None for "plain" and for kernels without tiles)
     source: str  # "user" | "shipped" | "default"
     key: str
+    # How the plain path writes this projection at one token per step (read at m == 1 only, and by
+    # jax_impl alone): "reduce" multiplies and sums over K, "dot" is the framework's product.
+    plain_form: str = "dot"
 
 
 def shape_key(kernel: str, dtype: str, shape: dict) -> str:
@@ -299,7 +306,8 @@ def lookup(kernel: str, framework: str, device: Device, *, dtype: str, **shape) 
     """The path and tiles of `kernel` at this shape on this device (see the module doc)."""
     if framework not in FRAMEWORKS:
         raise ValueError(f"tiles.lookup: framework={framework!r}, expected one of {', '.join(FRAMEWORKS)}")
-    return _lookup(kernel, framework, device, str(dtype), tuple(sorted(shape.items())), tables_on())
+    tables = device.is_gpu and tables_on()  # tables are per GPU: off a GPU the variable is not read
+    return _lookup(kernel, framework, device, str(dtype), tuple(sorted(shape.items())), tables)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -308,7 +316,7 @@ def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items
 
     shape = dict(shape_items)
     key = shape_key(kernel, dtype, shape)
-    if device.is_gpu and tables:
+    if tables:
         for source, user in (("user", True), ("shipped", False)):
             path = table_path(framework, device, user=user)
             entry = _read_table(path, framework).get(key)
@@ -323,10 +331,11 @@ def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items
             chosen_path = entry.get("path", "fused")
             if tiles is None and kind is not None:  # a "plain" entry: the kernel's tiles when it is forced
                 tiles = tile_rules.default_tiles(kernel, framework, device, dtype, shape)
-            return Choice(chosen_path, tiles, source, key)
+            form = entry.get("plain_form") or tile_rules.default_plain_form(kernel, framework, device, shape)
+            return Choice(chosen_path, tiles, source, key, form)
     path = tile_rules.default_path(kernel, framework, device, shape, dtype)
     tiles = tile_rules.default_tiles(kernel, framework, device, dtype, shape) if KERNEL_TILES[kernel] else None
-    return Choice(path, tiles, "default", key)
+    return Choice(path, tiles, "default", key, tile_rules.default_plain_form(kernel, framework, device, shape))
 
 
 def _doc_to_extend(framework: str, device: Device, target: Path) -> dict:

@@ -1,9 +1,13 @@
-"""What jax_impl's plain path and kernels share: the precision rule of products, and common's
-AttentionMeta as a pytree (its arrays are leaves, its sizes static), so it crosses jit boundaries."""
+"""What jax_impl's plain path and kernels share: the precision rule of products, common's
+AttentionMeta as a pytree (its arrays are leaves, its sizes static), so it crosses jit boundaries,
+and what common.tiles.lookup reads of the device."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from common import tiles as tiles_mod
 from common.ops import AttentionMeta
 
 jax.tree_util.register_dataclass(AttentionMeta, data_fields=list(AttentionMeta.ARRAYS),
@@ -15,6 +19,25 @@ def precision_for(dtype):
     TF32 for them (a float32 model would drift ~1e-3 from transformers'); bf16 operands use the
     tensor cores as they are."""
     return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+@functools.lru_cache(maxsize=None)
+def device_info() -> tiles_mod.Device:
+    """The properties common.tiles' default rule reads, of jax's default device (or of the CPU)."""
+    dev = jax.devices()[0]
+    cc = getattr(dev, "compute_capability", None)
+    if dev.platform != "gpu" or cc is None:
+        return tiles_mod.Device.cpu()
+    major, _, minor = str(cc).partition(".")
+    cap = (int(major), int(minor or 0))
+    sms = int(getattr(dev, "core_count", 0) or 0) or 1
+    return tiles_mod.Device(str(dev.device_kind), sms, tiles_mod.smem_for(cap), cap)
+
+
+def dtype_key(dtype, fmt: str | None = None) -> str:
+    """The tables' dtype field: the activations' dtype, with the weights' format when quantized."""
+    name = jnp.dtype(dtype).name
+    return name if fmt in (None, "bf16") else f"{name}-{fmt}"
 
 
 # common.quant.QWeight (a quantized weight: q, scale, fmt) as a pytree: q and scale are leaves.

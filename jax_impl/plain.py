@@ -13,12 +13,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from common import tiles as tiles_mod
 from common.quant import FP8_BLOCK, QWeight
-from jax_impl.arrays import dense, precision_for
+from jax_impl.arrays import dense, device_info, dtype_key, precision_for, weight_shape
 
 F32 = jnp.float32
-
-
 
 
 def rms_norm(x, weight, eps: float):
@@ -28,9 +27,10 @@ def rms_norm(x, weight, eps: float):
     return weight.astype(x.dtype) * normed.astype(x.dtype)
 
 
-def matmul_f32(x, w):
+def matmul_f32(x, w, *, kernel: str = "linear_residual", **shape):
     """x @ w.T with w in the [out, in] layout (or a quantized QWeight), accumulated and returned in
-    float32.
+    float32. `kernel` (and `shape`'s extra fields, rmsnorm_qkv's head_dim) name the projection for
+    common.tiles.lookup; the head is a linear_residual without residual.
 
     int8 weights enter the product as their integer values (exact in bf16) and the per-channel
     scale multiplies the float32 result: `dot(x, convert(q))` is the product XLA fuses the convert
@@ -40,23 +40,34 @@ def matmul_f32(x, w):
     the product as its e4m3 values (Qwen3-0.6B batch-32 fp8 decode on an H100: 21,088 tok/s, against
     14,410 with a dequantized operand; bf16 21,598).
 
-    A single token row (batch-1 decode) is written as multiply-and-reduce: XLA's row-reduction
-    emitter streams the weight faster than its GEMV on the H100 (Qwen3-8B batch-1 decode 171 tok/s
-    against 155 with the dot; the 0.6B lm_head 100.2 us against 105.8) and takes the producing
-    RMSNorm into the same kernel.
+    A single token row (batch-1 decode) takes the form the lookup's `plain_form` names for this
+    device (common.tile_rules.default_plain_form): "reduce", multiply-and-reduce in float32, where
+    XLA's row-reduction emitter streams the weight faster than its GEMV and takes the producing
+    RMSNorm into the same kernel (CUDA GPUs); "dot", the product every other token count takes
+    (the CPU, where the reduction is the slow form).
     """
+    reduce = x.ndim == 2 and x.shape[0] == 1 and one_token_form(kernel, x, w, **shape) == "reduce"
     scale = None
     if isinstance(w, QWeight) and w.fmt == "int8":
         w, scale = w.q, w.scale
-    if x.ndim == 2 and x.shape[0] > 1 and isinstance(w, QWeight) and w.fmt == "fp8" and _whole_blocks(w):
-        return _fp8_blocks(x, w)
-    if x.ndim == 2 and x.shape[0] == 1:
+    if reduce:
         out = jnp.sum(x.astype(F32)[:, None, :] * dense(w, F32).astype(F32)[None], axis=-1)
+    elif x.ndim == 2 and isinstance(w, QWeight) and w.fmt == "fp8" and _whole_blocks(w):
+        return _fp8_blocks(x, w)
     else:
         w = dense(w, x.dtype) if scale is None else w.astype(x.dtype)
         out = jax.lax.dot_general(x, w, (((x.ndim - 1,), (1,)), ((), ())), precision=precision_for(x.dtype),
                                   preferred_element_type=F32)
     return out if scale is None else out * scale
+
+
+def one_token_form(kernel: str, x, w, **shape) -> str:
+    """The lookup's plain_form ("reduce" | "dot") of projection `kernel` at one token of x's dtype
+    on the weight w (a plain array or a QWeight: its format keys its own table rows)."""
+    fmt = w.fmt if isinstance(w, QWeight) else None
+    n, k = weight_shape(w)
+    return tiles_mod.lookup(kernel, "jax", device_info(), dtype=dtype_key(x.dtype, fmt), m=1, n=n, k=k,
+                            **shape).plain_form
 
 
 def _whole_blocks(w: QWeight) -> bool:
@@ -76,9 +87,9 @@ def _fp8_blocks(x, w: QWeight):
     return out.transpose(1, 0, 2).reshape(m, nb * FP8_BLOCK)
 
 
-def linear(x, w):
+def linear(x, w, *, kernel: str = "linear_residual", **shape):
     """x @ w.T (see matmul_f32), rounded to x.dtype."""
-    return matmul_f32(x, w).astype(x.dtype)
+    return matmul_f32(x, w, kernel=kernel, **shape).astype(x.dtype)
 
 
 def rope_table(max_positions: int, head_dim: int, theta: float):
@@ -112,7 +123,7 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     del tiles
     t = x.shape[0]
     d = q_norm_w.shape[0]
-    qkv = linear(rms_norm(x, norm_w, eps), w_qkv)
+    qkv = linear(rms_norm(x, norm_w, eps), w_qkv, kernel="rmsnorm_qkv", head_dim=d)
     q_size, kv_size = num_heads * d, num_kv_heads * d
     q = qkv[:, :q_size].reshape(t, num_heads, d)
     k = qkv[:, q_size:q_size + kv_size].reshape(t, num_kv_heads, d)
@@ -125,7 +136,7 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
 def mlp(x, norm_w, w_gate_up, w_down, residual, *, eps: float, tiles=None, down_tiles=None):
     """residual + down(silu(gate) * up) of RMSNorm(x) (residual None: no add); w_gate_up rows [gate; up]."""
     del tiles, down_tiles
-    gu = linear(rms_norm(x, norm_w, eps), w_gate_up)
+    gu = linear(rms_norm(x, norm_w, eps), w_gate_up, kernel="mlp_gate_up")
     inter = gu.shape[-1] // 2
     return linear_residual(jax.nn.silu(gu[..., :inter]) * gu[..., inter:], w_down, residual)
 

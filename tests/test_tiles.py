@@ -209,6 +209,8 @@ def test_tables_off_leaves_the_default_rule(tmp_path, monkeypatch):
     monkeypatch.setenv(tiles.TABLES_ENV, "maybe")
     with pytest.raises(ValueError, match="QWEN3_TILE_TABLES='maybe': expected 'on'"):
         tiles.lookup("rmsnorm_qkv", "torch", dev, dtype="bfloat16", **SHAPE)
+    # off a GPU no table is read, so the variable is not either (jax_impl's plain path looks up on the CPU)
+    assert tiles.lookup("rmsnorm_qkv", "jax", Device.cpu(), dtype="bfloat16", **SHAPE).source == "default"
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -270,6 +272,42 @@ def test_jax_h100_table_is_its_measured_rule():
         c = tiles.lookup(kernel, "jax", H100, dtype="bfloat16", **shape)
         if shape.get("m", 1) <= 128 and kernel != "prefill_attention":
             assert c.source == "shipped", (kernel, shape)
+
+
+def test_plain_form_of_one_token_projections_follows_the_device():
+    """jax_impl's plain one-token projections: multiply-and-reduce on CUDA GPUs (by the default rule and
+    through the shipped H100 table alike, as before), the dot on the CPU (where the reduction is the
+    slow form) and at every other token count, for every weight format; torch_impl: the dot."""
+    lm_head = dict(m=1, n=PRESETS["Qwen3-0.6B"].vocab_size, k=PRESETS["Qwen3-0.6B"].hidden_size)
+    for dtype in ("bfloat16", "float32", "bfloat16-int8", "bfloat16-fp8"):
+        for kernel, shape in [*_shapes(PRESETS["Qwen3-0.6B"]), ("linear_residual", lm_head)]:
+            if kernel not in tile_rules.PROJECTIONS:
+                continue
+            for dev in [*FAKES, H100]:
+                c = tiles.lookup(kernel, "jax", dev, dtype=dtype, **shape)
+                assert c.plain_form == ("reduce" if shape["m"] == 1 else "dot"), (dev.name, kernel, shape, dtype, c)
+                assert tiles.lookup(kernel, "torch", dev, dtype=dtype, **shape).plain_form == "dot"
+            assert tiles.lookup(kernel, "jax", Device.cpu(), dtype=dtype, **shape).plain_form == "dot", (kernel, shape)
+    assert tiles.lookup("linear_residual", "jax", H100, dtype="bfloat16", **lm_head).source == "default"
+    assert tiles.lookup("linear_residual", "jax", H100, dtype="bfloat16", m=1, n=1024, k=2048).source == "shipped"
+
+
+def test_table_entry_names_the_plain_form(tmp_path, monkeypatch, caplog):
+    """A table entry may set plain_form ("reduce" | "dot"); any other value is reported once and skipped."""
+    monkeypatch.setattr(tiles, "SHIPPED_DIR", tmp_path / "shipped")
+    dev = FAKES[1]
+    path = tiles.table_path("jax", dev, user=False)
+    _write(path, {KEY: {"path": "fused", "tiles": dict(block_m=1, block_n=8, block_k=256), "plain_form": "dot"}},
+           framework="jax")
+    c = tiles.lookup("rmsnorm_qkv", "jax", dev, dtype="bfloat16", **SHAPE)
+    assert (c.source, c.tiles, c.plain_form) == ("shipped", MatmulTiles(1, 8, 256), "dot")
+    _write(path, {KEY: {"path": "fused", "tiles": dict(block_m=1, block_n=8, block_k=256)}}, framework="jax")
+    assert tiles.lookup("rmsnorm_qkv", "jax", dev, dtype="bfloat16", **SHAPE).plain_form == "reduce"
+    _write(path, {KEY: {"path": "fused", "tiles": None, "plain_form": "sideways"}}, framework="jax")
+    with caplog.at_level(logging.WARNING, logger="common.tiles"):
+        c = tiles.lookup("rmsnorm_qkv", "jax", dev, dtype="bfloat16", **SHAPE)
+    assert (c.source, c.plain_form) == ("default", "reduce")
+    assert [r.getMessage() for r in caplog.records if "plain_form='sideways'" in r.getMessage()]
 
 
 def test_tile_dataclasses_check_their_fields():

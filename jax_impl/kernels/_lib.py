@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as pltriton
 from common import tiles as tiles_mod
 from common.quant import FP8_BLOCK as QBLOCK, QWeight
 from common.tile_rules import FP8_MIN_CAPABILITY
-from jax_impl.arrays import precision_for
+from jax_impl.arrays import device_info, dtype_key, precision_for
 
 F32 = jnp.float32
 # Tiles with block_m >= DOT_MIN_M use the tensor-core dot; smaller ones multiply and reduce
@@ -90,26 +90,7 @@ def _launch(func, keywords: tuple, settings: tuple):
     return jax.jit(launch)
 
 
-# ----- the device and the one tile lookup ---------------------------------------------------------
-
-@functools.lru_cache(maxsize=None)
-def device_info() -> tiles_mod.Device:
-    """The properties common.tiles' default rule reads, of jax's default device (or of the CPU)."""
-    dev = jax.devices()[0]
-    cc = getattr(dev, "compute_capability", None)
-    if dev.platform != "gpu" or cc is None:
-        return tiles_mod.Device.cpu()
-    major, _, minor = str(cc).partition(".")
-    cap = (int(major), int(minor or 0))
-    sms = int(getattr(dev, "core_count", 0) or 0) or 1
-    return tiles_mod.Device(str(dev.device_kind), sms, tiles_mod.smem_for(cap), cap)
-
-
-def dtype_key(dtype, fmt: str | None = None) -> str:
-    """The tables' dtype field: the activations' dtype, with the weights' format when quantized."""
-    name = jnp.dtype(dtype).name
-    return name if fmt in (None, "bf16") else f"{name}-{fmt}"
-
+# ----- the one tile lookup (the device's properties: jax_impl.arrays.device_info) -------------------
 
 def choose(kernel: str, dtype, fmt: str | None = None, **shape) -> tiles_mod.Choice:
     """The path and tiles of `kernel` at this shape (common.tiles.lookup for the jax twin)."""
