@@ -44,7 +44,7 @@ def load(path: Path = DURATIONS_FILE) -> dict[str, float]:
     try:
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DurationsError(f"{path}: cannot read the test durations ({e})") from None
+        raise DurationsError(f"{path}: cannot read the test durations ({getattr(e, 'strerror', None) or e})") from None
     if not isinstance(doc, dict) or not all(isinstance(k, str) and _seconds(v) for k, v in doc.items()):
         raise DurationsError(f"{path}: expected a JSON object of test id -> seconds (a number >= 0)")
     return {k: float(v) for k, v in doc.items()}
@@ -88,7 +88,7 @@ def merge(records: list[Path], out: Path) -> dict[str, float]:
         try:
             lines = Path(path).read_text().splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise DurationsError(f"{path}: cannot read the records ({e})") from None
+            raise DurationsError(f"{path}: cannot read the records ({getattr(e, 'strerror', None) or e})") from None
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -108,7 +108,7 @@ def merge(records: list[Path], out: Path) -> dict[str, float]:
         tmp.write_text(json.dumps(dict(sorted(durations.items())), indent=1) + "\n")
         tmp.replace(out)  # whole or not at all
     except OSError as e:
-        raise DurationsError(f"{out}: cannot write the test durations ({e})") from None
+        raise DurationsError(f"{out}: cannot write the test durations ({e.strerror})") from None
     return durations
 
 
