@@ -144,7 +144,8 @@ def test_sampler_is_reproducible_with_a_seed():
 # token has probability >= 0.16 after renormalization, so in DRAWS draws each one shows up (a
 # kept token is missed with probability below 0.84**2000 ~ 1e-150): a sampler keeping one token
 # too few fails, as does one keeping a token too many (it is drawn too). Boundaries are clear
-# of float32 rounding except case "exact", whose probabilities (1/4) and sums are exact in float32.
+# of float32 rounding except cases "exact" and "k then exact", whose probabilities (1/4) and sums
+# are exact in float32.
 
 def _probs_64():
     p = np.full(64, 0.05 / 59)
