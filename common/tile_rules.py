@@ -248,6 +248,11 @@ def misfit(kernel: str, framework: str, tiles, shape: dict) -> str | None:
         if tiles.split_k > MAX_SPLIT_K or tiles.split_k * tiles.block_k > max(shape["k"], tiles.block_k):
             return (f"split_k={tiles.split_k}: expected at most {MAX_SPLIT_K} and at most one part per "
                     f"block_k={tiles.block_k} chunk of k={shape['k']}")
+        chunks = -(-shape["k"] // tiles.block_k)  # torch_impl's split_range: ceil(chunks / split_k) a part
+        run = -(-chunks // tiles.split_k)
+        if (tiles.split_k - 1) * run >= chunks:
+            return (f"split_k={tiles.split_k}: {chunks} chunks of block_k={tiles.block_k} over k={shape['k']}, "
+                    f"{run} a part, leave the last part(s) empty (a program with no work)")
     if tiles.block_m > 1 and tiles.block_m < next_pow2(min(shape["m"], DOT_MIN_M)) and framework == "jax":
         return f"block_m={tiles.block_m}: fewer rows than the {shape['m']} tokens of this bucket"
     return None

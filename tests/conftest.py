@@ -1,4 +1,5 @@
-"""Shared test setup: repo root on sys.path, CPU interpreter modes, the gpu marker, checkpoints."""
+"""Shared test setup: repo root on sys.path, CPU interpreter modes, the gpu marker, the GPU suite
+in parts (--gpu-part, --record-durations: tests/gpu_durations.py), pytest-timeout optional."""
 
 from __future__ import annotations
 
@@ -33,13 +34,73 @@ else:
 
 import pytest  # noqa: E402
 
+import gpu_durations  # noqa: E402
+
 GPU_REASON = "needs a CUDA GPU (runs on the H100 at full shapes; CPU runs the interpreter-mode twins)"
 
 
+def pytest_addoption(parser, pluginmanager):
+    group = parser.getgroup("qwen3", "qwen3-fused suite")
+    group.addoption("--gpu-part", metavar="I/N", help="run only the I-th of N parts (1-based) of the selected "
+                    "tests, split by the seconds in tests/gpu_durations.json; give each part the same selection")
+    group.addoption("--record-durations", metavar="PATH", help="append each test's id and seconds (setup and "
+                    "call) to PATH as a JSON line as it ends (python -m tests.gpu_durations merge reads them)")
+    if not pluginmanager.hasplugin("timeout"):
+        # without pytest-timeout (a GPU machine's own environment) its settings are known and unused
+        parser.addini("timeout", "per-test limit in seconds (pytest-timeout; not installed, unused)")
+        parser.addini("timeout_method", "how pytest-timeout stops a test (not installed, unused)")
+
+
+def pytest_configure(config):
+    if not config.pluginmanager.hasplugin("timeout"):
+        config.addinivalue_line("markers", "timeout(seconds): this test's limit (pytest-timeout; unused without it)")
+    try:
+        if config.getoption("gpu_part") is not None:
+            gpu_durations.parse_part(config.getoption("gpu_part"))
+    except gpu_durations.DurationsError as e:
+        raise pytest.UsageError(str(e)) from None
+    path = config.getoption("record_durations")
+    if path is not None:
+        try:
+            Path(path).open("a").close()
+        except OSError as e:
+            raise pytest.UsageError(f"--record-durations={path}: cannot append to it ({e.strerror})") from None
+        config.pluginmanager.register(_DurationRecorder(Path(path)), "record-durations")
+
+
+class _DurationRecorder:
+    """--record-durations: one JSON line per test, written as the test ends (a run killed later
+    keeps it)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.setup_s: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report):
+        if report.when == "setup":
+            self.setup_s[report.nodeid] = report.duration
+            if report.passed:
+                return  # the call follows
+        elif report.when != "call":
+            return
+        seconds = self.setup_s.pop(report.nodeid, 0.0) + (report.duration if report.when == "call" else 0.0)
+        with self.path.open("a") as f:
+            f.write(gpu_durations.record_line(report.nodeid, seconds, report.outcome))
+
+
+@pytest.hookimpl(trylast=True)  # after -m / -k deselect: the parts split what the run selected
 def pytest_collection_modifyitems(config, items):
-    if HAS_GPU:
-        return
-    skip = pytest.mark.skip(reason=GPU_REASON)
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    if not HAS_GPU:
+        skip = pytest.mark.skip(reason=GPU_REASON)
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+    if config.getoption("gpu_part") is not None:
+        i, n = gpu_durations.parse_part(config.getoption("gpu_part"))
+        try:
+            durations = gpu_durations.load()
+        except gpu_durations.DurationsError as e:
+            raise pytest.UsageError(str(e)) from None
+        keep = set(gpu_durations.split([item.nodeid for item in items], durations, n)[i - 1])
+        config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in keep])
+        items[:] = [item for item in items if item.nodeid in keep]

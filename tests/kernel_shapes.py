@@ -35,6 +35,16 @@ CPU_SHAPES = [
 GPU_SHAPES = [from_config(name, cfg) for name, cfg in PRESETS.items()]  # all six presets, full size
 
 
+def projection_shapes(shape: Shape, m: int) -> list[tuple[str, dict]]:
+    """(kernel, tile shape) of each projection a kernel-test case runs at `shape` and m tokens: a
+    QKV case's tiles go to rmsnorm_qkv; an MM case's to mlp's gate/up and down projections (the
+    down one looked up as linear_residual) and to linear_residual's o_proj."""
+    return [("rmsnorm_qkv", dict(m=m, n=(shape.hq + 2 * shape.hkv) * shape.d, k=shape.hidden, head_dim=shape.d)),
+            ("mlp_gate_up", dict(m=m, n=2 * shape.inter, k=shape.hidden)),
+            ("linear_residual", dict(m=m, n=shape.hidden, k=shape.inter)),
+            ("linear_residual", dict(m=m, n=shape.hidden, k=shape.hq * shape.d))]
+
+
 def tiles_id(tiles) -> str:
     """A short test id of a tiles object (None: the default tiles)."""
     if tiles is None:

@@ -22,7 +22,9 @@ from common import reference as R
 from common.ops import OPS
 from common.tiles import AttentionTiles, MatmulTiles, PrefillTiles
 from common.tolerances import TOLERANCES, assert_close, assert_lowp_close, rel_error
-from kernel_shapes import CPU_SHAPES, EPS, GPU_SHAPES, THETA, Shape, tiles_id
+from common import tile_rules
+from common.tiles import next_pow2
+from kernel_shapes import CPU_SHAPES, EPS, GPU_SHAPES, THETA, Shape, projection_shapes, tiles_id
 
 F32, BF16 = "float32", "bfloat16"
 SMALL_ROW = 1e-3  # rows of x this small: mean(x^2) ~ 1e-6 ~ eps, so an eps-free norm is visibly wrong
@@ -333,14 +335,14 @@ class TestInterpret(KernelTests):
                  (_A, 19, BF16, MatmulTiles(16, 32, 32)),  # split, with the dot
                  (_A, 19, BF16, MatmulTiles(16, 64, 64), ("torch",)),  # torch: whole half-heads per program
                  (_A, 3, BF16, MatmulTiles(2, 128, 32), ("jax",)),  # jax: fused GEMV, 2 rows per program
-                 (_A, 19, BF16, MatmulTiles(16, 32, 32, split_k=3), ("torch",)),  # split heads, K in 3 parts
+                 (_A, 19, BF16, MatmulTiles(16, 32, 16, split_k=3), ("torch",)),  # split heads, K 128: 48 + 48 + 32
                  (_B, 19, F32, MatmulTiles(16, 64, 64, split_k=2), ("torch",))]  # whole half-heads, K in 2
     MM_CASES = [(s, t, F32, None) for s in CPU_SHAPES for t in (1, 19)] + [
         (s, 3, BF16, None) for s in CPU_SHAPES] + [
         (_E, 19, BF16, None), (_E, 3, BF16, MatmulTiles(2, 16, 32)), (_D, 19, BF16, MatmulTiles(16, 32, 32)),
         (_C, 19, F32, MatmulTiles(64, 64, 64)), (_B, 5, BF16, MatmulTiles(16, 64, 32), ("torch",)),
         (_A, 19, BF16, MatmulTiles(16, 32, 32, split_k=4), ("torch",)),  # K of 128 / 384 in 4 parts
-        (_D, 19, F32, MatmulTiles(16, 16, 32, split_k=3), ("torch",))]  # K 111 / 97: a part ends in a tail
+        (_D, 19, F32, MatmulTiles(16, 16, 16, split_k=3), ("torch",))]  # K 111 / 97: the last part is the tail
     ATTN_CASES = [(_A, 1, F32, None), (_B, 3, BF16, None), (_C, 3, F32, AttentionTiles(16, num_splits=4)),
                   (_D, 3, BF16, AttentionTiles(16, num_splits=2)), (_E, 3, BF16, AttentionTiles(32)),
                   (_E, 1, F32, AttentionTiles(16, num_splits=2))]
@@ -382,6 +384,32 @@ class TestGPUFloat32(TestGPU):
     QKV_CASES = MM_CASES = [(GPU_SHAPES[0], t, F32, None) for t in (1, 3, 19)]
     ATTN_CASES = [(GPU_SHAPES[0], 3, F32, None)]
     PREFILL_CASES = [(GPU_SHAPES[0], "paged", F32, None)]
+
+
+def _case_projection_tiles():
+    """(case, kernel, shape, tiles) of every explicit projection tile of the cases above: a QKV
+    case's tiles run rmsnorm_qkv, an MM case's mlp's two projections and linear_residual."""
+    for cls in (TestInterpret, TestGPU, TestGPUFloat32):
+        for cases, kernels in ((cls.QKV_CASES, ("rmsnorm_qkv",)), (cls.MM_CASES, ("mlp_gate_up", "linear_residual"))):
+            for shape, t, _, tiles, *_ in cases:
+                for kernel, s in projection_shapes(shape, t):
+                    if tiles is not None and kernel in kernels:
+                        yield f"{cls.__name__} {shape.name} t={t} {tiles_id(tiles)}", kernel, s, tiles
+
+
+def test_every_case_tile_reaches_all_of_k():
+    """Each case's block_k is at most K's power-of-two ceiling (torch_impl cuts a longer one: the
+    case would run another tile than it names) and, with split_k, every part has chunks of K to
+    sum (tile_rules.misfit): an empty last part could not show a bug in that part's code."""
+    bad = []
+    for case, kernel, s, tiles in _case_projection_tiles():
+        cap = max(16, next_pow2(s["k"]))
+        problem = (f"block_k={tiles.block_k} beyond {cap}" if tiles.block_k > cap else
+                   tile_rules.misfit(kernel, "torch", tiles, s) if tiles.split_k > 1 else None)
+        if problem:
+            bad.append(f"{case}: {kernel} k={s['k']}: {problem}")
+    assert not bad, "\n".join(bad)
+    assert any(t.split_k > 1 for *_, t in _case_projection_tiles())  # the split cases are among them
 
 
 def test_every_op_of_the_list_is_tested_in_both_twins():

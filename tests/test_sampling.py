@@ -3,6 +3,8 @@ and the validation of generate()'s arguments."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -142,7 +144,8 @@ def test_sampler_is_reproducible_with_a_seed():
 # token has probability >= 0.16 after renormalization, so in DRAWS draws each one shows up (a
 # kept token is missed with probability below 0.84**2000 ~ 1e-150): a sampler keeping one token
 # too few fails, as does one keeping a token too many (it is drawn too). Boundaries are clear
-# of float32 rounding except case "exact", whose probabilities (1/4) and sums are exact in float32.
+# of float32 rounding except cases "exact" and "k then exact", whose probabilities (1/4) and sums
+# are exact in float32.
 
 def _probs_64():
     p = np.full(64, 0.05 / 59)
@@ -159,6 +162,9 @@ NUCLEUS_CASES = {
     "temperature": (logits_of([0.6, 0.3, 0.1]), 2.0, 0, 0.75, {0, 1}),
     # four equal logits: 0.25 each, the first two reach exactly 0.5
     "exact": (np.zeros(4), 1.0, 0, 0.5, {0, 1}),
+    # top_k=5 keeps all six (the two -200s tie at the 5th value); 0.25 each for the four zeros and
+    # exp(-200) = 0 in float32: the mass before id 2 is exactly 0.5, not < top_p, so ids 0, 1 only
+    "k then exact": (np.array([0.0, 0.0, 0.0, 0.0, -200.0, -200.0]), 1.0, 5, 0.5, {0, 1}),
     # the most likely token alone is past top_p: it is kept
     "top token only": (logits_of([0.9, 0.1]), 1.0, 0, 0.5, {0}),
     # 64 tokens: before 0, .3, .55, .75, .9 -> four reach 0.85, scattered over the vocabulary
@@ -212,14 +218,62 @@ def test_jax_sampler_draws_exactly_the_nucleus(case):
     _check_nucleus(case, np.asarray(toks))
 
 
+TOP_K_CASES = [c for c in NUCLEUS_CASES if NUCLEUS_CASES[c][2] > 0]
+GRID = 64  # rows of one deterministic draw: u[:, 0] = (i + 0.5) / GRID
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch ops", "draw kernel"])
+@pytest.mark.parametrize("case", TOP_K_CASES)
+def test_torch_top_k_draw_over_a_grid_of_uniforms_is_the_nucleus(case, fused):
+    """torch_impl's top-k path (the torch ops and the draw kernel) by the inverse of the kept tokens'
+    cumulative weights at evenly spaced uniforms: every kept token is drawn, nothing else, each in
+    its share of the grid (deterministic, no generator)."""
+    torch = pytest.importorskip("torch")
+    from torch_impl import sampling
+
+    z, temperature, top_k, top_p, want = NUCLEUS_CASES[case]
+    zt = torch.as_tensor(np.tile(z / temperature, (GRID, 1)), dtype=torch.float32)
+    vals, ids = sampling.candidates(zt, min(top_k, zt.shape[-1]))
+    u = torch.stack([(torch.arange(GRID) + 0.5) / GRID, torch.full((GRID,), 0.5)], dim=-1)
+    if fused:
+        pytest.importorskip("triton")
+        from torch_impl.kernels.draw import draw_top_k
+
+        got = draw_top_k(zt, vals.contiguous(), ids.contiguous(), u, top_p).numpy()
+    else:
+        got = sampling._draw_top_k(zt, sampling._Candidates(zt, vals, ids, top_p), u).numpy()
+    assert set(got.tolist()) == want, f"{case}: drew {sorted(set(got.tolist()))}, the nucleus is {sorted(want)}"
+    p = np.where(np.isin(np.arange(len(z)), list(want)), np.exp((z - z.max()) / temperature), 0.0)
+    np.testing.assert_allclose(np.bincount(got, minlength=len(z)) / GRID, p / p.sum(), atol=1.0 / GRID)
+    np.testing.assert_array_equal(np.flatnonzero(sampling.top_k_nucleus(zt[:1], top_k, top_p)[0].numpy()),
+                                  sorted(want))
+
+
 # ----- argument validation -----------------------------------------------------------------------
 
 GOOD = dict(temperature=0.0, top_k=0, top_p=1.0, vocab_size=100, max_len=16)
 
 
-def test_valid_arguments_pass():
-    check_generate_args([[1, 2, 3], [4]], 8, **GOOD)
-    check_generate_args(([99],), 15, **{**GOOD, "temperature": 1.5, "top_k": 5, "top_p": 0.5})
+# Each argument at the edge of its range, and one step past it: (prompts, max_new, over) valid,
+# then invalid, and the error's needle. A check off by one either way fails one of the two.
+EDGES = {
+    "length": (([[1] * 8, [4]], 8, {}), ([[1] * 9, [4]], 8, {}), "prompts[0]: 9 prompt tokens + max_new_tokens=8"),
+    "token id": ((([99],), 15, {}), (([100],), 15, {}), "prompts[0]: token id 100 outside [0, 100)"),
+    "lowest id": (([[0]], 1, {}), ([[-1]], 1, {}), "prompts[0]: token id -1"),
+    "max_new_tokens": (([[1]], 1, {}), ([[1]], 0, {}), "max_new_tokens=0"),
+    "temperature": (([[1]], 4, {"temperature": 0.0}), ([[1]], 4, {"temperature": -1e-9}), "temperature=-1e-09"),
+    "top_k": (([[1]], 4, {"temperature": 1.5, "top_k": 0}), ([[1]], 4, {"temperature": 1.5, "top_k": -1}), "top_k=-1"),
+    "top_p high": (([[1]], 4, {"top_p": 1.0}), ([[1]], 4, {"top_p": 1.0 + 1e-9}), "top_p=1.000000001"),
+    "top_p low": (([[1]], 4, {"top_p": 1e-9}), ([[1]], 4, {"top_p": 0.0}), "top_p=0.0"),
+}
+
+
+@pytest.mark.parametrize("edge", list(EDGES))
+def test_valid_arguments_pass(edge):
+    (prompts, max_new, over), (bad_prompts, bad_max_new, bad_over), needle = EDGES[edge]
+    assert check_generate_args(prompts, max_new, **{**GOOD, **over}) is None
+    with pytest.raises(GenerationArgsError, match=re.escape(needle)):
+        check_generate_args(bad_prompts, bad_max_new, **{**GOOD, **bad_over})
 
 
 @pytest.mark.parametrize("prompts, max_new, over, needle", [

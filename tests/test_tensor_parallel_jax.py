@@ -51,6 +51,7 @@ def _run_case(case: str, tmp_path: Path) -> dict:
     return res
 
 
+@pytest.mark.timeout(1800)  # past the worker's own 1200 s limit, whose message names the case
 @pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] if fused else [])
                                   for c, (_, fused, *_) in tp_jax_worker.CASES.items()])
 def test_tp2_matches_tp1(case, tmp_path):

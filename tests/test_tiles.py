@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 
 import pytest
 
@@ -263,6 +264,26 @@ def test_shipped_tables_are_whole(framework, caplog):
     assert not caplog.records
 
 
+@pytest.mark.parametrize("framework", tiles.FRAMEWORKS)
+def test_shipped_projection_tiles_fit_their_k(framework):
+    """Every projection entry of the shipped tables fits its key's shape (tile_rules.misfit, which
+    the lookup applies: with split_k, at most one part per chunk of K and every part with work)."""
+    head_dims = {(c.qkv_size, c.hidden_size): c.head_dim for c in PRESETS.values()}
+    seen, bad = 0, []
+    for path in sorted((tiles.SHIPPED_DIR / framework).glob("*.json")):
+        for key, entry in json.loads(path.read_text())["entries"].items():
+            found = re.fullmatch(r"(rmsnorm_qkv|mlp_gate_up|linear_residual)/m(\d+)/n(\d+)/k(\d+)/.+", key)
+            if found is None or entry.get("tiles") is None:
+                continue
+            kernel, m, n, k = found[1], *map(int, found.groups()[1:])
+            shape = dict(m=m, n=n, k=k) | ({"head_dim": head_dims[n, k]} if kernel == "rmsnorm_qkv" else {})
+            problem = tile_rules.misfit(kernel, framework, MatmulTiles(**entry["tiles"]), shape)
+            seen += 1
+            if problem:
+                bad.append(f"{path.name}: {key}: {problem}")
+    assert seen and not bad, "\n".join(bad)
+
+
 def test_jax_h100_table_is_its_measured_rule():
     """The jax H100 table holds the choices jax_impl measured on an H100; on that device the
     lookup answers from it."""
@@ -341,6 +362,13 @@ def test_split_k_is_torch_tensor_core_tiles_only(tmp_path, monkeypatch):
     for kernel, s in _shapes(PRESETS["Qwen3-8B"]):  # the default rule splits at 17-32 tokens only
         t = tile_rules.default_tiles(kernel, "torch", FAKES[1], "bfloat16", s)
         assert not isinstance(t, MatmulTiles) or t.split_k == 1 or 16 < s["m"] <= 32, (kernel, s, t)
+    # every part sums some of K: K=128 in 4 chunks of 32 is 2 + 2 + 0 with split_k=3, in 8 of 16 3 + 3 + 2
+    assert "empty" in tile_rules.misfit("linear_residual", "torch", MatmulTiles(16, 32, 32, split_k=3),
+                                        dict(shape, k=128))
+    assert tile_rules.misfit("linear_residual", "torch", MatmulTiles(16, 32, 16, split_k=3), dict(shape, k=128)) is None
+    for kernel, s in _shapes(PRESETS["Qwen3-4B"]):  # K 2560: 20 chunks of 128 in 8 parts would leave one empty
+        for t in tile_rules.candidates(kernel, "torch", H100, s):
+            assert tile_rules.misfit(kernel, "torch", t, s) is None, (kernel, s, t)
     key = tiles.matmul_key("linear_residual", 32, 1024, 2048, "bfloat16")
     tiles.write_entry("torch", FAKES[1], key, "fused", split)
     tiles.clear_cache()

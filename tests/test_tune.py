@@ -223,6 +223,7 @@ def test_smoke_needs_out(capsys):
     assert e.value.code == 2 and capsys.readouterr().err.startswith("error: --smoke writes to --out FILE")
 
 
+@pytest.mark.timeout(1800)  # torch: about 5 minutes on two busy CPU cores, the suite's slowest
 @pytest.mark.parametrize("framework", ["jax", "torch"])
 def test_smoke_tunes_quantized_projections_in_their_own_rows(framework, tmp_path):
     pytest.importorskip(framework)
