@@ -79,7 +79,7 @@ def make_plan(gpu: str | None, commit: str, out: Path | None = None) -> Plan:
                     "-p", "no:cacheprovider", f"--junitxml={out / 'tests.xml'}")
     bench_argv = ("decode", "--models", ",".join(MODELS), "--batch", ",".join(map(str, BATCHES)),
                   "--impls", ",".join(IMPLS), "--random-weights", "--quick", "--new-tokens", str(NEW_TOKENS),
-                  "--out", str(out))
+                  "--out", str(out), "--commit", commit)  # rows carry the check's commit, not a copy's .git
     return Plan(out=out, gpu=gpu or "(no GPU here)", commit=commit, test_command=test_command, bench_argv=bench_argv)
 
 
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                                   epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="results folder (default bench/results/<gpu-slug>/<short-commit>/ "
                                             "of the source checkout)")
-    p.add_argument("--commit", help="the commit to name the results by, when the tree has no .git")
+    p.add_argument("--commit", help="the commit to name the results and their rows by (default: the checkout's; "
+                                         "needed where the tree has no .git, or a stale one)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit (any machine)")
     a = p.parse_args(argv)
     _early_env([])

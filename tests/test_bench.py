@@ -643,6 +643,7 @@ def test_check_plan_names_the_jobs_and_where_results_go():
     assert a.command == "decode" and a.models == "Qwen3-0.6B,Qwen3-8B" and a.batch == "1,32"
     assert a.impls == "jax-fused,torch-fused" and a.random_weights and a.quick and a.new_tokens == 256
     assert a.sampling is None and a.out == plan.out and a.budget_s is None  # the budget is added when run
+    assert a.commit == "abc1234"  # the rows name the check's commit, not what a copied tree's .git says
     text = check.describe(plan)
     assert "budget: 8 minutes on an H100" in text and str(plan.out) in text and "-m gpu" in text
     assert check.make_plan(None, "abc1234").out.parent.name == check.NO_GPU_SLUG
@@ -786,5 +787,7 @@ def test_readme_has_the_headline_markers():
     from bench import headline
     from bench.__main__ import REPO
 
-    source, block = headline.parse((REPO / "README.md").read_text())
-    assert block.strip() and (source is None or (REPO / source).is_file())
+    text = (REPO / "README.md").read_text()
+    source, block = headline.parse(text)
+    assert source is not None and (REPO / source).is_file(), "the README's headline names no committed bench.json"
+    assert headline.check(text, REPO) == []  # the table is what `bench headline SOURCE` writes from that run
