@@ -58,6 +58,12 @@ class CacheCapacityError(ValueError):
     """A generate() call needs more KV-cache rows than the runner may allocate."""
 
 
+
+def _all_finite(t) -> torch.Tensor:
+    """Whether every value of `t` is finite, as a tensor on its device (no sync). A tensor-parallel load
+    hands whole host tensors to the ranks, a QWeight's scale among them as numpy."""
+    return torch.isfinite(t if isinstance(t, torch.Tensor) else torch.from_numpy(np.asarray(t))).all()
+
 class TorchRunner(harness.Runner):
     name = "torch"
 
@@ -90,7 +96,7 @@ class TorchRunner(harness.Runner):
             with torch.inference_mode():
                 model.load_params(ckpt.iter_params("pt", concat=lambda parts: torch.cat(parts, dim=0), convert=convert,
                                                    quantization=quantization, convert_quant=convert_quant,
-                                                   all_finite=lambda t: torch.isfinite(t).all()))  # NaN/inf: WeightsError
+                                                   all_finite=_all_finite))  # NaN/inf: WeightsError
             self._setup(model, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs,
                         session=session)
         except BaseException as e:
