@@ -104,3 +104,15 @@ def pytest_collection_modifyitems(config, items):
         keep = set(gpu_durations.split([item.nodeid for item in items], durations, n)[i - 1])
         config.hook.pytest_deselected(items=[item for item in items if item.nodeid not in keep])
         items[:] = [item for item in items if item.nodeid in keep]
+
+
+@pytest.fixture
+def fresh_tiles(tmp_path, monkeypatch):
+    """No user tile table of the machine running the tests; common.tiles' lookup cache cleared before
+    and after (`pytestmark = pytest.mark.usefixtures("fresh_tiles")` in a module that looks up)."""
+    from common import tiles
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    tiles.clear_cache()
+    yield
+    tiles.clear_cache()

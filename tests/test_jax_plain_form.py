@@ -10,7 +10,7 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from common import quant, reference as R, tiles  # noqa: E402
+from common import quant, reference as R  # noqa: E402
 from common.ops import AttentionMeta  # noqa: E402
 from common.tiles import Device  # noqa: E402
 from common.tolerances import assert_close  # noqa: E402
@@ -24,13 +24,7 @@ EPS = 1e-6
 FORMATS = ("bf16", "int8", "fp8")
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """No user table; the lookup's cache cleared around each test."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    tiles.clear_cache()
-    yield
-    tiles.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_tiles")  # no user table; the lookup's cache cleared
 
 
 def _on(monkeypatch, device):

@@ -19,13 +19,7 @@ FAKES = [Device("fake A", 108, 164 * 1024, (8, 0)), Device("fake H", 132, 227 * 
 H100 = Device("NVIDIA H100 80GB HBM3", 132, 227 * 1024, (9, 0))
 
 
-@pytest.fixture(autouse=True)
-def isolated(tmp_path, monkeypatch):
-    """No user table of the machine running the tests; caches cleared before and after."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    tiles.clear_cache()
-    yield
-    tiles.clear_cache()
+pytestmark = pytest.mark.usefixtures("fresh_tiles")  # no user table; the lookup's cache cleared
 
 
 def _shapes(cfg):
