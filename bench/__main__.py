@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import argparsing
+from common import argparsing, formats
 
 RUN_COMMANDS = ("kernels", "decode", "all")
 DEFAULT_MODELS = "Qwen3-0.6B,Qwen3-8B"
@@ -124,9 +124,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", metavar="N[,N...]", default="1",
                    help="decode: run each twin's rows at these tensor-parallel sizes (GPUs of this machine; "
                         "transformers' rows at 1); rows carry `tensor_parallel_size`")
-    p.add_argument("--quantization", metavar="none,int8,fp8",
-                   help="decode: run each chosen twin's fused row in these weight formats (none = bf16; e.g. "
-                        "int8 adds jax-int8 for jax-fused); rows carry `quantization`")
+    p.add_argument("--quantization", metavar=",".join(formats.cli_choices()),
+                   help="decode: run each chosen twin's fused row in these weight formats (none = bf16; a format "
+                        "F adds jax-F for jax-fused); rows carry `quantization`")
     p.add_argument("--tiles", metavar="tuned,untuned", default="tuned",
                    help="decode: run each twin's fused rows with the tile tables (tuned, the default) and/or "
                         "without them (untuned: the default rule alone, as on a GPU without a table; "
@@ -256,7 +256,7 @@ def run(a) -> int:
     frameworks = _choices(a.frameworks, kernels.FRAMEWORKS, "--frameworks")
     impls = _choices(a.impls, decode.IMPLS, "--impls")
     if a.quantization is not None:
-        impls = decode.with_quantization(impls, _choices(a.quantization, ("none", "int8", "fp8"), "--quantization"))
+        impls = decode.with_quantization(impls, _choices(a.quantization, formats.cli_choices(), "--quantization"))
     # --smoke skips by default what costs minutes on CPU and shares its code path with a row that runs
     smoke_skip = {i: SMOKE_SKIP[i] for i in impls if a.smoke and a.impls is None and i in SMOKE_SKIP}
     batches = _ints(a.batch or ("2" if a.smoke else "1,8,32,128"), "--batch")

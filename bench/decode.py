@@ -30,18 +30,17 @@ import os
 import time
 from pathlib import Path
 
+from common import formats
 from common.config import Qwen3Config
 from common.tiles import TABLES_ENV
 
+TWINS = ("jax", "torch")
 IMPLS = {
     "jax-fused": "jax_impl, fused Pallas kernels",
     "jax-plain": "jax_impl, plain XLA ops",
     "torch-fused": "torch_impl, fused Triton kernels",
     "torch-plain": "torch_impl, plain torch ops",
-    "jax-int8": "jax_impl, fused, int8 weights",
-    "jax-fp8": "jax_impl, fused, fp8 weights",
-    "torch-int8": "torch_impl, fused, int8 weights",
-    "torch-fp8": "torch_impl, fused, fp8 weights",
+    **{f"{fw}-{q}": f"{fw}_impl, fused, {q} weights" for fw in TWINS for q in formats.QUANTIZED},
     "hf-eager": "transformers eager, dynamic cache",
     "hf-compile": "transformers static cache + torch.compile",
     "nanovllm": "nano-vllm's engine running torch_impl's model",
@@ -62,32 +61,32 @@ def kv_bytes_per_position(cfg: Qwen3Config, e: int = 2) -> int:
     return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * e
 
 
-def with_quantization(impls: list[str], formats: list[str]) -> list[str]:
-    """--quantization: each twin's fused row in every format of `formats` ("none" keeps it bf16),
+def with_quantization(impls: list[str], names: list[str]) -> list[str]:
+    """--quantization: each twin's fused row in every format of `names` ("none" keeps it bf16),
     its other quantized rows dropped; rows of other kinds as they are."""
     out: list[str] = []
     for impl in impls:
         framework, kind = impl.split("-", 1)
         if kind == "fused":
-            out += [impl if q == "none" else f"{framework}-{q}" for q in formats]
+            out += [impl if q == "none" else f"{framework}-{q}" for q in names]
         elif quantization_of(impl) is None:
             out.append(impl)
     return list(dict.fromkeys(out))
 
 
 def quantization_of(impl: str) -> str | None:
-    """"int8" / "fp8" for the quantized twins' rows (jax-int8, torch-fp8, ...), else None."""
+    """The weight format of a quantized twin's row ("<twin>-<format>", common.formats), else None."""
     kind = impl.split("-")[-1]
-    return kind if kind in ("int8", "fp8") else None
+    return kind if kind in formats.QUANTIZED else None
 
 
 def decode_floor_tok_s(cfg: Qwen3Config, batch: int, prompt_len: int, new_tokens: int, copy_GBps: float,
                        quantization: str | None = None) -> float:
     """tok/s if every decode step moved only its weight and KV-cache bytes at the copy bandwidth
-    (quantized projections: one byte per weight)."""
+    (quantized projections: their storage's bytes per weight)."""
     steps = max(1, new_tokens - 1)
     ctx_sum = sum(prompt_len + s for s in range(1, steps + 1))  # step s attends prompt_len + s positions
-    weights = cfg.decode_bytes_per_token(projection_bytes=1 if quantization else None)
+    weights = cfg.decode_bytes_per_token(projection_bytes=formats.get(quantization).storage_bytes)
     byt = steps * weights + batch * kv_bytes_per_position(cfg) * ctx_sum
     return batch * steps / (byt / (copy_GBps * 1e9))
 

@@ -18,12 +18,13 @@ import re
 import sys
 from pathlib import Path
 
-from common import argparsing
+from bench.decode import TWINS
+from common import argparsing, formats
 
 REPO = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- bench-headline:begin", "<!-- bench-headline:end -->"
 _BEGIN_RE = re.compile(r"<!-- bench-headline:begin(?: source=(?P<source>\S+))? -->\n")
-ORDER = ("jax-fused", "torch-fused", "jax-int8", "torch-int8", "jax-fp8", "torch-fp8", "jax-plain", "torch-plain",
+ORDER = (*(f"{fw}-{kind}" for kind in ("fused", *formats.QUANTIZED, "plain") for fw in TWINS),
          "nanovllm", "hf-compile", "hf-eager")
 
 

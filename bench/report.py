@@ -12,11 +12,12 @@ import json
 import os
 from pathlib import Path
 
-from bench.decode import variant
+from bench.decode import TWINS, variant
+from common import formats
 
 SCHEMA = 1
 JSON_NAME, MD_NAME = "bench.json", "bench.md"
-DECODE_ORDER = ("jax-fused", "jax-int8", "jax-fp8", "jax-plain", "torch-fused", "torch-int8", "torch-fp8", "torch-plain",
+DECODE_ORDER = (*(f"{fw}-{kind}" for fw in TWINS for kind in ("fused", *formats.QUANTIZED, "plain")),
                 "nanovllm", "hf-eager", "hf-compile")
 
 

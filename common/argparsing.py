@@ -1,7 +1,7 @@
 """The project's command lines parse with argparse; a usage error is one line, as every other bad
 input is (README, Quality):
 
-    error: argument --quantization: invalid choice: 'int4' (choose from none, int8, fp8); see python -m jax_impl.generate --help
+    error: argument --fused: invalid choice: 'sometimes' (choose from auto, on, off); see python -m jax_impl.generate --help
 
 instead of argparse's usage block followed by the message. Exit status 2, as argparse's.
 """

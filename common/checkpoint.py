@@ -28,7 +28,7 @@ import numpy as np
 
 from common import argparsing, progress
 from common.config import PRESETS, Qwen3Config
-from common.quant import FP8_BLOCK, quantize_fp8
+from common import formats
 from common.weights import INDEX_FILE, QUANT_SOURCES, SCALE_SUFFIX, SINGLE_FILE, expected_shapes
 
 CHAT_TEMPLATE = (
@@ -85,9 +85,18 @@ def iter_random_weights(cfg: Qwen3Config, *, seed: int = 0, std: float = 0.02, e
         yield name, np.asarray(w, dtype=np.float32)
 
 
+def stored_checkpoint_format(name: str) -> "formats.WeightFormat":
+    """A registry format checkpoints are published in (one with a quantization_config)."""
+    fmt = formats.get(name)
+    if not fmt.checkpoint_config:
+        stored = [f.name for f in formats.FORMATS.values() if f.checkpoint_config]
+        raise formats.QuantError(f"stored_format={name!r}: no checkpoint layout; expected one of {', '.join(stored)}")
+    return fmt
+
+
 def write_checkpoint(model_dir: str | Path, cfg: Qwen3Config, weights: dict[str, np.ndarray] | None = None,
                      *, seed: int = 0, dtype: str | None = None, shards: int = 1, tokenizer: bool = False,
-                     eos_token_id: int | None = None, fp8: bool = False, scale_dtype: str = "bfloat16",
+                     eos_token_id: int | None = None, stored_format: str | None = None, scale_dtype: str = "bfloat16",
                      **random_kwargs) -> Path:
     """Write a complete checkpoint directory; returns its path.
 
@@ -95,13 +104,15 @@ def write_checkpoint(model_dir: str | Path, cfg: Qwen3Config, weights: dict[str,
     converted to the storage dtype one tensor at a time).
     dtype: storage dtype (default the config's). shards > 1 writes model-0000k-of-0000n files
     and an index, splitting by tensor in order.
-    fp8: Qwen's FP8 layout - the seven projections of every layer in e4m3 with
-    `<name>_scale_inv` 128x128 block multipliers (in `scale_dtype`), everything else in `dtype`, and
-    `quantization_config` in config.json (real Qwen3 sizes are multiples of 128; transformers infers
-    the block size from the shapes, so test configs should be too).
+    stored_format: a quantized checkpoint layout of the registry (common.formats: those with a
+    `checkpoint_config`, the layouts Qwen publishes): the seven projections of every layer in the
+    format's storage with `<name>_scale_inv` multipliers (in `scale_dtype`), everything else in
+    `dtype`, and the format's `quantization_config` in config.json (real Qwen3 sizes are whole
+    blocks; transformers infers the block size from the shapes, so test configs should be too).
     """
     from safetensors.numpy import save_file
 
+    fmt = None if stored_format is None else stored_checkpoint_format(stored_format)
     path = Path(model_dir)
     path.mkdir(parents=True, exist_ok=True)
     dtype = dtype or cfg.dtype
@@ -110,17 +121,16 @@ def write_checkpoint(model_dir: str | Path, cfg: Qwen3Config, weights: dict[str,
     with progress.bar(len(weights) if weights is not None else len(expected_shapes(cfg)), f"writing {path.name}",
                       unit="tensor") as pb:
         for k, v in items:
-            if fp8 and k.split(".", 3)[-1] in QUANT_SOURCES:
-                q, scale = quantize_fp8(v)
+            if fmt and k.split(".", 3)[-1] in QUANT_SOURCES:
+                q, scale = fmt.quantize(v)
                 store[k], store[k + SCALE_SUFFIX] = q, scale.astype(_np_dtype(scale_dtype))
             else:
                 store[k] = np.ascontiguousarray(np.asarray(v).astype(_np_dtype(dtype)))
             pb.update(1)
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = hf["dtype"] = dtype
-    if fp8:
-        hf["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                     "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+    if fmt:
+        hf["quantization_config"] = dict(fmt.checkpoint_config)
     if tokenizer:
         eos_token_id = write_tokenizer(path, cfg.vocab_size)
     hf["eos_token_id"] = eos_token_id
@@ -231,7 +241,10 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--realistic-norms", action="store_true", help="q/k-norm weights of tens, as real Qwen3")
     p.add_argument("--tokenizer", action="store_true", help="also write a small byte-level BPE tokenizer")
-    p.add_argument("--fp8", action="store_true", help="Qwen's FP8 layout: e4m3 projections with 128x128 block scales")
+    stored = [f.name for f in formats.FORMATS.values() if f.checkpoint_config]
+    p.add_argument("--stored-format", choices=stored, default=None,
+                   help="write the projections quantized in this layout: " +
+                        "; ".join(f"{n}: {formats.FORMATS[n].help}" for n in stored))
     a = p.parse_args(argv)
     import dataclasses
 
@@ -241,12 +254,12 @@ def main(argv=None) -> int:
             p.error(f"argument --layers: {a.layers}: expected 1 to {cfg.num_hidden_layers} "
                     f"({a.preset} has {cfg.num_hidden_layers} layers)")
         cfg = dataclasses.replace(cfg, num_hidden_layers=a.layers)
-    tensors = sum(2 if a.fp8 and k.split(".", 3)[-1] in QUANT_SOURCES else 1 for k in expected_shapes(cfg))
+    tensors = sum(2 if a.stored_format and k.split(".", 3)[-1] in QUANT_SOURCES else 1 for k in expected_shapes(cfg))
     if a.shards > tensors:
         p.error(f"argument --shards: {a.shards}: expected 1 to {tensors} (the checkpoint has {tensors} tensors)")
     try:
         write_new_checkpoint(a.out, cfg, seed=a.seed, dtype=a.dtype, shards=a.shards, tokenizer=a.tokenizer,
-                             norm_scale="realistic" if a.realistic_norms else "unit", fp8=a.fp8)
+                             norm_scale="realistic" if a.realistic_norms else "unit", stored_format=a.stored_format)
     except OSError as e:  # FileExistsError among them: an existing output, a parent that is a file, a full disk
         where = f" ({e.filename})" if e.filename and e.filename != a.out else ""
         msg = str(e) if e.errno is None else f"{a.out}: cannot write the checkpoint: {e.strerror}{where}"

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Callable, TextIO
 
-from common import argparsing, interrupt, logs
+from common import argparsing, formats, interrupt, logs
 from common.config import ConfigError, Qwen3Config
 from common.environment import check_environment
 from common.harness import resolve_fused
@@ -105,10 +105,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "cannot run), off = plain ops")
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
                    help="weights and activations")
-    p.add_argument("--quantization", choices=["none", "int8", "fp8"], default="none",
-                   help="store the projections as int8 (one scale per output channel) or fp8 e4m3 (128x128 "
-                        "blocks), weight-only: about half the weight memory and traffic; an FP8 checkpoint "
-                        "(Qwen's -FP8 releases) loads as fp8 by itself")
+    p.add_argument("--quantization", choices=formats.cli_choices(), default="none",
+                   help="store the projections in a one-byte format, weight-only: about half the weight memory "
+                        "and traffic (" + formats.cli_help() + "); a quantized checkpoint loads in its own "
+                        "format by itself")
     p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="split the model over N GPUs of this machine (kv heads, the MLP and the projections' "
                         "weights; one all-reduce after o_proj and down); N must divide the kv heads")

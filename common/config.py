@@ -82,8 +82,8 @@ class Qwen3Config:
 
     def decode_bytes_per_token(self, bytes_per_param: int = 2, projection_bytes: int | None = None) -> int:
         """Weight bytes one batch-1 decode step must read (the embedding row itself is negligible);
-        projection_bytes: of the four projections' values when they are quantized (1 for int8 and
-        fp8; their float32 scales, under 0.4% more, are left out)."""
+        projection_bytes: of the four projections' values when they are quantized (1 for the one-byte
+        formats; their float32 scales, under 0.4% more, are left out)."""
         h, l = self.hidden_size, self.num_hidden_layers
         proj = h * self.qkv_size + self.q_size * h + 3 * h * self.intermediate_size
         rest = 2 * h + 2 * self.head_dim

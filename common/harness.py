@@ -107,7 +107,7 @@ class ReferenceRunner(Runner):
         self.dtype = dtype
         self.weight_format = ckpt.weight_format(quantization)
         weights = ckpt.read_all("numpy")
-        if ckpt.quant is None and self.weight_format != "bf16":  # what the twins compute with: q * scale
+        if ckpt.stored_format is None and self.weight_format != "bf16":  # what the twins compute with: q * scale
             weights = round_trip_projections(weights, self.weight_format)
         self.weights = {k: np.asarray(v, dtype=dtype) for k, v in weights.items()}
 

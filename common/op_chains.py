@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import zlib
 
+from common import formats
 from common.config import Qwen3Config
 from common.ops import AttentionMeta
 
@@ -36,7 +37,7 @@ class Case:
     ctx: int = 1024
     layout: str | None = None
     k: int | None = None
-    fmt: str | None = None  # the projections' weights: None (bf16), "int8" or "fp8" (common.quant)
+    fmt: str | None = None  # the projections' weights: None (bf16) or a quantized format (common.formats)
 
     @property
     def label(self) -> str:
@@ -54,7 +55,7 @@ def layer_bytes(c: Case) -> int:
     """Bytes of the buffers each layer of the chain owns (weights; the KV cache for attention)."""
     cfg = c.cfg
     h, hq, hkv, d = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    w = 1 if c.fmt else E  # quantized weights: one byte each
+    w = formats.get(c.fmt).storage_bytes or E  # quantized weights: their storage's bytes
     return {"rmsnorm_qkv": w * (hq + 2 * hkv) * d * h, "mlp": w * 3 * cfg.intermediate_size * h,
             "linear_residual": w * h * c.in_features(), "decode_attention": E * 2 * c.tokens * c.ctx * hkv * d,
             "prefill_attention": E * 2 * c.tokens * hkv * d, "rms_norm": E * h}[c.op]
@@ -100,7 +101,7 @@ class _Arrays:
         return (offset + t * scale).to(self.torch.bfloat16)
 
     def weight(self, shape, scale, fmt: str | None):
-        """A bf16 weight N(0, scale^2), or its common.quant QWeight in `fmt` (one scale: speed only)."""
+        """A bf16 weight N(0, scale^2), or its common.formats QWeight in `fmt` (one scale: speed only)."""
         if fmt is None:
             return self.normal(shape, scale)
         self.count += 1

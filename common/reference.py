@@ -18,7 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from common.config import Qwen3Config
-from common.quant import QWeight, dequantize
+from common.formats import QWeight, dequantize
 
 F64 = np.float64
 
@@ -138,8 +138,8 @@ def mlp_block(x, norm_w, w_gate_up, w_down, residual, eps: float, *, dtype=F64):
 
 
 def dequantized(w, dtype=F64) -> np.ndarray:
-    """The float weight a projection stands for: an array as it is, a common.quant.QWeight as
-    q * scale (int8: one scale per output row; fp8: one per 128 x 128 block)."""
+    """The float weight a projection stands for: an array as it is, a common.formats.QWeight as
+    q * scale (the format's WeightFormat.dequantize)."""
     if isinstance(w, QWeight):
         return dequantize(np.asarray(w.q), np.asarray(w.scale), w.fmt, dtype)
     return _f(w, dtype)

@@ -8,9 +8,9 @@ The plan row's shard axis (common.weights.PLAN) says how a parameter splits:
   rank's product is a partial sum, all-reduced, with the residual added once.
 - "vocab": the vocabulary rows (ceil(V / N) per rank, the last one shorter).
 - "replicated": the whole tensor on every rank.
-Quantized weights (common.quant.QWeight) split the same way with their scales: int8's per-row
-scales follow the rows; fp8's 128 x 128 block scales follow whole blocks, so every shard boundary
-must fall on a multiple of 128 (checked by check_tensor_parallel).
+Quantized weights (common.formats.QWeight) split the same way with their scales: per-row scales
+follow the rows; block scales follow whole blocks, so every shard boundary must fall on a multiple
+of the block (checked by check_tensor_parallel).
 
 Works on numpy, torch and jax arrays alike (slicing, and `concat` for packed parameters).
 """
@@ -21,7 +21,8 @@ import dataclasses
 from typing import Any, Callable
 
 from common.config import Qwen3Config
-from common.quant import FP8_BLOCK, QWeight
+from common import formats
+from common.formats import QWeight
 from common.weights import ROWS, source_rows
 
 
@@ -38,10 +39,12 @@ def check_tensor_parallel(cfg: Qwen3Config, size, fmt: str = "bf16", *, what: st
         if n % size:
             raise TensorParallelError(f"{what}={size}: the model's {name} ({n}) is not divisible by it "
                                       f"(kv heads are split whole; try a divisor of {cfg.num_key_value_heads})")
-    if fmt == "fp8" and size > 1:  # one rank: common.quant.check_fp8_sizes says it
+    fmt = formats.get(fmt)
+    block = max(fmt.scale_block or (1,))
+    if block > 1 and size > 1:  # one rank: WeightFormat.check_sizes says it
         for name, n in (("q_size", cfg.q_size), ("kv_size", cfg.kv_size), ("intermediate_size", cfg.intermediate_size)):
-            if (n // size) % FP8_BLOCK:
-                raise TensorParallelError(f"{what}={size}: fp8 weights split in whole {FP8_BLOCK}-blocks, but the "
+            if (n // size) % block:
+                raise TensorParallelError(f"{what}={size}: {fmt.name} weights split in whole {block}-blocks, but the "
                                           f"model's {name} ({n}) gives {n // size} per rank")
     return size
 
@@ -110,7 +113,7 @@ def take_shard(key: str, w: Any, cfg: Qwen3Config, size: int, rank: int,
 
 def take_source_shard(key: str, shard_id, w: Any, cfg: Qwen3Config, size: int, rank: int, *, block: int = 1) -> Any:
     """Rank `rank`'s part of one whole source tensor of plan row `key` (see source_ranges): an array, a
-    QWeight of that source, or with block=FP8_BLOCK an fp8 block-scale tensor (ranges counted in blocks)."""
+    QWeight of that source, or with block=b a block-scale tensor of b-row blocks (ranges counted in blocks)."""
     if size == 1 or ROWS[key].shard == "replicated":
         return w
     ranges = [(s // block, -(-n // block)) for s, n in source_ranges(key, shard_id, cfg, size, rank)]
@@ -119,11 +122,11 @@ def take_source_shard(key: str, shard_id, w: Any, cfg: Qwen3Config, size: int, r
 
 def _take_weight(w: Any, ranges: list[tuple[int, int]], cols: bool, concat) -> Any:
     if isinstance(w, QWeight):
-        if w.fmt == "fp8":
-            b = FP8_BLOCK
+        if not w.format.per_row:  # block scales: whole blocks along the split axis
+            b = w.format.scale_block[1 if cols else 0]
             blocks = [(s // b, n // b) for s, n in ranges]
             return QWeight(_take(w.q, ranges, cols, concat), _take(w.scale, blocks, cols, concat), w.fmt)
-        scale = w.scale if cols else _take(w.scale, ranges, False, concat)  # int8: one scale per output row
+        scale = w.scale if cols else _take(w.scale, ranges, False, concat)  # one scale per output row
         return QWeight(_take(w.q, ranges, cols, concat), scale, w.fmt)
     return _take(w, ranges, cols, concat)
 

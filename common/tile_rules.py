@@ -5,7 +5,7 @@ shared memory per block, compute capability), never the name of one GPU. The rul
 on an H100 (docs/MEASUREMENTS.md has each figure) and are written in terms of what they do:
 - one-token projections (the decode GEMV) stream the weight once; they want many programs, each a
   few output rows wide, and long reduction chunks (one rule for both twins; torch_impl's kernels on
-  int8 / fp8 weights take other widths at K >= 4096, `_torch_gemv_one_byte`);
+  one-byte weights take other widths at K >= 4096, `_torch_gemv_one_byte`);
 - tensor-core tiles (16+ tokens) keep block_m x block_k + block_n x block_k per stage in shared
   memory: the stage count is cut until they fit the device's shared memory;
 - decode attention splits the context (flash-decoding) until the (sequence, kv head) programs
@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from common import formats
 from common.tiles import AttentionTiles, Device, MatmulTiles, PrefillTiles, next_pow2
 
 DOT_MIN_M = 16  # token rows from which projections use tensor-core dots
@@ -31,7 +32,6 @@ SPLIT_MAX_M = 32  # the default rule splits K at 17-32 tokens (measured there; n
 MAX_SPLIT_TOKENS = 64  # split_k tiles fit up to 64 tokens: the workspace grows with the tokens (prefill)
 MIN_SPLIT_K = 512  # the default rule: fewest K elements per part
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-ONE_BYTE = ("-int8", "-fp8")  # dtype suffixes of one-byte weights (tiles.lookup's "<activations>-<format>")
 
 
 # ----- fused or plain -----------------------------------------------------------------------------
@@ -104,7 +104,7 @@ def default_tiles(kernel: str, framework: str, device: Device, dtype: str, shape
         else:
             tiles = _jax_matmul(m, n, k, device, pair=kernel == "mlp_gate_up")
     elif m == 1:  # the decode GEMV streams W the same way in both twins (tuned torch tables agree)
-        tiles = (_torch_gemv_one_byte(kernel, n, k) if dtype.endswith(ONE_BYTE) else None) or \
+        tiles = (_torch_gemv_one_byte(kernel, n, k) if formats.of_tile_dtype(dtype).storage_bytes == 1 else None) or \
             _jax_matmul(m, n, k, device, pair=kernel == "mlp_gate_up")
     elif DOT_MIN_M < m <= SPLIT_MAX_M:
         tiles = _torch_split(kernel, n, k, device)

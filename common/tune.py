@@ -26,10 +26,9 @@ import time
 import types
 from pathlib import Path
 
-from common import argparsing, progress, tile_rules, tiles
+from common import argparsing, formats, progress, tile_rules, tiles
 from common.config import PRESETS, ConfigError, Qwen3Config, shrink
 from common.op_chains import Case, chain_layers, setup, time_chain
-from common.quant import FP8_BLOCK
 from common.timing import TimingPlan
 
 DEFAULT_BATCH, SMOKE_BATCH = "1,8,32,128", "1"
@@ -113,9 +112,10 @@ def parser(prog: str) -> argparse.ArgumentParser:
                    help="table to write: a new file or a tile table of this framework, extended (default: your "
                         "table for this GPU)")
     p.add_argument("--redo", action="store_true", help="measure entries the table already has")
-    p.add_argument("--quantization", choices=["none", "int8", "fp8"], default="none",
-                   help="tune the projections on int8 or fp8 weights (their own table rows, dtype "
-                        "'bfloat16-int8' / 'bfloat16-fp8') (default: none)")
+    p.add_argument("--quantization", choices=formats.cli_choices(), default="none",
+                   help="tune the projections on weights of this format (their own table rows, dtype " +
+                        " / ".join(repr(formats.get(n).tile_dtype("bfloat16")) for n in formats.QUANTIZED) +
+                        ") (default: none)")
     p.add_argument("--smoke", action="store_true",
                    help=f"tiny shapes on CPU in the interpreters (tests), at most two candidate tiles per "
                         f"kernel, batch {SMOKE_BATCH} and context {SMOKE_CONTEXTS} unless --batch/--contexts say "
@@ -232,9 +232,9 @@ class Tuner:
 
 def smoke_config(cfg: Qwen3Config, fmt: str | None) -> Qwen3Config:
     """--smoke's shapes of `cfg`: the smallest with its GQA ratio - hidden and intermediate 16, one kv
-    head of head_dim 16 (fp8: head_dim and intermediate one 128-block, as its weights need)."""
+    head of head_dim 16 (a block-scaled format: head_dim and intermediate one block, as its weights need)."""
     small = shrink(cfg, layers=1, width=cfg.hidden_size, vocab=256)
-    block = FP8_BLOCK if fmt == "fp8" else SMOKE_SIZE
+    block = max(SMOKE_SIZE, formats.get(fmt).row_block)
     return dataclasses.replace(small, head_dim=block, intermediate_size=block)
 
 
@@ -311,7 +311,7 @@ def _setup(framework: str, argv):
         return None
     out = _out(p, a, framework, info)
     done = set() if a.redo else set(tiles._read_table(out, framework))
-    dtype = "bfloat16" if fmt is None else f"bfloat16-{fmt}"
+    dtype = formats.get(fmt).tile_dtype("bfloat16")
     todo: dict[str, Job] = {}  # each shape key once (two models, or a model whose o_proj is its down)
     for j in jobs:
         key = tiles.shape_key(j.kernel, dtype, j.shape)

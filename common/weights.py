@@ -28,14 +28,14 @@ from common import progress
 from common.config import ConfigError, Qwen3Config
 from common.safetensors_io import (DTYPE_BYTES, FLOAT_DTYPES, INDEX_FILE, SINGLE_FILE, TensorInfo, WeightsError,
                                    _checkpoint_files, read_header)
-from common.quant import (FORMATS, CheckpointQuant, QuantError, check_fp8_sizes, check_quantization, fp8_scale_shape,
-                          parse_quantization_config)
+from common import formats
+from common.formats import QuantError, QWeight, WeightFormat, head_format, parse_quantization_config
 
 log = logging.getLogger(__name__)
 
 # ----- the plan: the one tensor-name map ---------------------------------------------------------
 
-WEIGHT_FORMATS = FORMATS  # common.quant: "bf16" (the model dtype), "int8", "fp8"
+WEIGHT_FORMATS = formats.NAMES  # common.formats' registry
 SHARD_AXES = ("column", "row", "vocab", "replicated")
 
 
@@ -59,7 +59,7 @@ class PlanRow:
     format: str = "bf16"
     shard: str = "replicated"
     layer: bool = True
-    quantizable: bool = False  # a projection: stored int8 or fp8 when the load asks or the checkpoint is
+    quantizable: bool = False  # a projection: stored quantized when the load asks or the checkpoint is
 
     def __post_init__(self):
         if self.format not in WEIGHT_FORMATS or self.shard not in SHARD_AXES:
@@ -145,29 +145,28 @@ def expected_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-SCALE_SUFFIX = "_scale_inv"  # Qwen's FP8 checkpoints: <projection>.weight_scale_inv, the block multipliers
+SCALE_SUFFIX = "_scale_inv"  # quantized checkpoints: <projection>.weight_scale_inv, the scales (multipliers)
 QUANT_SOURCES = frozenset(src for row in PLAN if row.quantizable for src in row.sources)
 
 
 def round_trip_projections(weights: dict, fmt: str) -> dict:
     """HF-named float weights with each projection replaced by its `fmt` quantization, dequantized
     (float32): what a model loaded with quantization=fmt multiplies by, the lm_head as
-    common.quant.head_format says. Per source tensor: int8 rows and fp8 blocks never straddle two
-    sources (packed sizes are whole 128-row blocks)."""
-    from common.quant import dequantize, head_format, quantize
-
-    out = {k: (dequantize(*quantize(v, fmt), fmt) if k.split(".", 3)[-1] in QUANT_SOURCES else v)
+    common.formats.head_format says. Per source tensor: scale rows and blocks never straddle two
+    sources (packed sizes are whole blocks)."""
+    fmt, head = formats.get(fmt), formats.get(head_format(fmt))
+    out = {k: (fmt.dequantize(*fmt.quantize(v)) if k.split(".", 3)[-1] in QUANT_SOURCES else v)
            for k, v in weights.items()}
-    if head_format(fmt) != "bf16":  # the head too; a tied model's is a quantized copy of the embedding
-        head = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
-        out["lm_head.weight"] = dequantize(*quantize(np.asarray(head, np.float32), head_format(fmt)), head_format(fmt))
+    if head.quantized:  # the head too; a tied model's is a quantized copy of the embedding
+        w = weights.get("lm_head.weight", weights["model.embed_tokens.weight"])
+        out["lm_head.weight"] = head.dequantize(*head.quantize(np.asarray(w, np.float32)))
     return out
 
 
-def scale_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
-    """The block-scale tensors of an FP8 checkpoint, with their shapes."""
+def scale_shapes(cfg: Qwen3Config, fmt: WeightFormat) -> dict[str, tuple[int, ...]]:
+    """The scale tensors of a checkpoint stored in `fmt`, with their shapes."""
     shapes = expected_shapes(cfg)
-    return {name + SCALE_SUFFIX: fp8_scale_shape(shape) for name, shape in shapes.items()
+    return {name + SCALE_SUFFIX: fmt.scale_shape(shape) for name, shape in shapes.items()
             if name.split(".", 3)[-1] in QUANT_SOURCES}
 
 
@@ -182,7 +181,7 @@ class Checkpoint:
         cfg_file = self.dir / "config.json"
         raw = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
         try:
-            self.quant: CheckpointQuant | None = parse_quantization_config(raw.get("quantization_config"),
+            self.stored_format: WeightFormat | None = parse_quantization_config(raw.get("quantization_config"),
                                                                            str(cfg_file))
         except QuantError as e:
             raise WeightsError(str(e)) from None
@@ -198,10 +197,10 @@ class Checkpoint:
     def validate(self, *, strict: bool = True) -> None:
         want = expected_shapes(self.config)
         cfg_file = self.dir / "config.json"
-        if self.quant is not None:
-            self._validate_fp8(want, cfg_file)
+        if self.stored_format is not None:
+            self._validate_stored(want, cfg_file)
             want = {k: v for k, v in want.items() if k.split(".", 3)[-1] not in QUANT_SOURCES}
-            want.update(scale_shapes(self.config))
+            want.update(scale_shapes(self.config, self.stored_format))
         for name, shape in want.items():
             info = self.tensors.get(name)
             if info is None:
@@ -213,7 +212,7 @@ class Checkpoint:
             if info.dtype not in FLOAT_DTYPES:
                 raise WeightsError(f"{info.file}: tensor {name!r} has dtype {info.dtype}, expected a "
                                    f"floating dtype ({', '.join(sorted(FLOAT_DTYPES))})")
-        extra = sorted(set(self.tensors) - set(want) - (set(expected_shapes(self.config)) if self.quant else set()))
+        extra = sorted(set(self.tensors) - set(want) - (set(expected_shapes(self.config)) if self.stored_format else set()))
         # A tied checkpoint that still stores lm_head (some exporters do) is harmless: ignore it.
         if self.config.tie_word_embeddings and "lm_head.weight" in extra:
             extra.remove("lm_head.weight")
@@ -224,55 +223,60 @@ class Checkpoint:
                 raise WeightsError(msg)
             log.warning(msg)
 
-    def _validate_fp8(self, want: dict, cfg_file: Path) -> None:
-        """The projections of an FP8 checkpoint: e4m3 values and a block-scale tensor each."""
+    def _validate_stored(self, want: dict, cfg_file: Path) -> None:
+        """The projections of a quantized checkpoint: values in its format and a scale tensor each."""
+        dtype = self.stored_format.safetensors_dtype
         for name, shape in want.items():
             if name.split(".", 3)[-1] not in QUANT_SOURCES:
                 continue
             info = self.tensors.get(name)
             if info is None:
                 raise WeightsError(f"{self.dir}: missing tensor {name!r} (expected shape {list(shape)} from {cfg_file})")
-            if info.shape != shape or info.dtype != "F8_E4M3":
+            if info.shape != shape or info.dtype != dtype:
                 raise WeightsError(f"{info.file}: tensor {name!r} is {info.dtype} {list(info.shape)}, expected "
-                                   f"F8_E4M3 {list(shape)} (quantization_config of {cfg_file})")
+                                   f"{dtype} {list(shape)} (quantization_config of {cfg_file})")
             if name + SCALE_SUFFIX not in self.tensors:
-                raise WeightsError(f"{self.dir}: missing tensor {name + SCALE_SUFFIX!r}: the block scales of "
-                                   f"{name!r} (an FP8 checkpoint, {cfg_file})")
+                kind = "scales" if self.stored_format.per_row else "block scales"
+                raise WeightsError(f"{self.dir}: missing tensor {name + SCALE_SUFFIX!r}: the {kind} of "
+                                   f"{name!r} (a checkpoint stored in {self.stored_format.name}, {cfg_file})")
 
     # ----- reading ------------------------------------------------------------------------------
     def read(self, name: str, framework: str = "numpy") -> Any:
-        """One tensor through safetensors' reader for `framework` ("numpy", "flax", "pt"); fp8 tensors
-        as numpy float8_e4m3fn arrays read from the file's bytes (safetensors' numpy reader refuses them)."""
+        """One tensor through safetensors' reader for `framework` ("numpy", "flax", "pt"); a quantized
+        checkpoint's values as numpy arrays of its format's storage, read from the file's bytes
+        (safetensors' numpy reader refuses one-byte floats)."""
         from safetensors import SafetensorError, safe_open
 
         info = self.tensors.get(name)
         if info is None:
             raise WeightsError(f"{self.dir}: no tensor {name!r}")
-        if info.dtype == "F8_E4M3":
-            return self._read_raw(info)
+        stored = self._stored_format(info)
+        if stored is not None:
+            return self._read_raw(info, stored)
         try:
             with safe_open(str(info.file), framework=framework) as f:
                 return f.get_tensor(name)
         except SafetensorError as e:
             raise WeightsError(f"{info.file}: cannot read tensor {name!r} ({e})") from None
 
-    def _read_raw(self, info: TensorInfo):
-        from common.quant import E4M3
+    @staticmethod
+    def _stored_format(info: TensorInfo) -> WeightFormat | None:
+        """The registry format whose checkpoints store values of this tensor's dtype."""
+        return next((f for f in formats.FORMATS.values() if f.safetensors_dtype == info.dtype), None)
 
+    def _read_raw(self, info: TensorInfo, fmt: WeightFormat):
         with open(info.file, "rb") as f:
             f.seek(info.start)
             data = f.read(info.nbytes)
         if len(data) != info.nbytes:
             raise WeightsError(f"{info.file}: truncated: tensor {info.name!r}")
-        return np.frombuffer(data, dtype=E4M3).reshape(info.shape)
+        return np.frombuffer(data, dtype=fmt.storage).reshape(info.shape)
 
     def read_dense(self, name: str):
-        """A float32 numpy copy of HF tensor `name`, dequantized when the checkpoint stores it as fp8."""
-        from common.quant import dequantize
-
-        info = self.tensors[name]
-        if info.dtype == "F8_E4M3":
-            return dequantize(self.read(name), self.read(name + SCALE_SUFFIX), "fp8")
+        """A float32 numpy copy of HF tensor `name`, dequantized when the checkpoint stores it quantized."""
+        stored = self._stored_format(self.tensors[name])
+        if stored is not None:
+            return stored.dequantize(self.read(name), self.read(name + SCALE_SUFFIX))
         return np.asarray(self.read(name), np.float32)
 
     def read_all(self, framework: str = "numpy") -> dict[str, Any]:
@@ -280,45 +284,37 @@ class Checkpoint:
         names = list(expected_shapes(self.config))
         out = {}
         with progress.bar(sum(self.tensors[n].nbytes for n in names), f"loading {self.dir.name}") as pb:
-            for name in names:  # an FP8 checkpoint's projections dequantized (weight-only semantics)
-                out[name] = self.read_dense(name) if self.quant else self.read(name, framework)
+            for name in names:  # a quantized checkpoint's projections dequantized (weight-only semantics)
+                out[name] = self.read_dense(name) if self.stored_format else self.read(name, framework)
                 pb.update(self.tensors[name].nbytes)
         return out
 
     def weight_format(self, quantization=None) -> str:
-        """The format the projections load in: an FP8 checkpoint's own, else `quantization`, else "bf16"."""
+        """The format the projections load in (common.formats.resolve): a quantized checkpoint's own,
+        else `quantization`, else "bf16"."""
         try:
-            q = check_quantization(quantization)
+            fmt = formats.resolve(quantization, self.stored_format, str(self.dir))
+            fmt.check_sizes(self.config, str(self.dir / "config.json"))
         except QuantError as e:
             raise WeightsError(str(e)) from None
-        if self.quant is not None:
-            if q not in (None, "fp8"):
-                raise WeightsError(f"{self.dir}: an FP8 checkpoint; quantization={q!r} would quantize weights that "
-                                   f"are quantized already (load it as it is: quantization=None or 'fp8')")
-            q = "fp8"
-        if q == "fp8":
-            try:
-                check_fp8_sizes(self.config, str(self.dir / "config.json"))
-            except QuantError as e:
-                raise WeightsError(str(e)) from None
-        return q or "bf16"
+        return fmt.name
 
     def _quantized(self, i: int, sources, fmt: str):
-        """A projection's packed sources as a numpy QWeight in `fmt`: the FP8 checkpoint's blocks as
-        stored (each source a whole number of 128-row blocks), or quantized here from its floats."""
-        from common.quant import FP8_BLOCK, QWeight, quantize
-
+        """A projection's packed sources as a numpy QWeight in `fmt`: a quantized checkpoint's values
+        and scales as stored (each source a whole number of scale rows), or quantized here from its floats."""
         names = [layer_prefix(i) + s for s in sources]
-        if self.quant is None:
-            return QWeight(*quantize(np.concatenate([np.asarray(self.read(n), np.float32) for n in names]), fmt), fmt)
+        if self.stored_format is None:
+            return QWeight(*formats.get(fmt).quantize(np.concatenate([np.asarray(self.read(n), np.float32) for n in names])),
+                           fmt)
+        block = self.stored_format.row_block
         if len(names) > 1:
             for n in names:
-                if self.tensors[n].shape[0] % FP8_BLOCK:
+                if self.tensors[n].shape[0] % block:
                     raise WeightsError(f"{self.tensors[n].file}: tensor {n!r} has {self.tensors[n].shape[0]} rows, "
-                                       f"not a multiple of {FP8_BLOCK}: its blocks cannot be packed with {names}")
+                                       f"not a multiple of {block}: its blocks cannot be packed with {names}")
         q = np.concatenate([self.read(n) for n in names])
         scale = np.concatenate([np.asarray(self.read(n + SCALE_SUFFIX), np.float32) for n in names])
-        return QWeight(q, scale, "fp8")
+        return QWeight(q, scale, self.stored_format.name)
 
     def iter_params(self, framework: str, concat: Callable[[list[Any]], Any],
                     convert: Callable[[Any], Any] = lambda a: a, *, quantization=None,
@@ -333,16 +329,14 @@ class Checkpoint:
 
         `concat` stacks a packed parameter's sources along axis 0; `convert` runs on each result
         (cast, device placement). Only one layer's sources are alive at a time. The projections come
-        as numpy common.quant.QWeight through `convert_quant` when they load int8 or fp8
-        (`weight_format`): quantized here tensor by tensor, or an FP8 checkpoint's as stored; the
-        lm_head as common.quant.head_format says (int8: quantized, also for a tied model).
+        as numpy common.formats.QWeight through `convert_quant` when they load in a quantized format
+        (`weight_format`): quantized here tensor by tensor, or a quantized checkpoint's as stored; the
+        lm_head as common.formats.head_format says (quantized also for a tied model).
         """
         items = self._iter_params(framework, concat, convert, quantization, convert_quant)
         if all_finite is None:
             yield from items
             return
-        from common.quant import QWeight
-
         flags = []
         for layer, key, arr in items:
             flags.append((layer, key, all_finite(arr.scale if isinstance(arr, QWeight) else arr)))
@@ -368,8 +362,6 @@ class Checkpoint:
                            f"({', '.join(sources)}) became non-finite when loaded (out of the load dtype's range)")
 
     def _iter_params(self, framework, concat, convert, quantization, convert_quant):
-        from common.quant import QWeight, head_format, quantize
-
         cfg = self.config
         fmt = self.weight_format(quantization)
         total = sum(self.tensors[n].nbytes for n in expected_shapes(cfg))
@@ -378,7 +370,7 @@ class Checkpoint:
             for key, hf in GLOBAL_PLAN.items():
                 if key == "lm_head" and head_fmt != "bf16":  # tied: a quantized copy of the embedding
                     name = GLOBAL_PLAN["embed"] if cfg.tie_word_embeddings else hf
-                    w = QWeight(*quantize(np.asarray(self.read_dense(name), np.float32), head_fmt), head_fmt)
+                    w = QWeight(*formats.get(head_fmt).quantize(np.asarray(self.read_dense(name), np.float32)), head_fmt)
                     pb.update(0 if cfg.tie_word_embeddings else self.tensors[hf].nbytes)
                     yield None, key, convert_quant(w)
                     continue

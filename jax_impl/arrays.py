@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from common import formats
 from common import tiles as tiles_mod
 from common.ops import AttentionMeta
 
@@ -36,25 +37,25 @@ def device_info() -> tiles_mod.Device:
 
 def dtype_key(dtype, fmt: str | None = None) -> str:
     """The tables' dtype field: the activations' dtype, with the weights' format when quantized."""
-    name = jnp.dtype(dtype).name
-    return name if fmt in (None, "bf16") else f"{name}-{fmt}"
+    return formats.get(fmt).tile_dtype(jnp.dtype(dtype).name)
 
 
-# common.quant.QWeight (a quantized weight: q, scale, fmt) as a pytree: q and scale are leaves.
-from common.quant import FP8_BLOCK, QWeight  # noqa: E402
+# common.formats.QWeight (a quantized weight: q, scale, fmt) as a pytree: q and scale are leaves.
+from common.formats import QWeight  # noqa: E402
 
 jax.tree_util.register_dataclass(QWeight, data_fields=["q", "scale"], meta_fields=["fmt"])
 
 
 def dense(w, dtype):
-    """The weight [out, in] in `dtype`: a plain array as it is, a QWeight dequantized (int8: one scale
-    per output row; fp8: one per 128 x 128 block), as common.quant.dequantize."""
+    """The weight [out, in] in `dtype`: a plain array as it is, a QWeight dequantized as
+    common.formats.WeightFormat.dequantize (per-row scales, or one per block)."""
     if not isinstance(w, QWeight):
         return w
     q = w.q.astype(jnp.float32)
-    if w.fmt == "int8":
+    if w.format.per_row:
         return (q * w.scale[:, None]).astype(dtype)
-    s = jnp.repeat(jnp.repeat(w.scale, FP8_BLOCK, axis=0), FP8_BLOCK, axis=1)[:q.shape[0], :q.shape[1]]
+    br, bc = w.format.scale_block
+    s = jnp.repeat(jnp.repeat(w.scale, br, axis=0), bc, axis=1)[:q.shape[0], :q.shape[1]]
     return (q * s).astype(dtype)
 
 
@@ -64,11 +65,9 @@ def weight_shape(w) -> tuple[int, ...]:
 
 def random_qweight(w, fmt: str) -> QWeight:
     """A QWeight for random float32 values `w` (benchmarks without a checkpoint): one scale for the
-    whole tensor, 4.5 standard deviations at the format's largest value, laid out as common.quant's."""
-    limit = {"int8": 127.0, "fp8": 448.0}[fmt]
-    s = jnp.float32(4.5) * jnp.std(w) / limit
-    q = jnp.clip(w / s, -limit, limit)
-    if fmt == "int8":
-        return QWeight(jnp.rint(q).astype(jnp.int8), jnp.full((w.shape[0],), s, jnp.float32), fmt)
-    blocks = (-(-w.shape[0] // FP8_BLOCK), -(-w.shape[1] // FP8_BLOCK))
-    return QWeight(q.astype(jnp.float8_e4m3fn), jnp.full(blocks, s, jnp.float32), fmt)
+    whole tensor, 4.5 standard deviations at the format's largest value, laid out as common.formats'."""
+    f = formats.get(fmt)
+    s = jnp.float32(4.5) * jnp.std(w) / f.max_value
+    q = jnp.clip(w / s, -f.max_value, f.max_value)
+    q = jnp.rint(q) if f.integer else q
+    return QWeight(q.astype(f.storage), jnp.full(f.scale_shape(w.shape), s, jnp.float32), f.name)

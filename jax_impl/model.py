@@ -87,7 +87,7 @@ class Qwen3(nnx.Module):
         flat = self.ops.rms_norm(h.reshape(-1, h.shape[-1]), self.final_norm[...], eps=self.cfg.rms_norm_eps)
         h = flat.reshape(h.shape)
         head = self.embed[...] if self.lm_head is None else self.lm_head.get_value()  # tied: read, never alias
-        # (an int8 head, common.quant.head_format, is a QWeight: matmul_f32 dequantizes it in the product)
+        # (a quantized head, common.formats.head_format, is a QWeight: matmul_f32 dequantizes it in the product)
         return plain.matmul_f32(h, head)
 
     def full_logits(self, h):

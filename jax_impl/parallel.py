@@ -6,8 +6,8 @@ axis "tp": rank r's slice is what common.sharding.take_shard gives rank r - colu
 (its q, k and v rows of whole kv-head groups) and w_gate_up, row shards of w_o and w_down, the norms
 whole. Inside shard_map each rank drops that axis and sees a model of shard_config's shapes: the
 Pallas kernels and the plain ops run unchanged on its heads and its part of the intermediate size.
-Packed and quantized weights (QWeight: int8 values with their per-row scales, fp8 values with their
-block scales) need no sharding rule of their own: a rank's shard is a whole parameter.
+Packed and quantized weights (QWeight: values with their per-row or block scales) need no sharding
+rule of their own: a rank's shard is a whole parameter.
 The KV caches are the global [B, rows, Hkv, D] split on the head axis (a rank's kv heads are
 contiguous, the order of its w_qkv shard). The row-parallel projections return partial sums that
 `jax.lax.psum` adds in the activation dtype (as nano-vllm's and vLLM's all-reduce), the residual
@@ -31,7 +31,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from common.config import Qwen3Config
-from common.quant import QWeight
+from common.formats import QWeight
 from common.sharding import TensorParallelError, check_tensor_parallel, shard_config, take_shard, vocab_shard
 from jax_impl import arrays  # noqa: F401  (registers QWeight as a pytree)
 
@@ -147,7 +147,7 @@ class TensorParallel:
 
     def _vocab_head(self, w):
         """Each rank's vocabulary rows of the head (common.sharding), the last padded to ceil(V / N).
-        The head is bf16 or int8 (common.quant.head_format): its rows split anywhere."""
+        The head's format (common.formats.head_format) has per-row scales or none: its rows split anywhere."""
         per = vocab_shard(self.cfg.vocab_size, self.size, 0)[2]
         return self._stack([_pad_rows(take_shard("lm_head", w, self.cfg, self.size, r, _concat), per)
                             for r in range(self.size)])
@@ -191,7 +191,7 @@ def _pad_rows(w, rows: int):
         xp = np if isinstance(a, np.ndarray) else jnp
         return a if a.shape[0] == n else xp.pad(a, [(0, n - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
 
-    if isinstance(w, QWeight):  # int8: one scale per row
+    if isinstance(w, QWeight):  # a head format: one scale per row
         return QWeight(pad(w.q, rows), pad(w.scale, rows), w.fmt)
     return pad(w, rows)
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from common import tiles as tiles_mod
-from common.quant import FP8_BLOCK, QWeight
+from common.formats import QWeight
 from jax_impl.arrays import dense, device_info, dtype_key, precision_for, weight_shape
 
 F32 = jnp.float32
@@ -71,7 +71,7 @@ def one_token_form(kernel: str, x, w, **shape) -> str:
 
 
 def _whole_blocks(w: QWeight) -> bool:
-    return all(d % FP8_BLOCK == 0 for d in w.q.shape)
+    return all(d % b == 0 for d, b in zip(w.q.shape, w.format.scale_block))
 
 
 def _fp8_blocks(x, w: QWeight):
@@ -80,11 +80,12 @@ def _fp8_blocks(x, w: QWeight):
     batched product over the output blocks, the e4m3 values converted inside it."""
     m, k = x.shape
     nb, kb = w.scale.shape
-    xs = (x.astype(F32).reshape(m, 1, kb, FP8_BLOCK) * w.scale[None, :, :, None]).astype(x.dtype)
-    q = w.q.reshape(nb, FP8_BLOCK, k).astype(x.dtype)
+    br, bc = w.format.scale_block
+    xs = (x.astype(F32).reshape(m, 1, kb, bc) * w.scale[None, :, :, None]).astype(x.dtype)
+    q = w.q.reshape(nb, br, k).astype(x.dtype)
     out = jax.lax.dot_general(xs.reshape(m, nb, k), q, (((2,), (2,)), ((1,), (0,))),
                               precision=precision_for(x.dtype), preferred_element_type=F32)  # [nb, m, 128]
-    return out.transpose(1, 0, 2).reshape(m, nb * FP8_BLOCK)
+    return out.transpose(1, 0, 2).reshape(m, nb * br)
 
 
 def linear(x, w, *, kernel: str = "linear_residual", **shape):

@@ -16,7 +16,8 @@ from flax import nnx
 
 from common import buckets, harness, sampling
 from common.config import Qwen3Config
-from common.quant import QWeight, check_fp8_sizes, check_quantization, head_format
+from common import formats
+from common.formats import QWeight, check_quantization, head_format
 from common.weights import Checkpoint
 from jax_impl import decode_loop
 from jax_impl.arrays import random_qweight
@@ -32,7 +33,7 @@ EOS_SLOTS = 8  # eos ids are padded to a multiple of this (a new eos list compil
 
 def load_params(ckpt: Checkpoint, dtype, quantization=None, *, host: bool = False) -> dict:
     """Stream the checkpoint into device arrays following common.weights' packing plan; the
-    projections as QWeight (int8 or fp8 values and float32 scales) when they load quantized.
+    projections as QWeight (values and float32 scales, common.formats) when they load quantized.
     host=True: numpy arrays in host memory instead (tensor parallel: each rank's shard then goes
     to its own device, and no device holds the whole model)."""
     params: dict = {"layers": [{} for _ in range(ckpt.config.num_hidden_layers)]}
@@ -51,13 +52,12 @@ def load_params(ckpt: Checkpoint, dtype, quantization=None, *, host: bool = Fals
 def random_params(cfg, dtype, seed: int = 0, quantization=None) -> dict:
     """Parameters in the plan's packed layout with random values made on the device (no checkpoint):
     N(0, 0.02) matrices, unit norms, q/k-norm weights of tens (as real Qwen3's); with `quantization`,
-    the projections (and the head, common.quant.head_format) as QWeight of N(0, 0.02) values at one
+    the projections (and the head, common.formats.head_format) as QWeight of N(0, 0.02) values at one
     scale (speed, not accuracy)."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     keys = iter(jax.random.split(jax.random.key(seed), 4 * cfg.num_hidden_layers + 2))
     fmt = check_quantization(quantization)
-    if fmt == "fp8":
-        check_fp8_sizes(cfg, "config")
+    formats.get(fmt).check_sizes(cfg, "config")
 
     def randn(shape, quantizable=False):
         w = jax.random.normal(next(keys), shape, jnp.float32) * 0.02
@@ -70,7 +70,7 @@ def random_params(cfg, dtype, seed: int = 0, quantization=None) -> dict:
               for _ in range(cfg.num_hidden_layers)]
     params = dict(embed=randn((cfg.vocab_size, h)), final_norm=jnp.ones((h,), dtype), layers=layers)
     quantized_head = bool(fmt) and head_format(fmt) != "bf16"
-    if not cfg.tie_word_embeddings or quantized_head:  # tied: a quantized head is a copy (common.quant.head_format)
+    if not cfg.tie_word_embeddings or quantized_head:  # tied: a quantized head is a copy (common.formats.head_format)
         params["lm_head"] = randn((cfg.vocab_size, h), quantized_head)
     return jax.block_until_ready(params)
 
@@ -331,8 +331,8 @@ def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", warmup
          lm_head_shard: str = "vocab") -> JaxRunner:
     """warmup: (batch, prompt tokens, new tokens) shapes compiled at load, each covering the calls of
     its batch bucket with at most that many prompt and new tokens; compile_cache: jax's
-    persistent compilation cache (jax_impl/compilation.py); quantization: None, "int8" or "fp8"
-    (weight-only, common.quant; an FP8 checkpoint loads as fp8 by itself); tensor_parallel_size: the
+    persistent compilation cache (jax_impl/compilation.py); quantization: None or a quantized
+    format of common.formats (weight-only; a quantized checkpoint loads in its own format by itself); tensor_parallel_size: the
     model split over this many local devices (jax_impl/parallel.py), lm_head_shard: its head
     split by "vocab" rows (the default, as torch_impl's) or "replicated" on every device."""
     return JaxRunner(model_dir, dtype=dtype, fused=fused, warmup=warmup, compile_cache=compile_cache,

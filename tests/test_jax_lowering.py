@@ -95,7 +95,7 @@ def test_split_variants_lower_for_cuda():
 
 
 def _qweight(shape, fmt):
-    from common.quant import QWeight, fp8_scale_shape
+    from common.formats import QWeight, fp8_scale_shape
 
     if fmt == "int8":
         return QWeight(S(shape, jnp.int8), S(shape[:1], jnp.float32), fmt)
@@ -106,7 +106,7 @@ def _qweight(shape, fmt):
 @pytest.mark.parametrize("tokens", TOKENS)
 @pytest.mark.parametrize("preset", ["Qwen3-0.6B", "Qwen3-8B", "Qwen3-32B"])
 def test_quantized_projections_lower_for_cuda(preset, tokens, fmt):
-    """The projections on int8 and fp8 weights (common.quant) lower at the default tiles and at
+    """The projections on int8 and fp8 weights (common.formats) lower at the default tiles and at
     chunks shorter and longer than a 128-column block."""
     from common.tiles import MatmulTiles
 

@@ -10,7 +10,7 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
-from common import quant, reference as R  # noqa: E402
+from common import formats, reference as R  # noqa: E402
 from common.ops import AttentionMeta  # noqa: E402
 from common.tiles import Device  # noqa: E402
 from common.tolerances import assert_close  # noqa: E402
@@ -37,8 +37,8 @@ def _weight(rng, n, k, fmt):
     w = (rng.standard_normal((n, k)) / np.sqrt(k)).astype(np.float32)
     if fmt == "bf16":
         return jnp.asarray(w)
-    q, s = quant.quantize(w, fmt)
-    return quant.QWeight(jnp.asarray(q), jnp.asarray(s, jnp.float32), fmt)
+    q, s = formats.quantize(w, fmt)
+    return formats.QWeight(jnp.asarray(q), jnp.asarray(s, jnp.float32), fmt)
 
 
 def _problem(fmt, seed=0):
@@ -58,7 +58,7 @@ def _problem(fmt, seed=0):
 
 def _calls(p, dtype):
     """name -> (function of no arguments, what common.reference says it returns)."""
-    c = {k: v if isinstance(v, quant.QWeight) else v.astype(dtype) for k, v in p.items()}  # scales stay float32
+    c = {k: v if isinstance(v, formats.QWeight) else v.astype(dtype) for k, v in p.items()}  # scales stay float32
     cos_sin = plain.rope_table(16, D, 1e6)
     cache = jnp.zeros((1, 8, HKV, D), dtype)
     meta = AttentionMeta(positions=jnp.asarray([5], jnp.int32), slots=jnp.asarray([5], jnp.int32))

@@ -1,4 +1,4 @@
-"""Weight formats (common.quant) and quantized checkpoints (common.weights, common.checkpoint):
+"""Weight formats (common.formats) and quantized checkpoints (common.weights, common.checkpoint):
 int8 per channel and fp8 128x128 blocks, Qwen's FP8 layout validated and read, the reference on it
 against transformers."""
 
@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from common import quant
+from common import formats
 from common.checkpoint import write_checkpoint
 from common.config import Qwen3Config
 from common.harness import load_reference
@@ -22,7 +22,7 @@ CFG = Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=384, num_hi
 
 @pytest.fixture(scope="module")
 def fp8_dir(tmp_path_factory):
-    return write_checkpoint(tmp_path_factory.mktemp("fp8") / "ck", CFG, seed=1, fp8=True)
+    return write_checkpoint(tmp_path_factory.mktemp("fp8") / "ck", CFG, seed=1, stored_format="fp8")
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +33,9 @@ def bf16_dir(tmp_path_factory):
 def test_int8_round_trip_per_channel():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((37, 300)) * rng.uniform(0.01, 10, size=(37, 1))  # rows of very different scales
-    q, s = quant.quantize_int8(w)
+    q, s = formats.get("int8").quantize(w)
     assert q.dtype == np.int8 and s.shape == (37,) and q.min() >= -127
-    err = np.abs(quant.dequantize(q, s, "int8") - w)
+    err = np.abs(formats.dequantize(q, s, "int8") - w)
     assert np.all(err <= s[:, None] / 2 + 1e-6 * np.abs(w))  # half a step of its own row at most
     assert np.all(np.abs(q).max(axis=1) == 127)  # each row's largest value uses the whole range
 
@@ -44,14 +44,14 @@ def test_fp8_round_trip_in_blocks():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((200, 300)).astype(np.float32)
     w[:128, :128] *= 1000  # one block far larger: the others keep their own scale
-    q, s = quant.quantize_fp8(w)
-    assert q.dtype == quant.E4M3 and s.shape == (2, 3)
-    back = quant.dequantize(q, s, "fp8")
+    q, s = formats.get("fp8").quantize(w)
+    assert q.dtype == formats.get("fp8").storage and s.shape == (2, 3)
+    back = formats.dequantize(q, s, "fp8")
     rel = np.abs(back - w) / np.maximum(np.abs(w), 1e-3)
     assert np.median(rel) < 0.05 and np.isfinite(back).all()
     big = np.float32(3000.0)
-    q, s = quant.quantize_fp8(np.full((4, 4), big))  # clamped before the cast: no NaN past 464
-    assert np.isfinite(quant.dequantize(q, s, "fp8")).all()
+    q, s = formats.get("fp8").quantize(np.full((4, 4), big))  # clamped before the cast: no NaN past 464
+    assert np.isfinite(formats.dequantize(q, s, "fp8")).all()
 
 
 @pytest.mark.parametrize("cfg, needle", [
@@ -74,10 +74,10 @@ def test_bad_quantization_config_is_one_error(fp8_dir, tmp_path, cfg, needle):
 
 def test_fp8_checkpoint_validates_and_reads(fp8_dir):
     ck = Checkpoint(fp8_dir)
-    assert ck.quant.method == "fp8" and ck.weight_format() == "fp8" and ck.weight_format("fp8") == "fp8"
+    assert ck.stored_format.name == "fp8" and ck.weight_format() == "fp8" and ck.weight_format("fp8") == "fp8"
     name = layer_prefix(1) + "mlp.down_proj.weight"
     assert ck.tensors[name].dtype == "F8_E4M3" and ck.tensors[name + SCALE_SUFFIX].shape == (2, 3)
-    assert ck.read(name).dtype == quant.E4M3
+    assert ck.read(name).dtype == formats.get("fp8").storage
     with pytest.raises(WeightsError, match="quantized already"):
         ck.weight_format("int8")
     with pytest.raises(WeightsError, match="quantization='int4'"):
@@ -91,7 +91,7 @@ SCALE_DTYPES = {"float32": ("F32", 0.0), "float16": ("F16", 2.0 ** -11), "bfloat
 @pytest.fixture(scope="module")
 def fp8_scale_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("fp8-scales")
-    return {dt: write_checkpoint(root / dt, CFG, seed=1, fp8=True, scale_dtype=dt) for dt in SCALE_DTYPES}
+    return {dt: write_checkpoint(root / dt, CFG, seed=1, stored_format="fp8", scale_dtype=dt) for dt in SCALE_DTYPES}
 
 
 def test_fp8_block_scales_in_any_float_dtype_load_alike(fp8_scale_dirs):
@@ -112,7 +112,7 @@ def test_fp8_block_scales_in_any_float_dtype_load_alike(fp8_scale_dirs):
         sources = [layer_prefix(0) + f"self_attn.{p}_proj.weight" for p in "qkv"]
         want_scale = np.concatenate([np.asarray(ck.read(n + SCALE_SUFFIX), np.float32) for n in sources])
         np.testing.assert_array_equal(w.scale, want_scale, err_msg=f"{dt}: scales as loaded")
-        np.testing.assert_array_equal(quant.dequantize(w.q, w.scale, "fp8"),
+        np.testing.assert_array_equal(formats.dequantize(w.q, w.scale, "fp8"),
                                       np.concatenate([ck.read_dense(n) for n in sources]), err_msg=dt)
         ref = load_reference(d).weights
         dense[dt] = {n: np.asarray(ref[n], np.float64) for n in names}
@@ -160,10 +160,10 @@ def test_quantized_params_follow_the_plan(bf16_dir, fp8_dir):
         ck = Checkpoint(d)
         got = {(layer, key): v for layer, key, v in ck.iter_params("numpy", np.concatenate, quantization=q)}
         w = got[(0, "w_qkv")]
-        assert isinstance(w, quant.QWeight) and w.fmt == (q or "fp8") and w.q.shape == (CFG.qkv_size, 256)
+        assert isinstance(w, formats.QWeight) and w.fmt == (q or "fp8") and w.q.shape == (CFG.qkv_size, 256)
         assert isinstance(got[(0, "q_norm")], np.ndarray) and isinstance(got[(None, "embed")], np.ndarray)
         dense = np.concatenate([ck.read_dense(layer_prefix(0) + f"self_attn.{p}_proj.weight") for p in "qkv"])
-        back = quant.dequantize(w.q, w.scale, w.fmt)
+        back = formats.dequantize(w.q, w.scale, w.fmt)
         assert np.abs(back - dense).max() <= 0.07 * np.abs(dense).max()
 
 
@@ -190,10 +190,10 @@ def test_jax_plain_fp8_product_scales_the_activations_per_block(m):
 
     rng = np.random.default_rng(m)
     n, k = 384, 256
-    q, s = quant.quantize(rng.standard_normal((n, k)).astype(np.float32), "fp8")
-    w = quant.QWeight(jnp.asarray(q), jnp.asarray(s), "fp8")
+    q, s = formats.quantize(rng.standard_normal((n, k)).astype(np.float32), "fp8")
+    w = formats.QWeight(jnp.asarray(q), jnp.asarray(s), "fp8")
     x = rng.standard_normal((m, k))
-    want = x @ quant.dequantize(q, s, "fp8", np.float64).T
+    want = x @ formats.dequantize(q, s, "fp8", np.float64).T
     got = np.asarray(plain.matmul_f32(jnp.asarray(x, jnp.float32), w))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     xb = jnp.asarray(x, jnp.bfloat16)

@@ -1,4 +1,4 @@
-"""The projections of both twins on quantized weights (common.quant: int8 per output row, fp8 e4m3 in
+"""The projections of both twins on quantized weights (common.formats: int8 per output row, fp8 e4m3 in
 128 x 128 blocks) against common.reference's ops on the same QWeight (q * scale).
 
 Weight-only semantics: what a kernel on a QWeight computes is the float model whose weights are
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import twins
-from common import quant
+from common import formats
 from common import reference as R
 from common.config import PRESETS
 from common.tiles import MatmulTiles
@@ -30,8 +30,8 @@ FORMATS = ("int8", "fp8")
 
 def _quantized(tw, w: np.ndarray, fmt: str):
     """(the twin's QWeight, the same numpy QWeight for common.reference's ops)."""
-    q, s = quant.quantize(w, fmt)
-    return tw.qweight(q, s, fmt), quant.QWeight(q, s, fmt)
+    q, s = formats.quantize(w, fmt)
+    return tw.qweight(q, s, fmt), formats.QWeight(q, s, fmt)
 
 
 class QuantKernelTests:

@@ -14,7 +14,7 @@ import pytest
 from common.checkpoint import write_checkpoint
 from common.config import Qwen3Config
 from common.harness import get_loader, load_reference
-from common.quant import QuantError
+from common.formats import QuantError
 from common.tolerances import assert_close
 from common.weights import WeightsError
 
@@ -32,7 +32,7 @@ LOADS = [("bf16", "int8", "int8"), ("bf16", "fp8", "fp8"), ("fp8", None, "fp8")]
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant-models")
     return {"bf16": write_checkpoint(root / "bf16", CFG, seed=5, norm_scale="realistic"),
-            "fp8": write_checkpoint(root / "fp8", CFG, seed=5, norm_scale="realistic", fp8=True),
+            "fp8": write_checkpoint(root / "fp8", CFG, seed=5, norm_scale="realistic", stored_format="fp8"),
             "tied": write_checkpoint(root / "tied", dataclasses.replace(CFG, tie_word_embeddings=True), seed=6,
                                      norm_scale="realistic")}
 
@@ -155,7 +155,7 @@ def test_parity_harness_on_an_fp8_checkpoint(tmp_path):
         pytest.importorskip(module)
     from common.parity import run_parity
 
-    path = write_checkpoint(tmp_path / "fp8", dataclasses.replace(CFG, hidden_size=256), seed=2, fp8=True,
+    path = write_checkpoint(tmp_path / "fp8", dataclasses.replace(CFG, hidden_size=256), seed=2, stored_format="fp8",
                             norm_scale="realistic")
     report = run_parity(str(path), ["hf", "jax", "torch"], dtype="float32", baseline="reference",
                         reference_dtype="float64", prompt_len=12, batch=2, new_tokens=4, seed=0, progress=False)

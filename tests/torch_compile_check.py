@@ -96,7 +96,7 @@ def launch_all(preset: str, m: int, dtype=torch.bfloat16) -> None:
                           num_heads=hq, num_kv_heads=hkv, eps=1e-6, tiles=t)
             K.mlp(x, z(h), z(2 * i, h), z(h, i), x, eps=1e-6, tiles=t, down_tiles=t)
     if dtype == torch.bfloat16:  # int8 and fp8 weights (scaled after the sum / dequantized as loaded)
-        from common.quant import FP8_BLOCK, QWeight
+        from common.formats import FP8_BLOCK, QWeight
 
         for fmt, wdt in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
             def qw(n, k):

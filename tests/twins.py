@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from common.ops import AttentionMeta
-from common.quant import QWeight
+from common.formats import QWeight
 
 FRAMEWORKS = ("jax", "torch")
 
@@ -75,7 +75,7 @@ class JaxTwin(Twin):
         return x  # jax arrays are immutable: the ops return new caches
 
     def qweight(self, q: np.ndarray, scale: np.ndarray, fmt: str):
-        """A common.quant.QWeight on this twin's device from numpy values (int8 or ml_dtypes e4m3)."""
+        """A common.formats.QWeight on this twin's device from numpy values (int8 or ml_dtypes e4m3)."""
         return QWeight(self.jnp.asarray(q), self.jnp.asarray(scale, self.jnp.float32), fmt)
 
 

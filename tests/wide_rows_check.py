@@ -15,7 +15,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
 
-from common.quant import QWeight  # noqa: E402
+from common.formats import QWeight  # noqa: E402
 from torch_impl import kernels as K  # noqa: E402
 
 STRIDE = (1 << 30) + 64  # elements between rows: row 2 starts 2^31 + 128 elements in

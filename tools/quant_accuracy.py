@@ -1,4 +1,4 @@
-"""What int8 and fp8 weights (common.quant) cost in accuracy.
+"""What the quantized weight formats (common.formats) cost in accuracy.
 
     python -m tools.quant_accuracy                      # the shipped model's project-sources loss per format
     python -m tools.quant_accuracy --shapes Qwen3-0.6B  # + logits error and greedy agreement at real shapes
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import argparsing, progress
+from common import argparsing, formats, progress
 from common.checkpoint import write_checkpoint
 from common.config import PRESETS
 from common.harness import load_reference
@@ -35,7 +35,7 @@ from common.harness import load_reference
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "tools" / "data" / "heldout.safetensors"
 HELDOUT_SOURCES = ("common/*.py",)  # this project's code: never in the stdlib training corpus
-FORMATS = (None, "int8", "fp8")
+FORMATS = (None, *formats.QUANTIZED)
 WINDOW = 256
 
 
@@ -86,7 +86,7 @@ def shipped_losses(model_dir: Path) -> dict:
 
 
 def real_shape(preset: str, prompt_len: int = 32, new_tokens: int = 64) -> dict:
-    """Logits error against bf16 and greedy agreement of int8 / fp8, random weights of `preset`.
+    """Logits error against bf16 and greedy agreement of each quantized format, random weights of `preset`.
 
     Norm weights near 1: with q/k-norm weights of tens (norm_scale="realistic") a random model is
     chaotic - on Qwen3-0.6B's shapes cut to 4 layers, 0.3% gaussian noise on the float weights alone

@@ -67,7 +67,7 @@ def fill_random(model: Qwen3ForCausalLM, g: torch.Generator, whole: Qwen3ForCaus
             qw = random_qweight(tuple(module.weight.shape), module.fmt, g, dev)
             load_quantized(local[name], f"{name}.weight", model.shard_of(f"{name}.weight", qw))
     for name, p in whole.named_parameters():
-        if not p.is_floating_point() or p.dtype == torch.float8_e4m3fn or name.endswith("_scale_inv"):
+        if not p.is_floating_point() or p.element_size() == 1 or name.endswith("_scale_inv"):
             continue  # quantized: filled above
         target = p if whole is model else torch.empty(p.shape, dtype=model.get_parameter(name).dtype, device=dev)
         if p.dim() == 2:

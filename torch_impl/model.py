@@ -35,14 +35,16 @@ from torch import nn
 
 from common.config import Qwen3Config
 from common.ops import Ops
-from common.quant import QuantError, QWeight, check_fp8_sizes, fp8_scale_shape, head_format
+from common import formats
+from common.formats import QuantError, QWeight, head_format
 from common.sharding import check_tensor_parallel, shard_config, take_shard, take_source_shard, vocab_shard
 from common.weights import NANOVLLM_PACKED, PLAN, module_name, source_rows
 from torch_impl import context as context_mod
 from torch_impl import plain
 from torch_impl.ops import check_weight_format, choose_ops
 from torch_impl.parallel import SINGLE, TPGroup, check_lm_head_shard, from_dist
-from torch_impl.quant_loading import attach_quant_loaders, load_quantized, tie_quantized_head, weight_format_of
+from torch_impl.quant_loading import (attach_quant_loaders, load_quantized, storage_dtype, tie_quantized_head,
+                                      weight_format_of)
 
 
 def as_config(config) -> Qwen3Config:
@@ -95,9 +97,9 @@ class RMSNorm(nn.Module):
 class Linear(nn.Module):
     """Weight only ([out, in], the Hugging Face layout the kernels stream); the layer calls the ops.
 
-    fmt "int8" or "fp8" (common.quant): `weight` holds the int8 or e4m3 values and `weight_scale_inv`
-    the float32 multipliers ([out], or [out/128, in/128] as Qwen's FP8 checkpoints name and store
-    them, so nano-vllm's loader fills both from such a checkpoint)."""
+    fmt a quantized format (common.formats): `weight` holds the values in its storage and
+    `weight_scale_inv` the float32 multipliers of its scale_shape (as Qwen's quantized checkpoints
+    name and store them, so nano-vllm's loader fills both from such a checkpoint)."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str = "bf16"):
         super().__init__()
@@ -105,14 +107,14 @@ class Linear(nn.Module):
         if fmt == "bf16":
             self.weight = _param(out_features, in_features)
             return
-        dtype = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}[fmt]
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-        scale = (out_features,) if fmt == "int8" else fp8_scale_shape((out_features, in_features))
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=storage_dtype(fmt)),
+                                   requires_grad=False)
+        scale = formats.get(fmt).scale_shape((out_features, in_features))
         self.weight_scale_inv = nn.Parameter(torch.empty(*scale, dtype=torch.float32), requires_grad=False)
 
     @property
     def w(self):
-        """What the ops take: the weight, or a common.quant.QWeight of the values and their scales."""
+        """What the ops take: the weight, or a common.formats.QWeight of the values and their scales."""
         return self.weight if self.fmt == "bf16" else QWeight(self.weight, self.weight_scale_inv, self.fmt)
 
 
@@ -191,8 +193,8 @@ class Embedding(nn.Module):
 
 
 class LMHead(Linear):
-    """[vocab, hidden]: bf16 through torch's matmul, int8 (common.quant.head_format) through the ops'
-    linear kernel with no residual (the weight streamed at one byte per value)."""
+    """[vocab, hidden]: bf16 through torch's matmul, a quantized head (common.formats.head_format)
+    through the ops' linear kernel with no residual (the weight streamed in its storage)."""
 
     def __init__(self, num: int, dim: int, fmt: str = "bf16", ops: Ops | None = None, tp: TPGroup = SINGLE):
         first, rows, per = vocab_shard(num, tp.size, tp.rank)  # under tp: this rank's vocabulary slice
@@ -260,19 +262,19 @@ class Qwen3ForCausalLM(nn.Module):
 
     def __init__(self, config, use_fused_kernels="auto", quantization=None, *, tp_group: TPGroup | None = None,
                  lm_head_shard: str = "vocab"):
-        """quantization: None, "int8" or "fp8": the projections' storage (common.quant, weight-only);
-        a config with Qwen's FP8 quantization_config is "fp8" by itself. tp_group: this rank's
+        """quantization: None or a quantized format of common.formats (the projections' storage,
+        weight-only); a config with a quantized checkpoint's quantization_config is in its format by
+        itself. tp_group: this rank's
         tensor-parallel group (None: torch.distributed's default group when initialized, else none);
         lm_head_shard: "vocab" splits the embedding and lm_head by vocabulary under it, "replicated"
         keeps them whole on every rank."""
         super().__init__()
         cfg = self.config = as_config(config)
         self.weight_format = weight_format_of(config, quantization)
-        if self.weight_format == "fp8":
-            try:
-                check_fp8_sizes(cfg, f"{type(config).__name__}")
-            except QuantError as e:
-                raise ValueError(str(e)) from None
+        try:
+            formats.get(self.weight_format).check_sizes(cfg, f"{type(config).__name__}")
+        except QuantError as e:
+            raise ValueError(str(e)) from None
         tp = self.tp = tp_group if tp_group is not None else from_dist()
         if tp.size > 1:
             check_tensor_parallel(cfg, tp.size, self.weight_format)
@@ -297,9 +299,9 @@ class Qwen3ForCausalLM(nn.Module):
             tie_quantized_head(self.model.embed_tokens.weight, self.lm_head.weight)
 
     def shard_of(self, name: str, w, shard_id=None, *, block: int = 1):
-        """This rank's part of `w`, the whole checkpoint tensor (or common.quant.QWeight) of parameter
+        """This rank's part of `w`, the whole checkpoint tensor (or common.formats.QWeight) of parameter
         `name`: a packed parameter's, or with `shard_id` one of its sources as nano-vllm's loader hands
-        them; block=128: an fp8 block-scale tensor. The tensor itself at tensor-parallel size 1."""
+        them; block=b: a block-scale tensor of b-row blocks. The tensor itself at tensor-parallel size 1."""
         key = self._plan_keys.get(name.removesuffix("_scale_inv"))
         tp = self.lm_head.tp if key in ("embed", "lm_head") else self.tp
         if key is None or tp.size == 1:
@@ -322,7 +324,7 @@ class Qwen3ForCausalLM(nn.Module):
 
     def load_params(self, items) -> None:
         """Fill from common.weights.Checkpoint.iter_params items: (layer or None, plan key, tensor or
-        common.quant.QWeight of tensors)."""
+        common.formats.QWeight of tensors)."""
         for layer, key, tensor in items:
             name = module_name(key, layer)
             if isinstance(tensor, QWeight):

@@ -61,8 +61,9 @@ def _flash_attn_placeholder() -> bool:
 
 def install(*, use_fused_kernels="auto", quantization=None) -> type:
     """Make nano-vllm build torch_impl's Qwen3ForCausalLM; returns the class it will build.
-    quantization: None, "int8" or "fp8" (the projections quantized as nano-vllm's loader hands them
-    over); an FP8 checkpoint's config makes "fp8" by itself and its blocks load as stored."""
+    quantization: None or a quantized format of common.formats (the projections quantized as
+    nano-vllm's loader hands them over); a quantized checkpoint's config makes its format by itself
+    and its values and scales load as stored."""
     weight_format_of(None, quantization)  # a bad value fails here, not inside nano-vllm
     placeholder = _flash_attn_placeholder()  # before any nanovllm import: its package imports the attention layer
     try:

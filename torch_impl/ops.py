@@ -22,7 +22,7 @@ from common import tile_rules
 from common import tiles as tiles_mod
 from common.harness import resolve_fused
 from common.ops import OP_NAMES, Ops, kernel_shape
-from common.quant import QWeight
+from common.formats import QWeight
 from torch_impl import plain
 
 log = logging.getLogger("torch_impl")

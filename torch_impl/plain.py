@@ -15,26 +15,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from common.quant import FP8_BLOCK, QWeight
+from common.formats import QWeight
 
 F32 = torch.float32
 
 
 def dense(w, dtype: torch.dtype) -> torch.Tensor:
-    """The weight [out, in] in `dtype`: a tensor as it is, a common.quant.QWeight dequantized (int8:
-    one scale per output row; fp8: one per 128 x 128 block), as common.quant.dequantize."""
+    """The weight [out, in] in `dtype`: a tensor as it is, a common.formats.QWeight dequantized as
+    common.formats.WeightFormat.dequantize (per-row scales, or one per block)."""
     if not isinstance(w, QWeight):
         return w
     q = w.q.to(F32)
-    if w.fmt == "int8":
+    if w.format.per_row:
         return (q * w.scale[:, None]).to(dtype)
-    s = w.scale.repeat_interleave(FP8_BLOCK, 0).repeat_interleave(FP8_BLOCK, 1)[:q.shape[0], :q.shape[1]]
+    br, bc = w.format.scale_block
+    s = w.scale.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:q.shape[0], :q.shape[1]]
     return (q * s).to(dtype)
 
 
 def linear(x: torch.Tensor, w) -> torch.Tensor:
     """x @ w.T in x's dtype, w a tensor or a QWeight (dequantized first: the plain path's weight-only
-    semantics, as transformers runs an FP8 checkpoint without fp8 matmuls)."""
+    semantics, as transformers runs a quantized checkpoint without one-byte matmuls)."""
     return F.linear(x, dense(w, x.dtype))
 
 

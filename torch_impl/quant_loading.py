@@ -1,41 +1,42 @@
-"""Quantized projections (common.quant) in torch_impl's model: which format a model is built in, and
-how its int8 / fp8 `Linear`s are filled - from common.weights' items (torch_impl.load) or through
+"""Quantized projections (common.formats) in torch_impl's model: which format a model is built in, and
+how its quantized `Linear`s are filled - from common.weights' items (torch_impl.load) or through
 nano-vllm's weight_loader protocol (Hugging Face tensors by shard: a bf16 checkpoint's are
-quantized as they arrive, an FP8 checkpoint's e4m3 values and `weight_scale_inv` blocks copied)."""
+quantized as they arrive, a quantized checkpoint's values and `weight_scale_inv` scales copied)."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from common.quant import FP8_BLOCK, QuantError, QWeight, check_quantization, parse_quantization_config, quantize
+from common import formats
+from common.formats import QuantError, QWeight, parse_quantization_config
 
-TORCH_DTYPES = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+def storage_dtype(fmt) -> torch.dtype:
+    """The torch dtype of a quantized format's stored values (common.formats' numpy storage, by name)."""
+    return getattr(torch, np.dtype(formats.get(fmt).storage).name)
 
 
 def weight_format_of(config, quantization) -> str:
-    """"fp8" for a config carrying Qwen's FP8 quantization_config, else `quantization`, else "bf16"."""
+    """The format a model of `config` is built in (common.formats.resolve): the one of a quantized
+    checkpoint's quantization_config, else `quantization`, else "bf16"."""
     raw = getattr(config, "quantization_config", None)
     if raw is not None and not isinstance(raw, dict):
         raw = raw.to_dict() if hasattr(raw, "to_dict") else vars(raw)
+    source = f"{type(config).__name__}.quantization_config"
     try:
-        ckpt = parse_quantization_config(raw, f"{type(config).__name__}.quantization_config")
-        q = check_quantization(quantization)
+        return formats.resolve(quantization, parse_quantization_config(raw, source), source).name
     except QuantError as e:
         raise ValueError(str(e)) from None
-    if ckpt is not None:
-        if q not in (None, "fp8"):
-            raise ValueError(f"quantization={q!r}: the config is of an FP8 checkpoint, whose weights are quantized "
-                             f"already (load it with quantization=None or 'fp8')")
-        return "fp8"
-    return q or "bf16"
 
 
 def to_torch(values: np.ndarray, device=None) -> torch.Tensor:
-    """numpy int8 or ml_dtypes e4m3 values as a torch tensor of the same bits."""
-    if values.dtype == np.int8:
+    """numpy values of a quantized format's storage (numpy integers, ml_dtypes floats) as a torch
+    tensor of the same bits."""
+    if values.dtype.kind in "iu":
         return torch.from_numpy(np.ascontiguousarray(values)).to(device)
-    return torch.from_numpy(np.ascontiguousarray(values).view(np.uint8)).view(torch.float8_e4m3fn).to(device)
+    raw = np.ascontiguousarray(values).view(np.uint8 if values.dtype.itemsize == 1 else np.int16)
+    return torch.from_numpy(raw).view(getattr(torch, values.dtype.name)).to(device)
 
 
 def load_quantized(linear, name: str, w: QWeight) -> None:
@@ -52,21 +53,22 @@ def load_quantized(linear, name: str, w: QWeight) -> None:
 
 
 def _scale_rows(fmt: str, start: int, n: int, total: int, name: str) -> tuple[int, int]:
-    """The scale rows of weight rows [start, start + n) of `total`: int8 one per row; fp8 one per
-    128-row block, so a shard must start on a block and fill its blocks unless it ends the tensor."""
-    if fmt == "int8":
+    """The scale rows of weight rows [start, start + n) of `total`: one per row, or one per block of
+    rows, so a shard must start on a block and fill its blocks unless it ends the tensor."""
+    block = formats.get(fmt).row_block
+    if block == 1:
         return start, n
-    if start % FP8_BLOCK or (n % FP8_BLOCK and start + n != total):
-        raise ValueError(f"{name}: a shard of rows [{start}, {start + n}) does not fill whole {FP8_BLOCK}-row "
-                         f"blocks: it cannot be stored in fp8 blocks")
-    return start // FP8_BLOCK, -(-n // FP8_BLOCK)
+    if start % block or (n % block and start + n != total):
+        raise ValueError(f"{name}: a shard of rows [{start}, {start + n}) does not fill whole {block}-row "
+                         f"blocks: it cannot be stored in {fmt} blocks")
+    return start // block, -(-n // block)
 
 
 def attach_quant_loaders(model: torch.nn.Module, shards: dict[str, dict], cut=None) -> None:
     """nano-vllm's weight_loader(param, tensor[, shard_id]) on each quantized Linear's two parameters.
     `cut(name, w, shard_id, block=1)` keeps this rank's part of a whole checkpoint tensor or QWeight
-    (the model's shard_of; a bf16 tensor is quantized whole first, so a row-parallel int8 shard keeps
-    the scales of the full rows)."""
+    (the model's shard_of; a bf16 tensor is quantized whole first, so a row-parallel shard of per-row
+    scales keeps the scales of the full rows)."""
     cut = cut or (lambda name, w, shard_id=None, block=1: w)
     for mod_name, linear in model.named_modules():
         fmt = getattr(linear, "fmt", "bf16")
@@ -84,28 +86,29 @@ def attach_quant_loaders(model: torch.nn.Module, shards: dict[str, dict], cut=No
 
         def weight_loader(param, loaded, shard_id=None, _name=name, _linear=linear, _where=where, _fmt=fmt):
             start, n = _where(shard_id)
-            fp8_values = loaded.dtype == torch.float8_e4m3fn  # an FP8 checkpoint's; their scales load on their own
-            if fp8_values and _fmt != "fp8":
-                raise ValueError(f"{_name}: fp8 checkpoint values for a model built with {_fmt} projections")
-            w = cut(_name, loaded if fp8_values else QWeight(*quantize(loaded.float().cpu().numpy(), _fmt), _fmt),
-                    shard_id)
-            q = w if fp8_values else w.q
+            stored = not loaded.is_floating_point() or loaded.element_size() == 1  # a quantized checkpoint's values
+            if stored and loaded.dtype != storage_dtype(_fmt):  # (their scales load on their own)
+                raise ValueError(f"{_name}: {loaded.dtype} checkpoint values for a model built with {_fmt} projections")
+            w = cut(_name, loaded if stored else QWeight(*formats.get(_fmt).quantize(loaded.float().cpu().numpy()),
+                                                          _fmt), shard_id)
+            q = w if stored else w.q
             if tuple(q.shape) != (n, param.shape[1]):
                 part = " (this rank's part)" if tuple(q.shape) != tuple(loaded.shape) else ""
                 raise ValueError(f"{_name}: checkpoint tensor has shape {list(q.shape)}{part}, expected "
                                  f"[{n}, {param.shape[1]}]")
             s0, sn = _scale_rows(_fmt, start, n, param.shape[0], _name)
-            if fp8_values:
+            if stored:
                 param.data.narrow(0, start, n).copy_(q)
                 return
             param.data.narrow(0, start, n).copy_(to_torch(q))
             _linear.weight_scale_inv.data.narrow(0, s0, sn).copy_(torch.from_numpy(np.asarray(w.scale, np.float32)))
 
         def scale_loader(param, loaded, shard_id=None, _name=name, _linear=linear, _where=where, _fmt=fmt):
-            if _fmt != "fp8":
+            block = formats.get(_fmt).row_block
+            if block == 1:
                 raise ValueError(f"{_name}_scale_inv: block scales for a model built with {_fmt} projections")
             s0, sn = _scale_rows(_fmt, *_where(shard_id), _linear.weight.shape[0], _name)
-            loaded = cut(_name, loaded, shard_id, block=FP8_BLOCK)
+            loaded = cut(_name, loaded, shard_id, block=block)
             if tuple(loaded.shape) != (sn, param.shape[1]):
                 raise ValueError(f"{_name}_scale_inv: checkpoint tensor has shape {list(loaded.shape)}, expected "
                                  f"[{sn}, {param.shape[1]}]")
@@ -130,13 +133,13 @@ def tie_quantized_head(embed: torch.nn.Parameter, head: torch.nn.Parameter) -> N
 
 def random_qweight(shape: tuple[int, int], fmt: str, generator: torch.Generator, device, std: float = 0.02) -> QWeight:
     """The QWeight of N(0, std) values at one scale (benchmarks, tuning: 4.5 standard deviations at the
-    format's largest value, as jax_impl.arrays.random_qweight), laid out as common.quant's."""
-    limit = {"int8": 127.0, "fp8": 448.0}[fmt]
-    s = 4.5 * std / limit
-    q = torch.empty(shape, device=device).normal_(0.0, std, generator=generator).div_(s).clamp_(-limit, limit)
-    q = q.round_().to(torch.int8) if fmt == "int8" else q.to(torch.float8_e4m3fn)
-    scale_shape = (shape[0],) if fmt == "int8" else (-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK))
-    return QWeight(q, torch.full(scale_shape, s, dtype=torch.float32, device=device), fmt)
+    format's largest value, as jax_impl.arrays.random_qweight), laid out as common.formats'."""
+    f = formats.get(fmt)
+    s = 4.5 * std / f.max_value
+    q = torch.empty(shape, device=device).normal_(0.0, std, generator=generator).div_(s).clamp_(-f.max_value,
+                                                                                               f.max_value)
+    q = (q.round_() if f.integer else q).to(storage_dtype(f))
+    return QWeight(q, torch.full(f.scale_shape(shape), s, dtype=torch.float32, device=device), f.name)
 
 
 def random_quantized_(linear, generator: torch.Generator, std: float = 0.02) -> None:

@@ -36,7 +36,7 @@ import torch
 
 from common import buckets, harness, sampling as sampling_spec
 from common.config import Qwen3Config
-from common.quant import QWeight, check_quantization
+from common.formats import QWeight, check_quantization
 from common.weights import Checkpoint
 from torch_impl import context as ctx_mod
 from torch_impl import commands, workers

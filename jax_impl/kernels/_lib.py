@@ -23,9 +23,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from common import tiles as tiles_mod
-from common.quant import FP8_BLOCK as QBLOCK, QWeight
+from common import formats
+from common.formats import QWeight
 from common.tile_rules import FP8_MIN_CAPABILITY
 from jax_impl.arrays import device_info, dtype_key, precision_for
+
+QBLOCK = formats.get("fp8").scale_block[0]  # the edge of fp8 weights' square scale blocks
 
 F32 = jnp.float32
 # Tiles with block_m >= DOT_MIN_M use the tensor-core dot; smaller ones multiply and reduce
@@ -108,13 +111,12 @@ def tiles_for(kernel: str, op: str, tiles, tile_type, dtype, fmt: str | None = N
 
 def split_weight(name: str, w, dtype):
     """(values, [scale] inputs, fmt) of a weight argument: a plain array in the activations' dtype, or
-    a common.quant.QWeight (int8 values with [out] scales, e4m3 values with [out/128, in/128] ones)."""
+    a common.formats.QWeight (values in the format's storage, scales of its scale_shape)."""
     if isinstance(w, QWeight):
-        want = {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(w.fmt)
-        check(want is not None and w.q.dtype == want, f"{name}: a {w.fmt} QWeight of {w.q.dtype} values")
-        rows, cols = w.q.shape
-        scale_shape = (rows,) if w.fmt == "int8" else (-(-rows // QBLOCK), -(-cols // QBLOCK))
-        check_shape(f"{name} scale", w.scale, scale_shape)
+        fmt = formats.FORMATS.get(w.fmt)
+        check(fmt is not None and fmt.quantized and w.q.dtype == jnp.dtype(fmt.storage),
+              f"{name}: a {w.fmt} QWeight of {w.q.dtype} values")
+        check_shape(f"{name} scale", w.scale, fmt.scale_shape(w.q.shape))
         cap = device_info().capability
         if w.fmt == "fp8" and cap is not None and cap < FP8_MIN_CAPABILITY:
             raise ValueError(f"{name}: fp8 weights need compute capability >= {FP8_MIN_CAPABILITY[0]}."
@@ -197,7 +199,7 @@ def project(x_ref, w_ref, w_tiles, *, m0, m: int, k: int, block_m: int, block_n:
     x_ref [m, k]; w_ref [n, k] (HF [out, in]); w_tiles: (start row, row mask [block_n]) pairs;
     norm: None or (norm_w_ref [k], rstd [block_m]): h = norm_w * (x * rstd).astype(x.dtype),
     rounded to x.dtype as Hugging Face's RMSNorm does before the matmul.
-    wq: None (w in the activations' dtype) or (scale_ref, fmt) of a quantized w (common.quant):
+    wq: None (w in the activations' dtype) or (scale_ref, fmt) of a quantized w (common.formats):
     "int8" rows are dequantized by their scale after the sum over K, "fp8" tiles by their 128 x 128
     block scales as they are loaded - in registers, never in memory.
     block_m >= DOT_MIN_M: tensor-core dot; smaller: multiply and reduce (one weight pass).

@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from common import formats
 from common.tiles import MatmulTiles
 from jax_impl.kernels import _lib as C
 from jax_impl.kernels.linear_residual import linear_residual
@@ -50,8 +51,9 @@ def norm_gate_up(x, norm_w, w_gate_up, *, eps: float, tiles: MatmulTiles | None 
     C.check(w_gate_up.ndim == 2 and w_gate_up.shape[1] == k and w_gate_up.shape[0] % 2 == 0,
             f"mlp: w_gate_up: expected [2 * intermediate, {k}], got {w_gate_up.shape}")
     inter = w_gate_up.shape[0] // 2
-    C.check(fmt != "fp8" or inter % C.QBLOCK == 0,
-            f"mlp: an fp8 w_gate_up needs an intermediate size that is a multiple of {C.QBLOCK}, got {inter}")
+    block = formats.get(fmt).row_block
+    C.check(inter % block == 0,
+            f"mlp: a {fmt} w_gate_up needs an intermediate size that is a multiple of {block}, got {inter}")
     C.check_shape("mlp: norm_w", norm_w, (k,))
     C.check_float("mlp: norm_w", norm_w)
     t = C.tiles_for("mlp_gate_up", "mlp", tiles, MatmulTiles, x.dtype, fmt, m=m, n=2 * inter, k=k)

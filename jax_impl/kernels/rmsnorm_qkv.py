@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from common import formats
 from common.tiles import MatmulTiles
 from jax_impl.kernels import _lib as C
 
@@ -139,7 +140,7 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     """-> (q [T, Hq, D] in x.dtype, k_cache, v_cache) with this step's k (normed, roped) and v at slots.
 
     x [T, hidden]; norm_w [hidden]; w_qkv [(Hq + 2 Hkv) D, hidden] rows [q; k; v] (or a quantized
-    common.quant.QWeight of that shape);
+    common.formats.QWeight of that shape);
     q_norm_w, k_norm_w [D]; cos_sin [max_pos, D] float32 ([:, :D/2] cos, [:, D/2:] sin);
     meta.positions, meta.slots [T] int32 (slot = block * block_size + offset; -1 = not written);
     k_cache, v_cache [num_blocks, block_size, Hkv, D]. tiles.block_n == D: one fused launch;
@@ -171,8 +172,9 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     C.check_shape("rmsnorm_qkv: v_cache", v_cache, k_cache.shape)
     C.check_float("rmsnorm_qkv: k_cache", k_cache)
     C.check_float("rmsnorm_qkv: v_cache", v_cache, k_cache.dtype)
-    C.check(fmt != "fp8" or (hq * d) % C.QBLOCK == (hkv * d) % C.QBLOCK == 0,
-            f"rmsnorm_qkv: an fp8 w_qkv needs q and k/v sizes that are multiples of {C.QBLOCK}")
+    block = formats.get(fmt).row_block
+    C.check((hq * d) % block == (hkv * d) % block == 0,
+            f"rmsnorm_qkv: a {fmt} w_qkv needs q and k/v sizes that are multiples of {block}")
     t = C.tiles_for("rmsnorm_qkv", "rmsnorm_qkv", tiles, MatmulTiles, x.dtype, fmt, m=m, n=w_qkv.shape[0], k=k,
                     head_dim=d)
     C.check(t.block_n <= d, f"rmsnorm_qkv: tiles.block_n={t.block_n}: expected head_dim={d} "

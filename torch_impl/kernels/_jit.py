@@ -5,14 +5,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from common.quant import FP8_BLOCK
+from common import formats
 
 try:  # programmatic dependent launch (Hopper+); absent from older Triton
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # pragma: no cover - the launchers then never set PDL
     gdc_launch_dependents = gdc_wait = None
 
-QBLOCK: tl.constexpr = tl.constexpr(FP8_BLOCK)  # fp8 weights' block edge (common.quant)
+QBLOCK: tl.constexpr = tl.constexpr(formats.get("fp8").scale_block[0])  # fp8 weights' block edge (common.formats)
 
 
 # The token count M of the projection kernels varies with every prompt length: not specialized (Triton
@@ -112,7 +112,7 @@ def load_w(w_ptr, s_ptr, rows, r_ok, k0, k_ok, stride_wn, stride_sn, K, BLOCK_N:
            BLOCK_K: tl.constexpr, QUANT: tl.constexpr):
     """Weight chunk [BLOCK_N, BLOCK_K] as stored (QUANT 0: the activations' dtype; 1: int8, scaled
     after the sum over K), or dequantized to float32 by its 128 x 128 block multipliers (QUANT 2: fp8
-    e4m3, common.quant) - in registers, never in memory."""
+    e4m3, common.formats) - in registers, never in memory."""
     w = load_rows(w_ptr, rows, r_ok, k0, k_ok, stride_wn, BLOCK_K)
     if QUANT == 2:
         if BLOCK_K <= QBLOCK:  # the chunk lies in one block column
@@ -170,7 +170,7 @@ def project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm,
             s_ptr=None, stride_sn=0, QUANT: tl.constexpr = 0, SPLIT: tl.constexpr = 1):
     """(acc_a, acc_b) [BLOCK_M, BLOCK_N] float32 = h @ W[rows_a].T and h @ W[rows_b].T (TWO), where
     h = RMSNorm(x) (NORM) or x, for rows offs_m of x [M, K]. A quantized W (QUANT 1 int8, 2 fp8;
-    s_ptr its scales, common.quant): int8 rows scaled after the sum over K, fp8 chunks as loaded.
+    s_ptr its scales, common.formats): int8 rows scaled after the sum over K, fp8 chunks as loaded.
     SPLIT > 1 (tensor-core tiles): the sum over this program's run of K chunks (`split_range`);
     `split_sum` adds the runs."""
     acc_a, acc_b = _project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm, stride_wn, K, eps,

@@ -8,9 +8,11 @@ import os
 
 import torch
 
+from common import formats
 from common import tiles as tiles_mod
-from common.quant import FP8_BLOCK, QWeight
+from common.formats import QWeight
 from common.tile_rules import FP8_MIN_CAPABILITY
+from torch_impl.quant_loading import storage_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -54,22 +56,19 @@ def tiles_for(kernel: str, op: str, tiles, tile_type, device: torch.device, dtyp
     return tiles
 
 
-QUANT_CODES = {None: 0, "int8": 1, "fp8": 2}  # the kernels' QUANT constexpr (torch_impl.kernels._jit.load_w)
-
-
 def split_weight(op: str, name: str, w, dtype: torch.dtype | None = None):
     """(values, scales, scale row stride, fmt) of a weight argument: a float tensor (scales: the
-    values themselves, unread), or a common.quant.QWeight of int8 values with [out] float32 scales
-    or e4m3 values with [out/128, in/128] ones."""
+    values themselves, unread), or a common.formats.QWeight: values in its format's storage, float32
+    scales of its scale_shape."""
     if not isinstance(w, QWeight):
         check(isinstance(w, torch.Tensor), f"{op}: {name} is {type(w).__name__}, expected a tensor or a QWeight")
         check_float(op, dtype, **{name: w})
         return w, w, 0, None
-    want = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}.get(w.fmt)
-    check(want is not None and w.q.dtype == want, f"{op}: {name} is a {w.fmt!r} QWeight of {w.q.dtype} values")
+    fmt = formats.FORMATS.get(w.fmt)
+    check(fmt is not None and fmt.quantized and w.q.dtype == storage_dtype(fmt),
+          f"{op}: {name} is a {w.fmt!r} QWeight of {w.q.dtype} values")
     check(w.q.dim() == 2, f"{op}: {name} has shape {list(w.q.shape)}, expected [out_features, in_features]")
-    rows, cols = w.q.shape
-    want_scale = (rows,) if w.fmt == "int8" else (-(-rows // FP8_BLOCK), -(-cols // FP8_BLOCK))
+    want_scale = fmt.scale_shape(tuple(w.q.shape))
     check(tuple(w.scale.shape) == want_scale and w.scale.dtype == torch.float32 and w.scale.is_contiguous(),
           f"{op}: {name}'s scale is {w.scale.dtype} {list(w.scale.shape)}, expected contiguous float32 "
           f"{list(want_scale)} ({w.fmt})")
@@ -79,7 +78,7 @@ def split_weight(op: str, name: str, w, dtype: torch.dtype | None = None):
         raise ValueError(f"{op}: fp8 weights need compute capability >= {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} "
                          f"for the Triton kernels, this GPU has {cap[0]}.{cap[1]} (fused='auto' runs these "
                          f"projections plain)")
-    return w.q, w.scale, (w.scale.stride(0) if w.fmt == "fp8" else 0), w.fmt
+    return w.q, w.scale, (0 if fmt.per_row else w.scale.stride(0)), w.fmt
 
 
 def check(cond: bool, msg: str) -> None:

@@ -11,9 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
+from common import formats
 from common.tiles import MatmulTiles
 from torch_impl.kernels import _jit
-from torch_impl.kernels._lib import (QUANT_CODES, check, check_device, check_float, check_rows, check_shape,
+from torch_impl.kernels._lib import (check, check_device, check_float, check_rows, check_shape,
                                      matmul_meta, precision, split_buffers, split_weight, tiles_for)
 
 
@@ -59,7 +60,7 @@ def _linear_residual_kernel(
 def linear_residual(x: torch.Tensor, w, residual: torch.Tensor | None, *,
                     tiles: MatmulTiles | None = None) -> torch.Tensor:
     """residual + x @ w.T (residual None: x @ w.T); x [T, K], w [N, K] (or a quantized
-    common.quant.QWeight), residual [T, N]; x's dtype."""
+    common.formats.QWeight), residual [T, N]; x's dtype."""
     op = "linear_residual"
     check(x.dim() == 2, f"{op}: x has shape {list(x.shape)}, expected [T, in_features]")
     check_float(op, x=x)
@@ -85,5 +86,5 @@ def linear_residual(x: torch.Tensor, w, residual: torch.Tensor | None, *,
     _linear_residual_kernel[grid](x, w, scale, r, out, ws, cnt, m, n, k, x.stride(0), w.stride(0), stride_sn,
                                   r.stride(0), out.stride(0), stride_ws, stride_wm, BLOCK_N=tiles.block_n,
                                   PRECISION=precision(x.dtype),
-                                  HAS_RESIDUAL=residual is not None, QUANT=QUANT_CODES[fmt], **meta)
+                                  HAS_RESIDUAL=residual is not None, QUANT=formats.get(fmt).code, **meta)
     return out

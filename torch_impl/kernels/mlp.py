@@ -14,10 +14,10 @@ import torch
 import triton
 import triton.language as tl
 
+from common import formats
 from common.tiles import MatmulTiles
 from torch_impl.kernels import _jit
-from common.quant import FP8_BLOCK
-from torch_impl.kernels._lib import (QUANT_CODES, check, check_device, check_float, check_rows, check_shape,
+from torch_impl.kernels._lib import (check, check_device, check_float, check_rows, check_shape,
                                      matmul_meta, precision, split_buffers, split_weight, tiles_for)
 from torch_impl.kernels.linear_residual import linear_residual
 
@@ -71,8 +71,9 @@ def norm_gate_up(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up, *, eps: float
     check_device(op, x=x, norm_w=norm_w, w_gate_up=w_gate_up)
     check_rows(op, x=x, norm_w=norm_w, w_gate_up=w_gate_up)
     inter = w_gate_up.shape[0] // 2
-    check(fmt != "fp8" or inter % FP8_BLOCK == 0,
-          f"{op}: an fp8 w_gate_up needs an intermediate size that is a multiple of {FP8_BLOCK}, got {inter}")
+    block = formats.get(fmt).row_block
+    check(inter % block == 0,
+          f"{op}: a {fmt} w_gate_up needs an intermediate size that is a multiple of {block}, got {inter}")
     tiles = tiles_for("mlp_gate_up", op, tiles, MatmulTiles, x.device, x.dtype, fmt, m=m, n=2 * inter, k=k)
     act = torch.empty((m, inter), dtype=x.dtype, device=x.device)
     if m == 0:
@@ -83,7 +84,7 @@ def norm_gate_up(x: torch.Tensor, norm_w: torch.Tensor, w_gate_up, *, eps: float
     _norm_gate_up_kernel[grid](x, norm_w, w_gate_up, scale, act, ws, cnt, m, inter, k, x.stride(0),
                                w_gate_up.stride(0), stride_sn, act.stride(0), stride_ws, stride_wm, float(eps),
                                BLOCK_N=tiles.block_n,
-                               PRECISION=precision(x.dtype), QUANT=QUANT_CODES[fmt], **meta)
+                               PRECISION=precision(x.dtype), QUANT=formats.get(fmt).code, **meta)
     return act
 
 

@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from common.quant import FP8_BLOCK
+from common import formats
 from common.tiles import MatmulTiles, next_pow2
 from torch_impl.kernels import _jit
-from torch_impl.kernels._lib import (QUANT_CODES, check, check_cache, check_device, check_float, check_index,
+from torch_impl.kernels._lib import (check, check_cache, check_device, check_float, check_index,
                                      check_rows, check_shape, matmul_meta, pdl_meta, precision, split_buffers,
                                      split_weight, tiles_for)
 
@@ -184,8 +184,9 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     check_cache(op, "v_cache", v_cache, num_kv_heads, d)
     check(k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(),
           f"{op}: k_cache {list(k_cache.shape)} and v_cache {list(v_cache.shape)} differ in shape or strides")
-    check(fmt != "fp8" or (num_heads * d) % FP8_BLOCK == (num_kv_heads * d) % FP8_BLOCK == 0,
-          f"{op}: an fp8 w_qkv needs q and k/v sizes that are multiples of {FP8_BLOCK}")
+    block = formats.get(fmt).row_block
+    check((num_heads * d) % block == (num_kv_heads * d) % block == 0,
+          f"{op}: a {fmt} w_qkv needs q and k/v sizes that are multiples of {block}")
     dtype = check_float(op, x=x, norm_w=norm_w, q_norm_w=q_norm_w, k_norm_w=k_norm_w,
                         k_cache=k_cache, v_cache=v_cache)
     check_device(op, x=x, w_qkv=w_qkv, cos_sin=cos_sin, positions=positions, slots=slots, k_cache=k_cache)
@@ -208,7 +209,7 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
         x.stride(0), w_qkv.stride(0), stride_sn, cos_sin.stride(0), q.stride(0), q.stride(1), k_cache.stride(1),
         k_cache.stride(2), (num_heads + num_kv_heads) * d, stride_ws, stride_wm, float(eps),
         HQ=num_heads, HKV=num_kv_heads, D=d, HALF=half, HALF_P=half_p, BLOCK_N=block_n, TILES=n_tiles,
-        PRECISION=precision(dtype), QUANT=QUANT_CODES[fmt], **meta)
+        PRECISION=precision(dtype), QUANT=formats.get(fmt).code, **meta)
     if n_tiles > 1:
         _qk_epilogue_kernel[(num_heads + num_kv_heads, m_tiles)](
             part, q_norm_w, k_norm_w, cos_sin, positions, slots, q, k_cache, m, k_cache.shape[0] * k_cache.shape[1],
