@@ -32,6 +32,7 @@ from pathlib import Path
 
 from common import formats
 from common.config import Qwen3Config
+from common.load_options import LoadOptions
 from common.tiles import TABLES_ENV
 
 TWINS = ("jax", "torch")
@@ -107,12 +108,9 @@ def load_twin(impl: str, path: Path | None, cfg: Qwen3Config, tensor_parallel_si
     framework, kind = impl.split("-")
     fused = False if kind == "plain" else ("auto" if _on_gpu() else True)
     twin = importlib.import_module(f"{framework}_impl")
-    quant = {"quantization": quantization_of(impl)} if quantization_of(impl) else {}
-    if tensor_parallel_size != 1:
-        quant["tensor_parallel_size"] = tensor_parallel_size
-    if path is None:
-        return twin.load_random(cfg, dtype="bfloat16", fused=fused, **quant)
-    return twin.load(path, dtype="bfloat16", fused=fused, **quant)
+    opts = LoadOptions(dtype="bfloat16", fused=fused, quantization=quantization_of(impl),
+                       tensor_parallel_size=tensor_parallel_size)
+    return twin.load_random(cfg, opts) if path is None else twin.load(path, opts)
 
 
 def _on_gpu() -> bool:

@@ -39,7 +39,7 @@ from typing import Callable, TextIO
 from common import argparsing, formats, interrupt, logs
 from common.config import ConfigError, Qwen3Config
 from common.environment import check_environment
-from common.harness import resolve_fused
+from common.load_options import LoadOptions
 from common.sampling import SEED_MAX
 from common.textgen import (StreamDecoder, TextError, chat_template, eos_token_ids, load_tokenizer, read_json,
                             render_chat, sampling_defaults)
@@ -387,27 +387,25 @@ def _run(load_fn: Callable, args, out: TextIO, err: TextIO) -> int:
     prompt_ids = encode_prompts(prompts, model_dir, tokenizer, cfg, args, err)
     eos = eos_token_ids(model_dir, tokenizer)
     kw.update(seed=args.seed, eos_token_id=None if args.ignore_eos else (eos or None))
-    extra = {}
+    warmup = []
     if args.warmup is not None:  # with the sampling this command uses, so the very programs it runs compile
-        extra["warmup"] = [dict(batch=b, prompt_tokens=l, new_tokens=n, temperature=kw["temperature"],
-                                top_k=kw["top_k"], top_p=kw["top_p"])
-                          for b, l, n in parse_warmup(args.warmup, cfg.max_position_embeddings)]
-    if args.no_compile_cache:
-        extra["compile_cache"] = False
-    if args.quantization != "none":
-        extra["quantization"] = args.quantization
-    if args.tensor_parallel_size != 1:
-        extra["tensor_parallel_size"] = args.tensor_parallel_size
-    try:
-        runner = load_fn(str(model_dir), dtype=args.dtype, fused=resolve_fused(args.fused), **extra)
+        warmup = [dict(batch=b, prompt_tokens=l, new_tokens=n, temperature=kw["temperature"], top_k=kw["top_k"],
+                       top_p=kw["top_p"]) for b, l, n in parse_warmup(args.warmup, cfg.max_position_embeddings)]
+    quant = f", --quantization {args.quantization}" if args.quantization != "none" else ""
+    quant += f", --tensor-parallel-size {args.tensor_parallel_size}" if args.tensor_parallel_size != 1 else ""
+    where = f"--model {model_dir} (--dtype {args.dtype}, --fused {args.fused}{quant})"
+    try:  # common.load_options: checked here, once, as load() checks them
+        opts = LoadOptions(dtype=args.dtype, fused=args.fused, quantization=args.quantization,
+                           tensor_parallel_size=args.tensor_parallel_size, warmup=warmup,
+                           compile_cache=not args.no_compile_cache)
+        extra = {k: v for k, v in opts.changed().items() if k not in ("dtype", "fused")}
+        runner = load_fn(str(model_dir), dtype=opts.dtype, fused=opts.fused, **extra)
     except (ValueError, NotImplementedError, RuntimeError, ImportError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = " (out of memory loading the weights: see docs/USER_GUIDE.md, Memory)" if is_out_of_memory(e) else ""
-        quant = f", --quantization {args.quantization}" if args.quantization != "none" else ""
-        quant += f", --tensor-parallel-size {args.tensor_parallel_size}" if args.tensor_parallel_size != 1 else ""
-        raise CLIError(f"--model {model_dir} (--dtype {args.dtype}, --fused {args.fused}{quant}): {first}{hint}") from None
+        raise CLIError(f"{where}: {first}{hint}") from None
     if getattr(runner, "warmup_s", 0):
-        err.write(f"warm-up: {len(extra.get('warmup', []))} shape(s) compiled in {runner.warmup_s:.2f} s\n")
+        err.write(f"warm-up: {len(opts.warmup)} shape(s) compiled in {runner.warmup_s:.2f} s\n")
     try:
         return _generate(runner, args, prompts, prompt_ids, kw, tokenizer, out, err)
     finally:

@@ -26,14 +26,29 @@ from common.formats import QWeight
 from common.weights import ROWS, source_rows
 
 
+LM_HEAD_SHARDS = ("vocab", "replicated")  # the head (and embedding) split by vocabulary rows, or whole on each rank
+
+
 class TensorParallelError(ValueError):
     """A tensor-parallel size this model cannot be split into."""
 
 
-def check_tensor_parallel(cfg: Qwen3Config, size, fmt: str = "bf16", *, what: str = "tensor_parallel_size") -> int:
-    """`size` as an int, or one clear error naming the value and what it must divide."""
+def check_size(size, what: str = "tensor_parallel_size") -> int:
+    """A tensor-parallel size: a positive integer, whatever the model."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise TensorParallelError(f"{what}={size!r}: expected a positive integer")
+    return size
+
+
+def check_lm_head_shard(value) -> str:
+    if value not in LM_HEAD_SHARDS:
+        raise TensorParallelError(f"lm_head_shard={value!r}: expected one of {', '.join(map(repr, LM_HEAD_SHARDS))}")
+    return value
+
+
+def check_tensor_parallel(cfg: Qwen3Config, size, fmt: str = "bf16", *, what: str = "tensor_parallel_size") -> int:
+    """`size` as an int, or one clear error naming the value and what it must divide."""
+    check_size(size, what)
     for name, n in (("num_key_value_heads", cfg.num_key_value_heads), ("num_attention_heads", cfg.num_attention_heads),
                     ("intermediate_size", cfg.intermediate_size)):
         if n % size:
@@ -136,5 +151,5 @@ def _take(a: Any, ranges: list[tuple[int, int]], cols: bool, concat):
     return parts[0] if len(parts) == 1 else concat(parts)
 
 
-__all__ = ["TensorParallelError", "check_tensor_parallel", "shard_config", "shard_ranges", "source_ranges",
+__all__ = ["LM_HEAD_SHARDS", "TensorParallelError", "check_lm_head_shard", "check_size", "check_tensor_parallel", "shard_config", "shard_ranges", "source_ranges",
            "take_shard", "take_source_shard", "vocab_shard"]

@@ -32,11 +32,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from common.config import Qwen3Config
 from common.formats import QWeight
-from common.sharding import TensorParallelError, check_tensor_parallel, shard_config, take_shard, vocab_shard
+from common.sharding import (TensorParallelError, check_lm_head_shard, check_tensor_parallel, shard_config, take_shard,
+                             vocab_shard)
 from jax_impl import arrays  # noqa: F401  (registers QWeight as a pytree)
 
 AXIS = "tp"
-LM_HEAD_SHARDS = ("replicated", "vocab")
 CACHE_SPEC = P(None, None, AXIS, None)  # [B, rows, Hkv, D]: split on the kv heads
 
 
@@ -91,8 +91,7 @@ class TensorParallel:
         """None for size 1 (one device, nothing sharded); else a mesh over the first `size` devices,
         after checking that the model splits into `size` (common.sharding.check_tensor_parallel)."""
         size = check_tensor_parallel(cfg, size, fmt)
-        if lm_head not in LM_HEAD_SHARDS:
-            raise TensorParallelError(f"lm_head_shard={lm_head!r}: expected one of {', '.join(LM_HEAD_SHARDS)}")
+        check_lm_head_shard(lm_head)
         if size == 1:
             return None
         return cls(cfg, size, Mesh(np.array(mesh_devices(size, devices)), (AXIS,)), lm_head)
@@ -196,5 +195,5 @@ def _pad_rows(w, rows: int):
     return pad(w, rows)
 
 
-__all__ = ["AXIS", "CACHE_SPEC", "LM_HEAD_SHARDS", "TensorParallel", "TensorParallelError", "mesh_devices",
+__all__ = ["AXIS", "CACHE_SPEC", "TensorParallel", "TensorParallelError", "mesh_devices",
            "shard_map"]

@@ -15,9 +15,10 @@ import numpy as np
 from flax import nnx
 
 from common import buckets, harness, sampling
-from common.config import Qwen3Config
 from common import formats
-from common.formats import QWeight, check_quantization, head_format
+from common.config import Qwen3Config
+from common.formats import QWeight, head_format
+from common.load_options import LoadOptions
 from common.weights import Checkpoint
 from jax_impl import decode_loop
 from jax_impl.arrays import random_qweight
@@ -56,7 +57,7 @@ def random_params(cfg, dtype, seed: int = 0, quantization=None) -> dict:
     scale (speed, not accuracy)."""
     h, i, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     keys = iter(jax.random.split(jax.random.key(seed), 4 * cfg.num_hidden_layers + 2))
-    fmt = check_quantization(quantization)
+    fmt = formats.check_quantization(quantization)
     formats.get(fmt).check_sizes(cfg, "config")
 
     def randn(shape, quantizable=False):
@@ -78,40 +79,37 @@ def random_params(cfg, dtype, seed: int = 0, quantization=None) -> dict:
 class JaxRunner(harness.Runner):
     name = "jax"
 
-    def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", warmup=None,
-                 compile_cache: bool = True, quantization=None, tensor_parallel_size: int = 1,
-                 lm_head_shard: str = "vocab"):
+    def __init__(self, model_dir: str | Path, options: LoadOptions | None = None, **kwargs):
+        """options: common.load_options.LoadOptions (or its fields as keywords), validated there."""
+        opts = LoadOptions.of("jax", options, **kwargs)
         ckpt = Checkpoint(model_dir)
-        self.weight_format = ckpt.weight_format(quantization)
-        host = tensor_parallel_size != 1  # tensor parallel: shards go from host memory to their devices
-        self._setup(ckpt.config, lambda dt: load_params(ckpt, dt, quantization, host=host), dtype, fused, warmup,
-                    compile_cache, tensor_parallel_size, lm_head_shard)
+        self.weight_format = ckpt.weight_format(opts.quantization)
+        host = opts.tensor_parallel_size != 1  # tensor parallel: shards go from host memory to their devices
+        self._setup(ckpt.config, lambda dt: load_params(ckpt, dt, opts.quantization, host=host), opts)
 
     @classmethod
-    def random(cls, config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, warmup=None,
-               compile_cache: bool = True, quantization=None, tensor_parallel_size: int = 1,
-               lm_head_shard: str = "vocab") -> "JaxRunner":
+    def random(cls, config, options: LoadOptions | None = None, *, seed: int = 0, **kwargs) -> "JaxRunner":
         """A runner over random weights of `config` (a Qwen3Config or a preset name), made on the device."""
+        opts = LoadOptions.of("jax", options, **kwargs)
         cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
         runner = cls.__new__(cls)
-        runner.weight_format = check_quantization(quantization) or "bf16"
-        runner._setup(cfg, lambda dt: random_params(cfg, dt, seed, quantization), dtype, fused, warmup,
-                      compile_cache, tensor_parallel_size, lm_head_shard)
+        runner.weight_format = opts.quantization or "bf16"
+        runner._setup(cfg, lambda dt: random_params(cfg, dt, seed, opts.quantization), opts)
         return runner
 
-    def _setup(self, cfg, params_for, dtype: str, fused, warmup, compile_cache: bool, tensor_parallel_size: int = 1,
-               lm_head_shard: str = "vocab") -> None:
-        self.dtype = harness.check_dtype(dtype)
+    def _setup(self, cfg, params_for, opts: LoadOptions) -> None:
+        self.options = opts
+        self.dtype = dtype = opts.dtype
         self.config = cfg
         # tensor parallel (jax_impl/parallel.py): checked before any weight is read; None on one device
-        self.parallel = TensorParallel.create(cfg, tensor_parallel_size, fmt=self.weight_format,
-                                              lm_head=lm_head_shard)
+        self.parallel = TensorParallel.create(cfg, opts.tensor_parallel_size, fmt=self.weight_format,
+                                              lm_head=opts.lm_head_shard)
         self.tensor_parallel_size = 1 if self.parallel is None else self.parallel.size
         if self.weight_format != "bf16":
             log.info(f"jax_impl: projections in {self.weight_format} (weight-only; activations {self.dtype})")
-        self.compile_cache = enable_persistent_cache(compile_cache)
-        check_weight_format(fused, self.weight_format)  # before a weight is read
-        ops = choose_ops(cfg, harness.resolve_fused(fused), self.dtype)
+        self.compile_cache = enable_persistent_cache(opts.compile_cache)
+        check_weight_format(opts.fused, self.weight_format)  # before a weight is read
+        ops = choose_ops(cfg, opts.fused, self.dtype)
         if self.parallel is None:
             self.model = Qwen3(cfg, params_for(jnp.dtype(dtype)), ops)
             graphdef, self.state = nnx.split(self.model)
@@ -127,7 +125,7 @@ class JaxRunner(harness.Runner):
         self._decode_ready: set[tuple] = set()
         self._warmed: set[tuple] = set()  # buckets compiled by warm-up: they serve shorter prompts and budgets
         self.last_stats: dict = {}
-        self.warmup_s = self.warmup(warmup) if warmup else 0.0
+        self.warmup_s = self.warmup(opts.warmup) if opts.warmup else 0.0
 
     def warmup(self, shapes) -> float:
         """Compile ahead of time the programs of each shape in `shapes` (common.harness.warmup_shapes:
@@ -326,24 +324,16 @@ def _sampling_defaults(kw: dict) -> dict:
                 seed=kw.get("seed", 0), eos_token_id=kw.get("eos_token_id"))
 
 
-def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", warmup=None,
-         compile_cache: bool = True, quantization=None, tensor_parallel_size: int = 1,
-         lm_head_shard: str = "vocab") -> JaxRunner:
-    """warmup: (batch, prompt tokens, new tokens) shapes compiled at load, each covering the calls of
-    its batch bucket with at most that many prompt and new tokens; compile_cache: jax's
-    persistent compilation cache (jax_impl/compilation.py); quantization: None or a quantized
-    format of common.formats (weight-only; a quantized checkpoint loads in its own format by itself); tensor_parallel_size: the
-    model split over this many local devices (jax_impl/parallel.py), lm_head_shard: its head
-    split by "vocab" rows (the default, as torch_impl's) or "replicated" on every device."""
-    return JaxRunner(model_dir, dtype=dtype, fused=fused, warmup=warmup, compile_cache=compile_cache,
-                     quantization=quantization, tensor_parallel_size=tensor_parallel_size,
-                     lm_head_shard=lm_head_shard)
+def load(model_dir: str | Path, options: LoadOptions | None = None, **kwargs) -> JaxRunner:
+    """A runner over a Hugging Face Qwen3 checkpoint directory. options: common.load_options.LoadOptions,
+    or its fields as keywords (jax_impl takes dtype, fused, quantization, tensor_parallel_size,
+    lm_head_shard, warmup, compile_cache): warmup's (batch, prompt tokens, new tokens) shapes compile at
+    load, each covering the calls of its batch bucket with at most that many prompt and new tokens;
+    compile_cache is jax's persistent compilation cache (jax_impl/compilation.py); tensor parallel
+    splits the model over local devices (jax_impl/parallel.py)."""
+    return JaxRunner(model_dir, options, **kwargs)
 
 
-def load_random(config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, warmup=None,
-                compile_cache: bool = True, quantization=None, tensor_parallel_size: int = 1,
-                lm_head_shard: str = "vocab") -> JaxRunner:
+def load_random(config, options: LoadOptions | None = None, *, seed: int = 0, **kwargs) -> JaxRunner:
     """A runner over random weights of a preset name or Qwen3Config (benchmarks, tuning: no checkpoint)."""
-    return JaxRunner.random(config, dtype=dtype, fused=fused, seed=seed, warmup=warmup, compile_cache=compile_cache,
-                            quantization=quantization, tensor_parallel_size=tensor_parallel_size,
-                            lm_head_shard=lm_head_shard)
+    return JaxRunner.random(config, options, seed=seed, **kwargs)

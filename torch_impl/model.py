@@ -37,12 +37,13 @@ from common.config import Qwen3Config
 from common.ops import Ops
 from common import formats
 from common.formats import QuantError, QWeight, head_format
-from common.sharding import check_tensor_parallel, shard_config, take_shard, take_source_shard, vocab_shard
+from common.sharding import (check_lm_head_shard, check_tensor_parallel, shard_config, take_shard, take_source_shard,
+                             vocab_shard)
 from common.weights import NANOVLLM_PACKED, PLAN, module_name, source_rows
 from torch_impl import context as context_mod
 from torch_impl import plain
 from torch_impl.ops import check_weight_format, choose_ops
-from torch_impl.parallel import SINGLE, TPGroup, check_lm_head_shard, from_dist
+from torch_impl.parallel import SINGLE, TPGroup, from_dist
 from torch_impl.quant_loading import (attach_quant_loaders, load_quantized, storage_dtype, tie_quantized_head,
                                       weight_format_of)
 

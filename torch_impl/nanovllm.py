@@ -33,9 +33,9 @@ import importlib
 import sys
 import types
 
+from common.load_options import LoadOptions
 from torch_impl import context as ctx_mod
 from torch_impl.model import Qwen3ForCausalLM
-from torch_impl.quant_loading import weight_format_of
 
 _SAVED: dict = {}
 
@@ -64,7 +64,7 @@ def install(*, use_fused_kernels="auto", quantization=None) -> type:
     quantization: None or a quantized format of common.formats (the projections quantized as
     nano-vllm's loader hands them over); a quantized checkpoint's config makes its format by itself
     and its values and scales load as stored."""
-    weight_format_of(None, quantization)  # a bad value fails here, not inside nano-vllm
+    LoadOptions.of("torch", fused=use_fused_kernels, quantization=quantization)  # bad values fail here, not in nano-vllm
     placeholder = _flash_attn_placeholder()  # before any nanovllm import: its package imports the attention layer
     try:
         nctx = importlib.import_module("nanovllm.utils.context")

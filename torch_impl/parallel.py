@@ -81,17 +81,6 @@ class TPGroup:
 
 
 SINGLE = TPGroup()
-LM_HEAD_SHARDS = ("vocab", "replicated")
-
-
-def check_lm_head_shard(value) -> str:
-    if value not in LM_HEAD_SHARDS:
-        from common.sharding import TensorParallelError  # noqa: PLC0415
-
-        raise TensorParallelError(f"lm_head_shard={value!r}: expected one of {', '.join(map(repr, LM_HEAD_SHARDS))}")
-    return value
-
-
 def _dist():
     import torch.distributed as dist  # noqa: PLC0415
 
@@ -114,4 +103,4 @@ def from_dist() -> TPGroup:
     return TPGroup(dist.get_world_size(), dist.get_rank(), None)
 
 
-__all__ = ["TPGroup", "SINGLE", "LM_HEAD_SHARDS", "check_lm_head_shard", "from_dist"]
+__all__ = ["TPGroup", "SINGLE", "from_dist"]

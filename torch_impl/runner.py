@@ -36,7 +36,8 @@ import torch
 
 from common import buckets, harness, sampling as sampling_spec
 from common.config import Qwen3Config
-from common.formats import QWeight, check_quantization
+from common.formats import QWeight
+from common.load_options import LoadOptions
 from common.weights import Checkpoint
 from torch_impl import context as ctx_mod
 from torch_impl import commands, workers
@@ -46,12 +47,22 @@ from torch_impl.model import Qwen3ForCausalLM
 from torch_impl.ops import check_weight_format
 from torch_impl.quant_loading import to_torch
 from torch_impl.sampling import sample
-from torch_impl.parallel import SINGLE, check_lm_head_shard
+from torch_impl.parallel import SINGLE
 
 
 log = logging.getLogger("torch_impl")
 
 MIN_BLOCK_ROWS = 256  # block_size=None: a sequence's one block has a power of two rows, at least this
+
+
+def _default_device(device: str | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _rank_options(opts: LoadOptions) -> dict:
+    """What each tensor-parallel rank builds with (workers.Spec): the options but the warm-up, which
+    this process runs, and the compile cache, which the ranks inherit through the environment."""
+    return dict(options=opts.replace(warmup=(), compile_cache=True))
 
 
 class CacheCapacityError(ValueError):
@@ -67,93 +78,80 @@ def _all_finite(t) -> torch.Tensor:
 class TorchRunner(harness.Runner):
     name = "torch"
 
-    def __init__(self, model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", device=None,
-                 block_size: int | None = None, max_cache_tokens: int | None = None, cuda_graphs: bool = True,
-                 warmup=None, compile_cache: bool = True, quantization=None, tensor_parallel_size: int = 1,
-                 lm_head_shard: str = "vocab"):
-        dtype = harness.check_dtype(dtype)
-        check_lm_head_shard(lm_head_shard)
-        self.compile_cache = use_compile_cache(compile_cache)
+    def __init__(self, model_dir: str | Path, options: LoadOptions | None = None, **kwargs):
+        """options: common.load_options.LoadOptions (or its fields as keywords), validated there."""
+        opts = LoadOptions.of("torch", options, **kwargs)
+        self.compile_cache = use_compile_cache(opts.compile_cache)
         ckpt = Checkpoint(model_dir)
-        fmt = ckpt.weight_format(quantization)
-        check_weight_format(fused, fmt, device)  # before a weight is read, or a rank is started
-        spec = workers.Spec("load", str(model_dir), dict(
-            dtype=dtype, fused=fused, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs,
-            quantization=quantization, tensor_parallel_size=tensor_parallel_size, lm_head_shard=lm_head_shard))
-        session = workers.start(ckpt.config, tensor_parallel_size, device, fmt, spec)
-        device = session.device if session else torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        fmt = ckpt.weight_format(opts.quantization)
+        check_weight_format(opts.fused, fmt, opts.device)  # before a weight is read, or a rank is started
+        spec = workers.Spec("load", str(model_dir), _rank_options(opts))
+        session = workers.start(ckpt.config, opts.tensor_parallel_size, opts.device, fmt, spec)
+        device = session.device if session else _default_device(opts.device)
         if device.type == "cpu":
             use_cpu_threads()
-        tdtype = getattr(torch, dtype)
+        tdtype = getattr(torch, opts.dtype)
         try:
-            model = build_model(ckpt.config, tdtype, device, harness.resolve_fused(fused),
-                                None if fmt == "bf16" else fmt, tp_group=session.tp if session else SINGLE,
-                                lm_head_shard=lm_head_shard)
+            model = build_model(ckpt.config, tdtype, device, opts.fused, None if fmt == "bf16" else fmt,
+                                tp_group=session.tp if session else SINGLE, lm_head_shard=opts.lm_head_shard)
             convert_quant = lambda w: QWeight(to_torch(w.q, device), torch.from_numpy(w.scale).to(device), w.fmt)  # noqa: E731
             convert = lambda t: t.to(device, tdtype)  # noqa: E731
             if session is not None:  # whole tensors stay on the host, one at a time; each loader keeps this rank's part
                 convert = convert_quant = lambda t: t  # noqa: E731
             with torch.inference_mode():
                 model.load_params(ckpt.iter_params("pt", concat=lambda parts: torch.cat(parts, dim=0), convert=convert,
-                                                   quantization=quantization, convert_quant=convert_quant,
+                                                   quantization=opts.quantization, convert_quant=convert_quant,
                                                    all_finite=_all_finite))  # NaN/inf: WeightsError
-            self._setup(model, block_size=block_size, max_cache_tokens=max_cache_tokens, cuda_graphs=cuda_graphs,
-                        session=session)
+            self._setup(model, opts, session=session)
         except BaseException as e:
             if session is not None:
                 session.close(abort=True, why=f"{type(e).__name__} while loading")
             raise
-        self.warmup_s = self.warmup(warmup) if warmup else 0.0
+        self.warmup_s = self.warmup(opts.warmup) if opts.warmup else 0.0
 
     @classmethod
-    def random(cls, config, *, dtype: str = "bfloat16", fused="auto", device=None, seed: int = 0,
-               quantization=None, tensor_parallel_size: int = 1, lm_head_shard: str = "vocab",
-               **kwargs) -> "TorchRunner":
+    def random(cls, config, options: LoadOptions | None = None, *, seed: int = 0, **kwargs) -> "TorchRunner":
         """A runner over random weights of `config` (a Qwen3Config or a preset name), made on the device:
         N(0, 0.02) matrices, norms in [0.5, 1.5], q/k-norm weights of tens (as real Qwen3's); with
         `quantization`, the projections' QWeight of N(0, 0.02) values at one scale. Every
         tensor_parallel_size draws the same values (each rank keeps its shard of the whole draws)."""
+        opts = LoadOptions.of("torch", options, **kwargs)
         cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
-        check_lm_head_shard(lm_head_shard)
-        warmup = kwargs.pop("warmup", None)
-        compile_cache = use_compile_cache(kwargs.pop("compile_cache", True))
-        fmt = check_quantization(quantization) or "bf16"
-        check_weight_format(fused, fmt, device)
-        session = workers.start(cfg, tensor_parallel_size, device, fmt,
-                                workers.Spec("random", cfg, dict(
-                                    dtype=dtype, fused=fused, seed=seed, quantization=quantization,
-                                    tensor_parallel_size=tensor_parallel_size, lm_head_shard=lm_head_shard, **kwargs)))
-        device = session.device if session else torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        compile_cache = use_compile_cache(opts.compile_cache)
+        fmt = opts.quantization or "bf16"
+        check_weight_format(opts.fused, fmt, opts.device)
+        session = workers.start(cfg, opts.tensor_parallel_size, opts.device, fmt,
+                                workers.Spec("random", cfg, dict(_rank_options(opts), seed=seed)))
+        device = session.device if session else _default_device(opts.device)
         try:
-            tdtype = getattr(torch, harness.check_dtype(dtype))
-            model = build_model(cfg, tdtype, device, harness.resolve_fused(fused), quantization,
-                                tp_group=session.tp if session else SINGLE, lm_head_shard=lm_head_shard)
+            tdtype = getattr(torch, opts.dtype)
+            model = build_model(cfg, tdtype, device, opts.fused, opts.quantization,
+                                tp_group=session.tp if session else SINGLE, lm_head_shard=opts.lm_head_shard)
             with torch.no_grad():
                 fill_random(model, torch.Generator(device=device).manual_seed(seed),
                             model if session is None else build_model(cfg, tdtype, torch.device("meta"), False,
-                                                                      quantization))
-            runner = cls.from_model(model, session=session, **kwargs)
+                                                                      opts.quantization))
+            runner = cls.from_model(model, opts, session=session)
         except BaseException as e:
             if session is not None:
                 session.close(abort=True, why=f"{type(e).__name__} while loading")
             raise
         runner.compile_cache = compile_cache
-        runner.warmup_s = runner.warmup(warmup) if warmup else 0.0
+        runner.warmup_s = runner.warmup(opts.warmup) if opts.warmup else 0.0
         return runner
 
     @classmethod
-    def from_model(cls, model: Qwen3ForCausalLM, **kwargs) -> "TorchRunner":
-        """A runner over a model built and filled elsewhere (benchmarks: random weights made on the GPU)."""
+    def from_model(cls, model: Qwen3ForCausalLM, options: LoadOptions | None = None, *,
+                   session: workers.Session | None = None, **kwargs) -> "TorchRunner":
+        """A runner over a model built and filled elsewhere (random weights made on the GPU); options:
+        the cache's (block_size, max_cache_tokens, cuda_graphs) as common.load_options.LoadOptions or
+        keywords."""
         runner = cls.__new__(cls)
-        runner._setup(model, **kwargs)
+        runner._setup(model, LoadOptions.of("torch", options, **kwargs), session=session)
         return runner
 
-    def _setup(self, model: Qwen3ForCausalLM, *, block_size: int | None = None, max_cache_tokens: int | None = None,
-               cuda_graphs: bool = True, session: workers.Session | None = None) -> None:
-        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
-                                       or block_size < 1):
-            raise ValueError(f"block_size={block_size!r}: expected a positive integer, or None for one block "
-                             f"per sequence")
+    def _setup(self, model: Qwen3ForCausalLM, opts: LoadOptions, *, session: workers.Session | None = None) -> None:
+        self.options = opts
         self.model, self.config = model, model.config
         self.device = model.model.embed_tokens.weight.device
         self.dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
@@ -161,9 +159,9 @@ class TorchRunner(harness.Runner):
         if self.weight_format != "bf16":
             log.info(f"torch_impl: projections in {self.weight_format} (weight-only; activations {self.dtype})")
         model.context_source = ctx_mod.own_context
-        self.block_size = block_size
-        self.max_cache_tokens = max_cache_tokens
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.block_size = opts.block_size
+        self.max_cache_tokens = opts.max_cache_tokens
+        self.use_graphs = opts.cuda_graphs and self.device.type == "cuda"
         self.warmup_s = 0.0
         self.kv: torch.Tensor | None = None
         self._decoders: dict[tuple, Decoder] = {}
@@ -479,10 +477,14 @@ def _trim(rows: list[list[int]], eos) -> list[list[int]]:
     return out
 
 
-def load(model_dir: str | Path, *, dtype: str = "bfloat16", fused="auto", **kwargs) -> TorchRunner:
-    return TorchRunner(model_dir, dtype=dtype, fused=fused, **kwargs)
+def load(model_dir: str | Path, options: LoadOptions | None = None, **kwargs) -> TorchRunner:
+    """A runner over a Hugging Face Qwen3 checkpoint directory. options: common.load_options.LoadOptions,
+    or its fields as keywords (torch_impl takes all of them: dtype, fused, quantization,
+    tensor_parallel_size, lm_head_shard, warmup, compile_cache, device, block_size, max_cache_tokens,
+    cuda_graphs)."""
+    return TorchRunner(model_dir, options, **kwargs)
 
 
-def load_random(config, *, dtype: str = "bfloat16", fused="auto", seed: int = 0, **kwargs) -> TorchRunner:
+def load_random(config, options: LoadOptions | None = None, *, seed: int = 0, **kwargs) -> TorchRunner:
     """A runner over random weights of a preset name or Qwen3Config (benchmarks, tuning: no checkpoint)."""
-    return TorchRunner.random(config, dtype=dtype, fused=fused, seed=seed, **kwargs)
+    return TorchRunner.random(config, options, seed=seed, **kwargs)
