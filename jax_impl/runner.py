@@ -111,7 +111,7 @@ class JaxRunner(harness.Runner):
             log.info(f"jax_impl: projections in {self.weight_format} (weight-only; activations {self.dtype})")
         self.compile_cache = enable_persistent_cache(compile_cache)
         check_weight_format(fused, self.weight_format)  # before a weight is read
-        ops = choose_ops(cfg, harness.resolve_fused(fused), self.dtype)
+        ops = choose_ops(fused)
         if self.parallel is None:
             self.model = Qwen3(cfg, params_for(jnp.dtype(dtype)), ops)
             graphdef, self.state = nnx.split(self.model)

@@ -24,7 +24,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from common import tiles as tiles_mod
 from common.quant import FP8_BLOCK as QBLOCK, QWeight
-from common.tile_rules import FP8_MIN_CAPABILITY
+from common.tile_rules import capable, dotted, format_min_capability
 from jax_impl.arrays import device_info, dtype_key, precision_for
 
 F32 = jnp.float32
@@ -115,11 +115,10 @@ def split_weight(name: str, w, dtype):
         rows, cols = w.q.shape
         scale_shape = (rows,) if w.fmt == "int8" else (-(-rows // QBLOCK), -(-cols // QBLOCK))
         check_shape(f"{name} scale", w.scale, scale_shape)
-        cap = device_info().capability
-        if w.fmt == "fp8" and cap is not None and cap < FP8_MIN_CAPABILITY:
-            raise ValueError(f"{name}: fp8 weights need compute capability >= {FP8_MIN_CAPABILITY[0]}."
-                             f"{FP8_MIN_CAPABILITY[1]} for the Pallas kernels, this GPU has {cap[0]}.{cap[1]} "
-                             f"(fused='auto' runs these projections in XLA)")
+        cap, need = device_info().capability, format_min_capability(w.fmt)
+        if need is not None and cap is not None and not capable(need, cap):
+            raise ValueError(f"{name}: {w.fmt} weights need compute capability >= {dotted(need)} for the Pallas "
+                             f"kernels, this GPU has {dotted(cap)} (fused='auto' runs these projections in XLA)")
         return w.q, [w.scale.astype(F32)], w.fmt
     check_float(name, w, dtype)
     return w, [], None
