@@ -183,12 +183,9 @@ def check_runner(name: str, *, dtype: str | None = None, fused="auto", weight_fo
         return  # "auto" falls back to the plain path where the kernels cannot run; False runs it
     ops = importlib.import_module(f"{name}_impl.ops")
     try:
-        if name == "jax":
-            ops.choose_ops(None, True, dtype)
-        else:
-            ops.choose_ops(True)  # the device the runner takes by default
+        ops.choose_ops(True)  # the device the runner takes by default
         ops.check_weight_format(True, weight_format)
-    except RuntimeError as e:  # the twin's FusedUnavailable
+    except RuntimeError as e:  # common.fused.FusedUnavailable
         raise ValueError(f"runner {label!r}: {e}") from None
 
 

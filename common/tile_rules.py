@@ -14,13 +14,13 @@ on an H100 (docs/MEASUREMENTS.md has each figure) and are written in terms of wh
   twice the SMs, as long as each part keeps >= 512 of K (`_torch_split`).
 `misfit` says why a tile does not fit a shape (tables are checked with it). `default_plain_form`
 says how jax_impl's plain path writes a one-token projection: multiply-and-reduce on CUDA GPUs,
-the dot elsewhere.
+the dot elsewhere. `CAPABILITY` is the one table of compute capability gates (the kernels run,
+PDL), read with `capable`; `format_min_capability` says what a weight format needs (its registry entry).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 from common import formats
 from common.tiles import AttentionTiles, Device, MatmulTiles, PrefillTiles, next_pow2
@@ -36,32 +36,40 @@ BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # ----- fused or plain -----------------------------------------------------------------------------
 
-FP8_MIN_CAPABILITY = (8, 9)  # the first GPUs whose compilers convert e4m3 values (Ada, Hopper)
+# Compute capability gates: the least (major, minor) of a CUDA GPU on which each thing runs.
+CAPABILITY = {
+    "kernels": (8, 0),  # both twins' kernels (bfloat16 tensor cores): below it, plain ops only
+    "pdl": (9, 0),  # programmatic dependent launch (torch_impl's launchers)
+}  # a weight format's own gate is its registry entry's min_capability (common.formats)
 
 
-def check_fp8_kernels(fused, fmt: str, capability: tuple[int, int] | None, *, plain: str, error: type,
-                      note: Callable[[str], None]) -> None:
-    """At load, both twins: fp8 weights on a GPU whose kernels run but whose compilers cannot convert
-    e4m3 (compute capability 8.0-8.8; below 8.0 no kernel runs, as choose_ops says). fused=True
-    raises `error` naming the flag and what to use instead; "auto" passes `note` the fallback (the
-    fp8 projections dequantize `plain`, as default_path picks). fused is resolved (True/False/"auto")."""
-    if fmt != "fp8" or fused is False or capability is None or not (8, 0) <= tuple(capability) < FP8_MIN_CAPABILITY:
-        return
-    problem = (f"fp8 weights: the fused kernels convert e4m3 only on compute capability >= {FP8_MIN_CAPABILITY[0]}."
-               f"{FP8_MIN_CAPABILITY[1]}, this GPU has {capability[0]}.{capability[1]}")
-    if fused is True:
-        raise error(f"fused=True (--fused on) with {problem}; use fused='auto' (--fused auto: the fp8 projections "
-                    f"then dequantize {plain}) or int8 weights (quantization='int8' on the bf16 checkpoint)")
-    note(f"fp8 projections dequantize {plain} (fused='auto'; {problem})")
+def capable(gate: str | tuple[int, int], capability: tuple[int, int] | None) -> bool:
+    """Whether a device of `capability` (None: not a CUDA GPU) passes `gate` (a CAPABILITY name or a
+    (major, minor))."""
+    need = CAPABILITY[gate] if isinstance(gate, str) else gate
+    return capability is not None and tuple(capability) >= tuple(need)
+
+
+def format_min_capability(fmt: str | None) -> tuple[int, int] | None:
+    """The least compute capability whose kernels run weights of format `fmt` beyond the kernels' own
+    gate (CAPABILITY["kernels"]): the registry entry's min_capability, None where that gate suffices."""
+    return formats.get(fmt).min_capability
+
+
+def dotted(capability: tuple[int, int]) -> str:
+    """A compute capability as messages write it: "8.9"."""
+    return f"{capability[0]}.{capability[1]}"
 
 
 def default_path(kernel: str, framework: str, device: Device, shape: dict, dtype: str = "bfloat16") -> str:
     """torch_impl: every kernel, everywhere its kernels run. jax_impl: attention always; the
     projections at one token per step, rmsnorm_qkv also up to 16 tokens below hidden 4096; plain
     XLA beyond (XLA's matmuls measured faster there: 8B mlp at 8 tokens 320 vs 114 us); the final
-    norm in XLA, which fuses it into the head's product. fp8 weights (dtype "<activations>-fp8")
-    below compute capability 8.9: plain (the framework dequantizes; the kernels cannot convert e4m3)."""
-    if dtype.endswith("-fp8") and device.is_gpu and device.capability < FP8_MIN_CAPABILITY:
+    norm in XLA, which fuses it into the head's product. Weights of a format whose kernels need a newer
+    GPU (dtype "<activations>-<format>", the entry's min_capability: fp8 below 8.9): plain (the
+    framework dequantizes; the kernels cannot convert the values)."""
+    need = formats.of_tile_dtype(dtype).min_capability
+    if need is not None and device.is_gpu and not capable(need, device.capability):
         return "plain"
     if framework == "torch":
         return "fused"

@@ -109,7 +109,7 @@ class JaxRunner(harness.Runner):
             log.info(f"jax_impl: projections in {self.weight_format} (weight-only; activations {self.dtype})")
         self.compile_cache = enable_persistent_cache(opts.compile_cache)
         check_weight_format(opts.fused, self.weight_format)  # before a weight is read
-        ops = choose_ops(cfg, opts.fused, self.dtype)
+        ops = choose_ops(opts.fused)
         if self.parallel is None:
             self.model = Qwen3(cfg, params_for(jnp.dtype(dtype)), ops)
             graphdef, self.state = nnx.split(self.model)

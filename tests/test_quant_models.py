@@ -13,6 +13,7 @@ import pytest
 
 from common.checkpoint import write_checkpoint
 from common.config import Qwen3Config
+from common.fused import log_once
 from common.harness import get_loader, load_reference
 from common.formats import QuantError
 from common.tolerances import assert_close
@@ -183,7 +184,7 @@ def _fake_gpu(monkeypatch, twin: str, cc: tuple[int, int]):
         from torch_impl.kernels import _lib
         monkeypatch.setattr(ops, "gpu_capability", lambda device=None: cc)
         monkeypatch.setattr(_lib, "device_info", lambda device: fake)
-    ops._log_once.cache_clear()  # "logs once" counts from here
+    log_once.cache_clear()  # "logs once" counts from here
     return ops
 
 

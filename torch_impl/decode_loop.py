@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from torch_impl import context as ctx_mod
-from torch_impl.ops import _log_once
+from common.fused import log_once
 from torch_impl.sampling import sample
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -34,8 +34,8 @@ class Decoder:
                  device: torch.device, *, graph: bool, sampling: tuple[float, int, float] | None = None):
         self.model, self.greedy, self.sampling = model, greedy, None if greedy else sampling
         if self.sampling is not None and graph and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
-            _log_once("this torch cannot register a generator with a CUDA graph: sampled decode steps "
-                      "replay for the logits and sample outside the graph")
+            log_once("torch_impl", "this torch cannot register a generator with a CUDA graph: sampled decode "
+                     "steps replay for the logits and sample outside the graph")
             self.sampling = None
         self.gen = torch.Generator(device=device)  # the in-step sampler's; seed it before each run
         i64 = dict(dtype=torch.int64, device=device)

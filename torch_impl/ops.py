@@ -1,43 +1,34 @@
-"""Which implementation of each op a torch_impl model runs (`use_fused_kernels`), chosen when it is built.
+"""Which implementation of each op a torch_impl model runs (`use_fused_kernels`): common.fused decides,
+here is what only torch knows - its device's compute capability and whether Triton's interpreter is on,
+its kernels and plain ops, and the per-shape op.
 
 - False: the plain torch ops everywhere (torch_impl/plain.py).
 - True: the Triton kernels everywhere; on CPU they run in Triton's interpreter (TRITON_INTERPRET=1
-  must be set before triton is imported); when they cannot run here, raise with the reason.
-- "auto": on CUDA GPUs of compute capability >= 8.0, each op asks common.tiles.lookup at each
-  shape whether its kernel or the plain op runs (the tables, else the default rule: every kernel);
-  the plain torch ops elsewhere.
-The choice is logged once per distinct outcome. The op list and the Ops structure are common.ops'.
+  must be set before triton is imported).
+- "auto": on CUDA GPUs the kernels run on, each op asks common.tiles.lookup at each shape whether
+  its kernel or the plain op runs (the tables, else the default rule: every kernel); the plain
+  torch ops elsewhere.
+The op list and the Ops structure are common.ops'.
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import os
 from typing import Callable
 
 import torch
 
-from common import tile_rules
+from common import fused as fused_mod
 from common import tiles as tiles_mod
+from common.fused import FusedUnavailable  # noqa: F401 - torch_impl.ops.FusedUnavailable
 from common.harness import resolve_fused
 from common.ops import OP_NAMES, Ops, kernel_shape
 from common.formats import QWeight
 from torch_impl import plain
 
-log = logging.getLogger("torch_impl")
-
-
-class FusedUnavailable(RuntimeError):
-    """fused=True was requested where the Triton kernels cannot run."""
-
-
+TWIN = fused_mod.Twin(name="torch_impl", kernels="Triton kernels", plain="plain torch path",
+                      plain_where="in the plain path", no_gpu="no CUDA device")
 PLAIN_OPS = Ops.of({n: getattr(plain, n) for n in OP_NAMES}, {n: "plain" for n in OP_NAMES})
-
-
-@functools.lru_cache(maxsize=None)
-def _log_once(message: str) -> None:
-    log.info(message)
 
 
 def gpu_capability(device: torch.device | str | None = None) -> tuple[int, int] | None:
@@ -48,6 +39,28 @@ def gpu_capability(device: torch.device | str | None = None) -> tuple[int, int] 
     if not torch.cuda.is_available():
         return None
     return torch.cuda.get_device_capability(device)
+
+
+def _here(dev: torch.device) -> fused_mod.Here:
+    unusable = None
+    if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        unusable = ("fused=True on CPU: the Triton kernels run there only in interpreter mode; "
+                    "set TRITON_INTERPRET=1 before importing triton (or use fused='auto'/False)")
+    elif dev.type not in ("cpu", "cuda"):
+        unusable = f"fused=True: the Triton kernels run on CUDA (or CPU in interpreter mode), not on {dev}"
+    return fused_mod.Here(gpu_capability(dev), interpreter="in Triton's interpreter on CPU", unusable=unusable)
+
+
+def _load() -> None:
+    from torch_impl import kernels  # noqa: F401, PLC0415 - triton only when fused kernels are wanted
+
+
+def _describe(dev: torch.device) -> str:
+    from torch_impl.kernels._lib import device_info  # noqa: PLC0415
+
+    info = device_info(dev)
+    return (f"fused='auto' -> Triton kernels per op and shape on {info.name} (tiles from "
+            f"{tiles_mod.sources('torch', info)})")
 
 
 def _per_shape(name: str, fused: Callable, plain_fn: Callable, device: torch.device) -> Callable:
@@ -66,7 +79,7 @@ def _per_shape(name: str, fused: Callable, plain_fn: Callable, device: torch.dev
 
 
 def _kernel_ops(device: torch.device, *, auto: bool) -> Ops:
-    from torch_impl import kernels  # noqa: PLC0415 - triton only when fused kernels are wanted
+    from torch_impl import kernels  # noqa: PLC0415
 
     if not auto:
         return Ops.of({n: getattr(kernels, n) for n in OP_NAMES}, {n: "fused" for n in OP_NAMES})
@@ -75,51 +88,16 @@ def _kernel_ops(device: torch.device, *, auto: bool) -> Ops:
 
 
 def check_weight_format(fused, fmt: str, device: torch.device | str | None = None) -> None:
-    """At load, before a weight is read: fp8 weights this GPU's kernels cannot convert are refused
-    with fused=True, logged once with "auto" (common.tile_rules.check_fp8_kernels)."""
-    tile_rules.check_fp8_kernels(resolve_fused(fused), fmt, gpu_capability(device), plain="in the plain path", error=FusedUnavailable,
-                                 note=lambda message: _log_once(f"torch_impl: {message}"))
+    """At load, before a weight is read: common.fused.check_weight_format on `device`."""
+    fused_mod.check_weight_format(TWIN, fused, fmt, gpu_capability(device))
 
 
 def choose_ops(fused, device: torch.device | str | None = None) -> Ops:
-    """The ops a model on `device` runs, per the rules in the module doc."""
+    """The ops a model on `device` (default: CUDA if available, else the CPU) runs, per common.fused.decide."""
     fused = resolve_fused(fused)
     if device is not None and torch.device(device).type == "meta":
         return PLAIN_OPS  # shapes only (random weights' full shapes under tensor parallelism): nothing runs
-    if fused is False:
-        _log_once("torch_impl: plain torch path (fused=False)")
-        return PLAIN_OPS
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cc = gpu_capability(dev)
-    if fused is True:
-        if dev.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-            raise FusedUnavailable("fused=True on CPU: the Triton kernels run there only in interpreter mode; "
-                                   "set TRITON_INTERPRET=1 before importing triton (or use fused='auto'/False)")
-        if dev.type not in ("cpu", "cuda"):
-            raise FusedUnavailable(f"fused=True: the Triton kernels run on CUDA (or CPU in interpreter mode), "
-                                   f"not on {dev}")
-        if cc is not None and cc < (8, 0):
-            raise FusedUnavailable(f"fused=True: the Triton kernels need compute capability >= 8.0 (bfloat16 "
-                                   f"tensor cores), this GPU has {cc[0]}.{cc[1]}")
-        try:
-            ops = _kernel_ops(dev, auto=False)
-        except ImportError as e:
-            raise FusedUnavailable(f"fused=True: the Triton kernels cannot be imported here ({e})") from None
-        where = "on the GPU" if cc else "in Triton's interpreter on CPU"
-        _log_once(f"torch_impl: fused Triton kernels {where} (fused=True)")
-        return ops
-    if cc is None or cc < (8, 0):
-        why = "no CUDA device" if cc is None else f"compute capability {cc[0]}.{cc[1]} < 8.0"
-        _log_once(f"torch_impl: plain torch path (fused='auto': {why})")
-        return PLAIN_OPS
-    try:
-        ops = _kernel_ops(dev, auto=True)
-    except ImportError as e:
-        _log_once(f"torch_impl: plain torch path (fused='auto': Triton kernels unavailable: {e})")
-        return PLAIN_OPS
-    from torch_impl.kernels._lib import device_info  # noqa: PLC0415
-
-    info = device_info(dev)
-    _log_once(f"torch_impl: fused='auto' -> Triton kernels per op and shape on {info.name} (tiles from "
-              f"{tiles_mod.sources('torch', info)})")
-    return ops
+    decision = fused_mod.decide(TWIN, fused, _here(dev), load=_load, describe=lambda: _describe(dev))
+    fused_mod.log_once(TWIN.name, decision.message)
+    return PLAIN_OPS if decision.path == "plain" else _kernel_ops(dev, auto=decision.path == "per-shape")

@@ -25,7 +25,7 @@ from jax.experimental.pallas import triton as pltriton
 from common import tiles as tiles_mod
 from common import formats
 from common.formats import QWeight
-from common.tile_rules import FP8_MIN_CAPABILITY
+from common.tile_rules import capable, dotted, format_min_capability
 from jax_impl.arrays import device_info, dtype_key, precision_for
 
 QBLOCK = formats.get("fp8").scale_block[0]  # the edge of fp8 weights' square scale blocks
@@ -117,11 +117,10 @@ def split_weight(name: str, w, dtype):
         check(fmt is not None and fmt.quantized and w.q.dtype == jnp.dtype(fmt.storage),
               f"{name}: a {w.fmt} QWeight of {w.q.dtype} values")
         check_shape(f"{name} scale", w.scale, fmt.scale_shape(w.q.shape))
-        cap = device_info().capability
-        if w.fmt == "fp8" and cap is not None and cap < FP8_MIN_CAPABILITY:
-            raise ValueError(f"{name}: fp8 weights need compute capability >= {FP8_MIN_CAPABILITY[0]}."
-                             f"{FP8_MIN_CAPABILITY[1]} for the Pallas kernels, this GPU has {cap[0]}.{cap[1]} "
-                             f"(fused='auto' runs these projections in XLA)")
+        cap, need = device_info().capability, format_min_capability(w.fmt)
+        if need is not None and cap is not None and not capable(need, cap):
+            raise ValueError(f"{name}: {w.fmt} weights need compute capability >= {dotted(need)} for the Pallas "
+                             f"kernels, this GPU has {dotted(cap)} (fused='auto' runs these projections in XLA)")
         return w.q, [w.scale.astype(F32)], w.fmt
     check_float(name, w, dtype)
     return w, [], None

@@ -11,7 +11,7 @@ import torch
 from common import formats
 from common import tiles as tiles_mod
 from common.formats import QWeight
-from common.tile_rules import FP8_MIN_CAPABILITY
+from common.tile_rules import capable, dotted, format_min_capability
 from torch_impl.quant_loading import storage_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -73,11 +73,10 @@ def split_weight(op: str, name: str, w, dtype: torch.dtype | None = None):
           f"{op}: {name}'s scale is {w.scale.dtype} {list(w.scale.shape)}, expected contiguous float32 "
           f"{list(want_scale)} ({w.fmt})")
     check(w.scale.device == w.q.device, f"{op}: {name}'s scale is on {w.scale.device}, its values on {w.q.device}")
-    cap = device_info(w.q.device).capability
-    if w.fmt == "fp8" and cap is not None and cap < FP8_MIN_CAPABILITY:
-        raise ValueError(f"{op}: fp8 weights need compute capability >= {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} "
-                         f"for the Triton kernels, this GPU has {cap[0]}.{cap[1]} (fused='auto' runs these "
-                         f"projections plain)")
+    cap, need = device_info(w.q.device).capability, format_min_capability(w.fmt)
+    if need is not None and cap is not None and not capable(need, cap):
+        raise ValueError(f"{op}: {w.fmt} weights need compute capability >= {dotted(need)} for the Triton kernels, "
+                         f"this GPU has {dotted(cap)} (fused='auto' runs these projections plain)")
     return w.q, w.scale, (0 if fmt.per_row else w.scale.stride(0)), w.fmt
 
 
@@ -171,7 +170,7 @@ def pdl_meta(device: torch.device, early: bool = False) -> dict:
         return {"PDL": 0}
     key = device.index if device.index is not None else torch.cuda.current_device()
     if key not in _PDL:
-        ok = os.environ.get("TORCH_IMPL_PDL", "1") != "0" and torch.cuda.get_device_capability(key) >= (9, 0)
+        ok = os.environ.get("TORCH_IMPL_PDL", "1") != "0" and capable("pdl", torch.cuda.get_device_capability(key))
         if ok:
             import dataclasses
 
