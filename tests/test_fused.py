@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from common import formats
 from common.fused import Decision, FusedUnavailable, Here, Twin, check_weight_format, decide, log_once
 from common.tile_rules import CAPABILITY, capable, format_min_capability
 
@@ -25,10 +26,10 @@ def _decide(fused, here, *, imports=True):
 
 
 def test_capability_gates():
-    assert CAPABILITY["kernels"] == (8, 0) and CAPABILITY["fp8_convert"] == (8, 9) and CAPABILITY["pdl"] == (9, 0)
+    assert CAPABILITY == {"kernels": (8, 0), "pdl": (9, 0)}  # a weight format's own gate: its registry entry
     assert capable("kernels", (8, 0)) and not capable("kernels", (7, 5)) and not capable("kernels", None)
     assert capable("pdl", (10, 0)) and not capable("pdl", (8, 9)) and capable((8, 9), (9, 0))
-    assert format_min_capability("fp8") == (8, 9)
+    assert format_min_capability("fp8") == (8, 9) == formats.get("fp8").min_capability
     assert format_min_capability("int8") is None and format_min_capability("bf16") is None
 
 
