@@ -3,10 +3,13 @@
     from common.ops import OPS, Ops, AttentionMeta
 
 Each twin has, for every op below, a plain implementation (`<twin>/plain.py`) and a kernel
-(`<twin>/kernels/<kernel>.py`) with the same name and argument order; its `ops.py` builds one
-`Ops` (a field per op) when the model is built. The test suite drives both twins from this list
-against `reference` (common.reference) with the tolerance table of common.tolerances; the
-tuners time the kernels listed under `kernels` with their `tiles` type.
+(`<twin>/kernels/<kernel>.py`) with the op's signature (`signature`; `signature_drift` says how
+a function differs, tests/test_op_contract.py checks all four and the reference); its `ops.py`
+builds one `Ops` (a field per op) when the model is built. The test suite drives both twins from
+this list against `reference` (common.reference, called with the op's arguments as numpy) with
+the tolerance table of common.tolerances; the tuners time the kernels listed under `kernels` with
+their `tiles` type. The kernel lists elsewhere derive from OPS: KERNEL_TILES (common.tiles),
+KERNEL_OP (common.tune), TILED_OPS (the kernel benchmarks).
 
 Conventions shared by every op:
 - Activations are token-major: x [T, hidden]; weights are [out_features, in_features] (the
@@ -95,7 +98,8 @@ KERNEL_TILES: dict[str, type | None] = _kernel_tiles()
 # Every kernel -> the op it tunes: the op whose first kernel it is (mlp's down projection is
 # linear_residual's kernel, tuned on linear_residual).
 KERNEL_OP: dict[str, str] = {spec.kernels[0]: name for name, spec in OPS.items()}
-assert list(KERNEL_OP) == list(KERNEL_TILES), "every kernel must be the first kernel of one op"
+if list(KERNEL_OP) != list(KERNEL_TILES):
+    raise ValueError(f"OPS: every kernel must be the first kernel of one op, in order: {list(KERNEL_TILES)}")
 
 
 @dataclasses.dataclass(frozen=True)
