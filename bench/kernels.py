@@ -22,9 +22,10 @@ import time
 
 from common.config import Qwen3Config
 from common.op_chains import E, Case, chain_layers, default_layout, setup, time_chain
+from common.ops import TILED_OPS
 from common.timing import TimingPlan
 
-OPS = ("rmsnorm_qkv", "mlp", "linear_residual", "decode_attention", "prefill_attention")
+OPS = TILED_OPS  # common.ops' ops but the final norm, in its order
 FRAMEWORKS = ("jax", "torch")
 PROVIDERS = ("fused", "plain")
 

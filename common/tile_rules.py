@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 from common import formats
-from common.tiles import AttentionTiles, Device, MatmulTiles, PrefillTiles, next_pow2
+from common.tiles import PROJECTIONS, AttentionTiles, Device, MatmulTiles, PrefillTiles, next_pow2
 
 DOT_MIN_M = 16  # token rows from which projections use tensor-core dots
 MIN_SPLIT_POSITIONS = 256  # decode attention: fewest cache positions per split
@@ -81,9 +81,6 @@ def default_path(kernel: str, framework: str, device: Device, shape: dict, dtype
     if m == 1:
         return "fused"
     return "fused" if kernel == "rmsnorm_qkv" and m <= DOT_MIN_M and shape["k"] < 4096 else "plain"
-
-
-PROJECTIONS = ("rmsnorm_qkv", "mlp_gate_up", "linear_residual")
 
 
 def default_plain_form(kernel: str, framework: str, device: Device, shape: dict) -> str:

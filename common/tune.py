@@ -28,14 +28,13 @@ from pathlib import Path
 
 from common import argparsing, formats, progress, tile_rules, tiles
 from common.config import PRESETS, ConfigError, Qwen3Config, shrink
+from common.ops import KERNEL_OP
 from common.op_chains import Case, chain_layers, setup, time_chain
 from common.timing import TimingPlan
 
 DEFAULT_BATCH, SMOKE_BATCH = "1,8,32,128", "1"
 DEFAULT_CONTEXTS, SMOKE_CONTEXTS = "512,4096", "64"
 SMOKE_SIZE = 16  # --smoke: hidden, intermediate and head_dim of the tiny shapes (smoke_config)
-KERNEL_OP = {"rmsnorm_qkv": "rmsnorm_qkv", "mlp_gate_up": "mlp", "linear_residual": "linear_residual",
-             "decode_attention": "decode_attention", "prefill_attention": "prefill_attention", "rms_norm": "rms_norm"}
 
 
 def _sizes(text: str, *, empty_ok: bool = False) -> list[int]:

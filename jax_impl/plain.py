@@ -20,7 +20,7 @@ from jax_impl.arrays import dense, device_info, dtype_key, precision_for, weight
 F32 = jnp.float32
 
 
-def rms_norm(x, weight, eps: float):
+def rms_norm(x, weight, *, eps: float):
     """weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).astype(x.dtype)  (Hugging Face's cast order)."""
     x32 = x.astype(F32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
@@ -124,20 +124,20 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     del tiles
     t = x.shape[0]
     d = q_norm_w.shape[0]
-    qkv = linear(rms_norm(x, norm_w, eps), w_qkv, kernel="rmsnorm_qkv", head_dim=d)
+    qkv = linear(rms_norm(x, norm_w, eps=eps), w_qkv, kernel="rmsnorm_qkv", head_dim=d)
     q_size, kv_size = num_heads * d, num_kv_heads * d
     q = qkv[:, :q_size].reshape(t, num_heads, d)
     k = qkv[:, q_size:q_size + kv_size].reshape(t, num_kv_heads, d)
     v = qkv[:, q_size + kv_size:].reshape(t, num_kv_heads, d)
-    q = apply_rope(rms_norm(q, q_norm_w, eps), cos_sin, meta.positions)
-    k = apply_rope(rms_norm(k, k_norm_w, eps), cos_sin, meta.positions)
+    q = apply_rope(rms_norm(q, q_norm_w, eps=eps), cos_sin, meta.positions)
+    k = apply_rope(rms_norm(k, k_norm_w, eps=eps), cos_sin, meta.positions)
     return q, write_cache(k_cache, k, meta.slots), write_cache(v_cache, v, meta.slots)
 
 
 def mlp(x, norm_w, w_gate_up, w_down, residual, *, eps: float, tiles=None, down_tiles=None):
     """residual + down(silu(gate) * up) of RMSNorm(x) (residual None: no add); w_gate_up rows [gate; up]."""
     del tiles, down_tiles
-    gu = linear(rms_norm(x, norm_w, eps), w_gate_up, kernel="mlp_gate_up")
+    gu = linear(rms_norm(x, norm_w, eps=eps), w_gate_up, kernel="mlp_gate_up")
     inter = gu.shape[-1] // 2
     return linear_residual(jax.nn.silu(gu[..., :inter]) * gu[..., inter:], w_down, residual)
 

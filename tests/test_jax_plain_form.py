@@ -11,7 +11,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 from common import formats, reference as R  # noqa: E402
-from common.ops import AttentionMeta  # noqa: E402
+from common.ops import OPS, AttentionMeta  # noqa: E402
 from common.tiles import Device  # noqa: E402
 from common.tolerances import assert_close  # noqa: E402
 from jax.extend import core as jax_core  # noqa: E402
@@ -68,15 +68,18 @@ def _calls(p, dtype):
                                                 cache, meta, num_heads=HQ, num_kv_heads=HKV, eps=EPS)
         return jnp.concatenate([q.reshape(-1), k_cache[0, 5].reshape(-1), v_cache[0, 5].reshape(-1)])
 
-    q, k, v = R.rmsnorm_qkv(p["x"], p["norm_w"], p["w_qkv"], p["qn"], p["kn"], np.array([5]), num_heads=HQ,
-                            num_kv_heads=HKV, head_dim=D, eps=EPS, theta=1e6)
+    ref_cache = np.zeros((1, 8, HKV, D))
+    q, k_cache, v_cache = OPS["rmsnorm_qkv"].reference(
+        p["x"], p["norm_w"], p["w_qkv"], p["qn"], p["kn"], R.rope_table(16, D, 1e6), ref_cache, ref_cache,
+        AttentionMeta(positions=np.array([5]), slots=np.array([5])), num_heads=HQ, num_kv_heads=HKV, eps=EPS)
     return {
-        "rmsnorm_qkv": (qkv, np.concatenate([np.ravel(q), np.ravel(k), np.ravel(v)])),
+        "rmsnorm_qkv": (qkv, np.concatenate([np.ravel(q), np.ravel(k_cache[0, 5]), np.ravel(v_cache[0, 5])])),
         "mlp": (lambda: plain.mlp(c["x"], c["norm_w"], c["w_gate_up"], c["w_down"], c["x"], eps=EPS),
-                R.mlp_block(p["x"], p["norm_w"], p["w_gate_up"], p["w_down"], p["x"], EPS)),
+                OPS["mlp"].reference(p["x"], p["norm_w"], p["w_gate_up"], p["w_down"], p["x"], eps=EPS)),
         "linear_residual": (lambda: plain.linear_residual(c["attn"], c["w_o"], c["x"]),
-                            R.linear_residual(p["attn"], p["w_o"], p["x"])),
-        "head": (lambda: plain.matmul_f32(c["x"], c["head"]), R.linear_residual(p["x"], p["head"], None)),
+                            OPS["linear_residual"].reference(p["attn"], p["w_o"], p["x"])),
+        "head": (lambda: plain.matmul_f32(c["x"], c["head"]),
+                 OPS["linear_residual"].reference(p["x"], p["head"], None)),
     }
 
 

@@ -145,21 +145,21 @@ class KernelTests:
         caches_ = [rng.standard_normal((num_blocks, block_size, hkv, d)) for _ in range(2)]
         meta = tw.meta(positions=positions, slots=slots)
         x = tw.arr(x_, dtype)
-        args = (x, w["norm_w"], w["w_qkv"], w["q_norm_w"], w["k_norm_w"], tw.rope_table(max_pos, d, THETA))
+        weights = (x, w["norm_w"], w["w_qkv"], w["q_norm_w"], w["k_norm_w"])
+        args = (*weights, tw.rope_table(max_pos, d, THETA))
         kw = dict(num_heads=hq, num_kv_heads=hkv, eps=EPS)
         before = [tw.arr(c, dtype) for c in caches_]
         pq, pkc, pvc = tw.plain("rmsnorm_qkv")(*args, *[tw.copy(c) for c in before], meta, **kw)
         q, kc, vc = tw.kernel("rmsnorm_qkv")(*args, *[tw.copy(c) for c in before], meta, **kw, tiles=tiles)
-        ref = {k: tw.np(v) for k, v in w.items()}
-        rq, rk, rv = R.rmsnorm_qkv(tw.np(x), ref["norm_w"], ref["w_qkv"], ref["q_norm_w"], ref["k_norm_w"], positions,
-                                   num_heads=hq, num_kv_heads=hkv, head_dim=d, eps=EPS, theta=THETA)
+        # the reference's RoPE table is float64 (the twins' is float32): a wrong table shows
+        rq, rkc, rvc = tw.reference("rmsnorm_qkv", *weights, R.rope_table(max_pos, d, THETA), *before, meta, **kw)
         assert tuple(q.shape) == (t, hq, d) and q.dtype == x.dtype
         _check(tw, q, rq, pq, dtype, "q")
-        written = slots >= 0
-        rows = slots[written]
-        for name, got, plain, expect, old in (("k_cache", kc, pkc, rk, before[0]), ("v_cache", vc, pvc, rv, before[1])):
+        rows = slots[slots >= 0]
+        for name, got, plain, expect, old in (("k_cache", kc, pkc, rkc, before[0]),
+                                              ("v_cache", vc, pvc, rvc, before[1])):
             got_rows, plain_rows, old_rows = _rows(tw, got), _rows(tw, plain), _rows(tw, old)
-            _check(tw, got_rows[rows], expect[written], plain_rows[rows], dtype, f"{name} rows written")
+            _check(tw, got_rows[rows], _rows(tw, expect)[rows], plain_rows[rows], dtype, f"{name} rows written")
             keep = np.setdiff1d(np.arange(got_rows.shape[0]), rows)
             np.testing.assert_array_equal(got_rows[keep], old_rows[keep],
                                           err_msg=f"{tw.name} {name}: rows not in slots must be unchanged")
@@ -171,17 +171,16 @@ class KernelTests:
         rng = np.random.default_rng(100 + t)
         h = shape.hidden
         vals = dict(x=_x(rng, t, h), other=rng.standard_normal((t, h)), **_weights(shape, "mlp"))
-        arrs = {k: tw.arr(v, dtype) for k, v in vals.items()}
-        return arrs, {k: tw.np(v) for k, v in arrs.items()}
+        return {k: tw.arr(v, dtype) for k, v in vals.items()}
 
     def test_mlp(self, tw, mm_case):
         shape, t, dtype, tiles = mm_case
-        a, f = self._mlp_inputs(tw, shape, t, dtype)
+        a = self._mlp_inputs(tw, shape, t, dtype)
         args = (a["x"], a["norm_w"], a["w_gate_up"], a["w_down"], a["x"])  # the decoder layer's residual: x
         out = tw.kernel("mlp")(*args, eps=EPS, tiles=tiles, down_tiles=tiles)
         plain = tw.plain("mlp")(*args, eps=EPS)
         assert tuple(out.shape) == (t, shape.hidden) and out.dtype == a["x"].dtype
-        want = R.mlp_block(f["x"], f["norm_w"], f["w_gate_up"], f["w_down"], f["x"], EPS)
+        want = tw.reference("mlp", *args, eps=EPS)
         _check(tw, out, want, plain, dtype, "mlp")
         if tw.name == "torch":
             _assert_counters_reset(out.device)
@@ -196,7 +195,7 @@ class KernelTests:
         res = tw.arr(rng.standard_normal((t, h)), dtype)
         out = tw.kernel("linear_residual")(x, w_o, res, tiles=tiles)
         assert tuple(out.shape) == (t, h) and out.dtype == res.dtype
-        _check(tw, out, R.linear_residual(tw.np(x), tw.np(w_o), tw.np(res)),
+        _check(tw, out, tw.reference("linear_residual", x, w_o, res),
                tw.plain("linear_residual")(x, w_o, res), dtype, "linear_residual")
         if tw.name == "torch":
             _assert_counters_reset(out.device)
@@ -208,21 +207,22 @@ class KernelTests:
         w = tw.arr(rng.uniform(0.3, 3.0, shape.hidden), dtype)
         out = tw.kernel("rms_norm")(x, w, eps=EPS)
         assert tuple(out.shape) == tuple(x.shape) and out.dtype == x.dtype
-        _check(tw, out, R.rms_norm(tw.np(x), tw.np(w), EPS), tw.plain("rms_norm")(x, w, eps=EPS), dtype, "rms_norm")
+        _check(tw, out, tw.reference("rms_norm", x, w, eps=EPS), tw.plain("rms_norm")(x, w, eps=EPS), dtype,
+               "rms_norm")
 
     def test_row_parallel_residual(self, tw):
         """residual None adds nothing (a tensor-parallel shard); another tensor is added as given."""
         shape, t, dtype = self.MM_CASES[0][0], 3, F32
-        a, f = self._mlp_inputs(tw, shape, t, dtype)
+        a = self._mlp_inputs(tw, shape, t, dtype)
         act = tw.arr(np.random.default_rng(9).standard_normal((t, shape.inter)))
-        for residual, res_ in ((None, None), (a["other"], f["other"])):
+        for residual in (None, a["other"]):
             what = "none" if residual is None else "another tensor"
             args = (a["x"], a["norm_w"], a["w_gate_up"], a["w_down"], residual)
-            want = R.mlp_block(f["x"], f["norm_w"], f["w_gate_up"], f["w_down"], res_, EPS)
+            want = tw.reference("mlp", *args, eps=EPS)
             _check(tw, tw.kernel("mlp")(*args, eps=EPS), want, tw.plain("mlp")(*args, eps=EPS), dtype,
                    f"mlp residual={what}")
             _check(tw, tw.kernel("linear_residual")(act, a["w_down"], residual),
-                   R.linear_residual(tw.np(act), f["w_down"], res_),
+                   tw.reference("linear_residual", act, a["w_down"], residual),
                    tw.plain("linear_residual")(act, a["w_down"], residual), dtype, f"linear_residual residual={what}")
 
     # ----- decode attention -----------------------------------------------------------------------
@@ -238,7 +238,7 @@ class KernelTests:
     def test_decode_attention(self, tw, attn_case):
         shape, b, dtype, tiles = attn_case
         rng = np.random.default_rng(300 + b)
-        bs, hkv, d = self.BLOCK_SIZE, shape.hkv, shape.d
+        bs, d = self.BLOCK_SIZE, shape.d
         q, kc, vc, max_blocks, num_blocks = self._decode_inputs(tw, shape, b, dtype, rng)
         tables = rng.permutation(num_blocks)[:b * max_blocks].reshape(b, max_blocks)
         lens = rng.integers(2, max_blocks * bs + 1, size=b)  # >= 2 keys: with one, any scale gives softmax 1
@@ -249,10 +249,8 @@ class KernelTests:
         meta = tw.meta(block_tables=tables, context_lens=lens)
         out = tw.kernel("decode_attention")(q, kc, vc, meta, tiles=tiles)
         plain = tw.plain("decode_attention")(q, kc, vc, meta)
-        k_seq = tw.np(kc)[np.maximum(tables, 0)].reshape(b, -1, hkv, d)
-        v_seq = tw.np(vc)[np.maximum(tables, 0)].reshape(b, -1, hkv, d)
         assert tuple(out.shape) == (b, shape.hq, d) and out.dtype == q.dtype
-        _check(tw, out, R.decode_attention(tw.np(q), k_seq, v_seq, lens), plain, dtype, "decode_attention")
+        _check(tw, out, tw.reference("decode_attention", q, kc, vc, meta), plain, dtype, "decode_attention")
         if tw.name == "torch":
             _assert_counters_reset(q.device)
 
@@ -267,10 +265,10 @@ class KernelTests:
         lens = rng.integers(2, rows + 1, size=b)
         lens[-1] = rows
         order = rng.permutation(b + 2)[:b]
-        for tables, blocks in ((None, np.arange(b)), (order[:, None], order)):
+        for tables in (None, order[:, None]):
             meta = tw.meta(block_tables=tables, context_lens=lens)
             out = tw.kernel("decode_attention")(q, kc, vc, meta, tiles=tiles)
-            want = R.decode_attention(tw.np(q), tw.np(kc)[blocks], tw.np(vc)[blocks], lens)
+            want = tw.reference("decode_attention", q, kc, vc, meta)
             _check(tw, out, want, tw.plain("decode_attention")(q, kc, vc, meta), dtype,
                    f"decode_attention one block ({'no table' if tables is None else 'table'})")
 
@@ -314,9 +312,7 @@ class KernelTests:
                        max_seqlen_q=max(len_q), max_seqlen_k=max(len_k), is_prefill=True)
         out = tw.kernel("prefill_attention")(q, kc, vc, meta, tiles=tiles)
         plain = tw.plain("prefill_attention")(q, kc, vc, meta)
-        flat_k, flat_v = _rows(tw, kc), _rows(tw, vc)
-        seq_rows = np.concatenate([tables[b, np.arange(n) // bs] * bs + np.arange(n) % bs for b, n in enumerate(len_k)])
-        want = R.prefill_attention(tw.np(q), flat_k[seq_rows], flat_v[seq_rows], cu_q, cu_k)
+        want = tw.reference("prefill_attention", q, kc, vc, meta)
         assert tuple(out.shape) == tuple(q.shape) and out.dtype == q.dtype
         _check(tw, out, want, plain, dtype, f"prefill_attention ({layout})")
 

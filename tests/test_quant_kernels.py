@@ -51,7 +51,7 @@ class QuantKernelTests:
         x, res = tw.arr(rng.standard_normal((t, k)), dtype), tw.arr(rng.standard_normal((t, n)), dtype)
         out = tw.kernel("linear_residual")(x, w, res, tiles=tiles)
         assert tuple(out.shape) == (t, n) and out.dtype == x.dtype
-        _check(tw, out, R.linear_residual(tw.np(x), wf, tw.np(res)), tw.plain("linear_residual")(x, w, res), dtype,
+        _check(tw, out, tw.reference("linear_residual", x, wf, res), tw.plain("linear_residual")(x, w, res), dtype,
                f"{fmt} linear_residual")
 
     def test_mlp(self, tw, fmt, case):
@@ -63,7 +63,7 @@ class QuantKernelTests:
         down, downf = _quantized(tw, rng.standard_normal((h, i)).astype(np.float32) / np.sqrt(i), fmt)
         x, nw = tw.arr(_x(rng, t, h), dtype), tw.arr(rng.uniform(0.3, 3.0, h), dtype)
         out = tw.kernel("mlp")(x, nw, gu, down, x, eps=EPS, tiles=tiles, down_tiles=tiles)
-        want = R.mlp_block(tw.np(x), tw.np(nw), guf, downf, tw.np(x), EPS)
+        want = tw.reference("mlp", x, nw, guf, downf, x, eps=EPS)
         _check(tw, out, want, tw.plain("mlp")(x, nw, gu, down, x, eps=EPS), dtype, f"{fmt} mlp")
 
     def test_rmsnorm_qkv(self, tw, fmt, case):
@@ -84,12 +84,12 @@ class QuantKernelTests:
         kw = dict(num_heads=hq, num_kv_heads=hkv, eps=EPS)
         q, kc, vc = tw.kernel("rmsnorm_qkv")(*args, *[tw.copy(c) for c in caches], meta, **kw, tiles=tiles)
         pq, pkc, pvc = tw.plain("rmsnorm_qkv")(*args, *[tw.copy(c) for c in caches], meta, **kw)
-        rq, rk, rv = R.rmsnorm_qkv(tw.np(x), tw.np(nw), wf, tw.np(qn), tw.np(kn), positions, num_heads=hq,
-                                   num_kv_heads=hkv, head_dim=d, eps=EPS, theta=THETA)
+        rq, rkc, rvc = tw.reference("rmsnorm_qkv", x, nw, wf, qn, kn, R.rope_table(max_pos, d, THETA), *caches, meta,
+                                    **kw)
         _check(tw, q, rq, pq, dtype, f"{fmt} q")
-        for name, got, plain, want in (("k", kc, pkc, rk), ("v", vc, pvc, rv)):
+        for name, got, plain, want in (("k", kc, pkc, rkc), ("v", vc, pvc, rvc)):
             rows = lambda c: tw.np(c).reshape(-1, hkv, d)[slots]  # noqa: E731
-            _check(tw, rows(got), want, rows(plain), dtype, f"{fmt} {name} cache rows")
+            _check(tw, rows(got), rows(want), rows(plain), dtype, f"{fmt} {name} cache rows")
 
 
 def pytest_generate_tests(metafunc):

@@ -19,6 +19,7 @@ from common import reference
 from common.checkpoint import random_weights, write_checkpoint
 from common.config import PRESETS, Qwen3Config, shrink
 from common.harness import load_reference
+from common.ops import AttentionMeta
 
 hf_runner = pytest.importorskip("common.hf_runner")
 pytest.importorskip("transformers")
@@ -158,7 +159,7 @@ def test_decode_attention_equals_last_row_of_causal_attention():
     q = rng.standard_normal((3, hq, dim))
     kc = rng.standard_normal((3, smax, hkv, dim))
     vc = rng.standard_normal((3, smax, hkv, dim))
-    out = reference.decode_attention(q, kc, vc, lengths)
+    out = reference.decode_attention(q, kc, vc, AttentionMeta(context_lens=lengths))  # block b: sequence b
     for b, n in enumerate(lengths):
         full_q = np.concatenate([rng.standard_normal((n - 1, hq, dim)), q[b:b + 1]])
         want = reference.attention(full_q, kc[b, :n], vc[b, :n], np.arange(n))[-1]

@@ -2,7 +2,9 @@
 
 `Twin` makes the twin's arrays from numpy (in a dtype, on its device), reads them back as float64
 numpy, builds common.ops.AttentionMeta, and calls an op of its kernels (K) or its plain path (P):
-`twin.kernel(name)(*args, tiles=...)` and `twin.plain(name)(*args)`. On CPU the kernels run in
+`twin.kernel(name)(*args, tiles=...)` and `twin.plain(name)(*args)`, and the reference
+`twin.reference(name, *args)` (common.ops' OPS[name].reference on the same arguments read back as
+numpy). On CPU the kernels run in
 their interpreters (Pallas interpret=True; Triton under TRITON_INTERPRET=1, set by conftest).
 """
 
@@ -13,8 +15,8 @@ import importlib
 import numpy as np
 import pytest
 
-from common.ops import AttentionMeta
 from common.formats import QWeight
+from common.ops import OPS, AttentionMeta
 
 FRAMEWORKS = ("jax", "torch")
 
@@ -32,6 +34,19 @@ class Twin:
         arrays = {k: (None if v is None else self.idx(v)) for k, v in fields.items() if k in AttentionMeta.ARRAYS}
         static = {k: v for k, v in fields.items() if k in AttentionMeta.STATIC}
         return AttentionMeta(**arrays, **static)
+
+    def reference(self, name: str, *args, **kwargs):
+        """OPS[name].reference (float64 numpy) on an op's arguments: this twin's arrays read back as
+        float64, the meta's as integers; numpy arrays, QWeights and None as given."""
+        def host(a):
+            if a is None or isinstance(a, (np.ndarray, QWeight)):
+                return a
+            if isinstance(a, AttentionMeta):
+                return a.replace(**{k: None if getattr(a, k) is None else self.ints(getattr(a, k))
+                                    for k in AttentionMeta.ARRAYS})
+            return self.np(a)
+
+        return OPS[name].reference(*map(host, args), **kwargs)  # the keywords: Python numbers
 
 
 class JaxTwin(Twin):
@@ -55,6 +70,9 @@ class JaxTwin(Twin):
             return x.astype(np.float64)
         return np.asarray(self.jnp.asarray(x).astype(self.jnp.float32)).astype(np.float64)
 
+    def ints(self, x) -> np.ndarray:
+        return np.asarray(x)
+
     def kernel(self, name: str):
         fn = getattr(self.K, name)
         interpret = False if self.gpu else None
@@ -68,8 +86,7 @@ class JaxTwin(Twin):
         """cos_sin [max_pos, D] float32 from float64 angles (as the reference computes them)."""
         from common import reference as R
 
-        cos, sin = R.rope_cos_sin(np.arange(max_pos), d, theta)
-        return self.jnp.asarray(np.concatenate([cos[:, :d // 2], sin[:, :d // 2]], axis=1).astype(np.float32))
+        return self.jnp.asarray(R.rope_table(max_pos, d, theta).astype(np.float32))
 
     def copy(self, x):
         return x  # jax arrays are immutable: the ops return new caches
@@ -100,6 +117,9 @@ class TorchTwin(Twin):
         if isinstance(x, np.ndarray):
             return x.astype(np.float64)
         return x.detach().float().cpu().numpy().astype(np.float64)
+
+    def ints(self, x) -> np.ndarray:
+        return x.cpu().numpy()
 
     def kernel(self, name: str):
         return getattr(self.K, name)

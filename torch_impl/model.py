@@ -92,7 +92,7 @@ class RMSNorm(nn.Module):
         self.weight = _param(size)
 
     def forward(self, x):
-        return plain.rms_norm(x, self.weight, self.eps)
+        return plain.rms_norm(x, self.weight, eps=self.eps)
 
 
 class Linear(nn.Module):

@@ -39,7 +39,7 @@ def linear(x: torch.Tensor, w) -> torch.Tensor:
     return F.linear(x, dense(w, x.dtype))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, *, eps: float) -> torch.Tensor:
     """weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype)  (Hugging Face's cast order)."""
     x32 = x.to(F32)
     normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)
@@ -89,13 +89,13 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
     k/v written at meta.slots."""
     del tiles
     t, d = x.shape[0], q_norm_w.shape[0]
-    qkv = linear(rms_norm(x, norm_w, eps), w_qkv)
+    qkv = linear(rms_norm(x, norm_w, eps=eps), w_qkv)
     q_size, kv_size = num_heads * d, num_kv_heads * d
     q = qkv[:, :q_size].reshape(t, num_heads, d)
     k = qkv[:, q_size:q_size + kv_size].reshape(t, num_kv_heads, d)
     v = qkv[:, q_size + kv_size:].reshape(t, num_kv_heads, d)
-    q = apply_rope(rms_norm(q, q_norm_w, eps).to(F32), cos_sin, meta.positions).to(x.dtype)
-    k = apply_rope(rms_norm(k, k_norm_w, eps).to(F32), cos_sin, meta.positions).to(x.dtype)
+    q = apply_rope(rms_norm(q, q_norm_w, eps=eps).to(F32), cos_sin, meta.positions).to(x.dtype)
+    k = apply_rope(rms_norm(k, k_norm_w, eps=eps).to(F32), cos_sin, meta.positions).to(x.dtype)
     write_cache(k_cache, k, meta.slots)
     write_cache(v_cache, v, meta.slots)
     return q, k_cache, v_cache
@@ -104,7 +104,7 @@ def rmsnorm_qkv(x, norm_w, w_qkv, q_norm_w, k_norm_w, cos_sin, k_cache, v_cache,
 def mlp(x, norm_w, w_gate_up, w_down, residual, *, eps: float, tiles=None, down_tiles=None):
     """residual + down(silu(gate) * up) of RMSNorm(x) (residual None: no add); w_gate_up rows [gate; up]."""
     del tiles, down_tiles
-    gu = linear(rms_norm(x, norm_w, eps), w_gate_up)
+    gu = linear(rms_norm(x, norm_w, eps=eps), w_gate_up)
     inter = gu.shape[-1] // 2
     return linear_residual(F.silu(gu[:, :inter]) * gu[:, inter:], w_down, residual)
 

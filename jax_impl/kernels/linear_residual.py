@@ -40,10 +40,14 @@ def _linear_residual_kernel(x_ref,    # [m, k]
     C.store(o_ref.at[window], (r + acc).astype(o_ref.dtype), mask=mask)
 
 
-def linear_residual(x, w, residual, *, tiles: MatmulTiles | None = None, interpret: bool | None = None,
-                    name: str = "linear_residual"):
+def linear_residual(x, w, residual, *, tiles: MatmulTiles | None = None, interpret: bool | None = None):
     """residual + x @ w.T (residual None: x @ w.T); x [T, K], w [N, K] (or a quantized QWeight),
     residual [T, N]; x's dtype."""
+    return project_residual(x, w, residual, tiles=tiles, interpret=interpret, name="linear_residual")
+
+
+def project_residual(x, w, residual, *, tiles: MatmulTiles | None, interpret: bool | None, name: str):
+    """linear_residual under another name (errors and the profile's kernel name; mlp: "mlp_down")."""
     C.check_float(f"{name}: x", x)
     w, scales, fmt = C.split_weight(f"{name}: w", w, x.dtype)
     C.check(x.ndim == 2 and w.ndim == 2, f"{name}: expected x [T, K] and w [N, K], got {x.shape} and {w.shape}")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from common import formats
 from common.tiles import MatmulTiles
 from jax_impl.kernels import _lib as C
-from jax_impl.kernels.linear_residual import linear_residual
+from jax_impl.kernels.linear_residual import project_residual
 
 
 def _norm_gate_up_kernel(x_ref,     # [m, k]
@@ -75,4 +75,4 @@ def mlp(x, norm_w, w_gate_up, w_down, residual, *, eps: float, tiles: MatmulTile
     act = norm_gate_up(x, norm_w, w_gate_up, eps=eps, tiles=tiles, interpret=interpret)
     C.check(len(w_down.shape) == 2 and tuple(w_down.shape) == (x.shape[1], act.shape[1]),
             f"mlp: w_down: expected [{x.shape[1]}, {act.shape[1]}], got {w_down.shape}")
-    return linear_residual(act, w_down, residual, tiles=down_tiles, interpret=interpret, name="mlp_down")
+    return project_residual(act, w_down, residual, tiles=down_tiles, interpret=interpret, name="mlp_down")
