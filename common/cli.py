@@ -39,7 +39,6 @@ from typing import Callable, TextIO
 from common import argparsing, formats, interrupt, logs
 from common.config import ConfigError, Qwen3Config
 from common.environment import check_environment
-from common.load_options import LoadOptions
 from common.sampling import SEED_MAX
 from common.textgen import (StreamDecoder, TextError, chat_template, eos_token_ids, load_tokenizer, read_json,
                             render_chat, sampling_defaults)
@@ -394,11 +393,14 @@ def _run(load_fn: Callable, args, out: TextIO, err: TextIO) -> int:
     quant = f", --quantization {args.quantization}" if args.quantization != "none" else ""
     quant += f", --tensor-parallel-size {args.tensor_parallel_size}" if args.tensor_parallel_size != 1 else ""
     where = f"--model {model_dir} (--dtype {args.dtype}, --fused {args.fused}{quant})"
+    from common.load_options import LoadOptions  # noqa: PLC0415 - numpy: after the Ctrl-C handler (run)
+
     try:  # common.load_options: checked here, once, as load() checks them
         opts = LoadOptions(dtype=args.dtype, fused=args.fused, quantization=args.quantization,
                            tensor_parallel_size=args.tensor_parallel_size, warmup=warmup,
                            compile_cache=not args.no_compile_cache)
-        extra = {k: v for k, v in opts.changed().items() if k not in ("dtype", "fused")}
+        extra = {k: (list(v) if k == "warmup" else v) for k, v in opts.changed().items()
+                 if k not in ("dtype", "fused")}
         runner = load_fn(str(model_dir), dtype=opts.dtype, fused=opts.fused, **extra)
     except (ValueError, NotImplementedError, RuntimeError, ImportError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

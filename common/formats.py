@@ -30,8 +30,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import ml_dtypes
-import numpy as np
+# numpy and ml_dtypes load when a value is first quantized or read: the CLIs build their --help and
+# check their flags from the registry before the Ctrl-C handler's heavy imports (common.interrupt).
 
 
 class QuantError(ValueError):
@@ -43,7 +43,8 @@ class WeightFormat:
     """One entry of the registry."""
 
     name: str
-    storage: Any  # numpy dtype of the stored values; None: the model dtype
+    storage_name: str | None  # the stored values' dtype by numpy / ml_dtypes / torch name; None: the model dtype
+    storage_bytes: int | None  # bytes per stored value (None: the model dtype's)
     max_value: float | None  # largest magnitude a stored value takes (quantize clips to it)
     scale_block: tuple[int, int] | None  # weight rows x columns per scale (0 columns: a whole row); None: no scales
     min_capability: tuple[int, int] | None  # CUDA capability the fused kernels need to convert the values
@@ -58,13 +59,18 @@ class WeightFormat:
         return self.scale_block is not None
 
     @property
-    def integer(self) -> bool:
-        return self.storage is not None and np.issubdtype(np.dtype(self.storage), np.integer)
+    def storage(self):
+        """The stored values' numpy dtype (ml_dtypes for the one-byte floats); None: the model dtype."""
+        if self.storage_name is None:
+            return None
+        import ml_dtypes
+        import numpy as np
+
+        return np.dtype(getattr(ml_dtypes, self.storage_name, None) or self.storage_name)
 
     @property
-    def storage_bytes(self) -> int | None:
-        """Bytes per stored value (None: the model dtype's)."""
-        return None if self.storage is None else np.dtype(self.storage).itemsize
+    def integer(self) -> bool:
+        return self.storage_name is not None and self.storage_name.startswith(("int", "uint"))
 
     @property
     def row_block(self) -> int:
@@ -85,8 +91,10 @@ class WeightFormat:
             return (-(-shape[0] // rows),)
         return -(-shape[0] // rows), -(-shape[1] // cols)
 
-    def quantize(self, w) -> tuple[np.ndarray, np.ndarray]:
-        """w [out, in] -> (values in `storage`, float32 scales of `scale_shape`)."""
+    def quantize(self, w):
+        """w [out, in] -> (numpy values in `storage`, float32 scales of `scale_shape`)."""
+        import numpy as np
+
         if not self.quantized:
             raise QuantError(f"format {self.name!r} stores no quantized values")
         w = np.asarray(w, np.float32)
@@ -105,8 +113,12 @@ class WeightFormat:
         q = q[:out, :inp]
         return (np.rint(q) if self.integer else q).astype(self.storage), scale.astype(np.float32)
 
-    def dequantize(self, q, scale, dtype=np.float32) -> np.ndarray:
-        """The float weight [out, in] a quantized one stands for: q * its scale, in `dtype`."""
+    def dequantize(self, q, scale, dtype=None):
+        """The float weight [out, in] a quantized one stands for: q * its scale, in `dtype` (numpy;
+        default float32)."""
+        import numpy as np
+
+        dtype = np.float32 if dtype is None else dtype
         q32 = np.asarray(q).astype(np.float32)
         s = np.asarray(scale).astype(np.float32)
         if self.per_row:
@@ -138,11 +150,11 @@ class WeightFormat:
 
 
 FORMATS: dict[str, WeightFormat] = {f.name: f for f in (
-    WeightFormat("bf16", None, None, None, None, "bf16", 0,
+    WeightFormat("bf16", None, None, None, None, None, "bf16", 0,
                  "the checkpoint's floating values in the model dtype"),
-    WeightFormat("int8", np.int8, 127.0, (1, 0), None, "int8", 1,
+    WeightFormat("int8", "int8", 1, 127.0, (1, 0), None, "int8", 1,
                  "int8 values, one float32 scale per output row (quantized at load)"),
-    WeightFormat("fp8", ml_dtypes.float8_e4m3fn, 448.0, (128, 128), (8, 9), "bf16", 2,
+    WeightFormat("fp8", "float8_e4m3fn", 1, 448.0, (128, 128), (8, 9), "bf16", 2,
                  "e4m3 values, one float32 scale per 128x128 block (Qwen's FP8 layout; an FP8 checkpoint loads "
                  "in it by itself)",
                  checkpoint_config={"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
@@ -259,11 +271,11 @@ def head_format(fmt) -> str:
     return get(fmt).head
 
 
-def quantize(w, fmt) -> tuple[np.ndarray, np.ndarray]:
+def quantize(w, fmt):
     return get(fmt).quantize(w)
 
 
-def dequantize(q, scale, fmt, dtype=np.float32) -> np.ndarray:
+def dequantize(q, scale, fmt, dtype=None):
     return get(fmt).dequantize(q, scale, dtype)
 
 

@@ -13,8 +13,8 @@ from common.formats import QuantError, QWeight, parse_quantization_config
 
 
 def storage_dtype(fmt) -> torch.dtype:
-    """The torch dtype of a quantized format's stored values (common.formats' numpy storage, by name)."""
-    return getattr(torch, np.dtype(formats.get(fmt).storage).name)
+    """The torch dtype of a quantized format's stored values (its storage_name, common.formats)."""
+    return getattr(torch, formats.get(fmt).storage_name)
 
 
 def weight_format_of(config, quantization) -> str:
