@@ -15,8 +15,9 @@ keeps its first call at that batch (the first warm-up run), whose shapes are new
 apart as `first_call_compile_s` and the time to its first tokens, compile included, as
 `first_call_first_token_s` (last_stats' compile_s and first_token_s, common.cli.STATS_KEYS).
 
-Bandwidth floor of decode: every step reads all weights once (Qwen3Config.decode_bytes_per_token)
-plus each sequence's K and V of its whole context; over the copy bandwidth measured in the
+Bandwidth floor of decode: every step reads all weights once (Qwen3Config.decode_bytes_per_token;
+quantized rows count the projections, and a quantized lm_head, in their format's bytes) plus each
+sequence's K and V of its whole context; over the copy bandwidth measured in the
 same run that gives the fastest possible tok/s. Prefill is held against its roofline
 (max of the weight bytes over the copy bandwidth and the FLOPs over the matmul ceiling).
 """
@@ -84,10 +85,13 @@ def quantization_of(impl: str) -> str | None:
 def decode_floor_tok_s(cfg: Qwen3Config, batch: int, prompt_len: int, new_tokens: int, copy_GBps: float,
                        quantization: str | None = None) -> float:
     """tok/s if every decode step moved only its weight and KV-cache bytes at the copy bandwidth
-    (quantized projections: their storage's bytes per weight)."""
+    (quantized projections, and the lm_head where its format is quantized too: their storage's bytes
+    per weight)."""
     steps = max(1, new_tokens - 1)
     ctx_sum = sum(prompt_len + s for s in range(1, steps + 1))  # step s attends prompt_len + s positions
-    weights = cfg.decode_bytes_per_token(projection_bytes=formats.get(quantization).storage_bytes)
+    fmt = formats.get(quantization)
+    weights = cfg.decode_bytes_per_token(projection_bytes=fmt.storage_bytes,
+                                         head_bytes=formats.get(fmt.head).storage_bytes)
     byt = steps * weights + batch * kv_bytes_per_position(cfg) * ctx_sum
     return batch * steps / (byt / (copy_GBps * 1e9))
 

@@ -80,15 +80,18 @@ class Qwen3Config:
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + l * per_layer + h + head
 
-    def decode_bytes_per_token(self, bytes_per_param: int = 2, projection_bytes: int | None = None) -> int:
+    def decode_bytes_per_token(self, bytes_per_param: int = 2, projection_bytes: int | None = None,
+                               head_bytes: int | None = None) -> int:
         """Weight bytes one batch-1 decode step must read (the embedding row itself is negligible);
-        projection_bytes: of the four projections' values when they are quantized (1 for the one-byte
-        formats; their float32 scales, under 0.4% more, are left out)."""
+        projection_bytes: of the four projections' values when they are quantized, head_bytes: of the
+        lm_head's when it is (1 for the one-byte formats; their float32 scales, under 0.4% more, are
+        left out). None: bytes_per_param."""
         h, l = self.hidden_size, self.num_hidden_layers
         proj = h * self.qkv_size + self.q_size * h + 3 * h * self.intermediate_size
         rest = 2 * h + 2 * self.head_dim
         per_byte = bytes_per_param if projection_bytes is None else projection_bytes
-        return l * (per_byte * proj + bytes_per_param * rest) + bytes_per_param * (h + self.vocab_size * h)
+        head = bytes_per_param if head_bytes is None else head_bytes
+        return l * (per_byte * proj + bytes_per_param * rest) + bytes_per_param * h + head * self.vocab_size * h
 
     # ----- construction --------------------------------------------------------------------
     @classmethod

@@ -792,3 +792,24 @@ def test_readme_has_the_headline_markers():
     source, block = headline.parse(text)
     assert source is not None and (REPO / source).is_file(), "the README's headline names no committed bench.json"
     assert headline.check(text, REPO) == []  # the table is what `bench headline SOURCE` writes from that run
+
+
+def test_decode_floor_counts_each_weights_bytes():
+    """The floor reads every projection in its format's bytes and the lm_head in its own format's
+    (int8 quantizes the head, one byte a weight; fp8 keeps it in bf16): Qwen3-8B batch 1."""
+    from bench.decode import decode_floor_tok_s
+    from common.config import Qwen3Config
+
+    cfg = Qwen3Config.preset("Qwen3-8B")
+    h, v, l = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+    proj = l * (h * cfg.qkv_size + cfg.q_size * h + 3 * h * cfg.intermediate_size)
+    bf16 = cfg.decode_bytes_per_token()
+    assert cfg.decode_bytes_per_token(projection_bytes=1) == bf16 - proj
+    assert cfg.decode_bytes_per_token(projection_bytes=1, head_bytes=1) == bf16 - proj - v * h
+
+    def seconds(q):  # one step at one position of context: weights dominate
+        return 1 / decode_floor_tok_s(cfg, 1, 0, 2, 1.0, q)
+
+    kv = seconds(None) * 1e9 - bf16
+    assert seconds("int8") * 1e9 - kv == pytest.approx(bf16 - proj - v * h)
+    assert seconds("fp8") * 1e9 - kv == pytest.approx(bf16 - proj)
