@@ -1,4 +1,4 @@
-"""python -m bench {kernels,decode,all} [options] | compare OLD NEW | report RESULTS... --out DIR | check | headline
+"""python -m bench {kernels,decode,stages,all} [options] | compare OLD NEW | report RESULTS... --out DIR | check | headline
 
   kernels  each fused kernel of both twins vs the plain op of the same framework, at the chosen
            presets' shapes: decode batches (--batch) and prefill token counts (--prefill);
@@ -6,7 +6,11 @@
            each --prefill token count
   decode   end-to-end decode tok/s (greedy, or --sampling) and prefill tok/s: jax_impl and torch_impl fused/plain,
            transformers eager and static cache + torch.compile (batch 1 only unless --hf-batch)
-  all      both (the default when no command is given)
+  stages   each stage of a batch-1 decode step (qkv, o_proj, gate_up, down, lm_head + argmax,
+           attention at --stage-ctx) of both twins in every weight format, timed as a chain as decode
+           runs it, beside a plain streaming read of the same bytes: GB/s, % of copy, % of the read
+           (bench/stages.py)
+  all      kernels and decode (the default when no command is given)
   compare  flag regressions over 5% between two results files (exit 1 when any)
   report   merge results of several runs (say one per model) into one folder: JSON, table, plots
   check    the standard GPU check of a commit (a subset of the GPU tests and decode at Qwen3-0.6B and
@@ -43,7 +47,7 @@ from pathlib import Path
 
 from common import argparsing, formats
 
-RUN_COMMANDS = ("kernels", "decode", "all")
+RUN_COMMANDS = ("kernels", "decode", "stages", "all")
 DEFAULT_MODELS = "Qwen3-0.6B,Qwen3-8B"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("bench-results")  # under the current directory, never inside the source tree
@@ -108,6 +112,7 @@ def model_label(preset: str, smoke: bool) -> str:
 def parser() -> argparse.ArgumentParser:
     from bench.decode import IMPLS
     from bench.kernels import OPS
+    from bench.stages import STAGES
 
     p = argparsing.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -119,6 +124,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", help="decode batch sizes (default 1,8,32,128; --smoke: 2)")
     p.add_argument("--prefill", help="prefill token counts of the kernel rows (default 512,4096; --smoke: 16)")
     p.add_argument("--ctx", type=_positive_int, help="context length of the decode_attention rows (default 1024)")
+    p.add_argument("--stages", help=f"stages: which (default all: {','.join(STAGES)})")
+    p.add_argument("--stage-ctx", help="stages: the attention stage's contexts (default 1024,8192; --smoke: 32)")
     p.add_argument("--hf-batch", help="batch sizes for the transformers peers (default 1: they are slow)")
     p.add_argument("--impls", help=f"decode implementations (default all: {','.join(IMPLS)})")
     p.add_argument("--tensor-parallel-size", metavar="N[,N...]", default="1",
@@ -126,7 +133,8 @@ def parser() -> argparse.ArgumentParser:
                         "transformers' rows at 1); rows carry `tensor_parallel_size`")
     p.add_argument("--quantization", metavar=",".join(formats.cli_choices()),
                    help="decode: run each chosen twin's fused row in these weight formats (none = bf16; a format "
-                        "F adds jax-F for jax-fused); rows carry `quantization`")
+                        "F adds jax-F for jax-fused); rows carry `quantization`. stages: the projections' and "
+                        "head's formats (default all)")
     p.add_argument("--tiles", metavar="tuned,untuned", default="tuned",
                    help="decode: run each twin's fused rows with the tile tables (tuned, the default) and/or "
                         "without them (untuned: the default rule alone, as on a GPU without a table; "
@@ -239,7 +247,7 @@ def _variants(impl: str, tps: list[int], tile_modes: list[str]) -> list[tuple[in
 
 
 def run(a) -> int:
-    from bench import decode, env, isolate, kernels, report
+    from bench import decode, env, isolate, kernels, report, stages
     from common.timing import TimingPlan
 
     t_start, t_start_unix = time.monotonic(), time.time()
@@ -296,7 +304,7 @@ def run(a) -> int:
     from common.progress import bar
 
     torch_device = _torch_device(a.smoke)
-    n_jobs = 2 + (len(frameworks) if a.command in ("kernels", "all") else 0) \
+    n_jobs = 2 + (len(frameworks) if a.command in ("kernels", "all", "stages") else 0) \
         + (len(models) * sum(len(_variants(i, tps, tile_modes)) for i in impls) if a.command in ("decode", "all") else 0)
     jobs_bar = bar(n_jobs, f"bench {a.command}", unit="job", delay=0, leave=True)
     ceilings = _ceilings(a)
@@ -317,6 +325,21 @@ def run(a) -> int:
                        prefill=prefill, ctx=ctx, settings=st)
             expected = [r for c in cases for r in kernels.case_rows(fw, c, no_figures, ceilings)]
             isolate.run_job(job, emit=res.add, expected=expected, in_process=a.in_process, progress=_progress)
+            jobs_bar.update(1)
+
+    if a.command == "stages":
+        stage_list = stages.make_stages(models, _choices(a.stages, stages.STAGES, "--stages"),
+                                        [None if q == "none" else q for q in
+                                         _choices(a.quantization, formats.cli_choices(), "--quantization")],
+                                        _ints(a.stage_ctx or ("32" if a.smoke else "1024,8192"), "--stage-ctx"))
+        cfgs = {m: dataclasses.asdict(c) for m, c in models.items()}
+        st = {k: v for k, v in dataclasses.asdict(ks).items() if k != "deadline"}
+        for fw in frameworks:  # one job per framework: its rows of every stage
+            job = dict(shared, kind="stages", framework=fw, models=cfgs,
+                       stages=[dict(model=s.model, stage=s.stage, fmt=s.fmt, ctx=s.ctx) for s in stage_list],
+                       settings=st)
+            isolate.run_job(job, emit=res.add, expected=stages.expected_rows(stage_list, [fw]),
+                            in_process=a.in_process, progress=_progress)
             jobs_bar.update(1)
 
     if a.command in ("decode", "all"):

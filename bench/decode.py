@@ -68,7 +68,7 @@ def with_quantization(impls: list[str], names: list[str]) -> list[str]:
     its other quantized rows dropped; rows of other kinds as they are."""
     out: list[str] = []
     for impl in impls:
-        framework, kind = impl.split("-", 1)
+        framework, _, kind = impl.partition("-")  # "nanovllm": no kind
         if kind == "fused":
             out += [impl if q == "none" else f"{framework}-{q}" for q in names]
         elif quantization_of(impl) is None:

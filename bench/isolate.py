@@ -9,7 +9,7 @@ So `python -m bench` runs the ceilings of each framework, every decode job (one 
 one model) and the kernel rows of each framework in a child process; `--in-process` runs the same
 jobs in the suite's own process (debugging, and the old behaviour).
 
-A job is a JSON document: {"kind": "ceilings" | "kernels" | "decode", ...} (see `execute`). The
+A job is a JSON document: {"kind": "ceilings" | "kernels" | "stages" | "decode", ...} (see `execute`). The
 child, `python -m bench.isolate JOB.json ROWS.jsonl`, inherits the environment (the settings
 `python -m bench` makes before the first jax / triton import), writes one JSON line per result row
 to ROWS.jsonl, and its progress lines to stderr, which the parent copies to its own stderr. The
@@ -69,6 +69,15 @@ def execute(job: dict, emit, progress=_progress) -> None:
         s = kernels.Settings(TimingPlan(**st.pop("plan")), **st, deadline=deadline)
         kernels.run(cases, [job["framework"]], s, job["ceilings"], torch_device=job["torch_device"],
                     emit=emit, progress=progress)
+    elif kind == "stages":
+        from bench import stages
+
+        models = {m: Qwen3Config(**d) for m, d in job["models"].items()}
+        todo = [stages.Stage(s["model"], models[s["model"]], s["stage"], s["fmt"], s["ctx"]) for s in job["stages"]]
+        st = dict(job["settings"])
+        s = stages.Settings(TimingPlan(**st.pop("plan")), **st, deadline=deadline)
+        stages.run(todo, [job["framework"]], s, job["ceilings"], torch_device=job["torch_device"], emit=emit,
+                   progress=progress)
     elif kind == "decode":
         decode.measure(job["impl"], job["model"], Qwen3Config(**job["cfg"]),
                        None if job["path"] is None else Path(job["path"]), job["batches"],
@@ -78,7 +87,7 @@ def execute(job: dict, emit, progress=_progress) -> None:
                        tensor_parallel_size=job.get("tensor_parallel_size", 1), tiles=job.get("tiles", "tuned"),
                        sampling=job.get("sampling"))
     else:
-        raise ValueError(f"job kind {kind!r}: expected 'ceilings', 'kernels' or 'decode'")
+        raise ValueError(f"job kind {kind!r}: expected 'ceilings', 'kernels', 'stages' or 'decode'")
 
 
 def main(argv: list[str]) -> int:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from bench.decode import TWINS, variant
+from bench.stages import table as stages_table
 from common import formats
 
 SCHEMA = 1
@@ -173,6 +174,7 @@ def errors_list(rows: list[dict], limit: int = 40) -> str:
         if not r.get("error"):
             continue
         what = (f"{r['framework']} {r['impl']} {r['op']}" if r.get("kind") == "kernel"
+                else f"{r['framework']} stage {r['stage']} {r['weights']}" if r.get("kind") == "stage"
                 else f"decode {r.get('impl')}")
         seen.setdefault((what, r["error"][:160]), []).append(r)
     for (what, err), rs in list(seen.items())[:limit]:
@@ -211,6 +213,10 @@ def markdown(doc: dict) -> str:
                      f"best run; % of the bandwidth floor in brackets)\n\n{dec}\n\n{DECODE_NOTE}{note}")
     if ker:
         parts.append("### Fused kernels vs the plain ops of the same framework (median per call)\n\n" + ker)
+    stage = stages_table(doc["rows"])
+    if stage:
+        parts.append("### Batch-1 decode stages (median per call; GB/s with % of the copy bandwidth and % of a "
+                     "plain read of the same bytes)\n\n" + stage)
     if err:
         parts.append("### Not measured\n\n" + err)
     return "\n\n".join(parts) + "\n"
