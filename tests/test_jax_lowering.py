@@ -95,11 +95,11 @@ def test_split_variants_lower_for_cuda():
 
 
 def _qweight(shape, fmt):
-    from common.formats import QWeight, fp8_scale_shape
+    from common import formats
+    from common.formats import QWeight
 
-    if fmt == "int8":
-        return QWeight(S(shape, jnp.int8), S(shape[:1], jnp.float32), fmt)
-    return QWeight(S(shape, jnp.float8_e4m3fn), S(fp8_scale_shape(shape), jnp.float32), fmt)
+    f = formats.get(fmt)
+    return QWeight(S(shape, jnp.dtype(f.storage)), S(f.scale_shape(shape), jnp.float32), fmt)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])

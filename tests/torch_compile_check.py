@@ -96,12 +96,14 @@ def launch_all(preset: str, m: int, dtype=torch.bfloat16) -> None:
                           num_heads=hq, num_kv_heads=hkv, eps=1e-6, tiles=t)
             K.mlp(x, z(h), z(2 * i, h), z(h, i), x, eps=1e-6, tiles=t, down_tiles=t)
     if dtype == torch.bfloat16:  # int8 and fp8 weights (scaled after the sum / dequantized as loaded)
-        from common.formats import FP8_BLOCK, QWeight
+        from common import formats
+        from common.formats import QWeight
+        from torch_impl.quant_loading import storage_dtype
 
-        for fmt, wdt in (("int8", torch.int8), ("fp8", torch.float8_e4m3fn)):
+        for fmt in formats.QUANTIZED:
             def qw(n, k):
-                scale = torch.ones(n) if fmt == "int8" else torch.ones(-(-n // FP8_BLOCK), -(-k // FP8_BLOCK))
-                return QWeight(torch.zeros(n, k, dtype=wdt), scale, fmt)
+                return QWeight(torch.zeros(n, k, dtype=storage_dtype(fmt)), torch.ones(formats.get(fmt).scale_shape((n, k))),
+                               fmt)
             K.rmsnorm_qkv(x, z(h), qw(cfg.qkv_size, h), z(d), z(d), torch.empty(64, d), cache, cache, qkv_meta,
                           num_heads=hq, num_kv_heads=hkv, eps=1e-6)
             K.mlp(x, z(h), qw(2 * i, h), qw(h, i), x, eps=1e-6)
