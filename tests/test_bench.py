@@ -151,6 +151,7 @@ def test_quantization_flag_picks_the_fused_rows_formats():
     assert with_quantization(["jax-fused", "torch-fused", "hf-compile", "jax-fp8"], ["none", "int8"]) == \
         ["jax-fused", "jax-int8", "torch-fused", "torch-int8", "hf-compile"]
     assert with_quantization(["jax-fused", "jax-plain"], ["fp8"]) == ["jax-fp8", "jax-plain"]
+    assert with_quantization(["torch-fused", "nanovllm"], ["int8"]) == ["torch-int8", "nanovllm"]  # no "-" in it
 
 
 @pytest.mark.parametrize("new, expected", [
@@ -813,3 +814,40 @@ def test_decode_floor_counts_each_weights_bytes():
     kv = seconds(None) * 1e9 - bf16
     assert seconds("int8") * 1e9 - kv == pytest.approx(bf16 - proj - v * h)
     assert seconds("fp8") * 1e9 - kv == pytest.approx(bf16 - proj)
+
+
+def test_stages_smoke(tmp_path):
+    """python -m bench stages --smoke: each chosen stage of both twins, timed with its plain read, in a
+    bench.json and a table (three stages, one format: the interpreters are slow)."""
+    out = tmp_path / "stages"
+    assert main(["stages", "--smoke", "--out", str(out), "--stages", "gate_up,lm_head,attention",
+                 "--quantization", "int8", "--no-plots"]) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    rows = [r for r in doc["rows"] if r.get("kind") == "stage"]
+    assert {(r["framework"], r["stage"], r["weights"]) for r in rows} == {
+        (fw, s, w) for fw in ("jax", "torch") for s, w in (("gate_up", "int8"), ("lm_head", "int8"),
+                                                           ("attention", "bf16"))}
+    for r in rows:
+        assert not r.get("error") and r["us"] > 0 and r["stream_us"] > 0, r
+        assert r["GBps"] == pytest.approx(r["bytes"] / r["us"] / 1e3) and r["pct_of_stream"] > 0, r
+    assert "Batch-1 decode stages" in (out / "bench.md").read_text()
+
+
+def test_stage_bytes_count_each_format():
+    """A stage's bytes: its weights in their format (values and float32 scales) plus its activations;
+    the head in the head's format (int8 quantizes it, fp8 keeps it bf16)."""
+    from bench.stages import Stage, stage_bytes, weight_bytes
+    from common.config import Qwen3Config
+
+    cfg = Qwen3Config.preset("Qwen3-8B")
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    assert weight_bytes((h, i), None) == 2 * h * i
+    assert weight_bytes((h, i), "int8") == h * i + 4 * h
+    assert weight_bytes((h, i), "fp8") == h * i + 4 * (h // 128) * (i // 128)
+    down = Stage("8B", cfg, "down", "int8")
+    assert stage_bytes(down) == weight_bytes((h, i), "int8") + 2 * (i + h + h)
+    assert stage_bytes(Stage("8B", cfg, "lm_head", "fp8")) == 2 * v * h + 2 * h + 4 * v
+    assert stage_bytes(Stage("8B", cfg, "lm_head", "int8")) == v * h + 4 * v + 2 * h + 4 * v
+    att = Stage("8B", cfg, "attention", None, 8192)
+    assert stage_bytes(att) == 2 * 2 * 8192 * cfg.num_key_value_heads * cfg.head_dim + 2 * 2 * cfg.num_attention_heads \
+        * cfg.head_dim
