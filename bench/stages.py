@@ -29,7 +29,7 @@ import time
 
 from common import formats
 from common.config import Qwen3Config
-from common.op_chains import E, Case, _Arrays, chain_layers, default_layout, setup, time_chain
+from common.op_chains import E, Case, _Arrays, default_layout, layers_for_bytes, setup, time_chain
 
 STAGES = ("qkv", "o_proj", "gate_up", "down", "lm_head", "attention")
 PROJECTION_STAGES = ("qkv", "o_proj", "gate_up", "down")
@@ -116,11 +116,6 @@ def _case(st: Stage) -> Case | None:
     return None
 
 
-def layers_for(st: Stage, min_bytes: int, max_bytes: int, min_layers: int, max_layers: int) -> int:
-    per = max(1, stage_bytes(st))
-    return int(max(min_layers, min(max(min_layers, -(-min_bytes // per)), max_layers, max_bytes // per)))
-
-
 def setup_stage(st: Stage, n: int, fw: str, device):
     """(carry, layers, shared, body_for(kernels)) of a chain of n calls of the stage."""
     case = _case(st)
@@ -194,13 +189,13 @@ class Settings:
     plan: object  # common.timing.TimingPlan
     min_bytes: int = 256 << 20
     max_bytes: int = 6 << 30
-    max_layers: int = 64
+    max_layers: int = 32
     min_layers: int = 2
     deadline: float | None = None
 
 
 def _time(fw: str, st: Stage, s: Settings, device, make, ops) -> dict:
-    n = layers_for(st, s.min_bytes, s.max_bytes, s.min_layers, s.max_layers)
+    n = layers_for_bytes(stage_bytes(st), s.min_bytes, s.max_bytes, s.min_layers, s.max_layers)
     inputs = None
     try:
         inputs = make(st, n, fw, device)

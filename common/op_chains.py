@@ -64,7 +64,13 @@ def layer_bytes(c: Case) -> int:
 def chain_layers(c: Case, min_bytes: int = 256 << 20, max_bytes: int = 6 << 30, min_layers: int = 2,
                  max_layers: int = 32) -> int:
     """Layers of a chain: at least `min_bytes` of distinct buffers (far past the L2), at most `max_bytes`."""
-    per = max(1, layer_bytes(c))
+    return layers_for_bytes(layer_bytes(c), min_bytes, max_bytes, min_layers, max_layers)
+
+
+def layers_for_bytes(per: int, min_bytes: int = 256 << 20, max_bytes: int = 6 << 30, min_layers: int = 2,
+                     max_layers: int = 32) -> int:
+    """chain_layers for layers of `per` bytes each."""
+    per = max(1, per)
     n = max(min_layers, -(-min_bytes // per))
     return int(max(min_layers, min(n, max_layers, max_bytes // per)))
 
