@@ -196,8 +196,9 @@ def project(x_ref, w_ref, w_tiles, *, m0, m: int, k: int, block_m: int, block_n:
     """f32 [block_m, block_n] accumulators of h @ W[start:start + block_n].T, one per W tile.
 
     x_ref [m, k]; w_ref [n, k] (HF [out, in]); w_tiles: (start row, row mask [block_n]) pairs;
-    norm: None or (norm_w_ref [k], rstd [block_m]): h = norm_w * (x * rstd).astype(x.dtype),
-    rounded to x.dtype as Hugging Face's RMSNorm does before the matmul.
+    norm: None or (norm_w_ref [k], eps): h = norm_w * (x * rstd).astype(x.dtype), rstd = 1 /
+    sqrt(mean(x^2) + eps) over the whole row, rounded to x.dtype as Hugging Face's RMSNorm does
+    before the matmul.
     wq: None (w in the activations' dtype) or (scale_ref, fmt) of a quantized w (common.formats):
     "int8" rows are dequantized by their scale after the sum over K, "fp8" tiles by their 128 x 128
     block scales as they are loaded - in registers, never in memory.
@@ -208,6 +209,8 @@ def project(x_ref, w_ref, w_tiles, *, m0, m: int, k: int, block_m: int, block_n:
                              block_k=block_k, norm=norm, wq=wq)
     rmask = (m0 + jnp.arange(block_m)) < m
     dtype = x_ref.dtype
+    if norm is not None:
+        norm = (norm[0], rms_rstd(x_ref, m0, m, k, block_m, block_k, norm[1]))
 
     def body(i, accs):
         k0 = i * block_k
@@ -238,39 +241,55 @@ def project(x_ref, w_ref, w_tiles, *, m0, m: int, k: int, block_m: int, block_n:
 
 def _project_rows(x_ref, w_ref, w_tiles, *, m0, m, k, block_m, block_n, block_k, norm, wq=None):
     """The decode form of `project`: each weight tile is loaded once and multiplied and reduced
-    against each of the block_m token rows in turn (rows are separate [block_k] vectors)."""
+    against each of the block_m token rows in turn (rows are separate [block_k] vectors).
+
+    Loads are issued before any reduction (a reduction across warps is a barrier the loads after it
+    wait for): the int8 row scales first, then with one chunk (k <= block_k) the weight tiles, the
+    rows of x and the norm weight together, the norm statistic taken from the loaded rows - one
+    round trip to memory. Longer rows take the statistic in a first pass over x."""
     dtype = x_ref.dtype
     rows = range(block_m)
     ids = jnp.arange(block_m)
     valid = [m0 + r < m for r in rows]
-    if norm is not None:
-        nw_ref, rstd = norm
+    one_chunk = k <= block_k
+    scales = [_row_scales(wq, start, nmask, block_n) for start, nmask in w_tiles] \
+        if wq is not None and wq[1] == "int8" else None
+    if norm is not None and not one_chunk:
+        rstd = rms_rstd(x_ref, m0, m, k, block_m, block_k, norm[1])
         rstd_r = [jnp.sum(jnp.where(ids == r, rstd, 0.0)) for r in rows]  # scalars
 
     def body(i, accs):
         k0 = i * block_k
         cmask = (k0 + jnp.arange(block_k)) < k
-        xs = []
-        if norm is not None:
-            nw = load(nw_ref.at[pl.ds(k0, block_k)], mask=cmask, other=0).astype(dtype).astype(F32)
-        for r in rows:
-            x = load(x_ref.at[m0 + r, pl.ds(k0, block_k)], mask=cmask & valid[r], other=0)  # [block_k]
-            if norm is not None:
-                x = (((x.astype(F32) * rstd_r[r]).astype(dtype)).astype(F32) * nw).astype(dtype)
-            xs.append(x.astype(F32)[None, :])
-        out = []
-        for t, (start, nmask) in enumerate(w_tiles):
+        ws = []
+        for start, nmask in w_tiles:
             w = load(w_ref.at[pl.ds(start, block_n), pl.ds(k0, block_k)],
-                     mask=nmask[:, None] & cmask[None, :], other=0.0).astype(F32)  # [block_n, block_k]
+                     mask=nmask[:, None] & cmask[None, :], other=0.0)  # [block_n, block_k]
             if wq is not None and wq[1] == "fp8":
-                w = w * _block_scales(wq, start, nmask, k0, block_n, block_k)
+                w = w.astype(F32) * _block_scales(wq, start, nmask, k0, block_n, block_k)
+            ws.append(w)
+        if norm is not None:
+            nw = load(norm[0].at[pl.ds(k0, block_k)], mask=cmask, other=0).astype(dtype).astype(F32)
+        xs = [load(x_ref.at[m0 + r, pl.ds(k0, block_k)], mask=cmask & valid[r], other=0) for r in rows]
+        for r in rows:
+            x = xs[r]
+            if norm is not None:
+                if one_chunk:
+                    xf = x.astype(F32)
+                    rs = lax.rsqrt(jnp.sum(xf * xf) / k + norm[1])
+                else:
+                    rs = rstd_r[r]
+                x = (((x.astype(F32) * rs).astype(dtype)).astype(F32) * nw).astype(dtype)
+            xs[r] = x.astype(F32)[None, :]
+        out = []
+        for t, w in enumerate(ws):
+            w = w.astype(F32)
             out += [accs[t * block_m + r] + jnp.sum(w * xs[r], axis=1) for r in rows]
         return tuple(out)
 
     init = tuple(jnp.zeros((block_n,), F32) for _ in range(len(w_tiles) * block_m))
     accs = lax.fori_loop(0, pl.cdiv(k, block_k), body, init)
-    if wq is not None and wq[1] == "int8":
-        scales = [_row_scales(wq, start, nmask, block_n) for start, nmask in w_tiles]
+    if scales is not None:
         accs = tuple(acc * scales[i // block_m] for i, acc in enumerate(accs))
     # [block_m, block_n] per tile, assembled without concatenation (not lowered by Triton).
     return tuple(sum(jnp.where(ids[:, None] == r, accs[t * block_m + r][None, :], 0.0) for r in rows)

@@ -29,14 +29,16 @@ def _linear_residual_kernel(x_ref,    # [m, k]
     m0 = C.pl.program_id(0) * block_m
     n0 = C.pl.program_id(1) * block_n
     nmask = (n0 + jnp.arange(block_n)) < n
-    (acc,) = C.project(x_ref, w_ref, [(n0, nmask)], m0=m0, m=m, k=k,
-                       block_m=block_m, block_n=block_n, block_k=block_k, wq=wq)
     mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & nmask[None, :]
     window = (C.pl.ds(m0, block_m), C.pl.ds(n0, block_n))
+    early = r_ref is not None and block_m < C.DOT_MIN_M  # decode: the residual with the other loads, one round trip
+    r = C.load(r_ref.at[window], mask=mask, other=0) if early else None
+    (acc,) = C.project(x_ref, w_ref, [(n0, nmask)], m0=m0, m=m, k=k,
+                       block_m=block_m, block_n=block_n, block_k=block_k, wq=wq)
     if r_ref is None:
         C.store(o_ref.at[window], acc.astype(o_ref.dtype), mask=mask)
         return
-    r = C.load(r_ref.at[window], mask=mask, other=0).astype(C.F32)
+    r = (r if early else C.load(r_ref.at[window], mask=mask, other=0)).astype(C.F32)
     C.store(o_ref.at[window], (r + acc).astype(o_ref.dtype), mask=mask)
 
 

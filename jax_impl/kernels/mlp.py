@@ -33,9 +33,8 @@ def _norm_gate_up_kernel(x_ref,     # [m, k]
     m0 = C.pl.program_id(0) * block_m
     n0 = C.pl.program_id(1) * block_n
     nmask = (n0 + jnp.arange(block_n)) < inter
-    rstd = C.rms_rstd(x_ref, m0, m, k, block_m, block_k, eps)
     gate, up = C.project(x_ref, w_ref, [(n0, nmask), (inter + n0, nmask)], m0=m0, m=m, k=k,
-                         block_m=block_m, block_n=block_n, block_k=block_k, norm=(nw_ref, rstd), wq=wq)
+                         block_m=block_m, block_n=block_n, block_k=block_k, norm=(nw_ref, eps), wq=wq)
     act = gate / (1.0 + jnp.exp(-gate)) * up  # silu(gate) * up, f32
     mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & nmask[None, :]
     C.store(o_ref.at[C.pl.ds(m0, block_m), C.pl.ds(n0, block_n)], act.astype(o_ref.dtype), mask=mask)

@@ -90,9 +90,8 @@ def _rmsnorm_qkv_kernel(x_ref,      # [m, k]
     m0 = C.pl.program_id(0) * block_m
     j = C.pl.program_id(1)
     all_n = jnp.arange(half) < half
-    rstd = C.rms_rstd(x_ref, m0, m, k, block_m, block_k, eps)
     lo, hi = C.project(x_ref, w_ref, [(j * d, all_n), (j * d + half, all_n)], m0=m0, m=m, k=k,
-                       block_m=block_m, block_n=half, block_k=block_k, norm=(nw_ref, rstd), wq=wq)
+                       block_m=block_m, block_n=half, block_k=block_k, norm=(nw_ref, eps), wq=wq)
     _qkv_epilogue(lo, hi, j=j, m0=m0, qn_ref=qn_ref, kn_ref=kn_ref, cs_ref=cs_ref, pos_ref=pos_ref,
                   slot_ref=slot_ref, q_ref=q_ref, kc_ref=kc_ref, vc_ref=vc_ref, m=m, hq=hq, hkv=hkv, d=d,
                   eps=eps, block_m=block_m)
@@ -110,9 +109,8 @@ def _norm_linear_kernel(x_ref,   # [m, k]
     m0 = C.pl.program_id(0) * block_m
     n0 = C.pl.program_id(1) * block_n
     nmask = (n0 + jnp.arange(block_n)) < n
-    rstd = C.rms_rstd(x_ref, m0, m, k, block_m, block_k, eps)
     (acc,) = C.project(x_ref, w_ref, [(n0, nmask)], m0=m0, m=m, k=k, block_m=block_m, block_n=block_n,
-                       block_k=block_k, norm=(nw_ref, rstd), wq=wq)
+                       block_k=block_k, norm=(nw_ref, eps), wq=wq)
     mask = ((m0 + jnp.arange(block_m)) < m)[:, None] & nmask[None, :]
     C.store(o_ref.at[C.pl.ds(m0, block_m), C.pl.ds(n0, block_n)], acc, mask=mask)
 

@@ -83,19 +83,24 @@ def cast(x, dtype: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def apply_norm(x, w, rstd, PRECISION: tl.constexpr):
+    """RMSNorm of x [BM, BK] (x.dtype) in Hugging Face's order, given rstd [BM] and the weight chunk w
+    [BK]: the normalized value is rounded to x.dtype, then multiplied by the weight; the product of
+    two 16-bit floats is exact in float32, so rounding it once equals the 16-bit multiply (which
+    Triton's interpreter cannot do)."""
+    normed = cast(x.to(tl.float32) * rstd[:, None], x.dtype, PRECISION).to(tl.float32)
+    return cast(normed * w.to(tl.float32)[None, :], x.dtype, PRECISION)
+
+
+@triton.jit
 def load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_ok, stride_xm, rstd, NORM: tl.constexpr, BLOCK_K: tl.constexpr,
            PRECISION: tl.constexpr):
-    """Chunk [BLOCK_M, BLOCK_K] of x, or of RMSNorm(x) in Hugging Face's order (NORM): the normalized
-    value is rounded to x.dtype, then multiplied by the weight; the product of two 16-bit floats
-    is exact in float32, so rounding it once equals the 16-bit multiply (which Triton's
-    interpreter cannot do)."""
+    """Chunk [BLOCK_M, BLOCK_K] of x, or of RMSNorm(x) (NORM, `apply_norm`)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                 other=0.0)
     if NORM:
-        w = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0)
-        normed = cast(x.to(tl.float32) * rstd[:, None], x.dtype, PRECISION).to(tl.float32)
-        x = cast(normed * w.to(tl.float32)[None, :], x.dtype, PRECISION)
+        x = apply_norm(x, tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0), rstd, PRECISION)
     return x
 
 
@@ -163,44 +168,80 @@ def _mma(acc, h, w, USE_DOT: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def request(w_ptr, s_ptr, nw_ptr, rows_a, rows_b, r_ok, stride_wn, stride_sn, K, NORM: tl.constexpr,
+            TWO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+            USE_DOT: tl.constexpr, QUANT: tl.constexpr):
+    """What a one-token-row projection requests before it waits for the previous kernel - none of it
+    is an earlier kernel's output: (w_a, w_b, nw, sc_a, sc_b), the first weight chunk [BLOCK_N,
+    BLOCK_K] of W[rows_a] (and of W[rows_b] with TWO), the norm weight's first chunk (NORM) and the
+    int8 row scales (QUANT 1). The kernel then waits (`wait_prior`), loads what the previous kernels
+    wrote - all of it at once, one round trip - and calls `project` with these. Tensor-core tiles
+    (USE_DOT) request nothing here (Triton pipelines their loads after the wait): placeholders."""
+    if USE_DOT:
+        return 0.0, 0.0, 0.0, 0.0, 0.0
+    else:
+        k_ok = k_mask(0, K, BLOCK_K, EVEN_K)
+        w_a = load_w(w_ptr, s_ptr, rows_a, r_ok, 0, k_ok, stride_wn, stride_sn, K, BLOCK_N, BLOCK_K, QUANT)
+        w_b = w_a
+        if TWO:
+            w_b = load_w(w_ptr, s_ptr, rows_b, r_ok, 0, k_ok, stride_wn, stride_sn, K, BLOCK_N, BLOCK_K, QUANT)
+        nw = 0.0
+        if NORM:
+            nw = tl.load(nw_ptr + tl.arange(0, BLOCK_K), mask=k_ok, other=0.0)
+        sc_a = 0.0
+        sc_b = 0.0
+        if QUANT == 1:
+            sc_a = tl.load(s_ptr + rows_a, mask=r_ok, other=0.0)
+            if TWO:
+                sc_b = tl.load(s_ptr + rows_b, mask=r_ok, other=0.0)
+        return w_a, w_b, nw, sc_a, sc_b
+
+
+@triton.jit
 def project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm, stride_wn, K, eps,
+            w_a, w_b, nw, sc_a, sc_b,
             NORM: tl.constexpr, TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
             BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-            PDL: tl.constexpr, SWAP: tl.constexpr = False, ONE_SHOT: tl.constexpr = False,
+            SWAP: tl.constexpr = False, ONE_SHOT: tl.constexpr = False,
             s_ptr=None, stride_sn=0, QUANT: tl.constexpr = 0, SPLIT: tl.constexpr = 1):
     """(acc_a, acc_b) [BLOCK_M, BLOCK_N] float32 = h @ W[rows_a].T and h @ W[rows_b].T (TWO), where
-    h = RMSNorm(x) (NORM) or x, for rows offs_m of x [M, K]. A quantized W (QUANT 1 int8, 2 fp8;
-    s_ptr its scales, common.formats): int8 rows scaled after the sum over K, fp8 chunks as loaded.
-    SPLIT > 1 (tensor-core tiles): the sum over this program's run of K chunks (`split_range`);
-    `split_sum` adds the runs."""
+    h = RMSNorm(x) (NORM) or x, for rows offs_m of x [M, K], after the kernel's wait for the previous
+    one; w_a, w_b, nw, sc_a, sc_b: what `request` returned before that wait. A quantized W (QUANT 1
+    int8, 2 fp8; s_ptr its scales, common.formats): int8 rows scaled after the sum over K, fp8 chunks
+    as loaded. SPLIT > 1 (tensor-core tiles): the sum over this program's run of K chunks
+    (`split_range`); `split_sum` adds the runs."""
     acc_a, acc_b = _project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm, stride_wn, K, eps,
-                            NORM, TWO, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP, ONE_SHOT,
-                            s_ptr, stride_sn, QUANT, SPLIT)
+                            w_a, w_b, nw, NORM, TWO, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, SWAP,
+                            ONE_SHOT, s_ptr, stride_sn, QUANT, SPLIT)
     if QUANT == 1:
-        acc_a = acc_a * tl.load(s_ptr + rows_a, mask=r_ok, other=0.0)[None, :]
+        if USE_DOT:
+            sc_a = tl.load(s_ptr + rows_a, mask=r_ok, other=0.0)
+            if TWO:
+                sc_b = tl.load(s_ptr + rows_b, mask=r_ok, other=0.0)
+        acc_a = acc_a * sc_a[None, :]
         if TWO:
-            acc_b = acc_b * tl.load(s_ptr + rows_b, mask=r_ok, other=0.0)[None, :]
+            acc_b = acc_b * sc_b[None, :]
     return acc_a, acc_b
 
 
 @triton.jit
-def _project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm, stride_wn, K, eps,
+def _project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm, stride_wn, K, eps, w_a, w_b, nw,
              NORM: tl.constexpr, TWO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_DOT: tl.constexpr, PRECISION: tl.constexpr,
-             PDL: tl.constexpr, SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, s_ptr, stride_sn, QUANT: tl.constexpr,
+             SWAP: tl.constexpr, ONE_SHOT: tl.constexpr, s_ptr, stride_sn, QUANT: tl.constexpr,
              SPLIT: tl.constexpr):
     """project without the int8 row scales.
 
     USE_DOT (16+ token rows): tensor-core dots, loads software-pipelined by Triton (num_stages).
-    One token row: a multiply-and-reduce that keeps W's loads in flight: the first chunks are
-    requested before waiting for the previous kernel (PDL: the weights are no kernel's output), and
-    each step requests the next chunks before reducing the current ones (register double-buffering;
-    the last request is fully masked).
+    One token row: a multiply-and-reduce that keeps W's loads in flight: the first chunks were
+    requested before the wait (`request`: the weights are no kernel's output), and each step
+    requests the next chunks before reducing the current ones (register double-buffering; the last
+    request is fully masked). ONE_SHOT (K <= BLOCK_K): the whole slab is in flight already; x is
+    loaded once (one round trip after the wait) and its norm statistic taken from those registers.
     """
     acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_b = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if USE_DOT:  # loads pipelined by Triton (num_stages)
-        wait_prior(PDL)
         if NORM:  # the whole row's statistic, whatever part of K this program sums
             rstd = row_rstd(x_ptr, offs_m, m_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K, EVEN_K)
         else:
@@ -229,22 +270,21 @@ def _project(x_ptr, nw_ptr, w_ptr, rows_a, rows_b, r_ok, offs_m, m_ok, stride_xm
                                                   BLOCK_N, BLOCK_K, QUANT, PRECISION), True, PRECISION)
         return acc_a, acc_b
     else:  # one token row (code after a constexpr branch's return is still compiled: keep it in else)
-        k_ok = k_mask(0, K, BLOCK_K, EVEN_K)
-        w_a = load_w(w_ptr, s_ptr, rows_a, r_ok, 0, k_ok, stride_wn, stride_sn, K, BLOCK_N, BLOCK_K, QUANT)  # [BN, BK]
-        w_b = w_a
-        if TWO:
-            w_b = load_w(w_ptr, s_ptr, rows_b, r_ok, 0, k_ok, stride_wn, stride_sn, K, BLOCK_N, BLOCK_K, QUANT)
-        wait_prior(PDL)
-        if NORM:
-            rstd = row_rstd(x_ptr, offs_m, m_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K, EVEN_K)
-        else:
-            rstd = tl.zeros([BLOCK_M], tl.float32)
-        if ONE_SHOT:  # K <= BLOCK_K: the whole slab is already in flight
-            h = load_x(x_ptr, nw_ptr, offs_m, m_ok, 0, k_ok, stride_xm, rstd, NORM, BLOCK_K, PRECISION)
+        if ONE_SHOT:  # K <= BLOCK_K: one load of x; its statistic from the same registers
+            k_ok = k_mask(0, K, BLOCK_K, EVEN_K)
+            h = tl.load(x_ptr + offs_m[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :],
+                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if NORM:
+                xf = h.to(tl.float32)
+                h = apply_norm(h, nw, tl.rsqrt(tl.sum(xf * xf, axis=1) / K + eps), PRECISION)
             acc_a = _mma(acc_a, h, w_a, False, PRECISION)
             if TWO:
                 acc_b = _mma(acc_b, h, w_b, False, PRECISION)
             return acc_a, acc_b
+        if NORM:
+            rstd = row_rstd(x_ptr, offs_m, m_ok, stride_xm, K, eps, BLOCK_M, BLOCK_K, EVEN_K)
+        else:
+            rstd = tl.zeros([BLOCK_M], tl.float32)
         for k0 in range(0, K, BLOCK_K):
             h = load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_mask(k0, K, BLOCK_K, EVEN_K), stride_xm, rstd, NORM,
                        BLOCK_K, PRECISION)  # [BM, BK]

@@ -40,9 +40,15 @@ def _linear_residual_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     m_ok = offs_m < M
     n_ok = offs_n < N
+    w_a, _, _, sc, _ = _jit.request(w_ptr, s_ptr, a_ptr, offs_n, offs_n, n_ok, stride_wn, stride_sn, K, False, False,
+                                    BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, QUANT)
+    _jit.wait_prior(PDL)
+    r_ptrs = r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :]
+    if HAS_RESIDUAL and not USE_DOT:  # one token: the residual with x, one round trip after the wait
+        r = tl.load(r_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
     acc, _ = _jit.project(a_ptr, a_ptr, w_ptr, offs_n, offs_n, n_ok, offs_m, m_ok, stride_am, stride_wn, K, 0.0,
-                          False, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP, ONE_SHOT,
-                          s_ptr, stride_sn, QUANT, SPLIT)
+                          w_a, w_a, 0.0, sc, sc, False, False, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION,
+                          SWAP, ONE_SHOT, s_ptr, stride_sn, QUANT, SPLIT)
     _jit.release_after(PDL)  # PDL 1: the loads are done
     if SPLIT > 1:  # the tile's last program to finish stores it
         acc, _, m_ok = _jit.split_sum(acc, acc, False, ws_ptr, cnt_ptr, offs_n, offs_n, n_ok, offs_m, m_ok,
@@ -50,7 +56,8 @@ def _linear_residual_kernel(
     mask = m_ok[:, None] & n_ok[None, :]
     dtype = out_ptr.dtype.element_ty
     if HAS_RESIDUAL:
-        r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :], mask=mask, other=0.0)
+        if USE_DOT:  # tensor-core tiles: after the loop (fewer live registers; the last split program's rows)
+            r = tl.load(r_ptrs, mask=mask, other=0.0)
         y = _jit.cast(_jit.cast(acc, dtype, PRECISION).to(tl.float32) + r.to(tl.float32), dtype, PRECISION)
     else:
         y = _jit.cast(acc, dtype, PRECISION)

@@ -44,9 +44,12 @@ def _norm_gate_up_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of gate; up rows are I + offs_n
     m_ok = offs_m < M
     n_ok = offs_n < I
+    w_g, w_u, nw, sc_g, sc_u = _jit.request(w_ptr, s_ptr, nw_ptr, offs_n, I + offs_n, n_ok, stride_wn, stride_sn, K,
+                                            True, True, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, QUANT)
+    _jit.wait_prior(PDL)
     acc_g, acc_u = _jit.project(x_ptr, nw_ptr, w_ptr, offs_n, I + offs_n, n_ok, offs_m, m_ok, stride_xm, stride_wn,
-                                K, eps, True, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT, PRECISION, PDL, SWAP,
-                                ONE_SHOT, s_ptr, stride_sn, QUANT, SPLIT)
+                                K, eps, w_g, w_u, nw, sc_g, sc_u, True, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                                USE_DOT, PRECISION, SWAP, ONE_SHOT, s_ptr, stride_sn, QUANT, SPLIT)
     _jit.release_after(PDL)  # PDL 1: the loads are done
     if SPLIT > 1:  # the tile's last program to finish stores it
         acc_g, acc_u, m_ok = _jit.split_sum(acc_g, acc_u, True, ws_ptr, cnt_ptr, offs_n, I + offs_n, n_ok, offs_m,

@@ -94,17 +94,21 @@ def _rmsnorm_qkv_kernel(
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # [BM]; 64-bit: rows * stride can pass 2^31
     m_ok = offs_m < M
 
+    pw_lo, pw_hi, pnw, psc_lo, psc_hi = _jit.request(w_ptr, s_ptr, nw_ptr, rows_lo, rows_lo + HALF, c_ok, stride_wn,
+                                                     stride_sn, K, True, True, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT,
+                                                     QUANT)  # the first chunk, before the wait
+    _jit.wait_prior(PDL)
+    # positions and slots with x, one round trip after the wait
+    pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+    pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)  # never read outside the RoPE table
+    slot = tl.load(slot_ptr + offs_m, mask=m_ok, other=-1).to(tl.int64)
     acc_lo, acc_hi = _jit.project(x_ptr, nw_ptr, w_ptr, rows_lo, rows_lo + HALF, c_ok, offs_m, m_ok, stride_xm,
-                                  stride_wn, K, eps, True, True, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, USE_DOT,
-                                  PRECISION, PDL, SWAP, ONE_SHOT, s_ptr, stride_sn, QUANT, SPLIT)
+                                  stride_wn, K, eps, pw_lo, pw_hi, pnw, psc_lo, psc_hi, True, True, BLOCK_M, BLOCK_N,
+                                  BLOCK_K, EVEN_K, USE_DOT, PRECISION, SWAP, ONE_SHOT, s_ptr, stride_sn, QUANT, SPLIT)
     _jit.release_after(PDL)  # PDL 1: the loads are done
     if SPLIT > 1:  # the tile's last program to finish stores it
         acc_lo, acc_hi, m_ok = _jit.split_sum(acc_lo, acc_hi, True, ws_ptr, cnt_ptr, rows_lo, rows_lo + HALF, c_ok,
                                               offs_m, m_ok, stride_ws, stride_wm, SPLIT)
-
-    pos = tl.load(pos_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
-    pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)  # never read outside the RoPE table
-    slot = tl.load(slot_ptr + offs_m, mask=m_ok, other=-1).to(tl.int64)
     s_ok = m_ok & (slot >= 0) & (slot < num_slots)  # -1 (and anything out of range) is not written
     if head >= HQ + HKV:  # v: no norm, no RoPE
         v_dst = vc_ptr + slot[:, None] * stride_cslot + (head - HQ - HKV) * stride_ch + offs_c[None, :]
