@@ -332,13 +332,16 @@ class TestInterpret(KernelTests):
                  (_A, 19, BF16, MatmulTiles(16, 64, 64), ("torch",)),  # torch: whole half-heads per program
                  (_A, 3, BF16, MatmulTiles(2, 128, 32), ("jax",)),  # jax: fused GEMV, 2 rows per program
                  (_A, 19, BF16, MatmulTiles(16, 32, 16, split_k=3), ("torch",)),  # split heads, K 128: 48 + 48 + 32
-                 (_B, 19, F32, MatmulTiles(16, 64, 64, split_k=2), ("torch",))]  # whole half-heads, K in 2
+                 (_B, 19, F32, MatmulTiles(16, 64, 64, split_k=2), ("torch",)),  # whole half-heads, K in 2
+                 (_A, 1, BF16, MatmulTiles(1, 4, 32)),  # one row over K in chunks: the norm's first pass over x
+                 (_D, 1, F32, MatmulTiles(1, 2, 64))]  # the same with a masked last chunk
     MM_CASES = [(s, t, F32, None) for s in CPU_SHAPES for t in (1, 19)] + [
         (s, 3, BF16, None) for s in CPU_SHAPES] + [
         (_E, 19, BF16, None), (_E, 3, BF16, MatmulTiles(2, 16, 32)), (_D, 19, BF16, MatmulTiles(16, 32, 32)),
         (_C, 19, F32, MatmulTiles(64, 64, 64)), (_B, 5, BF16, MatmulTiles(16, 64, 32), ("torch",)),
         (_A, 19, BF16, MatmulTiles(16, 32, 32, split_k=4), ("torch",)),  # K of 128 / 384 in 4 parts
-        (_D, 19, F32, MatmulTiles(16, 16, 16, split_k=3), ("torch",))]  # K 111 / 97: the last part is the tail
+        (_D, 19, F32, MatmulTiles(16, 16, 16, split_k=3), ("torch",)),  # K 111 / 97: the last part is the tail
+        (_A, 1, BF16, MatmulTiles(1, 4, 32)), (_D, 1, F32, MatmulTiles(1, 8, 32))]  # one row, K in chunks
     ATTN_CASES = [(_A, 1, F32, None), (_B, 3, BF16, None), (_C, 3, F32, AttentionTiles(16, num_splits=4)),
                   (_D, 3, BF16, AttentionTiles(16, num_splits=2)), (_E, 3, BF16, AttentionTiles(32)),
                   (_E, 1, F32, AttentionTiles(16, num_splits=2))]
