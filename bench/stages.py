@@ -15,7 +15,10 @@ Each stage is timed as a chain over distinct per-layer buffers (common/op_chains
 the output of one call feeding the next; a CUDA graph in torch, one jit in jax), in every weight
 format the projections take (attention reads the bf16 cache in all of them), and beside it the same
 chain of a plain streaming read of the same bytes (the framework's sum over a buffer of that size):
-rows carry GB/s, % of the copy bandwidth measured in the run, and % of the plain read's rate.
+rows carry GB/s, % of the copy bandwidth measured in the run, and % of the plain read's rate. A stage
+of at most 16 MB (every 0.6B stage but the head) is also timed over one layer's buffers, which the L2
+then holds (`l2_us`, the table's "from L2"): what is left is its launches and dependent loads - where
+that is close to the stage's time, the stage is bound by latency, not by streaming.
 
 Bytes are the stage's minimum traffic: its weights in their format (values and float32 scales), the
 KV cache it reads (attention), its activations (a few KB).
@@ -34,6 +37,7 @@ from common.op_chains import E, Case, _Arrays, default_layout, layers_for_bytes,
 STAGES = ("qkv", "o_proj", "gate_up", "down", "lm_head", "attention")
 PROJECTION_STAGES = ("qkv", "o_proj", "gate_up", "down")
 DEFAULT_CTX = (1024, 8192)
+L2_RESIDENT_BYTES = 16 << 20  # stages up to this size are also timed over one layer's buffers (the L2's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,13 +198,20 @@ class Settings:
     deadline: float | None = None
 
 
-def _time(fw: str, st: Stage, s: Settings, device, make, ops) -> dict:
+def _time(fw: str, st: Stage, s: Settings, device, make, ops, resident: bool = False) -> dict:
+    """The stage's chain timed (common.timing); with `resident` also the same chain over the first
+    layer's buffers alone (`l2_median_s`): a stage small enough for the L2 then reads it from there,
+    which leaves the time its launches and dependent loads take - its latency floor."""
     n = layers_for_bytes(stage_bytes(st), s.min_bytes, s.max_bytes, s.min_layers, s.max_layers)
     inputs = None
     try:
         inputs = make(st, n, fw, device)
         carry, layers, shared, body_for = inputs
-        return dict(time_chain(fw, body_for(ops), carry, layers, shared, s.plan, device), n_layers=n)
+        out = dict(time_chain(fw, body_for(ops), carry, layers, shared, s.plan, device), n_layers=n)
+        if resident:
+            again = time_chain(fw, body_for(ops), carry, [layers[0]] * n, shared, s.plan, device)
+            out["l2_median_s"] = again["median_s"]
+        return out
     except Exception as e:  # noqa: BLE001 - recorded in the row, the suite goes on
         return dict(error=f"{type(e).__name__}: {str(e)[:500]}", n_layers=n)
     finally:
@@ -227,6 +238,8 @@ def finish(row: dict, stage: dict, stream: dict, ceilings: dict) -> dict:
     bw = ceilings.get("copy_GBps")
     row.update({k: v for k, v in stage.items() if k in ("median_s", "p25_s", "p75_s", "method", "n_layers",
                                                          "error")})
+    if stage.get("l2_median_s"):
+        row["l2_us"] = stage["l2_median_s"] * 1e6
     if stream.get("median_s"):
         row.update(stream_us=stream["median_s"] * 1e6, stream_GBps=row["bytes"] / stream["median_s"] / 1e9)
     elif stream.get("error"):
@@ -259,7 +272,7 @@ def run(stages: list[Stage], frameworks, s: Settings, ceilings: dict, *, torch_d
             emit(dict(row, error=f"unavailable: {fw}_impl.kernels: {type(e).__name__}: {e}"))
             continue
         t0 = time.perf_counter()
-        stage = _time(fw, st, s, torch_device, setup_stage, kernels)
+        stage = _time(fw, st, s, torch_device, setup_stage, kernels, resident=stage_bytes(st) <= L2_RESIDENT_BYTES)
         stream = _time(fw, st, s, torch_device, setup_stream, None)
         row = finish(row, stage, stream, ceilings)
         progress(f"    {time.perf_counter() - t0:.1f} s: " + (
@@ -282,7 +295,8 @@ def table(rows: list[dict]) -> str:
     fws = list(dict.fromkeys(r["framework"] for r in rows))
     keys = list(dict.fromkeys((r["model"], r["stage"], r["weights"], r.get("ctx")) for r in rows))
     by = {(r["framework"], r["model"], r["stage"], r["weights"], r.get("ctx")): r for r in rows}
-    head = "| model | stage | weights | MB | " + " | ".join(f"{fw} us | {fw} GB/s (% copy, % read)" for fw in fws)
+    head = "| model | stage | weights | MB | " + " | ".join(f"{fw} us (from L2) | {fw} GB/s (% copy, % read)"
+                                                          for fw in fws)
     lines = [head + " |", "|---" * (4 + 2 * len(fws)) + "|"]
     for model, stage, weights, ctx in keys:
         any_row = next(by[(fw, model, stage, weights, ctx)] for fw in fws if (fw, model, stage, weights, ctx) in by)
@@ -292,7 +306,8 @@ def table(rows: list[dict]) -> str:
             if r.get("us"):
                 pct = ", ".join(p for p in (f"{r['pct_copy_bw']:.0f}%" if r.get("pct_copy_bw") else "",
                                             f"{r['pct_of_stream']:.0f}%" if r.get("pct_of_stream") else "") if p)
-                cells += [f"{r['us']:,.1f}", f"{r['GBps']:,.0f} ({pct})" if r["GBps"] >= 10 else f"{r['GBps']:.2f} ({pct})"]
+                us = f"{r['us']:,.1f}" + (f" ({r['l2_us']:,.1f})" if r.get("l2_us") else "")
+                cells += [us, f"{r['GBps']:,.0f} ({pct})" if r["GBps"] >= 10 else f"{r['GBps']:.2f} ({pct})"]
             else:
                 cells += ["-", (r.get("error") or "-")[:60]]
         lines.append("| " + " | ".join(cells) + " |")
