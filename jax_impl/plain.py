@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from common import reference
 from common import tiles as tiles_mod
 from common.formats import QWeight
 from jax_impl.arrays import dense, device_info, dtype_key, precision_for, weight_shape
@@ -94,10 +96,11 @@ def linear(x, w, *, kernel: str = "linear_residual", **shape):
 
 
 def rope_table(max_positions: int, head_dim: int, theta: float):
-    """cos_sin [max_positions, head_dim] float32: [:, :D/2] = cos(pos*inv_freq), [:, D/2:] = sin."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=F32) / head_dim))
-    ang = jnp.arange(max_positions, dtype=F32)[:, None] * inv_freq[None, :]
-    return jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=-1)
+    """cos_sin [max_positions, head_dim] float32: [:, :D/2] = cos(pos*inv_freq), [:, D/2:] = sin.
+
+    common.reference's table (angles in float64, rounded once: torch_impl's values), built on the
+    host and placed on the device: no program compiled for it."""
+    return jnp.asarray(reference.rope_table(max_positions, head_dim, theta).astype(np.float32))
 
 
 def apply_rope(x, cos_sin, positions):

@@ -36,18 +36,58 @@ def load_params(ckpt: Checkpoint, dtype, quantization=None, *, host: bool = Fals
     """Stream the checkpoint into device arrays following common.weights' packing plan; the
     projections as QWeight (values and float32 scales, common.formats) when they load quantized.
     host=True: numpy arrays in host memory instead (tensor parallel: each rank's shard then goes
-    to its own device, and no device holds the whole model)."""
+    to its own device, and no device holds the whole model).
+
+    Packing and casts run on the host (numpy), each result placed on the device as it is: no
+    program is compiled per tensor shape. The NaN/inf check runs once over all parameters, one
+    compiled program for the model (`_FiniteCheck`)."""
     params: dict = {"layers": [{} for _ in range(ckpt.config.num_hidden_layers)]}
-    xp = np if host else jnp
-    convert = lambda a: xp.asarray(a, dtype=dtype)  # noqa: E731
-    convert_quant = lambda w: QWeight(xp.asarray(w.q), xp.asarray(w.scale, np.float32), w.fmt)  # noqa: E731
-    for layer, key, arr in ckpt.iter_params("numpy" if host else "flax",
-                                            concat=lambda parts: xp.concatenate(parts, axis=0),
+    dtype = np.dtype(dtype)
+    place = (lambda a: a) if host else jax.device_put  # noqa: E731
+    convert = lambda a: place(np.asarray(a).astype(dtype, copy=False))  # noqa: E731
+    convert_quant = lambda w: QWeight(place(np.asarray(w.q)), place(np.asarray(w.scale, np.float32)), w.fmt)  # noqa: E731
+    check = _FiniteCheck(host)
+    for layer, key, arr in ckpt.iter_params("numpy", concat=lambda parts: np.concatenate(parts, axis=0),
                                             convert=convert, quantization=quantization,
                                             convert_quant=convert_quant,
-                                            all_finite=lambda a: xp.isfinite(a).all()):  # NaN/inf: WeightsError
+                                            all_finite=check.flag):  # NaN/inf: WeightsError
         (params if layer is None else params["layers"][layer])[key] = arr
     return params
+
+
+class _FiniteCheck:
+    """all_finite for common.weights' iter_params: each call keeps its array and returns a flag whose
+    truth is read after the last parameter; the first read checks every kept array at once (one
+    jitted program over the list on the device, numpy on the host)."""
+
+    def __init__(self, host: bool):
+        self.host, self.arrays, self.result = host, [], None
+
+    def flag(self, a) -> "_FiniteFlag":
+        self.arrays.append(a)
+        return _FiniteFlag(self, len(self.arrays) - 1)
+
+    def ok(self, i: int) -> bool:
+        if self.result is None:
+            if self.host:
+                self.result = [bool(np.isfinite(np.asarray(a, np.float32)).all()) for a in self.arrays]
+            else:
+                self.result = np.asarray(_all_finite(self.arrays)).tolist()
+            self.arrays = []
+        return self.result[i]
+
+
+class _FiniteFlag:
+    def __init__(self, check: _FiniteCheck, i: int):
+        self.check, self.i = check, i
+
+    def __bool__(self) -> bool:
+        return self.check.ok(self.i)
+
+
+@jax.jit
+def _all_finite(arrays):
+    return jnp.stack([jnp.isfinite(a).all() for a in arrays])
 
 
 def random_params(cfg, dtype, seed: int = 0, quantization=None) -> dict:
@@ -239,12 +279,18 @@ class JaxRunner(harness.Runner):
         prefill_args = (self.state, jnp.asarray(ids), jnp.asarray(all_lengths), jnp.asarray(active), caches,
                         jax.random.key(seed), *sample_args, eos_ids, jnp.int32(max_new_tokens))
         new_bucket = key not in self._decode_ready
-        decode_compiled = self._compile_decode(key, prefill_args, sample_args, eos_ids, statics) if new_bucket else None
         self._note_program("prefill", key)
+        if new_bucket:  # the prefill compiles alone first: the first token waits for nothing else
+            self.programs.prefill.lower(*prefill_args, **statics).compile()
+        decode_compiled = self._compile_decode(key, prefill_args, sample_args, eos_ids, statics) if new_bucket else None
         ds = self.programs.prefill(*prefill_args, **statics)
         ds.out.block_until_ready()
         c1, t1 = compile_seconds(), time.perf_counter()
         first_token_s, setup_s = t1 - t0, 0.0
+        streamed = bool(chunk) and not warm
+        if streamed:  # a stream shows the prefill's token now, not after the decode programs compiled
+            yield _trim(np.asarray(ds.out)[:b], int(ds.step), eos)
+            t1 = time.perf_counter()  # the caller's time with the first token is not decode time
         if new_bucket:  # the bucket's three decode programs together: later budgets compile nothing
             decode_compiled()
             for sync in decode_loop.SYNC_SIZES:  # stop == step: no step runs
@@ -266,7 +312,7 @@ class JaxRunner(harness.Runner):
             if not warm:
                 yield _trim(np.asarray(ds.out)[:b], int(ds.step), eos)
         outs = _trim(np.asarray(ds.out)[:b], int(ds.step), eos)
-        if int(ds.step) <= 1 and not warm:
+        if int(ds.step) <= 1 and not warm and not streamed:
             yield outs  # the first token ended every sequence (or a budget of one)
         c2, t2 = compile_seconds(), time.perf_counter()
         new = sum(len(o) for o in outs)
@@ -278,10 +324,11 @@ class JaxRunner(harness.Runner):
 
     def _compile_decode(self, key: tuple, prefill_args: tuple, sample_args: tuple, eos_ids, statics: dict):
         """Start compiling a new bucket's decode programs (one per decode_loop.SYNC_SIZES), each in a
-        thread of its own, while the calling thread compiles and runs the prefill: XLA compiles
-        outside Python's lock, so a first call waits for its longest program, not for the sum of
-        four. Returns the wait: it joins the threads and raises the first error one of them met.
-        The threads are daemons: a Ctrl-C need not wait for XLA to finish."""
+        thread of its own, once the prefill's program is compiled: they compile while the calling
+        thread runs the prefill and hands out the first token (XLA compiles outside Python's lock),
+        so the first token waits for the prefill alone and the first decode steps for the longest
+        decode program, not for the sum of them. Returns the wait: it joins the threads and raises
+        the first error one of them met. The threads are daemons: a Ctrl-C need not wait for XLA."""
         ds = jax.eval_shape(functools.partial(self.programs.prefill, **statics), *prefill_args)
         errors: list[BaseException] = []
 

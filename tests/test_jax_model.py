@@ -211,6 +211,9 @@ def test_stream_equals_generate(ckpts, fused):
     chunks = list(runner.generate_stream([3, 4, 5], 10, chunk=3))
     assert len(chunks) > 1
     assert sum(chunks, []) == runner.generate([[3, 4, 5]], 10)[0]
+    # the prefill's token comes alone, before any decode step (and before the decode programs of a
+    # new bucket compiled), then `chunk` tokens at a time
+    assert [len(c) for c in chunks] == [1, 3, 3, 3]
 
 
 def test_decode_resumes_exactly_after_idle_steps(ckpts, fused):
