@@ -1,4 +1,4 @@
-"""python -m bench {kernels,decode,stages,all} [options] | compare OLD NEW | report RESULTS... --out DIR | check | headline
+"""python -m bench {kernels,decode,stages,ttft,all} [options] | compare OLD NEW | report RESULTS... --out DIR | check | headline
 
   kernels  each fused kernel of both twins vs the plain op of the same framework, at the chosen
            presets' shapes: decode batches (--batch) and prefill token counts (--prefill);
@@ -10,6 +10,9 @@
            attention at --stage-ctx) of both twins in every weight format, timed as a chain as decode
            runs it, beside a plain streaming read of the same bytes: GB/s, % of copy, % of the read
            (bench/stages.py)
+  ttft     time to first token as a user meets it: each twin's generate command on a random
+           checkpoint, one process per run - fresh compile caches, a second process, and a warm-up
+           at load - seconds to the first text and the command's first-token figures (bench/ttft.py)
   all      kernels and decode (the default when no command is given)
   compare  flag regressions over 5% between two results files (exit 1 when any)
   report   merge results of several runs (say one per model) into one folder: JSON, table, plots
@@ -47,7 +50,7 @@ from pathlib import Path
 
 from common import argparsing, formats
 
-RUN_COMMANDS = ("kernels", "decode", "stages", "all")
+RUN_COMMANDS = ("kernels", "decode", "stages", "ttft", "all")
 DEFAULT_MODELS = "Qwen3-0.6B,Qwen3-8B"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("bench-results")  # under the current directory, never inside the source tree
@@ -276,7 +279,7 @@ def run(a) -> int:
     new_tokens = a.new_tokens or (4 if a.smoke else 64 if a.quick else 256)
     sampling = decode.parse_sampling(a.sampling)
     prompt_len = a.prompt_len or (8 if a.smoke else 16)
-    if a.command in ("decode", "all"):
+    if a.command in ("decode", "ttft", "all"):
         room = min(c.max_position_embeddings for c in models.values())
         if prompt_len + new_tokens > room:
             raise SystemExit(f"error: --prompt-len {prompt_len} + --new-tokens {new_tokens}: more than the "
@@ -305,6 +308,7 @@ def run(a) -> int:
 
     torch_device = _torch_device(a.smoke)
     n_jobs = 2 + (len(frameworks) if a.command in ("kernels", "all", "stages") else 0) \
+        + (len(frameworks) * len(models) if a.command == "ttft" else 0) \
         + (len(models) * sum(len(_variants(i, tps, tile_modes)) for i in impls) if a.command in ("decode", "all") else 0)
     jobs_bar = bar(n_jobs, f"bench {a.command}", unit="job", delay=0, leave=True)
     ceilings = _ceilings(a)
@@ -341,6 +345,22 @@ def run(a) -> int:
             isolate.run_job(job, emit=res.add, expected=stages.expected_rows(stage_list, [fw]),
                             in_process=a.in_process, progress=_progress)
             jobs_bar.update(1)
+
+    if a.command == "ttft":
+        from bench import ttft
+
+        with tempfile.TemporaryDirectory(prefix="bench-smoke-ckpt-") as tmp:
+            for m in models:
+                try:
+                    path = _checkpoint(m, models[m], a, Path(tmp), tokenizer=True).resolve()
+                except Exception as e:  # noqa: BLE001 - the rows say why
+                    for r in ttft.expected_rows(frameworks, [m], prompt_len, new_tokens, "auto"):
+                        res.add(dict(r, error=f"checkpoint: {type(e).__name__}: {e}"))
+                    continue
+                for fw in frameworks:
+                    _progress(f"ttft {fw} {m}")
+                    ttft.measure(fw, m, path, prompt_len, new_tokens, fused="auto", emit=res.add, progress=_progress)
+                    jobs_bar.update(1)
 
     if a.command in ("decode", "all"):
         with tempfile.TemporaryDirectory(prefix="bench-smoke-ckpt-") as tmp:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from bench.decode import TWINS, variant
 from bench.stages import table as stages_table
+from bench.ttft import table as ttft_table
 from common import formats
 
 SCHEMA = 1
@@ -175,6 +176,7 @@ def errors_list(rows: list[dict], limit: int = 40) -> str:
             continue
         what = (f"{r['framework']} {r['impl']} {r['op']}" if r.get("kind") == "kernel"
                 else f"{r['framework']} stage {r['stage']} {r['weights']}" if r.get("kind") == "stage"
+                else f"ttft {r['framework']} {r['run']}" if r.get("kind") == "ttft"
                 else f"decode {r.get('impl')}")
         seen.setdefault((what, r["error"][:160]), []).append(r)
     for (what, err), rs in list(seen.items())[:limit]:
@@ -217,6 +219,10 @@ def markdown(doc: dict) -> str:
     if stage:
         parts.append("### Batch-1 decode stages (median per call; GB/s with % of the copy bandwidth and % of a "
                      "plain read of the same bytes)\n\n" + stage)
+    first = ttft_table(doc["rows"])
+    if first:
+        parts.append("### Time to first token (each run a process of its own: fresh compile caches, a second "
+                     "process, a warm-up at load; first text from the process's start)\n\n" + first)
     if err:
         parts.append("### Not measured\n\n" + err)
     return "\n\n".join(parts) + "\n"

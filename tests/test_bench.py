@@ -852,3 +852,32 @@ def test_stage_bytes_count_each_format():
     att = Stage("8B", cfg, "attention", None, 8192)
     assert stage_bytes(att) == 2 * 2 * 8192 * cfg.num_key_value_heads * cfg.head_dim + 2 * 2 * cfg.num_attention_heads \
         * cfg.head_dim
+
+
+def test_ttft_smoke(tmp_path):
+    """python -m bench ttft --smoke: each twin's generate command in three processes (fresh caches, a
+    second process, a warm-up at load), each row with its first text and the command's figures."""
+    out = tmp_path / "ttft"
+    assert main(["ttft", "--smoke", "--out", str(out), "--new-tokens", "4", "--no-plots"]) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    rows = [r for r in doc["rows"] if r.get("kind") == "ttft"]
+    assert {(r["framework"], r["run"]) for r in rows} == {(fw, run) for fw in ("jax", "torch")
+                                                          for run in ("fresh", "second", "warm")}
+    for r in rows:
+        assert not r.get("error"), r
+        assert 0 < r["first_text_s"] <= r["wall_s"], r
+        assert r["prompt_tokens"] > 0 and r["first_token_s"] >= r["prefill_s"] > 0, r
+    jax_rows = {r["run"]: r for r in rows if r["framework"] == "jax"}
+    assert jax_rows["fresh"]["compile_first_s"] > 0  # a fresh cache compiles the prefill program
+    assert "Time to first token" in (out / "bench.md").read_text()
+
+
+def test_ttft_reads_the_commands_stderr_line():
+    """The generate commands' stderr line (common.cli.report) with and without a compile part."""
+    from bench.ttft import _STATS
+
+    m = _STATS.search("jax_impl: ...\nprompt tokens: 7 | first token 1.844 s (compile 1.73 s, prefill 0.114 s) | "
+                      "decode 31 tokens in 0.063 s = 490.8 tok/s (+ 5.03 s compile, not counted)\n")
+    assert (m["prompt"], m["first"], m["compile"], m["prefill"]) == ("7", "1.844", "1.73", "0.114")
+    m = _STATS.search("prompt tokens: 16 | first token 0.027 s (prefill 0.027 s) | decode 3 tokens in 0.1 s = 30 tok/s")
+    assert (m["prompt"], m["compile"], m["prefill"]) == ("16", None, "0.027")
