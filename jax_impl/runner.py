@@ -70,7 +70,7 @@ class _FiniteCheck:
     def ok(self, i: int) -> bool:
         if self.result is None:
             if self.host:
-                self.result = [bool(np.isfinite(np.asarray(a, np.float32)).all()) for a in self.arrays]
+                self.result = [bool(np.isfinite(a).all()) for a in self.arrays]
             else:
                 self.result = np.asarray(_all_finite(self.arrays)).tolist()
             self.arrays = []
