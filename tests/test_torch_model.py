@@ -20,6 +20,7 @@ import torch_impl  # noqa: E402
 from torch_impl import context as ctx_mod  # noqa: E402
 from torch_impl.ops import FusedUnavailable, choose_ops  # noqa: E402
 from torch_impl.decode_loop import bucket_for  # noqa: E402
+from torch_impl import prefill_loop  # noqa: E402
 from torch_impl.runner import CacheCapacityError, TorchRunner  # noqa: E402
 
 SHAPES = {
@@ -129,6 +130,71 @@ def test_paged_prefill_and_decode_equal_the_dense_forward(ckpts, fused):
             got[b].append(out[row:row + 1])
     for b in (0, 1):
         assert _rel(np.concatenate(got[b]), dense[b]) < 2e-4, f"sequence {b}"
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_padded_prefill_buffers_equal_the_eager_prefill(ckpts, fused):
+    """A short prefill on a Prefiller's static buffers (what a CUDA graph replays; eagerly here):
+    three prompts packed into a 16-token bucket for a 4-sequence batch bucket give each prompt's
+    last-token logits, and write exactly the cache rows the eager prefill writes - the padding
+    tokens and the empty padding sequence write none."""
+    runner = TorchRunner(ckpts["awkward"], dtype="float32", fused=fused)
+    prompts = [[5, 17, 3, 9], [9, 1, 4, 4, 4, 2], [42]]
+    lens = [len(p) for p in prompts]
+    bs, per_seq = runner._cache_plan(prompts, 4)
+    runner._ensure_cache(len(prompts) * per_seq, bs)
+    greedy = dict(temperature=0.0, top_k=0, top_p=1.0, gen=None)
+    with torch.inference_mode():
+        eager_tokens = runner._prefill(prompts, lens, per_seq, bs, **greedy).cpu().tolist()
+        eager_kv = runner.kv.clone()
+        runner.kv.fill_(7.0)  # rows the padded run must leave alone keep this
+        pre = prefill_loop.Prefiller(runner.model, bucket_for(3), prefill_loop.token_bucket(sum(lens)),
+                                     torch.device(DEV), graph=False)
+        assert (pre.batch, pre.tokens) == (4, 16)
+        slots = np.concatenate([b * per_seq * bs + np.arange(n) for b, n in enumerate(lens)])
+        logits = pre.run(prompts, slots).float().cpu().numpy()
+    assert logits.shape == (3, runner.config.vocab_size)
+    for b, prompt in enumerate(prompts):
+        assert _rel(logits[b], runner.logits([prompt])[0, -1]) < 2e-4, f"prompt {b}"
+    assert logits.argmax(-1).tolist() == eager_tokens
+    written = torch.zeros(runner.kv.shape[2] * bs, dtype=torch.bool)
+    written[torch.from_numpy(slots)] = True
+    written = written.view(runner.kv.shape[2], bs)
+    kv = runner.kv.cpu()
+    assert torch.equal(kv[:, :, ~written], torch.full_like(kv[:, :, ~written], 7.0)), "a padding token wrote a row"
+    torch.testing.assert_close(kv[:, :, written], eager_kv.cpu()[:, :, written], rtol=2e-5, atol=2e-5)
+
+
+def test_short_prefills_replay_a_graph_only_on_cuda(ckpts):
+    """Prefills of at most prefill_loop.MAX_TOKENS tokens and MAX_BATCH prompts take a Prefiller per
+    (batch bucket, token bucket) where decode steps are CUDA graphs (on CUDA, cuda_graphs=True, one
+    process); elsewhere, and past those sizes, the prefill runs eagerly."""
+    assert prefill_loop.fits(8, 512) and not prefill_loop.fits(9, 16) and not prefill_loop.fits(1, 513)
+    assert [prefill_loop.token_bucket(n) for n in (1, 16, 17, 300, 512)] == [16, 16, 32, 512, 512]
+    runner = TorchRunner(ckpts["peaked"], dtype="float32", fused=True, device=DEV)
+    runner._ensure_cache(1, 256)
+    assert (runner._prefiller(1, 16) is None) == (DEV == "cpu")
+    assert runner._prefiller(1, 513) is None and runner._prefiller(9, 16) is None
+    if DEV == "cuda":  # the plain prefill attention reads lengths on the host: no graph, the eager prefill
+        plain = TorchRunner(ckpts["peaked"], dtype="float32", fused=False, device=DEV)
+        plain._ensure_cache(1, 256)
+        assert plain._prefiller(1, 16) is None and plain.generate([[1, 2, 3]], 4) == runner.generate([[1, 2, 3]], 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch", [1, 3])
+def test_graphed_prefill_gives_the_eager_tokens(ckpts, batch):
+    """On CUDA a short prefill replays its bucket's graph: greedy tokens as with cuda_graphs=False,
+    a second call in the same buckets (other lengths) captures nothing new."""
+    prompts = [[5, 17, 3], [9, 1], [42, 8, 8, 2]][:batch]
+    graphed = torch_impl.load(ckpts["peaked"], dtype="float32", device="cuda", fused=True)
+    eager = torch_impl.load(ckpts["peaked"], dtype="float32", device="cuda", fused=True, cuda_graphs=False)
+    assert graphed.generate(prompts, 12) == eager.generate(prompts, 12)
+    assert [p.graph is not None for p in graphed._prefillers.values()] == [True]
+    built = dict(graphed._prefillers)
+    others = [p + [7] * 5 for p in prompts]
+    assert graphed.generate(others, 12) == eager.generate(others, 12)
+    assert graphed._prefillers == built
 
 
 @pytest.mark.parametrize("fused", [False, True])

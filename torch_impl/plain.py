@@ -155,6 +155,9 @@ def decode_attention(q, k_cache, v_cache, meta, *, tiles=None):
 def prefill_attention(q, k_cache, v_cache, meta, *, tiles=None):
     """Variable-length causal attention over the caches; see torch_impl/kernels/prefill_attention.py."""
     del tiles
+    if q.is_cuda and torch.cuda.is_current_stream_capturing():  # before .tolist() would break the capture
+        raise RuntimeError("the plain prefill attention reads the sequence lengths on the host: "
+                           "it cannot run inside a CUDA graph")
     out = torch.empty_like(q)
     cq, ck = meta.cu_seqlens_q.tolist(), meta.cu_seqlens_k.tolist()
     blocks = _blocks(meta, len(cq) - 1, k_cache)

@@ -43,6 +43,7 @@ from torch_impl import context as ctx_mod
 from torch_impl import commands, workers
 from torch_impl.building import build_model, fill_random, use_cpu_threads
 from torch_impl.decode_loop import Decoder, bucket_for
+from torch_impl import prefill_loop
 from torch_impl.model import Qwen3ForCausalLM
 from torch_impl.ops import check_weight_format
 from torch_impl.quant_loading import to_torch
@@ -165,6 +166,8 @@ class TorchRunner(harness.Runner):
         self.warmup_s = 0.0
         self.kv: torch.Tensor | None = None
         self._decoders: dict[tuple, Decoder] = {}
+        self._prefillers: dict[tuple, prefill_loop.Prefiller] = {}
+        self._graph_pool = None  # the prefill graphs' shared memory pool
         self.last_stats: dict = {}
         self._session, self._stream = session, None
         self.tensor_parallel_size = session.size if session else 1
@@ -236,6 +239,7 @@ class TorchRunner(harness.Runner):
         if self.kv is not None and self.kv.shape[3] == bs and self.kv.shape[2] >= num_blocks:
             return
         self._decoders.clear()  # captured graphs point at the old cache
+        self._prefillers.clear()
         self.kv = None
         blocks = 1 << max(0, (num_blocks - 1).bit_length())  # grow by powers of two
         if self.max_cache_tokens is not None:
@@ -366,11 +370,12 @@ class TorchRunner(harness.Runner):
         if dec is None:
             dec = self._decoders[key] = Decoder(self.model, bp, blocks_per_seq, bs, greedy, dev,
                                                 graph=self.use_graphs, sampling=sampling)
+        prefiller = self._prefiller(b, sum(lens))
         _sync(dev)
         t_built = time.perf_counter()
         gen = dec.gen if dec.sampling is not None else torch.Generator(device=dev)
         gen.manual_seed(int(seed))
-        first = self._prefill(prompts, lens, blocks_per_seq, bs, temperature, top_k, top_p, gen)
+        first = self._prefill(prompts, lens, blocks_per_seq, bs, temperature, top_k, top_p, gen, prefiller)
         _sync(dev)
         t_first = time.perf_counter()
         dec.start(first, lens, blocks_per_seq)
@@ -398,24 +403,46 @@ class TorchRunner(harness.Runner):
                 break
         t2 = time.perf_counter()
         new = sum(len(o) for o in outs)
-        # compile_s: building (CUDA graphs: capturing) the decode step for this batch bucket, before the
-        # prefill; Triton's first builds of the prefill kernels fall in prefill_s.
+        # compile_s: building (CUDA graphs: capturing) the decode step for this batch bucket and a short
+        # prefill's graph for its buckets, before the prefill; else Triton's first builds of the prefill
+        # kernels fall in prefill_s.
         self.last_stats = dict(prompt_tokens=sum(lens), new_tokens=new, decode_tokens=new - b,
                                decode_steps=steps - 1,
                                first_token_s=t_first - t_built, compile_s=t_built - t0, compile_first_s=0.0,
                                prefill_s=t_first - t_built, decode_s=t2 - t1)
 
-    def _prefill(self, prompts, lens, blocks_per_seq, bs, temperature, top_k, top_p, gen) -> torch.Tensor:
-        """Run every prompt (varlen), write its cache rows, sample and return the first new tokens [B]."""
+    def _prefiller(self, batch: int, tokens: int) -> prefill_loop.Prefiller | None:
+        """The captured prefill of a call of `batch` prompts totalling `tokens` tokens: short prefills
+        (torch_impl.prefill_loop.fits) on CUDA graphs at tensor-parallel size 1, built at the first
+        call in their buckets; None runs the prefill eagerly (also where capturing failed, logged once)."""
+        if not (self.use_graphs and self._session is None and prefill_loop.fits(batch, tokens)):
+            return None
+        key = (bucket_for(batch), prefill_loop.token_bucket(tokens))
+        if key not in self._prefillers:
+            if self._graph_pool is None:
+                self._graph_pool = torch.cuda.graph_pool_handle()
+            self._prefillers[key] = prefill_loop.Prefiller(self.model, *key, self.device, graph=True,
+                                                           pool=self._graph_pool)
+        found = self._prefillers[key]
+        return found if found.graph is not None else None
+
+    def _prefill(self, prompts, lens, blocks_per_seq, bs, temperature, top_k, top_p, gen,
+                 prefiller: prefill_loop.Prefiller | None = None) -> torch.Tensor:
+        """Run every prompt (varlen), write its cache rows, sample and return the first new tokens [B];
+        through `prefiller`'s graph when given."""
         dev = self.device
+        pos = np.concatenate([np.arange(n) for n in lens])
+        seq = np.repeat(np.arange(len(lens)), lens)
+        slots = seq * blocks_per_seq * bs + pos  # sequence b owns blocks b * blocks_per_seq ...
+        if prefiller is not None:
+            logits = prefiller.run(prompts, slots)
+            return self._sample(logits.float(), temperature, top_k, top_p, gen)
         ids = torch.tensor([t for p in prompts for t in p], dtype=torch.int64, device=dev)
-        pos = torch.cat([torch.arange(n) for n in lens])
-        seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
-        slots = (seq * blocks_per_seq * bs + pos).to(dev, torch.int32)
         cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=dev)
-        ctx_mod.set_context(True, cu, cu, max(lens), max(lens), slot_mapping=slots)  # tables: from the slots
+        slots_t = torch.from_numpy(slots).to(dev, torch.int32)
+        ctx_mod.set_context(True, cu, cu, max(lens), max(lens), slot_mapping=slots_t)  # tables: from the slots
         try:
-            logits = self.model.compute_logits(self.model(ids, pos.to(dev)))
+            logits = self.model.compute_logits(self.model(ids, torch.from_numpy(pos).to(dev)))
         finally:
             ctx_mod.reset_context()
         return self._sample(logits.float(), temperature, top_k, top_p, gen)
