@@ -106,10 +106,12 @@ def load_x(x_ptr, nw_ptr, offs_m, m_ok, k0, k_ok, stride_xm, rstd, NORM: tl.cons
 
 @triton.jit
 def load_rows(w_ptr, rows, r_ok, k0, k_ok, stride_wn, BLOCK_K: tl.constexpr):
-    """Weight chunk [len(rows), BLOCK_K] of W [N, K] (the [out, in] layout: K contiguous)."""
+    """Weight chunk [len(rows), BLOCK_K] of W [N, K] (the [out, in] layout: K contiguous). Read once per
+    step: marked evict-first, so the L2 keeps the activations (Qwen3-0.6B batch 1 on an H100: 1,453-1,462
+    against 1,429-1,440 tok/s, same run)."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     return tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :], mask=r_ok[:, None] & k_ok[None, :],
-                   other=0.0)
+                   other=0.0, eviction_policy="evict_first")
 
 
 @triton.jit
