@@ -155,7 +155,9 @@ def _head_body(fw: str, ops):
         def body(x, _, L, S):
             logits = plain.matmul_f32(x, L["w"])
             tok = jnp.argmax(logits, axis=-1)
-            return x + (tok[:, None] * 0).astype(x.dtype)
+            # the chosen logit times zero: XLA folds an integer times zero (and with it the whole head),
+            # never a float one
+            return x + (jnp.take_along_axis(logits, tok[:, None], axis=-1) * 0).astype(x.dtype)
         return body
     import torch
     import torch.nn.functional as F

@@ -192,7 +192,7 @@ def test_graphed_prefill_gives_the_eager_tokens(ckpts, batch):
     assert graphed.generate(prompts, 12) == eager.generate(prompts, 12)
     assert [p.graph is not None for p in graphed._prefillers.values()] == [True]
     built = dict(graphed._prefillers)
-    others = [p + [7] * 5 for p in prompts]
+    others = [p + [7] * 2 for p in prompts]  # still within the 16-token bucket
     assert graphed.generate(others, 12) == eager.generate(others, 12)
     assert graphed._prefillers == built
 
