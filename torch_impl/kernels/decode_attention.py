@@ -34,6 +34,51 @@ NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile neve
 
 
 @triton.jit
+def attend_range(q, kc_ptr, vc_ptr, bt_ptr, b, kvh, start, end, blk0, nxt, num_blocks, block_size, max_blocks,
+                 stride_bt, stride_cslot, stride_ch, offs_d, d_ok, scale, G_PAD: tl.constexpr, D_P: tl.constexpr,
+                 BLOCK_KV: tl.constexpr, ALIGNED: tl.constexpr, ONE_BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+    """(acc [G_PAD, D_P], max [G_PAD], sum [G_PAD]) float32: the online softmax of q [G_PAD, D_P] (one kv
+    head's query heads) over keys start .. end - 1 of sequence b, kv head kvh, `BLOCK_KV` at a time;
+    the unnormalized output acc / sum. Addressing (the module doc): ONE_BLOCK, block blk0's rows
+    (NO_TABLE: blk0 = b); ALIGNED, tiles within one block, `nxt` the first tile's block id; else a
+    block id per key."""
+    m_i = tl.full([G_PAD], NEG, tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_P], tl.float32)
+    for j0 in range(start, end, BLOCK_KV):
+        j = j0 + tl.arange(0, BLOCK_KV)  # [BKV] key positions
+        j_ok = j < end
+        if ONE_BLOCK:  # (the pipeliner can prefetch loads whose addresses do not wait on a load)
+            blk_v = tl.zeros([BLOCK_KV], tl.int64) + blk0
+            j_ok = j_ok & (j < block_size) & (blk_v >= 0) & (blk_v < num_blocks)
+            rows = blk0 * block_size + j
+        elif ALIGNED:  # the tile lies in one cache block: one block id, contiguous rows
+            blk = nxt.to(tl.int64)
+            nxt = tl.load(bt_ptr + b * stride_bt + tl.minimum((j0 + BLOCK_KV) // block_size, max_blocks - 1))
+            blk_v = tl.zeros([BLOCK_KV], tl.int64) + blk  # (a splat: a scalar & vector mask trips the interpreter)
+            j_ok = j_ok & (j // block_size < max_blocks) & (blk_v >= 0) & (blk_v < num_blocks)  # stay in the cache
+            rows = blk * block_size + (j0 % block_size) + tl.arange(0, BLOCK_KV)
+        else:
+            blk = tl.load(bt_ptr + b * stride_bt + j // block_size, mask=j_ok & (j // block_size < max_blocks),
+                          other=-1).to(tl.int64)
+            j_ok = j_ok & (blk >= 0) & (blk < num_blocks)
+            rows = blk * block_size + j % block_size
+        kv_off = rows[:, None] * stride_cslot + kvh * stride_ch + offs_d[None, :]
+        kv_mask = j_ok[:, None] & d_ok[None, :]
+        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)  # [BKV, D_P]
+        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
+        s = _jit.dot(q, tl.trans(k), tl.zeros([G_PAD, BLOCK_KV], tl.float32), PRECISION) * scale  # [G_PAD, BKV]
+        s = tl.where(j_ok[None, :], s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = _jit.dot(_jit.cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr,  # [B, HQ, D]
     kc_ptr, vc_ptr,  # [num_slots, HKV, D] (flattened blocks)
@@ -69,50 +114,20 @@ def _decode_attention_kernel(
     chunk = tl.cdiv(tl.cdiv(ctx, active), BLOCK_KV) * BLOCK_KV
     start = split * chunk  # >= ctx for the inactive splits (active * chunk >= ctx): an empty loop
     end = tl.minimum(ctx, start + chunk)
-    if NO_TABLE:  # block_tables None: block b holds sequence b
-        blk0 = b.to(tl.int64)
-    elif ONE_BLOCK:  # one block per sequence: its id, read once; key rows are then affine in the loop index
+    blk0 = b.to(tl.int64)  # NO_TABLE (block_tables None): block b holds sequence b
+    nxt = 0  # ALIGNED only
+    if ONE_BLOCK and not NO_TABLE:  # one block per sequence: its id, read once; key rows are then affine in the loop index
         blk0 = tl.load(bt_ptr + b * stride_bt).to(tl.int64)
-    elif ALIGNED:  # the first tile's block id; each step then fetches the next one ahead of its loads
+    elif ALIGNED and not NO_TABLE:  # the first tile's block id; each step then fetches the next one ahead
         nxt = tl.load(bt_ptr + b * stride_bt + tl.minimum(start // block_size, max_blocks - 1))
     _jit.wait_prior(PDL)
 
     heads = kvh * G + offs_g
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)  # [G_PAD, D_P]
-    m_i = tl.full([G_PAD], NEG, tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_P], tl.float32)
-    for j0 in range(start, end, BLOCK_KV):
-        j = j0 + tl.arange(0, BLOCK_KV)  # [BKV] key positions
-        j_ok = j < end
-        if ONE_BLOCK:  # (the pipeliner can prefetch loads whose addresses do not wait on a load)
-            blk_v = tl.zeros([BLOCK_KV], tl.int64) + blk0
-            j_ok = j_ok & (j < block_size) & (blk_v >= 0) & (blk_v < num_blocks)
-            rows = blk0 * block_size + j
-        elif ALIGNED:  # the tile lies in one cache block: one block id, contiguous rows
-            blk = nxt.to(tl.int64)
-            nxt = tl.load(bt_ptr + b * stride_bt + tl.minimum((j0 + BLOCK_KV) // block_size, max_blocks - 1))
-            blk_v = tl.zeros([BLOCK_KV], tl.int64) + blk  # (a splat: a scalar & vector mask trips the interpreter)
-            j_ok = j_ok & (j // block_size < max_blocks) & (blk_v >= 0) & (blk_v < num_blocks)  # stay in the cache
-            rows = blk * block_size + (j0 % block_size) + tl.arange(0, BLOCK_KV)
-        else:
-            blk = tl.load(bt_ptr + b * stride_bt + j // block_size, mask=j_ok & (j // block_size < max_blocks),
-                          other=-1).to(tl.int64)
-            j_ok = j_ok & (blk >= 0) & (blk < num_blocks)
-            rows = blk * block_size + j % block_size
-        kv_off = rows[:, None] * stride_cslot + kvh * stride_ch + offs_d[None, :]
-        kv_mask = j_ok[:, None] & d_ok[None, :]
-        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)  # [BKV, D_P]
-        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = _jit.dot(q, tl.trans(k), tl.zeros([G_PAD, BLOCK_KV], tl.float32), PRECISION) * scale  # [G_PAD, BKV]
-        s = tl.where(j_ok[None, :], s, NEG)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = _jit.dot(_jit.cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
-        m_i = m_new
+    acc, m_i, l_i = attend_range(q, kc_ptr, vc_ptr, bt_ptr, b, kvh, start, end, blk0, nxt, num_blocks, block_size,
+                                 max_blocks, stride_bt, stride_cslot, stride_ch, offs_d, d_ok, scale, G_PAD, D_P,
+                                 BLOCK_KV, ALIGNED, ONE_BLOCK, PRECISION)
 
     _jit.release_after(PDL)  # PDL 1: the loads are done
     out = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]

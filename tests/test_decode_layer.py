@@ -1,0 +1,135 @@
+"""torch_impl's one-launch decoder layer (torch_impl/kernels/decode_layer.py) against the per-op layer.
+
+On CPU the kernel runs in Triton's interpreter on a one-program grid (the interpreter runs programs
+one after another, so a wait on another program's task would never end): every stage runs, in
+order, through the same scheduling and counter code as on the GPU. The shapes are Qwen3's in
+kind: head_dim 128, GQA (4 query heads on 2 kv heads), hidden and intermediate sizes that are not
+powers of two, q/k-norm weights of tens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from common.config import Qwen3Config  # noqa: E402
+from common.ops import AttentionMeta  # noqa: E402
+from common.tolerances import assert_close  # noqa: E402
+import torch_impl  # noqa: E402
+from torch_impl.ops import PLAIN_OPS  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+CFG = Qwen3Config(vocab_size=512, hidden_size=384, intermediate_size=640, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=128, tie_word_embeddings=True,
+                  max_position_embeddings=1024)
+TILES = dict(block_n=32, block_k=256, block_kv=32)  # several tasks per stage, several K chunks, a partial last one
+BLOCK_ROWS, BLOCK = 256, 1  # the sequence owns cache block 1 of two
+
+
+def _layer_kernel():
+    from torch_impl.kernels import decode_layer  # noqa: PLC0415 - triton's interpreter is set by conftest
+
+    return decode_layer
+
+
+def _setup(dtype: str, quantization=None, ctx: int = 37, seed: int = 0):
+    runner = torch_impl.load_random(dataclasses.replace(CFG, dtype=dtype), dtype=dtype, fused=True, device=DEV,
+                                    quantization=quantization)
+    model = runner.model
+    dt = getattr(torch, dtype)
+    g = torch.Generator().manual_seed(seed)
+    cache = [torch.randn(2, BLOCK_ROWS, CFG.num_key_value_heads, CFG.head_dim, generator=g).to(dt).to(DEV)
+             for _ in range(2)]
+    x = torch.randn(1, CFG.hidden_size, generator=g).to(dt).to(DEV)
+    step = dict(positions=torch.tensor([ctx - 1], device=DEV), slots=torch.tensor([BLOCK * BLOCK_ROWS + ctx - 1], device=DEV),
+                context_lens=torch.tensor([ctx], dtype=torch.int32, device=DEV),
+                block_tables=torch.tensor([[BLOCK]], dtype=torch.int32, device=DEV))
+    return model, x, cache, step
+
+
+def _per_op(model, x, cache, step, ops=None):
+    """The per-op layer's output and caches (its own copies of the caches)."""
+    layer = model.model.layers[0]
+    kc, vc = cache[0].clone(), cache[1].clone()
+    layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = kc, vc
+    meta = AttentionMeta(positions=step["positions"], slots=step["slots"].to(torch.int32), cu_seqlens_q=None,
+                         cu_seqlens_k=None, context_lens=step["context_lens"], block_tables=step["block_tables"],
+                         max_seqlen_q=1, max_seqlen_k=int(step["context_lens"][0]), is_prefill=False)
+    saved = layer.ops
+    layer.ops = ops or saved
+    try:
+        with torch.inference_mode():
+            return layer(meta, x, model.model.cos_sin), kc, vc
+    finally:
+        layer.ops = saved
+
+
+def _one_launch(model, x, cache, step, state, **kw):
+    K = _layer_kernel()
+    kc, vc = cache[0].clone(), cache[1].clone()
+    with torch.inference_mode():
+        out = K.decode_layer(x, model.model.layers[0], kc, vc, model.model.cos_sin, state=state,
+                             eps=model.config.rms_norm_eps, tiles=K.LayerTiles(**TILES), **step, **kw)
+    return out, kc, vc
+
+
+@pytest.mark.parametrize("dtype,quantization", [("float32", None), ("bfloat16", None), ("bfloat16", "int8"),
+                                                ("bfloat16", "fp8")])
+def test_one_launch_equals_the_per_op_layer(dtype, quantization):
+    """Output and the cache rows written equal the per-op fused layer's (the same stage loops in the
+    same rounding), and the float32 layer is within the float32 tolerance of the plain torch ops."""
+    K = _layer_kernel()
+    model, x, cache, step = _setup(dtype, quantization)
+    state = K.LayerState.new(torch.device(DEV), 1)
+    out, kc, vc = _one_launch(model, x, cache, step, state, max_spin=1000)
+    K.check_state(state)
+    want, kc_want, vc_want = _per_op(model, x, cache, step)
+    tol = "float32" if dtype == "float32" else "bfloat16"
+    assert_close(out.float().cpu(), want.float().cpu(), tol, what="layer output")
+    assert_close(kc.float().cpu(), kc_want.float().cpu(), tol, what="k cache")
+    assert_close(vc.float().cpu(), vc_want.float().cpu(), tol, what="v cache")
+    changed = (kc != cache[0]).reshape(-1, CFG.num_key_value_heads * CFG.head_dim).any(-1).nonzero().flatten()
+    assert changed.tolist() == [int(step["slots"][0])], "the step writes its own cache row and no other"
+    if dtype == "float32" and quantization is None:
+        plain, _, _ = _per_op(model, x, cache, step, ops=PLAIN_OPS)
+        assert_close(out.cpu(), plain.cpu(), "float32", what="layer output against the plain ops")
+
+
+def test_counters_grow_across_launches_without_a_reset():
+    """Each launch takes one ticket per program and adds each stage's task count to its done counter:
+    a second launch over the same state targets the next multiple, with no host reset in between."""
+    K = _layer_kernel()
+    model, x, cache, step = _setup("float32")
+    state = K.LayerState.new(torch.device(DEV), 1)
+    first, _, _ = _one_launch(model, x, cache, step, state, max_spin=1000)
+    second, _, _ = _one_launch(model, x, cache, step, state, max_spin=1000)
+    K.check_state(state)
+    h, i, bn = CFG.hidden_size, CFG.intermediate_size, TILES["block_n"]
+    tasks = [CFG.num_attention_heads + 2 * CFG.num_key_value_heads, CFG.num_key_value_heads, -(-h // bn),
+             -(-i // bn), -(-h // bn)]
+    assert state.counters.tolist() == [2] + [2 * t for t in tasks]
+    assert torch.equal(first, second)
+
+
+def test_a_missing_release_raises_instead_of_hanging():
+    """A planted missing release (the counters say a launch arrived whose stages never finished):
+    every wait gives up after max_spin reads, sets the error flag, and check_state raises."""
+    K = _layer_kernel()
+    model, x, cache, step = _setup("float32")
+    state = K.LayerState.new(torch.device(DEV), 1)
+    state.counters[0] = 1  # a launch that took its ticket and released nothing
+    _one_launch(model, x, cache, step, state, max_spin=20)
+    with pytest.raises(RuntimeError, match="waited past max_spin"):
+        K.check_state(state)
+
+
+@pytest.mark.skipif(DEV != "cpu", reason="the interpreter's one-program rule (CPU only)")
+def test_more_than_one_program_is_refused_in_the_interpreter():
+    K = _layer_kernel()
+    model, x, cache, step = _setup("float32")
+    with pytest.raises(ValueError, match="programs one after another"):
+        _one_launch(model, x, cache, step, K.LayerState.new(torch.device(DEV), 2))

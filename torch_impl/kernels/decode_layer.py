@@ -1,0 +1,288 @@
+"""A whole decoder layer at batch 1 in one launch: its stages as tasks of one grid of resident programs.
+
+Stages, each built from the per-op kernels' device functions (`_jit.request` / `_jit.project`, the
+q/k epilogue of rmsnorm_qkv, decode attention's `attend_range`), in the per-op path's rounding:
+  0 qkv: a task per q, k and v head - RMSNorm(x) (each task takes the statistic itself), the head's
+    rows of w_qkv, q/k-norm and RoPE; q into a scratch row, k and v into the caches at the step's slot;
+  1 attention: a task per kv head - its query heads over the sequence's keys (no splits);
+  2 o_proj + residual: a task per `block_n` hidden rows - xm = x + attn @ w_o.T;
+  3 gate/up: a task per `block_n` intermediate rows - act = silu(gate) * up of RMSNorm(xm);
+  4 down + residual: a task per `block_n` hidden rows - out = xm + act @ w_down.T.
+
+Scheduling. The launch has P programs, never more than can be resident at once (`resident_programs`).
+Each takes an arrival ticket (an atomic add on the layer state's counter 0): its rank `me` = ticket % P,
+and the launch's number L = ticket // P. It runs tasks me, me + P, me + 2P, ... of the stage-ordered
+task list. A task of stage s > 0 first requests its weights (and norm weights), then waits until
+stage s - 1's done counter reaches (L + 1) * tasks(s - 1), then loads what the launch wrote, computes,
+stores and adds one to stage s's done counter (release). Every task a program waits for is held by a
+running program that finished all its earlier tasks: the order cannot deadlock. Counters are int64
+and only grow, so no launch resets anything (a decode step stays one CUDA-graph replay); a layer state
+serves one grid size. MAX_SPIN > 0 bounds each wait: past it the wait gives up, sets the state's
+error flag and the task goes on with what it sees - the host raises on the flag (`check_state`).
+
+Triton 3.6 has no atomic_load / atomic_poll: a wait reads with `atomic_add(p, 0, sem="acquire")`.
+Data another program of the launch wrote is read after such an acquire, at gpu scope.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from common import formats
+from common.tiles import next_pow2
+from torch_impl.kernels import _jit
+from torch_impl.kernels._lib import check, check_device, check_float, interpreting, precision, split_weight
+from torch_impl.kernels.decode_attention import attend_range
+from torch_impl.kernels.rmsnorm_qkv import _finish_head, _head_inputs
+
+STAGES = 5
+
+
+@triton.jit
+def wait_count(cnt_ptr, target, err_ptr, MAX_SPIN: tl.constexpr):
+    """Spin until the int64 counter at cnt_ptr reaches `target` (acquire, gpu scope). MAX_SPIN > 0:
+    give up after that many reads and set the error flag instead of hanging."""
+    seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    if MAX_SPIN > 0:
+        spins = 0
+        while (seen < target) & (spins < MAX_SPIN):
+            seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+            spins += 1
+        if seen < target:
+            tl.atomic_xchg(err_ptr, 1)
+    else:
+        while seen < target:
+            seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def arrive(cnt_ptr):
+    """One more finished task: every thread's stores before the release."""
+    tl.debug_barrier()
+    tl.atomic_add(cnt_ptr, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _qkv_task(head, x_ptr, nw_ptr, w_ptr, s_ptr, qn_ptr, kn_ptr, cs_ptr, pos, slot, s_ok, q_ptr, kc_ptr, vc_ptr,
+              stride_sn, stride_cs, stride_cslot, stride_ch, eps, H: tl.constexpr,
+              HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN_K: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr):
+    offs_c = tl.arange(0, HALF)
+    c_ok = offs_c < HALF
+    rows_lo = head * D + offs_c
+    offs_m = tl.arange(0, 1).to(tl.int64)
+    m_ok = offs_m < 1
+    w_lo, w_hi, nw, sc_lo, sc_hi = _jit.request(w_ptr, s_ptr, nw_ptr, rows_lo, rows_lo + HALF, c_ok, H, stride_sn,
+                                                H, True, True, HALF, BLOCK_K, EVEN_K, False, QUANT)
+    acc_lo, acc_hi = _jit.project(x_ptr, nw_ptr, w_ptr, rows_lo, rows_lo + HALF, c_ok, offs_m, m_ok, H, H, H, eps,
+                                  w_lo, w_hi, nw, sc_lo, sc_hi, True, True, 1, HALF, BLOCK_K, EVEN_K, False, PRECISION,
+                                  False, H <= BLOCK_K, s_ptr, stride_sn, QUANT, 1)
+    if head >= HQ + HKV:  # v: no norm, no RoPE
+        v_dst = vc_ptr + slot[:, None] * stride_cslot + (head - HQ - HKV) * stride_ch + offs_c[None, :]
+        v_mask = s_ok[:, None] & c_ok[None, :]
+        tl.store(v_dst, _jit.cast(acc_lo, v_dst.dtype.element_ty, PRECISION), mask=v_mask)
+        tl.store(v_dst + HALF, _jit.cast(acc_hi, v_dst.dtype.element_ty, PRECISION), mask=v_mask)
+    else:
+        n_lo, n_hi, cos, sin = _head_inputs(head, qn_ptr, kn_ptr, cs_ptr, pos, stride_cs, offs_c, c_ok, HQ, HALF)
+        _finish_head(acc_lo, acc_hi, head, offs_m, m_ok, slot, s_ok, offs_c, c_ok, n_lo, n_hi, cos, sin, q_ptr,
+                     kc_ptr, HQ * D, D, stride_cslot, stride_ch, eps, HQ, D, HALF, PRECISION)
+
+
+@triton.jit
+def _attention_task(kvh, q_ptr, kc_ptr, vc_ptr, attn_ptr, ctx, blk0, num_blocks, block_size, stride_cslot,
+                    stride_ch, scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_KV: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    g_ok = offs_g < G
+    d_ok = offs_d < D
+    heads = kvh * G + offs_g
+    mask = g_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    acc, _, l_i = attend_range(q, kc_ptr, vc_ptr, kc_ptr, 0, kvh, 0, ctx, blk0, 0, num_blocks, block_size, 1, 0,
+                               stride_cslot, stride_ch, offs_d, d_ok, scale, G_PAD, D, BLOCK_KV, False, True, PRECISION)
+    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    dst = attn_ptr + heads[:, None] * D + offs_d[None, :]
+    tl.store(dst, _jit.cast(o, dst.dtype.element_ty, PRECISION), mask=mask)
+
+
+@triton.jit
+def _residual_task(t, a_ptr, w_ptr, s_ptr, r_ptr, out_ptr, stride_sn, cnt_ptr, target, err_ptr,
+                   N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                   QUANT: tl.constexpr, MAX_SPIN: tl.constexpr):
+    """out[rows] = r[rows] + a @ W[rows].T for BLOCK_N rows (o_proj, down), after the wait for a and r."""
+    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_m = tl.arange(0, 1).to(tl.int64)
+    m_ok = offs_m < 1
+    w_a, _, _, sc, _ = _jit.request(w_ptr, s_ptr, a_ptr, offs_n, offs_n, n_ok, K, stride_sn, K, False, False,
+                                    BLOCK_N, BLOCK_K, EVEN_K, False, QUANT)
+    wait_count(cnt_ptr, target, err_ptr, MAX_SPIN)
+    r = tl.load(r_ptr + offs_n, mask=n_ok, other=0.0)
+    acc, _ = _jit.project(a_ptr, a_ptr, w_ptr, offs_n, offs_n, n_ok, offs_m, m_ok, K, K, K, 0.0, w_a, w_a, 0.0, sc,
+                          sc, False, False, 1, BLOCK_N, BLOCK_K, EVEN_K, False, PRECISION, False, K <= BLOCK_K, s_ptr,
+                          stride_sn, QUANT, 1)
+    dtype = out_ptr.dtype.element_ty
+    y = _jit.cast(_jit.cast(acc, dtype, PRECISION).to(tl.float32) + r.to(tl.float32)[None, :], dtype, PRECISION)
+    tl.store(out_ptr + offs_n[None, :], y, mask=n_ok[None, :])
+
+
+@triton.jit
+def _gate_up_task(t, x_ptr, nw_ptr, w_ptr, s_ptr, act_ptr, stride_sn, eps, cnt_ptr, target, err_ptr,
+                  H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
+                  QUANT: tl.constexpr, MAX_SPIN: tl.constexpr):
+    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < I
+    offs_m = tl.arange(0, 1).to(tl.int64)
+    m_ok = offs_m < 1
+    w_g, w_u, nw, sc_g, sc_u = _jit.request(w_ptr, s_ptr, nw_ptr, offs_n, I + offs_n, n_ok, H, stride_sn, H, True,
+                                            True, BLOCK_N, BLOCK_K, EVEN_K, False, QUANT)
+    wait_count(cnt_ptr, target, err_ptr, MAX_SPIN)
+    acc_g, acc_u = _jit.project(x_ptr, nw_ptr, w_ptr, offs_n, I + offs_n, n_ok, offs_m, m_ok, H, H, H, eps, w_g, w_u,
+                                nw, sc_g, sc_u, True, True, 1, BLOCK_N, BLOCK_K, EVEN_K, False, PRECISION, False,
+                                H <= BLOCK_K, s_ptr, stride_sn, QUANT, 1)
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(act_ptr + offs_n[None, :], _jit.cast(act, act_ptr.dtype.element_ty, PRECISION), mask=n_ok[None, :])
+
+
+@triton.jit
+def _decode_layer_kernel(
+    x_ptr, xm_ptr, out_ptr,  # [H]: the residual stream in, after attention, out
+    in_nw_ptr, wqkv_ptr, sqkv_ptr, qn_ptr, kn_ptr, cs_ptr,  # attention's norm, w_qkv (+ scales), q/k-norm, RoPE
+    post_nw_ptr, wo_ptr, so_ptr, wgu_ptr, sgu_ptr, wd_ptr, sd_ptr,  # the other weights (+ scales)
+    kc_ptr, vc_ptr,  # [num_slots, HKV, D] (flattened blocks)
+    pos_ptr, slot_ptr, ctx_ptr, bt_ptr,  # [1] each: position, cache slot, context length, the sequence's block
+    q_ptr, attn_ptr, act_ptr,  # scratch: [HQ * D], [HQ * D], [I]
+    cnt_ptr, err_ptr,  # the layer state: int64 [1 + STAGES] (arrivals, done per stage), int32 [1]
+    num_blocks, block_size, max_pos,
+    stride_sqkv, stride_so, stride_sgu, stride_sd, stride_cs, stride_cslot, stride_ch,
+    eps, scale,
+    H: tl.constexpr, I: tl.constexpr, P: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BK_H: tl.constexpr, BK_A: tl.constexpr, BK_I: tl.constexpr, BLOCK_KV: tl.constexpr,
+    EVEN_H: tl.constexpr, EVEN_A: tl.constexpr, EVEN_I: tl.constexpr,
+    PRECISION: tl.constexpr, QUANT: tl.constexpr, MAX_SPIN: tl.constexpr,
+):
+    ticket = tl.atomic_add(cnt_ptr, 1)
+    launch = ticket // P
+    me = ticket % P
+    T0 = HQ + 2 * HKV
+    T1 = HKV
+    T2 = tl.cdiv(H, BLOCK_N)
+    T3 = tl.cdiv(I, BLOCK_N)
+    T4 = T2
+    # what no program of this launch writes: read once, before any wait
+    offs_m = tl.arange(0, 1).to(tl.int64)
+    pos = tl.load(pos_ptr + offs_m).to(tl.int64)
+    pos = tl.minimum(tl.maximum(pos, 0), max_pos - 1)  # never read outside the RoPE table
+    slot = tl.load(slot_ptr + offs_m).to(tl.int64)
+    s_ok = (slot >= 0) & (slot < num_blocks * block_size)  # -1 (and anything out of range) is not written
+    ctx = tl.load(ctx_ptr)
+    blk0 = tl.load(bt_ptr).to(tl.int64)
+    for t in range(me, T0 + T1 + T2 + T3 + T4, P):
+        if t < T0:
+            _qkv_task(t, x_ptr, in_nw_ptr, wqkv_ptr, sqkv_ptr, qn_ptr, kn_ptr, cs_ptr, pos, slot, s_ok, q_ptr, kc_ptr,
+                      vc_ptr, stride_sqkv, stride_cs, stride_cslot, stride_ch, eps, H, HQ, HKV, D, D // 2, BK_H,
+                      EVEN_H, PRECISION, QUANT)
+            arrive(cnt_ptr + 1)
+        elif t < T0 + T1:
+            wait_count(cnt_ptr + 1, (launch + 1) * T0, err_ptr, MAX_SPIN)
+            _attention_task(t - T0, q_ptr, kc_ptr, vc_ptr, attn_ptr, ctx, blk0, num_blocks, block_size, stride_cslot,
+                            stride_ch, scale, HQ // HKV, G_PAD, D, BLOCK_KV, PRECISION)
+            arrive(cnt_ptr + 2)
+        elif t < T0 + T1 + T2:
+            _residual_task(t - T0 - T1, attn_ptr, wo_ptr, so_ptr, x_ptr, xm_ptr, stride_so, cnt_ptr + 2,
+                           (launch + 1) * T1, err_ptr, H, HQ * D, BLOCK_N, BK_A, EVEN_A, PRECISION, QUANT, MAX_SPIN)
+            arrive(cnt_ptr + 3)
+        elif t < T0 + T1 + T2 + T3:
+            _gate_up_task(t - T0 - T1 - T2, xm_ptr, post_nw_ptr, wgu_ptr, sgu_ptr, act_ptr, stride_sgu, eps,
+                          cnt_ptr + 3, (launch + 1) * T2, err_ptr, H, I, BLOCK_N, BK_H, EVEN_H, PRECISION, QUANT, MAX_SPIN)
+            arrive(cnt_ptr + 4)
+        else:
+            _residual_task(t - T0 - T1 - T2 - T3, act_ptr, wd_ptr, sd_ptr, xm_ptr, out_ptr, stride_sd,
+                           cnt_ptr + 4, (launch + 1) * T3, err_ptr, H, I, BLOCK_N, BK_I, EVEN_I, PRECISION, QUANT, MAX_SPIN)
+            arrive(cnt_ptr + 5)
+
+
+@dataclasses.dataclass
+class LayerState:
+    """Device memory a layer kernel's launches share: int64 counters (arrivals, done per stage) that
+    only grow, the error flag, and the grid size they were counted with."""
+    counters: torch.Tensor
+    error: torch.Tensor
+    programs: int
+
+    @classmethod
+    def new(cls, device: torch.device, programs: int) -> "LayerState":
+        check(programs >= 1, f"decode_layer: programs={programs}, expected >= 1")
+        return cls(torch.zeros(1 + STAGES, dtype=torch.int64, device=device),
+                   torch.zeros(1, dtype=torch.int32, device=device), programs)
+
+
+def check_state(state: LayerState) -> None:
+    """Raise if a bounded wait of a launch over `state` gave up (a host sync)."""
+    if int(state.error.item()):
+        raise RuntimeError("decode_layer: a stage waited past max_spin for the stage before it (a program that "
+                           "never ran, or a lost release); the step's output is wrong")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerTiles:
+    block_n: int = 16  # rows per o_proj, gate/up and down task
+    block_k: int = 1024  # chunk of the hidden size (qkv, gate/up), of Hq * D (o_proj), of I (down)
+    block_kv: int = 64  # keys per attention step
+    num_warps: int = 4
+
+
+def decode_layer(x: torch.Tensor, layer, k_cache: torch.Tensor, v_cache: torch.Tensor, cos_sin: torch.Tensor,
+                 positions: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
+                 state: LayerState, *, eps: float, tiles: LayerTiles = LayerTiles(), max_spin: int = 0,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """One decoder layer of one token: x [1, H] -> [1, H], writing the token's k and v at slots[0]
+    (-1: nowhere) and attending over the first context_lens[0] keys of block block_tables[0, 0] (one
+    block per sequence). `layer`: a torch_impl OptimizedQwen3DecoderLayer (bf16, int8 or fp8 weights).
+    `state` (LayerState) carries the counters across launches; max_spin > 0 bounds every wait."""
+    op = "decode_layer"
+    cfg = layer.cfg
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    check(x.dim() == 2 and x.shape == (1, h), f"{op}: x has shape {list(x.shape)}, expected [1, {h}]")
+    check(d == next_pow2(d) and d >= 16, f"{op}: head_dim={d}, expected a power of two >= 16")
+    check(block_tables.dim() == 2 and block_tables.shape[1] == 1,
+          f"{op}: block_tables has shape {list(block_tables.shape)}, expected [1, 1] (one block per sequence)")
+    check_float(op, x=x, k_cache=k_cache, v_cache=v_cache)
+    check_device(op, x=x, k_cache=k_cache, positions=positions, slots=slots, context_lens=context_lens)
+    attn, mlp = layer.self_attn, layer.mlp
+    wqkv, sqkv, stride_sqkv, fmt = split_weight(op, "w_qkv", attn.qkv_proj.w, x.dtype)
+    wo, so, stride_so, _ = split_weight(op, "w_o", attn.o_proj.w, x.dtype)
+    wgu, sgu, stride_sgu, _ = split_weight(op, "w_gate_up", mlp.gate_up_proj.w, x.dtype)
+    wd, sd, stride_sd, _ = split_weight(op, "w_down", mlp.down_proj.w, x.dtype)
+    for name, w, k in (("w_qkv", wqkv, h), ("w_o", wo, hq * d), ("w_gate_up", wgu, h), ("w_down", wd, i)):
+        check(w.dim() == 2 and w.shape[1] == k and w.stride() == (k, 1),
+              f"{op}: {name} is {list(w.shape)} with strides {w.stride()}, expected contiguous [*, {k}]")
+    if state.programs > 1:
+        check(x.is_cuda and not interpreting(), f"{op}: {state.programs} programs need a GPU where they run at once "
+                                                f"(Triton's interpreter runs programs one after another: use 1)")
+    xm = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
+    q = torch.empty(hq * d, dtype=x.dtype, device=x.device)
+    attn_out = torch.empty_like(q)
+    act = torch.empty(i, dtype=x.dtype, device=x.device)
+    bk = tiles.block_k
+    _decode_layer_kernel[(state.programs,)](
+        x, xm, out, layer.input_layernorm.weight, wqkv, sqkv, attn.q_norm.weight, attn.k_norm.weight, cos_sin,
+        layer.post_attention_layernorm.weight, wo, so, wgu, sgu, wd, sd, k_cache, v_cache,
+        positions, slots, context_lens, block_tables, q, attn_out, act, state.counters, state.error,
+        k_cache.shape[0], k_cache.shape[1], cos_sin.shape[0],
+        stride_sqkv, stride_so, stride_sgu, stride_sd, cos_sin.stride(0), k_cache.stride(1), k_cache.stride(2),
+        eps, 1.0 / math.sqrt(d),
+        H=h, I=i, P=state.programs, HQ=hq, HKV=hkv, D=d, G_PAD=max(16, next_pow2(hq // hkv)), BLOCK_N=tiles.block_n,
+        BK_H=min(bk, next_pow2(h)), BK_A=min(bk, next_pow2(hq * d)), BK_I=min(bk, next_pow2(i)),
+        BLOCK_KV=tiles.block_kv, EVEN_H=h % min(bk, next_pow2(h)) == 0, EVEN_A=(hq * d) % min(bk, next_pow2(hq * d)) == 0,
+        EVEN_I=i % min(bk, next_pow2(i)) == 0, PRECISION=precision(x.dtype), QUANT=formats.get(fmt).code,
+        MAX_SPIN=max_spin, num_warps=tiles.num_warps)
+    return out
