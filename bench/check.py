@@ -141,9 +141,9 @@ def junit_counts(path: Path) -> dict:
 def run_decode(plan: Plan, budget_s: float) -> dict:
     """python -m bench decode (one process per job) with `budget_s` seconds: rows measured / not."""
     from bench import report
-    from bench.__main__ import main as bench_main
+    from bench.suite import run_main
 
-    rc = bench_main([*plan.bench_argv, "--budget-s", f"{max(budget_s, 1.0):.0f}"])
+    rc = run_main([*plan.bench_argv, "--budget-s", f"{max(budget_s, 1.0):.0f}"])
     rows = [r for r in report.load(plan.out)["rows"] if r.get("kind") == "decode"]
     missing = [f"{r['impl']} {r['model']} batch {r['batch']}: {r.get('error')}" for r in rows
                if not r.get("decode_tok_s")]
@@ -152,7 +152,7 @@ def run_decode(plan: Plan, budget_s: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from bench import env
-    from bench.__main__ import _early_env, _progress, refuse_existing
+    from bench.suite import _early_env, _progress, refuse_existing
 
     p = argparsing.ArgumentParser(prog="python -m bench check", description=__doc__.splitlines()[0],
                                   epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

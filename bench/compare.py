@@ -1,35 +1,23 @@
 """`python -m bench compare OLD NEW`: flag regressions over a threshold (default 5%); exit 1 if any.
 
-Rows are matched by what they measure (kernel: framework, impl, op, model, phase, tokens, ctx;
-decode: impl, model, batch, prompt and new-token counts). Compared figures: a kernel's median
-time (lower is better), decode, end-to-end and prefill tok/s (higher is better). A row that measured in OLD
-and fails in NEW is a regression too; rows only in one file are listed, not flagged.
+Rows are matched by what they measure (bench.report.row_key - kernel: framework, impl, op, model,
+phase, tokens, ctx; decode: impl, model, batch, prompt and new-token counts). Compared figures: a
+kernel's median time (lower is better), decode, end-to-end and prefill tok/s (higher is better).
+A row that measured in OLD and fails in NEW is a regression too; rows only in one file are listed,
+not flagged.
 """
 
 from __future__ import annotations
 
 import sys
 
-from bench.decode import variant
-
+from bench import report
+from bench.report import row_key  # what a row measures
 from common import argparsing
 
-KERNEL_KEY = ("framework", "impl", "op", "model", "phase", "tokens", "ctx")
-DECODE_KEY = ("impl", "model", "batch", "prompt_len", "new_tokens")
 # figure -> True when higher is better
 METRICS = {"kernel": {"median_s": False},
            "decode": {"decode_tok_s": True, "end_to_end_tok_s": True, "prefill_tok_s": True}}
-
-
-def row_key(r: dict) -> tuple:
-    kind = r.get("kind")
-    if kind == "kernel":
-        return (kind,) + tuple(r.get(f) for f in KERNEL_KEY)
-    tp, tiles = variant(r)
-    sp = r.get("sampling")
-    return (kind,) + tuple(r.get(f) for f in DECODE_KEY) + ((f"TP={tp}",) if tp > 1 else ()) \
-        + (("untuned",) if tiles == "untuned" else ()) \
-        + ((f"sampled T={sp['temperature']} k={sp['top_k']} p={sp['top_p']}",) if sp else ())
 
 
 def _label(key: tuple) -> str:
@@ -64,8 +52,6 @@ def compare(old: dict, new: dict, threshold_pct: float = 5.0) -> tuple[list[dict
 
 
 def main(argv=None) -> int:
-    from bench import report
-
     p = argparsing.ArgumentParser(prog="python -m bench compare", description=__doc__.splitlines()[0])
     p.add_argument("old", help="results JSON (or folder holding bench.json) of the earlier run")
     p.add_argument("new", help="results JSON (or folder) of the later run")

@@ -110,7 +110,7 @@ def run_job(job: dict, *, emit, expected=(), in_process: bool = False, progress=
     """Run `job` in a child process (or here with in_process), emit(row) for each row as it comes,
     then an error row for each row of `expected` (rows without figures) that the job did not report.
     Returns None when the job ran to its end, else why not."""
-    from bench.compare import row_key
+    from bench.report import row_key
 
     if job.get("deadline_unix") is not None and time.time() > job["deadline_unix"]:
         failure = "skipped: time budget (--budget-s) spent"  # not worth a process start

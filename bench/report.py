@@ -3,7 +3,8 @@
 Document (bench.json): {"schema": 1, "runs": [{"env", "ceilings", "settings"}], "rows": [...]}.
 Kernel rows have kind "kernel", decode rows kind "decode"; a row that could not be measured
 carries "error" (its reason, e.g. "unavailable: ..." or "skipped: ...") instead of figures.
-Separate runs (one per model, say, to fit a time limit) merge with `python -m bench report`.
+Separate runs (one per model, say, to fit a time limit) merge with `python -m bench report`; rows
+are matched by what they measure (`row_key`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ SCHEMA = 1
 JSON_NAME, MD_NAME = "bench.json", "bench.md"
 DECODE_ORDER = (*(f"{fw}-{kind}" for fw in TWINS for kind in ("fused", *formats.QUANTIZED, "plain")),
                 "nanovllm", "hf-eager", "hf-compile")
+# what identifies a row (row_key): kernel rows by these fields, decode rows by these and their variant
+KERNEL_KEY = ("framework", "impl", "op", "model", "phase", "tokens", "ctx")
+DECODE_KEY = ("impl", "model", "batch", "prompt_len", "new_tokens")
 
 
 class Results:
@@ -70,10 +74,21 @@ def load(path: str | Path) -> dict:
     return doc
 
 
-def merge(docs: list[dict]) -> dict:
-    """Runs concatenated; a later row with the same key replaces an earlier one."""
-    from bench.compare import row_key
+def row_key(r: dict) -> tuple:
+    """What a row measures, the same in every run: how rows are matched (merge, python -m bench compare,
+    the suite's expected rows)."""
+    kind = r.get("kind")
+    if kind == "kernel":
+        return (kind,) + tuple(r.get(f) for f in KERNEL_KEY)
+    tp, tiles = variant(r)
+    sp = r.get("sampling")
+    return (kind,) + tuple(r.get(f) for f in DECODE_KEY) + ((f"TP={tp}",) if tp > 1 else ()) \
+        + (("untuned",) if tiles == "untuned" else ()) \
+        + ((f"sampled T={sp['temperature']} k={sp['top_k']} p={sp['top_p']}",) if sp else ())
 
+
+def merge(docs: list[dict]) -> dict:
+    """Runs concatenated; a later row with the same key (`row_key`) replaces an earlier one."""
     rows: dict = {}
     for d in docs:
         for r in d["rows"]:

@@ -8,8 +8,8 @@ a function differs, tests/test_op_contract.py checks all four and the reference)
 builds one `Ops` (a field per op) when the model is built. The test suite drives both twins from
 this list against `reference` (common.reference, called with the op's arguments as numpy) with
 the tolerance table of common.tolerances; the tuners time the kernels listed under `kernels` with
-their `tiles` type. The kernel lists elsewhere derive from OPS: KERNEL_TILES (common.tiles),
-KERNEL_OP (common.tune), TILED_OPS (the kernel benchmarks).
+their `tiles` type. The kernel lists elsewhere derive from OPS: KERNEL_TILES and PROJECTIONS
+(common.tiles, common.tile_rules), KERNEL_OP (common.tune), TILED_OPS (the kernel benchmarks).
 
 Conventions shared by every op:
 - Activations are token-major: x [T, hidden]; weights are [out_features, in_features] (the
@@ -95,6 +95,8 @@ def _kernel_tiles() -> dict[str, type | None]:
 
 # Every kernel (a tile-table key) -> its tile dataclass (None: no tiles), in the order of OPS.
 KERNEL_TILES: dict[str, type | None] = _kernel_tiles()
+# The projections: the kernels whose tiles are MatmulTiles.
+PROJECTIONS: tuple[str, ...] = tuple(k for k, kind in KERNEL_TILES.items() if kind is MatmulTiles)
 # Every kernel -> the op it tunes: the op whose first kernel it is (mlp's down projection is
 # linear_residual's kernel, tuned on linear_residual).
 KERNEL_OP: dict[str, str] = {spec.kernels[0]: name for name, spec in OPS.items()}
@@ -225,5 +227,5 @@ def signature_drift(name: str, fn: Callable, *, extras: tuple[str, ...] = (), ti
     return [f"{name}: {problem}; the op is {signature(name)}" for problem in problems]
 
 
-__all__ = ["OPS", "OP_NAMES", "TILED_OPS", "KERNEL_TILES", "KERNEL_OP", "KERNEL_EXTRAS", "OpSpec", "Ops",
-           "AttentionMeta", "kernel_shape", "signature", "signature_drift"]
+__all__ = ["OPS", "OP_NAMES", "TILED_OPS", "KERNEL_TILES", "PROJECTIONS", "KERNEL_OP", "KERNEL_EXTRAS", "OpSpec",
+           "Ops", "AttentionMeta", "kernel_shape", "signature", "signature_drift"]

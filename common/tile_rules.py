@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 
 from common import formats
-from common.tiles import PROJECTIONS, AttentionTiles, Device, MatmulTiles, PrefillTiles, next_pow2
+from common.ops import PROJECTIONS
+from common.tile_types import AttentionTiles, Device, MatmulTiles, PrefillTiles, next_pow2
 
 DOT_MIN_M = 16  # token rows from which projections use tensor-core dots
 MIN_SPLIT_POSITIONS = 256  # decode attention: fewest cache positions per split

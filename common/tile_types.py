@@ -1,6 +1,7 @@
-"""The tile dataclasses each kernel takes (common.ops names which; common.tiles looks them up).
+"""The tile dataclasses each kernel takes (common.ops names which; common.tiles looks them up),
+the `Device` the default rule reads and `next_pow2`: what common.tiles and common.tile_rules both read.
 
-    from common.tiles import MatmulTiles  # re-exported there, the usual import
+    from common.tiles import MatmulTiles, Device  # re-exported there, the usual import
 
 All block sizes are powers of two (the Triton lowering needs them; ragged edges are masked).
 """
@@ -8,6 +9,12 @@ All block sizes are powers of two (the Triton lowering needs them; ragged edges 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 
 def _check_pow2(obj) -> None:
@@ -73,3 +80,28 @@ class PrefillTiles:
 
 
 TILE_TYPES = {"matmul": MatmulTiles, "attention": AttentionTiles, "prefill": PrefillTiles}
+
+
+# ----- the device ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    """What the default rule reads of a GPU (or of the CPU, where kernels run in an interpreter)."""
+
+    name: str
+    sm_count: int
+    smem_per_block: int  # bytes a kernel may use (the opt-in maximum)
+    capability: tuple[int, int] | None  # None: not a CUDA GPU
+
+    @property
+    def slug(self) -> str:
+        """The table file name of this device: its name with every non-alphanumeric run as '_'."""
+        return re.sub(r"[^A-Za-z0-9]+", "_", self.name).strip("_") or "unknown"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.capability is not None
+
+    @classmethod
+    def cpu(cls) -> "Device":
+        return cls("cpu", max(1, os.cpu_count() or 1), 1 << 20, None)

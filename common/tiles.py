@@ -30,12 +30,12 @@ import functools
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-from common.ops import KERNEL_TILES
-from common.tile_types import TILE_TYPES, AttentionTiles, MatmulTiles, PrefillTiles  # noqa: F401 - the usual import
+from common import tile_rules
+from common.ops import KERNEL_TILES, PROJECTIONS
+from common.tile_types import TILE_TYPES, AttentionTiles, Device, MatmulTiles, PrefillTiles, next_pow2
 
 log = logging.getLogger("common.tiles")
 
@@ -46,38 +46,7 @@ PATHS = ("fused", "plain")
 PLAIN_FORMS = ("reduce", "dot")  # a one-token projection of the plain path: multiply-and-reduce, or the dot
 
 
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-# KERNEL_TILES (common.ops): every kernel -> its tile dataclass; the projections are those of MatmulTiles.
-PROJECTIONS: tuple[str, ...] = tuple(k for k, kind in KERNEL_TILES.items() if kind is MatmulTiles)
-
-
-# ----- the device ---------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Device:
-    """What the default rule reads of a GPU (or of the CPU, where kernels run in an interpreter)."""
-
-    name: str
-    sm_count: int
-    smem_per_block: int  # bytes a kernel may use (the opt-in maximum)
-    capability: tuple[int, int] | None  # None: not a CUDA GPU
-
-    @property
-    def slug(self) -> str:
-        """The table file name of this device: its name with every non-alphanumeric run as '_'."""
-        return re.sub(r"[^A-Za-z0-9]+", "_", self.name).strip("_") or "unknown"
-
-    @property
-    def is_gpu(self) -> bool:
-        return self.capability is not None
-
-    @classmethod
-    def cpu(cls) -> "Device":
-        return cls("cpu", max(1, os.cpu_count() or 1), 1 << 20, None)
-
+# ----- the device (Device: common.tile_types) -----------------------------------------------------
 
 # Shared memory per block by compute capability (the CUDA programming guide's table), for
 # frameworks that do not report it (jax).
@@ -252,8 +221,6 @@ def lookup(kernel: str, framework: str, device: Device, *, dtype: str, **shape) 
 
 @functools.lru_cache(maxsize=4096)
 def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items: tuple, tables: bool) -> Choice:
-    from common import tile_rules
-
     shape = dict(shape_items)
     key = shape_key(kernel, dtype, shape)
     if tables:
@@ -349,3 +316,11 @@ def write_entry(framework: str, device: Device, key: str, path: str, tiles, *, u
         tmp.unlink(missing_ok=True)  # a write interrupted before the rename
     clear_cache()
     return target
+
+
+# The re-exports (common.ops, common.tile_types) are the usual import of their names.
+__all__ = ["FORMAT", "SHIPPED_DIR", "FRAMEWORKS", "PATHS", "PLAIN_FORMS", "TABLES_ENV", "KERNEL_TILES", "PROJECTIONS",
+           "TILE_TYPES", "AttentionTiles", "MatmulTiles", "PrefillTiles", "Device", "next_pow2", "SMEM_BY_CAPABILITY",
+           "smem_for", "m_bucket", "matmul_key", "attention_key", "prefill_key", "rms_norm_key", "user_dir",
+           "table_path", "tables_on", "sources", "clear_cache", "Choice", "shape_key", "lookup", "check_writable",
+           "write_entry"]

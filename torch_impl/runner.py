@@ -86,7 +86,7 @@ class TorchRunner(harness.Runner):
         ckpt = Checkpoint(model_dir)
         fmt = ckpt.weight_format(opts.quantization)
         check_weight_format(opts.fused, fmt, opts.device)  # before a weight is read, or a rank is started
-        spec = workers.Spec("load", str(model_dir), _rank_options(opts))
+        spec = workers.Spec("load", str(model_dir), _rank_options(opts), TorchRunner)
         session = workers.start(ckpt.config, opts.tensor_parallel_size, opts.device, fmt, spec)
         device = session.device if session else _default_device(opts.device)
         if device.type == "cpu":
@@ -122,7 +122,7 @@ class TorchRunner(harness.Runner):
         fmt = opts.quantization or "bf16"
         check_weight_format(opts.fused, fmt, opts.device)
         session = workers.start(cfg, opts.tensor_parallel_size, opts.device, fmt,
-                                workers.Spec("random", cfg, dict(_rank_options(opts), seed=seed)))
+                                workers.Spec("random", cfg, dict(_rank_options(opts), seed=seed), TorchRunner))
         device = session.device if session else _default_device(opts.device)
         try:
             tdtype = getattr(torch, opts.dtype)

@@ -5,10 +5,11 @@ rank 0. It validates everything first (the size against the model, the GPUs: eno
 kind), then starts ranks 1..N-1 with torch.multiprocessing's spawn context (a script doing so needs
 the usual `if __name__ == "__main__":` guard). Every rank builds only its shard on cuda:rank (NCCL)
 or the CPU (gloo) and reads the checkpoint itself: nothing but the call's arguments (a path, a
-config, dtype and flags) crosses into a worker. The workers then serve rank 0's commands until
-`close()`: int64 tensors broadcast over a gloo group (a header [op, n] and n values: token ids,
-sizes, float64 bits of temperature and top_p), never pickled objects; during generation one flag per
-chunk of decode steps says whether rank 0's consumer wants more (a stream may stop early).
+config, dtype and flags) and the runner class (pickled by name: this module never imports the
+runner) crosses into a worker. The workers then serve rank 0's commands until `close()`: int64
+tensors broadcast over a gloo group (a header [op, n] and n values: token ids, sizes, float64 bits
+of temperature and top_p), never pickled objects; during generation one flag per chunk of decode
+steps says whether rank 0's consumer wants more (a stream may stop early).
 
 Under torchrun (WORLD_SIZE > 1 in the environment) or with a default process group already
 initialized, every rank is a process of the user's: each calls load and generate with the same
@@ -63,11 +64,13 @@ class RankFailed(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """What every rank builds: kind "load" (source: a checkpoint directory) or "random" (source: a
-    Qwen3Config), with the runner's other arguments as plain values."""
+    Qwen3Config), with the runner's other arguments as plain values; `runner` is the class that
+    builds it (torch_impl.runner's TorchRunner: `runner(source, **kwargs)` or `runner.random(...)`)."""
 
     kind: str
     source: Any
     kwargs: dict
+    runner: type
 
 
 _WORKER: "Session | None" = None  # in a spawned worker: its session (start() returns it)
@@ -195,10 +198,8 @@ def _worker_main(rank: int, size: int, port: int, dev_type: str, spec: Spec) -> 
         session = _WORKER = Session(size, rank, dev_type, store=store)
         store.set(f"tp/joined/{rank}", "1")
         session.init_groups()
-        from torch_impl.runner import TorchRunner  # noqa: PLC0415
-
-        runner = (TorchRunner(spec.source, **spec.kwargs) if spec.kind == "load"
-                  else TorchRunner.random(spec.source, **spec.kwargs))
+        runner = (spec.runner(spec.source, **spec.kwargs) if spec.kind == "load"
+                  else spec.runner.random(spec.source, **spec.kwargs))
         runner.serve()
         session.close()
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, then this process ends
