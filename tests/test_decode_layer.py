@@ -133,3 +133,60 @@ def test_more_than_one_program_is_refused_in_the_interpreter():
     model, x, cache, step = _setup("float32")
     with pytest.raises(ValueError, match="programs one after another"):
         _one_launch(model, x, cache, step, K.LayerState.new(torch.device(DEV), 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["Qwen3-0.6B", "Qwen3-8B"])
+@pytest.mark.parametrize("ctx", [300, 4096])
+def test_resident_grid_at_full_shapes_over_many_launches(preset, ctx):
+    """On the GPU, a grid of as many programs as fit at once, a real preset's layer (bf16): the
+    output and cache row equal the per-op layer's; 2,000 launches over one state with bounded waits
+    leave the error flag clear and every counter at launches x tasks."""
+    K = _layer_kernel()
+    cfg = dataclasses.replace(Qwen3Config.preset(preset), num_hidden_layers=1, dtype="bfloat16")
+    runner = torch_impl.load_random(cfg, dtype="bfloat16", fused=True, device="cuda")
+    model, layer = runner.model, runner.model.model.layers[0]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows = 2 * 4096
+    cache = [torch.randn(2, rows, cfg.num_key_value_heads, cfg.head_dim, generator=g, device="cuda").to(torch.bfloat16)
+             for _ in range(2)]
+    x = torch.randn(1, cfg.hidden_size, generator=g, device="cuda").to(torch.bfloat16)
+    step = dict(positions=torch.tensor([ctx - 1], device="cuda"), slots=torch.tensor([rows + ctx - 1], device="cuda"),
+                context_lens=torch.tensor([ctx], dtype=torch.int32, device="cuda"),
+                block_tables=torch.tensor([[1]], dtype=torch.int32, device="cuda"))
+    state = K.LayerState.new(torch.device("cuda"))
+    kc, vc = cache[0].clone(), cache[1].clone()
+    with torch.inference_mode():
+        out = K.decode_layer(x, layer, kc, vc, model.model.cos_sin, state=state, eps=cfg.rms_norm_eps,
+                             max_spin=1 << 22, **step)
+        want, kc_want, vc_want = _per_op(model, x, cache, step)
+        assert state.programs > 1
+        assert_close(out.float().cpu(), want.float().cpu(), "bfloat16", what=f"{preset} layer output")
+        assert_close(kc.float().cpu(), kc_want.float().cpu(), "bfloat16", what="k cache")
+        assert_close(vc.float().cpu(), vc_want.float().cpu(), "bfloat16", what="v cache")
+        for _ in range(1999):
+            again = K.decode_layer(x, layer, kc, vc, model.model.cos_sin, state=state, eps=cfg.rms_norm_eps,
+                                   max_spin=1 << 22, **step)
+        K.check_state(state)
+    assert torch.equal(again, out), "the same inputs give the same output at every launch"
+    counts = state.counters.tolist()
+    bn = K.LayerTiles().block_n
+    tasks = [cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.num_key_value_heads,
+             -(-cfg.hidden_size // bn), -(-cfg.intermediate_size // bn), -(-cfg.hidden_size // bn)]
+    assert counts == [2000 * state.programs] + [2000 * t for t in tasks]
+
+
+def test_layer_probe_refuses_bad_input_in_one_line(tmp_path, capsys):
+    """bench.layer_probe (GPU only): an unknown preset, an existing --out, or no CUDA GPU is one
+    `error:` line and status 2."""
+    from bench import layer_probe  # noqa: PLC0415
+
+    assert layer_probe.main(["--presets", "Qwen3-7B"]) == 2
+    assert "unknown Qwen3-7B" in capsys.readouterr().err
+    taken = tmp_path / "rows.json"
+    taken.write_text("[]")
+    assert layer_probe.main(["--out", str(taken)]) == 2
+    assert "refusing to overwrite" in capsys.readouterr().err and taken.read_text() == "[]"
+    if not torch.cuda.is_available():
+        assert layer_probe.main([]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err

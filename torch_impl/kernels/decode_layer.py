@@ -162,7 +162,8 @@ def _decode_layer_kernel(
     num_blocks, block_size, max_pos,
     stride_sqkv, stride_so, stride_sgu, stride_sd, stride_cs, stride_cslot, stride_ch,
     eps, scale,
-    H: tl.constexpr, I: tl.constexpr, P: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
+    P,  # programs in the grid
+    H: tl.constexpr, I: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BK_H: tl.constexpr, BK_A: tl.constexpr, BK_I: tl.constexpr, BLOCK_KV: tl.constexpr,
     EVEN_H: tl.constexpr, EVEN_A: tl.constexpr, EVEN_I: tl.constexpr,
     PRECISION: tl.constexpr, QUANT: tl.constexpr, MAX_SPIN: tl.constexpr,
@@ -211,16 +212,33 @@ def _decode_layer_kernel(
 @dataclasses.dataclass
 class LayerState:
     """Device memory a layer kernel's launches share: int64 counters (arrivals, done per stage) that
-    only grow, the error flag, and the grid size they were counted with."""
+    only grow, the error flag, and the grid size they were counted with (0 until the first launch
+    when created with programs=0: then as many programs as can be resident at once)."""
     counters: torch.Tensor
     error: torch.Tensor
     programs: int
 
     @classmethod
-    def new(cls, device: torch.device, programs: int) -> "LayerState":
-        check(programs >= 1, f"decode_layer: programs={programs}, expected >= 1")
+    def new(cls, device: torch.device, programs: int = 0) -> "LayerState":
+        check(programs >= 0, f"decode_layer: programs={programs}, expected >= 0 (0: as many as fit at once)")
         return cls(torch.zeros(1 + STAGES, dtype=torch.int64, device=device),
                    torch.zeros(1, dtype=torch.int32, device=device), programs)
+
+
+def resident_programs(compiled, device: torch.device, tasks: int) -> int:
+    """How many programs of `compiled` (a Triton CompiledKernel) the GPU holds at once - SMs times the
+    programs per SM its registers and shared memory allow - capped at `tasks` (the largest stage's
+    task count: more programs would only wait)."""
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index if device.index is not None
+                                                                     else torch.cuda.current_device())
+    compiled._init_handles()
+    warps = compiled.metadata.num_warps
+    per_sm = props["max_num_regs"] // max(1, compiled.n_regs * props.get("warpSize", 32) * warps)
+    if compiled.metadata.shared:
+        per_sm = min(per_sm, props["max_shared_mem"] // compiled.metadata.shared)
+    check(per_sm >= 1, f"decode_layer: one program needs {compiled.n_regs} registers x {warps} warps and "
+                       f"{compiled.metadata.shared} bytes of shared memory, more than an SM holds")
+    return max(1, min(per_sm * props["multiprocessor_count"], tasks))
 
 
 def check_state(state: LayerState) -> None:
@@ -264,25 +282,32 @@ def decode_layer(x: torch.Tensor, layer, k_cache: torch.Tensor, v_cache: torch.T
     for name, w, k in (("w_qkv", wqkv, h), ("w_o", wo, hq * d), ("w_gate_up", wgu, h), ("w_down", wd, i)):
         check(w.dim() == 2 and w.shape[1] == k and w.stride() == (k, 1),
               f"{op}: {name} is {list(w.shape)} with strides {w.stride()}, expected contiguous [*, {k}]")
-    if state.programs > 1:
-        check(x.is_cuda and not interpreting(), f"{op}: {state.programs} programs need a GPU where they run at once "
-                                                f"(Triton's interpreter runs programs one after another: use 1)")
     xm = torch.empty_like(x)
     out = torch.empty_like(x) if out is None else out
     q = torch.empty(hq * d, dtype=x.dtype, device=x.device)
     attn_out = torch.empty_like(q)
     act = torch.empty(i, dtype=x.dtype, device=x.device)
     bk = tiles.block_k
-    _decode_layer_kernel[(state.programs,)](
-        x, xm, out, layer.input_layernorm.weight, wqkv, sqkv, attn.q_norm.weight, attn.k_norm.weight, cos_sin,
-        layer.post_attention_layernorm.weight, wo, so, wgu, sgu, wd, sd, k_cache, v_cache,
-        positions, slots, context_lens, block_tables, q, attn_out, act, state.counters, state.error,
-        k_cache.shape[0], k_cache.shape[1], cos_sin.shape[0],
-        stride_sqkv, stride_so, stride_sgu, stride_sd, cos_sin.stride(0), k_cache.stride(1), k_cache.stride(2),
-        eps, 1.0 / math.sqrt(d),
-        H=h, I=i, P=state.programs, HQ=hq, HKV=hkv, D=d, G_PAD=max(16, next_pow2(hq // hkv)), BLOCK_N=tiles.block_n,
-        BK_H=min(bk, next_pow2(h)), BK_A=min(bk, next_pow2(hq * d)), BK_I=min(bk, next_pow2(i)),
-        BLOCK_KV=tiles.block_kv, EVEN_H=h % min(bk, next_pow2(h)) == 0, EVEN_A=(hq * d) % min(bk, next_pow2(hq * d)) == 0,
-        EVEN_I=i % min(bk, next_pow2(i)) == 0, PRECISION=precision(x.dtype), QUANT=formats.get(fmt).code,
-        MAX_SPIN=max_spin, num_warps=tiles.num_warps)
+    bk_h, bk_a, bk_i = min(bk, next_pow2(h)), min(bk, next_pow2(hq * d)), min(bk, next_pow2(i))
+    args = [x, xm, out, layer.input_layernorm.weight, wqkv, sqkv, attn.q_norm.weight, attn.k_norm.weight, cos_sin,
+            layer.post_attention_layernorm.weight, wo, so, wgu, sgu, wd, sd, k_cache, v_cache,
+            positions, slots, context_lens, block_tables, q, attn_out, act, state.counters, state.error,
+            k_cache.shape[0], k_cache.shape[1], cos_sin.shape[0],
+            stride_sqkv, stride_so, stride_sgu, stride_sd, cos_sin.stride(0), k_cache.stride(1), k_cache.stride(2),
+            eps, 1.0 / math.sqrt(d)]
+    meta = dict(H=h, I=i, HQ=hq, HKV=hkv, D=d, G_PAD=max(16, next_pow2(hq // hkv)), BLOCK_N=tiles.block_n,
+                BK_H=bk_h, BK_A=bk_a, BK_I=bk_i, BLOCK_KV=tiles.block_kv, EVEN_H=h % bk_h == 0,
+                EVEN_A=(hq * d) % bk_a == 0, EVEN_I=i % bk_i == 0, PRECISION=precision(x.dtype),
+                QUANT=formats.get(fmt).code, MAX_SPIN=max_spin, num_warps=tiles.num_warps)
+    if state.programs == 0:  # the first launch over this state sizes its grid
+        tasks = max(hq + 2 * hkv, -(-i // tiles.block_n), -(-h // tiles.block_n))
+        if x.is_cuda and not interpreting():
+            state.programs = resident_programs(_decode_layer_kernel.warmup(*args, 1, grid=(1,), **meta), x.device,
+                                               tasks)
+        else:
+            state.programs = 1
+    check(state.programs == 1 or (x.is_cuda and not interpreting()),
+          f"{op}: {state.programs} programs need a GPU where they run at once (Triton's interpreter runs programs "
+          f"one after another: use 1)")
+    _decode_layer_kernel[(state.programs,)](*args, state.programs, **meta)
     return out
