@@ -148,7 +148,8 @@ def run_twin(runner, prompts, new_tokens: int, sampling: dict | None = None) -> 
     wall = time.perf_counter() - t0
     st = runner.last_stats  # decode_s and prefill_s without compile time (compile_s apart)
     return dict(generated=sum(len(o) for o in outs), wall_s=wall, prefill_s=st["prefill_s"], decode_s=st["decode_s"],
-                compile_s=st.get("compile_s"), first_token_s=st.get("first_token_s"))
+                compile_s=st.get("compile_s"), first_token_s=st.get("first_token_s"),
+                decode_path=getattr(runner, "decode_path", None))
 
 
 # ----- transformers ---------------------------------------------------------------------------
@@ -493,6 +494,8 @@ def _fill(row: dict, res: list[dict], cfg: Qwen3Config, b: int, prompt_len: int,
                prefill_s=best["prefill_s"], generated=best["generated"])
     if best.get("note"):
         row["note"] = best["note"]
+    if best.get("decode_path"):  # a twin's: "per-op", or "one launch per layer" (torch_impl's decode_layer)
+        row["decode_path"] = best["decode_path"]
     e2e = [r["generated"] / r["wall_s"] for r in res if r.get("wall_s")]
     if e2e:  # new tokens over the wall time of the whole generate() call, best run
         row.update(end_to_end_tok_s=max(e2e), end_to_end_tok_s_runs=e2e)

@@ -59,6 +59,12 @@ class Runner(abc.ABC):
     name: str = "runner"
     config: Qwen3Config
 
+    @property
+    def decode_path(self) -> str:
+        """What the last decode step ran: "per-op" (each op its kernel or plain op), or "one launch per
+        layer" (torch_impl's decode_layer kernel, where the tile lookup chooses it)."""
+        return "per-op"
+
     @abc.abstractmethod
     def logits(self, token_ids) -> np.ndarray:
         ...

@@ -28,7 +28,7 @@ import inspect
 from typing import Any, Callable
 
 from common import reference
-from common.tile_types import AttentionTiles, MatmulTiles, PrefillTiles
+from common.tile_types import AttentionTiles, LayerTiles, MatmulTiles, PrefillTiles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +97,9 @@ def _kernel_tiles() -> dict[str, type | None]:
 KERNEL_TILES: dict[str, type | None] = _kernel_tiles()
 # The projections: the kernels whose tiles are MatmulTiles.
 PROJECTIONS: tuple[str, ...] = tuple(k for k, kind in KERNEL_TILES.items() if kind is MatmulTiles)
+# Kernels that run several ops of a step at once where the tile lookup says so - a decode path, not
+# an op of the list: "fused" runs the kernel, "plain" the ops one by one (each as its own lookup says).
+COMPOSITE_KERNELS: dict[str, type] = {"decode_layer": LayerTiles}
 # Every kernel -> the op it tunes: the op whose first kernel it is (mlp's down projection is
 # linear_residual's kernel, tuned on linear_residual).
 KERNEL_OP: dict[str, str] = {spec.kernels[0]: name for name, spec in OPS.items()}
@@ -227,5 +230,5 @@ def signature_drift(name: str, fn: Callable, *, extras: tuple[str, ...] = (), ti
     return [f"{name}: {problem}; the op is {signature(name)}" for problem in problems]
 
 
-__all__ = ["OPS", "OP_NAMES", "TILED_OPS", "KERNEL_TILES", "PROJECTIONS", "KERNEL_OP", "KERNEL_EXTRAS", "OpSpec",
+__all__ = ["OPS", "OP_NAMES", "TILED_OPS", "KERNEL_TILES", "COMPOSITE_KERNELS", "PROJECTIONS", "KERNEL_OP", "KERNEL_EXTRAS", "OpSpec",
            "Ops", "AttentionMeta", "kernel_shape", "signature", "signature_drift"]

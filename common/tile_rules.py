@@ -24,7 +24,7 @@ import dataclasses
 
 from common import formats
 from common.ops import PROJECTIONS
-from common.tile_types import AttentionTiles, Device, MatmulTiles, PrefillTiles, next_pow2
+from common.tile_types import AttentionTiles, Device, LayerTiles, MatmulTiles, PrefillTiles, next_pow2
 
 DOT_MIN_M = 16  # token rows from which projections use tensor-core dots
 MIN_SPLIT_POSITIONS = 256  # decode attention: fewest cache positions per split
@@ -68,7 +68,11 @@ def default_path(kernel: str, framework: str, device: Device, shape: dict, dtype
     XLA beyond (XLA's matmuls measured faster there: 8B mlp at 8 tokens 320 vs 114 us); the final
     norm in XLA, which fuses it into the head's product. Weights of a format whose kernels need a newer
     GPU (dtype "<activations>-<format>", the entry's min_capability: fp8 below 8.9): plain (the
-    framework dequantizes; the kernels cannot convert the values)."""
+    framework dequantizes; the kernels cannot convert the values). The one-launch decoder layer
+    (decode_layer): "plain", the ops one by one, until it measures faster on a GPU - a tile table
+    entry with path "fused" turns it on for its shape."""
+    if kernel == "decode_layer":
+        return "plain"
     need = formats.of_tile_dtype(dtype).min_capability
     if need is not None and device.is_gpu and not capable(need, device.capability):
         return "plain"
@@ -98,6 +102,8 @@ def default_plain_form(kernel: str, framework: str, device: Device, shape: dict)
 # ----- tiles --------------------------------------------------------------------------------------
 
 def default_tiles(kernel: str, framework: str, device: Device, dtype: str, shape: dict):
+    if kernel == "decode_layer":
+        return LayerTiles()
     if kernel == "decode_attention":
         return _attention(framework, device, shape)
     if kernel == "prefill_attention":
@@ -235,7 +241,7 @@ def misfit(kernel: str, framework: str, tiles, shape: dict) -> str | None:
         if tiles.num_splits > 64:
             return f"num_splits={tiles.num_splits}: expected <= 64"
         return None
-    if kernel == "prefill_attention":
+    if kernel in ("prefill_attention", "decode_layer"):  # (LayerTiles checks its own block_kv)
         return None
     if kernel == "rms_norm":
         return None

@@ -79,7 +79,24 @@ class PrefillTiles:
                 raise ValueError(f"PrefillTiles.{name}={getattr(self, name)}: expected a power of two >= 16")
 
 
-TILE_TYPES = {"matmul": MatmulTiles, "attention": AttentionTiles, "prefill": PrefillTiles}
+@dataclasses.dataclass(frozen=True)
+class LayerTiles:
+    """Tiles of the one-launch decoder layer (torch_impl/kernels/decode_layer.py): block_n rows per
+    o_proj, gate/up and down task, block_k the chunk of each projection's reduction, block_kv keys
+    per attention step (>= 16: tensor-core dots); its grid is sized at launch (as many programs as
+    fit at once), not here."""
+    block_n: int = 16
+    block_k: int = 1024
+    block_kv: int = 64
+    num_warps: int = 4
+
+    def __post_init__(self):
+        _check_pow2(self)
+        if self.block_kv < 16:
+            raise ValueError(f"LayerTiles.block_kv={self.block_kv}: expected a power of two >= 16")
+
+
+TILE_TYPES = {"matmul": MatmulTiles, "attention": AttentionTiles, "prefill": PrefillTiles, "layer": LayerTiles}
 
 
 # ----- the device ---------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from common import tile_rules
-from common.ops import KERNEL_TILES, PROJECTIONS
-from common.tile_types import TILE_TYPES, AttentionTiles, Device, MatmulTiles, PrefillTiles, next_pow2
+from common.ops import COMPOSITE_KERNELS, KERNEL_TILES, PROJECTIONS
+from common.tile_types import TILE_TYPES, AttentionTiles, Device, LayerTiles, MatmulTiles, PrefillTiles, next_pow2
 
 log = logging.getLogger("common.tiles")
 
@@ -86,6 +86,14 @@ def rms_norm_key(m: int, n: int, dtype: str) -> str:
     return f"rms_norm/m{m_bucket(m)}/n{n}/{dtype}"
 
 
+def decode_layer_key(batch: int, hidden: int, intermediate: int, heads: int, kv_heads: int, dtype: str) -> str:
+    return f"decode_layer/b{batch}/h{hidden}/i{intermediate}/q{heads}/kv{kv_heads}/{dtype}"
+
+
+# Everything the lookup answers for: the ops' kernels and the composite ones (common.ops).
+LOOKUP_TILES: dict[str, type | None] = {**KERNEL_TILES, **COMPOSITE_KERNELS}
+
+
 # ----- tables -------------------------------------------------------------------------------------
 
 def user_dir() -> Path:
@@ -114,7 +122,7 @@ def _entry_problem(key: str, entry: Any) -> str | None:
         return f"path={entry.get('path')!r}, expected 'fused' or 'plain'"
     if entry.get("plain_form", "dot") not in PLAIN_FORMS:
         return f"plain_form={entry.get('plain_form')!r}, expected 'reduce' or 'dot'"
-    kind = KERNEL_TILES.get(key.split("/", 1)[0], "unknown")
+    kind = LOOKUP_TILES.get(key.split("/", 1)[0], "unknown")
     if kind == "unknown":
         return f"unknown kernel {key.split('/', 1)[0]!r}"
     tiles = entry.get("tiles")
@@ -208,7 +216,10 @@ def shape_key(kernel: str, dtype: str, shape: dict) -> str:
         return prefill_key(shape["max_seqlen_q"], shape["head_dim"], dtype)
     if kernel == "rms_norm":
         return rms_norm_key(shape["m"], shape["n"], dtype)
-    raise ValueError(f"tiles.lookup: unknown kernel {kernel!r}; expected one of {', '.join(KERNEL_TILES)}")
+    if kernel == "decode_layer":
+        return decode_layer_key(shape["batch"], shape["hidden"], shape["intermediate"], shape["heads"],
+                                shape["kv_heads"], dtype)
+    raise ValueError(f"tiles.lookup: unknown kernel {kernel!r}; expected one of {', '.join(LOOKUP_TILES)}")
 
 
 def lookup(kernel: str, framework: str, device: Device, *, dtype: str, **shape) -> Choice:
@@ -229,7 +240,7 @@ def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items
             entry = _read_table(path, framework).get(key)
             if entry is None:
                 continue
-            kind = KERNEL_TILES[kernel]
+            kind = LOOKUP_TILES[kernel]
             tiles = kind(**entry["tiles"]) if kind is not None and entry.get("tiles") is not None else None
             problem = tile_rules.misfit(kernel, framework, tiles, shape) if tiles is not None else None
             if problem:
@@ -241,7 +252,7 @@ def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items
             form = entry.get("plain_form") or tile_rules.default_plain_form(kernel, framework, device, shape)
             return Choice(chosen_path, tiles, source, key, form)
     path = tile_rules.default_path(kernel, framework, device, shape, dtype)
-    tiles = tile_rules.default_tiles(kernel, framework, device, dtype, shape) if KERNEL_TILES[kernel] else None
+    tiles = tile_rules.default_tiles(kernel, framework, device, dtype, shape) if LOOKUP_TILES[kernel] else None
     return Choice(path, tiles, "default", key, tile_rules.default_plain_form(kernel, framework, device, shape))
 
 
@@ -319,7 +330,8 @@ def write_entry(framework: str, device: Device, key: str, path: str, tiles, *, u
 
 
 # The re-exports (common.ops, common.tile_types) are the usual import of their names.
-__all__ = ["FORMAT", "SHIPPED_DIR", "FRAMEWORKS", "PATHS", "PLAIN_FORMS", "TABLES_ENV", "KERNEL_TILES", "PROJECTIONS",
+__all__ = ["FORMAT", "SHIPPED_DIR", "FRAMEWORKS", "PATHS", "PLAIN_FORMS", "TABLES_ENV", "KERNEL_TILES", "LOOKUP_TILES",
+           "COMPOSITE_KERNELS", "LayerTiles", "decode_layer_key", "PROJECTIONS",
            "TILE_TYPES", "AttentionTiles", "MatmulTiles", "PrefillTiles", "Device", "next_pow2", "SMEM_BY_CAPABILITY",
            "smem_for", "m_bucket", "matmul_key", "attention_key", "prefill_key", "rms_norm_key", "user_dir",
            "table_path", "tables_on", "sources", "clear_cache", "Choice", "shape_key", "lookup", "check_writable",

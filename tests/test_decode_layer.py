@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 
 from common.config import Qwen3Config  # noqa: E402
 from common.ops import AttentionMeta  # noqa: E402
+from common.tiles import LayerTiles  # noqa: E402
 from common.tolerances import assert_close  # noqa: E402
 import torch_impl  # noqa: E402
 from torch_impl.ops import PLAIN_OPS  # noqa: E402
@@ -73,7 +74,7 @@ def _one_launch(model, x, cache, step, state, **kw):
     kc, vc = cache[0].clone(), cache[1].clone()
     with torch.inference_mode():
         out = K.decode_layer(x, model.model.layers[0], kc, vc, model.model.cos_sin, state=state,
-                             eps=model.config.rms_norm_eps, tiles=K.LayerTiles(**TILES), **step, **kw)
+                             eps=model.config.rms_norm_eps, tiles=LayerTiles(**TILES), **step, **kw)
     return out, kc, vc
 
 
@@ -170,7 +171,7 @@ def test_resident_grid_at_full_shapes_over_many_launches(preset, ctx):
         K.check_state(state)
     assert torch.equal(again, out), "the same inputs give the same output at every launch"
     counts = state.counters.tolist()
-    bn = K.LayerTiles().block_n
+    bn = LayerTiles().block_n
     tasks = [cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.num_key_value_heads,
              -(-cfg.hidden_size // bn), -(-cfg.intermediate_size // bn), -(-cfg.hidden_size // bn)]
     assert counts == [2000 * state.programs] + [2000 * t for t in tasks]
@@ -190,3 +191,29 @@ def test_layer_probe_refuses_bad_input_in_one_line(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert layer_probe.main([]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_the_model_decodes_through_the_layer_kernel_where_the_lookup_says_so():
+    """The model's decode step runs every layer as one launch where the tile lookup's path for
+    decode_layer is "fused" (here the default rule, patched; on a GPU a tile table entry): the
+    greedy tokens are the per-op path's, and the runner (and bench's rows) say which path ran."""
+    from common import tile_rules, tiles  # noqa: PLC0415
+
+    cfg = Qwen3Config(vocab_size=256, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, tie_word_embeddings=True,
+                      max_position_embeddings=512, dtype="float32")
+    runner = torch_impl.load_random(cfg, dtype="float32", fused=True, device=DEV)
+    prompt = [[5, 17, 3, 9]]
+    want = runner.generate(prompt, 5)
+    assert runner.decode_path == "per-op"
+    default_path = tile_rules.default_path
+    tile_rules.default_path = lambda kernel, *a, **kw: "fused" if kernel == "decode_layer" else default_path(kernel, *a, **kw)
+    tiles.clear_cache()
+    try:
+        got = runner.generate(prompt, 5)
+    finally:
+        tile_rules.default_path = default_path
+        tiles.clear_cache()
+    assert runner.decode_path == "one launch per layer"
+    assert got == want
+    assert runner.model.model.layer_state.counters[0].item() == 4 * cfg.num_hidden_layers  # 4 decode steps x layers

@@ -237,6 +237,8 @@ class Qwen3Model(nn.Module):
         self.layers = nn.ModuleList([OptimizedQwen3DecoderLayer(cfg, ops, fmt, tp)
                                      for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layer_state = None  # the one-launch layer's counters (torch_impl/kernels/decode_layer.py), at first use
+        self.decode_path = "per-op"  # what the last decode step ran: "per-op" or "one launch per layer"
         # float32 [max_positions, head_dim]: cos | sin, shared by every layer
         self.register_buffer("cos_sin", plain.rope_table(cfg.max_position_embeddings, cfg.head_dim,
                                                              cfg.rope_theta, device=torch.empty(0).device),
@@ -253,9 +255,37 @@ class Qwen3Model(nn.Module):
             blocks = meta.cu_seqlens_q.shape[0] - 1
             kc = x.new_empty(blocks, rows, self.cfg.num_key_value_heads, self.cfg.head_dim)
             scratch = (kc, torch.empty_like(kc))
-        for layer in self.layers:
-            x = layer(meta, x, self.cos_sin, scratch)
+        tiles = self._layer_kernel(meta, x, scratch)
+        if tiles is not None:
+            from torch_impl.kernels.decode_layer import LayerState, decode_layer  # noqa: PLC0415 - triton
+
+            if self.layer_state is None:
+                self.layer_state = LayerState.new(x.device)
+            for layer in self.layers:
+                x = decode_layer(x, layer, layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache, self.cos_sin,
+                                 meta.positions, meta.slots, meta.context_lens, meta.block_tables,
+                                 self.layer_state, eps=self.cfg.rms_norm_eps, tiles=tiles)
+        else:
+            for layer in self.layers:
+                x = layer(meta, x, self.cos_sin, scratch)
         return self.ops.rms_norm(x, self.norm.weight, eps=self.norm.eps)
+
+    def _layer_kernel(self, meta, x, scratch):
+        """The tiles of the one-launch decoder layer where it runs this step, else None (each layer's
+        ops one by one): a decode step of one sequence over one cache block, no tensor parallelism, the
+        fused kernels in use, and the tile lookup's path for the layer's shape "fused" (the default
+        rule says "plain" until the kernel measures faster: common.tile_rules.default_path)."""
+        if meta.is_prefill or x.shape[0] != 1 or scratch is not None or not self.ops.any_fused:
+            return None
+        if self.layers[0].tp.size != 1 or meta.block_tables is None or meta.block_tables.shape[1] != 1:
+            return None
+        from torch_impl.kernels._lib import choose  # noqa: PLC0415 - triton
+        from torch_impl.kernels.decode_layer import layer_shape  # noqa: PLC0415
+
+        fmt = self.layers[0].self_attn.qkv_proj.fmt
+        choice = choose("decode_layer", x.device, x.dtype, None if fmt == "bf16" else fmt, **layer_shape(self.cfg, 1))
+        self.decode_path = "one launch per layer" if choice.path == "fused" else "per-op"
+        return choice.tiles if choice.path == "fused" else None
 
 
 class Qwen3ForCausalLM(nn.Module):

@@ -258,6 +258,10 @@ class TorchRunner(harness.Runner):
         return sum(tensors.values())
 
     @property
+    def decode_path(self) -> str:
+        return self.model.model.decode_path
+
+    @property
     def op_paths(self) -> dict[str, str]:
         """What runs each op: "fused" (Triton) or "plain" (torch ops)."""
         return dict(self.model.model.ops.paths)

@@ -34,9 +34,10 @@ import triton
 import triton.language as tl
 
 from common import formats
-from common.tiles import next_pow2
+from common.tiles import LayerTiles, next_pow2
 from torch_impl.kernels import _jit
-from torch_impl.kernels._lib import check, check_device, check_float, interpreting, precision, split_weight
+from torch_impl.kernels._lib import (check, check_device, check_float, interpreting, precision, split_weight,
+                                     tiles_for)
 from torch_impl.kernels.decode_attention import attend_range
 from torch_impl.kernels.rmsnorm_qkv import _finish_head, _head_inputs
 
@@ -170,7 +171,7 @@ def _decode_layer_kernel(
 ):
     ticket = tl.atomic_add(cnt_ptr, 1)
     launch = ticket // P
-    me = ticket % P
+    me = (ticket % P).to(tl.int32)
     T0 = HQ + 2 * HKV
     T1 = HKV
     T2 = tl.cdiv(H, BLOCK_N)
@@ -225,6 +226,12 @@ class LayerState:
                    torch.zeros(1, dtype=torch.int32, device=device), programs)
 
 
+def layer_shape(cfg, batch: int) -> dict:
+    """The lookup's shape fields of decode_layer (common.tiles.decode_layer_key)."""
+    return dict(batch=batch, hidden=cfg.hidden_size, intermediate=cfg.intermediate_size,
+                heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads)
+
+
 def resident_programs(compiled, device: torch.device, tasks: int) -> int:
     """How many programs of `compiled` (a Triton CompiledKernel) the GPU holds at once - SMs times the
     programs per SM its registers and shared memory allow - capped at `tasks` (the largest stage's
@@ -248,22 +255,15 @@ def check_state(state: LayerState) -> None:
                            "never ran, or a lost release); the step's output is wrong")
 
 
-@dataclasses.dataclass(frozen=True)
-class LayerTiles:
-    block_n: int = 16  # rows per o_proj, gate/up and down task
-    block_k: int = 1024  # chunk of the hidden size (qkv, gate/up), of Hq * D (o_proj), of I (down)
-    block_kv: int = 64  # keys per attention step
-    num_warps: int = 4
-
-
 def decode_layer(x: torch.Tensor, layer, k_cache: torch.Tensor, v_cache: torch.Tensor, cos_sin: torch.Tensor,
                  positions: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
-                 state: LayerState, *, eps: float, tiles: LayerTiles = LayerTiles(), max_spin: int = 0,
+                 state: LayerState, *, eps: float, tiles: LayerTiles | None = None, max_spin: int = 0,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """One decoder layer of one token: x [1, H] -> [1, H], writing the token's k and v at slots[0]
     (-1: nowhere) and attending over the first context_lens[0] keys of block block_tables[0, 0] (one
     block per sequence). `layer`: a torch_impl OptimizedQwen3DecoderLayer (bf16, int8 or fp8 weights).
-    `state` (LayerState) carries the counters across launches; max_spin > 0 bounds every wait."""
+    `state` (LayerState) carries the counters across launches; max_spin > 0 bounds every wait;
+    `tiles` default to common.tiles' choice for the layer's shape."""
     op = "decode_layer"
     cfg = layer.cfg
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -282,6 +282,7 @@ def decode_layer(x: torch.Tensor, layer, k_cache: torch.Tensor, v_cache: torch.T
     for name, w, k in (("w_qkv", wqkv, h), ("w_o", wo, hq * d), ("w_gate_up", wgu, h), ("w_down", wd, i)):
         check(w.dim() == 2 and w.shape[1] == k and w.stride() == (k, 1),
               f"{op}: {name} is {list(w.shape)} with strides {w.stride()}, expected contiguous [*, {k}]")
+    tiles = tiles_for("decode_layer", op, tiles, LayerTiles, x.device, x.dtype, fmt, **layer_shape(cfg, 1))
     xm = torch.empty_like(x)
     out = torch.empty_like(x) if out is None else out
     q = torch.empty(hq * d, dtype=x.dtype, device=x.device)
