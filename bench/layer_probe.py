@@ -6,7 +6,8 @@ chain of every layer (the decode step without embedding and head) timed in a CUD
 each layer as one launch of torch_impl/kernels/decode_layer.py (as many programs as fit at once) -
 in the same process. Prints a table and, with --out, writes the rows as JSON: microseconds per layer,
 the ratio, the grid size, the largest difference of the final hidden state between the two paths,
-and the error flag of the bounded waits.
+the error flag of the bounded waits, and from one more launch with the kernel's timers
+(%globaltimer) each stage's mean wait and work per task and its span within the launch.
 """
 
 from __future__ import annotations
@@ -80,8 +81,15 @@ def probe(preset: str, ctx: int, layers: int, max_spin: int) -> dict:
             def call(i, fn=fn, chain=chain):
                 chain["x"] = fn(i, chain["x"] if i else x0)
             out[name] = time_torch_chain(call, n, torch.device("cuda"), TimingPlan(), state=chain)["median_s"] / n
+        # one more launch of the first layer with the kernel's timers: where its time goes, per stage
+        tiles = K.tiles_for("decode_layer", "layer_probe", None, K.LayerTiles, x0.device, x0.dtype, None,
+                            **K.layer_shape(cfg, 1))
+        timers = K.timer_buffer(cfg, tiles, state.programs, x0.device)
+        K.decode_layer(x0, model.model.layers[0], caches[0][0], caches[0][1], cos_sin, state=state, eps=cfg.rms_norm_eps,
+                       max_spin=max_spin, timers=timers, **step)
         torch.cuda.synchronize()
-    return dict(preset=preset, ctx=ctx, layers=n, programs=state.programs, error_flag=int(state.error.item()),
+        stages = K.stage_times(timers, cfg, tiles, state.programs)
+    return dict(preset=preset, stages=stages, ctx=ctx, layers=n, programs=state.programs, error_flag=int(state.error.item()),
                 per_op_us=out["per_op"] * 1e6, one_launch_us=out["one_launch"] * 1e6,
                 speedup=out["per_op"] / out["one_launch"],
                 max_abs_diff=float((finals["per_op"] - finals["one_launch"]).abs().max()),
@@ -114,6 +122,11 @@ def main(argv=None) -> int:
         rows.append(r)
         print(f"| {preset} | {r['ctx']} | {r['layers']} | {r['programs']} | {r['per_op_us']:.2f} | "
               f"{r['one_launch_us']:.2f} | {r['speedup']:.3f} | {r['max_abs_diff']:.3g} | {r['error_flag']} |", flush=True)
+    print("\n| preset | stage | tasks | wait us (mean) | work us (mean) | from us | to us |\n|---|---|---|---|---|---|---|")
+    for r in rows:
+        for st in r["stages"]:
+            print(f"| {r['preset']} | {st['stage']} | {st['tasks']} | {st['wait_us']:.2f} | {st['work_us']:.2f} | "
+                  f"{st['start_us']:.2f} | {st['end_us']:.2f} |")
     if a.out is not None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         with open(a.out, "x") as f:

@@ -217,3 +217,21 @@ def test_the_model_decodes_through_the_layer_kernel_where_the_lookup_says_so():
     assert runner.decode_path == "one launch per layer"
     assert got == want
     assert runner.model.model.layer_state.counters[0].item() == 4 * cfg.num_hidden_layers  # 4 decode steps x layers
+
+
+def test_stage_times_read_each_task_where_its_program_wrote_it():
+    """stage_times folds a timed launch's buffer (task t at program t % P, slot t // P) into per-stage
+    means and spans; here a synthetic buffer where task t starts at 10 t us, waits 1 us and works
+    2 us (the kernel's %globaltimer writes need a GPU)."""
+    K = _layer_kernel()
+    tiles, programs = LayerTiles(**TILES), 3
+    total = sum(K.stage_tasks(CFG, tiles))
+    buf = K.timer_buffer(CFG, tiles, programs, "cpu")
+    for t in range(total):
+        buf[t % programs, t // programs] = torch.tensor([1_000_000 + 10_000 * t, 1_001_000 + 10_000 * t,
+                                                         1_003_000 + 10_000 * t])
+    rows = K.stage_times(buf, CFG, tiles, programs)
+    assert [r["stage"] for r in rows] == list(K.STAGE_NAMES)
+    assert [r["tasks"] for r in rows] == K.stage_tasks(CFG, tiles)
+    assert all(abs(r["wait_us"] - 1.0) < 1e-9 and abs(r["work_us"] - 2.0) < 1e-9 for r in rows)
+    assert rows[0]["start_us"] == 0.0 and rows[-1]["end_us"] == 10.0 * (total - 1) + 3.0

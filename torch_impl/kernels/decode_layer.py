@@ -45,9 +45,21 @@ STAGES = 5
 
 
 @triton.jit
-def wait_count(cnt_ptr, target, err_ptr, MAX_SPIN: tl.constexpr):
+def now(dummy, TIMERS: tl.constexpr):
+    """The GPU's global nanosecond timer with TIMERS (inline PTX: not in Triton's interpreter), else 0.
+    `dummy`: any int32 scalar (gives the result its shape)."""
+    if TIMERS:
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l,r", [dummy], dtype=tl.int64,
+                                         is_pure=False, pack=1)
+    else:
+        return tl.zeros([], tl.int64)
+
+
+@triton.jit
+def wait_count(cnt_ptr, target, err_ptr, MAX_SPIN: tl.constexpr, TIMERS: tl.constexpr = False):
     """Spin until the int64 counter at cnt_ptr reaches `target` (acquire, gpu scope). MAX_SPIN > 0:
-    give up after that many reads and set the error flag instead of hanging."""
+    give up after that many reads and set the error flag instead of hanging. Returns the time the
+    wait ended (`now`)."""
     seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
     if MAX_SPIN > 0:
         spins = 0
@@ -59,6 +71,7 @@ def wait_count(cnt_ptr, target, err_ptr, MAX_SPIN: tl.constexpr):
     else:
         while seen < target:
             seen = tl.atomic_add(cnt_ptr, 0, sem="acquire", scope="gpu")
+    return now(target.to(tl.int32), TIMERS)
 
 
 @triton.jit
@@ -114,8 +127,8 @@ def _attention_task(kvh, q_ptr, kc_ptr, vc_ptr, attn_ptr, ctx, blk0, num_blocks,
 
 @triton.jit
 def _residual_task(t, a_ptr, w_ptr, s_ptr, r_ptr, out_ptr, stride_sn, cnt_ptr, target, err_ptr,
-                   N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                   QUANT: tl.constexpr, MAX_SPIN: tl.constexpr):
+                   N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   PRECISION: tl.constexpr, QUANT: tl.constexpr, MAX_SPIN: tl.constexpr, TIMERS: tl.constexpr):
     """out[rows] = r[rows] + a @ W[rows].T for BLOCK_N rows (o_proj, down), after the wait for a and r."""
     offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
@@ -123,7 +136,7 @@ def _residual_task(t, a_ptr, w_ptr, s_ptr, r_ptr, out_ptr, stride_sn, cnt_ptr, t
     m_ok = offs_m < 1
     w_a, _, _, sc, _ = _jit.request(w_ptr, s_ptr, a_ptr, offs_n, offs_n, n_ok, K, stride_sn, K, False, False,
                                     BLOCK_N, BLOCK_K, EVEN_K, False, QUANT)
-    wait_count(cnt_ptr, target, err_ptr, MAX_SPIN)
+    waited = wait_count(cnt_ptr, target, err_ptr, MAX_SPIN, TIMERS)
     r = tl.load(r_ptr + offs_n, mask=n_ok, other=0.0)
     acc, _ = _jit.project(a_ptr, a_ptr, w_ptr, offs_n, offs_n, n_ok, offs_m, m_ok, K, K, K, 0.0, w_a, w_a, 0.0, sc,
                           sc, False, False, 1, BLOCK_N, BLOCK_K, EVEN_K, False, PRECISION, False, K <= BLOCK_K, s_ptr,
@@ -131,24 +144,26 @@ def _residual_task(t, a_ptr, w_ptr, s_ptr, r_ptr, out_ptr, stride_sn, cnt_ptr, t
     dtype = out_ptr.dtype.element_ty
     y = _jit.cast(_jit.cast(acc, dtype, PRECISION).to(tl.float32) + r.to(tl.float32)[None, :], dtype, PRECISION)
     tl.store(out_ptr + offs_n[None, :], y, mask=n_ok[None, :])
+    return waited
 
 
 @triton.jit
 def _gate_up_task(t, x_ptr, nw_ptr, w_ptr, s_ptr, act_ptr, stride_sn, eps, cnt_ptr, target, err_ptr,
-                  H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRECISION: tl.constexpr,
-                  QUANT: tl.constexpr, MAX_SPIN: tl.constexpr):
+                  H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                  PRECISION: tl.constexpr, QUANT: tl.constexpr, MAX_SPIN: tl.constexpr, TIMERS: tl.constexpr):
     offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < I
     offs_m = tl.arange(0, 1).to(tl.int64)
     m_ok = offs_m < 1
     w_g, w_u, nw, sc_g, sc_u = _jit.request(w_ptr, s_ptr, nw_ptr, offs_n, I + offs_n, n_ok, H, stride_sn, H, True,
                                             True, BLOCK_N, BLOCK_K, EVEN_K, False, QUANT)
-    wait_count(cnt_ptr, target, err_ptr, MAX_SPIN)
+    waited = wait_count(cnt_ptr, target, err_ptr, MAX_SPIN, TIMERS)
     acc_g, acc_u = _jit.project(x_ptr, nw_ptr, w_ptr, offs_n, I + offs_n, n_ok, offs_m, m_ok, H, H, H, eps, w_g, w_u,
                                 nw, sc_g, sc_u, True, True, 1, BLOCK_N, BLOCK_K, EVEN_K, False, PRECISION, False,
                                 H <= BLOCK_K, s_ptr, stride_sn, QUANT, 1)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(act_ptr + offs_n[None, :], _jit.cast(act, act_ptr.dtype.element_ty, PRECISION), mask=n_ok[None, :])
+    return waited
 
 
 @triton.jit
@@ -160,14 +175,15 @@ def _decode_layer_kernel(
     pos_ptr, slot_ptr, ctx_ptr, bt_ptr,  # [1] each: position, cache slot, context length, the sequence's block
     q_ptr, attn_ptr, act_ptr,  # scratch: [HQ * D], [HQ * D], [I]
     cnt_ptr, err_ptr,  # the layer state: int64 [1 + STAGES] (arrivals, done per stage), int32 [1]
+    tim_ptr,  # TIMERS: int64 [P, SLOTS, 3]: each task's start, end of its wait, end (ns, %globaltimer)
     num_blocks, block_size, max_pos,
     stride_sqkv, stride_so, stride_sgu, stride_sd, stride_cs, stride_cslot, stride_ch,
     eps, scale,
-    P,  # programs in the grid
+    P, SLOTS,  # programs in the grid; the most tasks one program runs (TIMERS' rows per program)
     H: tl.constexpr, I: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BK_H: tl.constexpr, BK_A: tl.constexpr, BK_I: tl.constexpr, BLOCK_KV: tl.constexpr,
     EVEN_H: tl.constexpr, EVEN_A: tl.constexpr, EVEN_I: tl.constexpr,
-    PRECISION: tl.constexpr, QUANT: tl.constexpr, MAX_SPIN: tl.constexpr,
+    PRECISION: tl.constexpr, QUANT: tl.constexpr, MAX_SPIN: tl.constexpr, TIMERS: tl.constexpr,
 ):
     ticket = tl.atomic_add(cnt_ptr, 1)
     launch = ticket // P
@@ -186,28 +202,38 @@ def _decode_layer_kernel(
     ctx = tl.load(ctx_ptr)
     blk0 = tl.load(bt_ptr).to(tl.int64)
     for t in range(me, T0 + T1 + T2 + T3 + T4, P):
+        started = now(t, TIMERS)
+        waited = started
         if t < T0:
             _qkv_task(t, x_ptr, in_nw_ptr, wqkv_ptr, sqkv_ptr, qn_ptr, kn_ptr, cs_ptr, pos, slot, s_ok, q_ptr, kc_ptr,
                       vc_ptr, stride_sqkv, stride_cs, stride_cslot, stride_ch, eps, H, HQ, HKV, D, D // 2, BK_H,
                       EVEN_H, PRECISION, QUANT)
             arrive(cnt_ptr + 1)
         elif t < T0 + T1:
-            wait_count(cnt_ptr + 1, (launch + 1) * T0, err_ptr, MAX_SPIN)
+            waited = wait_count(cnt_ptr + 1, (launch + 1) * T0, err_ptr, MAX_SPIN, TIMERS)
             _attention_task(t - T0, q_ptr, kc_ptr, vc_ptr, attn_ptr, ctx, blk0, num_blocks, block_size, stride_cslot,
                             stride_ch, scale, HQ // HKV, G_PAD, D, BLOCK_KV, PRECISION)
             arrive(cnt_ptr + 2)
         elif t < T0 + T1 + T2:
-            _residual_task(t - T0 - T1, attn_ptr, wo_ptr, so_ptr, x_ptr, xm_ptr, stride_so, cnt_ptr + 2,
-                           (launch + 1) * T1, err_ptr, H, HQ * D, BLOCK_N, BK_A, EVEN_A, PRECISION, QUANT, MAX_SPIN)
+            waited = _residual_task(t - T0 - T1, attn_ptr, wo_ptr, so_ptr, x_ptr, xm_ptr, stride_so, cnt_ptr + 2,
+                                    (launch + 1) * T1, err_ptr, H, HQ * D, BLOCK_N, BK_A, EVEN_A, PRECISION, QUANT,
+                                    MAX_SPIN, TIMERS)
             arrive(cnt_ptr + 3)
         elif t < T0 + T1 + T2 + T3:
-            _gate_up_task(t - T0 - T1 - T2, xm_ptr, post_nw_ptr, wgu_ptr, sgu_ptr, act_ptr, stride_sgu, eps,
-                          cnt_ptr + 3, (launch + 1) * T2, err_ptr, H, I, BLOCK_N, BK_H, EVEN_H, PRECISION, QUANT, MAX_SPIN)
+            waited = _gate_up_task(t - T0 - T1 - T2, xm_ptr, post_nw_ptr, wgu_ptr, sgu_ptr, act_ptr, stride_sgu, eps,
+                                   cnt_ptr + 3, (launch + 1) * T2, err_ptr, H, I, BLOCK_N, BK_H, EVEN_H, PRECISION,
+                                   QUANT, MAX_SPIN, TIMERS)
             arrive(cnt_ptr + 4)
         else:
-            _residual_task(t - T0 - T1 - T2 - T3, act_ptr, wd_ptr, sd_ptr, xm_ptr, out_ptr, stride_sd,
-                           cnt_ptr + 4, (launch + 1) * T3, err_ptr, H, I, BLOCK_N, BK_I, EVEN_I, PRECISION, QUANT, MAX_SPIN)
+            waited = _residual_task(t - T0 - T1 - T2 - T3, act_ptr, wd_ptr, sd_ptr, xm_ptr, out_ptr, stride_sd,
+                                    cnt_ptr + 4, (launch + 1) * T3, err_ptr, H, I, BLOCK_N, BK_I, EVEN_I, PRECISION,
+                                    QUANT, MAX_SPIN, TIMERS)
             arrive(cnt_ptr + 5)
+        if TIMERS:
+            row = tim_ptr + (me.to(tl.int64) * SLOTS + (t - me) // P) * 3
+            tl.store(row, started)
+            tl.store(row + 1, waited)
+            tl.store(row + 2, now(t, TIMERS))
 
 
 @dataclasses.dataclass
@@ -258,12 +284,13 @@ def check_state(state: LayerState) -> None:
 def decode_layer(x: torch.Tensor, layer, k_cache: torch.Tensor, v_cache: torch.Tensor, cos_sin: torch.Tensor,
                  positions: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
                  state: LayerState, *, eps: float, tiles: LayerTiles | None = None, max_spin: int = 0,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, timers: torch.Tensor | None = None) -> torch.Tensor:
     """One decoder layer of one token: x [1, H] -> [1, H], writing the token's k and v at slots[0]
     (-1: nowhere) and attending over the first context_lens[0] keys of block block_tables[0, 0] (one
     block per sequence). `layer`: a torch_impl OptimizedQwen3DecoderLayer (bf16, int8 or fp8 weights).
     `state` (LayerState) carries the counters across launches; max_spin > 0 bounds every wait;
-    `tiles` default to common.tiles' choice for the layer's shape."""
+    `tiles` default to common.tiles' choice for the layer's shape. `timers` (a GPU, `timer_buffer`): each
+    task's start, end of its wait and end in nanoseconds, for `stage_times`."""
     op = "decode_layer"
     cfg = layer.cfg
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -293,22 +320,63 @@ def decode_layer(x: torch.Tensor, layer, k_cache: torch.Tensor, v_cache: torch.T
     args = [x, xm, out, layer.input_layernorm.weight, wqkv, sqkv, attn.q_norm.weight, attn.k_norm.weight, cos_sin,
             layer.post_attention_layernorm.weight, wo, so, wgu, sgu, wd, sd, k_cache, v_cache,
             positions, slots, context_lens, block_tables, q, attn_out, act, state.counters, state.error,
-            k_cache.shape[0], k_cache.shape[1], cos_sin.shape[0],
+            state.counters if timers is None else timers, k_cache.shape[0], k_cache.shape[1], cos_sin.shape[0],
             stride_sqkv, stride_so, stride_sgu, stride_sd, cos_sin.stride(0), k_cache.stride(1), k_cache.stride(2),
             eps, 1.0 / math.sqrt(d)]
     meta = dict(H=h, I=i, HQ=hq, HKV=hkv, D=d, G_PAD=max(16, next_pow2(hq // hkv)), BLOCK_N=tiles.block_n,
                 BK_H=bk_h, BK_A=bk_a, BK_I=bk_i, BLOCK_KV=tiles.block_kv, EVEN_H=h % bk_h == 0,
                 EVEN_A=(hq * d) % bk_a == 0, EVEN_I=i % bk_i == 0, PRECISION=precision(x.dtype),
-                QUANT=formats.get(fmt).code, MAX_SPIN=max_spin, num_warps=tiles.num_warps)
+                QUANT=formats.get(fmt).code, MAX_SPIN=max_spin, TIMERS=False, num_warps=tiles.num_warps)
+    total = sum(stage_tasks(cfg, tiles))
     if state.programs == 0:  # the first launch over this state sizes its grid
-        tasks = max(hq + 2 * hkv, -(-i // tiles.block_n), -(-h // tiles.block_n))
         if x.is_cuda and not interpreting():
-            state.programs = resident_programs(_decode_layer_kernel.warmup(*args, 1, grid=(1,), **meta), x.device,
-                                               tasks)
+            state.programs = resident_programs(_decode_layer_kernel.warmup(*args, 1, total, grid=(1,), **meta),
+                                               x.device, max(stage_tasks(cfg, tiles)))
         else:
             state.programs = 1
     check(state.programs == 1 or (x.is_cuda and not interpreting()),
           f"{op}: {state.programs} programs need a GPU where they run at once (Triton's interpreter runs programs "
           f"one after another: use 1)")
-    _decode_layer_kernel[(state.programs,)](*args, state.programs, **meta)
+    slots_per_program = -(-total // state.programs)
+    if timers is not None:
+        check(x.is_cuda and not interpreting(), f"{op}: timers read the GPU's %globaltimer (not in the interpreter)")
+        check(timers.dtype == torch.int64 and timers.numel() >= state.programs * slots_per_program * 3,
+              f"{op}: timers is {timers.dtype} [{timers.numel()}], expected int64 of at least "
+              f"{state.programs * slots_per_program * 3} (timer_buffer)")
+        meta["TIMERS"] = True
+    _decode_layer_kernel[(state.programs,)](*args, state.programs, slots_per_program, **meta)
     return out
+
+
+def stage_tasks(cfg, tiles: LayerTiles) -> list[int]:
+    """Tasks of each stage: qkv heads, kv heads, o_proj, gate/up and down row blocks."""
+    h, i, bn = cfg.hidden_size, cfg.intermediate_size, tiles.block_n
+    return [cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.num_key_value_heads, -(-h // bn),
+            -(-i // bn), -(-h // bn)]
+
+
+def timer_buffer(cfg, tiles: LayerTiles, programs: int, device) -> torch.Tensor:
+    """A zeroed int64 buffer for one timed launch of `programs` programs (decode_layer's `timers`)."""
+    return torch.zeros(programs, -(-sum(stage_tasks(cfg, tiles)) // programs), 3, dtype=torch.int64, device=device)
+
+
+STAGE_NAMES = ("qkv", "attention", "o_proj", "gate_up", "down")
+
+
+def stage_times(timers, cfg, tiles: LayerTiles, programs: int) -> list[dict]:
+    """Per stage of one timed launch: tasks, mean microseconds a task waited and worked, and the span
+    from the stage's first task start to its last task end (relative to the launch's first start)."""
+    import numpy as np  # noqa: PLC0415
+
+    t = np.asarray(timers.cpu(), dtype=np.int64).reshape(programs, -1, 3)
+    counts = stage_tasks(cfg, tiles)
+    bounds = np.cumsum([0] + counts)
+    origin = t[t[:, :, 0] > 0, 0].min()
+    rows = []
+    for s, name in enumerate(STAGE_NAMES):
+        recs = [t[task % programs, task // programs] for task in range(bounds[s], bounds[s + 1])]
+        recs = np.asarray(recs, dtype=np.float64)
+        rows.append(dict(stage=name, tasks=counts[s], wait_us=float((recs[:, 1] - recs[:, 0]).mean() / 1e3),
+                         work_us=float((recs[:, 2] - recs[:, 1]).mean() / 1e3),
+                         start_us=float((recs[:, 0].min() - origin) / 1e3), end_us=float((recs[:, 2].max() - origin) / 1e3)))
+    return rows
