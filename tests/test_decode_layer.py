@@ -235,3 +235,18 @@ def test_stage_times_read_each_task_where_its_program_wrote_it():
     assert [r["tasks"] for r in rows] == K.stage_tasks(CFG, tiles)
     assert all(abs(r["wait_us"] - 1.0) < 1e-9 and abs(r["work_us"] - 2.0) < 1e-9 for r in rows)
     assert rows[0]["start_us"] == 0.0 and rows[-1]["end_us"] == 10.0 * (total - 1) + 3.0
+
+
+def test_the_grid_never_exceeds_what_the_gpu_holds_at_once():
+    """resident_programs: SMs x the programs per SM that the scarcest of registers, threads, shared
+    memory and the 32-block limit allows, capped at the largest stage's tasks (H100-like numbers)."""
+    K = _layer_kernel()
+    h100 = dict(multiprocessor_count=132, max_num_regs=65536, max_shared_mem=232448, max_threads_per_sm=2048,
+                warpSize=32)
+    assert K.resident_programs(128, 0, 4, h100, 10_000) == 132 * 4  # registers: 65536 / (128 x 128)
+    assert K.resident_programs(16, 0, 4, h100, 10_000) == 132 * 16  # threads: 2048 / 128
+    assert K.resident_programs(16, 0, 1, h100, 10_000) == 132 * 32  # the block limit
+    assert K.resident_programs(32, 100_000, 4, h100, 10_000) == 132 * 2  # shared memory
+    assert K.resident_programs(32, 0, 4, h100, 192) == 192  # no more programs than the largest stage's tasks
+    with pytest.raises(ValueError, match="more than an SM holds"):
+        K.resident_programs(32, 300_000, 4, h100, 192)

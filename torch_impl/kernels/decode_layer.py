@@ -258,20 +258,30 @@ def layer_shape(cfg, batch: int) -> dict:
                 heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads)
 
 
-def resident_programs(compiled, device: torch.device, tasks: int) -> int:
-    """How many programs of `compiled` (a Triton CompiledKernel) the GPU holds at once - SMs times the
-    programs per SM its registers and shared memory allow - capped at `tasks` (the largest stage's
-    task count: more programs would only wait)."""
-    props = triton.runtime.driver.active.utils.get_device_properties(device.index if device.index is not None
-                                                                     else torch.cuda.current_device())
-    compiled._init_handles()
-    warps = compiled.metadata.num_warps
-    per_sm = props["max_num_regs"] // max(1, compiled.n_regs * props.get("warpSize", 32) * warps)
-    if compiled.metadata.shared:
-        per_sm = min(per_sm, props["max_shared_mem"] // compiled.metadata.shared)
-    check(per_sm >= 1, f"decode_layer: one program needs {compiled.n_regs} registers x {warps} warps and "
-                       f"{compiled.metadata.shared} bytes of shared memory, more than an SM holds")
+MAX_PROGRAMS_PER_SM = 32  # resident thread blocks per SM (compute capability 7.0 and newer)
+
+
+def resident_programs(n_regs: int, shared: int, warps: int, props: dict, tasks: int) -> int:
+    """How many programs of a compiled kernel (n_regs registers per thread, `shared` bytes of shared
+    memory, `warps` warps) the GPU (props: its SM count, registers, shared memory and threads per SM)
+    holds at once - every SM filled as far as the scarcest of the four allows - capped at `tasks` (the
+    largest stage's task count: more programs would only wait). A grid past this could deadlock."""
+    threads = warps * props.get("warpSize", 32)
+    per_sm = min(props["max_num_regs"] // max(1, n_regs * threads), props["max_threads_per_sm"] // threads,
+                 MAX_PROGRAMS_PER_SM)
+    if shared:
+        per_sm = min(per_sm, props["max_shared_mem"] // shared)
+    check(per_sm >= 1, f"decode_layer: one program needs {n_regs} registers x {threads} threads and {shared} "
+                       f"bytes of shared memory, more than an SM holds")
     return max(1, min(per_sm * props["multiprocessor_count"], tasks))
+
+
+def _gpu_props(device: torch.device) -> dict:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    props = dict(triton.runtime.driver.active.utils.get_device_properties(index))
+    props["max_threads_per_sm"] = getattr(torch.cuda.get_device_properties(index), "max_threads_per_multi_processor",
+                                          2048)  # every GPU from compute capability 7.5 on
+    return props
 
 
 def check_state(state: LayerState) -> None:
@@ -330,8 +340,10 @@ def decode_layer(x: torch.Tensor, layer, k_cache: torch.Tensor, v_cache: torch.T
     total = sum(stage_tasks(cfg, tiles))
     if state.programs == 0:  # the first launch over this state sizes its grid
         if x.is_cuda and not interpreting():
-            state.programs = resident_programs(_decode_layer_kernel.warmup(*args, 1, total, grid=(1,), **meta),
-                                               x.device, max(stage_tasks(cfg, tiles)))
+            compiled = _decode_layer_kernel.warmup(*args, 1, total, grid=(1,), **meta)
+            compiled._init_handles()
+            state.programs = resident_programs(compiled.n_regs, compiled.metadata.shared, compiled.metadata.num_warps,
+                                               _gpu_props(x.device), max(stage_tasks(cfg, tiles)))
         else:
             state.programs = 1
     check(state.programs == 1 or (x.is_cuda and not interpreting()),
