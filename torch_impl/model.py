@@ -226,6 +226,11 @@ class LMHead(Linear):
         return self.tp.argmax_vocab(self.project(h), self.first, out, fn)
 
 
+# The one-launch layer's waits give up after this many reads of a counter (seconds, where a program
+# of the grid never runs) and flag the error, which the runner raises on: never a hang.
+LAYER_MAX_SPIN = 1 << 24
+
+
 class Qwen3Model(nn.Module):
     """cfg: this rank's shapes (common.sharding.shard_config); vocab_tp: the embedding's group."""
 
@@ -264,11 +269,19 @@ class Qwen3Model(nn.Module):
             for layer in self.layers:
                 x = decode_layer(x, layer, layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache, self.cos_sin,
                                  meta.positions, meta.slots, meta.context_lens, meta.block_tables,
-                                 self.layer_state, eps=self.cfg.rms_norm_eps, tiles=tiles)
+                                 self.layer_state, eps=self.cfg.rms_norm_eps, tiles=tiles, max_spin=LAYER_MAX_SPIN)
         else:
             for layer in self.layers:
                 x = layer(meta, x, self.cos_sin, scratch)
         return self.ops.rms_norm(x, self.norm.weight, eps=self.norm.eps)
+
+    def check_layer_state(self) -> None:
+        """Raise (RuntimeError) if a one-launch layer's wait gave up since the state was made: its
+        output is wrong (a host sync; the runner calls it with each chunk's tokens)."""
+        if self.layer_state is not None:
+            from torch_impl.kernels.decode_layer import check_state  # noqa: PLC0415
+
+            check_state(self.layer_state)
 
     def _layer_kernel(self, meta, x, scratch):
         """The tiles of the one-launch decoder layer where it runs this step, else None (each layer's

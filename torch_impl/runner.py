@@ -397,6 +397,7 @@ class TorchRunner(harness.Runner):
             done = steps >= max_new_tokens or all(o and o[-1] in eos for o in outs)
             if self._session is not None:
                 self._session.check()
+            self.model.model.check_layer_state()  # the one-launch layers' bounded waits (none gave up)
             try:
                 yield outs
             except GeneratorExit:  # the caller stopped a stream early: the other ranks stop with it
