@@ -109,11 +109,30 @@ def test_counters_grow_across_launches_without_a_reset():
     first, _, _ = _one_launch(model, x, cache, step, state, max_spin=1000)
     second, _, _ = _one_launch(model, x, cache, step, state, max_spin=1000)
     K.check_state(state)
-    h, i, bn = CFG.hidden_size, CFG.intermediate_size, TILES["block_n"]
-    tasks = [CFG.num_attention_heads + 2 * CFG.num_key_value_heads, CFG.num_key_value_heads, -(-h // bn),
-             -(-i // bn), -(-h // bn)]
+    tasks = K.stage_tasks(CFG, LayerTiles(**TILES))
+    assert tasks == [8, 2, 12, 20, 12]  # q, k, v heads; kv heads; 384 / 32, 640 / 32, 384 / 32 row blocks
     assert state.counters.tolist() == [2] + [2 * t for t in tasks]
     assert torch.equal(first, second)
+
+
+def test_any_order_within_each_stage_gives_the_same_layer():
+    """Each stage's tasks reversed, or shuffled (a stress test's `order`), run through the same waits
+    and give the identical output and cache rows; an order that moves a task across stages is refused."""
+    K = _layer_kernel()
+    model, x, cache, step = _setup("float32")
+    tiles = LayerTiles(**TILES)
+    want = _one_launch(model, x, cache, step, K.LayerState.new(torch.device(DEV), 1), max_spin=1000)
+    for order in (K.task_order(CFG, tiles, DEV), K.task_order(CFG, tiles, DEV, generator=torch.Generator().manual_seed(1))):
+        assert not torch.equal(order.cpu(), torch.arange(order.numel(), dtype=torch.int32))
+        state = K.LayerState.new(torch.device(DEV), 1)
+        got = _one_launch(model, x, cache, step, state, max_spin=1000, order=order)
+        K.check_state(state)
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+    bad = torch.arange(sum(K.stage_tasks(CFG, tiles)), dtype=torch.int32, device=DEV)
+    bad[[7, 8]] = bad[[8, 7]]  # the last qkv task swapped with the first attention task
+    with pytest.raises(ValueError, match=r"places 0\.\.7 \(stage qkv\) are not a permutation"):
+        _one_launch(model, x, cache, step, K.LayerState.new(torch.device(DEV), 1), order=bad)
 
 
 def test_a_missing_release_raises_instead_of_hanging():
@@ -136,17 +155,10 @@ def test_more_than_one_program_is_refused_in_the_interpreter():
         _one_launch(model, x, cache, step, K.LayerState.new(torch.device(DEV), 2))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("preset", ["Qwen3-0.6B", "Qwen3-8B"])
-@pytest.mark.parametrize("ctx", [300, 4096])
-def test_resident_grid_at_full_shapes_over_many_launches(preset, ctx):
-    """On the GPU, a grid of as many programs as fit at once, a real preset's layer (bf16): the
-    output and cache row equal the per-op layer's; 2,000 launches over one state with bounded waits
-    leave the error flag clear and every counter at launches x tasks."""
-    K = _layer_kernel()
+def _gpu_layer(preset: str, ctx: int):
+    """A real preset's first layer (bf16) on the GPU, caches of two 4096-row blocks, the step's inputs."""
     cfg = dataclasses.replace(Qwen3Config.preset(preset), num_hidden_layers=1, dtype="bfloat16")
     runner = torch_impl.load_random(cfg, dtype="bfloat16", fused=True, device="cuda")
-    model, layer = runner.model, runner.model.model.layers[0]
     g = torch.Generator(device="cuda").manual_seed(0)
     rows = 2 * 4096
     cache = [torch.randn(2, rows, cfg.num_key_value_heads, cfg.head_dim, generator=g, device="cuda").to(torch.bfloat16)
@@ -155,6 +167,19 @@ def test_resident_grid_at_full_shapes_over_many_launches(preset, ctx):
     step = dict(positions=torch.tensor([ctx - 1], device="cuda"), slots=torch.tensor([rows + ctx - 1], device="cuda"),
                 context_lens=torch.tensor([ctx], dtype=torch.int32, device="cuda"),
                 block_tables=torch.tensor([[1]], dtype=torch.int32, device="cuda"))
+    return cfg, runner.model, x, cache, step
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["Qwen3-0.6B", "Qwen3-8B"])
+@pytest.mark.parametrize("ctx", [300, 4096])
+def test_resident_grid_at_full_shapes_over_many_launches(preset, ctx):
+    """On the GPU, a grid of as many programs as fit at once, a real preset's layer (bf16): the
+    output and cache row equal the per-op layer's; 2,000 launches over one state with bounded waits
+    leave the error flag clear and every counter at launches x tasks."""
+    K = _layer_kernel()
+    cfg, model, x, cache, step = _gpu_layer(preset, ctx)
+    layer = model.model.layers[0]
     state = K.LayerState.new(torch.device("cuda"))
     kc, vc = cache[0].clone(), cache[1].clone()
     with torch.inference_mode():
@@ -170,11 +195,36 @@ def test_resident_grid_at_full_shapes_over_many_launches(preset, ctx):
                                    max_spin=1 << 22, **step)
         K.check_state(state)
     assert torch.equal(again, out), "the same inputs give the same output at every launch"
-    counts = state.counters.tolist()
-    bn = LayerTiles().block_n
-    tasks = [cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.num_key_value_heads,
-             -(-cfg.hidden_size // bn), -(-cfg.intermediate_size // bn), -(-cfg.hidden_size // bn)]
-    assert counts == [2000 * state.programs] + [2000 * t for t in tasks]
+    tasks = K.stage_tasks(cfg, LayerTiles())
+    assert tasks[:2] == [cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.num_key_value_heads]
+    assert state.counters.tolist() == [2000 * state.programs] + [2000 * t for t in tasks]
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_ten_thousand_launches_in_randomized_orders():
+    """On the GPU, 10,000 launches of a Qwen3-0.6B layer over one state, each with its stages' tasks
+    in one of 16 random orders (or reversed): bounded waits never give up, every output equals the
+    first, and the counters stand at launches x tasks."""
+    K = _layer_kernel()
+    cfg, model, x, cache, step = _gpu_layer("Qwen3-0.6B", 1000)
+    layer = model.model.layers[0]
+    tiles = LayerTiles()
+    g = torch.Generator().manual_seed(0)
+    orders = [K.task_order(cfg, tiles, "cuda")] + [K.task_order(cfg, tiles, "cuda", generator=g) for _ in range(16)]
+    state = K.LayerState.new(torch.device("cuda"))
+    kc, vc = cache[0].clone(), cache[1].clone()
+    differs = torch.zeros((), dtype=torch.bool, device="cuda")
+    with torch.inference_mode():
+        first = K.decode_layer(x, layer, kc, vc, model.model.cos_sin, state=state, eps=cfg.rms_norm_eps,
+                               max_spin=1 << 22, **step).clone()
+        for n in range(1, 10_000):
+            got = K.decode_layer(x, layer, kc, vc, model.model.cos_sin, state=state, eps=cfg.rms_norm_eps,
+                                 max_spin=1 << 22, order=orders[n % len(orders)], **step)
+            differs |= (got != first).any()
+        K.check_state(state)
+    assert not differs.item(), "every order gives the same output"
+    assert state.counters.tolist() == [10_000 * state.programs] + [10_000 * t for t in K.stage_tasks(cfg, tiles)]
 
 
 def test_layer_probe_refuses_bad_input_in_one_line(tmp_path, capsys):

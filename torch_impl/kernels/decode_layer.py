@@ -11,8 +11,9 @@ q/k epilogue of rmsnorm_qkv, decode attention's `attend_range`), in the per-op p
 
 Scheduling. The launch has P programs, never more than can be resident at once (`resident_programs`).
 Each takes an arrival ticket (an atomic add on the layer state's counter 0): its rank `me` = ticket % P,
-and the launch's number L = ticket // P. It runs tasks me, me + P, me + 2P, ... of the stage-ordered
-task list. A task of stage s > 0 first requests its weights (and norm weights), then waits until
+and the launch's number L = ticket // P. It runs the tasks at places me, me + P, me + 2P, ... of the
+stage-ordered task list (place p holds task p, or with an `order` - a stress test's - task order[p],
+a task of the same stage). A task of stage s > 0 first requests its weights (and norm weights), then waits until
 stage s - 1's done counter reaches (L + 1) * tasks(s - 1), then loads what the launch wrote, computes,
 stores and adds one to stage s's done counter (release). Every task a program waits for is held by a
 running program that finished all its earlier tasks: the order cannot deadlock. Counters are int64
@@ -176,6 +177,7 @@ def _decode_layer_kernel(
     q_ptr, attn_ptr, act_ptr,  # scratch: [HQ * D], [HQ * D], [I]
     cnt_ptr, err_ptr,  # the layer state: int64 [1 + STAGES] (arrivals, done per stage), int32 [1]
     tim_ptr,  # TIMERS: int64 [P, SLOTS, 3]: each task's start, end of its wait, end (ns, %globaltimer)
+    order_ptr,  # ORDERED: int32 [tasks]: the task run at each place of the list (a permutation within each stage)
     num_blocks, block_size, max_pos,
     stride_sqkv, stride_so, stride_sgu, stride_sd, stride_cs, stride_cslot, stride_ch,
     eps, scale,
@@ -184,6 +186,7 @@ def _decode_layer_kernel(
     BLOCK_N: tl.constexpr, BK_H: tl.constexpr, BK_A: tl.constexpr, BK_I: tl.constexpr, BLOCK_KV: tl.constexpr,
     EVEN_H: tl.constexpr, EVEN_A: tl.constexpr, EVEN_I: tl.constexpr,
     PRECISION: tl.constexpr, QUANT: tl.constexpr, MAX_SPIN: tl.constexpr, TIMERS: tl.constexpr,
+    ORDERED: tl.constexpr,
 ):
     ticket = tl.atomic_add(cnt_ptr, 1)
     launch = ticket // P
@@ -201,7 +204,11 @@ def _decode_layer_kernel(
     s_ok = (slot >= 0) & (slot < num_blocks * block_size)  # -1 (and anything out of range) is not written
     ctx = tl.load(ctx_ptr)
     blk0 = tl.load(bt_ptr).to(tl.int64)
-    for t in range(me, T0 + T1 + T2 + T3 + T4, P):
+    for place in range(me, T0 + T1 + T2 + T3 + T4, P):
+        if ORDERED:
+            t = tl.load(order_ptr + place)
+        else:
+            t = place
         started = now(t, TIMERS)
         waited = started
         if t < T0:
@@ -230,7 +237,7 @@ def _decode_layer_kernel(
                                     QUANT, MAX_SPIN, TIMERS)
             arrive(cnt_ptr + 5)
         if TIMERS:
-            row = tim_ptr + (me.to(tl.int64) * SLOTS + (t - me) // P) * 3
+            row = tim_ptr + ((t % P).to(tl.int64) * SLOTS + t // P) * 3  # by task, whichever program ran it
             tl.store(row, started)
             tl.store(row + 1, waited)
             tl.store(row + 2, now(t, TIMERS))
@@ -244,6 +251,15 @@ class LayerState:
     counters: torch.Tensor
     error: torch.Tensor
     programs: int
+    scratch: dict = dataclasses.field(default_factory=dict)  # (dtype, sizes) -> the rows a launch passes between stages
+
+    def rows(self, dtype: torch.dtype, *sizes: int) -> list[torch.Tensor]:
+        """Scratch rows of these sizes, allocated once per dtype and sizes: a launch's stages pass
+        data through them and nothing outlives the launch, so the layers of a step share them."""
+        key = (dtype, sizes)
+        if key not in self.scratch:
+            self.scratch[key] = [torch.empty(n, dtype=dtype, device=self.counters.device) for n in sizes]
+        return self.scratch[key]
 
     @classmethod
     def new(cls, device: torch.device, programs: int = 0) -> "LayerState":
@@ -294,13 +310,15 @@ def check_state(state: LayerState) -> None:
 def decode_layer(x: torch.Tensor, layer, k_cache: torch.Tensor, v_cache: torch.Tensor, cos_sin: torch.Tensor,
                  positions: torch.Tensor, slots: torch.Tensor, context_lens: torch.Tensor, block_tables: torch.Tensor,
                  state: LayerState, *, eps: float, tiles: LayerTiles | None = None, max_spin: int = 0,
-                 out: torch.Tensor | None = None, timers: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, timers: torch.Tensor | None = None,
+                 order: torch.Tensor | None = None) -> torch.Tensor:
     """One decoder layer of one token: x [1, H] -> [1, H], writing the token's k and v at slots[0]
     (-1: nowhere) and attending over the first context_lens[0] keys of block block_tables[0, 0] (one
     block per sequence). `layer`: a torch_impl OptimizedQwen3DecoderLayer (bf16, int8 or fp8 weights).
     `state` (LayerState) carries the counters across launches; max_spin > 0 bounds every wait;
     `tiles` default to common.tiles' choice for the layer's shape. `timers` (a GPU, `timer_buffer`): each
-    task's start, end of its wait and end in nanoseconds, for `stage_times`."""
+    task's start, end of its wait and end in nanoseconds, for `stage_times`. `order` (stress tests,
+    `task_order`): int32 [tasks], the task run at each place of the list, a permutation within each stage."""
     op = "decode_layer"
     cfg = layer.cfg
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -320,24 +338,24 @@ def decode_layer(x: torch.Tensor, layer, k_cache: torch.Tensor, v_cache: torch.T
         check(w.dim() == 2 and w.shape[1] == k and w.stride() == (k, 1),
               f"{op}: {name} is {list(w.shape)} with strides {w.stride()}, expected contiguous [*, {k}]")
     tiles = tiles_for("decode_layer", op, tiles, LayerTiles, x.device, x.dtype, fmt, **layer_shape(cfg, 1))
-    xm = torch.empty_like(x)
+    xm, q, attn_out, act = state.rows(x.dtype, h, hq * d, hq * d, i)
     out = torch.empty_like(x) if out is None else out
-    q = torch.empty(hq * d, dtype=x.dtype, device=x.device)
-    attn_out = torch.empty_like(q)
-    act = torch.empty(i, dtype=x.dtype, device=x.device)
     bk = tiles.block_k
     bk_h, bk_a, bk_i = min(bk, next_pow2(h)), min(bk, next_pow2(hq * d)), min(bk, next_pow2(i))
     args = [x, xm, out, layer.input_layernorm.weight, wqkv, sqkv, attn.q_norm.weight, attn.k_norm.weight, cos_sin,
             layer.post_attention_layernorm.weight, wo, so, wgu, sgu, wd, sd, k_cache, v_cache,
             positions, slots, context_lens, block_tables, q, attn_out, act, state.counters, state.error,
-            state.counters if timers is None else timers, k_cache.shape[0], k_cache.shape[1], cos_sin.shape[0],
+            state.counters if timers is None else timers, state.counters if order is None else order, k_cache.shape[0], k_cache.shape[1], cos_sin.shape[0],
             stride_sqkv, stride_so, stride_sgu, stride_sd, cos_sin.stride(0), k_cache.stride(1), k_cache.stride(2),
             eps, 1.0 / math.sqrt(d)]
     meta = dict(H=h, I=i, HQ=hq, HKV=hkv, D=d, G_PAD=max(16, next_pow2(hq // hkv)), BLOCK_N=tiles.block_n,
                 BK_H=bk_h, BK_A=bk_a, BK_I=bk_i, BLOCK_KV=tiles.block_kv, EVEN_H=h % bk_h == 0,
                 EVEN_A=(hq * d) % bk_a == 0, EVEN_I=i % bk_i == 0, PRECISION=precision(x.dtype),
-                QUANT=formats.get(fmt).code, MAX_SPIN=max_spin, TIMERS=False, num_warps=tiles.num_warps)
+                QUANT=formats.get(fmt).code, MAX_SPIN=max_spin, TIMERS=False, ORDERED=order is not None,
+                num_warps=tiles.num_warps)
     total = sum(stage_tasks(cfg, tiles))
+    if order is not None:
+        _check_order(op, order, stage_tasks(cfg, tiles), x.device)
     if state.programs == 0:  # the first launch over this state sizes its grid
         if x.is_cuda and not interpreting():
             compiled = _decode_layer_kernel.warmup(*args, 1, total, grid=(1,), **meta)
@@ -365,6 +383,29 @@ def stage_tasks(cfg, tiles: LayerTiles) -> list[int]:
     h, i, bn = cfg.hidden_size, cfg.intermediate_size, tiles.block_n
     return [cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.num_key_value_heads, -(-h // bn),
             -(-i // bn), -(-h // bn)]
+
+
+def task_order(cfg, tiles: LayerTiles, device, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A stress test's `order` for decode_layer: each stage's tasks reversed, or shuffled with `generator`."""
+    parts, start = [], 0
+    for n in stage_tasks(cfg, tiles):
+        idx = torch.arange(start, start + n) if generator is None else start + torch.randperm(n, generator=generator)
+        parts.append(idx.flip(0) if generator is None else idx)
+        start += n
+    return torch.cat(parts).to(device=device, dtype=torch.int32)
+
+
+def _check_order(op: str, order: torch.Tensor, counts: list[int], device) -> None:
+    """order: int32 on the launch's device, each stage's places holding a permutation of its tasks (a host sync)."""
+    total = sum(counts)
+    check(order.dtype == torch.int32 and order.shape == (total,) and order.device == device,
+          f"{op}: order is {order.dtype} {list(order.shape)} on {order.device}, expected int32 [{total}] on {device}")
+    got, start = order.cpu(), 0
+    for s, n in enumerate(counts):
+        check(torch.equal(got[start:start + n].sort().values, torch.arange(start, start + n, dtype=torch.int32)),
+              f"{op}: order's places {start}..{start + n - 1} (stage {STAGE_NAMES[s]}) are not a permutation of "
+              f"that stage's tasks")
+        start += n
 
 
 def timer_buffer(cfg, tiles: LayerTiles, programs: int, device) -> torch.Tensor:
