@@ -39,12 +39,6 @@ def resolve_fused(fused) -> str | bool:
     raise ValueError(f"fused={fused!r}: expected 'auto', True ('on') or False ('off')")
 
 
-def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
-    return dtype
-
-
 def check_token_ids(token_ids, vocab_size: int) -> np.ndarray:
     ids = np.asarray(token_ids)
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
@@ -118,11 +112,7 @@ SAMPLING_DEFAULTS = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0, eos_token_
 
 def trim_at_eos(rows, eos) -> list[list[int]]:
     """Each row of tokens cut after its first eos (kept)."""
-    out = []
-    for row in rows:
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        out.append(list(row[:cut]))
-    return out
+    return [list(row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))]) for row in rows]
 
 
 def warmup_shapes(shapes) -> list[dict]:

@@ -272,9 +272,8 @@ def launch_tiles(op: str, tiles, tile_type: type, chosen: Callable[[], Choice]):
 
 
 def check_qweight(where: str, w, storage: Callable, capability, kernels: str, fallback: str) -> formats.WeightFormat:
-    """The format of QWeight `w` a kernel takes, checked: a quantized format whose storage dtype
-    (`storage(format)`, the framework's) holds the values, on a GPU of the format's minimum compute
-    capability (None: not a GPU). `kernels` and `fallback` name the twin's kernels and its plain path."""
+    """The format of a kernel's QWeight `w`: its values of the framework's `storage(format)` dtype, on a
+    GPU (`capability`; None off a GPU) its kernels (`kernels`, else the plain path `fallback`) run it on."""
     fmt = formats.FORMATS.get(w.fmt)
     if fmt is None or not fmt.quantized or w.q.dtype != storage(fmt):
         raise ValueError(f"{where} is a {w.fmt!r} QWeight of {w.q.dtype} values")
