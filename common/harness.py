@@ -4,6 +4,7 @@
     Runner.logits(token_ids)            int [batch, seq] -> float32 numpy [batch, seq, vocab]
     Runner.generate(prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
                     eos_token_id=None) -> list[list[int]]   (new tokens only; 0 = greedy)
+    Runner.generate_stream(prompt_ids, max_new_tokens, *, chunk=16, **sampling) -> one prompt's new tokens, in pieces
 
 `fused`: "auto" (fused kernels where the GPU supports them, plain path elsewhere, logged once),
 True (fused; on CPU through the interpreter; raise when they cannot run), False (plain).
@@ -16,7 +17,7 @@ import abc
 import importlib
 import importlib.util
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -38,12 +39,6 @@ def resolve_fused(fused) -> str | bool:
     raise ValueError(f"fused={fused!r}: expected 'auto', True ('on') or False ('off')")
 
 
-def check_dtype(dtype: str) -> str:
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
-    return dtype
-
-
 def check_token_ids(token_ids, vocab_size: int) -> np.ndarray:
     ids = np.asarray(token_ids)
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
@@ -54,10 +49,13 @@ def check_token_ids(token_ids, vocab_size: int) -> np.ndarray:
 
 
 class Runner(abc.ABC):
-    """One model on one checkpoint; see the module doc for the contract."""
+    """One model on one checkpoint; see the module doc for the contract. A runner implements
+    `logits` and `_run`, the generator of one call's tokens; `generate` and `generate_stream` are
+    the same for every runner over it."""
 
     name: str = "runner"
     config: Qwen3Config
+    generate_chunk: int | None = None  # decode steps per round of a plain generate (None: the budget at once)
 
     @property
     def decode_path(self) -> str:
@@ -69,11 +67,52 @@ class Runner(abc.ABC):
     def logits(self, token_ids) -> np.ndarray:
         ...
 
-    @abc.abstractmethod
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  eos_token_id: int | Sequence[int] | None = None) -> list[list[int]]:
-        ...
+        outs: list[list[int]] = []
+        for outs in self._checked_run(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
+                                      chunk=self.generate_chunk):
+            pass
+        return outs
+
+    def generate_stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, chunk: int = 16,
+                        **sampling_kwargs) -> Iterator[list[int]]:
+        """Yield the new tokens of one prompt as they are produced, `chunk` decode steps at a time."""
+        unknown = set(sampling_kwargs) - set(SAMPLING_DEFAULTS)
+        if unknown:
+            raise TypeError(f"generate_stream: unknown argument(s) {', '.join(sorted(unknown))}")
+        done = 0
+        for outs in self._checked_run([list(prompt_ids)], max_new_tokens, chunk=chunk,
+                                      **(SAMPLING_DEFAULTS | sampling_kwargs)):
+            new = outs[0][done:]
+            done += len(new)
+            if new:
+                yield new
+
+    def _checked_run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, *, chunk,
+                     **kwargs) -> Iterator[list[list[int]]]:
+        """`_run` after common.sampling's checks of the arguments, with the eos ids as a set."""
+        cfg = self.config
+        sampling.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                     vocab_size=cfg.vocab_size, max_len=cfg.max_position_embeddings, seed=seed)
+        return self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_set(eos_token_id),
+                         chunk=chunk, **kwargs)
+
+    @abc.abstractmethod
+    def _run(self, prompts, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
+             eos: frozenset[int], *, chunk: int | None) -> Iterator[list[list[int]]]:
+        """Generate for checked arguments: yield every prompt's new tokens so far (`trim_at_eos`), as
+        often as the runner can (at most every `chunk` decode steps, or None: when it likes); the last
+        yield holds the whole answer."""
+
+
+SAMPLING_DEFAULTS = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0, eos_token_id=None)
+
+
+def trim_at_eos(rows, eos) -> list[list[int]]:
+    """Each row of tokens cut after its first eos (kept)."""
+    return [list(row[:next((i + 1 for i, t in enumerate(row) if t in eos), len(row))]) for row in rows]
 
 
 def warmup_shapes(shapes) -> list[dict]:
@@ -121,26 +160,20 @@ class ReferenceRunner(Runner):
         ids = check_token_ids(token_ids, self.config.vocab_size)
         return reference.forward(self.weights, self.config, ids, dtype=self.dtype).astype(np.float32)
 
-    def generate(self, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-                 eos_token_id=None):
-        cfg = self.config
-        sampling.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, vocab_size=cfg.vocab_size,
-                                     max_len=cfg.max_position_embeddings)
-        eos = eos_set(eos_token_id)
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, *, chunk):
         rng = np.random.default_rng(seed)
         out = []
         for prompt in prompts:
             seq, new = list(prompt), []
             for _ in range(max_new_tokens):
-                last = reference.forward(self.weights, cfg, [seq], dtype=self.dtype)[0, -1]
+                last = reference.forward(self.weights, self.config, [seq], dtype=self.dtype)[0, -1]
                 tok = sampling.sample_numpy(last, temperature, top_k, top_p, rng)
                 new.append(tok)
                 seq.append(tok)
                 if tok in eos:
                     break
             out.append(new)
-        return out
+        yield out
 
 
 def load_reference(model_dir: str | Path, *, dtype: str = "float64", fused="auto", quantization=None) -> ReferenceRunner:

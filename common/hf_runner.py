@@ -13,12 +13,10 @@ which bounds the agreement with the float64 reference at about 1e-6 relative.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
-from common import sampling
-from common.harness import RUNNER_DTYPES, Runner, check_token_ids, eos_set, resolve_fused
+from common.harness import RUNNER_DTYPES, Runner, check_token_ids, resolve_fused, trim_at_eos
 from common.weights import Checkpoint
 
 HF_DTYPES = RUNNER_DTYPES["hf"]
@@ -40,17 +38,11 @@ class HFRunner(Runner):
             out = self.model(input_ids=torch.as_tensor(ids, dtype=torch.long), use_cache=False).logits
         return out.float().numpy()
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 eos_token_id: int | Sequence[int] | None = None) -> list[list[int]]:
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, *, chunk):
         import torch
         from transformers import GenerationConfig
 
-        cfg = self.config
-        sampling.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, vocab_size=cfg.vocab_size,
-                                     max_len=cfg.max_position_embeddings)
-        eos = sorted(eos_set(eos_token_id))
+        eos = sorted(eos)
         # A fresh GenerationConfig: the checkpoint's generation_config.json (e.g. top_k=20) must not
         # leak into a comparison that asked for other settings.
         gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=0, num_beams=1,
@@ -67,14 +59,9 @@ class HFRunner(Runner):
                 ids = torch.tensor([list(prompt)], dtype=torch.long)
                 seq = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                           generation_config=gen_config)
-                new = [int(t) for t in seq[0, ids.shape[1]:]]
-                # transformers stops at eos and keeps it; cut defensively at the first eos anyway.
-                for j, t in enumerate(new):
-                    if t in eos:
-                        new = new[:j + 1]
-                        break
-                out.append(new)
-        return out
+                out.append([int(t) for t in seq[0, ids.shape[1]:]])
+        # transformers stops at eos and keeps it; cut defensively at the first eos anyway.
+        yield trim_at_eos(out, eos)
 
 
 def load(model_dir: str | Path, *, dtype: str = "float32", fused="auto") -> HFRunner:

@@ -31,9 +31,9 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from common import tile_rules
+from common import formats, tile_rules
 from common.ops import COMPOSITE_KERNELS, KERNEL_TILES, PROJECTIONS
 from common.tile_types import TILE_TYPES, AttentionTiles, Device, LayerTiles, MatmulTiles, PrefillTiles, next_pow2
 
@@ -254,6 +254,35 @@ def _lookup(kernel: str, framework: str, device: Device, dtype: str, shape_items
     path = tile_rules.default_path(kernel, framework, device, shape, dtype)
     tiles = tile_rules.default_tiles(kernel, framework, device, dtype, shape) if LOOKUP_TILES[kernel] else None
     return Choice(path, tiles, "default", key, tile_rules.default_plain_form(kernel, framework, device, shape))
+
+
+# ----- the launchers' side: each twin's kernels/_lib.py reads its device and dtype, then asks these --
+
+def choose(kernel: str, framework: str, device: Device, dtype: str, fmt: str | None = None, **shape) -> Choice:
+    """`lookup` for activations of dtype name `dtype` and weights in format `fmt` (common.formats)."""
+    return lookup(kernel, framework, device, dtype=formats.get(fmt).tile_dtype(dtype), **shape)
+
+
+def launch_tiles(op: str, tiles, tile_type: type, chosen: Callable[[], Choice]):
+    """The tiles a launcher runs: the caller's, else the lookup's (`chosen()`); checked to be `tile_type`."""
+    tiles = tiles or chosen().tiles
+    if not isinstance(tiles, tile_type):
+        raise ValueError(f"{op}: tiles={tiles!r}, expected a common.tiles.{tile_type.__name__}")
+    return tiles
+
+
+def check_qweight(where: str, w, storage: Callable, capability, kernels: str, fallback: str) -> formats.WeightFormat:
+    """The format of a kernel's QWeight `w`: its values of the framework's `storage(format)` dtype, on a
+    GPU (`capability`; None off a GPU) its kernels (`kernels`, else the plain path `fallback`) run it on."""
+    fmt = formats.FORMATS.get(w.fmt)
+    if fmt is None or not fmt.quantized or w.q.dtype != storage(fmt):
+        raise ValueError(f"{where} is a {w.fmt!r} QWeight of {w.q.dtype} values")
+    need = tile_rules.format_min_capability(w.fmt)
+    if need is not None and capability is not None and not tile_rules.capable(need, capability):
+        raise ValueError(f"{where}: {w.fmt} weights need compute capability >= {tile_rules.dotted(need)} for the "
+                         f"{kernels} kernels, this GPU has {tile_rules.dotted(capability)} (fused='auto' runs these "
+                         f"projections {fallback})")
+    return fmt
 
 
 def _doc_to_extend(framework: str, device: Device, target: Path) -> dict:

@@ -7,14 +7,13 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from common import buckets, harness, sampling
+from common import buckets, harness
 from common import formats
 from common.config import Qwen3Config
 from common.formats import QWeight, head_format
@@ -118,6 +117,7 @@ def random_params(cfg, dtype, seed: int = 0, quantization=None) -> dict:
 
 class JaxRunner(harness.Runner):
     name = "jax"
+    generate_chunk = None  # a plain generate decodes its whole budget between two tests for eos
 
     def __init__(self, model_dir: str | Path, options: LoadOptions | None = None, **kwargs):
         """options: common.load_options.LoadOptions (or its fields as keywords), validated there."""
@@ -173,8 +173,8 @@ class JaxRunner(harness.Runner):
         t0 = time.perf_counter()
         specs = harness.warmup_shapes(shapes)
         for s in specs:
-            for _ in self._run([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], s["temperature"],
-                               s["top_k"], s["top_p"], 0, None, chunk=None, warm=True):
+            for _ in self._checked_run([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], s["temperature"],
+                                       s["top_k"], s["top_p"], 0, None, chunk=None, warm=True):
                 pass
         seconds = time.perf_counter() - t0
         log.debug(f"jax_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")  # the CLI reports it
@@ -208,22 +208,6 @@ class JaxRunner(harness.Runner):
                                            jnp.full((b,), l, jnp.int32), caches)
         return np.asarray(out, dtype=np.float32)
 
-    def generate(self, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-                 eos_token_id=None) -> list[list[int]]:
-        chunks = list(self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id,
-                                chunk=None))
-        return chunks[-1]
-
-    def generate_stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, chunk: int = 16,
-                        **sampling_kwargs) -> Iterator[list[int]]:
-        """Yield the new tokens of one prompt as they are produced, `chunk` decode steps at a time."""
-        done = 0
-        for outs in self._run([prompt_ids], max_new_tokens, chunk=chunk, **_sampling_defaults(sampling_kwargs)):
-            new = outs[0][done:]
-            done += len(new)
-            if new:
-                yield new
-
     # ----- internals ---------------------------------------------------------------------------
     def _note_program(self, kind: str, key: tuple) -> None:
         """Log each program the first time this runner compiles it (or loads it from the cache)."""
@@ -243,11 +227,8 @@ class JaxRunner(harness.Runner):
         fits = [w for w in self._warmed if w[0] == key[0] and w[3:] == key[3:] and w[1] >= key[1] and w[2] >= key[2]]
         return min(fits, key=lambda w: (w[2], w[1])) if fits else key
 
-    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, *, chunk, warm=False):
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, *, chunk, warm=False):
         cfg = self.config
-        sampling.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, vocab_size=cfg.vocab_size, max_len=cfg.max_position_embeddings,
-                                     seed=seed)
         b = len(prompts)
         lengths = np.array([len(p) for p in prompts], np.int32)
         greedy = temperature == 0
@@ -270,10 +251,13 @@ class JaxRunner(harness.Runner):
         all_lengths = np.ones(bb, np.int32)
         all_lengths[:b] = lengths
         active = np.arange(bb) < b
-        eos = sorted(harness.eos_set(eos_token_id)) or [-1]
-        eos_ids = jnp.asarray(eos + [-1] * (-len(eos) % EOS_SLOTS), jnp.int32)
+        eos_list = sorted(eos) or [-1]
+        eos_ids = jnp.asarray(eos_list + [-1] * (-len(eos_list) % EOS_SLOTS), jnp.int32)
         sample_args = (jnp.float32(temperature or 1.0), jnp.float32(top_p), jnp.int32(top_k))
         caches = self.init_caches(bb, rows)
+
+        def so_far() -> list[list[int]]:  # each prompt's tokens up to the last step run, cut after eos
+            return harness.trim_at_eos(np.asarray(ds.out)[:b, :int(ds.step)].tolist(), eos)
 
         c0, t0 = compile_seconds(), time.perf_counter()
         prefill_args = (self.state, jnp.asarray(ids), jnp.asarray(all_lengths), jnp.asarray(active), caches,
@@ -289,7 +273,7 @@ class JaxRunner(harness.Runner):
         first_token_s, setup_s = t1 - t0, 0.0
         streamed = bool(chunk) and not warm
         if streamed:  # a stream shows the prefill's token now, not after the decode programs compiled
-            yield _trim(np.asarray(ds.out)[:b], int(ds.step), eos)
+            yield so_far()
             t1 = time.perf_counter()  # the caller's time with the first token is not decode time
         if new_bucket:  # the bucket's three decode programs together: later budgets compile nothing
             decode_compiled()
@@ -310,8 +294,8 @@ class JaxRunner(harness.Runner):
                 ds = self.programs.decode(self.state, ds, jnp.int32(stop), *sample_args, eos_ids, sync_every=sync,
                                           **statics)
             if not warm:
-                yield _trim(np.asarray(ds.out)[:b], int(ds.step), eos)
-        outs = _trim(np.asarray(ds.out)[:b], int(ds.step), eos)
+                yield so_far()
+        outs = so_far()
         if int(ds.step) <= 1 and not warm and not streamed:
             yield outs  # the first token ended every sequence (or a budget of one)
         c2, t2 = compile_seconds(), time.perf_counter()
@@ -352,23 +336,6 @@ class JaxRunner(harness.Runner):
             if errors:
                 raise errors[0]
         return wait
-
-
-def _trim(out: np.ndarray, steps: int, eos: list[int]) -> list[list[int]]:
-    """Rows of the first `steps` emitted tokens, each cut after its first eos (kept)."""
-    res = []
-    for row in out[:, :steps].tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        res.append(row[:cut])
-    return res
-
-
-def _sampling_defaults(kw: dict) -> dict:
-    unknown = set(kw) - {"temperature", "top_k", "top_p", "seed", "eos_token_id"}
-    if unknown:
-        raise TypeError(f"generate_stream: unknown argument(s) {', '.join(sorted(unknown))}")
-    return dict(temperature=kw.get("temperature", 0.0), top_k=kw.get("top_k", 0), top_p=kw.get("top_p", 1.0),
-                seed=kw.get("seed", 0), eos_token_id=kw.get("eos_token_id"))
 
 
 def load(model_dir: str | Path, options: LoadOptions | None = None, **kwargs) -> JaxRunner:

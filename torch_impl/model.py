@@ -3,7 +3,7 @@
 Interface (as nano-vllm's `nanovllm/models/qwen3.py`):
 - `Qwen3ForCausalLM(hf_config)` under torch's default dtype and device; hf_config is a
   transformers Qwen3Config (or common's Qwen3Config); `use_fused_kernels` picks the ops once
-  ("auto" | True | False, see torch_impl/fused.py).
+  ("auto" | True | False: common.fused decides, torch_impl/ops.py applies).
 - `forward(input_ids [T], positions [T]) -> hidden states [T, hidden]` (final norm applied),
   `compute_logits(hidden)` (in prefill only each sequence's last token, from the context).
 - `packed_modules_mapping` (from common.weights.NANOVLLM_PACKED) and a `weight_loader` on every

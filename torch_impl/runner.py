@@ -29,12 +29,11 @@ import logging
 import time
 import weakref
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
-from common import buckets, harness, sampling as sampling_spec
+from common import buckets, harness
 from common.config import Qwen3Config
 from common.formats import QWeight
 from common.load_options import LoadOptions
@@ -78,6 +77,7 @@ def _all_finite(t) -> torch.Tensor:
 
 class TorchRunner(harness.Runner):
     name = "torch"
+    generate_chunk = 32  # a plain generate tests for eos every this many decode steps
 
     def __init__(self, model_dir: str | Path, options: LoadOptions | None = None, **kwargs):
         """options: common.load_options.LoadOptions (or its fields as keywords), validated there."""
@@ -296,28 +296,6 @@ class TorchRunner(harness.Runner):
             self._session.check()  # an NCCL collective aborted for a dead rank leaves garbage behind
         return out
 
-    def generate(self, prompts, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, seed=0,
-                 eos_token_id=None) -> list[list[int]]:
-        outs: list[list[int]] = []
-        for outs in self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, chunk=32):
-            pass
-        return outs
-
-    def generate_stream(self, prompt_ids: Sequence[int], max_new_tokens: int, *, chunk: int = 16,
-                        **sampling_kwargs) -> Iterator[list[int]]:
-        """Yield the new tokens of one prompt as they are produced, `chunk` decode steps at a time."""
-        unknown = set(sampling_kwargs) - {"temperature", "top_k", "top_p", "seed", "eos_token_id"}
-        if unknown:
-            raise TypeError(f"generate_stream: unknown argument(s) {', '.join(sorted(unknown))}")
-        kw = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0, eos_token_id=None) | sampling_kwargs
-        done = 0
-        for outs in self._run([list(prompt_ids)], max_new_tokens, kw["temperature"], kw["top_k"], kw["top_p"],
-                              kw["seed"], kw["eos_token_id"], chunk=chunk):
-            new = outs[0][done:]
-            done += len(new)
-            if new:
-                yield new
-
     def serve(self) -> None:
         """A worker rank: run rank 0's commands until it closes the runner."""
         while True:
@@ -333,12 +311,7 @@ class TorchRunner(harness.Runner):
                 raise workers.RankFailed(f"unknown command {op} from rank 0")
 
     # ----- internals ----------------------------------------------------------------------------
-    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_token_id, *, chunk: int):
-        cfg = self.config
-        sampling_spec.check_generate_args(prompts, max_new_tokens, temperature=temperature, top_k=top_k,
-                                          top_p=top_p, vocab_size=cfg.vocab_size,
-                                          max_len=cfg.max_position_embeddings, seed=seed)
-        eos = harness.eos_set(eos_token_id)
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, *, chunk: int):
         if self._session is None:
             yield from self._decode(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, chunk)
             return
@@ -393,7 +366,7 @@ class TorchRunner(harness.Runner):
                 if logits is not None:
                     dec.advance(self._sample(logits[:b].float(), temperature, top_k, top_p, gen))
                 steps += 1
-            outs = _trim(dec.out[:b, :steps].cpu().tolist(), eos)
+            outs = harness.trim_at_eos(dec.out[:b, :steps].cpu().tolist(), eos)
             done = steps >= max_new_tokens or all(o and o[-1] in eos for o in outs)
             if self._session is not None:
                 self._session.check()
@@ -498,15 +471,6 @@ _cache_state: dict = {}
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def _trim(rows: list[list[int]], eos) -> list[list[int]]:
-    """Each row cut after its first eos (kept)."""
-    out = []
-    for row in rows:
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        out.append(row[:cut])
-    return out
 
 
 def load(model_dir: str | Path, options: LoadOptions | None = None, **kwargs) -> TorchRunner:

@@ -1,15 +1,10 @@
-"""What the Pallas kernels share: the backend choice, interpreter mode, and the projection loop.
+"""What the Pallas launchers share (no kernel bodies here; in-kernel helpers: _jit.py): the backend
+choice and interpreter mode, checks, and the one tile lookup (common.tiles).
 
 The one place that picks the Pallas backend: every kernel goes through `pallas_call` below,
 which passes `pltriton.CompilerParams` (the Triton lowering; without it jax >= 0.9 sends a
 GPU pallas_call to Mosaic GPU). jax 0.11 deprecates the Triton backend with a warning at
-lowering time; only the names used here must exist in both jax 0.10.2 (CPU, CI) and 0.11.2
-(the GPU): `pltriton.load/store` with mask and `other`, `pl.program_id`, `pl.ds`, `pl.cdiv`,
-`lax.fori_loop`, `jax.lax.dot_general(preferred_element_type=f32)`.
-
-Kernels take whole arrays as refs (no BlockSpecs) and address them with `pl.ds` windows and
-masked loads/stores, so array sizes need not be powers of two; every loaded or stored window is.
-Sizes reach the kernels as static Python ints, never `pl.num_programs()` (jax issue 40847).
+lowering time.
 """
 
 from __future__ import annotations
@@ -18,31 +13,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from common import tiles as tiles_mod
-from common import formats
 from common.formats import QWeight
-from common.tile_rules import capable, dotted, format_min_capability
-from jax_impl.arrays import device_info, dtype_key, precision_for
-
-QBLOCK = formats.get("fp8").scale_block[0]  # the edge of fp8 weights' square scale blocks
-
-F32 = jnp.float32
-# Tiles with block_m >= DOT_MIN_M use the tensor-core dot; smaller ones multiply and reduce
-# (decode GEMV: the token is not padded to 16 rows, the weights stream at the copy bandwidth).
-DOT_MIN_M = 16
-load = pltriton.load
-store = pltriton.store
-
-
-def dot(a, b, contract):
-    """2-D dot with f32 accumulation; float32 operands multiply in full precision (the Triton
-    lowering maps the default precision to TF32), bf16 ones on the tensor cores as they are."""
-    return lax.dot_general(a, b, (contract, ((), ())), precision=precision_for(a.dtype),
-                           preferred_element_type=F32)
+from jax_impl.arrays import device_info
 
 
 def use_interpret(interpret: bool | None = None) -> bool:
@@ -93,17 +69,16 @@ def _launch(func, keywords: tuple, settings: tuple):
     return jax.jit(launch)
 
 
-# ----- the one tile lookup (the device's properties: jax_impl.arrays.device_info) -------------------
+# ----- the one tile lookup (common.tiles; the device's properties: jax_impl.arrays.device_info) ------
 
 def choose(kernel: str, dtype, fmt: str | None = None, **shape) -> tiles_mod.Choice:
-    """The path and tiles of `kernel` at this shape (common.tiles.lookup for the jax twin)."""
-    return tiles_mod.lookup(kernel, "jax", device_info(), dtype=dtype_key(dtype, fmt), **shape)
+    """The path and tiles of `kernel` at this shape (common.tiles.choose for the jax twin)."""
+    return tiles_mod.choose(kernel, "jax", device_info(), jnp.dtype(dtype).name, fmt, **shape)
 
 
 def tiles_for(kernel: str, op: str, tiles, tile_type, dtype, fmt: str | None = None, **shape):
     """The tiles a launcher runs: the caller's, else the lookup's; checked to be `tile_type`."""
-    tiles = tiles or choose(kernel, dtype, fmt, **shape).tiles
-    check(isinstance(tiles, tile_type), f"{op}: tiles={tiles!r}, expected a common.tiles.{tile_type.__name__}")
+    tiles = tiles_mod.launch_tiles(op, tiles, tile_type, lambda: choose(kernel, dtype, fmt, **shape))
     check(getattr(tiles, "split_k", 1) == 1, f"{op}: tiles.split_k={getattr(tiles, 'split_k', 1)}: jax_impl's "
                                              f"projections sum each output tile in one program (split_k 1)")
     return tiles
@@ -113,15 +88,10 @@ def split_weight(name: str, w, dtype):
     """(values, [scale] inputs, fmt) of a weight argument: a plain array in the activations' dtype, or
     a common.formats.QWeight (values in the format's storage, scales of its scale_shape)."""
     if isinstance(w, QWeight):
-        fmt = formats.FORMATS.get(w.fmt)
-        check(fmt is not None and fmt.quantized and w.q.dtype == jnp.dtype(fmt.storage),
-              f"{name}: a {w.fmt} QWeight of {w.q.dtype} values")
+        fmt = tiles_mod.check_qweight(name, w, lambda f: jnp.dtype(f.storage), device_info().capability,
+                                      "Pallas", "in XLA")
         check_shape(f"{name} scale", w.scale, fmt.scale_shape(w.q.shape))
-        cap, need = device_info().capability, format_min_capability(w.fmt)
-        if need is not None and cap is not None and not capable(need, cap):
-            raise ValueError(f"{name}: {w.fmt} weights need compute capability >= {dotted(need)} for the Pallas "
-                             f"kernels, this GPU has {dotted(cap)} (fused='auto' runs these projections in XLA)")
-        return w.q, [w.scale.astype(F32)], w.fmt
+        return w.q, [w.scale.astype(jnp.float32)], w.fmt
     check_float(name, w, dtype)
     return w, [], None
 
@@ -143,156 +113,3 @@ def check_float(name: str, x, dtype=None) -> None:
 
 def check_int(name: str, x) -> None:
     check(x.dtype == jnp.int32, f"{name}: expected int32, got {x.dtype}")
-
-
-# ----- kernel-side helpers --------------------------------------------------------------------
-
-def gather_index(rows, col0, ncols: int):
-    """Index arrays [len(rows), ncols] for rows x columns col0..col0+ncols of a ref.
-
-    Gathers (rows from an index vector) use integer arrays on every indexed axis: the
-    interpreter cannot mix integer-array indexers with pl.ds slices; the Triton lowering
-    takes either form.
-    """
-    shape = (rows.shape[0], ncols)
-    return (jnp.broadcast_to(rows[:, None], shape),
-            jnp.broadcast_to(col0 + jnp.arange(ncols)[None, :], shape))
-
-
-def rms_rstd(x_ref, m0, m: int, k: int, block_m: int, block_k: int, eps: float):
-    """1/sqrt(mean(x^2) + eps) in f32 of rows m0..m0+block_m of x_ref [m, k] -> [block_m]."""
-    rmask = (m0 + jnp.arange(block_m)) < m
-
-    def body(i, ss):
-        cmask = (i * block_k + jnp.arange(block_k)) < k
-        x = load(x_ref.at[pl.ds(m0, block_m), pl.ds(i * block_k, block_k)],
-                 mask=rmask[:, None] & cmask[None, :], other=0).astype(F32)
-        return ss + jnp.sum(x * x, axis=1)
-
-    ss = lax.fori_loop(0, pl.cdiv(k, block_k), body, jnp.zeros((block_m,), F32))
-    return lax.rsqrt(ss / k + eps)
-
-
-def _block_scales(wq, start, nmask, k0, block_n: int, block_k: int):
-    """fp8: the multipliers of a [block_n, block_k] weight tile, one per 128 x 128 block, as a tile."""
-    s_ref, _ = wq
-    nkb = max(1, block_k // QBLOCK)
-    rows = (start + jnp.arange(block_n)) // QBLOCK
-    cols = k0 // QBLOCK + jnp.arange(nkb)
-    idx = (jnp.broadcast_to(rows[:, None], (block_n, nkb)), jnp.broadcast_to(cols[None, :], (block_n, nkb)))
-    s = load(s_ref.at[idx], mask=nmask[:, None] & (cols < s_ref.shape[1])[None, :], other=0)  # [block_n, nkb]
-    if nkb == 1:
-        return s
-    return jnp.broadcast_to(s[:, :, None], (block_n, nkb, QBLOCK)).reshape(block_n, block_k)
-
-
-def _row_scales(wq, start, nmask, block_n: int):
-    """int8: the multiplier of each of the tile's output rows [block_n]."""
-    return load(wq[0].at[pl.ds(start, block_n)], mask=nmask, other=0)
-
-
-def project(x_ref, w_ref, w_tiles, *, m0, m: int, k: int, block_m: int, block_n: int, block_k: int,
-            norm=None, wq=None):
-    """f32 [block_m, block_n] accumulators of h @ W[start:start + block_n].T, one per W tile.
-
-    x_ref [m, k]; w_ref [n, k] (HF [out, in]); w_tiles: (start row, row mask [block_n]) pairs;
-    norm: None or (norm_w_ref [k], eps): h = norm_w * (x * rstd).astype(x.dtype), rstd = 1 /
-    sqrt(mean(x^2) + eps) over the whole row, rounded to x.dtype as Hugging Face's RMSNorm does
-    before the matmul.
-    wq: None (w in the activations' dtype) or (scale_ref, fmt) of a quantized w (common.formats):
-    "int8" rows are dequantized by their scale after the sum over K, "fp8" tiles by their 128 x 128
-    block scales as they are loaded - in registers, never in memory.
-    block_m >= DOT_MIN_M: tensor-core dot; smaller: multiply and reduce (one weight pass).
-    """
-    if block_m < DOT_MIN_M:
-        return _project_rows(x_ref, w_ref, w_tiles, m0=m0, m=m, k=k, block_m=block_m, block_n=block_n,
-                             block_k=block_k, norm=norm, wq=wq)
-    rmask = (m0 + jnp.arange(block_m)) < m
-    dtype = x_ref.dtype
-    if norm is not None:
-        norm = (norm[0], rms_rstd(x_ref, m0, m, k, block_m, block_k, norm[1]))
-
-    def body(i, accs):
-        k0 = i * block_k
-        cmask = (k0 + jnp.arange(block_k)) < k
-        x = load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)],
-                 mask=rmask[:, None] & cmask[None, :], other=0)  # [block_m, block_k]
-        if norm is not None:
-            nw_ref, rstd = norm
-            nw = load(nw_ref.at[pl.ds(k0, block_k)], mask=cmask, other=0).astype(dtype).astype(F32)
-            h = (x.astype(F32) * rstd[:, None]).astype(dtype)
-            x = (h.astype(F32) * nw[None, :]).astype(dtype)
-        out = []
-        for acc, (start, nmask) in zip(accs, w_tiles):
-            w = load(w_ref.at[pl.ds(start, block_n), pl.ds(k0, block_k)],
-                     mask=nmask[:, None] & cmask[None, :], other=0.0)  # [block_n, block_k]
-            if wq is not None:  # int8 values are exact in bf16; fp8 ones scaled by their blocks first
-                w = w.astype(F32) * _block_scales(wq, start, nmask, k0, block_n, block_k) if wq[1] == "fp8" else w
-                w = w.astype(dtype)
-            out.append(acc + dot(x, w, ((1,), (1,))))
-        return tuple(out)
-
-    init = tuple(jnp.zeros((block_m, block_n), F32) for _ in w_tiles)
-    accs = lax.fori_loop(0, pl.cdiv(k, block_k), body, init)
-    if wq is not None and wq[1] == "int8":
-        accs = tuple(acc * _row_scales(wq, start, nmask, block_n)[None, :] for acc, (start, nmask) in zip(accs, w_tiles))
-    return accs
-
-
-def _project_rows(x_ref, w_ref, w_tiles, *, m0, m, k, block_m, block_n, block_k, norm, wq=None):
-    """The decode form of `project`: each weight tile is loaded once and multiplied and reduced
-    against each of the block_m token rows in turn (rows are separate [block_k] vectors).
-
-    Loads are issued before any reduction (a reduction across warps is a barrier the loads after it
-    wait for): the int8 row scales first, then with one chunk (k <= block_k) the weight tiles, the
-    rows of x and the norm weight together, the norm statistic taken from the loaded rows - one
-    round trip to memory. Longer rows take the statistic in a first pass over x. Weight tiles are
-    read once per step: loaded evict-first, so the L2 keeps the activations (torch_impl's twin
-    measured 1,453-1,462 against 1,429-1,440 tok/s at Qwen3-0.6B batch 1 on an H100)."""
-    dtype = x_ref.dtype
-    rows = range(block_m)
-    ids = jnp.arange(block_m)
-    valid = [m0 + r < m for r in rows]
-    one_chunk = k <= block_k
-    scales = [_row_scales(wq, start, nmask, block_n) for start, nmask in w_tiles] \
-        if wq is not None and wq[1] == "int8" else None
-    if norm is not None and not one_chunk:
-        rstd = rms_rstd(x_ref, m0, m, k, block_m, block_k, norm[1])
-        rstd_r = [jnp.sum(jnp.where(ids == r, rstd, 0.0)) for r in rows]  # scalars
-
-    def body(i, accs):
-        k0 = i * block_k
-        cmask = (k0 + jnp.arange(block_k)) < k
-        ws = []
-        for start, nmask in w_tiles:
-            w = load(w_ref.at[pl.ds(start, block_n), pl.ds(k0, block_k)], mask=nmask[:, None] & cmask[None, :],
-                     other=0.0, eviction_policy="evict_first")  # [block_n, block_k]; read once per step
-            if wq is not None and wq[1] == "fp8":
-                w = w.astype(F32) * _block_scales(wq, start, nmask, k0, block_n, block_k)
-            ws.append(w)
-        if norm is not None:
-            nw = load(norm[0].at[pl.ds(k0, block_k)], mask=cmask, other=0).astype(dtype).astype(F32)
-        xs = [load(x_ref.at[m0 + r, pl.ds(k0, block_k)], mask=cmask & valid[r], other=0) for r in rows]
-        for r in rows:
-            x = xs[r]
-            if norm is not None:
-                if one_chunk:
-                    xf = x.astype(F32)
-                    rs = lax.rsqrt(jnp.sum(xf * xf) / k + norm[1])
-                else:
-                    rs = rstd_r[r]
-                x = (((x.astype(F32) * rs).astype(dtype)).astype(F32) * nw).astype(dtype)
-            xs[r] = x.astype(F32)[None, :]
-        out = []
-        for t, w in enumerate(ws):
-            w = w.astype(F32)
-            out += [accs[t * block_m + r] + jnp.sum(w * xs[r], axis=1) for r in rows]
-        return tuple(out)
-
-    init = tuple(jnp.zeros((block_n,), F32) for _ in range(len(w_tiles) * block_m))
-    accs = lax.fori_loop(0, pl.cdiv(k, block_k), body, init)
-    if scales is not None:
-        accs = tuple(acc * scales[i // block_m] for i, acc in enumerate(accs))
-    # [block_m, block_n] per tile, assembled without concatenation (not lowered by Triton).
-    return tuple(sum(jnp.where(ids[:, None] == r, accs[t * block_m + r][None, :], 0.0) for r in rows)
-                 for t in range(len(w_tiles)))

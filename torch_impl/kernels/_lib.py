@@ -8,10 +8,9 @@ import os
 
 import torch
 
-from common import formats
 from common import tiles as tiles_mod
 from common.formats import QWeight
-from common.tile_rules import capable, dotted, format_min_capability
+from common.tile_rules import capable
 from torch_impl.quant_loading import storage_dtype
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -37,23 +36,15 @@ def device_info(device: torch.device) -> tiles_mod.Device:
     return _gpu(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def dtype_name(dtype: torch.dtype, fmt: str | None = None) -> str:
-    """The tables' dtype field: the activations' dtype, with the weights' format when quantized."""
-    name = str(dtype).removeprefix("torch.")
-    return name if fmt in (None, "bf16") else f"{name}-{fmt}"
-
-
 def choose(kernel: str, device: torch.device, dtype: torch.dtype, fmt: str | None = None, **shape) -> tiles_mod.Choice:
-    """The path and tiles of `kernel` at this shape (common.tiles.lookup for the torch twin)."""
-    return tiles_mod.lookup(kernel, "torch", device_info(device), dtype=dtype_name(dtype, fmt), **shape)
+    """The path and tiles of `kernel` at this shape (common.tiles.choose for the torch twin)."""
+    return tiles_mod.choose(kernel, "torch", device_info(device), str(dtype).removeprefix("torch."), fmt, **shape)
 
 
 def tiles_for(kernel: str, op: str, tiles, tile_type, device: torch.device, dtype: torch.dtype,
               fmt: str | None = None, **shape):
     """The tiles a launcher runs: the caller's, else the lookup's; checked to be `tile_type`."""
-    tiles = tiles or choose(kernel, device, dtype, fmt, **shape).tiles
-    check(isinstance(tiles, tile_type), f"{op}: tiles={tiles!r}, expected a common.tiles.{tile_type.__name__}")
-    return tiles
+    return tiles_mod.launch_tiles(op, tiles, tile_type, lambda: choose(kernel, device, dtype, fmt, **shape))
 
 
 def split_weight(op: str, name: str, w, dtype: torch.dtype | None = None):
@@ -64,19 +55,14 @@ def split_weight(op: str, name: str, w, dtype: torch.dtype | None = None):
         check(isinstance(w, torch.Tensor), f"{op}: {name} is {type(w).__name__}, expected a tensor or a QWeight")
         check_float(op, dtype, **{name: w})
         return w, w, 0, None
-    fmt = formats.FORMATS.get(w.fmt)
-    check(fmt is not None and fmt.quantized and w.q.dtype == storage_dtype(fmt),
-          f"{op}: {name} is a {w.fmt!r} QWeight of {w.q.dtype} values")
     check(w.q.dim() == 2, f"{op}: {name} has shape {list(w.q.shape)}, expected [out_features, in_features]")
+    fmt = tiles_mod.check_qweight(f"{op}: {name}", w, storage_dtype, device_info(w.q.device).capability,
+                                  "Triton", "plain")
     want_scale = fmt.scale_shape(tuple(w.q.shape))
     check(tuple(w.scale.shape) == want_scale and w.scale.dtype == torch.float32 and w.scale.is_contiguous(),
           f"{op}: {name}'s scale is {w.scale.dtype} {list(w.scale.shape)}, expected contiguous float32 "
           f"{list(want_scale)} ({w.fmt})")
     check(w.scale.device == w.q.device, f"{op}: {name}'s scale is on {w.scale.device}, its values on {w.q.device}")
-    cap, need = device_info(w.q.device).capability, format_min_capability(w.fmt)
-    if need is not None and cap is not None and not capable(need, cap):
-        raise ValueError(f"{op}: {w.fmt} weights need compute capability >= {dotted(need)} for the Triton kernels, "
-                         f"this GPU has {dotted(cap)} (fused='auto' runs these projections plain)")
     return w.q, w.scale, (0 if fmt.per_row else w.scale.stride(0)), w.fmt
 
 
