@@ -1,9 +1,9 @@
 """Kernel benchmarks: each fused op of both twins against the plain op of the same framework.
 
-One setup function (common.op_chains: both twins take the same op API, and the tuners time the
+One setup function (measure.op_chains: both twins take the same op API, and the tuners time the
 same chains) builds the inputs of a case once and returns, per provider ("fused" = jax_impl.kernels / torch_impl.kernels, "plain" =
 jax_impl/plain.py / torch_impl/plain.py, never re-written here), the chain that
-common/timing.py times. Shapes come from the chosen presets: decode batches (one token per
+measure/timing.py times. Shapes come from the chosen presets: decode batches (one token per
 sequence) and prefill token counts for the three projections, decode batches at a context of
 `ctx` tokens for decode_attention, one causal prompt of each prefill token count for
 prefill_attention.
@@ -21,9 +21,9 @@ import gc
 import time
 
 from common.config import Qwen3Config
-from common.op_chains import E, Case, chain_layers, default_layout, setup, time_chain
+from measure.op_chains import E, Case, chain_layers, default_layout, setup, time_chain
 from common.ops import TILED_OPS
-from common.timing import TimingPlan
+from measure.timing import TimingPlan
 
 OPS = TILED_OPS  # common.ops' ops but the final norm, in its order
 FRAMEWORKS = ("jax", "torch")

@@ -11,7 +11,7 @@ A stage is what one launch (or one fused op) of a decode step does at one token:
   and argmax; torch: torch's product for a bf16 head, the fused linear kernel for a quantized one,
   then torch_impl.kernels.argmax on a GPU);
 - attention: decode attention over `ctx` cached positions (one sequence; the twin's cache layout).
-Each stage is timed as a chain over distinct per-layer buffers (common/op_chains.py: far past the L2,
+Each stage is timed as a chain over distinct per-layer buffers (measure/op_chains.py: far past the L2,
 the output of one call feeding the next; a CUDA graph in torch, one jit in jax), in every weight
 format the projections take (attention reads the bf16 cache in all of them), and beside it the same
 chain of a plain streaming read of the same bytes (the framework's sum over a buffer of that size):
@@ -32,7 +32,7 @@ import time
 
 from common import formats
 from common.config import Qwen3Config
-from common.op_chains import E, Case, _Arrays, default_layout, layers_for_bytes, setup, time_chain
+from measure.op_chains import E, Case, _Arrays, default_layout, layers_for_bytes, setup, time_chain
 
 STAGES = ("qkv", "o_proj", "gate_up", "down", "lm_head", "attention")
 PROJECTION_STAGES = ("qkv", "o_proj", "gate_up", "down")
@@ -192,7 +192,7 @@ def setup_stream(st: Stage, n: int, fw: str, device):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    plan: object  # common.timing.TimingPlan
+    plan: object  # measure.timing.TimingPlan
     min_bytes: int = 256 << 20
     max_bytes: int = 6 << 30
     max_layers: int = 32
@@ -201,7 +201,7 @@ class Settings:
 
 
 def _time(fw: str, st: Stage, s: Settings, device, make, ops, resident: bool = False) -> dict:
-    """The stage's chain timed (common.timing); with `resident` also the same chain over the first
+    """The stage's chain timed (measure.timing); with `resident` also the same chain over the first
     layer's buffers alone (`l2_median_s`): a stage small enough for the L2 then reads it from there,
     which leaves the time its launches and dependent loads take - its latency floor."""
     n = layers_for_bytes(stage_bytes(st), s.min_bytes, s.max_bytes, s.min_layers, s.max_layers)

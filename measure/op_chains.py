@@ -1,6 +1,6 @@
 """Chains of one op over distinct per-layer buffers, the same for both twins (bench and the tuners).
 
-An op is timed as a chain (common/timing.py): n calls, each "layer" with its own weights (or KV
+An op is timed as a chain (measure/timing.py): n calls, each "layer" with its own weights (or KV
 cache) so every call streams from memory rather than the L2, the output of one call feeding the
 next. `setup(case, n, framework, device)` builds the inputs once and returns
 (carry, layers, shared, body_for) with body_for(ops)(carry, i, layer, shared) -> carry, where
@@ -212,8 +212,8 @@ def setup(c: Case, n: int, fw: str, device):
 
 
 def time_chain(fw: str, body, carry, layers, shared, plan, device) -> dict:
-    """common.timing's figures of one chain (jax: one jit; torch: a CUDA graph on a GPU)."""
-    from common.timing import time_jax_chain, time_torch_chain
+    """measure.timing's figures of one chain (jax: one jit; torch: a CUDA graph on a GPU)."""
+    from measure.timing import time_jax_chain, time_torch_chain
 
     if fw == "jax":
         return time_jax_chain(body, carry, layers, shared, plan)

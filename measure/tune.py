@@ -5,7 +5,7 @@
 
 For every kernel of common.ops at the shapes of each model and batch bucket, time each candidate
 tile (common.tile_rules.candidates) and the plain op, in chains over distinct per-layer buffers (far
-past the L2; common.op_chains, as `python -m bench kernels`): torch with CUDA events over a graph
+past the L2; measure.op_chains, as `python -m bench kernels`): torch with CUDA events over a graph
 replay, jax with its profiler's kernel time. The fastest becomes the table entry ("plain" when
 the plain op wins: that is the fused-or-plain choice), written at once to the user's table
 (common.tiles.write_entry) - so a sweep can span several commands of ten minutes: a rerun skips
@@ -29,8 +29,8 @@ from pathlib import Path
 from common import argparsing, formats, progress, tile_rules, tiles
 from common.config import PRESETS, ConfigError, Qwen3Config, shrink
 from common.ops import KERNEL_OP
-from common.op_chains import Case, chain_layers, setup, time_chain
-from common.timing import TimingPlan
+from measure.op_chains import Case, chain_layers, setup, time_chain
+from measure.timing import TimingPlan
 
 DEFAULT_BATCH, SMOKE_BATCH = "1,8,32,128", "1"
 DEFAULT_CONTEXTS, SMOKE_CONTEXTS = "512,4096", "64"
