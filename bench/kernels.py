@@ -20,8 +20,9 @@ import dataclasses
 import gc
 import time
 
+from common import backend
 from common.config import Qwen3Config
-from measure.op_chains import E, Case, chain_layers, default_layout, setup, time_chain
+from measure.op_chains import E, Case, chain_layers, setup, time_chain
 from common.ops import TILED_OPS
 from measure.timing import TimingPlan
 
@@ -77,15 +78,14 @@ def num_layers(c: Case, s: Settings) -> int:
 
 def _rows(fw: str, c: Case, s: Settings, device) -> dict[str, dict]:
     """The fused and plain figures (or errors) of case `c` in framework `fw`."""
-    import importlib
-
-    plain = importlib.import_module(f"{fw}_impl.plain")
+    b = backend.get(fw)
+    plain = b.plain
     try:
-        fused_ops, fused_err = importlib.import_module(f"{fw}_impl.kernels"), None
+        fused_ops, fused_err = b.kernels, None
     except Exception as e:  # noqa: BLE001
         fused_ops, fused_err = None, f"unavailable: {fw}_impl.kernels: {type(e).__name__}: {e}"
     n = num_layers(c, s)
-    layout = "-" if c.op != "decode_attention" else default_layout(fw)
+    layout = "-" if c.op != "decode_attention" else b.default_layout
     out, inputs = {}, None
     try:
         inputs = setup(c, n, fw, device)

@@ -19,14 +19,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib
-import os
 import sys
 import time
 import types
 from pathlib import Path
 
-from common import argparsing, formats, progress, tile_rules, tiles
+from common import argparsing, backend, formats, progress, tile_rules, tiles
 from common.config import PRESETS, ConfigError, Qwen3Config, shrink
 from common.ops import KERNEL_OP
 from measure.op_chains import Case, chain_layers, setup, time_chain
@@ -152,7 +150,7 @@ def jobs_for(name: str, cfg: Qwen3Config, kernels, batches, contexts, prefill, f
             out.append(Job("rms_norm", Case(name, cfg, "rms_norm", "decode", m), dict(m=m, n=h)))
         if "decode_attention" in kernels:
             for c in contexts:
-                for layout in (("one-block",) if framework == "jax" else ("one-block", "paged")):
+                for layout in backend.get(framework).layouts:
                     out.append(Job("decode_attention", Case(name, cfg, "decode_attention", "decode", m, c, layout),
                                    dict(batch=m, num_kv_heads=cfg.num_key_value_heads, max_context=c,
                                         one_block=layout == "one-block")))
@@ -177,15 +175,12 @@ class Budget:
 class Tuner:
     def __init__(self, framework: str, device, info: tiles.Device, out: Path, plan: TimingPlan, smoke: bool):
         self.fw, self.device, self.info, self.out, self.plan, self.smoke = framework, device, info, out, plan, smoke
-        self.K = importlib.import_module(f"{framework}_impl.kernels")
-        self.P = importlib.import_module(f"{framework}_impl.plain")
+        self.backend = backend.get(framework)
 
     def _ops(self, kernel: str, t):
         """The op of `kernel` bound to candidate tiles (mlp: gate/up tiles, the down shape's best)."""
         op = KERNEL_OP[kernel]
-        fn = getattr(self.K, op)
-        if self.fw == "jax" and not self.smoke:
-            fn = functools.partial(fn, interpret=False)
+        fn = self.backend.kernel(op, interpret=None if self.smoke else False)
         if kernel == "mlp_gate_up":
             fn = functools.partial(fn, tiles=t, down_tiles=self._down)
         elif t is not None:
@@ -210,7 +205,7 @@ class Tuner:
             if stopped:
                 break
             try:
-                ops = self.P if path == "plain" else self._ops(job.kernel, t)
+                ops = self.backend.plain if path == "plain" else self._ops(job.kernel, t)
                 r = time_chain(self.fw, body_for(ops), carry, layers, shared, self.plan, self.device)
                 results.append((r["median_s"], path, t))
             except Exception as e:  # noqa: BLE001 - a candidate that cannot compile or run is skipped
@@ -258,13 +253,9 @@ def _jobs(p: argparse.ArgumentParser, a, framework: str, fmt: str | None) -> lis
 
 def _device(framework: str, smoke: bool):
     """The device to time on and what the tables read of it."""
-    lib = importlib.import_module(f"{framework}_impl.kernels._lib")
-    if framework == "jax":
-        return None, lib.device_info()
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
-    return device, lib.device_info(device)
+    b = backend.get(framework)
+    device = b.device(gpu=not smoke)
+    return device, b.device_info(device)
 
 
 def _out(p: argparse.ArgumentParser, a, framework: str, info: tiles.Device) -> Path:
@@ -301,8 +292,8 @@ def _setup(framework: str, argv):
     a.contexts = a.contexts or _sizes(SMOKE_CONTEXTS if a.smoke else DEFAULT_CONTEXTS)
     fmt = None if a.quantization == "none" else a.quantization
     jobs = _jobs(p, a, framework, fmt)
-    if a.smoke and framework == "torch":
-        os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors run the kernels in Triton's interpreter: on before import
+    if a.smoke:
+        backend.get(framework).use_interpreter()  # before the kernels are imported
     device, info = _device(framework, a.smoke)
     if not info.is_gpu and not a.smoke:
         print(f"error: {prog}: no CUDA GPU here ({info.name}); tuning needs one "

@@ -601,7 +601,7 @@ def test_bench_and_tools_are_packaged():
 
     find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     pkgs = set(setuptools.find_namespace_packages(str(REPO), include=find["include"], exclude=find.get("exclude", [])))
-    assert {"bench", "tools", "common", "jax_impl", "torch_impl"} <= pkgs, pkgs
+    assert {"bench", "measure", "tools", "common", "jax_impl", "torch_impl"} <= pkgs, pkgs
     assert not [p for p in pkgs if p.startswith(("bench.results", "tests"))], pkgs
 
 
