@@ -54,7 +54,7 @@ def _monotonic_deadline(deadline_unix: float | None) -> float | None:
 def execute(job: dict, emit, progress=_progress) -> None:
     """Run `job` here, calling emit(row) for every result row (for "ceilings": the ceilings dict)."""
     from bench import decode, env, kernels
-    from common.timing import TimingPlan
+    from measure.timing import TimingPlan
     from common.config import Qwen3Config
 
     kind = job.get("kind")

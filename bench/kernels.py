@@ -1,9 +1,9 @@
 """Kernel benchmarks: each fused op of both twins against the plain op of the same framework.
 
-One setup function (common.op_chains: both twins take the same op API, and the tuners time the
+One setup function (measure.op_chains: both twins take the same op API, and the tuners time the
 same chains) builds the inputs of a case once and returns, per provider ("fused" = jax_impl.kernels / torch_impl.kernels, "plain" =
 jax_impl/plain.py / torch_impl/plain.py, never re-written here), the chain that
-common/timing.py times. Shapes come from the chosen presets: decode batches (one token per
+measure/timing.py times. Shapes come from the chosen presets: decode batches (one token per
 sequence) and prefill token counts for the three projections, decode batches at a context of
 `ctx` tokens for decode_attention, one causal prompt of each prefill token count for
 prefill_attention.
@@ -20,10 +20,11 @@ import dataclasses
 import gc
 import time
 
+from common import backend
 from common.config import Qwen3Config
-from common.op_chains import E, Case, chain_layers, default_layout, setup, time_chain
+from measure.op_chains import E, Case, chain_layers, setup, time_chain
 from common.ops import TILED_OPS
-from common.timing import TimingPlan
+from measure.timing import TimingPlan
 
 OPS = TILED_OPS  # common.ops' ops but the final norm, in its order
 FRAMEWORKS = ("jax", "torch")
@@ -77,15 +78,14 @@ def num_layers(c: Case, s: Settings) -> int:
 
 def _rows(fw: str, c: Case, s: Settings, device) -> dict[str, dict]:
     """The fused and plain figures (or errors) of case `c` in framework `fw`."""
-    import importlib
-
-    plain = importlib.import_module(f"{fw}_impl.plain")
+    b = backend.get(fw)
+    plain = b.plain
     try:
-        fused_ops, fused_err = importlib.import_module(f"{fw}_impl.kernels"), None
+        fused_ops, fused_err = b.kernels, None
     except Exception as e:  # noqa: BLE001
         fused_ops, fused_err = None, f"unavailable: {fw}_impl.kernels: {type(e).__name__}: {e}"
     n = num_layers(c, s)
-    layout = "-" if c.op != "decode_attention" else default_layout(fw)
+    layout = "-" if c.op != "decode_attention" else b.default_layout
     out, inputs = {}, None
     try:
         inputs = setup(c, n, fw, device)

@@ -2,7 +2,7 @@
 
 For each preset, a model of random weights with all its layers, one token at context `--ctx`: the
 chain of every layer (the decode step without embedding and head) timed in a CUDA graph
-(common.timing) twice - each layer as the per-op path runs it (torch_impl's fused kernels, PDL), and
+(measure.timing) twice - each layer as the per-op path runs it (torch_impl's fused kernels, PDL), and
 each layer as one launch of torch_impl/kernels/decode_layer.py (as many programs as fit at once) -
 in the same process. Prints a table and, with --out, writes the rows as JSON: microseconds per layer,
 the ratio, the grid size, the largest difference of the final hidden state between the two paths,
@@ -37,7 +37,7 @@ def probe(preset: str, ctx: int, layers: int, max_spin: int) -> dict:
 
     import torch_impl
     from common.ops import AttentionMeta
-    from common.timing import TimingPlan, time_torch_chain
+    from measure.timing import TimingPlan, time_torch_chain
     from torch_impl.kernels import decode_layer as K
 
     cfg = Qwen3Config.preset(preset)

@@ -87,7 +87,7 @@ class JaxProbe:
 
     def kernels(self) -> list[tuple[float, float, str]]:
         """(start ns, duration ns, name) of each kernel of one decode loop, in start order."""
-        from common.timing import gpu_kernel_events
+        from measure.timing import gpu_kernel_events
 
         ds = self._start()
         return gpu_kernel_events(lambda: self.jax.block_until_ready(self._decode(ds).out))

@@ -11,7 +11,7 @@ A stage is what one launch (or one fused op) of a decode step does at one token:
   and argmax; torch: torch's product for a bf16 head, the fused linear kernel for a quantized one,
   then torch_impl.kernels.argmax on a GPU);
 - attention: decode attention over `ctx` cached positions (one sequence; the twin's cache layout).
-Each stage is timed as a chain over distinct per-layer buffers (common/op_chains.py: far past the L2,
+Each stage is timed as a chain over distinct per-layer buffers (measure/op_chains.py: far past the L2,
 the output of one call feeding the next; a CUDA graph in torch, one jit in jax), in every weight
 format the projections take (attention reads the bf16 cache in all of them), and beside it the same
 chain of a plain streaming read of the same bytes (the framework's sum over a buffer of that size):
@@ -30,9 +30,9 @@ import dataclasses
 import gc
 import time
 
-from common import formats
+from common import backend, formats
 from common.config import Qwen3Config
-from common.op_chains import E, Case, _Arrays, default_layout, layers_for_bytes, setup, time_chain
+from measure.op_chains import E, Case, _Arrays, layers_for_bytes, setup, time_chain
 
 STAGES = ("qkv", "o_proj", "gate_up", "down", "lm_head", "attention")
 PROJECTION_STAGES = ("qkv", "o_proj", "gate_up", "down")
@@ -125,7 +125,7 @@ def setup_stage(st: Stage, n: int, fw: str, device):
     case = _case(st)
     if case is not None:
         return setup(case, n, fw, device)
-    a = _Arrays(fw, st.label, device)
+    a = _Arrays(backend.get(fw), st.label, device)
     cfg = st.cfg
     h, eps = cfg.hidden_size, cfg.rms_norm_eps
     if st.stage == "gate_up":
@@ -192,7 +192,7 @@ def setup_stream(st: Stage, n: int, fw: str, device):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    plan: object  # common.timing.TimingPlan
+    plan: object  # measure.timing.TimingPlan
     min_bytes: int = 256 << 20
     max_bytes: int = 6 << 30
     max_layers: int = 32
@@ -201,7 +201,7 @@ class Settings:
 
 
 def _time(fw: str, st: Stage, s: Settings, device, make, ops, resident: bool = False) -> dict:
-    """The stage's chain timed (common.timing); with `resident` also the same chain over the first
+    """The stage's chain timed (measure.timing); with `resident` also the same chain over the first
     layer's buffers alone (`l2_median_s`): a stage small enough for the L2 then reads it from there,
     which leaves the time its launches and dependent loads take - its latency floor."""
     n = layers_for_bytes(stage_bytes(st), s.min_bytes, s.max_bytes, s.min_layers, s.max_layers)
@@ -232,7 +232,7 @@ def base_row(fw: str, st: Stage) -> dict:
         else "bf16"
     return dict(kind="stage", framework=fw, model=st.model, stage=st.stage, weights=weights,
                 ctx=st.ctx if st.stage == "attention" else None,
-                layout=default_layout(fw) if st.stage == "attention" else None, bytes=stage_bytes(st))
+                layout=backend.get(fw).default_layout if st.stage == "attention" else None, bytes=stage_bytes(st))
 
 
 def finish(row: dict, stage: dict, stream: dict, ceilings: dict) -> dict:
@@ -259,8 +259,6 @@ def finish(row: dict, stage: dict, stream: dict, ceilings: dict) -> dict:
 
 def run(stages: list[Stage], frameworks, s: Settings, ceilings: dict, *, torch_device, emit, progress) -> None:
     """Time every stage (and its plain read) in every framework; `emit(row)` gets each row when done."""
-    import importlib
-
     jobs = [(fw, st) for fw in frameworks for st in stages]
     for k, (fw, st) in enumerate(jobs, start=1):
         progress(f"[{k}/{len(jobs)}] stage {fw} {st.label}")
@@ -269,7 +267,7 @@ def run(stages: list[Stage], frameworks, s: Settings, ceilings: dict, *, torch_d
             emit(dict(row, error="skipped: time budget (--budget-s) spent"))
             continue
         try:
-            kernels = importlib.import_module(f"{fw}_impl.kernels")
+            kernels = backend.get(fw).kernels
         except Exception as e:  # noqa: BLE001 - the framework or its kernels cannot be imported
             emit(dict(row, error=f"unavailable: {fw}_impl.kernels: {type(e).__name__}: {e}"))
             continue

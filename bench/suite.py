@@ -220,7 +220,7 @@ def _variants(impl: str, tps: list[int], tile_modes: list[str]) -> list[tuple[in
 
 def run(a) -> int:
     from bench import decode, env, isolate, kernels, report, stages
-    from common.timing import TimingPlan
+    from measure.timing import TimingPlan
 
     t_start, t_start_unix = time.monotonic(), time.time()
     if a.smoke:

@@ -8,7 +8,7 @@
 
 `fused`: "auto" (fused kernels where the GPU supports them, plain path elsewhere, logged once),
 True (fused; on CPU through the interpreter; raise when they cannot run), False (plain).
-Runners by name (`get_loader`): "reference" (numpy), "hf" (transformers), "jax", "torch".
+Runners by name (`get_loader`): "reference" (numpy), "hf" (transformers), and the twins of common.backend.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from common import reference, sampling
+from common import backend, reference, sampling
 from common.config import Qwen3Config
 from common.weights import Checkpoint, round_trip_projections
 
@@ -180,29 +180,33 @@ def load_reference(model_dir: str | Path, *, dtype: str = "float64", fused="auto
     return ReferenceRunner(model_dir, dtype=np.float32 if dtype == "float32" else np.float64, quantization=quantization)
 
 
-# name -> "module:function" with the load() signature; imported lazily.
+# name -> "module:function" with the load() signature; imported lazily. The twins are runners too:
+# every backend of common.backend, by its name.
 RUNNERS: dict[str, str] = {
     "reference": "common.harness:load_reference",
     "hf": "common.hf_runner:load",
-    "jax": "jax_impl:load",
-    "torch": "torch_impl:load",
 }
 
 
 # What each runner needs, checked by `check_runner` before any model loads: the dtypes it computes in
-# (the reference: float64 or float32 only; transformers also float64) and the packages it imports.
+# (the reference: float64 or float32 only; transformers also float64; a twin: DTYPES) and the
+# packages it imports (a twin: its backend's `packages`).
 RUNNER_DTYPES: dict[str, tuple[str, ...]] = {
     "reference": ("float64", "float32"),
     "hf": ("float64", *DTYPES),
-    "jax": DTYPES,
-    "torch": DTYPES,
 }
 RUNNER_PACKAGES: dict[str, tuple[str, ...]] = {
     "reference": (),
     "hf": ("torch", "transformers"),
-    "jax": ("jax", "flax"),
-    "torch": ("torch",),
 }
+
+
+def runner_names() -> tuple[str, ...]:
+    return (*RUNNERS, *backend.names())
+
+
+def runner_dtypes(name: str) -> tuple[str, ...]:
+    return RUNNER_DTYPES.get(name, DTYPES)
 
 
 def check_runner(name: str, *, dtype: str | None = None, fused="auto", weight_format: str = "bf16",
@@ -213,14 +217,15 @@ def check_runner(name: str, *, dtype: str | None = None, fused="auto", weight_fo
     runner (as `label`, e.g. "torch:on", when given)."""
     get_loader(name)
     label = label or name
-    missing = [m for m in RUNNER_PACKAGES[name] if importlib.util.find_spec(m) is None]
+    packages = RUNNER_PACKAGES[name] if name in RUNNERS else backend.get(name).packages
+    missing = [m for m in packages if importlib.util.find_spec(m) is None]
     if missing:
         raise ValueError(f"runner {label!r} is not available: {', '.join(missing)} not installed")
-    if dtype is not None and dtype not in RUNNER_DTYPES[name]:
-        raise ValueError(f"runner {label!r}: dtype={dtype!r}: expected one of {', '.join(RUNNER_DTYPES[name])}")
-    if resolve_fused(fused) is not True or name not in ("jax", "torch"):
+    if dtype is not None and dtype not in runner_dtypes(name):
+        raise ValueError(f"runner {label!r}: dtype={dtype!r}: expected one of {', '.join(runner_dtypes(name))}")
+    if resolve_fused(fused) is not True or name in RUNNERS:
         return  # "auto" falls back to the plain path where the kernels cannot run; False runs it
-    ops = importlib.import_module(f"{name}_impl.ops")
+    ops = backend.get(name).ops
     try:
         ops.choose_ops(True)  # the device the runner takes by default
         ops.check_weight_format(True, weight_format)
@@ -229,10 +234,12 @@ def check_runner(name: str, *, dtype: str | None = None, fused="auto", weight_fo
 
 
 def get_loader(name: str) -> Callable[..., Runner]:
-    if name not in RUNNERS:
-        raise ValueError(f"unknown runner {name!r}: expected one of {', '.join(RUNNERS)}")
-    module, func = RUNNERS[name].split(":")
+    if name not in runner_names():
+        raise ValueError(f"unknown runner {name!r}: expected one of {', '.join(runner_names())}")
     try:
+        if name not in RUNNERS:
+            return backend.get(name).load
+        module, func = RUNNERS[name].split(":")
         mod = importlib.import_module(module)
     except ImportError as e:
         raise ValueError(f"runner {name!r} is not available: {e}") from None

@@ -9,7 +9,7 @@ builds one `Ops` (a field per op) when the model is built. The test suite drives
 this list against `reference` (common.reference, called with the op's arguments as numpy) with
 the tolerance table of common.tolerances; the tuners time the kernels listed under `kernels` with
 their `tiles` type. The kernel lists elsewhere derive from OPS: KERNEL_TILES and PROJECTIONS
-(common.tiles, common.tile_rules), KERNEL_OP (common.tune), TILED_OPS (the kernel benchmarks).
+(common.tiles, common.tile_rules), KERNEL_OP (measure.tune), TILED_OPS (the kernel benchmarks).
 
 Conventions shared by every op:
 - Activations are token-major: x [T, hidden]; weights are [out_features, in_features] (the

@@ -43,7 +43,7 @@ import numpy as np
 
 from common import argparsing
 from common.config import Qwen3Config
-from common.harness import RUNNER_DTYPES, check_runner, get_loader, resolve_fused
+from common.harness import check_runner, get_loader, resolve_fused, runner_dtypes
 from common.logs import show_project_logs
 from common.progress import note
 from common.weights import Checkpoint
@@ -132,9 +132,9 @@ def check_parity(model_dir: str | Path, runners: Sequence[str], *, dtype: str = 
             continue  # a test's runner: nothing known to check
         check_runner(base, fused=extra.get("fused", "auto"), weight_format=fmt, label=spec)
         flag, run_dtype = ("--reference-dtype", reference_dtype) if base == "reference" else ("--dtype", dtype)
-        if run_dtype not in RUNNER_DTYPES[base]:
+        if run_dtype not in runner_dtypes(base):
             raise ValueError(f"{flag} {run_dtype}: runner {spec!r} computes in "
-                             f"{', '.join(RUNNER_DTYPES[base])} only")
+                             f"{', '.join(runner_dtypes(base))} only")
     if prompt_len + new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds the model's "
                          f"max_position_embeddings {cfg.max_position_embeddings} ({path / 'config.json'})")

@@ -214,8 +214,8 @@ def test_jax_kernel_chain_lowers_for_cuda():
     import jax.numpy as jnp
 
     from bench import kernels
-    from common import op_chains
-    from common.timing import TimingPlan, jax_chain
+    from measure import op_chains
+    from measure.timing import TimingPlan, jax_chain
     from common.config import PRESETS
 
     K = pytest.importorskip("jax_impl.kernels")
@@ -363,7 +363,7 @@ def test_in_process_runs_the_same_jobs(tmp_path):
 
 def test_device_seconds_are_cut_into_identical_runs():
     """jax rows on a GPU: the profiler's kernel events of R identical runs, split per run in start order."""
-    from common.timing import _device_seconds_per_run
+    from measure.timing import _device_seconds_per_run
 
     ev = [(t, d, "k") for t, d in enumerate([1_000, 2_000, 3_000, 1_500, 2_000, 3_000])]
     assert _device_seconds_per_run(ev, 2) == [6e-6, 6.5e-6]
@@ -601,7 +601,7 @@ def test_bench_and_tools_are_packaged():
 
     find = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
     pkgs = set(setuptools.find_namespace_packages(str(REPO), include=find["include"], exclude=find.get("exclude", [])))
-    assert {"bench", "tools", "common", "jax_impl", "torch_impl"} <= pkgs, pkgs
+    assert {"bench", "measure", "tools", "common", "jax_impl", "torch_impl"} <= pkgs, pkgs
     assert not [p for p in pkgs if p.startswith(("bench.results", "tests"))], pkgs
 
 

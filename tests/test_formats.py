@@ -61,7 +61,8 @@ def test_resolve_and_checkpoint_layouts():
 
 
 def test_cli_choices_come_from_the_registry():
-    from common import cli, tune
+    from common import cli
+    from measure import tune
 
     for parser in (cli.build_parser(), tune.parser("python -m torch_impl.tune")):
         action = next(a for a in parser._actions if "--quantization" in a.option_strings)

@@ -1,6 +1,6 @@
 """No import cycles among the project's modules (issue #40), read from the source with `ast`.
 
-The graph holds every import of common, jax_impl, torch_impl, bench and tools - those inside
+The graph holds every import of common, jax_impl, torch_impl, bench, measure and tools - those inside
 functions too, and importlib.import_module("literal") calls (f-strings are not followed):
 - `import a.b` is an edge to a.b;
 - `from pkg import name` is an edge to pkg.name where that is a module, else to pkg (its __init__);
@@ -18,7 +18,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("common", "jax_impl", "torch_impl", "bench", "tools")
+PACKAGES = ("common", "jax_impl", "torch_impl", "bench", "measure", "tools")
 
 # Cycles this test tolerates: the set of modules that import each other (a component) -> why, one
 # line each. Empty: none is tolerated.
@@ -203,3 +203,66 @@ def test_finds_a_planted_cycle(tmp_path):
     graph = import_graph(tmp_path)
     assert graph["common.c"] == {"common.a"} and graph["common"] == {"common.a"}
     assert cycles(graph) == [["common.a", "common.b", "common.a"]]
+
+
+# ----- common's rule: never a twin, the frameworks only inside functions --------------------------
+
+FRAMEWORKS = ("jax", "jaxlib", "flax", "torch", "triton")
+
+
+def _twin(name: str) -> bool:
+    """A dotted name, or the text of an importlib string, that names a twin (jax_impl, torch_impl, ...)."""
+    return "_impl" in name
+
+
+def _text(node: ast.expr) -> str | None:
+    """The text of a string literal, or of an f-string's literal parts (f"{name}_impl.ops" -> "_impl.ops")."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str))
+    return None
+
+
+def layering_violations(source: str, filename: str) -> list[str]:
+    """"file:line: what" for each import of a twin in `source` (at any depth, also through
+    importlib.import_module / __import__ with a literal or an f-string naming one) and each import
+    of a framework outside a function."""
+    out = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Call) and _is_import_module(node.func) and node.args:
+            text = _text(node.args[0])
+            if text is not None and _twin(text):
+                out.append(f"{filename}:{node.lineno}: imports a twin through importlib ({text!r})")
+        if any(_twin(n) for n in names):
+            out.append(f"{filename}:{node.lineno}: imports a twin ({', '.join(n for n in names if _twin(n))})")
+        elif not in_function and any(n.split(".")[0] in FRAMEWORKS for n in names):
+            out.append(f"{filename}:{node.lineno}: imports {names[0]} at module level (only inside functions)")
+        inside = in_function or isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        for child in ast.iter_child_nodes(node):
+            visit(child, inside)
+
+    visit(ast.parse(source, filename), False)
+    return out
+
+
+def test_common_imports_no_twin_and_no_framework_at_module_level():
+    found = [v for path in sorted((ROOT / "common").rglob("*.py"))
+             for v in layering_violations(path.read_text(), str(path.relative_to(ROOT)))]
+    assert not found, "common must not import a twin, nor jax/torch outside functions:\n" + "\n".join(found)
+
+
+def test_layering_rule_finds_planted_imports():
+    source = ("import importlib\nimport jax\nfrom torch_impl.kernels import mlp\n"
+              "def f(name):\n    import torch\n    from jax_impl import ops\n"
+              "    importlib.import_module('torch_impl.plain')\n    importlib.import_module(f'{name}_impl.ops')\n"
+              "    __import__('jax_impl')\n    importlib.import_module(name)\n")
+    found = layering_violations(source, "common/planted.py")
+    assert [v.split(": ")[0] for v in found] == [f"common/planted.py:{n}" for n in (2, 3, 6, 7, 8, 9)], found
+    assert "module level" in found[0] and "'_impl.ops'" in found[4]

@@ -105,7 +105,7 @@ def test_the_kernel_lists_follow_ops():
     assert list(tiles.KERNEL_TILES) == ["rmsnorm_qkv", "mlp_gate_up", "linear_residual", "decode_attention",
                                         "prefill_attention", "rms_norm"]
     assert tiles.KERNEL_TILES is ops.KERNEL_TILES and tiles.MatmulTiles is MatmulTiles
-    tune = importlib.import_module("common.tune")
+    tune = importlib.import_module("measure.tune")
     assert tune.KERNEL_OP == {"rmsnorm_qkv": "rmsnorm_qkv", "mlp_gate_up": "mlp", "linear_residual": "linear_residual",
                               "decode_attention": "decode_attention", "prefill_attention": "prefill_attention",
                               "rms_norm": "rms_norm"}

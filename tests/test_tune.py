@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-import common.tune
+import measure.tune
 from common import tiles
-from common.tune import main
+from measure.tune import main
 
 ROOT = Path(__file__).resolve().parents[1]
 WRITE_ENTRY = tiles.write_entry
@@ -41,7 +41,7 @@ def _fake_timing(monkeypatch, us: float, interrupt_after: int | None = None, on_
         return {"median_s": us * 1e-6}
 
     monkeypatch.setattr(tiles, "write_entry", write_entry)
-    monkeypatch.setattr(common.tune, "time_chain", time_chain)
+    monkeypatch.setattr(measure.tune, "time_chain", time_chain)
     return written
 
 
@@ -74,7 +74,7 @@ def test_budget_stops_between_measurements_leaving_a_valid_table(tmp_path, monke
     def jump():
         now[0] += 100.0
 
-    monkeypatch.setattr(common.tune, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(measure.tune, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     written = _fake_timing(monkeypatch, us=1.0, on_write=jump)
     assert main("torch", FOUR_SHAPES + ["--budget-s", "10", "--out", str(out)]) == 0
     assert "budget spent (--budget-s 10): 3 of 4 shapes left" in capsys.readouterr().err
@@ -85,7 +85,7 @@ def test_budget_stops_between_measurements_leaving_a_valid_table(tmp_path, monke
 
 def test_budget_spent_before_any_entry_is_nothing_measured(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
-    monkeypatch.setattr(common.tune, "time", types.SimpleNamespace(monotonic=iter(range(0, 10**6, 100)).__next__))
+    monkeypatch.setattr(measure.tune, "time", types.SimpleNamespace(monotonic=iter(range(0, 10**6, 100)).__next__))
     _fake_timing(monkeypatch, us=1.0)
     out = tmp_path / "table.json"
     assert main("torch", FOUR_SHAPES + ["--budget-s", "10", "--out", str(out)]) == 1
@@ -133,7 +133,7 @@ def test_nothing_measured_says_so_and_fails(tmp_path, monkeypatch, capsys):
     def broken(*args):
         raise RuntimeError("no kernel today")
 
-    monkeypatch.setattr(common.tune, "time_chain", broken)
+    monkeypatch.setattr(measure.tune, "time_chain", broken)
     out = tmp_path / "table.json"
     assert main("torch", FOUR_SHAPES + ["--out", str(out)]) == 1
     captured = capsys.readouterr()
@@ -249,7 +249,7 @@ def _not_a_table_of(framework: str):
 def _refused(framework, out, monkeypatch, capsys) -> str:
     """main with --out `out`: exit 2 before anything is timed, one `error: --out: <out>` line; that line."""
     timed = []
-    monkeypatch.setattr(common.tune, "time_chain", lambda *args: timed.append(args) or {"median_s": 1e-6})
+    monkeypatch.setattr(measure.tune, "time_chain", lambda *args: timed.append(args) or {"median_s": 1e-6})
     with pytest.raises(SystemExit) as e:
         main(framework, FOUR_SHAPES + ["--out", str(out)])
     err = capsys.readouterr().err
@@ -289,13 +289,13 @@ def test_default_table_folders_are_made_but_an_unwritable_one_is_refused(tmp_pat
     """Without --out the user's table folders are made as needed; the nearest existing one must be writable."""
     pytest.importorskip("torch")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    p = common.tune.parser("tune")
+    p = measure.tune.parser("tune")
     a = p.parse_args(["--preset", "Qwen3-0.6B"])
-    assert common.tune._out(p, a, "torch", tiles.Device.cpu()) == tiles.table_path("torch", tiles.Device.cpu(),
+    assert measure.tune._out(p, a, "torch", tiles.Device.cpu()) == tiles.table_path("torch", tiles.Device.cpu(),
                                                                                    user=True)
     monkeypatch.setattr(os, "access", lambda path, mode: False)
     with pytest.raises(SystemExit) as e:
-        common.tune._out(p, a, "torch", tiles.Device.cpu())
+        measure.tune._out(p, a, "torch", tiles.Device.cpu())
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("error: your tile table: ") and f"{tmp_path} is not writable" in err
 
@@ -311,7 +311,7 @@ def test_smoke_plan_is_small(framework, tmp_path):
     from common.config import PRESETS
 
     for preset in PRESETS:
-        plan = common.tune.plan(framework, ["--smoke", "--preset", preset, "--out", str(tmp_path / "t.json")])
+        plan = measure.tune.plan(framework, ["--smoke", "--preset", preset, "--out", str(tmp_path / "t.json")])
         rows = [(j.kernel, j.shape, j.case.tokens, j.case.ctx if j.kernel == "decode_attention" else None,
                  j.candidates) for j in plan]
         assert {r[0] for r in rows} == {"linear_residual", "rmsnorm_qkv", "mlp_gate_up", "rms_norm",
@@ -328,7 +328,7 @@ def test_smoke_plan_is_small(framework, tmp_path):
 def test_smoke_takes_the_flags_sizes_and_measures_each_shape_once(tmp_path):
     """--batch/--contexts name more than smoke's one each; a model given twice is measured once."""
     pytest.importorskip("torch")
-    plan = common.tune.plan("torch", ["--smoke", "--preset", "Qwen3-0.6B", "--preset", "Qwen3-0.6B", "--batch", "1,8",
+    plan = measure.tune.plan("torch", ["--smoke", "--preset", "Qwen3-0.6B", "--preset", "Qwen3-0.6B", "--batch", "1,8",
                                       "--contexts", "64,128", "--kernels", "decode_attention",
                                       "--out", str(tmp_path / "t.json")])
     assert sorted((j.case.tokens, j.case.ctx) for j in plan) == [(b, c) for b in (1, 8) for c in (64, 64, 128, 128)]

@@ -5,7 +5,7 @@
 
 For every kernel of common.ops at the shapes of each model and batch bucket, time each candidate
 tile (common.tile_rules.candidates) and the plain op, in chains over distinct per-layer buffers (far
-past the L2; common.op_chains, as `python -m bench kernels`): torch with CUDA events over a graph
+past the L2; measure.op_chains, as `python -m bench kernels`): torch with CUDA events over a graph
 replay, jax with its profiler's kernel time. The fastest becomes the table entry ("plain" when
 the plain op wins: that is the fused-or-plain choice), written at once to the user's table
 (common.tiles.write_entry) - so a sweep can span several commands of ten minutes: a rerun skips
@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib
-import os
 import sys
 import time
 import types
 from pathlib import Path
 
-from common import argparsing, formats, progress, tile_rules, tiles
+from common import argparsing, backend, formats, progress, tile_rules, tiles
 from common.config import PRESETS, ConfigError, Qwen3Config, shrink
 from common.ops import KERNEL_OP
-from common.op_chains import Case, chain_layers, setup, time_chain
-from common.timing import TimingPlan
+from measure.op_chains import Case, chain_layers, setup, time_chain
+from measure.timing import TimingPlan
 
 DEFAULT_BATCH, SMOKE_BATCH = "1,8,32,128", "1"
 DEFAULT_CONTEXTS, SMOKE_CONTEXTS = "512,4096", "64"
@@ -152,7 +150,7 @@ def jobs_for(name: str, cfg: Qwen3Config, kernels, batches, contexts, prefill, f
             out.append(Job("rms_norm", Case(name, cfg, "rms_norm", "decode", m), dict(m=m, n=h)))
         if "decode_attention" in kernels:
             for c in contexts:
-                for layout in (("one-block",) if framework == "jax" else ("one-block", "paged")):
+                for layout in backend.get(framework).layouts:
                     out.append(Job("decode_attention", Case(name, cfg, "decode_attention", "decode", m, c, layout),
                                    dict(batch=m, num_kv_heads=cfg.num_key_value_heads, max_context=c,
                                         one_block=layout == "one-block")))
@@ -177,15 +175,12 @@ class Budget:
 class Tuner:
     def __init__(self, framework: str, device, info: tiles.Device, out: Path, plan: TimingPlan, smoke: bool):
         self.fw, self.device, self.info, self.out, self.plan, self.smoke = framework, device, info, out, plan, smoke
-        self.K = importlib.import_module(f"{framework}_impl.kernels")
-        self.P = importlib.import_module(f"{framework}_impl.plain")
+        self.backend = backend.get(framework)
 
     def _ops(self, kernel: str, t):
         """The op of `kernel` bound to candidate tiles (mlp: gate/up tiles, the down shape's best)."""
         op = KERNEL_OP[kernel]
-        fn = getattr(self.K, op)
-        if self.fw == "jax" and not self.smoke:
-            fn = functools.partial(fn, interpret=False)
+        fn = self.backend.kernel(op, interpret=None if self.smoke else False)
         if kernel == "mlp_gate_up":
             fn = functools.partial(fn, tiles=t, down_tiles=self._down)
         elif t is not None:
@@ -210,7 +205,7 @@ class Tuner:
             if stopped:
                 break
             try:
-                ops = self.P if path == "plain" else self._ops(job.kernel, t)
+                ops = self.backend.plain if path == "plain" else self._ops(job.kernel, t)
                 r = time_chain(self.fw, body_for(ops), carry, layers, shared, self.plan, self.device)
                 results.append((r["median_s"], path, t))
             except Exception as e:  # noqa: BLE001 - a candidate that cannot compile or run is skipped
@@ -258,13 +253,9 @@ def _jobs(p: argparse.ArgumentParser, a, framework: str, fmt: str | None) -> lis
 
 def _device(framework: str, smoke: bool):
     """The device to time on and what the tables read of it."""
-    lib = importlib.import_module(f"{framework}_impl.kernels._lib")
-    if framework == "jax":
-        return None, lib.device_info()
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
-    return device, lib.device_info(device)
+    b = backend.get(framework)
+    device = b.device(gpu=not smoke)
+    return device, b.device_info(device)
 
 
 def _out(p: argparse.ArgumentParser, a, framework: str, info: tiles.Device) -> Path:
@@ -301,8 +292,8 @@ def _setup(framework: str, argv):
     a.contexts = a.contexts or _sizes(SMOKE_CONTEXTS if a.smoke else DEFAULT_CONTEXTS)
     fmt = None if a.quantization == "none" else a.quantization
     jobs = _jobs(p, a, framework, fmt)
-    if a.smoke and framework == "torch":
-        os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors run the kernels in Triton's interpreter: on before import
+    if a.smoke:
+        backend.get(framework).use_interpreter()  # before the kernels are imported
     device, info = _device(framework, a.smoke)
     if not info.is_gpu and not a.smoke:
         print(f"error: {prog}: no CUDA GPU here ({info.name}); tuning needs one "

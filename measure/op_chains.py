@@ -1,21 +1,22 @@
 """Chains of one op over distinct per-layer buffers, the same for both twins (bench and the tuners).
 
-An op is timed as a chain (common/timing.py): n calls, each "layer" with its own weights (or KV
+An op is timed as a chain (measure/timing.py): n calls, each "layer" with its own weights (or KV
 cache) so every call streams from memory rather than the L2, the output of one call feeding the
-next. `setup(case, n, framework, device)` builds the inputs once and returns
-(carry, layers, shared, body_for) with body_for(ops)(carry, i, layer, shared) -> carry, where
-`ops` is anything with the op as an attribute: a twin's kernels module, its plain module, or a
-namespace of kernels bound to candidate tiles. `time_chain` times it in the framework's way.
-jax and torch are imported inside the functions, never at module level.
+next. `setup(case, n, framework, device)` builds the inputs once, with the arrays of the twin's
+backend (common.backend), and returns (carry, layers, shared, body_for) with
+body_for(ops)(carry, i, layer, shared) -> carry, where `ops` is anything with the op as an
+attribute: a twin's kernels module, its plain module, or a namespace of kernels bound to candidate
+tiles. `time_chain` times it with the backend's chain timer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import zlib
 
-from common import formats
+import numpy as np
+
+from common import backend, formats, reference
 from common.config import Qwen3Config
 from common.ops import AttentionMeta
 
@@ -82,79 +83,29 @@ def paged(ctx: int) -> tuple[int, int]:
 
 
 class _Arrays:
-    """Random bf16 inputs and int32 index arrays on the framework's device."""
+    """Random bf16 inputs and int32 index arrays on the backend's device, seeded by the case."""
 
-    def __init__(self, fw: str, label: str, device):
-        self.fw, self.device, self.count = fw, device, 0
-        self.seed = zlib.crc32(label.encode())
-        if fw == "jax":
-            import jax
-            import jax.numpy as jnp
-
-            self.jax, self.jnp, self.base = jax, jnp, jax.random.key(self.seed)
-        else:
-            import torch
-
-            self.torch = torch
-            self.gen = torch.Generator(device=device).manual_seed(self.seed)
+    def __init__(self, b: backend.Backend, label: str, device):
+        self.b, self.device = b, device
+        self.random = b.random(zlib.crc32(label.encode()), device)
 
     def normal(self, shape, scale=1.0, offset=0.0):
-        self.count += 1
-        if self.fw == "jax":
-            return _jax_normal_fn()(self.jax.random.fold_in(self.base, self.count), tuple(shape), float(scale),
-                                    float(offset))
-        t = self.torch.randn(tuple(shape), generator=self.gen, device=self.device, dtype=self.torch.float32)
-        return (offset + t * scale).to(self.torch.bfloat16)
+        return self.random.normal(shape, scale, offset)
 
     def weight(self, shape, scale, fmt: str | None):
         """A bf16 weight N(0, scale^2), or its common.formats QWeight in `fmt` (one scale: speed only)."""
-        if fmt is None:
-            return self.normal(shape, scale)
-        self.count += 1
-        if self.fw == "jax":
-            from jax_impl.arrays import random_qweight
-
-            w = self.jax.random.normal(self.jax.random.fold_in(self.base, self.count), tuple(shape)) * scale
-            return random_qweight(w, fmt)
-        from torch_impl.quant_loading import random_qweight
-
-        return random_qweight(tuple(shape), fmt, self.gen, self.device, scale)
+        return self.normal(shape, scale) if fmt is None else self.random.qweight(shape, scale, fmt)
 
     def ints(self, values):
-        if self.fw == "jax":
-            return self.jnp.asarray(values, self.jnp.int32)
-        return self.torch.as_tensor(values, dtype=self.torch.int32, device=self.device)
+        return self.b.asarray(values, "int32", self.device)
 
     def rope_table(self, positions: int, d: int, theta: float):
-        if self.fw == "jax":
-            from jax_impl import plain
-
-            return plain.rope_table(positions, d, theta)
-        from torch_impl import plain
-
-        return plain.rope_table(positions, d, theta, device=self.device)
-
-
-@functools.lru_cache(maxsize=None)
-def _jax_normal_fn():
-    import jax
-    import jax.numpy as jnp
-
-    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-    def normal(key, shape, scale, offset):  # bf16 offset + scale * N(0, 1), compiled once per shape
-        return (offset + scale * jax.random.normal(key, shape, jnp.float32)).astype(jnp.bfloat16)
-
-    return normal
-
-
-def default_layout(fw: str) -> str:
-    """jax_impl reads block b per sequence; torch is timed in nano-vllm's paged layout by default."""
-    return "one-block" if fw == "jax" else "paged"
+        return self.b.asarray(reference.rope_table(positions, d, theta).astype(np.float32), "float32", self.device)
 
 
 def setup(c: Case, n: int, fw: str, device):
-    """(carry, layers, shared, body_for(ops)) of a chain of n layers of case `c` in framework `fw`."""
-    a = _Arrays(fw, c.label, device)
+    """(carry, layers, shared, body_for(ops)) of a chain of n layers of case `c` in backend `fw`."""
+    a = _Arrays(backend.get(fw), c.label, device)
     cfg, t = c.cfg, c.tokens
     h, hq, hkv, d, eps = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
                           cfg.rms_norm_eps)
@@ -192,7 +143,7 @@ def setup(c: Case, n: int, fw: str, device):
 
         return (a.normal((t, h)), caches), layers, shared, body_for
     if c.op == "decode_attention":
-        layout = c.layout or default_layout(fw)
+        layout = c.layout or backend.get(fw).default_layout
         if layout == "one-block":  # block b is sequence b, no table
             shape, table = (t, c.ctx, hkv, d), None
         else:
@@ -212,17 +163,5 @@ def setup(c: Case, n: int, fw: str, device):
 
 
 def time_chain(fw: str, body, carry, layers, shared, plan, device) -> dict:
-    """common.timing's figures of one chain (jax: one jit; torch: a CUDA graph on a GPU)."""
-    from common.timing import time_jax_chain, time_torch_chain
-
-    if fw == "jax":
-        return time_jax_chain(body, carry, layers, shared, plan)
-    import torch
-
-    state = dict(carry=carry)
-
-    def call(k):
-        state["carry"] = body(state["carry"], k, layers[k], shared)
-
-    with torch.inference_mode():
-        return time_torch_chain(call, len(layers), torch.device(device), plan, state=state)
+    """measure.timing's figures of one chain (jax: one jit; torch: a CUDA graph on a GPU)."""
+    return backend.get(fw).time_chain(body, carry, layers, shared, plan, device)
