@@ -101,9 +101,16 @@ def default_plain_form(kernel: str, framework: str, device: Device, shape: dict)
 
 # ----- tiles --------------------------------------------------------------------------------------
 
+def _layer(device: Device, shape: dict) -> LayerTiles:
+    """The one-launch layer: attention split until its tasks fill about half the SMs (the largest
+    power of two of splits, at most 16 - decode_attention's most); one split off the GPU."""
+    fill = device.sm_count // (2 * shape["kv_heads"]) if device.is_gpu else 1
+    return LayerTiles(num_splits=min(16, 1 << (max(1, fill).bit_length() - 1)))
+
+
 def default_tiles(kernel: str, framework: str, device: Device, dtype: str, shape: dict):
     if kernel == "decode_layer":
-        return LayerTiles()
+        return _layer(device, shape)
     if kernel == "decode_attention":
         return _attention(framework, device, shape)
     if kernel == "prefill_attention":

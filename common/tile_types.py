@@ -83,11 +83,13 @@ class PrefillTiles:
 class LayerTiles:
     """Tiles of the one-launch decoder layer (torch_impl/kernels/decode_layer.py): block_n rows per
     o_proj, gate/up and down task, block_k the chunk of each projection's reduction, block_kv keys
-    per attention step (>= 16: tensor-core dots); its grid is sized at launch (as many programs as
-    fit at once), not here."""
+    per attention step (>= 16: tensor-core dots), num_splits attention tasks per kv head (each a
+    share of the context, as decode_attention's splits); its grid is sized at launch (as many
+    programs as fit at once), not here."""
     block_n: int = 16
     block_k: int = 1024
     block_kv: int = 64
+    num_splits: int = 1
     num_warps: int = 4
 
     def __post_init__(self):

@@ -100,6 +100,28 @@ def test_one_launch_equals_the_per_op_layer(dtype, quantization):
         assert_close(out.cpu(), plain.cpu(), "float32", what="layer output against the plain ops")
 
 
+@pytest.mark.parametrize("ctx", [37, 200, 256])
+def test_attention_split_over_the_context_equals_the_per_op_layer(ctx):
+    """Attention in 4 splits per kv head (2 tiles of keys at least each: 1, 3 and 4 active at these
+    contexts): the last split to arrive merges the others' partials, also with each stage's tasks
+    reversed; the output equals the per-op layer's in float32, and the split arrivals are back at 0."""
+    K = _layer_kernel()
+    model, x, cache, step = _setup("float32", ctx=ctx)
+    tiles = LayerTiles(**TILES, num_splits=4)
+    want, kc_want, _ = _per_op(model, x, cache, step)
+    for order in (None, K.task_order(CFG, tiles, DEV)):
+        state = K.LayerState.new(torch.device(DEV), 1)
+        kc, vc = cache[0].clone(), cache[1].clone()
+        with torch.inference_mode():
+            out = K.decode_layer(x, model.model.layers[0], kc, vc, model.model.cos_sin, state=state,
+                                 eps=model.config.rms_norm_eps, tiles=tiles, max_spin=1000, order=order, **step)
+        K.check_state(state)
+        assert_close(out.cpu(), want.cpu(), "float32", what=f"layer output at ctx {ctx}")
+        assert_close(kc.cpu(), kc_want.cpu(), "float32", what="k cache")
+        assert state.arrivals(CFG.num_key_value_heads).tolist() == [0] * CFG.num_key_value_heads
+        assert state.counters[2].item() == CFG.num_key_value_heads * 4
+
+
 def test_counters_grow_across_launches_without_a_reset():
     """Each launch takes one ticket per program and adds each stage's task count to its done counter:
     a second launch over the same state targets the next multiple, with no host reset in between."""
@@ -156,11 +178,12 @@ def test_more_than_one_program_is_refused_in_the_interpreter():
 
 
 def _gpu_layer(preset: str, ctx: int):
-    """A real preset's first layer (bf16) on the GPU, caches of two 4096-row blocks, the step's inputs."""
+    """A real preset's first layer (bf16) on the GPU, caches of two blocks of max(4096, ctx) rows, the
+    step's inputs (the sequence in block 1)."""
     cfg = dataclasses.replace(Qwen3Config.preset(preset), num_hidden_layers=1, dtype="bfloat16")
     runner = torch_impl.load_random(cfg, dtype="bfloat16", fused=True, device="cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
-    rows = 2 * 4096
+    rows = max(4096, ctx)
     cache = [torch.randn(2, rows, cfg.num_key_value_heads, cfg.head_dim, generator=g, device="cuda").to(torch.bfloat16)
              for _ in range(2)]
     x = torch.randn(1, cfg.hidden_size, generator=g, device="cuda").to(torch.bfloat16)
@@ -170,9 +193,15 @@ def _gpu_layer(preset: str, ctx: int):
     return cfg, runner.model, x, cache, step
 
 
+def _chosen_tiles(cfg, x) -> LayerTiles:
+    """The tiles decode_layer runs with by default (the lookup's) for this shape on x's device."""
+    K = _layer_kernel()
+    return K.tiles_for("decode_layer", "test", None, LayerTiles, x.device, x.dtype, None, **K.layer_shape(cfg, 1))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", ["Qwen3-0.6B", "Qwen3-8B"])
-@pytest.mark.parametrize("ctx", [300, 4096])
+@pytest.mark.parametrize("ctx", [300, 4096, 32768])
 def test_resident_grid_at_full_shapes_over_many_launches(preset, ctx):
     """On the GPU, a grid of as many programs as fit at once, a real preset's layer (bf16): the
     output and cache row equal the per-op layer's; 2,000 launches over one state with bounded waits
@@ -195,8 +224,9 @@ def test_resident_grid_at_full_shapes_over_many_launches(preset, ctx):
                                    max_spin=1 << 22, **step)
         K.check_state(state)
     assert torch.equal(again, out), "the same inputs give the same output at every launch"
-    tasks = K.stage_tasks(cfg, LayerTiles())
-    assert tasks[:2] == [cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.num_key_value_heads]
+    tiles = _chosen_tiles(cfg, x)
+    tasks = K.stage_tasks(cfg, tiles)
+    assert tasks[:2] == [cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.num_key_value_heads * tiles.num_splits]
     assert state.counters.tolist() == [2000 * state.programs] + [2000 * t for t in tasks]
 
 
@@ -209,7 +239,8 @@ def test_ten_thousand_launches_in_randomized_orders():
     K = _layer_kernel()
     cfg, model, x, cache, step = _gpu_layer("Qwen3-0.6B", 1000)
     layer = model.model.layers[0]
-    tiles = LayerTiles()
+    tiles = _chosen_tiles(cfg, x)
+    assert tiles.num_splits > 1, "the stress test covers the attention splits' merge"
     g = torch.Generator().manual_seed(0)
     orders = [K.task_order(cfg, tiles, "cuda")] + [K.task_order(cfg, tiles, "cuda", generator=g) for _ in range(16)]
     state = K.LayerState.new(torch.device("cuda"))

@@ -79,6 +79,44 @@ def attend_range(q, kc_ptr, vc_ptr, bt_ptr, b, kvh, start, end, blk0, nxt, num_b
 
 
 @triton.jit
+def split_keys(ctx, split, SPLITS: tl.constexpr, MIN_SPLIT_BLOCKS: tl.constexpr, BLOCK_KV: tl.constexpr):
+    """(active, start, end): how many splits get keys at context length ctx - at most SPLITS, each
+    at least MIN_SPLIT_BLOCKS tiles of keys - and split `split`'s keys start .. end - 1 (empty for an
+    inactive split: start >= ctx)."""
+    active = tl.minimum(tl.maximum(ctx // (MIN_SPLIT_BLOCKS * BLOCK_KV), 1), SPLITS)
+    chunk = tl.cdiv(tl.cdiv(ctx, active), BLOCK_KV) * BLOCK_KV
+    start = split * chunk
+    return active, start, tl.minimum(ctx, start + chunk)
+
+
+@triton.jit
+def park_split(part, acc, m_i, l_i, offs_g, offs_d, D_P: tl.constexpr, W: tl.constexpr):
+    """Store one split's (acc, max, sum) at `part` ([G_PAD, W] float32: acc | max | sum), every
+    thread's stores done before the caller's release."""
+    tl.store(part + offs_g[:, None] * W + offs_d[None, :], acc)
+    tl.store(part + offs_g * W + D_P, m_i)
+    tl.store(part + offs_g * W + D_P + 1, l_i)
+    tl.debug_barrier()
+
+
+@triton.jit
+def merge_splits(part, active, offs_g, offs_d, G_PAD: tl.constexpr, D_P: tl.constexpr, W: tl.constexpr):
+    """The normalized output [G_PAD, D_P] of `active` splits parked from `part` on (park_split), read
+    past the L1 (other programs wrote them)."""
+    m_all = tl.full([G_PAD], NEG, tl.float32)
+    for s_ in range(active):
+        m_all = tl.maximum(m_all, tl.load(part + s_ * G_PAD * W + offs_g * W + D_P, cache_modifier=".cg"))
+    l_all = tl.zeros([G_PAD], tl.float32)
+    o = tl.zeros([G_PAD, D_P], tl.float32)
+    for s_ in range(active):
+        base = part + s_ * G_PAD * W
+        w_s = tl.exp(tl.load(base + offs_g * W + D_P, cache_modifier=".cg") - m_all)
+        l_all += w_s * tl.load(base + offs_g * W + D_P + 1, cache_modifier=".cg")
+        o += w_s[:, None] * tl.load(base + offs_g[:, None] * W + offs_d[None, :], cache_modifier=".cg")
+    return o / tl.where(l_all > 0, l_all, 1.0)[:, None]
+
+
+@triton.jit
 def _decode_attention_kernel(
     q_ptr,  # [B, HQ, D]
     kc_ptr, vc_ptr,  # [num_slots, HKV, D] (flattened blocks)
@@ -110,10 +148,7 @@ def _decode_attention_kernel(
     ctx = tl.load(cl_ptr + b)
     # Splits that get keys: at most SPLITS, each with at least MIN_SPLIT_BLOCKS blocks (short
     # contexts run in one program, with no partials to merge); the others have nothing to do.
-    active = tl.minimum(tl.maximum(ctx // (MIN_SPLIT_BLOCKS * BLOCK_KV), 1), SPLITS)
-    chunk = tl.cdiv(tl.cdiv(ctx, active), BLOCK_KV) * BLOCK_KV
-    start = split * chunk  # >= ctx for the inactive splits (active * chunk >= ctx): an empty loop
-    end = tl.minimum(ctx, start + chunk)
+    active, start, end = split_keys(ctx, split, SPLITS, MIN_SPLIT_BLOCKS, BLOCK_KV)
     blk0 = b.to(tl.int64)  # NO_TABLE (block_tables None): block b holds sequence b
     nxt = 0  # ALIGNED only
     if ONE_BLOCK and not NO_TABLE:  # one block per sequence: its id, read once; key rows are then affine in the loop index
@@ -141,25 +176,10 @@ def _decode_attention_kernel(
             tl.store(out, _jit.cast(o, out.dtype.element_ty, PRECISION), mask=o_mask)
     elif split < active:
         row = (b * HKV + kvh) * SPLITS
-        part = part_ptr + offs_g[:, None] * W
-        tl.store(part + (row + split) * G_PAD * W + offs_d[None, :], acc)
-        tl.store(part_ptr + (row + split) * G_PAD * W + offs_g * W + D_P, m_i)
-        tl.store(part_ptr + (row + split) * G_PAD * W + offs_g * W + D_P + 1, l_i)
-        tl.debug_barrier()  # every thread's partials are stored before the release below
+        park_split(part_ptr + (row + split) * G_PAD * W, acc, m_i, l_i, offs_g, offs_d, D_P, W)
         arrived = tl.atomic_add(count_ptr + b * HKV + kvh, 1, sem="acq_rel", scope="gpu")
         if arrived == active - 1:  # the last split merges all of them
-            m_all = tl.full([G_PAD], NEG, tl.float32)
-            for s_ in range(active):
-                m_s = tl.load(part_ptr + (row + s_) * G_PAD * W + offs_g * W + D_P, cache_modifier=".cg")
-                m_all = tl.maximum(m_all, m_s)
-            l_all = tl.zeros([G_PAD], tl.float32)
-            o = tl.zeros([G_PAD, D_P], tl.float32)
-            for s_ in range(active):
-                base = part_ptr + (row + s_) * G_PAD * W
-                w_s = tl.exp(tl.load(base + offs_g * W + D_P, cache_modifier=".cg") - m_all)
-                l_all += w_s * tl.load(base + offs_g * W + D_P + 1, cache_modifier=".cg")
-                o += w_s[:, None] * tl.load(base + offs_g[:, None] * W + offs_d[None, :], cache_modifier=".cg")
-            o = o / tl.where(l_all > 0, l_all, 1.0)[:, None]
+            o = merge_splits(part_ptr + row * G_PAD * W, active, offs_g, offs_d, G_PAD, D_P, W)
             tl.store(out, _jit.cast(o, out.dtype.element_ty, PRECISION), mask=o_mask)
             tl.atomic_xchg(count_ptr + b * HKV + kvh, 0)
 

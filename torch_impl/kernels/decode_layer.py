@@ -4,7 +4,8 @@ Stages, each built from the per-op kernels' device functions (`_jit.request` / `
 q/k epilogue of rmsnorm_qkv, decode attention's `attend_range`), in the per-op path's rounding:
   0 qkv: a task per q, k and v head - RMSNorm(x) (each task takes the statistic itself), the head's
     rows of w_qkv, q/k-norm and RoPE; q into a scratch row, k and v into the caches at the step's slot;
-  1 attention: a task per kv head - its query heads over the sequence's keys (no splits);
+  1 attention: a task per kv head and split - its query heads over the split's share of the keys
+    (flash-decoding: the last split of a kv head to finish merges the others' partials);
   2 o_proj + residual: a task per `block_n` hidden rows - xm = x + attn @ w_o.T;
   3 gate/up: a task per `block_n` intermediate rows - act = silu(gate) * up of RMSNorm(xm);
   4 down + residual: a task per `block_n` hidden rows - out = xm + act @ w_down.T.
@@ -39,7 +40,7 @@ from common.tiles import LayerTiles, next_pow2
 from torch_impl.kernels import _jit
 from torch_impl.kernels._lib import (check, check_device, check_float, interpreting, precision, split_weight,
                                      tiles_for)
-from torch_impl.kernels.decode_attention import attend_range
+from torch_impl.kernels.decode_attention import MIN_SPLIT_BLOCKS, attend_range, merge_splits, park_split, split_keys
 from torch_impl.kernels.rmsnorm_qkv import _finish_head, _head_inputs
 
 STAGES = 5
@@ -109,21 +110,38 @@ def _qkv_task(head, x_ptr, nw_ptr, w_ptr, s_ptr, qn_ptr, kn_ptr, cs_ptr, pos, sl
 
 
 @triton.jit
-def _attention_task(kvh, q_ptr, kc_ptr, vc_ptr, attn_ptr, ctx, blk0, num_blocks, block_size, stride_cslot,
-                    stride_ch, scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_KV: tl.constexpr,
-                    PRECISION: tl.constexpr):
+def _attention_task(t, q_ptr, kc_ptr, vc_ptr, attn_ptr, part_ptr, arr_ptr, ctx, blk0, num_blocks, block_size,
+                    stride_cslot, stride_ch, scale, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                    BLOCK_KV: tl.constexpr, SPLITS: tl.constexpr, PRECISION: tl.constexpr):
+    """Task t = kv head x SPLITS + split: the kv head's query heads over the split's share of the keys
+    (split_keys); with more than one active split each parks its partials and the last to arrive
+    (an acq_rel count per kv head, put back to 0 by that last one) merges them."""
+    kvh = t // SPLITS
+    split = t % SPLITS
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     g_ok = offs_g < G
     d_ok = offs_d < D
     heads = kvh * G + offs_g
     mask = g_ok[:, None] & d_ok[None, :]
+    active, start, end = split_keys(ctx, split, SPLITS, MIN_SPLIT_BLOCKS, BLOCK_KV)
     q = tl.load(q_ptr + heads[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-    acc, _, l_i = attend_range(q, kc_ptr, vc_ptr, kc_ptr, 0, kvh, 0, ctx, blk0, 0, num_blocks, block_size, 1, 0,
-                               stride_cslot, stride_ch, offs_d, d_ok, scale, G_PAD, D, BLOCK_KV, False, True, PRECISION)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    acc, m_i, l_i = attend_range(q, kc_ptr, vc_ptr, kc_ptr, 0, kvh, start, end, blk0, 0, num_blocks, block_size, 1,
+                                 0, stride_cslot, stride_ch, offs_d, d_ok, scale, G_PAD, D, BLOCK_KV, False, True,
+                                 PRECISION)
     dst = attn_ptr + heads[:, None] * D + offs_d[None, :]
-    tl.store(dst, _jit.cast(o, dst.dtype.element_ty, PRECISION), mask=mask)
+    if active == 1:
+        if split == 0:
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(dst, _jit.cast(o, dst.dtype.element_ty, PRECISION), mask=mask)
+    elif split < active:
+        W: tl.constexpr = D + 2
+        park_split(part_ptr + t * G_PAD * W, acc, m_i, l_i, offs_g, offs_d, D, W)
+        arrived = tl.atomic_add(arr_ptr + kvh, 1, sem="acq_rel", scope="gpu")
+        if arrived == active - 1:  # the last split merges all of them
+            o = merge_splits(part_ptr + kvh * SPLITS * G_PAD * W, active, offs_g, offs_d, G_PAD, D, W)
+            tl.store(dst, _jit.cast(o, dst.dtype.element_ty, PRECISION), mask=mask)
+            tl.atomic_xchg(arr_ptr + kvh, 0)
 
 
 @triton.jit
@@ -175,6 +193,7 @@ def _decode_layer_kernel(
     kc_ptr, vc_ptr,  # [num_slots, HKV, D] (flattened blocks)
     pos_ptr, slot_ptr, ctx_ptr, bt_ptr,  # [1] each: position, cache slot, context length, the sequence's block
     q_ptr, attn_ptr, act_ptr,  # scratch: [HQ * D], [HQ * D], [I]
+    part_ptr, arr_ptr,  # SPLITS > 1: float32 [HKV * SPLITS, G_PAD, D + 2] partials; int32 [HKV] arrivals, 0 between launches
     cnt_ptr, err_ptr,  # the layer state: int64 [1 + STAGES] (arrivals, done per stage), int32 [1]
     tim_ptr,  # TIMERS: int64 [P, SLOTS, 3]: each task's start, end of its wait, end (ns, %globaltimer)
     order_ptr,  # ORDERED: int32 [tasks]: the task run at each place of the list (a permutation within each stage)
@@ -184,7 +203,7 @@ def _decode_layer_kernel(
     P, SLOTS,  # programs in the grid; the most tasks one program runs (TIMERS' rows per program)
     H: tl.constexpr, I: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, G_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, BK_H: tl.constexpr, BK_A: tl.constexpr, BK_I: tl.constexpr, BLOCK_KV: tl.constexpr,
-    EVEN_H: tl.constexpr, EVEN_A: tl.constexpr, EVEN_I: tl.constexpr,
+    SPLITS: tl.constexpr, EVEN_H: tl.constexpr, EVEN_A: tl.constexpr, EVEN_I: tl.constexpr,
     PRECISION: tl.constexpr, QUANT: tl.constexpr, MAX_SPIN: tl.constexpr, TIMERS: tl.constexpr,
     ORDERED: tl.constexpr,
 ):
@@ -192,7 +211,7 @@ def _decode_layer_kernel(
     launch = ticket // P
     me = (ticket % P).to(tl.int32)
     T0 = HQ + 2 * HKV
-    T1 = HKV
+    T1 = HKV * SPLITS
     T2 = tl.cdiv(H, BLOCK_N)
     T3 = tl.cdiv(I, BLOCK_N)
     T4 = T2
@@ -218,8 +237,9 @@ def _decode_layer_kernel(
             arrive(cnt_ptr + 1)
         elif t < T0 + T1:
             waited = wait_count(cnt_ptr + 1, (launch + 1) * T0, err_ptr, MAX_SPIN, TIMERS)
-            _attention_task(t - T0, q_ptr, kc_ptr, vc_ptr, attn_ptr, ctx, blk0, num_blocks, block_size, stride_cslot,
-                            stride_ch, scale, HQ // HKV, G_PAD, D, BLOCK_KV, PRECISION)
+            _attention_task(t - T0, q_ptr, kc_ptr, vc_ptr, attn_ptr, part_ptr, arr_ptr, ctx, blk0, num_blocks,
+                            block_size, stride_cslot, stride_ch, scale, HQ // HKV, G_PAD, D, BLOCK_KV, SPLITS,
+                            PRECISION)
             arrive(cnt_ptr + 2)
         elif t < T0 + T1 + T2:
             waited = _residual_task(t - T0 - T1, attn_ptr, wo_ptr, so_ptr, x_ptr, xm_ptr, stride_so, cnt_ptr + 2,
@@ -260,6 +280,13 @@ class LayerState:
         if key not in self.scratch:
             self.scratch[key] = [torch.empty(n, dtype=dtype, device=self.counters.device) for n in sizes]
         return self.scratch[key]
+
+    def arrivals(self, n: int) -> torch.Tensor:
+        """n int32 counts, zeroed once: the attention splits' arrivals per kv head (each launch's last
+        split puts its count back to 0)."""
+        if ("arrivals", n) not in self.scratch:
+            self.scratch[("arrivals", n)] = torch.zeros(n, dtype=torch.int32, device=self.counters.device)
+        return self.scratch[("arrivals", n)]
 
     @classmethod
     def new(cls, device: torch.device, programs: int = 0) -> "LayerState":
@@ -339,17 +366,23 @@ def decode_layer(x: torch.Tensor, layer, k_cache: torch.Tensor, v_cache: torch.T
               f"{op}: {name} is {list(w.shape)} with strides {w.stride()}, expected contiguous [*, {k}]")
     tiles = tiles_for("decode_layer", op, tiles, LayerTiles, x.device, x.dtype, fmt, **layer_shape(cfg, 1))
     xm, q, attn_out, act = state.rows(x.dtype, h, hq * d, hq * d, i)
+    g_pad, splits = max(16, next_pow2(hq // hkv)), tiles.num_splits
+    part, arrivals = state.counters, state.counters  # (unused with one split)
+    if splits > 1:
+        part, = state.rows(torch.float32, hkv * splits * g_pad * (d + 2))
+        arrivals = state.arrivals(hkv)
     out = torch.empty_like(x) if out is None else out
     bk = tiles.block_k
     bk_h, bk_a, bk_i = min(bk, next_pow2(h)), min(bk, next_pow2(hq * d)), min(bk, next_pow2(i))
     args = [x, xm, out, layer.input_layernorm.weight, wqkv, sqkv, attn.q_norm.weight, attn.k_norm.weight, cos_sin,
             layer.post_attention_layernorm.weight, wo, so, wgu, sgu, wd, sd, k_cache, v_cache,
-            positions, slots, context_lens, block_tables, q, attn_out, act, state.counters, state.error,
-            state.counters if timers is None else timers, state.counters if order is None else order, k_cache.shape[0], k_cache.shape[1], cos_sin.shape[0],
+            positions, slots, context_lens, block_tables, q, attn_out, act, part, arrivals, state.counters, state.error,
+            state.counters if timers is None else timers, state.counters if order is None else order,
+            k_cache.shape[0], k_cache.shape[1], cos_sin.shape[0],
             stride_sqkv, stride_so, stride_sgu, stride_sd, cos_sin.stride(0), k_cache.stride(1), k_cache.stride(2),
             eps, 1.0 / math.sqrt(d)]
-    meta = dict(H=h, I=i, HQ=hq, HKV=hkv, D=d, G_PAD=max(16, next_pow2(hq // hkv)), BLOCK_N=tiles.block_n,
-                BK_H=bk_h, BK_A=bk_a, BK_I=bk_i, BLOCK_KV=tiles.block_kv, EVEN_H=h % bk_h == 0,
+    meta = dict(H=h, I=i, HQ=hq, HKV=hkv, D=d, G_PAD=g_pad, BLOCK_N=tiles.block_n,
+                BK_H=bk_h, BK_A=bk_a, BK_I=bk_i, BLOCK_KV=tiles.block_kv, SPLITS=splits, EVEN_H=h % bk_h == 0,
                 EVEN_A=(hq * d) % bk_a == 0, EVEN_I=i % bk_i == 0, PRECISION=precision(x.dtype),
                 QUANT=formats.get(fmt).code, MAX_SPIN=max_spin, TIMERS=False, ORDERED=order is not None,
                 num_warps=tiles.num_warps)
@@ -379,9 +412,9 @@ def decode_layer(x: torch.Tensor, layer, k_cache: torch.Tensor, v_cache: torch.T
 
 
 def stage_tasks(cfg, tiles: LayerTiles) -> list[int]:
-    """Tasks of each stage: qkv heads, kv heads, o_proj, gate/up and down row blocks."""
+    """Tasks of each stage: qkv heads, kv heads x splits, o_proj, gate/up and down row blocks."""
     h, i, bn = cfg.hidden_size, cfg.intermediate_size, tiles.block_n
-    return [cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.num_key_value_heads, -(-h // bn),
+    return [cfg.num_attention_heads + 2 * cfg.num_key_value_heads, cfg.num_key_value_heads * tiles.num_splits, -(-h // bn),
             -(-i // bn), -(-h // bn)]
 
 
