@@ -117,8 +117,8 @@ def parser(usage: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--ops", help=f"kernel ops (default all: {','.join(OPS)})")
     p.add_argument("--frameworks", default="jax,torch", help="kernel frameworks (default jax,torch)")
     p.add_argument("--new-tokens", type=_positive_int, help="decode tokens per run (default 256; --quick 64)")
-    p.add_argument("--prompt-len", type=_positive_int, metavar="N",
-                   help="decode: prompt tokens per sequence (default 16; --smoke 8)")
+    p.add_argument("--prompt-len", metavar="N[,N...]",
+                   help="prompt tokens per sequence (default 16; --smoke 8); ttft: a list, each length measured")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, interpreter mode, CPU: checks the code runs")
     p.add_argument("--quick", action="store_true", help="fewer repeats and 64 new tokens")
     p.add_argument("--budget-s", type=float, help="skip what is left after this many seconds (rows say so)")
@@ -247,11 +247,14 @@ def run(a) -> int:
     ctx = a.ctx or (32 if a.smoke else 1024)
     new_tokens = a.new_tokens or (4 if a.smoke else 64 if a.quick else 256)
     sampling = decode.parse_sampling(a.sampling)
-    prompt_len = a.prompt_len or (8 if a.smoke else 16)
+    prompt_lens = _ints(a.prompt_len or ("8" if a.smoke else "16"), "--prompt-len")
+    if len(prompt_lens) > 1 and a.command != "ttft":
+        raise SystemExit(f"error: --prompt-len {a.prompt_len}: {a.command} takes one length (ttft takes a list)")
+    prompt_len = prompt_lens[0]
     if a.command in ("decode", "ttft", "all"):
         room = min(c.max_position_embeddings for c in models.values())
-        if prompt_len + new_tokens > room:
-            raise SystemExit(f"error: --prompt-len {prompt_len} + --new-tokens {new_tokens}: more than the "
+        if max(prompt_lens) + new_tokens > room:
+            raise SystemExit(f"error: --prompt-len {max(prompt_lens)} + --new-tokens {new_tokens}: more than the "
                              f"{room} positions the chosen models hold")
     runs = 1 if a.smoke else 2 if a.quick else 3
     # wall clock, not time.monotonic(): the jobs' processes compare against it
@@ -266,7 +269,7 @@ def run(a) -> int:
     refuse_existing(out)
     settings = dict(command=a.command, models=list(models), smoke=a.smoke, quick=a.quick, ops=ops,
                     frameworks=frameworks, impls=impls, batches=batches, prefill=prefill, hf_batches=hf_batches,
-                    ctx=ctx, prompt_len=prompt_len, new_tokens=new_tokens, runs=runs, sampling=sampling,
+                    ctx=ctx, prompt_len=prompt_len if a.command != "ttft" else prompt_lens, new_tokens=new_tokens, runs=runs, sampling=sampling,
                     random_weights=a.random_weights, tensor_parallel_sizes=tps, tiles=tile_modes,
                     timing=dataclasses.asdict(plan), min_layer_bytes=ks.min_bytes, budget_s=a.budget_s,
                     isolation="in-process" if a.in_process else "process per job")
@@ -318,17 +321,20 @@ def run(a) -> int:
     if a.command == "ttft":
         from bench import ttft
 
+        runs = ttft.SMOKE_RUNS if a.smoke else ttft.RUNS
         with tempfile.TemporaryDirectory(prefix="bench-smoke-ckpt-") as tmp:
             for m in models:
                 try:
                     path = _checkpoint(m, models[m], a, Path(tmp), tokenizer=True).resolve()
                 except Exception as e:  # noqa: BLE001 - the rows say why
-                    for r in ttft.expected_rows(frameworks, [m], prompt_len, new_tokens, "auto"):
+                    for r in ttft.expected_rows(frameworks, [m], prompt_lens, new_tokens, "auto", runs):
                         res.add(dict(r, error=f"checkpoint: {type(e).__name__}: {e}"))
                     continue
                 for fw in frameworks:
                     _progress(f"ttft {fw} {m}")
-                    ttft.measure(fw, m, path, prompt_len, new_tokens, fused="auto", emit=res.add, progress=_progress)
+                    for n in prompt_lens:
+                        ttft.measure(fw, m, path, n, new_tokens, fused="auto", emit=res.add, progress=_progress,
+                                     runs=runs)
                     jobs_bar.update(1)
 
     if a.command in ("decode", "all"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -556,8 +557,10 @@ def test_default_out_is_under_the_current_directory_and_never_overwritten(fake_w
         main(["report", str(out), "--out", str(out)])
 
 
-@pytest.mark.parametrize("value, why", [("0", "expected a positive integer"), ("x", "expected a positive integer"),
-                                        ("5000", "more than the 4096 positions")])
+@pytest.mark.parametrize("value, why", [("0", "expected comma-separated positive integers"),
+                                        ("x", "expected comma-separated positive integers"),
+                                        ("5000", "more than the 4096 positions"),
+                                        ("8,32", "decode takes one length (ttft takes a list)")])
 def test_bad_prompt_len_is_one_error_line(value, why, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["decode", "--smoke", "--impls", "jax-plain", "--prompt-len", value, "--out", str(tmp_path / "o")])
@@ -870,6 +873,30 @@ def test_ttft_smoke(tmp_path):
     jax_rows = {r["run"]: r for r in rows if r["framework"] == "jax"}
     assert jax_rows["fresh"]["compile_first_s"] > 0  # a fresh cache compiles the prefill program
     assert "Time to first token" in (out / "bench.md").read_text()
+
+
+def test_ttft_measures_every_prompt_length_and_a_new_bucket(monkeypatch):
+    """bench ttft's rows: each prompt length of the list, four runs; the new-bucket run warms a
+    prompt bucket other than the call's, in caches of its own; the others share theirs."""
+    from bench import ttft
+    from common.buckets import prompt_bucket
+
+    calls = []
+    monkeypatch.setattr(ttft, "run_once", lambda cmd, env: calls.append((cmd, env["XDG_CACHE_HOME"])) or
+                        dict(first_text_s=1.0, wall_s=2.0))
+    rows = []
+    for n in (8, 100):
+        ttft.measure("jax", "m", Path("/ckpt"), n, 32, fused="auto", emit=rows.append, progress=lambda s: None)
+    assert [(r["prompt_len"], r["run"]) for r in rows] == [(n, run) for n in (8, 100) for run in ttft.RUNS]
+    assert rows == [dict(r, first_text_s=1.0, wall_s=2.0)
+                    for r in ttft.expected_rows(["jax"], ["m"], [8, 100], 32, "auto")]
+    for n, (cmd, cache), run in zip([8] * 4 + [100] * 4, calls, list(ttft.RUNS) * 2):
+        warm = cmd[cmd.index("--warmup") + 1] if "--warmup" in cmd else None
+        if run == "new-bucket":
+            other = int(warm.split("x")[1])
+            assert prompt_bucket(other, 4096) != prompt_bucket(n, 4096) and cache.endswith("own/xdg")
+        else:
+            assert cache.endswith("shared/xdg") and (warm is None) == (run != "warm")
 
 
 def test_ttft_reads_the_commands_stderr_line():
