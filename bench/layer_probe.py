@@ -28,11 +28,35 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=300, help="context length of the token (default %(default)s)")
     p.add_argument("--layers", type=int, default=0, help="layers in the chain (default 0: the preset's all)")
     p.add_argument("--max-spin", type=int, default=1 << 22, help="bound of every wait (0: unbounded)")
+    p.add_argument("--tiles", type=_tile_specs, default=[None], metavar="SPEC[;SPEC...]",
+                   help="layer tiles to time, each a row: LayerTiles fields as name=value,... (e.g. "
+                        "'block_n=32,num_splits=4;num_splits=1'; 'default': the lookup's) (default: default)")
     p.add_argument("--out", type=Path, help="write the rows as JSON to this new file (never overwritten)")
     return p
 
 
-def probe(preset: str, ctx: int, layers: int, max_spin: int) -> dict:
+def _tile_specs(text: str) -> list[dict | None]:
+    """argparse type of --tiles: ';'-separated specs, each 'default' or LayerTiles fields name=value,..."""
+    from common.tiles import LayerTiles
+
+    specs = []
+    for spec in (s.strip() for s in text.split(";") if s.strip()):
+        if spec == "default":
+            specs.append(None)
+            continue
+        try:
+            fields = {k.strip(): int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+            LayerTiles(**fields)
+        except (ValueError, TypeError) as e:
+            raise argparse.ArgumentTypeError(f"{spec!r}: expected LayerTiles fields as name=value,... ({e})") from None
+        specs.append(fields)
+    if not specs:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected at least one spec")
+    return specs
+
+
+def probe(preset: str, ctx: int, layers: int, max_spin: int, variants=(None,)) -> list[dict]:
+    """One row per tile variant (None: the lookup's tiles), the per-op chain timed once for all."""
     import torch
 
     import torch_impl
@@ -56,44 +80,56 @@ def probe(preset: str, ctx: int, layers: int, max_spin: int) -> dict:
                          cu_seqlens_k=None, context_lens=step["context_lens"], block_tables=step["block_tables"],
                          max_seqlen_q=1, max_seqlen_k=ctx, is_prefill=False)
     x0 = torch.randn(1, cfg.hidden_size, device="cuda").to(torch.bfloat16)
-    state = K.LayerState.new(torch.device("cuda"))
     cos_sin = model.model.cos_sin
+    default = K.tiles_for("decode_layer", "layer_probe", None, K.LayerTiles, x0.device, x0.dtype, None,
+                          **K.layer_shape(cfg, 1))
 
-    def per_op(i, x):
+    def per_op(i, x, _):
         layer = model.model.layers[i]
         layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache = caches[i][0], caches[i][1]
         return layer(meta, x, cos_sin)
 
-    def one_launch(i, x):
-        return K.decode_layer(x, model.model.layers[i], caches[i][0], caches[i][1], cos_sin, state=state,
-                              eps=cfg.rms_norm_eps, max_spin=max_spin, **step)
+    def one_launch(i, x, v):
+        return K.decode_layer(x, model.model.layers[i], caches[i][0], caches[i][1], cos_sin, state=v["state"],
+                              eps=cfg.rms_norm_eps, tiles=v["tiles"], max_spin=max_spin, **step)
 
-    out = {}
-    finals = {}
+    def timed(fn, v):
+        """(seconds per layer of the chain in a CUDA graph, the final hidden state of one pass)."""
+        x = x0
+        for i in range(n):
+            x = fn(i, x, v)
+        chain = {"x": x0}
+
+        def call(i):
+            chain["x"] = fn(i, chain["x"] if i else x0, v)
+        return time_torch_chain(call, n, torch.device("cuda"), TimingPlan(), state=chain)["median_s"] / n, x.float()
+
+    rows = []
     with torch.inference_mode():
-        for name, fn in (("per_op", per_op), ("one_launch", one_launch)):
-            x = x0
-            for i in range(n):
-                x = fn(i, x)
-            finals[name] = x.float()
-            chain = {"x": x0}
+        per_op_s, per_op_final = timed(per_op, None)
+        for fields in variants:
+            tiles = default if fields is None else K.LayerTiles(**fields)
+            v = dict(tiles=tiles, state=K.LayerState.new(torch.device("cuda")))
+            one_s, final = timed(one_launch, v)
+            # one more launch of the first layer with the kernel's timers: where its time goes, per stage
+            state = v["state"]
+            timers = K.timer_buffer(cfg, tiles, state.programs, x0.device)
+            K.decode_layer(x0, model.model.layers[0], caches[0][0], caches[0][1], cos_sin, state=state,
+                           eps=cfg.rms_norm_eps, tiles=tiles, max_spin=max_spin, timers=timers, **step)
+            torch.cuda.synchronize()
+            rows.append(dict(preset=preset, tiles=dataclasses.asdict(tiles), default_tiles=fields is None,
+                             stages=K.stage_times(timers, cfg, tiles, state.programs), ctx=ctx, layers=n,
+                             programs=state.programs, error_flag=int(state.error.item()),
+                             per_op_us=per_op_s * 1e6, one_launch_us=one_s * 1e6, speedup=per_op_s / one_s,
+                             max_abs_diff=float((per_op_final - final).abs().max()),
+                             device=torch.cuda.get_device_name()))
+    return rows
 
-            def call(i, fn=fn, chain=chain):
-                chain["x"] = fn(i, chain["x"] if i else x0)
-            out[name] = time_torch_chain(call, n, torch.device("cuda"), TimingPlan(), state=chain)["median_s"] / n
-        # one more launch of the first layer with the kernel's timers: where its time goes, per stage
-        tiles = K.tiles_for("decode_layer", "layer_probe", None, K.LayerTiles, x0.device, x0.dtype, None,
-                            **K.layer_shape(cfg, 1))
-        timers = K.timer_buffer(cfg, tiles, state.programs, x0.device)
-        K.decode_layer(x0, model.model.layers[0], caches[0][0], caches[0][1], cos_sin, state=state, eps=cfg.rms_norm_eps,
-                       max_spin=max_spin, timers=timers, **step)
-        torch.cuda.synchronize()
-        stages = K.stage_times(timers, cfg, tiles, state.programs)
-    return dict(preset=preset, stages=stages, ctx=ctx, layers=n, programs=state.programs, error_flag=int(state.error.item()),
-                per_op_us=out["per_op"] * 1e6, one_launch_us=out["one_launch"] * 1e6,
-                speedup=out["per_op"] / out["one_launch"],
-                max_abs_diff=float((finals["per_op"] - finals["one_launch"]).abs().max()),
-                device=torch.cuda.get_device_name())
+
+def _tiles_text(row: dict) -> str:
+    t = row["tiles"]
+    return ("default " if row["default_tiles"] else "") + \
+        f"n{t['block_n']} k{t['block_k']} kv{t['block_kv']} s{t['num_splits']} w{t['num_warps']}"
 
 
 def main(argv=None) -> int:
@@ -114,19 +150,21 @@ def main(argv=None) -> int:
         print("error: python -m bench.layer_probe needs a CUDA GPU", file=sys.stderr)
         return 2
     rows = []
-    print("| preset | ctx | layers | programs | per-op us/layer | one launch us/layer | speedup | max diff | errors |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| preset | tiles | ctx | layers | programs | per-op us/layer | one launch us/layer | speedup | max diff | "
+          "errors |\n|---|---|---|---|---|---|---|---|---|---|")
     for preset in presets:
         print(f"probing {preset} ...", file=sys.stderr, flush=True)
-        r = probe(preset, a.ctx, a.layers, a.max_spin)
-        rows.append(r)
-        print(f"| {preset} | {r['ctx']} | {r['layers']} | {r['programs']} | {r['per_op_us']:.2f} | "
-              f"{r['one_launch_us']:.2f} | {r['speedup']:.3f} | {r['max_abs_diff']:.3g} | {r['error_flag']} |", flush=True)
-    print("\n| preset | stage | tasks | wait us (mean) | work us (mean) | from us | to us |\n|---|---|---|---|---|---|---|")
+        for r in probe(preset, a.ctx, a.layers, a.max_spin, a.tiles):
+            rows.append(r)
+            print(f"| {preset} | {_tiles_text(r)} | {r['ctx']} | {r['layers']} | {r['programs']} | {r['per_op_us']:.2f} | "
+                  f"{r['one_launch_us']:.2f} | {r['speedup']:.3f} | {r['max_abs_diff']:.3g} | {r['error_flag']} |",
+                  flush=True)
+    print("\n| preset | tiles | stage | tasks | wait us (mean) | work us (mean) | from us | to us |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         for st in r["stages"]:
-            print(f"| {r['preset']} | {st['stage']} | {st['tasks']} | {st['wait_us']:.2f} | {st['work_us']:.2f} | "
-                  f"{st['start_us']:.2f} | {st['end_us']:.2f} |")
+            print(f"| {r['preset']} | {_tiles_text(r)} | {st['stage']} | {st['tasks']} | {st['wait_us']:.2f} | "
+                  f"{st['work_us']:.2f} | {st['start_us']:.2f} | {st['end_us']:.2f} |")
     if a.out is not None:
         a.out.parent.mkdir(parents=True, exist_ok=True)
         with open(a.out, "x") as f:
