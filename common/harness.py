@@ -39,12 +39,15 @@ def resolve_fused(fused) -> str | bool:
     raise ValueError(f"fused={fused!r}: expected 'auto', True ('on') or False ('off')")
 
 
-def check_token_ids(token_ids, vocab_size: int) -> np.ndarray:
+def check_token_ids(token_ids, vocab_size: int, max_len: int | None = None) -> np.ndarray:
+    """int [batch, seq] ids of the vocabulary, at most `max_len` (max_position_embeddings) per row."""
     ids = np.asarray(token_ids)
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"token_ids: expected an integer array [batch, seq], got {ids.dtype} {ids.shape}")
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise ValueError(f"token_ids: ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    if max_len is not None and ids.shape[1] > max_len:
+        raise ValueError(f"token_ids: {ids.shape[1]} tokens exceed max_position_embeddings={max_len}")
     return ids
 
 

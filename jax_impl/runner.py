@@ -198,11 +198,8 @@ class JaxRunner(harness.Runner):
 
     # ----- Runner ------------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
-        ids = harness.check_token_ids(token_ids, self.config.vocab_size)
+        ids = harness.check_token_ids(token_ids, self.config.vocab_size, self.config.max_position_embeddings)
         b, l = ids.shape
-        if l > self.config.max_position_embeddings:
-            raise ValueError(f"token_ids: {l} tokens exceed max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
         caches = self.init_caches(b, l)
         out = self.programs.forward_logits(self.state, jnp.asarray(ids, jnp.int32),
                                            jnp.full((b,), l, jnp.int32), caches)
@@ -336,18 +333,3 @@ class JaxRunner(harness.Runner):
             if errors:
                 raise errors[0]
         return wait
-
-
-def load(model_dir: str | Path, options: LoadOptions | None = None, **kwargs) -> JaxRunner:
-    """A runner over a Hugging Face Qwen3 checkpoint directory. options: common.load_options.LoadOptions,
-    or its fields as keywords (jax_impl takes dtype, fused, quantization, tensor_parallel_size,
-    lm_head_shard, warmup, compile_cache): warmup's (batch, prompt tokens, new tokens) shapes compile at
-    load, each covering the calls of its batch bucket with at most that many prompt and new tokens;
-    compile_cache is jax's persistent compilation cache (jax_impl/compilation.py); tensor parallel
-    splits the model over local devices (jax_impl/parallel.py)."""
-    return JaxRunner(model_dir, options, **kwargs)
-
-
-def load_random(config, options: LoadOptions | None = None, *, seed: int = 0, **kwargs) -> JaxRunner:
-    """A runner over random weights of a preset name or Qwen3Config (benchmarks, tuning: no checkpoint)."""
-    return JaxRunner.random(config, options, seed=seed, **kwargs)

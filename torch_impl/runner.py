@@ -132,23 +132,14 @@ class TorchRunner(harness.Runner):
                 fill_random(model, torch.Generator(device=device).manual_seed(seed),
                             model if session is None else build_model(cfg, tdtype, torch.device("meta"), False,
                                                                       opts.quantization))
-            runner = cls.from_model(model, opts, session=session)
+            runner = cls.__new__(cls)
+            runner._setup(model, opts, session=session)
         except BaseException as e:
             if session is not None:
                 session.close(abort=True, why=f"{type(e).__name__} while loading")
             raise
         runner.compile_cache = compile_cache
         runner.warmup_s = runner.warmup(opts.warmup) if opts.warmup else 0.0
-        return runner
-
-    @classmethod
-    def from_model(cls, model: Qwen3ForCausalLM, options: LoadOptions | None = None, *,
-                   session: workers.Session | None = None, **kwargs) -> "TorchRunner":
-        """A runner over a model built and filled elsewhere (random weights made on the GPU); options:
-        the cache's (block_size, max_cache_tokens, cuda_graphs) as common.load_options.LoadOptions or
-        keywords."""
-        runner = cls.__new__(cls)
-        runner._setup(model, LoadOptions.of("torch", options, **kwargs), session=session)
         return runner
 
     def _setup(self, model: Qwen3ForCausalLM, opts: LoadOptions, *, session: workers.Session | None = None) -> None:
@@ -268,11 +259,7 @@ class TorchRunner(harness.Runner):
 
     # ----- Runner -------------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
-        cfg = self.config
-        ids = harness.check_token_ids(token_ids, cfg.vocab_size)
-        if ids.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(f"token_ids: {ids.shape[1]} tokens exceed max_position_embeddings="
-                             f"{cfg.max_position_embeddings}")
+        ids = harness.check_token_ids(token_ids, self.config.vocab_size, self.config.max_position_embeddings)
         if self._session is None:
             return self._logits(ids)
         self._end_stream()
@@ -471,16 +458,3 @@ _cache_state: dict = {}
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def load(model_dir: str | Path, options: LoadOptions | None = None, **kwargs) -> TorchRunner:
-    """A runner over a Hugging Face Qwen3 checkpoint directory. options: common.load_options.LoadOptions,
-    or its fields as keywords (torch_impl takes all of them: dtype, fused, quantization,
-    tensor_parallel_size, lm_head_shard, warmup, compile_cache, device, block_size, max_cache_tokens,
-    cuda_graphs)."""
-    return TorchRunner(model_dir, options, **kwargs)
-
-
-def load_random(config, options: LoadOptions | None = None, *, seed: int = 0, **kwargs) -> TorchRunner:
-    """A runner over random weights of a preset name or Qwen3Config (benchmarks, tuning: no checkpoint)."""
-    return TorchRunner.random(config, options, seed=seed, **kwargs)
