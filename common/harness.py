@@ -16,6 +16,8 @@ from __future__ import annotations
 import abc
 import importlib
 import importlib.util
+import logging
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -102,12 +104,29 @@ class Runner(abc.ABC):
         return self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_set(eos_token_id),
                          chunk=chunk, **kwargs)
 
+    def warmup(self, shapes) -> float:
+        """Compile (build) ahead of time what each shape in `shapes` needs (`warmup_shapes`: (batch,
+        prompt tokens, new tokens), greedy unless a dict names the sampling); returns seconds."""
+        t0 = time.perf_counter()
+        specs = warmup_shapes(shapes)
+        for s in self._warmup_order(specs):
+            for _ in self._checked_run([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], s["temperature"],
+                                       s["top_k"], s["top_p"], 0, None, chunk=self.generate_chunk, warm=True):
+                pass
+        seconds = time.perf_counter() - t0
+        twin = type(self).__module__.partition(".")[0]  # its logger: "jax_impl"
+        logging.getLogger(twin).debug(f"{twin}: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")  # the CLI says it
+        return seconds
+
+    def _warmup_order(self, specs: list[dict]) -> list[dict]:
+        return specs
+
     @abc.abstractmethod
     def _run(self, prompts, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
              eos: frozenset[int], *, chunk: int | None) -> Iterator[list[list[int]]]:
         """Generate for checked arguments: yield every prompt's new tokens so far (`trim_at_eos`), as
         often as the runner can (at most every `chunk` decode steps, or None: when it likes); the last
-        yield holds the whole answer."""
+        yield holds the whole answer. `warmup` passes warm=True."""
 
 
 SAMPLING_DEFAULTS = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0, eos_token_id=None)

@@ -19,6 +19,7 @@ from common import tiles as tiles_mod
 from common.fused import FusedUnavailable  # noqa: F401 - jax_impl.ops.FusedUnavailable
 from common.ops import Ops
 from jax_impl import plain
+from jax_impl.arrays import device_info
 
 TWIN = fused_mod.Twin(name="jax_impl", kernels="Pallas kernels", plain="plain XLA path", plain_where="in XLA",
                       no_gpu="no CUDA GPU")
@@ -26,18 +27,11 @@ PLAIN_OPS = Ops.every(plain, "plain")
 
 
 def gpu_capability() -> tuple[int, int] | None:
-    """(major, minor) of the default CUDA device, or None off CUDA."""
+    """(major, minor) of the default CUDA device, or None off CUDA (jax_impl.arrays.device_info's)."""
     try:
-        dev = jax.devices()[0]
-    except RuntimeError:
+        return device_info().capability
+    except RuntimeError:  # no backend at all
         return None
-    if dev.platform != "gpu":
-        return None
-    cc = getattr(dev, "compute_capability", None)
-    if cc is None:
-        return None
-    major, _, minor = str(cc).partition(".")
-    return int(major), int(minor or 0)
 
 
 def _here() -> fused_mod.Here:
@@ -49,8 +43,6 @@ def _load() -> None:
 
 
 def _describe() -> str:
-    from jax_impl.kernels._lib import device_info  # noqa: PLC0415
-
     info = device_info()
     return (f"fused='auto' -> Pallas kernels or plain XLA per op and shape on {info.name} (from "
             f"{tiles_mod.sources('jax', info)}; by default attention always, the projections at one token per step)")

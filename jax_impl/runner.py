@@ -167,19 +167,6 @@ class JaxRunner(harness.Runner):
         self.last_stats: dict = {}
         self.warmup_s = self.warmup(opts.warmup) if opts.warmup else 0.0
 
-    def warmup(self, shapes) -> float:
-        """Compile ahead of time the programs of each shape in `shapes` (common.harness.warmup_shapes:
-        (batch, prompt tokens, new tokens), greedy unless a dict names the sampling); returns seconds."""
-        t0 = time.perf_counter()
-        specs = harness.warmup_shapes(shapes)
-        for s in specs:
-            for _ in self._checked_run([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], s["temperature"],
-                                       s["top_k"], s["top_p"], 0, None, chunk=None, warm=True):
-                pass
-        seconds = time.perf_counter() - t0
-        log.debug(f"jax_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")  # the CLI reports it
-        return seconds
-
     def init_caches(self, batch: int, rows: int) -> list:
         """Empty per-layer (k, v) caches for the programs: [batch, rows, Hkv, D] in the model dtype,
         split on the kv heads under tensor parallelism."""

@@ -172,20 +172,9 @@ class TorchRunner(harness.Runner):
             self._end_stream()
             self._session.close()
 
-    def warmup(self, shapes) -> float:
-        """Build ahead of time what each shape in `shapes` needs (Triton kernels, the KV cache, the
-        decode step's CUDA graph for its batch bucket): common.harness.warmup_shapes; returns seconds."""
-        t0 = time.perf_counter()
-        specs = harness.warmup_shapes(shapes)
-        for s in self._largest_cache_first(specs):
-            self.generate([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], temperature=s["temperature"],
-                          top_k=s["top_k"], top_p=s["top_p"])
-        seconds = time.perf_counter() - t0
-        log.debug(f"torch_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")  # the CLI reports it
-        return seconds
-
-    def _largest_cache_first(self, specs: list[dict]) -> list[dict]:
-        """The warm-up shapes, after sizing the KV cache once for all of them (the largest batch at
+    def _warmup_order(self, specs: list[dict]) -> list[dict]:
+        """The warm-up shapes (each builds its Triton kernels, KV cache and its batch bucket's decode
+        step, a CUDA graph), after sizing the KV cache once for all of them (the largest batch at
         the longest sequence, within max_cache_tokens): shape by shape, one needing a larger cache
         than those before it would replace the cache, and with it the decode steps (CUDA graphs)
         built for them. Under tensor parallelism each rank sizes its own cache per call: there the
@@ -298,7 +287,7 @@ class TorchRunner(harness.Runner):
                 raise workers.RankFailed(f"unknown command {op} from rank 0")
 
     # ----- internals ----------------------------------------------------------------------------
-    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, *, chunk: int):
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, *, chunk: int, warm=False):
         if self._session is None:
             yield from self._decode(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, chunk)
             return
