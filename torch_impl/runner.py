@@ -1,17 +1,16 @@
 """`torch_impl.load(model_dir, *, dtype, fused) -> Runner`: the model on its own, without nano-vllm.
 
 Loading streams the checkpoint through common.weights' one name map (`Checkpoint.iter_params`).
-Generation: all prompts are prefilled together (variable-length attention), then one decode step
-per token for the whole batch over a KV cache in nano-vllm's paged layout. By default
-(`block_size=None`) each sequence owns one block, sized per call to its prompt plus new tokens
-(rounded up to 256 rows): decode attention then reads each sequence's block id once and streams
-its keys at affine addresses (Qwen3-0.6B batch 1 on the H100: 1,151 against 1,102 tok/s with
-256-row blocks, same run); `block_size=N` gives nano-vllm's N-row blocks instead. On CUDA each
-decode step is one CUDA-graph replay per batch bucket (1, 2, 4, ... sequences, padded): the graph
-embeds, runs every layer, the head, greedy argmax and advances positions/slots/lengths on the
-device, so the host only replays and checks for eos every `chunk` steps. Sampling with
-temperature draws inside the step too (torch_impl.sampling, common/sampling.py's rules, a seeded
-torch.Generator registered with the graph); under tensor parallelism rank 0 samples eagerly.
+Generation: all prompts are prefilled together (variable-length attention), then one decode step per
+token for the whole batch over a KV cache in nano-vllm's paged layout. By default (`block_size=None`)
+each sequence owns one block, sized per call to its prompt plus new tokens (rounded up to 256 rows):
+decode attention then reads each sequence's block id once and streams its keys at affine addresses
+(faster than 256-row blocks: docs/MEASUREMENTS.md); `block_size=N` gives nano-vllm's N-row blocks
+instead. On CUDA each decode step is one CUDA-graph replay per batch bucket (1, 2, 4, ... sequences,
+padded): the graph embeds, runs every layer, the head, greedy argmax and advances
+positions/slots/lengths on the device, so the host only replays and checks for eos every `chunk` steps.
+Sampling with temperature draws inside the step too (torch_impl.sampling, common/sampling.py's rules, a
+seeded torch.Generator registered with the graph); under tensor parallelism rank 0 samples eagerly.
 
 `tensor_parallel_size=N` (torch_impl/workers.py): the caller is rank 0 and starts ranks 1..N-1 as
 processes (or, under torchrun, every rank is one); each builds and loads only its shard
