@@ -61,12 +61,18 @@ class Runner(abc.ABC):
     name: str = "runner"
     config: Qwen3Config
     generate_chunk: int | None = None  # decode steps per round of a plain generate (None: the budget at once)
+    ops = None  # a twin's: the common.ops.Ops its model runs (op_paths)
 
     @property
     def decode_path(self) -> str:
         """What the last decode step ran: "per-op" (each op its kernel or plain op), or "one launch per
         layer" (torch_impl's decode_layer kernel, where the tile lookup chooses it)."""
         return "per-op"
+
+    @property
+    def op_paths(self) -> dict[str, str]:
+        """A twin's: what runs each op, "fused", "plain", or "per-shape" (fused="auto"'s lookup per shape)."""
+        return dict(self.ops.paths)
 
     @abc.abstractmethod
     def logits(self, token_ids) -> np.ndarray:

@@ -149,7 +149,7 @@ class JaxRunner(harness.Runner):
             log.info(f"jax_impl: projections in {self.weight_format} (weight-only; activations {self.dtype})")
         self.compile_cache = enable_persistent_cache(opts.compile_cache)
         check_weight_format(opts.fused, self.weight_format)  # before a weight is read
-        ops = choose_ops(opts.fused)
+        self.ops = ops = choose_ops(opts.fused)
         if self.parallel is None:
             self.model = Qwen3(cfg, params_for(jnp.dtype(dtype)), ops)
             graphdef, self.state = nnx.split(self.model)
@@ -177,11 +177,6 @@ class JaxRunner(harness.Runner):
         """Bytes of the model's arrays on one device (every weight, quantized ones as stored, and the
         RoPE table; under tensor parallelism one rank's shards and copies)."""
         return sum(int(x.addressable_shards[0].data.nbytes) for x in jax.tree.leaves(self.state))
-
-    @property
-    def op_paths(self) -> dict[str, str]:
-        """What runs each op: "fused", "plain", or "per-shape" (fused="auto"'s measured table)."""
-        return dict(self.model.ops.paths)
 
     # ----- Runner ------------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
@@ -220,7 +215,7 @@ class JaxRunner(harness.Runner):
                        use_top_p=bool(not greedy and top_p < 1.0))
         # the compiled shapes: geometric buckets of the batch, the prompt and the cache (common.buckets)
         # half steps: a 16-token prompt and 256 new tokens keep 384 rows (at 512 decode attention
-        # splits the context in two at batch 1: Qwen3-0.6B on an H200 1,291 vs 1,345-1,358 tok/s)
+        # splits the context in two at batch 1, slower: docs/MEASUREMENTS.md)
         key = (buckets.batch_bucket(b), buckets.prompt_bucket(int(lengths.max()), cfg.max_position_embeddings),
                buckets.cache_bucket(int(lengths.max()) + max_new_tokens, cfg.max_position_embeddings, half_steps=True),
                greedy, statics["k_cap"], statics["use_top_p"])

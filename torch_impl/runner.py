@@ -83,17 +83,11 @@ class TorchRunner(harness.Runner):
         opts = LoadOptions.of("torch", options, **kwargs)
         self.compile_cache = use_compile_cache(opts.compile_cache)
         ckpt = Checkpoint(model_dir)
-        fmt = ckpt.weight_format(opts.quantization)
-        check_weight_format(opts.fused, fmt, opts.device)  # before a weight is read, or a rank is started
-        spec = workers.Spec("load", str(model_dir), _rank_options(opts), TorchRunner)
-        session = workers.start(ckpt.config, opts.tensor_parallel_size, opts.device, fmt, spec)
-        device = session.device if session else _default_device(opts.device)
-        if device.type == "cpu":
-            use_cpu_threads()
-        tdtype = getattr(torch, opts.dtype)
-        try:
-            model = build_model(ckpt.config, tdtype, device, opts.fused, None if fmt == "bf16" else fmt,
-                                tp_group=session.tp if session else SINGLE, lm_head_shard=opts.lm_head_shard)
+
+        def load_weights(model, device, session) -> None:
+            if device.type == "cpu":
+                use_cpu_threads()
+            tdtype = getattr(torch, opts.dtype)
             convert_quant = lambda w: QWeight(to_torch(w.q, device), torch.from_numpy(w.scale).to(device), w.fmt)  # noqa: E731
             convert = lambda t: t.to(device, tdtype)  # noqa: E731
             if session is not None:  # whole tensors stay on the host, one at a time; each loader keeps this rank's part
@@ -102,12 +96,9 @@ class TorchRunner(harness.Runner):
                 model.load_params(ckpt.iter_params("pt", concat=lambda parts: torch.cat(parts, dim=0), convert=convert,
                                                    quantization=opts.quantization, convert_quant=convert_quant,
                                                    all_finite=_all_finite))  # NaN/inf: WeightsError
-            self._setup(model, opts, session=session)
-        except BaseException as e:
-            if session is not None:
-                session.close(abort=True, why=f"{type(e).__name__} while loading")
-            raise
-        self.warmup_s = self.warmup(opts.warmup) if opts.warmup else 0.0
+
+        self._build(ckpt.config, opts, ckpt.weight_format(opts.quantization),
+                    workers.Spec("load", str(model_dir), _rank_options(opts), TorchRunner), load_weights)
 
     @classmethod
     def random(cls, config, options: LoadOptions | None = None, *, seed: int = 0, **kwargs) -> "TorchRunner":
@@ -117,33 +108,39 @@ class TorchRunner(harness.Runner):
         tensor_parallel_size draws the same values (each rank keeps its shard of the whole draws)."""
         opts = LoadOptions.of("torch", options, **kwargs)
         cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
-        compile_cache = use_compile_cache(opts.compile_cache)
-        fmt = opts.quantization or "bf16"
-        check_weight_format(opts.fused, fmt, opts.device)
-        session = workers.start(cfg, opts.tensor_parallel_size, opts.device, fmt,
-                                workers.Spec("random", cfg, dict(_rank_options(opts), seed=seed), TorchRunner))
+        runner = cls.__new__(cls)
+        runner.compile_cache = use_compile_cache(opts.compile_cache)
+
+        def draw(model, device, session) -> None:
+            whole = model if session is None else build_model(cfg, getattr(torch, opts.dtype), torch.device("meta"),
+                                                              False, opts.quantization)
+            with torch.no_grad():
+                fill_random(model, torch.Generator(device=device).manual_seed(seed), whole)
+
+        runner._build(cfg, opts, opts.quantization or "bf16",
+                      workers.Spec("random", cfg, dict(_rank_options(opts), seed=seed), TorchRunner), draw)
+        return runner
+
+    def _build(self, cfg, opts: LoadOptions, fmt: str, spec: workers.Spec, fill) -> None:
+        """Start the tensor-parallel ranks (each builds as `spec` says), build this rank's model in `fmt`,
+        `fill(model, device, session)` its weights, set up and warm up; a failure ends the ranks."""
+        check_weight_format(opts.fused, fmt, opts.device)  # before a weight is read, or a rank is started
+        session = workers.start(cfg, opts.tensor_parallel_size, opts.device, fmt, spec)
         device = session.device if session else _default_device(opts.device)
         try:
-            tdtype = getattr(torch, opts.dtype)
-            model = build_model(cfg, tdtype, device, opts.fused, opts.quantization,
+            model = build_model(cfg, getattr(torch, opts.dtype), device, opts.fused, None if fmt == "bf16" else fmt,
                                 tp_group=session.tp if session else SINGLE, lm_head_shard=opts.lm_head_shard)
-            with torch.no_grad():
-                fill_random(model, torch.Generator(device=device).manual_seed(seed),
-                            model if session is None else build_model(cfg, tdtype, torch.device("meta"), False,
-                                                                      opts.quantization))
-            runner = cls.__new__(cls)
-            runner._setup(model, opts, session=session)
+            fill(model, device, session)
+            self._setup(model, opts, session=session)
         except BaseException as e:
             if session is not None:
                 session.close(abort=True, why=f"{type(e).__name__} while loading")
             raise
-        runner.compile_cache = compile_cache
-        runner.warmup_s = runner.warmup(opts.warmup) if opts.warmup else 0.0
-        return runner
+        self.warmup_s = self.warmup(opts.warmup) if opts.warmup else 0.0
 
     def _setup(self, model: Qwen3ForCausalLM, opts: LoadOptions, *, session: workers.Session | None = None) -> None:
         self.options = opts
-        self.model, self.config = model, model.config
+        self.model, self.config, self.ops = model, model.config, model.model.ops
         self.device = model.model.embed_tokens.weight.device
         self.dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
         self.weight_format = model.weight_format
@@ -239,11 +236,6 @@ class TorchRunner(harness.Runner):
     @property
     def decode_path(self) -> str:
         return self.model.model.decode_path
-
-    @property
-    def op_paths(self) -> dict[str, str]:
-        """What runs each op: "fused" (Triton) or "plain" (torch ops)."""
-        return dict(self.model.model.ops.paths)
 
     # ----- Runner -------------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
