@@ -10,7 +10,7 @@ the model is built.
 At load, before a weight is read, `check_weight_format` refuses (fused=True) or notes ("auto") a
 weight format whose kernels need a newer GPU than one the kernels run on (fp8 below 8.9).
 Each twin's ops.py reports its device (`Here`), names its parts (`Twin`), builds its Ops from the
-`Decision` and logs its message once (`log_once`). The gates are common.tile_rules.CAPABILITY.
+`Decision` (`kernel_ops`) and logs its message once (`log_once`). The gates are common.tile_rules.CAPABILITY.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ import functools
 import logging
 from typing import Callable
 
+from common.formats import QWeight
 from common.harness import resolve_fused
+from common.ops import OP_NAMES, Ops, kernel_shape
 from common.tile_rules import CAPABILITY, capable, dotted, format_min_capability
 
 
@@ -106,3 +108,25 @@ def check_weight_format(twin: Twin, fused, fmt: str, capability: tuple[int, int]
 def log_once(logger: str, message: str) -> None:
     """Log `message` at INFO on `logger` the first time only."""
     logging.getLogger(logger).info(message)
+
+
+def kernel_ops(kernels, plain, choose: Callable, *, auto: bool) -> Ops:
+    """The Ops of a decision that runs kernels: the twin's `kernels` everywhere ("fused"), or with
+    `auto` ("per-shape") ops that ask `choose(kernel, dtype, fmt, **shape)` (common.tiles.choose on
+    the model's device) at each shape whether the kernel or the `plain` op runs: jax while tracing,
+    once per compiled shape; torch at each call (a cached lookup; under CUDA graphs once, at capture)."""
+    if not auto:
+        return Ops.every(kernels, "fused")
+    return Ops.of({n: _per_shape(n, getattr(kernels, n), getattr(plain, n), choose) for n in OP_NAMES},
+                  dict.fromkeys(OP_NAMES, "per-shape"))
+
+
+def _per_shape(name: str, fused: Callable, plain_fn: Callable, choose: Callable) -> Callable:
+    def op(*args, **kwargs):
+        kernel, shape = kernel_shape(name, args, kwargs)
+        fmt = next((a.fmt for a in args if isinstance(a, QWeight)), None)  # quantized weights: own table rows
+        use = choose(kernel, args[0].dtype, fmt, **shape).path == "fused"
+        return (fused if use else plain_fn)(*args, **kwargs)
+
+    op.__name__ = op.__qualname__ = name
+    return op

@@ -16,6 +16,8 @@ from __future__ import annotations
 import abc
 import importlib
 import importlib.util
+import logging
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -39,12 +41,15 @@ def resolve_fused(fused) -> str | bool:
     raise ValueError(f"fused={fused!r}: expected 'auto', True ('on') or False ('off')")
 
 
-def check_token_ids(token_ids, vocab_size: int) -> np.ndarray:
+def check_token_ids(token_ids, vocab_size: int, max_len: int | None = None) -> np.ndarray:
+    """int [batch, seq] ids of the vocabulary, at most `max_len` (max_position_embeddings) per row."""
     ids = np.asarray(token_ids)
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
         raise ValueError(f"token_ids: expected an integer array [batch, seq], got {ids.dtype} {ids.shape}")
     if ids.min() < 0 or ids.max() >= vocab_size:
         raise ValueError(f"token_ids: ids must lie in [0, {vocab_size}), got {ids.min()}..{ids.max()}")
+    if max_len is not None and ids.shape[1] > max_len:
+        raise ValueError(f"token_ids: {ids.shape[1]} tokens exceed max_position_embeddings={max_len}")
     return ids
 
 
@@ -56,12 +61,18 @@ class Runner(abc.ABC):
     name: str = "runner"
     config: Qwen3Config
     generate_chunk: int | None = None  # decode steps per round of a plain generate (None: the budget at once)
+    ops = None  # a twin's: the common.ops.Ops its model runs (op_paths)
 
     @property
     def decode_path(self) -> str:
         """What the last decode step ran: "per-op" (each op its kernel or plain op), or "one launch per
         layer" (torch_impl's decode_layer kernel, where the tile lookup chooses it)."""
         return "per-op"
+
+    @property
+    def op_paths(self) -> dict[str, str]:
+        """A twin's: what runs each op, "fused", "plain", or "per-shape" (fused="auto"'s lookup per shape)."""
+        return dict(self.ops.paths)
 
     @abc.abstractmethod
     def logits(self, token_ids) -> np.ndarray:
@@ -99,12 +110,29 @@ class Runner(abc.ABC):
         return self._run(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos_set(eos_token_id),
                          chunk=chunk, **kwargs)
 
+    def warmup(self, shapes) -> float:
+        """Compile (build) ahead of time what each shape in `shapes` needs (`warmup_shapes`: (batch,
+        prompt tokens, new tokens), greedy unless a dict names the sampling); returns seconds."""
+        t0 = time.perf_counter()
+        specs = warmup_shapes(shapes)
+        for s in self._warmup_order(specs):
+            for _ in self._checked_run([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], s["temperature"],
+                                       s["top_k"], s["top_p"], 0, None, chunk=self.generate_chunk, warm=True):
+                pass
+        seconds = time.perf_counter() - t0
+        twin = type(self).__module__.partition(".")[0]  # its logger: "jax_impl"
+        logging.getLogger(twin).debug(f"{twin}: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")  # the CLI says it
+        return seconds
+
+    def _warmup_order(self, specs: list[dict]) -> list[dict]:
+        return specs
+
     @abc.abstractmethod
     def _run(self, prompts, max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int,
              eos: frozenset[int], *, chunk: int | None) -> Iterator[list[list[int]]]:
         """Generate for checked arguments: yield every prompt's new tokens so far (`trim_at_eos`), as
         often as the runner can (at most every `chunk` decode steps, or None: when it likes); the last
-        yield holds the whole answer."""
+        yield holds the whole answer. `warmup` passes warm=True."""
 
 
 SAMPLING_DEFAULTS = dict(temperature=0.0, top_k=0, top_p=1.0, seed=0, eos_token_id=None)

@@ -130,6 +130,11 @@ class Ops:
             raise ValueError(f"Ops: no implementation of {', '.join(missing)}")
         return cls(**{n: impls[n] for n in OP_NAMES}, paths=tuple((n, paths[n]) for n in OP_NAMES))
 
+    @classmethod
+    def every(cls, module, path: str) -> "Ops":
+        """Every op from `module` (a twin's kernels or plain ops), all on `path`."""
+        return cls.of({n: getattr(module, n) for n in OP_NAMES}, dict.fromkeys(OP_NAMES, path))
+
     @property
     def any_fused(self) -> bool:
         return any(path != "plain" for _, path in self.paths)

@@ -17,28 +17,21 @@ import jax
 from common import fused as fused_mod
 from common import tiles as tiles_mod
 from common.fused import FusedUnavailable  # noqa: F401 - jax_impl.ops.FusedUnavailable
-from common.ops import OP_NAMES, Ops, kernel_shape
-from common.formats import QWeight
+from common.ops import Ops
 from jax_impl import plain
+from jax_impl.arrays import device_info
 
 TWIN = fused_mod.Twin(name="jax_impl", kernels="Pallas kernels", plain="plain XLA path", plain_where="in XLA",
                       no_gpu="no CUDA GPU")
-PLAIN_OPS = Ops.of({n: getattr(plain, n) for n in OP_NAMES}, {n: "plain" for n in OP_NAMES})
+PLAIN_OPS = Ops.every(plain, "plain")
 
 
 def gpu_capability() -> tuple[int, int] | None:
-    """(major, minor) of the default CUDA device, or None off CUDA."""
+    """(major, minor) of the default CUDA device, or None off CUDA (jax_impl.arrays.device_info's)."""
     try:
-        dev = jax.devices()[0]
-    except RuntimeError:
+        return device_info().capability
+    except RuntimeError:  # no backend at all
         return None
-    if dev.platform != "gpu":
-        return None
-    cc = getattr(dev, "compute_capability", None)
-    if cc is None:
-        return None
-    major, _, minor = str(cc).partition(".")
-    return int(major), int(minor or 0)
 
 
 def _here() -> fused_mod.Here:
@@ -50,34 +43,9 @@ def _load() -> None:
 
 
 def _describe() -> str:
-    from jax_impl.kernels._lib import device_info  # noqa: PLC0415
-
     info = device_info()
     return (f"fused='auto' -> Pallas kernels or plain XLA per op and shape on {info.name} (from "
             f"{tiles_mod.sources('jax', info)}; by default attention always, the projections at one token per step)")
-
-
-def _per_shape(name: str, fused, plain_fn):
-    """The op that asks common.tiles, at each traced shape, which implementation runs."""
-    from jax_impl.kernels._lib import choose  # noqa: PLC0415
-
-    def op(*args, **kwargs):
-        kernel, shape = kernel_shape(name, args, kwargs)
-        fmt = next((a.fmt for a in args if isinstance(a, QWeight)), None)  # quantized weights: own table rows
-        use = choose(kernel, args[0].dtype, fmt, **shape).path == "fused"
-        return (fused if use else plain_fn)(*args, **kwargs)
-
-    op.__name__ = op.__qualname__ = name
-    return op
-
-
-def _kernel_ops(*, auto: bool) -> Ops:
-    from jax_impl import kernels  # noqa: PLC0415
-
-    if not auto:
-        return Ops.of({n: getattr(kernels, n) for n in OP_NAMES}, {n: "fused" for n in OP_NAMES})
-    impls = {n: _per_shape(n, getattr(kernels, n), getattr(plain, n)) for n in OP_NAMES}
-    return Ops.of(impls, {n: "per-shape" for n in OP_NAMES})
 
 
 def check_weight_format(fused, fmt: str, device=None) -> None:
@@ -92,4 +60,9 @@ def choose_ops(fused, device=None) -> Ops:
     del device
     decision = fused_mod.decide(TWIN, fused, _here(), load=_load, describe=_describe)
     fused_mod.log_once(TWIN.name, decision.message)
-    return PLAIN_OPS if decision.path == "plain" else _kernel_ops(auto=decision.path == "per-shape")
+    if decision.path == "plain":
+        return PLAIN_OPS
+    from jax_impl import kernels  # noqa: PLC0415
+    from jax_impl.kernels._lib import choose  # noqa: PLC0415
+
+    return fused_mod.kernel_ops(kernels, plain, choose, auto=decision.path == "per-shape")

@@ -149,7 +149,7 @@ class JaxRunner(harness.Runner):
             log.info(f"jax_impl: projections in {self.weight_format} (weight-only; activations {self.dtype})")
         self.compile_cache = enable_persistent_cache(opts.compile_cache)
         check_weight_format(opts.fused, self.weight_format)  # before a weight is read
-        ops = choose_ops(opts.fused)
+        self.ops = ops = choose_ops(opts.fused)
         if self.parallel is None:
             self.model = Qwen3(cfg, params_for(jnp.dtype(dtype)), ops)
             graphdef, self.state = nnx.split(self.model)
@@ -167,19 +167,6 @@ class JaxRunner(harness.Runner):
         self.last_stats: dict = {}
         self.warmup_s = self.warmup(opts.warmup) if opts.warmup else 0.0
 
-    def warmup(self, shapes) -> float:
-        """Compile ahead of time the programs of each shape in `shapes` (common.harness.warmup_shapes:
-        (batch, prompt tokens, new tokens), greedy unless a dict names the sampling); returns seconds."""
-        t0 = time.perf_counter()
-        specs = harness.warmup_shapes(shapes)
-        for s in specs:
-            for _ in self._checked_run([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], s["temperature"],
-                                       s["top_k"], s["top_p"], 0, None, chunk=None, warm=True):
-                pass
-        seconds = time.perf_counter() - t0
-        log.debug(f"jax_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")  # the CLI reports it
-        return seconds
-
     def init_caches(self, batch: int, rows: int) -> list:
         """Empty per-layer (k, v) caches for the programs: [batch, rows, Hkv, D] in the model dtype,
         split on the kv heads under tensor parallelism."""
@@ -191,18 +178,10 @@ class JaxRunner(harness.Runner):
         RoPE table; under tensor parallelism one rank's shards and copies)."""
         return sum(int(x.addressable_shards[0].data.nbytes) for x in jax.tree.leaves(self.state))
 
-    @property
-    def op_paths(self) -> dict[str, str]:
-        """What runs each op: "fused", "plain", or "per-shape" (fused="auto"'s measured table)."""
-        return dict(self.model.ops.paths)
-
     # ----- Runner ------------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
-        ids = harness.check_token_ids(token_ids, self.config.vocab_size)
+        ids = harness.check_token_ids(token_ids, self.config.vocab_size, self.config.max_position_embeddings)
         b, l = ids.shape
-        if l > self.config.max_position_embeddings:
-            raise ValueError(f"token_ids: {l} tokens exceed max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
         caches = self.init_caches(b, l)
         out = self.programs.forward_logits(self.state, jnp.asarray(ids, jnp.int32),
                                            jnp.full((b,), l, jnp.int32), caches)
@@ -236,7 +215,7 @@ class JaxRunner(harness.Runner):
                        use_top_p=bool(not greedy and top_p < 1.0))
         # the compiled shapes: geometric buckets of the batch, the prompt and the cache (common.buckets)
         # half steps: a 16-token prompt and 256 new tokens keep 384 rows (at 512 decode attention
-        # splits the context in two at batch 1: Qwen3-0.6B on an H200 1,291 vs 1,345-1,358 tok/s)
+        # splits the context in two at batch 1, slower: docs/MEASUREMENTS.md)
         key = (buckets.batch_bucket(b), buckets.prompt_bucket(int(lengths.max()), cfg.max_position_embeddings),
                buckets.cache_bucket(int(lengths.max()) + max_new_tokens, cfg.max_position_embeddings, half_steps=True),
                greedy, statics["k_cap"], statics["use_top_p"])
@@ -336,18 +315,3 @@ class JaxRunner(harness.Runner):
             if errors:
                 raise errors[0]
         return wait
-
-
-def load(model_dir: str | Path, options: LoadOptions | None = None, **kwargs) -> JaxRunner:
-    """A runner over a Hugging Face Qwen3 checkpoint directory. options: common.load_options.LoadOptions,
-    or its fields as keywords (jax_impl takes dtype, fused, quantization, tensor_parallel_size,
-    lm_head_shard, warmup, compile_cache): warmup's (batch, prompt tokens, new tokens) shapes compile at
-    load, each covering the calls of its batch bucket with at most that many prompt and new tokens;
-    compile_cache is jax's persistent compilation cache (jax_impl/compilation.py); tensor parallel
-    splits the model over local devices (jax_impl/parallel.py)."""
-    return JaxRunner(model_dir, options, **kwargs)
-
-
-def load_random(config, options: LoadOptions | None = None, *, seed: int = 0, **kwargs) -> JaxRunner:
-    """A runner over random weights of a preset name or Qwen3Config (benchmarks, tuning: no checkpoint)."""
-    return JaxRunner.random(config, options, seed=seed, **kwargs)

@@ -801,7 +801,7 @@ def test_the_warmup_is_reported_once(model_dir, twin):
     import importlib
 
     pytest.importorskip(twin.split("_")[0])
-    load = importlib.import_module(f"{twin}.generate")._load
+    load = importlib.import_module(twin).load
     err = io.StringIO()
     rc = cli.run(load, ["--model", str(model_dir), "--prompt", "x", "--max-new-tokens", "4", "--fused", "off",
                         "--dtype", "float32", "--no-compile-cache", "--warmup", "1x16x8"], out=io.StringIO(), err=err)

@@ -10,20 +10,21 @@ nano-vllm is never imported unless `install()` is called.
 
 
 def load(model_dir, options=None, **kwargs):
-    """Load a Hugging Face Qwen3 checkpoint directory: see torch_impl.runner.TorchRunner (options: a
-    common.load_options.LoadOptions, or its fields as keywords: dtype, fused, quantization,
-    tensor_parallel_size, lm_head_shard, warmup, compile_cache, device, block_size, max_cache_tokens,
-    cuda_graphs)."""
-    from torch_impl.runner import load as _load
+    """A runner over a Hugging Face Qwen3 checkpoint directory (torch_impl.runner.TorchRunner). options:
+    a common.load_options.LoadOptions, or its fields as keywords (torch_impl takes all of them: dtype,
+    fused, quantization, tensor_parallel_size, lm_head_shard, warmup, compile_cache, device, block_size,
+    max_cache_tokens, cuda_graphs)."""
+    from torch_impl.runner import TorchRunner
 
-    return _load(model_dir, options, **kwargs)
+    return TorchRunner(model_dir, options, **kwargs)
 
 
 def load_random(config, options=None, *, seed: int = 0, **kwargs):
-    """Random weights of a preset name or Qwen3Config, made on the device: see torch_impl.runner."""
-    from torch_impl.runner import load_random as _load_random
+    """A runner over random weights of a preset name or Qwen3Config, made on the device (benchmarks,
+    tuning: no checkpoint)."""
+    from torch_impl.runner import TorchRunner
 
-    return _load_random(config, options, seed=seed, **kwargs)
+    return TorchRunner.random(config, options, seed=seed, **kwargs)
 
 
 __all__ = ["load", "load_random"]

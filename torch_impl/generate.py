@@ -3,16 +3,11 @@
 from common import interrupt
 
 
-def _load(model_dir, *, dtype, fused, **kwargs):
-    from torch_impl import load
-
-    return load(model_dir, dtype=dtype, fused=fused, **kwargs)
-
-
 def _main() -> int:
     from common.cli import run  # after interrupt.install(): a Ctrl-C while numpy and the rest import exits 130
+    from torch_impl import load
 
-    return run(_load, prog="python -m torch_impl.generate")
+    return run(load, prog="python -m torch_impl.generate")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ The op list and the Ops structure are common.ops'.
 from __future__ import annotations
 
 import os
-from typing import Callable
 
 import torch
 
@@ -22,13 +21,12 @@ from common import fused as fused_mod
 from common import tiles as tiles_mod
 from common.fused import FusedUnavailable  # noqa: F401 - torch_impl.ops.FusedUnavailable
 from common.harness import resolve_fused
-from common.ops import OP_NAMES, Ops, kernel_shape
-from common.formats import QWeight
+from common.ops import Ops
 from torch_impl import plain
 
 TWIN = fused_mod.Twin(name="torch_impl", kernels="Triton kernels", plain="plain torch path",
                       plain_where="in the plain path", no_gpu="no CUDA device")
-PLAIN_OPS = Ops.of({n: getattr(plain, n) for n in OP_NAMES}, {n: "plain" for n in OP_NAMES})
+PLAIN_OPS = Ops.every(plain, "plain")
 
 
 def gpu_capability(device: torch.device | str | None = None) -> tuple[int, int] | None:
@@ -63,30 +61,6 @@ def _describe(dev: torch.device) -> str:
             f"{tiles_mod.sources('torch', info)})")
 
 
-def _per_shape(name: str, fused: Callable, plain_fn: Callable, device: torch.device) -> Callable:
-    """The op that asks common.tiles at each call's shape which implementation runs (a cached lookup;
-    under CUDA graphs it runs once, at capture)."""
-    from torch_impl.kernels._lib import choose  # noqa: PLC0415
-
-    def op(*args, **kwargs):
-        kernel, shape = kernel_shape(name, args, kwargs)
-        fmt = next((a.fmt for a in args if isinstance(a, QWeight)), None)  # quantized weights: own table rows
-        use = choose(kernel, device, args[0].dtype, fmt, **shape).path == "fused"
-        return (fused if use else plain_fn)(*args, **kwargs)
-
-    op.__name__ = op.__qualname__ = name
-    return op
-
-
-def _kernel_ops(device: torch.device, *, auto: bool) -> Ops:
-    from torch_impl import kernels  # noqa: PLC0415
-
-    if not auto:
-        return Ops.of({n: getattr(kernels, n) for n in OP_NAMES}, {n: "fused" for n in OP_NAMES})
-    impls = {n: _per_shape(n, getattr(kernels, n), getattr(plain, n), device) for n in OP_NAMES}
-    return Ops.of(impls, {n: "per-shape" for n in OP_NAMES})
-
-
 def check_weight_format(fused, fmt: str, device: torch.device | str | None = None) -> None:
     """At load, before a weight is read: common.fused.check_weight_format on `device`."""
     fused_mod.check_weight_format(TWIN, fused, fmt, gpu_capability(device))
@@ -100,4 +74,10 @@ def choose_ops(fused, device: torch.device | str | None = None) -> Ops:
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     decision = fused_mod.decide(TWIN, fused, _here(dev), load=_load, describe=lambda: _describe(dev))
     fused_mod.log_once(TWIN.name, decision.message)
-    return PLAIN_OPS if decision.path == "plain" else _kernel_ops(dev, auto=decision.path == "per-shape")
+    if decision.path == "plain":
+        return PLAIN_OPS
+    from torch_impl import kernels  # noqa: PLC0415
+    from torch_impl.kernels._lib import choose  # noqa: PLC0415
+
+    return fused_mod.kernel_ops(kernels, plain, lambda kernel, *a, **shape: choose(kernel, dev, *a, **shape),
+                                auto=decision.path == "per-shape")

@@ -1,17 +1,16 @@
 """`torch_impl.load(model_dir, *, dtype, fused) -> Runner`: the model on its own, without nano-vllm.
 
 Loading streams the checkpoint through common.weights' one name map (`Checkpoint.iter_params`).
-Generation: all prompts are prefilled together (variable-length attention), then one decode step
-per token for the whole batch over a KV cache in nano-vllm's paged layout. By default
-(`block_size=None`) each sequence owns one block, sized per call to its prompt plus new tokens
-(rounded up to 256 rows): decode attention then reads each sequence's block id once and streams
-its keys at affine addresses (Qwen3-0.6B batch 1 on the H100: 1,151 against 1,102 tok/s with
-256-row blocks, same run); `block_size=N` gives nano-vllm's N-row blocks instead. On CUDA each
-decode step is one CUDA-graph replay per batch bucket (1, 2, 4, ... sequences, padded): the graph
-embeds, runs every layer, the head, greedy argmax and advances positions/slots/lengths on the
-device, so the host only replays and checks for eos every `chunk` steps. Sampling with
-temperature draws inside the step too (torch_impl.sampling, common/sampling.py's rules, a seeded
-torch.Generator registered with the graph); under tensor parallelism rank 0 samples eagerly.
+Generation: all prompts are prefilled together (variable-length attention), then one decode step per
+token for the whole batch over a KV cache in nano-vllm's paged layout. By default (`block_size=None`)
+each sequence owns one block, sized per call to its prompt plus new tokens (rounded up to 256 rows):
+decode attention then reads each sequence's block id once and streams its keys at affine addresses
+(faster than 256-row blocks: docs/MEASUREMENTS.md); `block_size=N` gives nano-vllm's N-row blocks
+instead. On CUDA each decode step is one CUDA-graph replay per batch bucket (1, 2, 4, ... sequences,
+padded): the graph embeds, runs every layer, the head, greedy argmax and advances
+positions/slots/lengths on the device, so the host only replays and checks for eos every `chunk` steps.
+Sampling with temperature draws inside the step too (torch_impl.sampling, common/sampling.py's rules, a
+seeded torch.Generator registered with the graph); under tensor parallelism rank 0 samples eagerly.
 
 `tensor_parallel_size=N` (torch_impl/workers.py): the caller is rank 0 and starts ranks 1..N-1 as
 processes (or, under torchrun, every rank is one); each builds and loads only its shard
@@ -84,17 +83,11 @@ class TorchRunner(harness.Runner):
         opts = LoadOptions.of("torch", options, **kwargs)
         self.compile_cache = use_compile_cache(opts.compile_cache)
         ckpt = Checkpoint(model_dir)
-        fmt = ckpt.weight_format(opts.quantization)
-        check_weight_format(opts.fused, fmt, opts.device)  # before a weight is read, or a rank is started
-        spec = workers.Spec("load", str(model_dir), _rank_options(opts), TorchRunner)
-        session = workers.start(ckpt.config, opts.tensor_parallel_size, opts.device, fmt, spec)
-        device = session.device if session else _default_device(opts.device)
-        if device.type == "cpu":
-            use_cpu_threads()
-        tdtype = getattr(torch, opts.dtype)
-        try:
-            model = build_model(ckpt.config, tdtype, device, opts.fused, None if fmt == "bf16" else fmt,
-                                tp_group=session.tp if session else SINGLE, lm_head_shard=opts.lm_head_shard)
+
+        def load_weights(model, device, session) -> None:
+            if device.type == "cpu":
+                use_cpu_threads()
+            tdtype = getattr(torch, opts.dtype)
             convert_quant = lambda w: QWeight(to_torch(w.q, device), torch.from_numpy(w.scale).to(device), w.fmt)  # noqa: E731
             convert = lambda t: t.to(device, tdtype)  # noqa: E731
             if session is not None:  # whole tensors stay on the host, one at a time; each loader keeps this rank's part
@@ -103,12 +96,9 @@ class TorchRunner(harness.Runner):
                 model.load_params(ckpt.iter_params("pt", concat=lambda parts: torch.cat(parts, dim=0), convert=convert,
                                                    quantization=opts.quantization, convert_quant=convert_quant,
                                                    all_finite=_all_finite))  # NaN/inf: WeightsError
-            self._setup(model, opts, session=session)
-        except BaseException as e:
-            if session is not None:
-                session.close(abort=True, why=f"{type(e).__name__} while loading")
-            raise
-        self.warmup_s = self.warmup(opts.warmup) if opts.warmup else 0.0
+
+        self._build(ckpt.config, opts, ckpt.weight_format(opts.quantization),
+                    workers.Spec("load", str(model_dir), _rank_options(opts), TorchRunner), load_weights)
 
     @classmethod
     def random(cls, config, options: LoadOptions | None = None, *, seed: int = 0, **kwargs) -> "TorchRunner":
@@ -118,42 +108,39 @@ class TorchRunner(harness.Runner):
         tensor_parallel_size draws the same values (each rank keeps its shard of the whole draws)."""
         opts = LoadOptions.of("torch", options, **kwargs)
         cfg = Qwen3Config.preset(config) if isinstance(config, str) else config
-        compile_cache = use_compile_cache(opts.compile_cache)
-        fmt = opts.quantization or "bf16"
-        check_weight_format(opts.fused, fmt, opts.device)
-        session = workers.start(cfg, opts.tensor_parallel_size, opts.device, fmt,
-                                workers.Spec("random", cfg, dict(_rank_options(opts), seed=seed), TorchRunner))
+        runner = cls.__new__(cls)
+        runner.compile_cache = use_compile_cache(opts.compile_cache)
+
+        def draw(model, device, session) -> None:
+            whole = model if session is None else build_model(cfg, getattr(torch, opts.dtype), torch.device("meta"),
+                                                              False, opts.quantization)
+            with torch.no_grad():
+                fill_random(model, torch.Generator(device=device).manual_seed(seed), whole)
+
+        runner._build(cfg, opts, opts.quantization or "bf16",
+                      workers.Spec("random", cfg, dict(_rank_options(opts), seed=seed), TorchRunner), draw)
+        return runner
+
+    def _build(self, cfg, opts: LoadOptions, fmt: str, spec: workers.Spec, fill) -> None:
+        """Start the tensor-parallel ranks (each builds as `spec` says), build this rank's model in `fmt`,
+        `fill(model, device, session)` its weights, set up and warm up; a failure ends the ranks."""
+        check_weight_format(opts.fused, fmt, opts.device)  # before a weight is read, or a rank is started
+        session = workers.start(cfg, opts.tensor_parallel_size, opts.device, fmt, spec)
         device = session.device if session else _default_device(opts.device)
         try:
-            tdtype = getattr(torch, opts.dtype)
-            model = build_model(cfg, tdtype, device, opts.fused, opts.quantization,
+            model = build_model(cfg, getattr(torch, opts.dtype), device, opts.fused, None if fmt == "bf16" else fmt,
                                 tp_group=session.tp if session else SINGLE, lm_head_shard=opts.lm_head_shard)
-            with torch.no_grad():
-                fill_random(model, torch.Generator(device=device).manual_seed(seed),
-                            model if session is None else build_model(cfg, tdtype, torch.device("meta"), False,
-                                                                      opts.quantization))
-            runner = cls.from_model(model, opts, session=session)
+            fill(model, device, session)
+            self._setup(model, opts, session=session)
         except BaseException as e:
             if session is not None:
                 session.close(abort=True, why=f"{type(e).__name__} while loading")
             raise
-        runner.compile_cache = compile_cache
-        runner.warmup_s = runner.warmup(opts.warmup) if opts.warmup else 0.0
-        return runner
-
-    @classmethod
-    def from_model(cls, model: Qwen3ForCausalLM, options: LoadOptions | None = None, *,
-                   session: workers.Session | None = None, **kwargs) -> "TorchRunner":
-        """A runner over a model built and filled elsewhere (random weights made on the GPU); options:
-        the cache's (block_size, max_cache_tokens, cuda_graphs) as common.load_options.LoadOptions or
-        keywords."""
-        runner = cls.__new__(cls)
-        runner._setup(model, LoadOptions.of("torch", options, **kwargs), session=session)
-        return runner
+        self.warmup_s = self.warmup(opts.warmup) if opts.warmup else 0.0
 
     def _setup(self, model: Qwen3ForCausalLM, opts: LoadOptions, *, session: workers.Session | None = None) -> None:
         self.options = opts
-        self.model, self.config = model, model.config
+        self.model, self.config, self.ops = model, model.config, model.model.ops
         self.device = model.model.embed_tokens.weight.device
         self.dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
         self.weight_format = model.weight_format
@@ -181,20 +168,9 @@ class TorchRunner(harness.Runner):
             self._end_stream()
             self._session.close()
 
-    def warmup(self, shapes) -> float:
-        """Build ahead of time what each shape in `shapes` needs (Triton kernels, the KV cache, the
-        decode step's CUDA graph for its batch bucket): common.harness.warmup_shapes; returns seconds."""
-        t0 = time.perf_counter()
-        specs = harness.warmup_shapes(shapes)
-        for s in self._largest_cache_first(specs):
-            self.generate([[0] * s["prompt_tokens"]] * s["batch"], s["new_tokens"], temperature=s["temperature"],
-                          top_k=s["top_k"], top_p=s["top_p"])
-        seconds = time.perf_counter() - t0
-        log.debug(f"torch_impl: warm-up of {len(specs)} shape(s) in {seconds:.1f} s")  # the CLI reports it
-        return seconds
-
-    def _largest_cache_first(self, specs: list[dict]) -> list[dict]:
-        """The warm-up shapes, after sizing the KV cache once for all of them (the largest batch at
+    def _warmup_order(self, specs: list[dict]) -> list[dict]:
+        """The warm-up shapes (each builds its Triton kernels, KV cache and its batch bucket's decode
+        step, a CUDA graph), after sizing the KV cache once for all of them (the largest batch at
         the longest sequence, within max_cache_tokens): shape by shape, one needing a larger cache
         than those before it would replace the cache, and with it the decode steps (CUDA graphs)
         built for them. Under tensor parallelism each rank sizes its own cache per call: there the
@@ -261,18 +237,9 @@ class TorchRunner(harness.Runner):
     def decode_path(self) -> str:
         return self.model.model.decode_path
 
-    @property
-    def op_paths(self) -> dict[str, str]:
-        """What runs each op: "fused" (Triton) or "plain" (torch ops)."""
-        return dict(self.model.model.ops.paths)
-
     # ----- Runner -------------------------------------------------------------------------------
     def logits(self, token_ids) -> np.ndarray:
-        cfg = self.config
-        ids = harness.check_token_ids(token_ids, cfg.vocab_size)
-        if ids.shape[1] > cfg.max_position_embeddings:
-            raise ValueError(f"token_ids: {ids.shape[1]} tokens exceed max_position_embeddings="
-                             f"{cfg.max_position_embeddings}")
+        ids = harness.check_token_ids(token_ids, self.config.vocab_size, self.config.max_position_embeddings)
         if self._session is None:
             return self._logits(ids)
         self._end_stream()
@@ -311,7 +278,7 @@ class TorchRunner(harness.Runner):
                 raise workers.RankFailed(f"unknown command {op} from rank 0")
 
     # ----- internals ----------------------------------------------------------------------------
-    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, *, chunk: int):
+    def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, *, chunk: int, warm=False):
         if self._session is None:
             yield from self._decode(prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, chunk)
             return
@@ -471,16 +438,3 @@ _cache_state: dict = {}
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def load(model_dir: str | Path, options: LoadOptions | None = None, **kwargs) -> TorchRunner:
-    """A runner over a Hugging Face Qwen3 checkpoint directory. options: common.load_options.LoadOptions,
-    or its fields as keywords (torch_impl takes all of them: dtype, fused, quantization,
-    tensor_parallel_size, lm_head_shard, warmup, compile_cache, device, block_size, max_cache_tokens,
-    cuda_graphs)."""
-    return TorchRunner(model_dir, options, **kwargs)
-
-
-def load_random(config, options: LoadOptions | None = None, *, seed: int = 0, **kwargs) -> TorchRunner:
-    """A runner over random weights of a preset name or Qwen3Config (benchmarks, tuning: no checkpoint)."""
-    return TorchRunner.random(config, options, seed=seed, **kwargs)

@@ -35,9 +35,8 @@ def pallas_call(kernel, *, name: str, grid: tuple[int, ...], out_shape, num_warp
     Jitted and kept per launch (`_launch`) when the kernel is a functools.partial of a module-level
     function, as every kernel here is: a model calls the same launch in each of its layers, and a
     jitted function is traced once per input shape in the process and lowered once per program,
-    where an anonymous pallas_call is traced and lowered again at every layer. Qwen3-0.6B's decode
-    program holds 169 launches of 7 distinct kernels: tracing and lowering it took 3.3 s, now 0.35 s;
-    its first call with a new shape on an H100 took 19-22 s, now 3-6 s (docs/MEASUREMENTS.md)."""
+    where an anonymous pallas_call is traced and lowered again at every layer (Qwen3-0.6B's decode
+    program: 169 launches of 7 distinct kernels; the times saved: docs/MEASUREMENTS.md)."""
     aliases = tuple(sorted((input_output_aliases or {}).items()))
     settings = (name, tuple(grid), tuple(jax.tree.leaves(out_shape)), jax.tree.structure(out_shape), num_warps,
                 num_stages, use_interpret(interpret), aliases)
