@@ -10,7 +10,11 @@ no eos, greedy or (`sampling`: temperature, top_k, top_p, seed 0) sampled, `runs
   (the twins' `runner.generate()`, transformers' `model.generate()`, nano-vllm's `LLM.generate()`):
   prefill, sampling and host overhead included, what a caller of generate() gets.
 The twins report these times themselves (Runner.last_stats); for transformers a logits
-processor marks the end of prefill (one device sync, on its first call only). A twin's row also
+processor marks the end of prefill (one device sync, on its first call only). transformers runs
+attn_implementation="sdpa" (torch's scaled_dot_product_attention) and its prefill computes the
+last token's logits only (`logits_to_keep=1`, which generate() passes where the model takes it):
+the work the twins' prefill does. Rows carry `prefill_s` (the best run's prefill, as
+`prefill_tok_s`) and, for transformers, `attention` and `logits_to_keep`. A twin's row also
 keeps its first call at that batch (the first warm-up run), whose shapes are new: compile time
 apart as `first_call_compile_s` and the time to its first tokens, compile included, as
 `first_call_first_token_s` (last_stats' compile_s and first_token_s, common.cli.STATS_KEYS).
@@ -43,8 +47,8 @@ IMPLS = {
     "torch-fused": "torch_impl, fused Triton kernels",
     "torch-plain": "torch_impl, plain torch ops",
     **{f"{fw}-{q}": f"{fw}_impl, fused, {q} weights" for fw in TWINS for q in formats.QUANTIZED},
-    "hf-eager": "transformers eager, dynamic cache",
-    "hf-compile": "transformers static cache + torch.compile",
+    "hf-eager": "transformers eager, dynamic cache, SDPA attention",
+    "hf-compile": "transformers static cache + torch.compile, SDPA attention",
     "nanovllm": "nano-vllm's engine running torch_impl's model",
 }
 
@@ -164,14 +168,28 @@ def load_hf(path: Path | None, device: str, cfg: Qwen3Config):
         from transformers import Qwen3Config as HFQwen3Config
 
         with torch.device(device):
-            model = Qwen3ForCausalLM._from_config(HFQwen3Config(**cfg.to_hf_dict()), torch_dtype=torch.bfloat16)
+            model = Qwen3ForCausalLM._from_config(HFQwen3Config(**cfg.to_hf_dict()), torch_dtype=torch.bfloat16,
+                                                  attn_implementation=HF_ATTENTION)
         return model.eval()
 
     try:
-        model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map=device)
+        model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16, device_map=device,
+                                                 attn_implementation=HF_ATTENTION)
     except Exception:  # noqa: BLE001 - older/newer loaders without device_map support: move after
-        model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16).to(device)
+        model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch.bfloat16,
+                                                 attn_implementation=HF_ATTENTION).to(device)
     return model.eval()
+
+
+HF_ATTENTION = "sdpa"  # transformers' attention: torch's scaled_dot_product_attention (is_causal at prefill)
+
+
+def hf_fields(model) -> dict:
+    """What a transformers row says of its model: the attention implementation it runs and how many
+    logits generate()'s prefill computes (1: the last token's; None: every position's)."""
+    keep = getattr(model, "_supports_logits_to_keep", None)
+    return dict(attention=getattr(model.config, "_attn_implementation", None),
+                logits_to_keep=1 if keep is not None and keep() else None)
 
 
 def _sync(device: str):
@@ -435,8 +453,11 @@ def _measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches
                    f"{type(e).__name__}: {str(e)[:400]}"
     load_s = time.perf_counter() - t0
     memory = {} if load_err or impl.startswith("hf") or impl == "nanovllm" else weights_memory(handle)
+    if not load_err and impl.startswith("hf"):
+        memory = hf_fields(handle)
     progress(f"    {impl} {model}: " + (f"loaded in {load_s:.1f} s" if not load_err else load_err)
-             + (f", weights {memory['weights_GB']:.2f} GB" if memory else ""))
+             + (f", weights {memory['weights_GB']:.2f} GB" if memory.get("weights_GB") else "")
+             + (f", attention {memory['attention']}" if memory.get("attention") else ""))
     for b in batches:
         row = dict(base, batch=b, load_s=load_s, **memory)
         if load_err:
@@ -476,8 +497,8 @@ def _measure(impl: str, model: str, cfg: Qwen3Config, path: Path | None, batches
             row["error"] = f"{type(e).__name__}: {str(e)[:500]}"
         emit(row)
         progress(f"    batch {b}: " + (f"{row['decode_tok_s']:.1f} tok/s decode, {row.get('end_to_end_tok_s') or 0:.1f} "
-                                      f"end-to-end, {row.get('prefill_tok_s') or 0:.0f} "
-                                      f"tok/s prefill ({time.perf_counter() - t1:.1f} s)"
+                                      f"end-to-end, {row.get('prefill_tok_s') or 0:.0f} tok/s prefill "
+                                      f"({row.get('prefill_s') or 0:.4f} s) ({time.perf_counter() - t1:.1f} s)"
                                       if row.get("decode_tok_s") else row.get("error", "?")))
     if isinstance(handle, NanoVllm):
         handle.close()
@@ -492,6 +513,9 @@ def _fill(row: dict, res: list[dict], cfg: Qwen3Config, b: int, prompt_len: int,
     best = res[max(range(len(res)), key=tps.__getitem__)]
     row.update(decode_tok_s=max(tps), decode_tok_s_runs=tps, decode_s=best["decode_s"],
                prefill_s=best["prefill_s"], generated=best["generated"])
+    pre = [r["prefill_s"] for r in res if r.get("prefill_s")]
+    if pre:  # warm prefill: the fastest run's, as prefill_tok_s
+        row.update(prefill_s=min(pre), prefill_s_runs=pre)
     if best.get("note"):
         row["note"] = best["note"]
     if best.get("decode_path"):  # a twin's: "per-op", or "one launch per layer" (torch_impl's decode_layer)
@@ -499,7 +523,6 @@ def _fill(row: dict, res: list[dict], cfg: Qwen3Config, b: int, prompt_len: int,
     e2e = [r["generated"] / r["wall_s"] for r in res if r.get("wall_s")]
     if e2e:  # new tokens over the wall time of the whole generate() call, best run
         row.update(end_to_end_tok_s=max(e2e), end_to_end_tok_s_runs=e2e)
-    pre = [r["prefill_s"] for r in res if r.get("prefill_s")]
     if pre:
         row["prefill_tok_s"] = b * prompt_len / min(pre)
     if best["generated"] != b * new_tokens:

@@ -8,6 +8,11 @@ sequence) and prefill token counts for the three projections, decode batches at 
 `ctx` tokens for decode_attention, one causal prompt of each prefill token count for
 prefill_attention.
 
+prefill_attention has a peer in the torch job: torch's own fused attention,
+torch.nn.functional.scaled_dot_product_attention (is_causal, enable_gqa: transformers' SDPA call),
+on the same prompt and the same per-layer K and V (provider "sdpa", rows of impl "sdpa"); the
+fused rows carry `speedup_vs_sdpa` (the report joins jax's rows to the same case's SDPA row).
+
 Bytes and FLOPs are the op's minimum traffic and arithmetic (every input read once, every output
 written once; for decode_attention the K and V of `ctx` positions per sequence), so GB/s and
 TFLOP/s compare implementations doing the same work; the percentages are of the copy and matmul
@@ -29,6 +34,29 @@ from measure.timing import TimingPlan
 OPS = TILED_OPS  # common.ops' ops but the final norm, in its order
 FRAMEWORKS = ("jax", "torch")
 PROVIDERS = ("fused", "plain")
+PEERS = {("torch", "prefill_attention"): ("sdpa",)}  # other libraries' kernels for an op, timed in a framework's job
+
+
+def providers(fw: str, op: str) -> tuple[str, ...]:
+    """The rows of one case in framework `fw`: fused, plain, and the op's peers there."""
+    return PROVIDERS + PEERS.get((fw, op), ())
+
+
+class SdpaOps:
+    """prefill_attention as torch's scaled_dot_product_attention computes it (is_causal, GQA through
+    enable_gqa, torch's choice of backend): the benchmark's case only - one prompt, no cached prefix,
+    its keys in the first rows of cache block 0."""
+
+    @staticmethod
+    def prefill_attention(q, k_cache, v_cache, meta):
+        import torch.nn.functional as F
+
+        t = q.shape[0]
+        if meta.cu_seqlens_q.shape[0] != 2 or meta.max_seqlen_q != t or k_cache.shape[1] < t:
+            raise ValueError("the SDPA peer takes one prompt with no cached prefix, keys in cache block 0")
+        k, v = (c[0, :t].transpose(0, 1)[None] for c in (k_cache, v_cache))  # [1, Hkv, T, D] views
+        out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k, v, is_causal=True, enable_gqa=True)
+        return out[0].transpose(0, 1)  # [T, Hq, D]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +115,12 @@ def _rows(fw: str, c: Case, s: Settings, device) -> dict[str, dict]:
     n = num_layers(c, s)
     layout = "-" if c.op != "decode_attention" else b.default_layout
     out, inputs = {}, None
+    by_provider = dict(fused=fused_ops, plain=plain, sdpa=SdpaOps)
     try:
         inputs = setup(c, n, fw, device)
         carry, layers, shared, body_for = inputs
-        for provider, ops in (("fused", fused_ops), ("plain", plain)):
+        for provider in providers(fw, c.op):
+            ops = by_provider[provider]
             if ops is None:
                 out[provider] = dict(error=fused_err)
                 continue
@@ -99,8 +129,8 @@ def _rows(fw: str, c: Case, s: Settings, device) -> dict[str, dict]:
                 out[provider] = dict(r, n_layers=n, layout=layout)
             except Exception as e:  # noqa: BLE001 - recorded in the row, the suite goes on
                 out[provider] = dict(error=f"{type(e).__name__}: {str(e)[:500]}", n_layers=n, layout=layout)
-    except Exception as e:  # noqa: BLE001 - inputs could not be built: both rows carry it
-        for p in PROVIDERS:
+    except Exception as e:  # noqa: BLE001 - inputs could not be built: every row carries it
+        for p in providers(fw, c.op):
             out.setdefault(p, dict(error=f"setup: {type(e).__name__}: {str(e)[:500]}", n_layers=n))
     finally:
         inputs = carry = layers = shared = None
@@ -136,19 +166,21 @@ def _finish(row: dict, c: Case, ceilings: dict) -> dict:
 
 
 def case_rows(fw: str, c: Case, res: dict[str, dict], ceilings: dict) -> list[dict]:
-    """The fused and plain rows of case `c` in framework `fw` from their figures (or errors)."""
+    """The fused, plain (and peer) rows of case `c` in framework `fw` from their figures (or errors)."""
     base = dict(kind="kernel", framework=fw, op=c.op, model=c.model, phase=c.phase, tokens=c.tokens,
                 ctx=c.ctx if c.op == "decode_attention" else None, dtype="bfloat16")
     from bench.decode import _on_gpu
 
     # the fused rows' kernels run compiled on a GPU and in their interpreters on CPU (--smoke); the
-    # plain rows are the framework's own ops (XLA, torch) either way
+    # plain rows are the framework's own ops (XLA, torch) either way, the peers their library's
     mode = "compiled" if _on_gpu() else "interpreter"
-    rows = {p: _finish(dict(base, impl=p, kernels=mode if p == "fused" else None, **res[p]), c, ceilings)
-            for p in PROVIDERS}
-    if rows["fused"].get("median_s") and rows["plain"].get("median_s"):
-        rows["fused"]["speedup_vs_plain"] = rows["plain"]["median_s"] / rows["fused"]["median_s"]
-    return [rows[p] for p in PROVIDERS]
+    names = providers(fw, c.op)
+    rows = {p: _finish(dict(base, impl=p, kernels=mode if p == "fused" else None, **res.get(p, {})), c, ceilings)
+            for p in names}
+    for p in names[1:]:
+        if rows["fused"].get("median_s") and rows[p].get("median_s"):
+            rows["fused"][f"speedup_vs_{p}"] = rows[p]["median_s"] / rows["fused"]["median_s"]
+    return [rows[p] for p in names]
 
 
 def run(cases: list[Case], frameworks, s: Settings, ceilings: dict, *, torch_device, emit, progress) -> None:
@@ -157,13 +189,13 @@ def run(cases: list[Case], frameworks, s: Settings, ceilings: dict, *, torch_dev
     for k, (fw, c) in enumerate(jobs, start=1):
         progress(f"[{k}/{len(jobs)}] kernels {fw} {c.label}")
         if s.deadline is not None and time.monotonic() > s.deadline:
-            res = {p: dict(error="skipped: time budget (--budget-s) spent") for p in PROVIDERS}
+            res = {p: dict(error="skipped: time budget (--budget-s) spent") for p in providers(fw, c.op)}
         else:
             t0 = time.perf_counter()
             try:
                 res = _rows(fw, c, s, torch_device)
             except Exception as e:  # noqa: BLE001 - e.g. the framework itself cannot be imported
-                res = {p: dict(error=f"unavailable: {type(e).__name__}: {e}") for p in PROVIDERS}
+                res = {p: dict(error=f"unavailable: {type(e).__name__}: {e}") for p in providers(fw, c.op)}
             progress(f"    {time.perf_counter() - t0:.1f} s: " + ", ".join(
                 f"{p} {r['median_s'] * 1e6:.1f} us" if r.get("median_s") else f"{p} {r.get('error', '?')[:100]}"
                 for p, r in res.items()))

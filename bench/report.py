@@ -123,7 +123,7 @@ def decode_table(rows: list[dict]) -> str:
     batches = sorted({r["batch"] for r in rows})
     lines = ["| model | implementation | "
              + " | ".join(f"batch {b}: decode tok/s (% of floor) / end-to-end tok/s" for b in batches)
-             + " | prefill tok/s |", "|---|---|" + "---|" * (len(batches) + 1)]
+             + " | prefill tok/s (seconds) |", "|---|---|" + "---|" * (len(batches) + 1)]
     floors = {}
     for r in rows:
         if r.get("bw_floor_tok_s"):
@@ -149,9 +149,10 @@ def decode_table(rows: list[dict]) -> str:
                 else:
                     cells.append("error" if not str(r.get("error", "")).startswith(("unavailable", "skipped"))
                                  else r["error"].split(":")[0])
-            pre = next(((b, by_b[b]["prefill_tok_s"]) for b in sorted(by_b) if by_b[b].get("prefill_tok_s")), None)
+            pre = next((by_b[b] for b in sorted(by_b) if by_b[b].get("prefill_tok_s")), None)
             label = next(iter(by_b.values())).get("label", impl)
-            pre_cell = f"{pre[1]:,.0f} (batch {pre[0]})" if pre else "-"
+            seconds = f", {pre['prefill_s']:.3g} s" if pre and pre.get("prefill_s") else ""
+            pre_cell = f"{pre['prefill_tok_s']:,.0f} (batch {pre['batch']}{seconds})" if pre else "-"
             lines.append(f"| {m} | {label} | " + " | ".join(cells) + f" | {pre_cell} |")
     return "\n".join(lines)
 
@@ -160,8 +161,13 @@ def kernel_table(rows: list[dict]) -> str:
     rows = [r for r in rows if r.get("kind") == "kernel"]
     if not rows:
         return ""
+    # a peer library's row of the same case (torch's SDPA beside prefill_attention), whichever job timed it
+    sdpa = {(r["op"], r["model"], r["phase"], r["tokens"]): r for r in rows if r["impl"] == "sdpa"}
+    rows = [r for r in rows if r["impl"] != "sdpa"]
     lines = ["| framework | op | model | phase | T | fused us | plain us | speedup | fused GB/s (% copy) "
-             "| fused TFLOP/s (% matmul) | fused % of roofline |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fused TFLOP/s (% matmul) | fused % of roofline |"
+             + (" SDPA us, TFLOP/s (fused speedup) |" if sdpa else ""),
+             "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if sdpa else "")]
     keys = list(dict.fromkeys((r["framework"], r["op"], r["model"], r["phase"], r["tokens"]) for r in rows))
     # each case's frameworks side by side, in the order the cases first appear (each framework's
     # rows come from a process of its own, one framework after the other)
@@ -180,8 +186,18 @@ def kernel_table(rows: list[dict]) -> str:
             f"{_num(f.get('speedup_vs_plain'), '{:.2f}x')} | "
             f"{figure(f.get('GBps'))} ({_num(f.get('pct_copy_bw'), '{:.0f}')}%) | "
             f"{figure(f.get('TFLOPs'))} ({_num(f.get('pct_matmul'), '{:.0f}')}%) | "
-            f"{_num(f.get('pct_roofline'), '{:.0f}')}% |")
+            f"{_num(f.get('pct_roofline'), '{:.0f}')}% |" + (f" {_sdpa_cell(f, sdpa.get(k[1:]))} |" if sdpa else ""))
     return "\n".join(lines)
+
+
+def _sdpa_cell(fused: dict, peer: dict | None) -> str:
+    """The SDPA peer's time and TFLOP/s, and the fused row's speedup over it (SDPA time / fused time)."""
+    if not peer:
+        return "-"
+    if not peer.get("us"):
+        return "n/a" if peer.get("error") else "-"
+    speedup = peer["us"] / fused["us"] if fused.get("us") else None
+    return f"{_num(peer['us'], '{:,.1f}')}, {figure(peer.get('TFLOPs'))} ({_num(speedup, '{:.2f}x')})"
 
 
 def errors_list(rows: list[dict], limit: int = 40) -> str:

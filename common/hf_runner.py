@@ -1,6 +1,6 @@
-"""The independent peer: a Runner over Hugging Face transformers' `Qwen3ForCausalLM` (CPU).
+"""The independent peer: a Runner over Hugging Face transformers' `Qwen3ForCausalLM` (CPU by default).
 
-    load(model_dir, *, dtype="float32", fused="auto") -> HFRunner
+    load(model_dir, *, dtype="float32", fused="auto", device="cpu") -> HFRunner
 
 torch and transformers are imported here, inside `load`, never by `common` at import time.
 The checkpoint is validated by `common.weights` first, so bad input gives the same errors as
@@ -35,8 +35,9 @@ class HFRunner(Runner):
 
         ids = check_token_ids(token_ids, self.config.vocab_size)
         with torch.inference_mode():
-            out = self.model(input_ids=torch.as_tensor(ids, dtype=torch.long), use_cache=False).logits
-        return out.float().numpy()
+            out = self.model(input_ids=torch.as_tensor(ids, dtype=torch.long, device=self.model.device),
+                             use_cache=False).logits
+        return out.float().cpu().numpy()
 
     def _run(self, prompts, max_new_tokens, temperature, top_k, top_p, seed, eos, *, chunk):
         import torch
@@ -56,7 +57,7 @@ class HFRunner(Runner):
         torch.manual_seed(seed)
         with torch.inference_mode():
             for prompt in prompts:  # one at a time: no padding, exactly the tokens asked for
-                ids = torch.tensor([list(prompt)], dtype=torch.long)
+                ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.model.device)
                 seq = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                           generation_config=gen_config)
                 out.append([int(t) for t in seq[0, ids.shape[1]:]])
@@ -64,8 +65,9 @@ class HFRunner(Runner):
         yield trim_at_eos(out, eos)
 
 
-def load(model_dir: str | Path, *, dtype: str = "float32", fused="auto") -> HFRunner:
-    """transformers' Qwen3ForCausalLM on CPU in `dtype` (float64, float32, bfloat16, float16)."""
+def load(model_dir: str | Path, *, dtype: str = "float32", fused="auto", device: str = "cpu") -> HFRunner:
+    """transformers' Qwen3ForCausalLM in `dtype` (float64, float32, bfloat16, float16) on `device`
+    (a torch device name: "cpu", the default, or "cuda" for long prompts)."""
     if dtype not in HF_DTYPES:
         raise ValueError(f"dtype={dtype!r}: expected one of {', '.join(HF_DTYPES)}")
     resolve_fused(fused)  # validated, then ignored: transformers has no fused path here
@@ -82,7 +84,7 @@ def load(model_dir: str | Path, *, dtype: str = "float32", fused="auto") -> HFRu
     finally:
         if bar:
             hf_logging.enable_progress_bar()
-    model.eval()
+    model.to(device).eval()
     # generate() merges the checkpoint's generation_config.json (temperature, top_k, ...) into the
     # settings each call passes, and warns that they do not apply to greedy search: start neutral.
     from transformers import GenerationConfig

@@ -32,6 +32,7 @@ MAX_SPLIT_K = 16  # torch_impl projections: most programs sharing one output til
 SPLIT_MAX_M = 32  # the default rule splits K at 17-32 tokens (measured there; not above)
 MAX_SPLIT_TOKENS = 64  # split_k tiles fit up to 64 tokens: the workspace grows with the tokens (prefill)
 MIN_SPLIT_K = 512  # the default rule: fewest K elements per part
+LONG_PROMPT = 1024  # prefill attention: prompts from this many tokens tune among larger tiles only
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -291,8 +292,7 @@ def candidates(kernel: str, framework: str, device: Device, shape: dict, *, smok
         pool = [AttentionTiles(block_kv=kv, num_splits=s, num_stages=st) for kv in (32, 64, 128)
                 for s in (1, 2, 4, 8, 16) if s == 1 or cap // s >= MIN_SPLIT_POSITIONS for st in (2, 3)]
     elif kernel == "prefill_attention":
-        pool = [PrefillTiles(block_m=bm, block_n=bn, num_warps=w) for bm in (32, 64, 128) for bn in (32, 64)
-                for w in (4, 8)]
+        pool = _prefill_pool(device, shape)
     else:
         pool = _matmul_pool(kernel, framework, shape)
     out = [default]
@@ -302,6 +302,21 @@ def candidates(kernel: str, framework: str, device: Device, shape: dict, *, smok
             if t not in out:
                 out.append(t)
     return out[:1] + sorted(out[1:], key=lambda t: _steps(t, shape))[:1] if smoke else out
+
+
+def prefill_smem(tiles: PrefillTiles, head_dim: int, nbytes: int = 2) -> int:
+    """Shared memory a prefill attention tile stages: the query block once, a K and a V block per stage."""
+    return nbytes * max(16, next_pow2(head_dim)) * (tiles.block_m + 2 * tiles.block_n * tiles.num_stages)
+
+
+def _prefill_pool(device: Device, shape: dict) -> list[PrefillTiles]:
+    """Prefill attention's candidates: query blocks of 32-128 rows, key blocks of 32-128, 4 or 8 warps,
+    2 or 3 stages, within the device's shared memory; from LONG_PROMPT tokens (8k-32k prompts, where
+    attention is most of the prefill) blocks of 64 and 128 only: fewer candidates per long compile."""
+    sizes = (64, 128) if shape["max_seqlen_q"] >= LONG_PROMPT else (32, 64, 128)
+    pool = [PrefillTiles(block_m=bm, block_n=bn, num_warps=w, num_stages=st) for bm in sizes for bn in sizes
+            for w in (4, 8) for st in (2, 3)]
+    return [t for t in pool if not device.is_gpu or prefill_smem(t, shape["head_dim"]) <= device.smem_per_block]
 
 
 def _steps(tiles, shape: dict) -> int:

@@ -78,8 +78,11 @@ def attention_key(batch: int, num_kv_heads: int, max_context: int, one_block: bo
     return f"decode_attention/b{m_bucket(batch)}/h{num_kv_heads}/c{next_pow2(max_context)}/{layout}/{dtype}"
 
 
+PREFILL_KEY_CAP = 32768  # prefill_key's largest bucket: 8k and 32k prompts are tuned apart, longer ones as 32k
+
+
 def prefill_key(max_seqlen_q: int, head_dim: int, dtype: str) -> str:
-    return f"prefill_attention/q{min(4096, next_pow2(max_seqlen_q))}/d{head_dim}/{dtype}"
+    return f"prefill_attention/q{min(PREFILL_KEY_CAP, next_pow2(max_seqlen_q))}/d{head_dim}/{dtype}"
 
 
 def rms_norm_key(m: int, n: int, dtype: str) -> str:

@@ -82,6 +82,21 @@ def test_smoke_kernel_rows(smoke):
         assert r.get("speedup_vs_plain", 0) > 0, r
 
 
+def test_smoke_prefill_attention_has_the_sdpa_peer(smoke):
+    """torch's job times scaled_dot_product_attention beside prefill_attention on the same case: its
+    rows carry figures, torch's fused row its speedup over it, the table a column of it."""
+    _, out, doc = smoke
+    sdpa = _rows(doc, kind="kernel", impl="sdpa")
+    assert sdpa and {(r["framework"], r["op"]) for r in sdpa} == {("torch", "prefill_attention")}, sdpa
+    for r in sdpa:
+        assert "error" not in r and r["median_s"] > 0 and r["TFLOPs"] > 0 and r["kernels"] is None, r
+        assert r["flops"] == _rows(doc, kind="kernel", impl="fused", framework="jax", op=r["op"],
+                                   tokens=r["tokens"])[0]["flops"], r
+    fused = _rows(doc, kind="kernel", impl="fused", framework="torch", op="prefill_attention")
+    assert fused and all(r["speedup_vs_sdpa"] > 0 for r in fused), fused
+    assert "| SDPA us, TFLOP/s (fused speedup) |" in (out / report.MD_NAME).read_text()
+
+
 def test_smoke_decode_rows(smoke):
     _, _, doc = smoke
     jax_plain = _rows(doc, kind="decode", impl="jax-plain")
@@ -908,3 +923,22 @@ def test_ttft_reads_the_commands_stderr_line():
     assert (m["prompt"], m["first"], m["compile"], m["prefill"]) == ("7", "1.844", "1.73", "0.114")
     m = _STATS.search("prompt tokens: 16 | first token 0.027 s (prefill 0.027 s) | decode 3 tokens in 0.1 s = 30 tok/s")
     assert (m["prompt"], m["compile"], m["prefill"]) == ("16", None, "0.027")
+
+
+def test_decode_rows_carry_the_warm_prefill_and_transformers_sdpa():
+    """prefill_s is the fastest run's prefill (as prefill_tok_s), shown in the table; transformers
+    runs SDPA attention with the last token's logits only, and its rows say so."""
+    from bench import decode
+    from common.config import PRESETS, shrink
+
+    cfg = decode.Qwen3Config.preset("Qwen3-0.6B")
+    row = dict(decode.base_row("hf-eager", "Qwen3-0.6B", prompt_len=8192, new_tokens=16, ceilings={}), batch=1)
+    assert "SDPA attention" in row["label"]
+    res = [dict(generated=16, wall_s=0.5, prefill_s=0.3, decode_s=0.1),
+           dict(generated=16, wall_s=0.4, prefill_s=0.25, decode_s=0.12)]
+    decode._fill(row, res, cfg, 1, 8192, 16, {})
+    assert row["prefill_s"] == 0.25 and row["prefill_s_runs"] == [0.3, 0.25]
+    assert row["prefill_tok_s"] == pytest.approx(8192 / 0.25)
+    assert "| 32,768 (batch 1, 0.25 s) |" in report.markdown(dict(runs=[], rows=[row]))
+    model = decode.load_hf(None, "cpu", shrink(PRESETS["Qwen3-0.6B"], layers=1, vocab=64))
+    assert decode.hf_fields(model) == dict(attention="sdpa", logits_to_keep=1)

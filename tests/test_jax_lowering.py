@@ -81,7 +81,7 @@ def test_kernels_lower_for_cuda(preset, tokens):
 
 def test_split_variants_lower_for_cuda():
     """The non-default tile choices lower too: split QKV, GEMV with several rows, flash-decoding."""
-    from common.tiles import AttentionTiles, MatmulTiles
+    from common.tiles import AttentionTiles, MatmulTiles, PrefillTiles
 
     cfg = PRESETS["Qwen3-8B"]
     ops = _ops(cfg, 4)
@@ -92,6 +92,8 @@ def test_split_variants_lower_for_cuda():
     assert _lower(fn, *avals, **static, tiles=MatmulTiles(4, 8, 128)).count(TRITON_CALL) == 2
     fn, avals, static = ops["decode_attention"]
     assert TRITON_CALL in _lower(fn, *avals, tiles=AttentionTiles(block_kv=128, num_splits=16))
+    fn, avals, _ = ops["prefill_attention (paged)"]  # a long prompt's candidate tiles
+    assert TRITON_CALL in _lower(fn, *avals, tiles=PrefillTiles(128, 128, num_warps=8, num_stages=2))
 
 
 def _qweight(shape, fmt):

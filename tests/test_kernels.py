@@ -100,7 +100,7 @@ def _cases(cases, twin_names=twins.FRAMEWORKS):
     return out, ids
 
 
-CASE_FIXTURES = ("qkv_case", "mm_case", "attn_case", "prefill_case")
+CASE_FIXTURES = ("qkv_case", "mm_case", "attn_case", "prefill_case", "long_prefill_case")
 
 
 def pytest_generate_tests(metafunc):
@@ -126,6 +126,8 @@ class KernelTests:
     CONTEXT: int  # longest context of the decode attention tests
     BLOCK_SIZE: int  # cache block size of the paged attention tests
     PREFILL_LENS: tuple  # (new tokens, cached prefix) per sequence
+    LONG_PREFILL_CASES: list  # as PREFILL_CASES, run at LONG_PREFILL_LENS
+    LONG_PREFILL_LENS: tuple  # prompts of several key blocks below the diagonal, after cached prefixes
 
     @pytest.fixture
     def tw(self, framework):
@@ -288,11 +290,20 @@ class KernelTests:
     def test_prefill_attention(self, tw, prefill_case):
         """Sequences of new tokens after cached prefixes, keys in the caches: block b holds sequence b
         (no table), or through block tables of scattered blocks."""
-        shape, layout, dtype, tiles = prefill_case
+        self._prefill_check(tw, prefill_case, self.PREFILL_LENS)
+
+    def test_prefill_attention_long(self, tw, long_prefill_case):
+        """Long prompts: most of each tile's keys in whole blocks below the diagonal (the unmasked
+        loop), then a diagonal block cut short; cached prefixes (len_k > len_q) and lengths that
+        are no multiple of any block."""
+        self._prefill_check(tw, long_prefill_case, self.LONG_PREFILL_LENS)
+
+    def _prefill_check(self, tw, case, lens):
+        shape, layout, dtype, tiles = case
         rng = np.random.default_rng(400)
         hq, hkv, d = shape.hq, shape.hkv, shape.d
-        len_q = [n for n, _ in self.PREFILL_LENS]
-        len_k = [n + c for n, c in self.PREFILL_LENS]
+        len_q = [n for n, _ in lens]
+        len_k = [n + c for n, c in lens]
         nb = len(len_q)
         bs = max(len_k) + 5 if layout == "one-block" else self.BLOCK_SIZE
         max_blocks = max(-(-n // bs) for n in len_k)
@@ -315,7 +326,6 @@ class KernelTests:
         want = tw.reference("prefill_attention", q, kc, vc, meta)
         assert tuple(out.shape) == tuple(q.shape) and out.dtype == q.dtype
         _check(tw, out, want, plain, dtype, f"prefill_attention ({layout})")
-
 
 _A, _B, _C, _D = CPU_SHAPES
 _E = Shape("h160-i384", 160, 384, 8, 2, 64)  # many q heads per kv head
@@ -350,6 +360,10 @@ class TestInterpret(KernelTests):
     CONTEXT = 72
     BLOCK_SIZE = 16
     PREFILL_LENS = ((5, 0), (20, 11), (1, 30))
+    # 16-key blocks: sequence 0's last tile (queries 64-76 at positions 109-121) sees 6 whole
+    # blocks, then 2 on the diagonal; with 32-query tiles a tile crosses 3 diagonal blocks
+    LONG_PREFILL_CASES = [(_A, "paged", F32, PrefillTiles(16, 16)), (_A, "one-block", BF16, PrefillTiles(32, 16))]
+    LONG_PREFILL_LENS = ((77, 45), (50, 0), (1, 93))
 
 
 @pytest.mark.gpu
@@ -376,6 +390,9 @@ class TestGPU(KernelTests):
     CONTEXT = 4000
     BLOCK_SIZE = 256
     PREFILL_LENS = ((300, 0), (77, 1000), (1, 513))
+    LONG_PREFILL_CASES = [(GPU_SHAPES[0], "one-block", BF16, None), (GPU_SHAPES[3], "paged", BF16, None),
+                          (GPU_SHAPES[0], "paged", BF16, PrefillTiles(128, 64, num_warps=8, num_stages=3))]
+    LONG_PREFILL_LENS = ((2500, 0), (700, 1900), (1, 3000))
 
 
 @pytest.mark.gpu
@@ -383,6 +400,7 @@ class TestGPUFloat32(TestGPU):
     QKV_CASES = MM_CASES = [(GPU_SHAPES[0], t, F32, None) for t in (1, 3, 19)]
     ATTN_CASES = [(GPU_SHAPES[0], 3, F32, None)]
     PREFILL_CASES = [(GPU_SHAPES[0], "paged", F32, None)]
+    LONG_PREFILL_CASES = [(GPU_SHAPES[0], "one-block", F32, None)]
 
 
 def _case_projection_tiles():

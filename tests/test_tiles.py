@@ -367,3 +367,20 @@ def test_split_k_is_torch_tensor_core_tiles_only(tmp_path, monkeypatch):
     tiles.write_entry("torch", FAKES[1], key, "fused", split)
     tiles.clear_cache()
     assert tiles.lookup("linear_residual", "torch", FAKES[1], dtype="bfloat16", **shape).tiles == split
+
+
+def test_long_prompts_have_their_own_prefill_buckets_and_candidates():
+    """8k and 32k prompts are tuned apart (longer ones share the 32k entry); their candidates are
+    the larger tiles, each within the device's shared memory, the default rule's first."""
+    keys = [tiles.prefill_key(t, 128, "bfloat16") for t in (4096, 8192, 5000, 32768, 40960)]
+    assert keys[1] == keys[2] != keys[0] and keys[3] == keys[4] != keys[1]
+    small = Device("fake small", 46, 99 * 1024, (8, 6))
+    for device in (H100, small):
+        for t in (8192, 32768):
+            shape = dict(max_seqlen_q=t, head_dim=128)
+            pool = tile_rules.candidates("prefill_attention", "torch", device, shape)
+            assert pool[0] == tile_rules.default_tiles("prefill_attention", "torch", device, "bfloat16", shape)
+            assert all(tile_rules.prefill_smem(p, 128) <= device.smem_per_block for p in pool), (device, pool)
+            assert all(min(p.block_m, p.block_n) >= 64 for p in pool[1:])
+            if device is H100:
+                assert any(p.block_m == 128 and p.num_warps == 8 and p.num_stages == 3 for p in pool), pool

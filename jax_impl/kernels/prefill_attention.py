@@ -7,9 +7,10 @@ read from the caches [num_blocks, block_size, Hkv, D] (rmsnorm_qkv wrote this st
 of sequence b at row j of block b (meta.block_tables None: jax_impl.model's layout, read as
 windows of consecutive rows) or at block_tables[b, j // block_size] * block_size + j % block_size.
 Grid (B, Hq, cdiv(max_seqlen_q, block_m)): a program takes block_m queries of one head and runs an
-online softmax (float32) over block_n keys at a time, up to the last key its queries can see;
-GQA by reading kv head h // (Hq / Hkv); scale 1/sqrt(D). The twin of
-torch_impl/kernels/prefill_attention.py.
+online softmax (float32) over block_n keys at a time, up to the last key its queries can see, in
+two loops: the blocks every query of the tile sees whole (below the diagonal: no causal mask, the
+bulk of a long prompt), then the blocks that cross the diagonal (masked). GQA by reading kv head
+h // (Hq / Hkv); scale 1/sqrt(D). The twin of torch_impl/kernels/prefill_attention.py.
 """
 
 from __future__ import annotations
@@ -47,35 +48,43 @@ def _prefill_attention_kernel(q_ref,    # [t, hq, d]
     rmask = qi < len_q
     qpos = len_k - len_q + qi  # absolute positions
     q = load(q_ref.at[pl.ds(q0 + m0, block_m), h, :], mask=rmask[:, None], other=0)  # [block_m, d]
-    # causal: this tile's last query sees keys up to len_k - len_q + m0 + block_m - 1
+    # causal: this tile's last query sees keys up to len_k - len_q + m0 + block_m - 1, its first (and
+    # so every query of the tile) keys 0 .. len_k - len_q + m0: whole blocks of those need no mask
     end = jnp.where(m0 < len_q, jnp.minimum(len_k, len_k - len_q + m0 + block_m), 0)
+    full = jnp.minimum(jnp.maximum(len_k - len_q + m0 + 1, 0) // block_n, pl.cdiv(jnp.maximum(end, 0), block_n))
 
-    def body(j, carry):
-        acc, m_prev, l_prev = carry
-        n0 = j * block_n
-        cols = n0 + jnp.arange(block_n)
-        cmask = (cols < end) & (paged or cols < block_size)
-        if paged:  # gathered through the table
-            blk = load(bt_ref.at[b, cols // block_size], mask=cmask, other=0)
-            cmask = cmask & (blk >= 0)
-            r, c = gather_index(jnp.where(cmask, blk * block_size + cols % block_size, 0), 0, d)
-            window = (r, kvh, c)
-        else:  # sequence b's own block: rows b * block_size + key, affine in j
-            window = (pl.ds(b * block_size + n0, block_n), kvh, pl.ds(0, d))
-        k = load(k_ref.at[window], mask=cmask[:, None], other=0)  # [block_n, d]
-        v = load(v_ref.at[window], mask=cmask[:, None], other=0)
-        sc = dot(q, k, ((1,), (1,))) * scale  # [block_m, block_n]
-        visible = cmask[None, :] & (cols[None, :] <= qpos[:, None])
-        sc = jnp.where(visible, sc, NEG)
-        m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))
-        p = jnp.where(visible, jnp.exp(sc - m_new[:, None]), 0.0)
-        corr = jnp.exp(m_prev - m_new)
-        acc = acc * corr[:, None] + dot(p.astype(v.dtype), v, ((1,), (0,)))
-        return acc, m_new, l_prev * corr + jnp.sum(p, axis=1)
+    def step(causal: bool):
+        def body(j, carry):
+            acc, m_prev, l_prev = carry
+            n0 = j * block_n
+            cols = n0 + jnp.arange(block_n)
+            cmask = (cols < end) & (paged or cols < block_size)
+            if paged:  # gathered through the table
+                blk = load(bt_ref.at[b, cols // block_size], mask=cmask, other=0)
+                cmask = cmask & (blk >= 0)
+                r, c = gather_index(jnp.where(cmask, blk * block_size + cols % block_size, 0), 0, d)
+                window = (r, kvh, c)
+            else:  # sequence b's own block: rows b * block_size + key, affine in j
+                window = (pl.ds(b * block_size + n0, block_n), kvh, pl.ds(0, d))
+            k = load(k_ref.at[window], mask=cmask[:, None], other=0)  # [block_n, d]
+            v = load(v_ref.at[window], mask=cmask[:, None], other=0)
+            sc = dot(q, k, ((1,), (1,))) * scale  # [block_m, block_n]
+            if causal:
+                visible = cmask[None, :] & (cols[None, :] <= qpos[:, None])
+                sc = jnp.where(visible, sc, NEG)
+            m_new = jnp.maximum(m_prev, jnp.max(sc, axis=1))
+            p = jnp.exp(sc - m_new[:, None])
+            if causal:
+                p = jnp.where(visible, p, 0.0)
+            corr = jnp.exp(m_prev - m_new)
+            acc = acc * corr[:, None] + dot(p.astype(v.dtype), v, ((1,), (0,)))
+            return acc, m_new, l_prev * corr + jnp.sum(p, axis=1)
+        return body
 
     d = q.shape[-1]
     init = (jnp.zeros((block_m, d), F32), jnp.full((block_m,), NEG, F32), jnp.zeros((block_m,), F32))
-    acc, _, l_i = lax.fori_loop(0, pl.cdiv(jnp.maximum(end, 0), block_n), body, init)
+    carry = lax.fori_loop(0, full, step(causal=False), init)  # whole blocks below the diagonal
+    acc, _, l_i = lax.fori_loop(full, pl.cdiv(jnp.maximum(end, 0), block_n), step(causal=True), carry)
     out = acc / jnp.maximum(l_i, 1e-30)[:, None]
     store(o_ref.at[pl.ds(q0 + m0, block_m), h, :], out.astype(o_ref.dtype), mask=rmask[:, None])
 

@@ -6,7 +6,10 @@ new token i sits at position len_k - len_q + i and sees keys 0 .. that position.
 are read from the caches [num_blocks, block_size, Hkv, D] (rmsnorm_qkv wrote this step's rows):
 key j of sequence b at block_tables[b, j // bs] * bs + j % bs, or with meta.block_tables None at
 row j of block b (one block per sequence). A program handles `block_m` queries of one head;
-scale 1/sqrt(D), GQA, float32 softmax.
+scale 1/sqrt(D), GQA, float32 softmax. Its keys come in two loops: the blocks of `block_n` keys
+that every query of the tile sees (below the diagonal: no causal mask, the bulk of a long prompt),
+then the blocks that cross the diagonal up to the tile's last visible key (masked). The
+twin of jax_impl/kernels/prefill_attention.py.
 """
 
 from __future__ import annotations
@@ -23,6 +26,41 @@ from torch_impl.kernels._lib import (check, check_cache, check_device, check_flo
                                      pdl_meta, precision, tiles_for)
 
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": a fully masked tile never produces NaN
+
+
+@triton.jit
+def _attend_block(q, acc, m_i, l_i, j0, qpos, b, kvh, offs_d, d_ok, k_ptr, v_ptr, bt_ptr, len_k, num_rows,
+                  block_size, max_blocks, stride_kr, stride_kh, stride_bt, scale,
+                  PAGED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+                  CAUSAL: tl.constexpr):
+    """One online-softmax step over keys j0 .. j0 + BLOCK_N - 1. CAUSAL False: a block every query
+    of the tile sees whole, no mask on the scores (a key whose table entry points outside the
+    cache is still never read: it counts as a zero key, where the masked step drops it)."""
+    j = j0 + tl.arange(0, BLOCK_N)
+    j_ok = j < len_k
+    if not PAGED:  # block b, rows 0 ..
+        rows = tl.where(j < block_size, b.to(tl.int64) * block_size + j, -1)
+    else:
+        blk = tl.load(bt_ptr + b * stride_bt + j // block_size,
+                      mask=j_ok & (j // block_size < max_blocks), other=-1).to(tl.int64)
+        rows = tl.where(blk >= 0, blk * block_size + j % block_size, -1)
+    j_ok = j_ok & (rows >= 0) & (rows < num_rows)  # never read outside k / v
+    kv_off = rows[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :]
+    kv_mask = j_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [BN, D_P]
+    v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+    s = _jit.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION) * scale  # [BM, BN]
+    if CAUSAL:
+        visible = j_ok[None, :] & (j[None, :] <= qpos[:, None])
+        s = tl.where(visible, s, NEG)
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    if CAUSAL:
+        p = tl.where(visible, p, 0.0)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = _jit.dot(_jit.cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -59,32 +97,20 @@ def _prefill_attention_kernel(
     m_i = tl.full([BLOCK_M], NEG, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_P], tl.float32)
-    # causal: this tile's last query sees keys up to len_k - len_q + pid_m * BM + BM - 1
+    # causal: this tile's last query sees keys up to len_k - len_q + pid_m * BM + BM - 1, its first
+    # (and so every query of the tile) keys 0 .. len_k - len_q + pid_m * BM: whole blocks of those
+    # need no mask
     hi = tl.minimum(len_k, len_k - len_q + (pid_m + 1) * BLOCK_M)
     hi = tl.where(pid_m * BLOCK_M < len_q, hi, 0)
-    for j0 in range(0, hi, BLOCK_N):
-        j = j0 + tl.arange(0, BLOCK_N)
-        j_ok = j < len_k
-        if not PAGED:  # block b, rows 0 ..
-            rows = tl.where(j < block_size, b.to(tl.int64) * block_size + j, -1)
-        else:
-            blk = tl.load(bt_ptr + b * stride_bt + j // block_size,
-                          mask=j_ok & (j // block_size < max_blocks), other=-1).to(tl.int64)
-            rows = tl.where(blk >= 0, blk * block_size + j % block_size, -1)
-        j_ok = j_ok & (rows >= 0) & (rows < num_rows)  # never read outside k / v
-        kv_off = rows[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :]
-        kv_mask = j_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # [BN, D_P]
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-        s = _jit.dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), PRECISION) * scale  # [BM, BN]
-        visible = j_ok[None, :] & (j[None, :] <= qpos[:, None])
-        s = tl.where(visible, s, NEG)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.where(visible, tl.exp(s - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = _jit.dot(_jit.cast(p, v.dtype, PRECISION), v, acc * alpha[:, None], PRECISION)
-        m_i = m_new
+    full = tl.minimum(tl.maximum(len_k - len_q + pid_m * BLOCK_M + 1, 0) // BLOCK_N * BLOCK_N, hi)
+    for j0 in range(0, full, BLOCK_N):
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, j0, qpos, b, kvh, offs_d, d_ok, k_ptr, v_ptr, bt_ptr, len_k,
+                                      num_rows, block_size, max_blocks, stride_kr, stride_kh, stride_bt, scale,
+                                      PAGED, BLOCK_M, BLOCK_N, PRECISION, False)
+    for j0 in range(full, hi, BLOCK_N):
+        acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, j0, qpos, b, kvh, offs_d, d_ok, k_ptr, v_ptr, bt_ptr, len_k,
+                                      num_rows, block_size, max_blocks, stride_kr, stride_kh, stride_bt, scale,
+                                      PAGED, BLOCK_M, BLOCK_N, PRECISION, True)
     _jit.release_after(PDL)  # PDL 1: the loads are done
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + tok[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
