@@ -20,6 +20,9 @@ so far and returns EXIT_INTERRUPTED. Two cases Python alone gets wrong are handl
   a second or more to import on a busy machine): Python would print a traceback and end by
   SIGINT. After install() the uncaught KeyboardInterrupt ends the process with 130 instead, and
   the entry modules install before importing anything heavy (tests/test_first_run.py checks it).
+- A Ctrl-C while a module is being imported is not raised there: a KeyboardInterrupt inside an
+  extension module's initialization (jaxlib's) has ended the process by SIGABRT. The handler only
+  notes it, and the watchdog ends the process with 130 after GRACE_S.
 """
 
 from __future__ import annotations
@@ -47,10 +50,21 @@ def at_exit(fn: Callable[[], None]) -> None:
     atexit.register(fn)
 
 
+def _importing(frame) -> bool:
+    """Whether the interrupted frame runs inside an import (importlib's frames on its stack)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _on_sigint(signum, frame):
     if _state["interrupted"]:
         return  # a second Ctrl-C while unwinding: the watchdog ends the process if unwinding stalls
     _state["interrupted"] = True
+    if _importing(frame):
+        return  # never raised into a module's initialization: the watchdog ends the process
     raise KeyboardInterrupt
 
 

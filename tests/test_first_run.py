@@ -166,6 +166,32 @@ def test_interrupt_while_a_module_imports(tmp_path):
     assert p.stdout == "before the import\n" and "interrupted" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_interrupt_inside_an_import_is_not_raised_there(tmp_path):
+    """A Ctrl-C while a module's body runs under import (as jaxlib's initialization, where a
+    KeyboardInterrupt has ended the process by SIGABRT) is not raised into it: the import goes on,
+    and the watchdog ends the process with 130 and one line after GRACE_S."""
+    (tmp_path / "slow_module.py").write_text(textwrap.dedent("""
+        import os, signal, time
+        os.kill(os.getpid(), signal.SIGINT)
+        print("the import went on", flush=True)
+        time.sleep(60)
+        """))
+    script = tmp_path / "main.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        sys.path.insert(0, {str(tmp_path)!r})
+        from common import interrupt
+        interrupt.install()
+        import slow_module
+        """))
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=_env())
+    assert p.returncode == interrupt.EXIT_INTERRUPTED, p.stderr
+    assert p.stdout == "the import went on\n" and "interrupted" in p.stderr and "Traceback" not in p.stderr
+    assert time.monotonic() - t0 < 50, "the watchdog ended the process, not the module's sleep"
+
+
 def test_entry_modules_install_the_handler_before_heavy_imports():
     """What runs before interrupt.install() cannot exit 130 on a Ctrl-C: the entry modules import
     only the standard library and common.interrupt at module level (numpy alone takes a second to
