@@ -145,21 +145,37 @@ def _attention_task(t, q_ptr, kc_ptr, vc_ptr, attn_ptr, part_ptr, arr_ptr, ctx, 
 
 
 @triton.jit
-def _residual_task(t, a_ptr, w_ptr, s_ptr, r_ptr, out_ptr, stride_sn, cnt_ptr, target, err_ptr,
-                   N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-                   PRECISION: tl.constexpr, QUANT: tl.constexpr, MAX_SPIN: tl.constexpr, TIMERS: tl.constexpr):
-    """out[rows] = r[rows] + a @ W[rows].T for BLOCK_N rows (o_proj, down), after the wait for a and r."""
+def _rows_task(t, x_ptr, nw_ptr, w_ptr, s_ptr, stride_sn, eps, cnt_ptr, target, err_ptr,
+               N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+               PAIR: tl.constexpr, PRECISION: tl.constexpr, QUANT: tl.constexpr, MAX_SPIN: tl.constexpr,
+               TIMERS: tl.constexpr):
+    """BLOCK_N output rows of a projection of the one token x [K]: their weights requested, then the
+    wait for x (stage counter at cnt_ptr reaching target), then x @ W[rows].T. PAIR: gate/up - also
+    rows N + rows, of RMSNorm(x) with norm weight nw. Returns (acc, acc of the pair's second rows,
+    rows, their mask, the time the wait ended)."""
     offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < N
     offs_m = tl.arange(0, 1).to(tl.int64)
     m_ok = offs_m < 1
-    w_a, _, _, sc, _ = _jit.request(w_ptr, s_ptr, a_ptr, offs_n, offs_n, n_ok, K, stride_sn, K, False, False,
-                                    BLOCK_N, BLOCK_K, EVEN_K, False, QUANT)
+    rows_b = N + offs_n if PAIR else offs_n
+    w_a, w_b, nw, sc_a, sc_b = _jit.request(w_ptr, s_ptr, nw_ptr, offs_n, rows_b, n_ok, K, stride_sn, K, PAIR, PAIR,
+                                            BLOCK_N, BLOCK_K, EVEN_K, False, QUANT)
     waited = wait_count(cnt_ptr, target, err_ptr, MAX_SPIN, TIMERS)
+    acc_a, acc_b = _jit.project(x_ptr, nw_ptr, w_ptr, offs_n, rows_b, n_ok, offs_m, m_ok, K, K, K, eps, w_a, w_b, nw,
+                                sc_a, sc_b, PAIR, PAIR, 1, BLOCK_N, BLOCK_K, EVEN_K, False, PRECISION, False,
+                                K <= BLOCK_K, s_ptr, stride_sn, QUANT, 1)
+    return acc_a, acc_b, offs_n, n_ok, waited
+
+
+@triton.jit
+def _residual_task(t, a_ptr, w_ptr, s_ptr, r_ptr, out_ptr, stride_sn, cnt_ptr, target, err_ptr,
+                   N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+                   PRECISION: tl.constexpr, QUANT: tl.constexpr, MAX_SPIN: tl.constexpr, TIMERS: tl.constexpr):
+    """out[rows] = r[rows] + a @ W[rows].T for BLOCK_N rows (o_proj, down), after the wait for a and r."""
+    acc, _, offs_n, n_ok, waited = _rows_task(t, a_ptr, a_ptr, w_ptr, s_ptr, stride_sn, 0.0, cnt_ptr, target, err_ptr,
+                                              N, K, BLOCK_N, BLOCK_K, EVEN_K, False, PRECISION, QUANT, MAX_SPIN,
+                                              TIMERS)
     r = tl.load(r_ptr + offs_n, mask=n_ok, other=0.0)
-    acc, _ = _jit.project(a_ptr, a_ptr, w_ptr, offs_n, offs_n, n_ok, offs_m, m_ok, K, K, K, 0.0, w_a, w_a, 0.0, sc,
-                          sc, False, False, 1, BLOCK_N, BLOCK_K, EVEN_K, False, PRECISION, False, K <= BLOCK_K, s_ptr,
-                          stride_sn, QUANT, 1)
     dtype = out_ptr.dtype.element_ty
     y = _jit.cast(_jit.cast(acc, dtype, PRECISION).to(tl.float32) + r.to(tl.float32)[None, :], dtype, PRECISION)
     tl.store(out_ptr + offs_n[None, :], y, mask=n_ok[None, :])
@@ -170,16 +186,10 @@ def _residual_task(t, a_ptr, w_ptr, s_ptr, r_ptr, out_ptr, stride_sn, cnt_ptr, t
 def _gate_up_task(t, x_ptr, nw_ptr, w_ptr, s_ptr, act_ptr, stride_sn, eps, cnt_ptr, target, err_ptr,
                   H: tl.constexpr, I: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                   PRECISION: tl.constexpr, QUANT: tl.constexpr, MAX_SPIN: tl.constexpr, TIMERS: tl.constexpr):
-    offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < I
-    offs_m = tl.arange(0, 1).to(tl.int64)
-    m_ok = offs_m < 1
-    w_g, w_u, nw, sc_g, sc_u = _jit.request(w_ptr, s_ptr, nw_ptr, offs_n, I + offs_n, n_ok, H, stride_sn, H, True,
-                                            True, BLOCK_N, BLOCK_K, EVEN_K, False, QUANT)
-    waited = wait_count(cnt_ptr, target, err_ptr, MAX_SPIN, TIMERS)
-    acc_g, acc_u = _jit.project(x_ptr, nw_ptr, w_ptr, offs_n, I + offs_n, n_ok, offs_m, m_ok, H, H, H, eps, w_g, w_u,
-                                nw, sc_g, sc_u, True, True, 1, BLOCK_N, BLOCK_K, EVEN_K, False, PRECISION, False,
-                                H <= BLOCK_K, s_ptr, stride_sn, QUANT, 1)
+    """act[rows] = silu(gate) * up of RMSNorm(x) for BLOCK_N intermediate rows, after the wait for x."""
+    acc_g, acc_u, offs_n, n_ok, waited = _rows_task(t, x_ptr, nw_ptr, w_ptr, s_ptr, stride_sn, eps, cnt_ptr, target,
+                                                    err_ptr, I, H, BLOCK_N, BLOCK_K, EVEN_K, True, PRECISION, QUANT,
+                                                    MAX_SPIN, TIMERS)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(act_ptr + offs_n[None, :], _jit.cast(act, act_ptr.dtype.element_ty, PRECISION), mask=n_ok[None, :])
     return waited
